@@ -1,0 +1,1 @@
+"""callgate: call authorization for FreeSWITCH."""

@@ -1,0 +1,211 @@
+"""Configuration: one TOML file (config/callgate.toml) plus environment overrides.
+
+Lookup order for the file: the explicit path, else $CALLGATE_CONFIG, else
+./config/callgate.toml if present, else built-in defaults. Every key is optional;
+unknown sections or keys are an error so a typo never silently keeps a default.
+
+Environment overrides (applied after the file):
+- CALLGATE_DATABASE_URL -> database.url
+- CALLGATE_REDIS_URL    -> redis.url
+- CALLGATE_<SECTION>__<KEY> for any other key, e.g. CALLGATE_ENGINE__LISTEN_PORT=9000
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from engine.decision import DEFAULT_SIP_RESPONSES, Reason
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8084
+    max_connections: int = 10000  # calls in flight per process; over it -> ENGINE_DEGRADED
+    reuse_port: bool = False  # SO_REUSEPORT: several processes on one port
+    connect_timeout: float = 2.0  # FreeSWITCH's reply to `connect`
+    decision_deadline: float = 0.5  # channel data in -> decision written
+    reply_timeout: float = 2.0  # waiting for each +OK
+    hangup_timeout: float = 14400.0  # socket kept this long at most waiting for CHANNEL_HANGUP_COMPLETE
+    snapshot_max_age: float = 5.0  # refuse to decide on a snapshot not confirmed for this long
+    snapshot_poll_interval: float = 1.0
+    max_frame_bytes: int = 1048576
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = "postgresql://postgres@127.0.0.1:5432/callgate"
+    connect_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "callgate:"
+    socket_timeout: float = 0.25  # the hot path's deadline for one round trip
+
+
+@dataclass(frozen=True)
+class RulesSettings:
+    call_max_length: int = 6000  # seconds (ASTPP's 100 minutes)
+    max_free_length: int = 6000
+    default_leg_timeout: int = 60
+    trusted_proxies: tuple[str, ...] = ()
+    sip_responses: Mapping[str, str] = field(default_factory=dict)  # REASON = "503 Service Unavailable"
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 9184  # 0 disables the endpoint
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "INFO"
+    json: bool = False
+    decision_level: str = "INFO"  # level of the one-line-per-call decision log
+
+
+@dataclass(frozen=True)
+class Config:
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    rules: RulesSettings = field(default_factory=RulesSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+
+    def sip_response(self, reason: Reason) -> tuple[int, str]:
+        configured = self.rules.sip_responses.get(reason.value)
+        if configured is None:
+            return DEFAULT_SIP_RESPONSES[reason]
+        code, _, text = configured.partition(" ")
+        return int(code), text
+
+
+ENV_SHORTCUTS = {"CALLGATE_DATABASE_URL": ("database", "url"), "CALLGATE_REDIS_URL": ("redis", "url")}
+DEFAULT_PATH = Path("config/callgate.toml")
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    environ = os.environ if environ is None else environ
+    raw = _read_file(_resolve_path(path, environ))
+    _apply_environment(raw, environ)
+    config = _build(raw)
+    validate_sip_responses(config)
+    return config
+
+
+def _resolve_path(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:
+    if path is not None:
+        return Path(path)
+    if environ.get("CALLGATE_CONFIG"):
+        return Path(environ["CALLGATE_CONFIG"])
+    return DEFAULT_PATH if DEFAULT_PATH.is_file() else None
+
+
+def _read_file(path: Path | None) -> dict[str, dict[str, Any]]:
+    if path is None:
+        return {}
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: '{section}' must be a [section]")
+    return data
+
+
+def _apply_environment(raw: dict[str, dict[str, Any]], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if name in ENV_SHORTCUTS:
+            section, key = ENV_SHORTCUTS[name]
+        elif name.startswith("CALLGATE_") and "__" in name:
+            section, _, key = name.removeprefix("CALLGATE_").lower().partition("__")
+        else:
+            continue
+        raw.setdefault(section, {})[key] = _EnvValue(value, name)
+
+
+@dataclass(frozen=True)
+class _EnvValue:
+    text: str
+    variable: str
+
+
+def _build(raw: dict[str, dict[str, Any]]) -> Config:
+    sections = {f.name: f for f in fields(Config)}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown config section(s): {', '.join(unknown)}")
+    built = {name: _build_section(name, sections[name].default_factory, raw.get(name, {})) for name in sections}
+    return Config(**built)
+
+
+def _build_section(name: str, factory: Any, values: dict[str, Any]) -> Any:
+    defaults = factory()
+    hints = get_type_hints(type(defaults))
+    known = {f.name for f in fields(defaults)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [{name}]: {', '.join(unknown)}")
+    converted = {key: _convert(f"{name}.{key}", hints[key], value) for key, value in values.items()}
+    return dataclasses.replace(defaults, **converted)
+
+
+def _convert(where: str, hint: Any, value: Any) -> Any:
+    if isinstance(value, _EnvValue):
+        return _convert_text(f"{where} (from {value.variable})", hint, value.text)
+    origin = getattr(hint, "__origin__", None)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    if origin is Mapping and isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _convert_text(where: str, hint: Any, text: str) -> Any:
+    try:
+        if hint is bool:
+            lowered = text.strip().lower()
+            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(text)
+            return lowered in {"1", "true", "yes", "on"}
+        if hint in (int, float):
+            return hint(text)
+        if getattr(hint, "__origin__", None) is tuple:
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        if hint is str:
+            return text
+    except ValueError as exc:
+        raise ConfigError(f"{where}: cannot read {text!r} as {hint.__name__}") from exc
+    raise ConfigError(f"{where}: cannot be set from the environment")
+
+
+def validate_sip_responses(config: Config) -> None:
+    """Unknown reason names or malformed responses are errors at start-up, not at call time."""
+    for name, response in config.rules.sip_responses.items():
+        if name not in Reason.__members__:
+            raise ConfigError(f"rules.sip_responses: unknown reason {name!r}")
+        code, _, text = response.partition(" ")
+        if not (code.isdigit() and 400 <= int(code) <= 699 and text.strip()):
+            raise ConfigError(f"rules.sip_responses.{name}: expected '<4xx-6xx> <text>', got {response!r}")

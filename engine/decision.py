@@ -1,0 +1,117 @@
+"""What a call decision is: the rules' output, read by the socket shell and by `explain`."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+
+class Reason(enum.StrEnum):
+    AUTHENTICATION_FAIL = "AUTHENTICATION_FAIL"
+    ACCOUNT_INACTIVE = "ACCOUNT_INACTIVE"
+    ACCOUNT_EXPIRED = "ACCOUNT_EXPIRED"
+    CLI_NOT_ALLOWED = "CLI_NOT_ALLOWED"
+    DESTINATION_BLOCKED = "DESTINATION_BLOCKED"
+    NO_SUFFICIENT_FUND = "NO_SUFFICIENT_FUND"
+    ORIGINATION_RATE_NOT_FOUND = "ORIGINATION_RATE_NOT_FOUND"
+    TERMINATION_RATE_NOT_FOUND = "TERMINATION_RATE_NOT_FOUND"
+    NO_ROUTE_DESTINATION = "NO_ROUTE_DESTINATION"
+    CONCURRENT_LIMIT = "CONCURRENT_LIMIT"
+    CPS_LIMIT = "CPS_LIMIT"
+    CLI_POOL_MISCONFIGURED = "CLI_POOL_MISCONFIGURED"
+    ENGINE_DEGRADED = "ENGINE_DEGRADED"
+
+
+DEFAULT_SIP_RESPONSES: dict[Reason, tuple[int, str]] = {
+    Reason.AUTHENTICATION_FAIL: (403, "Forbidden"),
+    Reason.ACCOUNT_INACTIVE: (403, "Forbidden"),
+    Reason.ACCOUNT_EXPIRED: (403, "Forbidden"),
+    Reason.CLI_NOT_ALLOWED: (403, "Forbidden"),
+    Reason.DESTINATION_BLOCKED: (403, "Forbidden"),
+    Reason.NO_SUFFICIENT_FUND: (402, "Payment Required"),
+    Reason.ORIGINATION_RATE_NOT_FOUND: (404, "Not Found"),
+    Reason.TERMINATION_RATE_NOT_FOUND: (404, "Not Found"),
+    Reason.NO_ROUTE_DESTINATION: (404, "Not Found"),
+    Reason.CONCURRENT_LIMIT: (503, "Service Unavailable"),
+    Reason.CPS_LIMIT: (503, "Service Unavailable"),
+    Reason.CLI_POOL_MISCONFIGURED: (503, "Service Unavailable"),
+    Reason.ENGINE_DEGRADED: (503, "Service Unavailable"),
+}
+
+
+class Direction(enum.StrEnum):
+    OUTBOUND = "outbound"
+    LOCAL = "local"
+    INBOUND = "inbound"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One line of the explanation: which rule ran and what it concluded."""
+
+    rule: str
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
+class RatedLevel:
+    """The origination rate one level of the chain (customer or reseller) pays."""
+
+    account_id: int
+    account_number: str
+    rate_id: int
+    prefix: str
+    cost_per_minute: Decimal  # markup included
+    connect_cost: Decimal
+    init_inc: int
+    inc: int
+    max_duration: int  # seconds this level can afford (capped)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    trunk_id: int
+    trunk_name: str
+    provider_id: int
+    termination_prefix: str
+    cost_per_minute: Decimal
+    number: str  # destination as sent to the carrier (after trunk/provider/rate rules)
+    caller_id_number: str
+    caller_id_name: str
+    targets: tuple[str, ...]  # one dial target per gateway: primary first, then failovers
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    direction: Direction
+    account_id: int
+    account_number: str
+    chain: tuple[int, ...]  # account id first, then each reseller up to the top
+    destination: str  # after speed dial / localization (what was rated)
+    caller_id_number: str
+    caller_id_name: str
+    levels: tuple[RatedLevel, ...]  # one per chain member (empty for free local/inbound legs)
+    max_duration: int  # seconds; the minimum over the chain
+    routes: tuple[Route, ...]
+    bridge_targets: tuple[str, ...] = ()  # local/inbound device or URI legs when not routed via trunks
+    did_id: int | None = None
+    steps: tuple[Step, ...] = ()
+    caller_id_changed: bool = False  # the rules rewrote the caller ID: set effective_caller_id_*
+
+    @property
+    def dial_string(self) -> str:
+        """Sequential failover across every route's gateways (decision-rules §6)."""
+        targets = [t for route in self.routes for t in route.targets] or list(self.bridge_targets)
+        return "|".join(targets)
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    reason: Reason
+    account_id: int | None = None
+    detail: str = ""
+    steps: tuple[Step, ...] = field(default=())
+
+
+Decision = Accept | Reject
