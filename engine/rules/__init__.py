@@ -1,0 +1,21 @@
+"""The pure decision rules: no I/O, no clock, no global random (see decide.py)."""
+
+from engine.rules.catalog import Catalog
+from engine.rules.config import RulesConfig
+from engine.rules.decide import NUMBER_HANDLING, CallState, DecisionContext, decide
+from engine.rules.gate import FirstUse, first_use, first_uses
+from engine.rules.variables import channel_variables, reject_variables
+
+__all__ = [
+    "NUMBER_HANDLING",
+    "CallState",
+    "Catalog",
+    "DecisionContext",
+    "FirstUse",
+    "RulesConfig",
+    "channel_variables",
+    "decide",
+    "first_use",
+    "first_uses",
+    "reject_variables",
+]
