@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from engine.decision import DEFAULT_SIP_RESPONSES, Reason
+from engine.rules.config import RulesConfig
 
 
 class ConfigError(Exception):
@@ -86,24 +87,19 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
-    def sip_response(self, reason: Reason) -> tuple[int, str]:
-        configured = self.rules.sip_responses.get(reason.value)
-        if configured is None:
-            return DEFAULT_SIP_RESPONSES[reason]
-        code, _, text = configured.partition(" ")
-        return int(code), text
-
 
 ENV_SHORTCUTS = {"CALLGATE_DATABASE_URL": ("database", "url"), "CALLGATE_REDIS_URL": ("redis", "url")}
 DEFAULT_PATH = Path("config/callgate.toml")
 
 
-def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
     environ = os.environ if environ is None else environ
     raw = _read_file(_resolve_path(path, environ))
     _apply_environment(raw, environ)
     config = _build(raw)
-    validate_sip_responses(config)
+    rules_config(config.rules)  # validates trusted proxies and SIP responses at start-up
     return config
 
 
@@ -153,7 +149,9 @@ def _build(raw: dict[str, dict[str, Any]]) -> Config:
     unknown = sorted(set(raw) - set(sections))
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(unknown)}")
-    built = {name: _build_section(name, sections[name].default_factory, raw.get(name, {})) for name in sections}
+    built = {
+        name: _build_section(name, sections[name].default_factory, raw.get(name, {})) for name in sections
+    }
     return Config(**built)
 
 
@@ -201,11 +199,23 @@ def _convert_text(where: str, hint: Any, text: str) -> Any:
     raise ConfigError(f"{where}: cannot be set from the environment")
 
 
-def validate_sip_responses(config: Config) -> None:
-    """Unknown reason names or malformed responses are errors at start-up, not at call time."""
-    for name, response in config.rules.sip_responses.items():
+def rules_config(settings: RulesSettings) -> RulesConfig:
+    """The rules' immutable settings; bad reasons, responses or networks are errors at start-up."""
+    responses = dict(DEFAULT_SIP_RESPONSES)
+    for name, response in settings.sip_responses.items():
         if name not in Reason.__members__:
             raise ConfigError(f"rules.sip_responses: unknown reason {name!r}")
         code, _, text = response.partition(" ")
         if not (code.isdigit() and 400 <= int(code) <= 699 and text.strip()):
             raise ConfigError(f"rules.sip_responses.{name}: expected '<4xx-6xx> <text>', got {response!r}")
+        responses[Reason(name)] = (int(code), text.strip())
+    try:
+        return RulesConfig(
+            call_max_length=settings.call_max_length,
+            max_free_length=settings.max_free_length,
+            default_leg_timeout=settings.default_leg_timeout,
+            trusted_proxies=settings.trusted_proxies,
+            sip_responses=responses,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"[rules] {exc}") from exc

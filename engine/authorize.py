@@ -1,0 +1,206 @@
+"""One call on the outbound socket: channel data in, one pipelined decision out, then follow to hangup.
+
+The sequence for every call:
+1. send `connect`, read the CHANNEL_DATA reply (deadline: engine.connect_timeout);
+2. decide (pure rules on the in-memory snapshot; deadline: engine.decision_deadline);
+3. one write: myevents, linger, the variables, then `bridge` or `respond`;
+4. read until CHANNEL_HANGUP_COMPLETE (a bare linger never ends on its own), then close.
+A peer that stalls or sends garbage is dropped; the dialplan then fails the call closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gevent
+
+from engine.config import Config
+from engine.decision import Accept, Decision, Reason, Reject
+from engine.esl.channel import call_request
+from engine.esl.commands import Batch, bridge_batch, respond_batch
+from engine.esl.connection import EslConnection, PeerGone, PeerTimeout
+from engine.esl.protocol import Frame, ProtocolError, sendmsg_hangup
+from engine.metrics import EngineMetrics
+from engine.model import CallRequest
+from engine.rules.config import RulesConfig
+from engine.rules.variables import channel_variables, reject_variables
+
+log = logging.getLogger("callgate.call")
+decision_log = logging.getLogger("callgate.decision")
+
+BRIDGE_FAILED_CAUSE = "NORMAL_TEMPORARY_FAILURE"
+# Only these events are decoded; the rest (~150 headers each) are skipped by name.
+EVENTS_FOLLOWED = frozenset({"CHANNEL_HANGUP_COMPLETE", "CHANNEL_EXECUTE_COMPLETE"})
+
+
+@dataclass
+class CallRecord:
+    """What the engine knows of one call while it holds its socket."""
+
+    peer: tuple
+    request: CallRequest | None = None
+    decision: Decision | None = None
+    hangup_cause: str = ""
+    replies_pending: int = 0
+
+
+DecideFn = Callable[[CallRequest], Decision]
+EndHook = Callable[[CallRecord], None]
+
+
+class CallHandler:
+    def __init__(
+        self,
+        config: Config,
+        decide: DecideFn,
+        metrics: EngineMetrics,
+        rules: RulesConfig,
+        on_end: EndHook | None = None,
+    ) -> None:
+        self._config = config
+        self._rules = rules
+        self._decide = decide
+        self._metrics = metrics
+        self._on_end = on_end
+        self._decision_level = logging.getLevelName(config.logging.decision_level)
+
+    def __call__(self, conn: EslConnection, peer: tuple) -> None:
+        record = CallRecord(peer)
+        self._metrics.active_calls.inc()
+        try:
+            self._run(conn, record)
+        except ProtocolError as exc:
+            self._drop(record, "protocol", f"malformed data from FreeSWITCH: {exc}")
+        except PeerTimeout as exc:
+            self._drop(record, "timeout", str(exc))
+        except PeerGone as exc:
+            if record.decision is None:
+                self._drop(record, "gone", str(exc))
+        finally:
+            self._metrics.active_calls.dec()
+            if record.decision is not None and self._on_end is not None:
+                self._on_end(record)
+
+    def _run(self, conn: EslConnection, record: CallRecord) -> None:
+        conn.send(b"connect\n\n")
+        reply = conn.read_frame(self._config.engine.connect_timeout)
+        if reply.content_type != "command/reply":
+            raise ProtocolError(
+                f"expected the connect reply, got {reply.content_type or 'no Content-Type'!r}"
+            )
+        record.request = call_request(reply.channel_data())
+        started = time.perf_counter()
+        record.decision = self._decide_within_deadline(record.request)
+        batch = self._render(record.decision)
+        conn.send(batch.payload)
+        self._observe(record, time.perf_counter() - started)
+        record.replies_pending = batch.replies_expected
+        self._follow_until_hangup(conn, record)
+
+    def _decide_within_deadline(self, request: CallRequest) -> Decision:
+        try:
+            with gevent.Timeout(self._config.engine.decision_deadline):
+                return self._decide(request)
+        except gevent.Timeout:
+            return Reject(Reason.ENGINE_DEGRADED, detail="decision deadline exceeded")
+        except Exception:
+            log.exception("uuid=%s decision failed; answering ENGINE_DEGRADED", request.uuid)
+            return Reject(Reason.ENGINE_DEGRADED, detail="internal error")
+
+    def _render(self, decision: Decision) -> Batch:
+        if isinstance(decision, Accept):
+            return bridge_batch(channel_variables(decision), decision.dial_string)
+        code, text = self._rules.sip_response(decision.reason)
+        return respond_batch(reject_variables(decision), code, text)
+
+    def _follow_until_hangup(self, conn: EslConnection, record: CallRecord) -> None:
+        engine = self._config.engine
+        reply_deadline = time.monotonic() + engine.reply_timeout
+        hangup_deadline = time.monotonic() + engine.hangup_timeout
+        while True:
+            deadline = reply_deadline if record.replies_pending else hangup_deadline
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                what = "command replies" if record.replies_pending else "CHANNEL_HANGUP_COMPLETE"
+                raise PeerTimeout(f"no {what} before the deadline")
+            try:
+                frame = conn.read_frame(remaining)
+            except PeerGone:
+                record.hangup_cause = record.hangup_cause or "SOCKET_CLOSED"
+                return
+            if self._handle_frame(conn, record, frame):
+                return
+
+    def _handle_frame(self, conn: EslConnection, record: CallRecord, frame: Frame) -> bool:
+        """Returns True once the call is over for us."""
+        kind = frame.content_type
+        if kind == "command/reply":
+            record.replies_pending = max(0, record.replies_pending - 1)
+            if not frame.reply_ok():
+                log.warning(
+                    "uuid=%s FreeSWITCH refused a command: %s", _uuid(record), frame.headers.get("Reply-Text")
+                )
+            return False
+        if kind == "text/disconnect-notice":
+            return frame.headers.get("Content-Disposition") != "linger"
+        if kind == "text/event-plain" and frame.event_name in EVENTS_FOLLOWED:
+            return self._handle_event(conn, record, frame.event())
+        return False
+
+    def _handle_event(self, conn: EslConnection, record: CallRecord, event: dict[str, str]) -> bool:
+        if event.get("Event-Name") == "CHANNEL_HANGUP_COMPLETE":
+            record.hangup_cause = event.get("Hangup-Cause", "")
+            return True
+        bridge_failed = event.get("Application") == "bridge" and event.get("Answer-State") != "hangup"
+        if bridge_failed:
+            # Every route failed; the parked call would otherwise wait for park_timeout.
+            cause = event.get("variable_originate_disposition") or BRIDGE_FAILED_CAUSE
+            conn.send(sendmsg_hangup(_hangup_cause(cause)))
+        return False
+
+    def _observe(self, record: CallRecord, seconds: float) -> None:
+        decision = record.decision
+        assert decision is not None and record.request is not None
+        if isinstance(decision, Accept):
+            result, reason, account = "accept", "", decision.account_number
+        else:
+            result, reason, account = "reject", decision.reason.value, str(decision.account_id or "")
+        self._metrics.observe_decision(result, reason, seconds)
+        if decision_log.isEnabledFor(self._decision_level):
+            decision_log.log(
+                self._decision_level,
+                "uuid=%s result=%s reason=%s account=%s destination=%s latency_ms=%.3f",
+                record.request.uuid,
+                result,
+                reason or "-",
+                account or "-",
+                record.request.destination,
+                seconds * 1000,
+                extra={
+                    "uuid": record.request.uuid,
+                    "result": result,
+                    "reason": reason,
+                    "account": account,
+                    "latency_ms": round(seconds * 1000, 3),
+                },
+            )
+
+    def _drop(self, record: CallRecord, kind: str, why: str) -> None:
+        self._metrics.socket_errors.labels(kind).inc()
+        log.warning("uuid=%s peer=%s dropped: %s", _uuid(record), _peer(record), why)
+
+
+def _uuid(record: CallRecord) -> str:
+    return record.request.uuid if record.request else "-"
+
+
+def _peer(record: CallRecord) -> str:
+    return ":".join(str(part) for part in record.peer[:2]) if record.peer else "-"
+
+
+def _hangup_cause(text: str) -> str:
+    cause = text.strip().upper()
+    return cause if cause.replace("_", "").isalnum() else BRIDGE_FAILED_CAUSE

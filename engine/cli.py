@@ -1,0 +1,120 @@
+"""`callgate` command line: db migrate, load, sync, serve, explain."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from engine.config import Config, ConfigError, load_config
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="callgate", description="Call authorization for FreeSWITCH")
+    parser.add_argument("--config", help="TOML file (default: $CALLGATE_CONFIG or config/callgate.toml)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    db = commands.add_parser("db", help="PostgreSQL schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("migrate", help="apply pending migrations (idempotent)")
+
+    load = commands.add_parser("load", help="load a YAML/JSON fixture document into PostgreSQL")
+    load.add_argument("file")
+
+    sync = commands.add_parser("sync", help="mirror PostgreSQL into the Redis snapshot")
+    sync.add_argument("--once", action="store_true", help="publish one full snapshot and exit")
+
+    serve = commands.add_parser("serve", help="run the engine (FreeSWITCH outbound event socket)")
+    serve.add_argument("--host", help="override engine.listen_host")
+    serve.add_argument("--port", type=int, help="override engine.listen_port")
+
+    explain = commands.add_parser("explain", help="show the decision for a call without placing it")
+    who = explain.add_mutually_exclusive_group(required=True)
+    who.add_argument("--sip-user", help="SIP username the caller authenticated as")
+    who.add_argument("--ip", help="source IP of the caller (IP map)")
+    explain.add_argument("--dest", required=True, help="dialled number")
+    explain.add_argument("--cid", default="", help="caller ID number")
+    explain.add_argument("--cid-name", default="", help="caller ID name")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"callgate: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    handler = {
+        "db": _db,
+        "load": _load,
+        "sync": _sync,
+        "serve": _serve,
+        "explain": _explain,
+    }[args.command]
+    try:
+        return handler(args, config)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _db(args: argparse.Namespace, config: Config) -> int:
+    from engine.db.migrate import MigrationError, migrate
+
+    try:
+        applied = migrate(config.database.url)
+    except MigrationError as exc:
+        print(f"callgate: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print("applied: " + ", ".join(applied) if applied else "schema up to date")
+    return 0
+
+
+def _load(args: argparse.Namespace, config: Config) -> int:
+    import psycopg
+
+    from engine.db.fixtures import FixtureError, load_file
+
+    try:
+        with psycopg.connect(config.database.url) as conn:
+            report = load_file(conn, args.file)
+    except (FixtureError, OSError) as exc:
+        print(f"callgate: {args.file}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(report)
+    return 0
+
+
+def _sync(args: argparse.Namespace, config: Config) -> int:
+    from engine.sync import publish_once
+
+    if not args.once:
+        print("callgate: the continuous sync worker is not available yet; use --once", file=sys.stderr)
+        return EXIT_USAGE
+    version, counts = publish_once(config)
+    summary = ", ".join(f"{name}={count}" for name, count in counts.items())
+    print(f"snapshot {version} published ({summary})")
+    return 0
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    from gevent import monkey
+
+    monkey.patch_all()
+    from engine.runtime import serve
+
+    return serve(config, host=args.host, port=args.port)
+
+
+def _explain(args: argparse.Namespace, config: Config) -> int:
+    from engine.explain import explain_call
+
+    return explain_call(config, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

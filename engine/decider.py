@@ -1,0 +1,58 @@
+"""The engine's decision step: the pure rules on the current in-memory snapshot.
+
+A snapshot that Redis has not confirmed as current for longer than
+engine.snapshot_max_age is not trusted (an account may have been blocked or
+emptied meanwhile): such calls are answered ENGINE_DEGRADED (fail closed).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Protocol
+
+from engine.decision import Decision, Reason, Reject
+from engine.model import CallRequest
+from engine.rules.catalog import Catalog
+from engine.rules.config import RulesConfig
+from engine.rules.decide import DecisionContext, decide
+
+
+class CatalogSource(Protocol):
+    """What the decider needs of a snapshot holder (engine.state.watcher.SnapshotHolder)."""
+
+    @property
+    def loaded(self) -> bool: ...
+
+    @property
+    def current(self) -> tuple[int, Catalog]: ...
+
+    def confirmed_age(self) -> float: ...
+
+
+class Decider:
+    def __init__(
+        self,
+        source: CatalogSource,
+        rules: RulesConfig,
+        *,
+        max_age: float,
+        rng: random.Random | None = None,
+        wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._source = source
+        self._rules = rules
+        self._max_age = max_age
+        self._rng = rng or random.Random()
+        self._wallclock = wallclock
+
+    def __call__(self, request: CallRequest, *, explain: bool = False) -> Decision:
+        if not self._source.loaded:
+            return Reject(Reason.ENGINE_DEGRADED, detail="no snapshot loaded")
+        _version, catalog = self._source.current
+        age = self._source.confirmed_age()
+        if age > self._max_age:
+            return Reject(Reason.ENGINE_DEGRADED, detail=f"snapshot unconfirmed for {age:.1f}s")
+        ctx = DecisionContext(now=self._wallclock(), rng=self._rng, config=self._rules, explain=explain)
+        return decide(request, catalog, ctx)

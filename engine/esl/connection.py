@@ -1,0 +1,63 @@
+"""One outbound-socket connection: the sans-I/O parser driven by a gevent socket, with deadlines."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections import deque
+
+import gevent
+
+from engine.esl.protocol import EslParser, Frame, ProtocolError
+
+READ_SIZE = 65536
+
+
+class PeerGone(Exception):
+    """FreeSWITCH closed the connection."""
+
+
+class PeerTimeout(Exception):
+    """FreeSWITCH did not send what we waited for before the deadline."""
+
+
+class EslConnection:
+    def __init__(self, sock: socket.socket, max_frame_bytes: int = 1048576) -> None:
+        self._sock = sock
+        self._parser = EslParser(max_body_bytes=max_frame_bytes)
+        self._frames: deque[Frame] = deque()
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise PeerGone(str(exc)) from exc
+
+    def read_frame(self, timeout: float) -> Frame:
+        """The next frame; PeerTimeout after `timeout` seconds, PeerGone on EOF, ProtocolError on garbage."""
+        if self._frames:
+            return self._frames.popleft()
+        with gevent.Timeout(timeout, PeerTimeout(f"no frame within {timeout:g}s")):
+            while not self._frames:
+                self._receive()
+        return self._frames.popleft()
+
+    def _receive(self) -> None:
+        try:
+            data = self._sock.recv(READ_SIZE)
+        except OSError as exc:
+            raise PeerGone(str(exc)) from exc
+        if not data:
+            raise PeerGone("connection closed by FreeSWITCH")
+        self._frames.extend(self._parser.feed(data))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+__all__ = ["EslConnection", "PeerGone", "PeerTimeout", "ProtocolError"]

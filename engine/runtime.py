@@ -1,0 +1,102 @@
+"""`callgate serve`: wire configuration, snapshot, rules, socket server and metrics together.
+
+The caller must have monkey-patched with gevent before importing this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+
+import gevent
+import gevent.event
+import redis
+from gevent.pywsgi import WSGIServer
+
+from engine.authorize import CallHandler
+from engine.config import Config, rules_config
+from engine.decider import Decider
+from engine.esl.server import CallServer, listening_socket
+from engine.logs import setup_logging
+from engine.metrics import EngineMetrics, wsgi_app
+from engine.rules.catalog import Catalog
+from engine.state.snapshot import SnapshotUnavailable
+from engine.state.watcher import SnapshotHolder
+
+log = logging.getLogger("callgate.serve")
+
+DRAIN_SECONDS = 2.0  # on SIGTERM, calls still being decided get this long to finish
+
+
+class Engine:
+    """One engine process: everything `serve` starts, reachable for tests and health checks."""
+
+    def __init__(self, config: Config, listener: socket.socket) -> None:
+        self.config = config
+        rules = rules_config(config.rules)
+        self.redis = redis.Redis.from_url(
+            config.redis.url,
+            socket_timeout=config.redis.socket_timeout,
+            socket_connect_timeout=config.redis.socket_timeout,
+        )
+        self.snapshots: SnapshotHolder[Catalog] = SnapshotHolder(
+            self.redis, config.redis.key_prefix, Catalog.build
+        )
+        self.metrics = EngineMetrics()
+        decider = Decider(self.snapshots, rules, max_age=config.engine.snapshot_max_age)
+        handler = CallHandler(config, decider, self.metrics, rules)
+        self.server = CallServer(listener, handler, max_frame_bytes=config.engine.max_frame_bytes)
+        self.stopping = gevent.event.Event()
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.snapshots.loaded:
+            return False, "no snapshot loaded"
+        age = self.snapshots.confirmed_age()
+        if age > self.config.engine.snapshot_max_age:
+            return False, f"snapshot unconfirmed by Redis for {age:.1f}s"
+        return True, f"snapshot {self.snapshots.current[0]}"
+
+    def _before_scrape(self) -> None:
+        if self.snapshots.loaded:
+            self.metrics.snapshot_version.set(self.snapshots.current[0])
+            self.metrics.snapshot_age.set(min(self.snapshots.confirmed_age(), 1e9))
+
+    def load_initial_snapshot(self) -> None:
+        try:
+            self.snapshots.refresh()
+        except SnapshotUnavailable:
+            log.warning("no snapshot in Redis yet (run `callgate sync --once`); calls answer ENGINE_DEGRADED")
+        except redis.RedisError as exc:
+            log.warning("Redis unreachable at start (%s); calls answer ENGINE_DEGRADED until it is back", exc)
+
+    def start(self) -> None:
+        self.load_initial_snapshot()
+        gevent.spawn(self.snapshots.run, self.stopping, self.config.engine.snapshot_poll_interval)
+        self.server.start()
+        metrics = self.config.metrics
+        if metrics.listen_port:
+            app = wsgi_app(self.metrics.registry, self.ready, self._before_scrape)
+            WSGIServer((metrics.listen_host, metrics.listen_port), app, log=None).start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.server.stop(timeout=DRAIN_SECONDS)
+        self.redis.close()
+
+
+def serve(config: Config, host: str | None = None, port: int | None = None) -> int:
+    setup_logging(config.logging)
+    settings = config.engine
+    listener = listening_socket(
+        host or settings.listen_host, port or settings.listen_port, reuse_port=settings.reuse_port
+    )
+    engine = Engine(config, listener)
+    engine.start()
+    log.info("callgate listening on %s:%s", *listener.getsockname()[:2])
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, engine.stopping.set)
+    engine.stopping.wait()
+    log.info("stopping: no new calls accepted")
+    engine.stop()
+    return 0
