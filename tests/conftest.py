@@ -67,6 +67,29 @@ def key_prefix(redis_url: str) -> Iterator[str]:
     """A Redis key prefix private to one test; its keys are deleted afterwards."""
     prefix = f"cgtest:{RUN_ID}:{secrets.token_hex(3)}:"
     yield prefix
+    _delete_keys(redis_url, prefix)
+
+
+@pytest.fixture(scope="module")
+def module_pg_url() -> Iterator[str]:
+    """An empty database private to one test module (e.g. one catalogue and one engine process)."""
+    name = f"callgate_test_{RUN_ID}_{secrets.token_hex(3)}"
+    url = _create_database(name)
+    try:
+        yield url
+    finally:
+        _drop_database(name)
+
+
+@pytest.fixture(scope="module")
+def module_key_prefix(redis_url: str) -> Iterator[str]:
+    """A Redis key prefix private to one test module."""
+    prefix = f"cgtest:{RUN_ID}:{secrets.token_hex(3)}:"
+    yield prefix
+    _delete_keys(redis_url, prefix)
+
+
+def _delete_keys(redis_url: str, prefix: str) -> None:
     client = redis.Redis.from_url(redis_url)
     try:
         keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
