@@ -66,10 +66,12 @@ class CallHandler:
         self._metrics = metrics
         self._on_end = on_end
         self._decision_level = logging.getLevelName(config.logging.decision_level)
+        self._in_flight = 0
 
     def __call__(self, conn: EslConnection, peer: tuple) -> None:
         record = CallRecord(peer)
         self._metrics.active_calls.inc()
+        self._in_flight += 1
         try:
             self._run(conn, record)
         except ProtocolError as exc:
@@ -80,6 +82,7 @@ class CallHandler:
             if record.decision is None:
                 self._drop(record, "gone", str(exc))
         finally:
+            self._in_flight -= 1
             self._metrics.active_calls.dec()
             if record.decision is not None and self._on_end is not None:
                 self._on_end(record)
@@ -93,7 +96,10 @@ class CallHandler:
             )
         record.request = call_request(reply.channel_data())
         started = time.perf_counter()
-        record.decision = self._decide_within_deadline(record.request)
+        if self._in_flight > self._config.engine.max_connections:
+            record.decision = Reject(Reason.ENGINE_DEGRADED, detail="over engine.max_connections")
+        else:
+            record.decision = self._decide_within_deadline(record.request)
         batch = self._render(record.decision)
         conn.send(batch.payload)
         self._observe(record, time.perf_counter() - started)

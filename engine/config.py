@@ -32,7 +32,7 @@ class ConfigError(Exception):
 class EngineSettings:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8084
-    max_connections: int = 10000  # calls in flight per process; over it -> ENGINE_DEGRADED
+    max_connections: int = 50000  # sockets held per process (calls up); over it -> ENGINE_DEGRADED
     reuse_port: bool = False  # SO_REUSEPORT: several processes on one port
     connect_timeout: float = 2.0  # FreeSWITCH's reply to `connect`
     decision_deadline: float = 0.5  # channel data in -> decision written

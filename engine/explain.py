@@ -49,7 +49,9 @@ def load_catalog_from_redis(config: Config) -> tuple[int, Catalog]:
 
 
 def explain_request(config: Config, request: CallRequest, catalog: Catalog) -> Decision:
-    ctx = DecisionContext(now=datetime.now(UTC), rng=random.Random(), config=rules_config(config.rules), explain=True)
+    ctx = DecisionContext(
+        now=datetime.now(UTC), rng=random.Random(), config=rules_config(config.rules), explain=True
+    )
     return decide(request, catalog, ctx)
 
 

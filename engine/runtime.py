@@ -6,6 +6,7 @@ The caller must have monkey-patched with gevent before importing this module.
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import socket
 
@@ -85,8 +86,16 @@ class Engine:
         self.redis.close()
 
 
+def raise_file_limit() -> None:
+    """Every call up holds a socket: take the hard limit of file descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(config: Config, host: str | None = None, port: int | None = None) -> int:
     setup_logging(config.logging)
+    raise_file_limit()
     settings = config.engine
     listener = listening_socket(
         host or settings.listen_host, port or settings.listen_port, reuse_port=settings.reuse_port
