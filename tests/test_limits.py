@@ -1,0 +1,661 @@
+"""Shared concurrent-call and CPS limits against a real Redis (engine/state/limits.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+from types import SimpleNamespace
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from engine.decision import Accept, Direction, Reason, Reject, Route
+from engine.model import Account, AccountKind, Did, Trunk
+from engine.rules.catalog import Catalog
+from engine.state.limits import (
+    FailOpenLimiter,
+    LevelKind,
+    Limiter,
+    LimitKind,
+    LimitPlan,
+    LimitsUnavailable,
+    Subject,
+    apply_limits,
+)
+
+# --------------------------------------------------------------------------- helpers
+
+
+class FakeClock:
+    def __init__(self, t: float = 1_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def account(id: int, max_channels: int = 0, cps: int = 0, reseller_id: int | None = None) -> Account:
+    return Account(
+        id=id,
+        number=f"acct{id}",
+        kind=AccountKind.RESELLER if reseller_id is None else AccountKind.CUSTOMER,
+        reseller_id=reseller_id,
+        active=True,
+        deleted=False,
+        postpaid=False,
+        balance=Decimal(10),
+        credit_limit=Decimal(0),
+        rate_group_id=None,
+        max_channels=max_channels,
+        cps=cps,
+    )
+
+
+def trunk(id: int, max_channels: int = 0, cps: int = 0) -> Trunk:
+    return Trunk(id=id, name=f"t{id}", provider_id=1, gateway_id=1, max_channels=max_channels, cps=cps)
+
+
+def route(trunk_id: int) -> Route:
+    return Route(
+        trunk_id=trunk_id,
+        trunk_name=f"t{trunk_id}",
+        provider_id=1,
+        termination_prefix="",
+        cost_per_minute=Decimal("0.01"),
+        number="15551234567",
+        caller_id_number="100",
+        caller_id_name="",
+        targets=(f"sofia/gateway/gw{trunk_id}/15551234567",),
+    )
+
+
+def accept(chain: tuple[int, ...], trunk_ids: tuple[int, ...] = (), did_id: int | None = None) -> Accept:
+    return Accept(
+        direction=Direction.OUTBOUND,
+        account_id=chain[0],
+        account_number=f"acct{chain[0]}",
+        chain=chain,
+        destination="15551234567",
+        caller_id_number="100",
+        caller_id_name="",
+        levels=(),
+        max_duration=3600,
+        routes=tuple(route(t) for t in trunk_ids),
+        did_id=did_id,
+    )
+
+
+def catalog(accounts: list[Account], trunks: list[Trunk] = ()) -> Catalog:
+    cat = Catalog()
+    cat.accounts = {a.id: a for a in accounts}
+    cat.trunks = {t.id: t for t in trunks}
+    return cat
+
+
+def acct(id: int, max_channels: int = 0, cps: int = 0) -> Subject:
+    return Subject(LevelKind.ACCOUNT, id, max_channels, cps)
+
+
+def tr(id: int, max_channels: int = 0, cps: int = 0) -> Subject:
+    return Subject(LevelKind.TRUNK, id, max_channels, cps)
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+def keys_of(client: redis.Redis, prefix: str) -> dict[str, int]:
+    """Every key under ``prefix`` -> its PTTL."""
+    return {k.decode(): client.pttl(k) for k in client.scan_iter(match=f"{prefix}*", count=1000)}
+
+
+def members(client: redis.Redis, key: str) -> set[str]:
+    return {m.decode() for m in client.zrange(key, 0, -1)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def quick_client(port: int) -> redis.Redis:
+    """A client that fails fast: no retries, short timeouts."""
+    return redis.Redis(
+        host="127.0.0.1",
+        port=port,
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def test_subjects_for_lists_chain_did_and_trunks_in_route_order() -> None:
+    cat = SimpleNamespace(
+        accounts={1: account(1, 5, 2, reseller_id=2), 2: account(2, 50), 3: account(3)},
+        trunks={10: trunk(10, 3), 11: trunk(11), 12: trunk(12, 0, 7)},
+        dids={"15550001": Did(id=7, number="15550001", account_id=1, max_channels=4, cps=1)},
+    )
+    plan = Limiter.subjects_for(accept((1, 2, 3), (12, 10, 11, 10), did_id=7), cat)
+    assert plan.levels == (
+        Subject(LevelKind.ACCOUNT, 1, 5, 2),
+        Subject(LevelKind.RESELLER, 2, 50, 0),
+        Subject(LevelKind.RESELLER, 3, 0, 0),
+        Subject(LevelKind.DID, 7, 4, 1),
+    )
+    assert plan.trunks == (tr(12, 0, 7), tr(10, 3), tr(11))
+    assert plan.limited
+
+
+def test_subjects_for_without_did_index_and_nothing_limited() -> None:
+    plan = Limiter.subjects_for(accept((1,), (10,), did_id=9), catalog([account(1)], [trunk(10)]))
+    assert plan.levels == (acct(1), Subject(LevelKind.DID, 9))
+    assert not plan.limited
+
+
+def test_nothing_limited_costs_no_round_trip() -> None:
+    limiter = Limiter(quick_client(free_port()), "x:")  # nothing listens there
+    plan = LimitPlan((acct(1),), (tr(10), tr(11)))
+    result = limiter.acquire("u1", plan, 60)
+    assert result.admitted and result.trunk_ids == (10, 11) and result.counted_trunk_id is None
+
+
+# --------------------------------------------------------------------------- atomicity under concurrency
+
+
+def _hammer(redis_url, prefix, worker, count, max_channels, cps, fixed_clock, barrier, results) -> None:
+    client = redis.Redis.from_url(redis_url, max_connections=32)
+    limiter = Limiter(client, prefix, clock=(lambda: fixed_clock) if fixed_clock else None)
+    plan = LimitPlan((Subject(LevelKind.ACCOUNT, 1, max_channels, cps),))
+    limiter.acquire(f"warmup-{worker}", LimitPlan(), 1)  # no-op: nothing limited
+    client.ping()
+    barrier.wait()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        outcomes = list(pool.map(lambda n: limiter.acquire(f"w{worker}-{n}", plan, 300), range(count)))
+    results.put([(r.admitted, str(r.level), str(r.kind), r.subject_id) for r in outcomes])
+    client.close()
+
+
+@pytest.mark.parametrize("kind", ["channels", "cps"])
+def test_two_processes_admit_exactly_the_limit(redis_url: str, key_prefix: str, client, kind: str) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    results = ctx.Queue()
+    max_channels, cps = (50, 0) if kind == "channels" else (0, 50)
+    fixed = 5_000.0 if kind == "cps" else None  # one instant: the whole burst is in one window
+    procs = [
+        ctx.Process(
+            target=_hammer,
+            args=(redis_url, key_prefix, w, 100, max_channels, cps, fixed, barrier, results),
+        )
+        for w in range(2)
+    ]
+    for p in procs:
+        p.start()
+    outcomes = results.get(timeout=60) + results.get(timeout=60)
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    admitted = [o for o in outcomes if o[0]]
+    refused = [o for o in outcomes if not o[0]]
+    assert len(outcomes) == 200
+    assert len(admitted) == 50
+    assert len(refused) == 150
+    assert set(refused) == {(False, "account", kind, 1)}
+    if kind == "channels":
+        assert client.zcard(f"{key_prefix}limits:ch:acct:1") == 50
+    else:
+        assert client.zcard(f"{key_prefix}limits:cps:acct:1") == 50
+    assert client.zcard(f"{key_prefix}limits:calls") == 50
+
+
+# --------------------------------------------------------------------------- levels
+
+
+def test_reseller_limit_binds_below_its_customers(client, key_prefix: str) -> None:
+    limiter = Limiter(client, key_prefix)
+    cat = catalog([account(1, 5, reseller_id=9), account(2, 5, reseller_id=9), account(9, 3)])
+    plan_a = limiter.subjects_for(accept((1, 9)), cat)
+    plan_b = limiter.subjects_for(accept((2, 9)), cat)
+    outcomes = [limiter.acquire(f"c{n}", plan_a if n % 2 else plan_b, 60) for n in range(6)]
+    assert [o.admitted for o in outcomes] == [True, True, True, False, False, False]
+    refused = outcomes[3]
+    assert (refused.level, refused.subject_id, refused.kind) == (LevelKind.RESELLER, 9, LimitKind.CHANNELS)
+    assert refused.reason is Reason.CONCURRENT_LIMIT
+    assert client.zcard(f"{key_prefix}limits:ch:acct:9") == 3
+    # The reseller's own calls count against the same counter as its customers'.
+    own = limiter.acquire("own", limiter.subjects_for(accept((9,)), cat), 60)
+    assert not own.admitted and own.level is LevelKind.ACCOUNT and own.subject_id == 9
+
+
+def test_a_full_later_level_takes_nothing(client, key_prefix: str) -> None:
+    clock = FakeClock()
+    limiter = Limiter(client, key_prefix, clock=clock)
+    did = Subject(LevelKind.DID, 7, 1, 0)
+    plan = LimitPlan((acct(1, 10, 10), Subject(LevelKind.RESELLER, 2, 10, 10), did), (tr(10, 10, 10),))
+    assert limiter.acquire("first", plan, 60).admitted
+    before = {
+        k: client.zrange(k, 0, -1, withscores=True) for k in keys_of(client, key_prefix) if "call:" not in k
+    }
+    refused = limiter.acquire("second", plan, 60)
+    assert not refused.admitted
+    assert (refused.level, refused.subject_id, refused.kind) == (LevelKind.DID, 7, LimitKind.CHANNELS)
+    after = {
+        k: client.zrange(k, 0, -1, withscores=True) for k in keys_of(client, key_prefix) if "call:" not in k
+    }
+    assert after == before  # no counter moved, CPS logs included
+    assert not client.exists(f"{key_prefix}limits:call:second")
+
+
+def test_cps_refusal_names_the_level_and_kind(client, key_prefix: str) -> None:
+    limiter = Limiter(client, key_prefix, clock=FakeClock())
+    plan = LimitPlan((acct(1, 0, 1),))
+    assert limiter.acquire("a", plan, 60).admitted
+    refused = limiter.acquire("b", plan, 60)
+    assert (refused.level, refused.kind, refused.reason) == (
+        LevelKind.ACCOUNT,
+        LimitKind.CPS,
+        Reason.CPS_LIMIT,
+    )
+
+
+# --------------------------------------------------------------------------- trunks
+
+
+def test_full_trunks_are_skipped_and_the_call_counted_on_the_first_with_room(client, key_prefix: str) -> None:
+    limiter = Limiter(client, key_prefix, clock=FakeClock())
+    cat = catalog([account(1, 100)], [trunk(10, 1), trunk(11, 1), trunk(12, 0, 1)])
+    acc = accept((1,), (10, 11, 12))
+    plan = limiter.subjects_for(acc, cat)
+    first = limiter.acquire("c1", plan, 60)
+    assert (first.counted_trunk_id, first.trunk_ids, first.skipped) == (10, (10, 11, 12), ())
+    second = limiter.acquire("c2", plan, 60)
+    assert (second.counted_trunk_id, second.trunk_ids) == (11, (11, 12))
+    assert [(s.trunk_id, s.kind) for s in second.skipped] == [(10, LimitKind.CHANNELS)]
+    decision = apply_limits(acc, second)
+    assert isinstance(decision, Accept)
+    assert [r.trunk_id for r in decision.routes] == [11, 12]
+    assert decision.dial_string == "sofia/gateway/gw11/15551234567|sofia/gateway/gw12/15551234567"
+    third = limiter.acquire("c3", plan, 60)
+    assert (third.counted_trunk_id, third.trunk_ids) == (12, (12,))
+    fourth = limiter.acquire("c4", plan, 60)
+    assert not fourth.admitted
+    assert [(s.trunk_id, s.kind) for s in fourth.skipped] == [
+        (10, LimitKind.CHANNELS),
+        (11, LimitKind.CHANNELS),
+        (12, LimitKind.CPS),
+    ]
+    assert fourth.reason is Reason.TERMINATION_RATE_NOT_FOUND
+    reject = apply_limits(acc, fourth)
+    assert isinstance(reject, Reject) and reject.reason is Reason.TERMINATION_RATE_NOT_FOUND
+    assert "trunk 12 (cps)" in reject.detail
+    # Nothing was taken for the refused call: the account still holds three calls.
+    assert members(client, f"{key_prefix}limits:ch:acct:1") == {"c1", "c2", "c3"}
+
+
+def test_an_unlimited_trunk_always_has_room_and_is_not_counted(client, key_prefix: str) -> None:
+    limiter = Limiter(client, key_prefix, clock=FakeClock())
+    plan = LimitPlan((), (tr(10, 1), tr(11), tr(12, 1)))
+    assert limiter.acquire("c1", plan, 60).counted_trunk_id == 10
+    second = limiter.acquire("c2", plan, 60)
+    assert second.admitted and second.counted_trunk_id is None and second.trunk_ids == (11, 12)
+    assert not client.exists(f"{key_prefix}limits:ch:trunk:12")  # after the unlimited one: never counted
+    client.zadd(f"{key_prefix}limits:ch:trunk:12", {"elsewhere": 10**15})
+    third = limiter.acquire("c3", plan, 60)
+    assert third.trunk_ids == (11,)  # a full trunk after it is still dropped from the failover list
+
+
+def test_move_trunk_follows_the_leg_that_carried_the_call(client, key_prefix: str) -> None:
+    limiter = Limiter(client, key_prefix, clock=FakeClock())
+    plan = LimitPlan((acct(1, 5),), (tr(10, 5), tr(11, 5)))
+    assert limiter.acquire("c1", plan, 60).counted_trunk_id == 10
+    assert limiter.move_trunk("c1", tr(11, 5))
+    assert members(client, f"{key_prefix}limits:ch:trunk:10") == set()
+    assert members(client, f"{key_prefix}limits:ch:trunk:11") == {"c1"}
+    assert limiter.release("c1")
+    assert members(client, f"{key_prefix}limits:ch:trunk:11") == set()
+    assert not limiter.move_trunk("c1", tr(10, 5))
+
+
+# --------------------------------------------------------------------------- release and self-healing
+
+
+def test_release_exactly_once(client, key_prefix: str) -> None:
+    limiter = Limiter(client, key_prefix)
+    plan = LimitPlan((acct(1, 2), Subject(LevelKind.RESELLER, 2, 2)), (tr(10, 2),))
+    assert limiter.acquire("a", plan, 60).admitted
+    assert limiter.acquire("b", plan, 60).admitted
+    assert not limiter.acquire("c", plan, 60).admitted
+    assert limiter.release("a") is True
+    assert limiter.release("a") is False
+    assert limiter.release("never-seen") is False
+    for key in ("ch:acct:1", "ch:acct:2", "ch:trunk:10"):
+        assert members(client, f"{key_prefix}limits:{key}") == {"b"}
+    assert limiter.counted_calls().keys() == {"b"}
+    assert not client.exists(f"{key_prefix}limits:call:a")
+    assert limiter.acquire("c", plan, 60).admitted  # the freed slot is usable once
+
+
+def test_acquire_is_idempotent_per_call(client, key_prefix: str) -> None:
+    limiter = Limiter(client, key_prefix)
+    plan = LimitPlan((acct(1, 1),), (tr(10, 1), tr(11, 1)))
+    client.zadd(f"{key_prefix}limits:ch:trunk:10", {"other": 10**15})
+    first = limiter.acquire("a", plan, 60)
+    again = limiter.acquire("a", plan, 60)  # e.g. a client retry after a timeout
+    assert first.counted_trunk_id == 11
+    assert again.admitted and again.duplicate and again.counted_trunk_id == 11 and again.trunk_ids[0] == 11
+    assert client.zcard(f"{key_prefix}limits:ch:acct:1") == 1
+
+
+def test_a_lost_release_stops_counting_at_the_deadline(client, key_prefix: str) -> None:
+    clock = FakeClock(2_000.0)
+    limiter = Limiter(client, key_prefix, clock=clock, margin_seconds=30)
+    plan = LimitPlan((acct(1, 1),))
+    assert limiter.acquire("lost", plan, 60).admitted  # its hangup is never seen
+    clock.t += 89.999
+    assert not limiter.acquire("next", plan, 60).admitted
+    clock.t += 0.001  # hold 60 s + margin 30 s
+    assert limiter.acquire("next", plan, 60).admitted
+    assert members(client, f"{key_prefix}limits:ch:acct:1") == {"next"}
+    assert limiter.counted_calls().keys() == {"next"}
+
+
+def test_a_lost_release_expires_on_the_redis_clock(client, key_prefix: str) -> None:
+    limiter = Limiter(client, key_prefix, margin_seconds=0)
+    plan = LimitPlan((acct(1, 1),))
+    assert limiter.acquire("lost", plan, 1).admitted
+    assert not limiter.acquire("next", plan, 1).admitted
+    time.sleep(1.05)
+    assert limiter.acquire("next", plan, 1).admitted
+
+
+def test_every_key_has_a_ttl(client, key_prefix: str) -> None:
+    limiter = Limiter(client, key_prefix, margin_seconds=30, slack_seconds=60)
+    plan = LimitPlan((acct(1, 5, 5), Subject(LevelKind.DID, 3, 5, 5)), (tr(10, 5, 5),))
+    assert limiter.acquire("a", plan, 120).admitted
+    ttls = keys_of(client, key_prefix)
+    assert set(ttls) == {
+        f"{key_prefix}limits:{k}"
+        for k in (
+            "calls",
+            "call:a",
+            "ch:acct:1",
+            "cps:acct:1",
+            "ch:did:3",
+            "cps:did:3",
+            "ch:trunk:10",
+            "cps:trunk:10",
+        )
+    }
+    for key, ttl in ttls.items():
+        if ":cps:" in key:
+            assert 0 < ttl <= 61_000, key  # window + slack
+        else:
+            assert 200_000 < ttl <= 210_000, key  # hold 120 + margin 30 + slack 60
+    limiter.release("a")
+    assert set(keys_of(client, key_prefix)) == {
+        f"{key_prefix}limits:cps:{k}" for k in ("acct:1", "did:3", "trunk:10")
+    }  # only the CPS logs stay, and they expire within a minute
+
+
+# --------------------------------------------------------------------------- CPS edges
+
+
+def test_cps_is_a_sliding_window_without_edge_bursts(client, key_prefix: str) -> None:
+    clock = FakeClock(10_000.999)
+    limiter = Limiter(client, key_prefix, clock=clock)
+    plan = LimitPlan((acct(1, 0, 5),))
+    n = iter(range(100))
+
+    def burst(count: int) -> list[bool]:
+        return [limiter.acquire(f"c{next(n)}", plan, 60).admitted for _ in range(count)]
+
+    assert burst(6) == [True] * 5 + [False]  # 5 calls at t=0.999
+    clock.t = 10_001.001  # a fixed 1 s window would open a fresh budget here: not this one
+    assert burst(5) == [False] * 5
+    clock.t = 10_001.998  # (0.998, 1.998] still holds the five calls of t=0.999
+    assert burst(1) == [False]
+    clock.t = 10_001.999  # (0.999, 1.999] no longer does
+    assert burst(6) == [True] * 5 + [False]
+    usage = limiter.usage(plan)
+    assert usage[0].calls_last_second == 5 and usage[0].channels is None
+
+
+def test_cps_spread_admissions(client, key_prefix: str) -> None:
+    clock = FakeClock(20_000.0)
+    limiter = Limiter(client, key_prefix, clock=clock)
+    plan = LimitPlan((acct(1, 0, 2),))
+    assert limiter.acquire("a", plan, 60).admitted  # t=0.0
+    clock.t += 0.5
+    assert limiter.acquire("b", plan, 60).admitted  # t=0.5
+    assert not limiter.acquire("c", plan, 60).admitted
+    clock.t += 0.5  # t=1.0: "a" left the window (0.0, 1.0]
+    assert limiter.acquire("c", plan, 60).admitted
+    assert not limiter.acquire("d", plan, 60).admitted
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def test_usage_reports_each_level(client, key_prefix: str) -> None:
+    limiter = Limiter(client, key_prefix)
+    plan = LimitPlan((acct(1, 10, 5), Subject(LevelKind.RESELLER, 2)), (tr(10, 3), tr(11)))
+    for u in ("a", "b"):
+        assert limiter.acquire(u, plan, 60).admitted
+    usage = {(u.level, u.id): u for u in limiter.usage(plan)}
+    assert (usage[(LevelKind.ACCOUNT, 1)].channels, usage[(LevelKind.ACCOUNT, 1)].calls_last_second) == (2, 2)
+    assert usage[(LevelKind.RESELLER, 2)].channels is None
+    assert (usage[(LevelKind.TRUNK, 10)].channels, usage[(LevelKind.TRUNK, 10)].max_channels) == (2, 3)
+    assert usage[(LevelKind.TRUNK, 11)].channels is None
+
+
+# --------------------------------------------------------------------------- failure policy
+
+
+class PrivateRedis:
+    """A redis-server of our own that can be stopped and started again with its data."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="cg-redis-")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--dir", self.dir,
+                "--save", "",
+                "--appendonly", "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        probe = quick_client(self.port)
+        while True:
+            try:
+                if probe.ping():
+                    break
+            except redis.exceptions.RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        probe.close()
+
+    def stop(self) -> None:
+        """Save to disk and exit (a restart loads the data back)."""
+        assert self.proc is not None
+        with contextlib.suppress(redis.exceptions.RedisError):
+            quick_client(self.port).shutdown(save=True)
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = PrivateRedis()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def test_redis_unreachable_raises_limits_unavailable() -> None:
+    limiter = Limiter(quick_client(free_port()), "x:")
+    plan = LimitPlan((acct(1, 5),))
+    with pytest.raises(LimitsUnavailable):
+        limiter.acquire("a", plan, 60)
+    with pytest.raises(LimitsUnavailable):
+        limiter.release("a")
+    with pytest.raises(LimitsUnavailable):
+        limiter.usage(plan)
+    with pytest.raises(LimitsUnavailable):
+        limiter.counted_calls()
+
+
+def test_fail_closed_when_redis_stops(private_redis: PrivateRedis) -> None:
+    limiter = Limiter(quick_client(private_redis.port), "cg:")
+    plan = LimitPlan((acct(1, 5),))
+    assert limiter.acquire("a", plan, 60).admitted
+    private_redis.stop()
+    with pytest.raises(LimitsUnavailable):
+        limiter.acquire("b", plan, 60)
+    private_redis.start()
+    assert limiter.acquire("b", plan, 60).admitted  # no restart of the engine needed
+
+
+def test_fail_open_approximates_locally_then_resyncs(private_redis: PrivateRedis) -> None:
+    client = quick_client(private_redis.port)
+    outcomes: list[str] = []
+    limiter = FailOpenLimiter(Limiter(client, "cg:"), retry_after=0.0, on_degraded=outcomes.append)
+    plan = LimitPlan((acct(1, 5),), (tr(10, 2), tr(11, 10)))
+    channels = "cg:limits:ch:acct:1"
+
+    for u in ("r1", "r2"):  # admitted through Redis
+        result = limiter.acquire(u, plan, 600)
+        assert result.admitted and not result.degraded
+    assert limiter.degraded_decisions == 0
+
+    private_redis.stop()
+    local = [limiter.acquire(u, plan, 600) for u in ("l1", "l2", "l3", "l4")]
+    assert [r.admitted for r in local] == [True, True, True, False]
+    assert all(r.degraded for r in local)
+    assert [r.counted_trunk_id for r in local[:3]] == [11, 11, 11]  # trunk 10 already holds r1, r2
+    assert (local[3].level, local[3].kind) == (LevelKind.ACCOUNT, LimitKind.CHANNELS)
+    assert limiter.degraded_decisions == 4
+    assert outcomes == ["admitted", "admitted", "admitted", "refused"]
+
+    assert limiter.release("r1") is True  # a Redis call hung up during the outage: replayed later
+    assert limiter.release("l3") is True  # a local call hung up: just forgotten
+    assert limiter.pending_resync == 3  # r1's release, l1 and l2
+    with pytest.raises(LimitsUnavailable):
+        limiter.resync()
+    assert limiter.pending_resync == 3
+
+    private_redis.start()  # Redis is back with what it held before the outage
+    assert members(client, channels) == {"r1", "r2"}
+    registered = limiter.resync(live_calls={"r2", "l1", "l2"})
+    assert registered == 2
+    assert limiter.pending_resync == 0
+    assert members(client, channels) == {"r2", "l1", "l2"}
+    assert members(client, "cg:limits:ch:trunk:11") == {"l1", "l2"}
+    assert set(limiter.counted_calls()) == {"r2", "l1", "l2"}
+    assert all(client.pttl(k) > 0 for k in client.scan_iter(match="cg:*"))
+
+    # Redis decides again, with the consistent count: 3 of 5 held.
+    after = [limiter.acquire(u, plan, 600) for u in ("n1", "n2", "n3")]
+    assert [r.admitted for r in after] == [True, True, False]
+    assert not any(r.degraded for r in after)
+    assert limiter.degraded_decisions == 4
+    assert limiter.release("l1") is True  # a resynced call is released in Redis
+    assert "l1" not in members(client, channels)
+
+
+def test_fail_open_circuit_skips_redis_until_retry_after(private_redis: PrivateRedis) -> None:
+    now = FakeClock(0.0)
+    inner = Limiter(quick_client(private_redis.port), "cg:")
+    limiter = FailOpenLimiter(inner, retry_after=5.0, monotonic=now)
+    plan = LimitPlan((acct(1, 0, 2),))
+    private_redis.stop()
+    assert limiter.acquire("a", plan, 60).degraded
+    private_redis.start()
+    now.t = 0.3  # within retry_after: still local, Redis not asked
+    assert limiter.acquire("b", plan, 60).degraded
+    assert not limiter.acquire("c", plan, 60).admitted  # local CPS window: 2 in the last second
+    now.t = 6.0
+    result = limiter.acquire("d", plan, 60)
+    assert result.admitted and not result.degraded
+    assert limiter.resync() == 2  # a and b, still within their hold
+    assert set(inner.counted_calls()) == {"a", "b", "d"}
+
+
+def test_local_share_splits_limits_between_processes(private_redis: PrivateRedis) -> None:
+    limiter = FailOpenLimiter(Limiter(quick_client(private_redis.port), "cg:"), local_share=0.25)
+    plan = LimitPlan((acct(1, 10),))
+    private_redis.stop()
+    assert [limiter.acquire(f"c{n}", plan, 60).admitted for n in range(4)] == [True, True, True, False]
+    private_redis.start()
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def test_measure_acquire_release_cost(client, key_prefix: str) -> None:
+    limiter = Limiter(client, key_prefix)
+    cat = catalog(
+        [account(1, 1000, 100_000, reseller_id=2), account(2, 10000)],
+        [trunk(10, 500, 100_000), trunk(11, 500)],
+    )
+    plan = limiter.subjects_for(accept((1, 2), (10, 11)), cat)
+    for n in range(200):  # warm the script cache and the connection
+        limiter.acquire(f"w{n}", plan, 60)
+        limiter.release(f"w{n}")
+    rounds = 3000
+    acquire_s = release_s = 0.0
+    for n in range(rounds):
+        t0 = time.perf_counter()
+        result = limiter.acquire(f"m{n}", plan, 60)
+        t1 = time.perf_counter()
+        limiter.release(f"m{n}")
+        t2 = time.perf_counter()
+        assert result.admitted
+        acquire_s += t1 - t0
+        release_s += t2 - t1
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        limiter.subjects_for(accept((1, 2), (10, 11)), cat)
+    plan_s = time.perf_counter() - t0
+    print(
+        f"\nlimits cost per call (account + reseller + 2 trunks, local Redis): "
+        f"acquire {acquire_s / rounds * 1e6:.0f} us, release {release_s / rounds * 1e6:.0f} us, "
+        f"subjects_for {plan_s / rounds * 1e6:.1f} us"
+    )
