@@ -45,6 +45,7 @@ class CallRecord:
     decision: Decision | None = None
     hangup_cause: str = ""
     replies_pending: int = 0
+    counted: bool = False  # limits may hold a slot for this call: release it at the end
 
 
 DecideFn = Callable[[CallRequest], Decision]
@@ -84,7 +85,7 @@ class CallHandler:
         finally:
             self._in_flight -= 1
             self._metrics.active_calls.dec()
-            if record.decision is not None and self._on_end is not None:
+            if record.counted and self._on_end is not None:
                 self._on_end(record)
 
     def _run(self, conn: EslConnection, record: CallRecord) -> None:
@@ -99,22 +100,28 @@ class CallHandler:
         if self._in_flight > self._config.engine.max_connections:
             record.decision = Reject(Reason.ENGINE_DEGRADED, detail="over engine.max_connections")
         else:
-            record.decision = self._decide_within_deadline(record.request)
+            self._decide_within_deadline(record)
         batch = self._render(record.decision)
         conn.send(batch.payload)
         self._observe(record, time.perf_counter() - started)
         record.replies_pending = batch.replies_expected
         self._follow_until_hangup(conn, record)
 
-    def _decide_within_deadline(self, request: CallRequest) -> Decision:
+    def _decide_within_deadline(self, record: CallRecord) -> None:
+        request = record.request
+        assert request is not None
         try:
             with gevent.Timeout(self._config.engine.decision_deadline):
-                return self._decide(request)
+                record.decision = self._decide(request)
+            record.counted = isinstance(record.decision, Accept)
         except gevent.Timeout:
-            return Reject(Reason.ENGINE_DEGRADED, detail="decision deadline exceeded")
+            # The limits script may have run before the deadline: release whatever it took.
+            record.decision = Reject(Reason.ENGINE_DEGRADED, detail="decision deadline exceeded")
+            record.counted = True
         except Exception:
             log.exception("uuid=%s decision failed; answering ENGINE_DEGRADED", request.uuid)
-            return Reject(Reason.ENGINE_DEGRADED, detail="internal error")
+            record.decision = Reject(Reason.ENGINE_DEGRADED, detail="internal error")
+            record.counted = True
 
     def _render(self, decision: Decision) -> Batch:
         if isinstance(decision, Accept):

@@ -27,6 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     sync = commands.add_parser("sync", help="mirror PostgreSQL into the Redis snapshot")
     sync.add_argument("--once", action="store_true", help="publish one full snapshot and exit")
 
+    reconcile = commands.add_parser(
+        "reconcile", help="release counted calls that no FreeSWITCH lists (limits.switches, or --switch)"
+    )
+    reconcile.add_argument(
+        "--switch", action="append", default=[], help="host:port of an inbound event socket"
+    )
+    reconcile.add_argument("--grace", type=float, default=5.0, help="keep calls admitted this recently")
+
     serve = commands.add_parser("serve", help="run the engine (FreeSWITCH outbound event socket)")
     serve.add_argument("--host", help="override engine.listen_host")
     serve.add_argument("--port", type=int, help="override engine.listen_port")
@@ -53,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "db": _db,
         "load": _load,
         "sync": _sync,
+        "reconcile": _reconcile,
         "serve": _serve,
         "explain": _explain,
     }[args.command]
@@ -98,6 +107,41 @@ def _sync(args: argparse.Namespace, config: Config) -> int:
     version, counts = publish_once(config)
     summary = ", ".join(f"{name}={count}" for name, count in counts.items())
     print(f"snapshot {version} published ({summary})")
+    return 0
+
+
+def _reconcile(args: argparse.Namespace, config: Config) -> int:
+    import dataclasses
+
+    import redis
+
+    from engine.limits_runtime import switch_addresses
+    from engine.reconcile import reconcile
+    from engine.state.limits import Limiter
+
+    settings = config.limits
+    if args.switch:
+        settings = dataclasses.replace(settings, switches=tuple(args.switch))
+    try:
+        switches = switch_addresses(settings)
+    except ConfigError as exc:
+        print(f"callgate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not switches:
+        print("callgate: no switches to list (set limits.switches or pass --switch)", file=sys.stderr)
+        return EXIT_USAGE
+    client = redis.Redis.from_url(config.redis.url, socket_timeout=10)
+    try:
+        report = reconcile(Limiter(client, config.redis.key_prefix), switches, grace_seconds=args.grace)
+    finally:
+        client.close()
+    if not report.ran:
+        print("reconciliation skipped, nothing released: " + "; ".join(report.errors), file=sys.stderr)
+        return EXIT_FAILURE
+    print(
+        f"{report.counted} counted calls, {report.live_channels} live channels on "
+        f"{report.switches} switch(es); released {len(report.released)}, kept {report.kept} recent"
+    )
     return 0
 
 

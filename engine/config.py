@@ -66,6 +66,16 @@ class RulesSettings:
 
 
 @dataclass(frozen=True)
+class LimitsSettings:
+    fail_open: bool = False  # Redis down: admit by a per-process approximation instead of ENGINE_DEGRADED
+    local_share: float = 1.0  # fail-open: share of each limit one process may use (1/N for N processes)
+    margin_seconds: int = 300  # a call whose hangup is never seen stops counting max_duration + this later
+    switches: tuple[str, ...] = ()  # FreeSWITCH inbound sockets ("host:port") listed by the reconciler
+    switch_password: str = "ClueCon"
+    reconcile_interval: float = 60.0  # seconds between reconciliations (when switches are configured)
+
+
+@dataclass(frozen=True)
 class MetricsSettings:
     listen_host: str = "127.0.0.1"
     listen_port: int = 9184  # 0 disables the endpoint
@@ -84,6 +94,7 @@ class Config:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     rules: RulesSettings = field(default_factory=RulesSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
@@ -100,7 +111,17 @@ def load_config(
     _apply_environment(raw, environ)
     config = _build(raw)
     rules_config(config.rules)  # validates trusted proxies and SIP responses at start-up
+    for entry in config.limits.switches:
+        parse_switch_address(entry)
     return config
+
+
+def parse_switch_address(entry: str) -> tuple[str, int]:
+    """'host:port' (or '[v6]:port') of a FreeSWITCH inbound event socket."""
+    host, _, port = entry.strip().rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"limits.switches: expected 'host:port', got {entry!r}")
+    return host.strip("[]"), int(port)
 
 
 def _resolve_path(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Path | None:

@@ -1,8 +1,10 @@
-"""The engine's decision step: the pure rules on the current in-memory snapshot.
+"""The engine's decision step: the pure rules on the in-memory snapshot, then the shared limits.
 
 A snapshot that Redis has not confirmed as current for longer than
 engine.snapshot_max_age is not trusted (an account may have been blocked or
 emptied meanwhile): such calls are answered ENGINE_DEGRADED (fail closed).
+The limits step is the call's only Redis round trip (none when nothing in the
+chain is limited).
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
-from engine.decision import Decision, Reason, Reject
+from engine.decision import Accept, Decision, Reason, Reject
 from engine.model import CallRequest
 from engine.rules.catalog import Catalog
 from engine.rules.config import RulesConfig
 from engine.rules.decide import DecisionContext, decide
+from engine.state.limits import FailOpenLimiter, Limiter, LimitResult, LimitsUnavailable, apply_limits
+
+LimitObserver = Callable[[LimitResult], None]
 
 
 class CatalogSource(Protocol):
@@ -38,12 +43,16 @@ class Decider:
         rules: RulesConfig,
         *,
         max_age: float,
+        limiter: Limiter | FailOpenLimiter | None = None,
+        on_limit_result: LimitObserver | None = None,
         rng: random.Random | None = None,
         wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._source = source
         self._rules = rules
         self._max_age = max_age
+        self._limiter = limiter
+        self._on_limit_result = on_limit_result
         self._rng = rng or random.Random()
         self._wallclock = wallclock
 
@@ -55,4 +64,20 @@ class Decider:
         if age > self._max_age:
             return Reject(Reason.ENGINE_DEGRADED, detail=f"snapshot unconfirmed for {age:.1f}s")
         ctx = DecisionContext(now=self._wallclock(), rng=self._rng, config=self._rules, explain=explain)
-        return decide(request, catalog, ctx)
+        decision = decide(request, catalog, ctx)
+        if isinstance(decision, Accept) and self._limiter is not None:
+            return self._take_limits(request.uuid, decision, catalog)
+        return decision
+
+    def _take_limits(self, uuid: str, accept: Accept, catalog: Catalog) -> Decision:
+        assert self._limiter is not None
+        plan = self._limiter.subjects_for(accept, catalog)
+        try:
+            result = self._limiter.acquire(uuid, plan, accept.max_duration)
+        except LimitsUnavailable as exc:
+            return Reject(
+                Reason.ENGINE_DEGRADED, account_id=accept.account_id, detail=f"limits unavailable: {exc}"
+            )
+        if self._on_limit_result is not None:
+            self._on_limit_result(result)
+        return apply_limits(accept, result)

@@ -23,6 +23,7 @@ from engine.model import CallRequest
 from engine.rules.catalog import Catalog
 from engine.rules.decide import DecisionContext, decide
 from engine.rules.variables import channel_variables, reject_variables
+from engine.state.limits import Limiter
 from engine.state.snapshot import SnapshotUnavailable, read_snapshot
 
 EXIT_REJECTED = 3
@@ -39,13 +40,15 @@ def request_from_args(args: argparse.Namespace) -> CallRequest:
     )
 
 
-def load_catalog_from_redis(config: Config) -> tuple[int, Catalog]:
-    client = redis.Redis.from_url(config.redis.url, socket_connect_timeout=5, socket_timeout=30)
-    try:
-        data = read_snapshot(client, config.redis.key_prefix)
-    finally:
-        client.close()
-    return data.version, Catalog.build(data)
+def limit_usage(
+    client: redis.Redis, config: Config, decision: Decision, catalog: Catalog
+) -> list[dict[str, Any]]:
+    """Current use of every limit the call would be counted against (nothing is taken)."""
+    if not isinstance(decision, Accept):
+        return []
+    limiter = Limiter(client, config.redis.key_prefix)
+    usage = limiter.usage(limiter.subjects_for(decision, catalog))
+    return [_jsonable(asdict(level)) for level in usage]
 
 
 def explain_request(config: Config, request: CallRequest, catalog: Catalog) -> Decision:
@@ -72,6 +75,15 @@ def decision_document(decision: Decision, config: Config, snapshot_version: int)
 def render_text(document: dict[str, Any]) -> str:
     lines = [f"snapshot {document['snapshot_version']}"]
     lines += [f"  {step['rule']}: {step['outcome']}" for step in document["steps"]]
+    for usage in document.get("limits", []):
+        channels = "-" if usage["channels"] is None else usage["channels"]
+        cps = "-" if usage["calls_last_second"] is None else usage["calls_last_second"]
+        max_channels = usage["max_channels"] or "unlimited"
+        max_cps = usage["cps"] or "unlimited"
+        lines.append(
+            f"  limits: {usage['level']} {usage['id']}: channels {channels}/{max_channels}, "
+            f"calls in the last second {cps}/{max_cps}"
+        )
     if document["result"] == "accept":
         lines.append(f"ACCEPT: bridge {document['dial_string']}")
         lines.append(f"  max duration {document['max_duration']} s")
@@ -83,16 +95,21 @@ def render_text(document: dict[str, Any]) -> str:
 
 
 def explain_call(config: Config, args: argparse.Namespace) -> int:
+    client = redis.Redis.from_url(config.redis.url, socket_connect_timeout=5, socket_timeout=30)
     try:
-        version, catalog = load_catalog_from_redis(config)
+        data = read_snapshot(client, config.redis.key_prefix)
+        catalog = Catalog.build(data)
+        decision = explain_request(config, request_from_args(args), catalog)
+        document = decision_document(decision, config, data.version)
+        document["limits"] = limit_usage(client, config, decision, catalog)
     except SnapshotUnavailable:
         print("callgate: no snapshot in Redis; run `callgate sync --once` first", file=sys.stderr)
         return 1
     except redis.RedisError as exc:
         print(f"callgate: Redis unreachable: {exc}", file=sys.stderr)
         return 1
-    decision = explain_request(config, request_from_args(args), catalog)
-    document = decision_document(decision, config, version)
+    finally:
+        client.close()
     print(json.dumps(document, indent=2) if args.json else render_text(document))
     return 0 if isinstance(decision, Accept) else EXIT_REJECTED
 

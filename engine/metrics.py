@@ -47,6 +47,28 @@ class EngineMetrics:
             registry=r,
         )
 
+        self.limit_rejections = Counter(
+            "callgate_limit_rejections_total",
+            "Calls refused or trunks skipped at a limit, by level and kind",
+            ["level", "kind"],
+            registry=r,
+        )
+        self.fail_open_decisions = Counter(
+            "callgate_limits_fail_open_decisions_total",
+            "Limit decisions taken by the local approximation while Redis was unreachable",
+            ["outcome"],
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "callgate_redis_errors_total",
+            "Redis failures on the engine, by operation",
+            ["operation"],
+            registry=r,
+        )
+        self.reconciler_removals = Counter(
+            "callgate_reconciler_removals_total", "Counted calls no FreeSWITCH knew, released", registry=r
+        )
+
     def observe_decision(self, result: str, reason: str, seconds: float) -> None:
         self.decisions.labels(result, reason).inc()
         self.decision_seconds.observe(seconds)

@@ -19,9 +19,18 @@ from engine.authorize import CallHandler
 from engine.config import Config, rules_config
 from engine.decider import Decider
 from engine.esl.server import CallServer, listening_socket
+from engine.limits_runtime import (
+    build_limiter,
+    limit_result_observer,
+    releaser,
+    run_reconciler,
+    run_resync,
+    switch_addresses,
+)
 from engine.logs import setup_logging
 from engine.metrics import EngineMetrics, wsgi_app
 from engine.rules.catalog import Catalog
+from engine.state.limits import FailOpenLimiter
 from engine.state.snapshot import SnapshotUnavailable
 from engine.state.watcher import SnapshotHolder
 
@@ -45,8 +54,19 @@ class Engine:
             self.redis, config.redis.key_prefix, Catalog.build
         )
         self.metrics = EngineMetrics()
-        decider = Decider(self.snapshots, rules, max_age=config.engine.snapshot_max_age)
-        handler = CallHandler(config, decider, self.metrics, rules)
+        self.limiter = build_limiter(config, self.redis, self.metrics)
+        self.switches = switch_addresses(config.limits)
+        decider = Decider(
+            self.snapshots,
+            rules,
+            max_age=config.engine.snapshot_max_age,
+            limiter=self.limiter,
+            on_limit_result=limit_result_observer(self.metrics),
+        )
+        release = releaser(self.limiter, self.metrics)
+        handler = CallHandler(
+            config, decider, self.metrics, rules, on_end=lambda record: release(record.request.uuid)
+        )
         self.server = CallServer(listener, handler, max_frame_bytes=config.engine.max_frame_bytes)
         self.stopping = gevent.event.Event()
 
@@ -74,6 +94,11 @@ class Engine:
     def start(self) -> None:
         self.load_initial_snapshot()
         gevent.spawn(self.snapshots.run, self.stopping, self.config.engine.snapshot_poll_interval)
+        if isinstance(self.limiter, FailOpenLimiter):
+            gevent.spawn(run_resync, self.limiter, self.stopping)
+        if self.switches:
+            interval = self.config.limits.reconcile_interval
+            gevent.spawn(run_reconciler, self.limiter, self.switches, interval, self.metrics, self.stopping)
         self.server.start()
         metrics = self.config.metrics
         if metrics.listen_port:
