@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gevent.subprocess
 import psycopg
 
 from engine.config import Config, load_config
@@ -59,7 +60,8 @@ def publish(env: Mapping[str, str]) -> int:
 
 
 def run_cli(args: list[str], env: Mapping[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    """Run `callgate …`; cooperative, so emulators serving in this process keep answering."""
+    return gevent.subprocess.run(
         [*CALLGATE, *args], env=dict(env), cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
 
