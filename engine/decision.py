@@ -98,6 +98,13 @@ class Accept:
     did_id: int | None = None
     steps: tuple[Step, ...] = ()
     caller_id_changed: bool = False  # the rules rewrote the caller ID: set effective_caller_id_*
+    # The identified caller's account: the same as account_id except on an inbound DID
+    # call, where account_id/chain are the DID owner's (who pays and whose limits count)
+    # and this is whoever delivered the call (normally a provider).
+    caller_account_id: int | None = None
+    # The on-net account that receives the call: the callee device's account on a local
+    # call, the DID owner on an inbound call; None on an outbound call.
+    callee_account_id: int | None = None
 
     @property
     def dial_string(self) -> str:

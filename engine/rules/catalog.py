@@ -6,6 +6,12 @@ rates and IP-map entries are left out of the indexes (they can never match);
 entities whose state the explanation must name (devices, accounts, rate groups,
 trunks, gateways) are kept whatever their status and checked at decision time.
 
+Number handling (§1, §4) gets its indexes here too: DIDs by number, each account's
+active DIDs and whitelisted caller IDs (the CLI pool's lists, in id order so a
+random pick is reproducible), forced caller IDs, speed dials (keys with a number
+only), blocked codes, and the active localizations with their rule sets parsed
+once (a set that does not parse is left out and listed in ``problems``).
+
 Longest-prefix tables are ``dict[prefix, row]``: a lookup tries ``number[:n]``
 from the longest useful ``n`` down to 0, so its cost grows with the length of the
 number, not with the number of rates.
@@ -20,15 +26,21 @@ from typing import TypeVar
 
 from engine.model import (
     Account,
+    BlockedCode,
     CatalogData,
+    Did,
+    ForcedCallerId,
     Gateway,
     IpMapEntry,
+    Localization,
     OriginationRate,
     RateGroup,
     SipDevice,
+    SpeedDial,
     TerminationRate,
     Trunk,
 )
+from engine.rules.localization import CompiledLocalization, compile_localization
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -42,6 +54,20 @@ class IpMapMatch:
     entry: IpMapEntry
     network: IpNetwork
     tech_prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class NumberPool:
+    """An account's active DIDs or whitelisted caller IDs, for the CLI pool (§4.4)."""
+
+    numbers: tuple[str, ...]  # as stored, in id order: the candidates a random pick chooses from
+    compare: frozenset[str]  # the same numbers without a leading "+", for membership
+
+    def __contains__(self, caller_id: str) -> bool:
+        return caller_id.lstrip("+") in self.compare
+
+
+EMPTY_POOL = NumberPool((), frozenset())
 
 
 # One bucket per (IP version, netmask length): the masked address -> the entries of
@@ -77,16 +103,25 @@ class Catalog:
 
     __slots__ = (
         "_ip_buckets",
+        "account_caller_ids",
+        "account_dids",
         "accounts",
         "accounts_by_number",
+        "blocked_codes",
         "devices",
+        "dids",
+        "dids_by_id",
+        "forced_caller_ids",
         "gateways",
         "group_rates",
+        "localizations",
+        "longest_blocked_prefix",
         "longest_origination_prefix",
         "longest_termination_prefix",
         "personal_rates",
         "problems",
         "rate_groups",
+        "speed_dials",
         "termination_rates",
         "trunk_gateways",
         "trunks",
@@ -107,6 +142,16 @@ class Catalog:
         self.termination_rates: dict[int, dict[str, TerminationRate]] = {}
         self.longest_origination_prefix = 0
         self.longest_termination_prefix = 0
+        # §1 and §4 (number handling):
+        self.dids: dict[str, Did] = {}  # by number, whatever its state (unassigned/inactive are refused)
+        self.dids_by_id: dict[int, Did] = {}  # for the engine's per-DID limits (Accept.did_id)
+        self.account_dids: dict[int, NumberPool] = {}  # an account's active DIDs
+        self.account_caller_ids: dict[int, NumberPool] = {}  # its active whitelisted caller IDs
+        self.forced_caller_ids: dict[int, ForcedCallerId] = {}  # active only
+        self.speed_dials: dict[int, dict[str, str]] = {}  # account -> key -> number (non-empty only)
+        self.blocked_codes: dict[int, dict[str, BlockedCode]] = {}  # account -> prefix -> row
+        self.longest_blocked_prefix = 0
+        self.localizations: dict[int, CompiledLocalization] = {}  # active only, rule sets parsed
         self.problems: tuple[str, ...] = ()  # data the build had to ignore, for the loader's log
         self._ip_buckets: dict[int, _IpBuckets] = {4: (), 6: ()}
 
@@ -125,6 +170,7 @@ class Catalog:
         catalog._index_origination_rates(data.origination_rates, problems)
         catalog._index_termination_rates(data.termination_rates)
         catalog._index_ip_map(data.ip_map, problems)
+        catalog._index_numbers(data, problems)
         catalog.problems = tuple(problems)
         return catalog
 
@@ -157,6 +203,24 @@ class Catalog:
             if gateway is not None and gateway.active and gateway.name not in names:
                 names.append(gateway.name)
         return tuple(names)
+
+    def _index_numbers(self, data: CatalogData, problems: list[str]) -> None:
+        self.dids = _dids_by_number(data.dids, problems)
+        self.dids_by_id = {did.id: did for did in data.dids}
+        self.account_dids = _pools(
+            (did.id, did.account_id, did.number)
+            for did in data.dids
+            if did.active and did.account_id is not None and did.number.strip()
+        )
+        self.account_caller_ids = _pools(
+            (caller.id, caller.account_id, caller.number)
+            for caller in data.caller_ids
+            if caller.active and caller.number.strip()
+        )
+        self.forced_caller_ids = _forced_caller_ids(data.forced_caller_ids)
+        self.speed_dials = _speed_dials(data.speed_dials)
+        self.blocked_codes, self.longest_blocked_prefix = _blocked_codes(data.blocked_codes, problems)
+        self.localizations = _localizations(data.localizations, problems)
 
     def _index_origination_rates(self, rates: Iterable[OriginationRate], problems: list[str]) -> None:
         longest = 0
@@ -253,3 +317,70 @@ def _devices_by_username(devices: Iterable[SipDevice]) -> dict[str, SipDevice]:
         if current is None or (not device.active, device.id) < (not current.active, current.id):
             index[device.username] = device
     return index
+
+
+def _dids_by_number(dids: Iterable[Did], problems: list[str]) -> dict[str, Did]:
+    """Numbers are unique in the database; if a snapshot holds two, the lowest id wins."""
+    index: dict[str, Did] = {}
+    for did in sorted(dids, key=lambda d: d.id):
+        number = did.number.strip()
+        if number in index:
+            problems.append(f"DID {did.id}: number {number} already held by DID {index[number].id}; ignored")
+            continue
+        index[number] = did
+    return index
+
+
+def _pools(rows: Iterable[tuple[int, int, str]]) -> dict[int, NumberPool]:
+    """(row id, account id, number) -> account id -> its pool, numbers in row-id order."""
+    numbers: dict[int, list[tuple[int, str]]] = {}
+    for row_id, account_id, number in rows:
+        numbers.setdefault(account_id, []).append((row_id, number.strip()))
+    pools = {}
+    for account_id, rows_of_account in numbers.items():
+        ordered = tuple(dict.fromkeys(number for _, number in sorted(rows_of_account)))
+        pools[account_id] = NumberPool(ordered, frozenset(n.lstrip("+") for n in ordered))
+    return pools
+
+
+def _forced_caller_ids(rows: Iterable[ForcedCallerId]) -> dict[int, ForcedCallerId]:
+    """One per account in the database; should a snapshot hold more, the choice is stable."""
+    index: dict[int, ForcedCallerId] = {}
+    for row in rows:
+        if not row.active or not row.number.strip():
+            continue
+        current = index.get(row.account_id)
+        if current is None or (row.number, row.name) < (current.number, current.name):
+            index[row.account_id] = row
+    return index
+
+
+def _speed_dials(rows: Iterable[SpeedDial]) -> dict[int, dict[str, str]]:
+    """Only keys with a number: an empty slot never rewrites a call (ASTPP's empty-destination bug)."""
+    index: dict[int, dict[str, str]] = {}
+    for row in rows:
+        key, number = row.key.strip(), row.number.strip()
+        if key and number:
+            table = index.setdefault(row.account_id, {})
+            table[key] = min(number, table.get(key, number))  # duplicates: a stable choice
+    return index
+
+
+def _blocked_codes(
+    rows: Iterable[BlockedCode], problems: list[str]
+) -> tuple[dict[int, dict[str, BlockedCode]], int]:
+    index: dict[int, dict[str, BlockedCode]] = {}
+    longest = 0
+    for row in rows:
+        prefix = row.prefix.strip()
+        if not prefix:  # the database refuses it; it would block every call of the account
+            problems.append(f"blocked code of account {row.account_id}: empty prefix ignored")
+            continue
+        index.setdefault(row.account_id, {}).setdefault(prefix, row)
+        longest = max(longest, len(prefix))
+    return index, longest
+
+
+def _localizations(rows: Iterable[Localization], problems: list[str]) -> dict[int, CompiledLocalization]:
+    """Active localizations only: an inactive one translates nothing (ASTPP's status check)."""
+    return {row.id: compile_localization(row, problems) for row in rows if row.active}

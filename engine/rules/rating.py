@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from engine.decision import RatedLevel, Reason
-from engine.model import Account, OriginationRate, RateGroup
+from engine.model import Account, Did, OriginationRate, RateGroup
 from engine.rules.catalog import Catalog
 from engine.rules.config import RulesConfig
 from engine.rules.gate import level_name
@@ -148,3 +148,69 @@ def rate_level(
         max_duration=affordable_seconds(available, connect, cost, config),
     )
     return Rating(level, rate, group)
+
+
+LOCAL_RATE_ID = 0
+"""``RatedLevel.rate_id`` of an on-net call charged at the account's local-call price."""
+
+
+def rate_local(
+    account: Account, catalog: Catalog, config: RulesConfig
+) -> tuple[RatedLevel | None, int] | Refusal:
+    """An on-net call (§1.2) at the caller's ``local_call_cost_per_minute``: (its level, the
+    seconds it may last). A free local call has no level and gets ``max_free_length``,
+    whatever the balance (ASTPP lets free on-net calls through). Only the caller pays:
+    an on-net call buys nothing from the resellers above it."""
+    cost = account.local_call_cost_per_minute
+    if cost <= _ZERO:
+        return None, min(config.max_free_length, config.call_max_length)
+    available = account.available_credit
+    if available < cost:
+        return Refusal(
+            Reason.NO_SUFFICIENT_FUND,
+            f"account {account.number} has {plain_decimal(available)} available, needs "
+            f"{plain_decimal(cost)} (1 min of local call at {plain_decimal(cost)})",
+        )
+    group = catalog.rate_groups.get(account.rate_group_id) if account.rate_group_id is not None else None
+    seconds = affordable_seconds(available, _ZERO, cost, config)
+    level = RatedLevel(
+        account_id=account.id,
+        account_number=account.number,
+        rate_id=LOCAL_RATE_ID,
+        prefix="",
+        cost_per_minute=cost,
+        connect_cost=_ZERO,
+        init_inc=_increment(group.init_inc if group else 0),
+        inc=_increment(group.inc if group else 0),
+        max_duration=seconds,
+    )
+    return level, seconds
+
+
+def did_charged(did: Did) -> bool:
+    return did.cost_per_minute > _ZERO or did.connect_cost > _ZERO
+
+
+def did_allowance(
+    owner: Account, did: Did, config: RulesConfig, forward: RatedLevel | None = None
+) -> int | Refusal:
+    """Seconds the DID's owner can afford for an inbound call (§1.1) when the DID itself has
+    a price: its connect cost and per-minute cost, plus, for a DID forwarded to a number,
+    the owner's outbound rate (``forward``). The owner needs both connects and one minute
+    of both; a DID without a price leaves the decision to the other rules."""
+    connect = did.connect_cost
+    cost = did.cost_per_minute
+    if forward is not None:
+        connect = _MONEY.add(connect, forward.connect_cost)
+        cost = _MONEY.add(cost, forward.cost_per_minute)
+    available = owner.available_credit
+    needed = _MONEY.add(connect, cost)
+    if available < needed:
+        outbound = " with the forwarded call's rate" if forward is not None else ""
+        return Refusal(
+            Reason.NO_SUFFICIENT_FUND,
+            f"DID {did.number} owner {owner.number} has {plain_decimal(available)} available, needs "
+            f"{plain_decimal(needed)} (connect {plain_decimal(connect)} + 1 min at {plain_decimal(cost)}"
+            f"{outbound})",
+        )
+    return affordable_seconds(available, connect, cost, config)

@@ -2,6 +2,15 @@
 
 Trunk channel/CPS limits are not applied here: the engine takes the limits after
 the rules and skips a trunk that is over its own (the routes carry trunk ids).
+
+Termination rates are looked up, and routes ordered, on the destination as the
+customer's rules left it; then each route rewrites it for its own carrier: the
+trunk's localization, then the provider's (its terminate-side rule sets, applied
+once when both name the same localization), then the termination rate's
+strip/prepend. The caller ID goes through the same localizations' caller-ID rules.
+A route whose caller ID ends up different from the call's presented one carries it
+as per-leg `origination_caller_id_*` variables in each of its dial targets (FreeSWITCH
+takes those per leg, over the A-leg's `effective_caller_id_*`).
 """
 
 from __future__ import annotations
@@ -14,8 +23,9 @@ from engine.decision import Route
 from engine.model import RoutingType, TerminationRate, Trunk
 from engine.rules.catalog import Catalog, longest_prefix
 from engine.rules.config import RulesConfig
+from engine.rules.localization import CompiledLocalization, CompiledRules
 from engine.rules.rating import Rating
-from engine.rules.text import plain_decimal
+from engine.rules.text import leg_value, plain_decimal
 
 _NO_RATES: dict[str, TerminationRate] = {}
 
@@ -55,11 +65,82 @@ def codec_option(codecs: str) -> str:
     return ",absolute_codec_string=^^:" + ":".join(names)
 
 
-def dial_targets(gateways: Iterable[str], number: str, leg_timeout: int, codecs: str) -> tuple[str, ...]:
-    """`[leg_timeout=T,absolute_codec_string=C]sofia/gateway/<gateway>/<number>` per gateway."""
-    head = f"[leg_timeout={leg_timeout}{codec_option(codecs)}]sofia/gateway/"
+def caller_id_option(caller_id: CallerId | None) -> str:
+    """`,origination_caller_id_number=N,origination_caller_id_name=M` for a leg that presents
+    its own caller ID ('' for none); the values cannot break out of the `[...]` block."""
+    if caller_id is None:
+        return ""
+    option = ",origination_caller_id_number=" + leg_value(caller_id.number)
+    name = leg_value(caller_id.name)
+    return option + (",origination_caller_id_name=" + name if name else "")
+
+
+def dial_targets(
+    gateways: Iterable[str], number: str, leg_timeout: int, codecs: str, caller_id: CallerId | None = None
+) -> tuple[str, ...]:
+    """`[leg_timeout=T,origination_caller_id_*=..,absolute_codec_string=C]sofia/gateway/<gateway>/<number>`
+    per gateway (the caller-ID variables only when the leg presents its own)."""
+    head = f"[leg_timeout={leg_timeout}{caller_id_option(caller_id)}{codec_option(codecs)}]sofia/gateway/"
     tail = "/" + number
     return tuple(head + gateway + tail for gateway in gateways)
+
+
+def carrier_localizations(trunk: Trunk, catalog: Catalog) -> tuple[tuple[str, CompiledLocalization], ...]:
+    """(whose, localization): the trunk's, then its provider's (once if they are the same
+    one); active ones only."""
+    found: list[tuple[str, CompiledLocalization]] = []
+    if trunk.localization_id is not None:
+        localization = catalog.localizations.get(trunk.localization_id)
+        if localization is not None:
+            found.append(("trunk", localization))
+    provider = catalog.accounts.get(trunk.provider_id)
+    if provider is not None and provider.localization_id is not None:
+        localization = catalog.localizations.get(provider.localization_id)
+        if localization is not None and localization.id != trunk.localization_id:
+            found.append(("provider", localization))
+    return tuple(found)
+
+
+def carrier_number(
+    destination: str,
+    caller_number: str,
+    trunk: Trunk,
+    rate: TerminationRate,
+    catalog: Catalog,
+    rewrites: list[str] | None = None,
+) -> tuple[str, str]:
+    """(number, caller ID number) as this route sends them to its carrier (see the module doc).
+    When ``rewrites`` is a list, each change is described there (nothing is formatted otherwise)."""
+    number, cli = destination, caller_number
+    for whose, localization in carrier_localizations(trunk, catalog):
+        if rewrites is None:
+            number = localization.number_terminate.apply(number)
+            cli = localization.cli_terminate.apply(cli)
+            continue
+        if whose == "trunk":
+            owner = f"trunk {trunk.name}"
+        else:
+            provider = catalog.accounts[trunk.provider_id]
+            owner = f"provider {provider.number} of trunk {trunk.name}"
+        label = f"localization {localization.name!r} ({owner}"
+        number = _traced(localization.number_terminate, number, label + ", destination)", rewrites)
+        cli = _traced(localization.cli_terminate, cli, label + ", caller ID)", rewrites)
+    rewritten = strip_prepend(number, rate.strip, rate.prepend)
+    if rewrites is not None and rewritten != number:
+        rule = f"{rate.strip or '*'}/{rate.prepend or '*'}"
+        rewrites.append(
+            f"termination rate {rate.prefix or '(any)'} of trunk {trunk.name} (strip/prepend): "
+            f"{number} -> {rewritten or '(empty)'} by {rule}"
+        )
+    return rewritten, cli
+
+
+def _traced(rules: CompiledRules, value: str, label: str, rewrites: list[str]) -> str:
+    result, changes = rules.trace(value)
+    rewrites.extend(
+        f"{label}: {before or '(empty)'} -> {after or '(empty)'} by {rule}" for before, after, rule in changes
+    )
+    return result
 
 
 def plan_routes(
@@ -70,10 +151,12 @@ def plan_routes(
     catalog: Catalog,
     config: RulesConfig,
     notes: list[str] | None = None,
+    rewrites: list[str] | None = None,
 ) -> tuple[Route, ...]:
     """Routes in dialling order for ``destination`` rated at ``rating`` (the level whose
     rate group owns the trunks). ``caller_codecs`` applies when a trunk sets none.
-    When ``notes`` is a list, every trunk left out is explained there."""
+    When ``notes`` is a list, every trunk left out is explained there; when ``rewrites``
+    is, every per-route rewrite of the number or caller ID (before -> after, by which rule)."""
     lossless = rating.group.lossless
     ceiling = rating.level.cost_per_minute
     found: list[tuple[tuple, Route]] = []
@@ -104,13 +187,14 @@ def plan_routes(
                     f"the rate {plain_decimal(ceiling)}/min (loss-less group {rating.group.name})"
                 )
             continue
-        number = strip_prepend(destination, rate.strip, rate.prepend)
+        number, cli = carrier_number(destination, caller_id.number, trunk, rate, catalog, rewrites)
         if not number:
             if notes is not None:
-                notes.append(f"trunk {trunk.name} skipped: strip {rate.strip} leaves no number")
+                notes.append(f"trunk {trunk.name} skipped: its number rules leave no number")
             continue
         leg_timeout = trunk.leg_timeout if trunk.leg_timeout > 0 else config.default_leg_timeout
         codecs = trunk.codecs if trunk.codecs.strip() else caller_codecs
+        leg_caller_id = CallerId(cli, caller_id.name) if cli != caller_id.number else None
         route = Route(
             trunk_id=trunk.id,
             trunk_name=trunk.name,
@@ -118,9 +202,9 @@ def plan_routes(
             termination_prefix=rate.prefix,
             cost_per_minute=rate.cost_per_minute,
             number=number,
-            caller_id_number=caller_id.number,
+            caller_id_number=cli,
             caller_id_name=caller_id.name,
-            targets=dial_targets(gateways, number, leg_timeout, codecs),
+            targets=dial_targets(gateways, number, leg_timeout, codecs, leg_caller_id),
         )
         found.append((_order_key(rating.group.routing_type, rate, trunk), route))
     found.sort(key=lambda item: item[0])

@@ -1,4 +1,4 @@
-"""Channel variables a decision sets on the call, in the order to set them (§5, §6, §8).
+"""Channel variables a decision sets on the call, in the order to set them (§1, §5, §6, §8).
 
 Every value is passed through ``safe_text``: caller-ID text comes from a SIP
 header, and a value must never end an ESL command (newline) or be expanded by
@@ -24,6 +24,9 @@ def channel_variables(accept: Accept) -> list[tuple[str, str]]:
     if accept.caller_id_changed:
         pairs.append(("effective_caller_id_number", accept.caller_id_number))
         pairs.append(("effective_caller_id_name", accept.caller_id_name))
+    pairs.append(("callgate_direction", accept.direction.value))
+    if accept.did_id is not None:
+        pairs.append(("callgate_did", str(accept.did_id)))
     pairs.append(("continue_on_fail", "true"))
     pairs.append(("hangup_after_bridge", "true"))
     pairs.append(("execute_on_answer", f"sched_hangup +{accept.max_duration} alloted_timeout"))

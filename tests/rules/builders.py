@@ -12,13 +12,20 @@ from typing import Any, TypeVar
 from engine.model import (
     Account,
     AccountKind,
+    BlockedCode,
+    CallerId,
     CallRequest,
     CatalogData,
+    Did,
+    DidDestinationType,
+    ForcedCallerId,
     Gateway,
     IpMapEntry,
+    Localization,
     OriginationRate,
     RateGroup,
     SipDevice,
+    SpeedDial,
     TerminationRate,
     Trunk,
 )
@@ -38,7 +45,8 @@ class CatalogBuilder:
         self._rows: dict[str, dict[int, Any]] = {name: {} for name in _KINDS}
 
     def _add(self, kind: str, entity: Entity) -> Entity:
-        self._rows[kind][entity.id] = entity  # type: ignore[attr-defined]
+        key = getattr(entity, "id", None)
+        self._rows[kind][self._next() if key is None else key] = entity  # rows without an id: any key
         return entity
 
     def _next(self) -> int:
@@ -168,6 +176,46 @@ class CatalogBuilder:
             "termination_rates", TerminationRate(self._next(), trunk.id, prefix, money(cost), **extra)
         )
 
+    # -- §1 and §4: DIDs, caller IDs, speed dials, blocked codes, localizations -------
+
+    def did(
+        self,
+        number: str,
+        owner: Account | None,
+        kind: DidDestinationType = DidDestinationType.DEVICE,
+        destination: str = "",
+        **extra: Any,
+    ) -> Did:
+        for name in ("connect_cost", "cost_per_minute"):
+            if name in extra:
+                extra[name] = money(extra[name])
+        return self._add(
+            "dids",
+            Did(
+                self._next(),
+                number,
+                owner.id if owner else None,
+                destination_type=kind,
+                destination=destination,
+                **extra,
+            ),
+        )
+
+    def caller_id(self, number: str, account: Account, **extra: Any) -> CallerId:
+        return self._add("caller_ids", CallerId(self._next(), account.id, number, **extra))
+
+    def forced_caller_id(self, account: Account, number: str, name: str = "", **extra: Any) -> ForcedCallerId:
+        return self._add("forced_caller_ids", ForcedCallerId(account.id, number, name, **extra))
+
+    def speed_dial(self, account: Account, key: str, number: str) -> SpeedDial:
+        return self._add("speed_dials", SpeedDial(account.id, key, number))
+
+    def blocked(self, account: Account, prefix: str) -> BlockedCode:
+        return self._add("blocked_codes", BlockedCode(account.id, prefix))
+
+    def localization(self, name: str, **rule_sets: Any) -> Localization:
+        return self._add("localizations", Localization(self._next(), name, **rule_sets))
+
     def data(self) -> CatalogData:
         return CatalogData(version=1, **{kind: list(rows.values()) for kind, rows in self._rows.items()})
 
@@ -179,6 +227,12 @@ _KINDS = (
     "accounts",
     "sip_devices",
     "ip_map",
+    "caller_ids",
+    "forced_caller_ids",
+    "dids",
+    "speed_dials",
+    "blocked_codes",
+    "localizations",
     "rate_groups",
     "origination_rates",
     "gateways",

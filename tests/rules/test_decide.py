@@ -29,6 +29,7 @@ def test_explain_true_lists_every_step() -> None:
     assert decision.steps == (
         Step("identify", "account found via SIP device alice (account 1001)"),
         Step("gate", "account 1001 active, prepaid, available 10"),
+        Step("direction", "outbound: 442071234567 is neither a DID nor an on-net user"),
         Step("rating", "rate 4420 at 0.012/min (group Retail, markup 10%: 0.0132/min), affords 6000s"),
         Step("duration", "max duration 6000s, set by account 1001"),
         Step("routing", "route 1: trunk carrier-a via gw-a, 0.004/min, prefix 44, dials 442071234567"),
@@ -56,7 +57,7 @@ def test_explained_reject_keeps_the_steps_before_it() -> None:
     world.b.update(world.customer, balance=D("0.05"))
     decision = run(world.catalog(), explain=True)
     assert isinstance(decision, Reject)
-    assert [step.rule for step in decision.steps] == ["identify", "gate", "rating"]
+    assert [step.rule for step in decision.steps] == ["identify", "gate", "direction", "rating"]
     assert decision.steps[-1].outcome.startswith("NO_SUFFICIENT_FUND: account 1001 has 0.05 available")
 
 
@@ -149,8 +150,14 @@ def test_caller_id_is_made_safe() -> None:
     assert decision.caller_id_changed is False  # cleaning is not a rule's rewrite
 
 
-def test_number_handling_pipeline_is_empty_in_this_scope() -> None:
-    assert NUMBER_HANDLING == ()
+def test_number_handling_pipeline_follows_section_4() -> None:
+    assert [step.__name__ for step in NUMBER_HANDLING] == [
+        "speed_dial",
+        "localize",
+        "block_codes",
+        "cli_pool",
+        "force_caller_id",
+    ]
 
 
 def test_first_use_is_reported_not_written() -> None:

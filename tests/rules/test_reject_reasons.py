@@ -1,4 +1,4 @@
-"""Every reject reason reachable in the outbound scope, one case per way of reaching it."""
+"""Every reject reason the rules can give, one case per way of reaching it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from engine.decision import Accept, Reason, Reject
-from engine.model import CallRequest
+from engine.model import CallRequest, CliPool
 from tests.rules.builders import NOW, World, call, run
 
 Case = Callable[[World], tuple[CallRequest, dict[str, Any]]]
@@ -143,6 +143,63 @@ def destination_emptied_by_the_tech_prefix(w: World):
 @case(Reason.NO_ROUTE_DESTINATION)
 def destination_too_long(w: World):
     return call("4" * 65), {}
+
+
+# -- §1 direction: DIDs --------------------------------------------------------------
+
+
+@case(Reason.NO_ROUTE_DESTINATION)
+def unassigned_did(w: World):
+    w.b.did("442000000001", None)
+    return call("442000000001"), {}
+
+
+@case(Reason.NO_ROUTE_DESTINATION)
+def inactive_did(w: World):
+    w.b.did("442000000001", w.customer, active=False)
+    return call("442000000001"), {}
+
+
+@case(Reason.NO_ROUTE_DESTINATION)
+def did_of_an_inactive_account(w: World):
+    w.b.did("442000000001", w.b.account("2001", active=False))
+    return call("442000000001"), {}
+
+
+@case(Reason.NO_ROUTE_DESTINATION)
+def did_to_someone_elses_device(w: World):
+    w.b.did("442000000001", w.b.account("2001"), destination="alice")
+    return call("442000000001"), {}
+
+
+@case(Reason.ACCOUNT_EXPIRED)
+def did_of_an_expired_account(w: World):
+    owner = w.b.account("2001", expiry=NOW - timedelta(days=1))
+    w.b.device("bob", owner)
+    w.b.did("442000000001", owner, destination="bob")
+    return call("442000000001"), {}
+
+
+@case(Reason.NO_SUFFICIENT_FUND)
+def priced_did_of_an_account_without_funds(w: World):
+    owner = w.b.account("2001", balance="0.01")
+    w.b.device("bob", owner)
+    w.b.did("442000000001", owner, destination="bob", cost_per_minute="0.02")
+    return call("442000000001"), {}
+
+
+@case(Reason.NO_ROUTE_DESTINATION)
+def on_net_user_without_local_calls(w: World):
+    w.b.device("bob", w.b.account("2001"))
+    w.b.update(w.customer, local_calls_allowed=False)
+    return call("bob"), {}
+
+
+@case(Reason.NO_SUFFICIENT_FUND)
+def charged_local_call_without_funds(w: World):
+    w.b.device("bob", w.b.account("2001"))
+    w.b.update(w.customer, local_call_cost_per_minute=Decimal("10.01"))
+    return call("bob"), {}
 
 
 # -- §3 account gate ---------------------------------------------------------------
@@ -293,6 +350,81 @@ def reseller_group_lacks_the_prefix(w: World):
     return call(), {}
 
 
+# -- §4 number handling ------------------------------------------------------------
+
+
+@case(Reason.DESTINATION_BLOCKED)
+def blocked_code(w: World):
+    w.b.blocked(w.customer, "4420")
+    return call(), {}
+
+
+@case(Reason.DESTINATION_BLOCKED)
+def blocked_code_after_localization(w: World):
+    w.b.update(w.customer, localization_id=w.b.localization("intl", number_originate="00/").id)
+    w.b.blocked(w.customer, "44")
+    return call("00442071234567"), {}
+
+
+@case(Reason.DESTINATION_BLOCKED)
+def blocked_code_of_the_reseller(w: World):
+    add_reseller(w)
+    w.b.blocked(w.b.build().accounts_by_number["R1"], "44")
+    return call(), {}
+
+
+@case(Reason.NO_ROUTE_DESTINATION)
+def localization_leaves_no_destination(w: World):
+    w.b.update(w.customer, localization_id=w.b.localization("eat", number_originate="44/").id)
+    return call("44"), {}
+
+
+@case(Reason.CLI_NOT_ALLOWED)
+def cli_not_among_the_dids(w: World):
+    w.b.did("442000000001", w.customer)
+    w.b.update(w.customer, cli_pool=CliPool.REJECT_UNLESS_IN_DIDS)
+    return call(), {}
+
+
+@case(Reason.CLI_NOT_ALLOWED)
+def cli_not_among_the_caller_ids(w: World):
+    w.b.caller_id("442000000001", w.customer)
+    w.b.update(w.customer, cli_pool=CliPool.REJECT_UNLESS_IN_CALLER_IDS)
+    return call(), {}
+
+
+@case(Reason.CLI_NOT_ALLOWED)
+def cli_in_neither_list(w: World):
+    w.b.update(w.customer, cli_pool=CliPool.REJECT_UNLESS_IN_EITHER)
+    return call(), {}
+
+
+@case(Reason.CLI_POOL_MISCONFIGURED)
+def random_did_without_dids(w: World):
+    w.b.update(w.customer, cli_pool=CliPool.KEEP_IF_IN_DIDS_ELSE_RANDOM_DID)
+    return call(), {}
+
+
+@case(Reason.CLI_POOL_MISCONFIGURED)
+def random_caller_id_without_caller_ids(w: World):
+    w.b.update(w.customer, cli_pool=CliPool.KEEP_IF_IN_CALLER_IDS_ELSE_RANDOM_CALLER_ID)
+    return call(), {}
+
+
+@case(Reason.CLI_POOL_MISCONFIGURED)
+def non_cli_rates_without_a_non_cli_group(w: World):
+    w.b.update(w.customer, cli_pool=CliPool.NON_CLI_RATES_UNLESS_IN_EITHER)
+    return call(), {}
+
+
+@case(Reason.ORIGINATION_RATE_NOT_FOUND)
+def non_cli_group_lacks_the_prefix(w: World):
+    non_cli = w.b.group("NON-CLI", trunks=(w.carrier_a,))
+    w.b.rate(non_cli, "33", "0.5")
+    w.b.update(w.customer, cli_pool=CliPool.NON_CLI_RATES_UNLESS_IN_DIDS, non_cli_rate_group_id=non_cli.id)
+    return call(), {}
+
+
 # -- §6 termination ----------------------------------------------------------------
 
 
@@ -367,9 +499,6 @@ def test_explained_reject_ends_with_its_reason(setup: Case, reason: Reason) -> N
 def test_every_reason_of_the_scope_is_covered() -> None:
     covered = {param.values[1] for param in CASES}
     in_scope = set(Reason) - {
-        Reason.CLI_NOT_ALLOWED,  # §4.4, later issue
-        Reason.CLI_POOL_MISCONFIGURED,  # §4.4
-        Reason.DESTINATION_BLOCKED,  # §4.3
         Reason.CONCURRENT_LIMIT,  # §7, applied by the engine
         Reason.CPS_LIMIT,  # §7
         Reason.ENGINE_DEGRADED,  # §9, the engine's

@@ -24,6 +24,7 @@ def test_variables_in_order() -> None:
         ("callgate_rate", "44:0.1"),
         ("callgate_max_duration", "6000"),
         ("callgate_routes", "carrier-a"),
+        ("callgate_direction", "outbound"),
         ("continue_on_fail", "true"),
         ("hangup_after_bridge", "true"),
         ("execute_on_answer", "sched_hangup +6000 alloted_timeout"),
