@@ -62,6 +62,10 @@ class RulesSettings:
     max_free_length: int = 6000
     default_leg_timeout: int = 60
     trusted_proxies: tuple[str, ...] = ()
+    did_translation: str = ""  # rules applied to the dialled number before the DID lookup
+    did_caller_id_translation: str = ""  # caller-ID rules for every inbound DID call
+    local_domain: str = "${domain_name}"  # on-net legs bridge to user/<username>@<local_domain>
+    uri_profile: str = "external"  # DIDs to a SIP URI bridge to sofia/<uri_profile>/<uri>
     sip_responses: Mapping[str, str] = field(default_factory=dict)  # REASON = "503 Service Unavailable"
 
 
@@ -236,6 +240,10 @@ def rules_config(settings: RulesSettings) -> RulesConfig:
             max_free_length=settings.max_free_length,
             default_leg_timeout=settings.default_leg_timeout,
             trusted_proxies=settings.trusted_proxies,
+            did_translation=settings.did_translation,
+            did_caller_id_translation=settings.did_caller_id_translation,
+            local_domain=settings.local_domain,
+            uri_profile=settings.uri_profile,
             sip_responses=responses,
         )
     except ValueError as exc:

@@ -181,7 +181,7 @@ def assert_bridged(
         "callgate_rate": rate,
         "callgate_max_duration": str(max_duration),
         "callgate_routes": routes,
-        "execute_on_answer": f"sched_hangup +{max_duration} alloted_timeout",
+        "execute_on_answer": f"sched_hangup +{max_duration} ALLOTTED_TIMEOUT",
         **COMMON_VARIABLES,
     }
     for name, value in expected.items():

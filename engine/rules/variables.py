@@ -29,7 +29,9 @@ def channel_variables(accept: Accept) -> list[tuple[str, str]]:
         pairs.append(("callgate_did", str(accept.did_id)))
     pairs.append(("continue_on_fail", "true"))
     pairs.append(("hangup_after_bridge", "true"))
-    pairs.append(("execute_on_answer", f"sched_hangup +{accept.max_duration} alloted_timeout"))
+    # FreeSWITCH matches cause names exactly (case aside): the common spelling "alloted_timeout"
+    # is no cause at all, so the CDR would not say why the call ended.
+    pairs.append(("execute_on_answer", f"sched_hangup +{accept.max_duration} ALLOTTED_TIMEOUT"))
     return [(name, safe_text(value)) for name, value in pairs]
 
 

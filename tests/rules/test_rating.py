@@ -249,7 +249,7 @@ def test_middle_reseller_binds_the_duration() -> None:
     variables = dict(channel_variables(decision))
     assert variables["callgate_reseller_chain"] == "R1,R2"
     assert variables["callgate_rate"] == "44:0.1"
-    assert variables["execute_on_answer"] == "sched_hangup +600 alloted_timeout"
+    assert variables["execute_on_answer"] == "sched_hangup +600 ALLOTTED_TIMEOUT"
 
 
 def test_middle_reseller_without_funds_rejects() -> None:

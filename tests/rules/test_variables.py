@@ -27,7 +27,7 @@ def test_variables_in_order() -> None:
         ("callgate_direction", "outbound"),
         ("continue_on_fail", "true"),
         ("hangup_after_bridge", "true"),
-        ("execute_on_answer", "sched_hangup +6000 alloted_timeout"),
+        ("execute_on_answer", "sched_hangup +6000 ALLOTTED_TIMEOUT"),
     ]
 
 
