@@ -95,7 +95,7 @@ class CallHandler:
             raise ProtocolError(
                 f"expected the connect reply, got {reply.content_type or 'no Content-Type'!r}"
             )
-        record.request = call_request(reply.channel_data())
+        record.request = call_request(reply.headers)
         started = time.perf_counter()
         if self._in_flight > self._config.engine.max_connections:
             record.decision = Reject(Reason.ENGINE_DEGRADED, detail="over engine.max_connections")

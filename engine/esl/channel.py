@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from engine.esl.protocol import decode_value
 from engine.model import CallRequest
 
 ACCOUNT_CODE_HEADER = "variable_sip_h_P-Accountcode"
 
 
 def _first(headers: Mapping[str, str], *names: str) -> str:
+    """The first non-empty value among `names`, percent-decoded (only the headers used are decoded)."""
     for name in names:
-        value = headers.get(name)
-        if value:
-            return value
+        raw = headers.get(name)
+        if raw:
+            value = decode_value(raw)
+            if value:
+                return value
     return ""
 
 
@@ -28,6 +32,7 @@ def _printable(value: str) -> str:
 
 
 def call_request(headers: Mapping[str, str]) -> CallRequest:
+    """`headers` as received in the connect reply (still percent-encoded)."""
     return CallRequest(
         uuid=_printable(_first(headers, "Unique-ID", "variable_uuid", "Channel-Unique-ID")),
         destination=_first(headers, "Caller-Destination-Number", "Channel-Destination-Number"),
