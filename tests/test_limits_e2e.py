@@ -93,7 +93,15 @@ def outcomes(results) -> Counter:
 
 @pytest.fixture(scope="module")
 def environment(module_pg_url: str, redis_url: str, module_key_prefix: str) -> dict[str, str]:
-    env = engine_environment(module_pg_url, redis_url, module_key_prefix)
+    # Counting is under test, not latency: generous deadlines so a busy CI machine never turns a
+    # slow decision into ENGINE_DEGRADED.
+    env = engine_environment(
+        module_pg_url,
+        redis_url,
+        module_key_prefix,
+        CALLGATE_REDIS__SOCKET_TIMEOUT="3",
+        CALLGATE_ENGINE__DECISION_DEADLINE="5",
+    )
     prepare_database(module_pg_url, CATALOGUE)
     publish(env)
     return env
