@@ -1,0 +1,36 @@
+"""The shipped dialplan hands calls to callgate and fails closed when no engine decides."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+DIALPLAN = Path(__file__).resolve().parent.parent / "dialplan" / "callgate.xml"
+
+
+def actions() -> list[tuple[str, str]]:
+    root = ET.parse(DIALPLAN).getroot()
+    return [(a.get("application", ""), a.get("data", "")) for a in root.iter("action")]
+
+
+def test_socket_is_async_full_with_a_failover_host_list() -> None:
+    sockets = [data for app, data in actions() if app == "socket"]
+    assert len(sockets) == 1
+    hosts, *modes = sockets[0].split()
+    assert modes == ["async", "full"]
+    assert len(hosts.split("|")) >= 2
+    assert all(host.rpartition(":")[2].isdigit() for host in hosts.split("|"))
+
+
+def test_without_an_engine_the_call_is_rejected_never_bridged() -> None:
+    apps = [app for app, _ in actions()]
+    after_socket = apps[apps.index("socket") + 1 :]
+    assert after_socket == ["respond"]
+    assert dict(actions())["respond"].startswith("503 ")
+    assert "bridge" not in apps
+
+
+def test_a_parked_call_nobody_decides_ends_with_a_503_cause() -> None:
+    settings = [data for app, data in actions() if app == "set"]
+    assert "park_timeout=10:NETWORK_OUT_OF_ORDER" in settings
+    assert settings.index("park_timeout=10:NETWORK_OUT_OF_ORDER") < [a for a, _ in actions()].index("socket")
