@@ -31,6 +31,6 @@ def test_without_an_engine_the_call_is_rejected_never_bridged() -> None:
 
 
 def test_a_parked_call_nobody_decides_ends_with_a_503_cause() -> None:
-    settings = [data for app, data in actions() if app == "set"]
-    assert "park_timeout=10:NETWORK_OUT_OF_ORDER" in settings
-    assert settings.index("park_timeout=10:NETWORK_OUT_OF_ORDER") < [a for a, _ in actions()].index("socket")
+    steps = actions()
+    park_timeout = steps.index(("set", "park_timeout=10:NETWORK_OUT_OF_ORDER"))
+    assert park_timeout < [app for app, _ in steps].index("socket")
