@@ -181,7 +181,8 @@ class CallHandler:
             result, reason, account = "accept", "", decision.account_number
         else:
             result, reason, account = "reject", decision.reason.value, str(decision.account_id or "")
-        self._metrics.observe_decision(result, reason, seconds)
+        detail = "" if isinstance(decision, Accept) else decision.detail
+        self._metrics.observe_decision(result, reason, seconds, detail=detail)
         if decision_log.isEnabledFor(self._decision_level):
             decision_log.log(
                 self._decision_level,
@@ -202,7 +203,7 @@ class CallHandler:
             )
 
     def _drop(self, record: CallRecord, kind: str, why: str) -> None:
-        self._metrics.socket_errors.labels(kind).inc()
+        self._metrics.socket_error(kind)
         log.warning("uuid=%s peer=%s dropped: %s", _uuid(record), _peer(record), why)
 
 

@@ -54,6 +54,7 @@ class RedisSettings:
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "callgate:"
     socket_timeout: float = 0.25  # the hot path's deadline for one round trip
+    max_connections: int = 64  # per engine process; calls beyond it wait for a free connection
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ class LimitsSettings:
 class MetricsSettings:
     listen_host: str = "127.0.0.1"
     listen_port: int = 9184  # 0 disables the endpoint
+    # Several processes on one host (engine.reuse_port): a directory private to them where each
+    # writes its metrics; every process then serves the host's totals on a shared port.
+    multiprocess_dir: str = ""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,9 @@ def switch_addresses(settings: LimitsSettings) -> list[SwitchAddress]:
 
 
 def build_limiter(config: Config, client: redis.Redis, metrics: EngineMetrics) -> Limiter | FailOpenLimiter:
-    limiter = Limiter(client, config.redis.key_prefix, margin_seconds=config.limits.margin_seconds)
+    limiter = Limiter(
+        client, config.redis.key_prefix, margin_seconds=config.limits.margin_seconds, timer=metrics.redis_call
+    )
     if not config.limits.fail_open:
         return limiter
     return FailOpenLimiter(
@@ -40,9 +42,9 @@ def build_limiter(config: Config, client: redis.Redis, metrics: EngineMetrics) -
 def limit_result_observer(metrics: EngineMetrics) -> Callable[[LimitResult], None]:
     def observe(result: LimitResult) -> None:
         if result.level is not None and result.kind is not None:
-            metrics.limit_rejections.labels(result.level.value, result.kind.value).inc()
+            metrics.limit_rejection(result.level.value, result.kind.value)
         for skipped in result.skipped:
-            metrics.limit_rejections.labels("trunk", str(skipped.kind)).inc()
+            metrics.limit_rejection("trunk", str(skipped.kind))
 
     return observe
 
@@ -54,7 +56,6 @@ def releaser(limiter: Limiter | FailOpenLimiter, metrics: EngineMetrics) -> Call
         try:
             limiter.release(call_uuid)
         except (LimitsUnavailable, redis.RedisError) as exc:
-            metrics.redis_errors.labels("release").inc()
             log.warning(
                 "uuid=%s limits release failed (%s); the slot expires at its deadline", call_uuid, exc
             )

@@ -5,7 +5,9 @@ The caller must have monkey-patched with gevent before importing this module.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import resource
 import signal
 import socket
@@ -37,6 +39,7 @@ from engine.state.watcher import SnapshotHolder
 log = logging.getLogger("callgate.serve")
 
 DRAIN_SECONDS = 2.0  # on SIGTERM, calls still being decided get this long to finish
+METRICS_REFRESH_SECONDS = 1.0  # multiprocess mode: how often each process refreshes its gauges
 
 
 class Engine:
@@ -44,16 +47,23 @@ class Engine:
 
     def __init__(self, config: Config, listener: socket.socket) -> None:
         self.config = config
+        # First, before any other metric object exists: multiprocess mode is process-wide.
+        self.metrics = EngineMetrics(multiprocess_dir=config.metrics.multiprocess_dir)
+        self.metrics_server: WSGIServer | None = None
         rules = rules_config(config.rules)
-        self.redis = redis.Redis.from_url(
+        # A bounded pool: greenlets beyond max_connections wait for a connection (within the
+        # decision deadline) instead of failing with "Too many connections".
+        pool = redis.BlockingConnectionPool.from_url(
             config.redis.url,
+            max_connections=config.redis.max_connections,
+            timeout=config.engine.decision_deadline,
             socket_timeout=config.redis.socket_timeout,
             socket_connect_timeout=config.redis.socket_timeout,
         )
+        self.redis = redis.Redis(connection_pool=pool)
         self.snapshots: SnapshotHolder[Catalog] = SnapshotHolder(
             self.redis, config.redis.key_prefix, Catalog.build
         )
-        self.metrics = EngineMetrics()
         self.limiter = build_limiter(config, self.redis, self.metrics)
         self.switches = switch_addresses(config.limits)
         decider = Decider(
@@ -70,7 +80,8 @@ class Engine:
         self.server = CallServer(listener, handler, max_frame_bytes=config.engine.max_frame_bytes)
         self.stopping = gevent.event.Event()
 
-    def ready(self) -> tuple[bool, str]:
+    def _can_decide(self) -> tuple[bool, str]:
+        """Snapshot loaded and confirmed recently (no I/O)."""
         if not self.snapshots.loaded:
             return False, "no snapshot loaded"
         age = self.snapshots.confirmed_age()
@@ -78,10 +89,67 @@ class Engine:
             return False, f"snapshot unconfirmed by Redis for {age:.1f}s"
         return True, f"snapshot {self.snapshots.current[0]}"
 
+    def ready(self) -> tuple[bool, str]:
+        """/readyz: this process can decide calls (snapshot loaded and confirmed, Redis answers)."""
+        ok, detail = self._can_decide()
+        if not ok:
+            return False, f"not ready: {detail} (pid {os.getpid()})"
+        try:
+            with self.metrics.redis_call("ping"):
+                self.redis.ping()
+        except (redis.RedisError, OSError) as exc:
+            return False, f"not ready: Redis unreachable: {exc} (pid {os.getpid()})"
+        return True, f"ready: {detail}, Redis reachable (pid {os.getpid()})"
+
     def _before_scrape(self) -> None:
-        if self.snapshots.loaded:
-            self.metrics.snapshot_version.set(self.snapshots.current[0])
-            self.metrics.snapshot_age.set(min(self.snapshots.confirmed_age(), 1e9))
+        loaded = self.snapshots.loaded
+        self.metrics.set_snapshot(
+            loaded=loaded,
+            version=self.snapshots.current[0] if loaded else 0,
+            age=self.snapshots.confirmed_age(),
+            ready=self._can_decide()[0],
+        )
+        self.metrics.count_snapshot_updates(
+            full=self.snapshots.full_loads, change=self.snapshots.changes_applied
+        )
+
+    def _scrape(self) -> None:
+        self.metrics.before_scrape()
+        self._before_scrape()
+
+    def _refresh_metrics(self) -> None:
+        """Multiprocess mode: a scrape reads every process's files, so each keeps its gauges fresh."""
+        while not self.stopping.wait(METRICS_REFRESH_SECONDS):
+            try:
+                self._before_scrape()
+            except Exception:
+                log.exception("refreshing the metrics failed")
+
+    def start_metrics(self) -> None:
+        """Gauges, then the /metrics, /healthz, /readyz endpoint (shared port in multiprocess mode)."""
+        self._before_scrape()
+        if self.metrics.multiprocess:
+            gevent.spawn(self._refresh_metrics)
+        settings = self.config.metrics
+        if not settings.listen_port:
+            return
+        try:
+            listener = listening_socket(
+                settings.listen_host, settings.listen_port, reuse_port=self.metrics.multiprocess
+            )
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE and not self.metrics.multiprocess:
+                log.error(
+                    "metrics port %s:%s is in use; several engine processes on one host need "
+                    "metrics.multiprocess_dir (shared metrics port) or metrics.listen_port = 0",
+                    settings.listen_host,
+                    settings.listen_port,
+                )
+            raise
+        app = wsgi_app(self.metrics.registry, self.ready, self._scrape)
+        self.metrics_server = WSGIServer(listener, app, log=None)
+        self.metrics_server.start()
+        log.info("metrics on http://%s:%s/metrics", *listener.getsockname()[:2])
 
     def load_initial_snapshot(self) -> None:
         try:
@@ -100,10 +168,7 @@ class Engine:
             interval = self.config.limits.reconcile_interval
             gevent.spawn(run_reconciler, self.limiter, self.switches, interval, self.metrics, self.stopping)
         self.server.start()
-        metrics = self.config.metrics
-        if metrics.listen_port:
-            app = wsgi_app(self.metrics.registry, self.ready, self._before_scrape)
-            WSGIServer((metrics.listen_host, metrics.listen_port), app, log=None).start()
+        self.start_metrics()
 
     def stop(self) -> None:
         self.stopping.set()

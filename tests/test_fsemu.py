@@ -266,7 +266,7 @@ def test_url_encoding_like_switch_url_encode() -> None:
     assert wire.fs_urlencode("sofia/internal/sipp@127.0.0.1:5070") == "sofia/internal/sipp%40127.0.0.1%3A5070"
     assert wire.fs_urlencode("a-b_c.d/e~f,g") == "a-b_c.d/e~f,g"
     assert wire.fs_urlencode("ü") == "%C3%BC"
-    assert wire.fs_urlencode(" #%&+:;<=>?@[\\]^`{|}\"\r\n") == (
+    assert wire.fs_urlencode(' #%&+:;<=>?@[\\]^`{|}"\r\n') == (
         "%20%23%25%26%2B%3A%3B%3C%3D%3E%3F%40%5B%5C%5D%5E%60%7B%7C%7D%22%0D%0A"
     )
     assert wire.serialize_event([("A", ""), ("B", "x y")]) == b"A: _undef_\nB: x%20y\n\n"

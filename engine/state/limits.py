@@ -85,6 +85,7 @@ returns the first admission), so a client-side retry after a timeout is harmless
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -556,10 +557,13 @@ class Limiter:
         clock: Callable[[], float] | None = None,
         margin_seconds: int = 300,
         slack_seconds: int = 60,
+        timer: Callable[[str], contextlib.AbstractContextManager[None]] | None = None,
     ) -> None:
         if margin_seconds < 0 or slack_seconds < 1:
             raise ValueError("margin_seconds must be >= 0 and slack_seconds >= 1")
         self.client = client
+        # Times each round trip by operation (the engine passes its metrics' redis_call).
+        self.timer = timer or (lambda _operation: contextlib.nullcontext())
         self.prefix = prefix
         self.clock = clock
         self.margin_seconds = margin_seconds
@@ -655,7 +659,8 @@ class Limiter:
         for t, candidate in trunks:
             keys += (self.channels_key(t), self.cps_key(t))
             args += (t.max_channels, t.cps, "1" if candidate else "0", t.id)
-        reply = _ACQUIRE_SCRIPT(self.client, keys, args)
+        with self.timer("limits"):
+            reply = _ACQUIRE_SCRIPT(self.client, keys, args)
         return self._result(reply, plan, levels, [t for t, _ in trunks])
 
     @staticmethod
@@ -692,7 +697,8 @@ class Limiter:
     def release(self, call_uuid: str) -> bool:
         """Stop counting ``call_uuid`` everywhere. True if it was counted; a repeat is a no-op."""
         keys = (self.registry_key, self.call_key(call_uuid))
-        return bool(_RELEASE_SCRIPT(self.client, keys, (call_uuid,)))
+        with self.timer("release"):
+            return bool(_RELEASE_SCRIPT(self.client, keys, (call_uuid,)))
 
     def move_trunk(self, call_uuid: str, trunk: Subject) -> bool:
         """Count the call on ``trunk`` instead of the trunk chosen at admission (call it
