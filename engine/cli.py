@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from engine.admin import cli as admin_cli  # light: imports neither psycopg nor Flask
 from engine.config import Config, ConfigError, load_config
 
 EXIT_USAGE = 2
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--cid", default="", help="caller ID number")
     explain.add_argument("--cid-name", default="", help="caller ID name")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
+    admin_cli.register(commands)
     return parser
 
 
@@ -64,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reconcile": _reconcile,
         "serve": _serve,
         "explain": _explain,
+        "admin": admin_cli.handle,
+        "api": admin_cli.handle,
     }[args.command]
     try:
         return handler(args, config)

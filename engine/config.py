@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from engine.admin.settings import AdminSettings
 from engine.decision import DEFAULT_SIP_RESPONSES, Reason
 from engine.rules.config import RulesConfig
 
@@ -105,6 +106,7 @@ class Config:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
 
 
 ENV_SHORTCUTS = {"CALLGATE_DATABASE_URL": ("database", "url"), "CALLGATE_REDIS_URL": ("redis", "url")}

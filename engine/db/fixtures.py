@@ -105,12 +105,15 @@ class LoadReport:
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
 
 
-def hash_secret(secret: str) -> str:
-    """A salted scrypt hash: ``scrypt$N$r$p$<salt>$<hash>`` (base64)."""
+def hash_secret(secret: str, *, n: int = _SCRYPT_N) -> str:
+    """A salted scrypt hash: ``scrypt$N$r$p$<salt>$<hash>`` (base64).
+
+    `n` (a power of two) is the work factor; verify_secret reads it back from the hash.
+    """
     salt = os.urandom(16)
-    digest = hashlib.scrypt(secret.encode(), salt=salt, n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P, dklen=32)
+    digest = hashlib.scrypt(secret.encode(), salt=salt, n=n, r=_SCRYPT_R, p=_SCRYPT_P, dklen=32)
     b64 = base64.b64encode
-    return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
+    return f"scrypt${n}${_SCRYPT_R}${_SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
 
 
 def verify_secret(secret: str, stored: str | None) -> bool:
@@ -263,6 +266,7 @@ def _account_password(value: Any) -> str:
     if text is None or not re.fullmatch(r"(?=.*[A-Za-z])(?=.*[0-9]).{8,}", text):
         raise _Invalid("must be a password of at least 8 characters with letters and digits")
     return text
+
 
 _RULE = r"(?:\*|[0-9+#]+)/(?:\*|[0-9+#]*)"
 _RULES_RE = re.compile(rf"(?:{_RULE}(?:,{_RULE})*)?")
@@ -535,7 +539,13 @@ _ACCOUNT = {
     "expiry_from_first_use": _F(_boolean),
 }
 _ACCOUNT_CHILDREN = (
-    "sip_devices", "ip_map", "caller_ids", "forced_caller_id", "dids", "speed_dials", "blocked_codes",
+    "sip_devices",
+    "ip_map",
+    "caller_ids",
+    "forced_caller_id",
+    "dids",
+    "speed_dials",
+    "blocked_codes",
     "personal_rates",
 )
 _ACCOUNT_REFS = {
@@ -632,8 +642,14 @@ class _Parsed:
 
 
 _SECTIONS = (
-    "localizations", "rate_groups", "origination_rates", "gateways", "providers", "resellers",
-    "customers", "dids",
+    "localizations",
+    "rate_groups",
+    "origination_rates",
+    "gateways",
+    "providers",
+    "resellers",
+    "customers",
+    "dids",
 )
 
 
@@ -664,7 +680,11 @@ class _Parser:
         return [(f"{where}[{i}]", entry) for i, entry in enumerate(value)]
 
     def fields(
-        self, entry: Any, path: str, spec: Mapping[str, _F], children: Iterable[str] = (),
+        self,
+        entry: Any,
+        path: str,
+        spec: Mapping[str, _F],
+        children: Iterable[str] = (),
         shorthand: str | None = None,
     ) -> dict[str, Any] | None:
         if shorthand is not None and not isinstance(entry, Mapping):
@@ -735,8 +755,11 @@ class _Parser:
                     message = "needs exactly one of rate_group (group rate) or account (personal rate)"
                     self.problem(path, message)
                     continue
-                owner = ("group", entry["rate_group"]) if "rate_group" in entry \
+                owner = (
+                    ("group", entry["rate_group"])
+                    if "rate_group" in entry
                     else ("account", _text_of(entry["account"]))
+                )
             rate = self.rate(entry, path, _TOP_RATE, owner)
             if rate is not None:
                 self.out.origination_rates.append(rate)
@@ -869,7 +892,9 @@ _CONSTRAINT_HINTS = {
     "accounts_reseller_fkey": ("reseller", "is not a reseller"),
     "accounts_reseller_chain": ("reseller", "would make the reseller chain loop"),
     "accounts_invoice_day": (
-        "invoice_day", "does not fit the billing schedule (weekly 1-7, monthly 1-28, daily none)"),
+        "invoice_day",
+        "does not fit the billing schedule (weekly 1-7, monthly 1-28, daily none)",
+    ),
     "accounts_notify_threshold": ("notify_balance_below", "required when notify_enabled"),
     "accounts_expiry_from_first_use": ("valid_days", "required when expiry_from_first_use"),
     "accounts_prepaid_no_credit": ("credit_limit", "only postpaid accounts have a credit limit"),
@@ -899,8 +924,14 @@ class _Writer:
             raise FixtureError([f"{path}: rejected by the database: {diag.message_primary}{detail}"]) from exc
 
     def upsert(
-        self, table: str, path: str, key: Mapping[str, Any], values: Mapping[str, Any], *,
-        returning: str = "id", partial: str | None = None,
+        self,
+        table: str,
+        path: str,
+        key: Mapping[str, Any],
+        values: Mapping[str, Any],
+        *,
+        returning: str = "id",
+        partial: str | None = None,
     ) -> int:
         """Insert or update one row by its natural key; count it; return its id."""
         cols = [*key, *values]
@@ -920,8 +951,11 @@ class _Writer:
             "INSERT INTO {t} ({cols}) VALUES ({vals}) ON CONFLICT {conflict} {action}"
             " RETURNING {ret}, xmax = 0"
         ).format(
-            t=ident(table), cols=sql.SQL(", ").join(map(ident, cols)),
-            vals=sql.SQL(", ").join(sql.Placeholder() * len(cols)), conflict=conflict, action=action,
+            t=ident(table),
+            cols=sql.SQL(", ").join(map(ident, cols)),
+            vals=sql.SQL(", ").join(sql.Placeholder() * len(cols)),
+            conflict=conflict,
+            action=action,
             ret=ident(returning),
         )
         row = self.execute(path, query, [*key.values(), *values.values()]).fetchone()
@@ -932,36 +966,53 @@ class _Writer:
         if partial:
             where = sql.SQL("{} AND {}").format(where, sql.SQL(partial))
         found = self.execute(
-            path, sql.SQL("SELECT {} FROM {} WHERE {}").format(ident(returning), ident(table), where),
+            path,
+            sql.SQL("SELECT {} FROM {} WHERE {}").format(ident(returning), ident(table), where),
             list(key.values()),
         ).fetchone()
         assert found is not None
         self.report.unchanged[table] += 1
         return int(found[0])
 
-    def sync_set(self, table: str, parent_col: str, parent_id: int, child_col: str, wanted: list[int],
-                 path: str) -> None:
+    def sync_set(
+        self, table: str, parent_col: str, parent_id: int, child_col: str, wanted: list[int], path: str
+    ) -> None:
         """Make the link rows of one parent exactly `wanted` (unordered)."""
         t, pc, cc = sql.Identifier(table), sql.Identifier(parent_col), sql.Identifier(child_col)
-        current = {r[0] for r in self.execute(
-            path, sql.SQL("SELECT {} FROM {} WHERE {} = %s").format(cc, t, pc), [parent_id]).fetchall()}
+        current = {
+            r[0]
+            for r in self.execute(
+                path, sql.SQL("SELECT {} FROM {} WHERE {} = %s").format(cc, t, pc), [parent_id]
+            ).fetchall()
+        }
         extra = sorted(current - set(wanted))
         if extra:
-            self.execute(path, sql.SQL("DELETE FROM {} WHERE {} = %s AND {} = ANY(%s)").format(t, pc, cc),
-                         [parent_id, extra])
+            self.execute(
+                path,
+                sql.SQL("DELETE FROM {} WHERE {} = %s AND {} = ANY(%s)").format(t, pc, cc),
+                [parent_id, extra],
+            )
             self.report.removed[table] += len(extra)
         for child in wanted:
             if child in current:
                 self.report.unchanged[table] += 1
             else:
-                self.execute(path, sql.SQL("INSERT INTO {} ({}, {}) VALUES (%s, %s)").format(t, pc, cc),
-                             [parent_id, child])
+                self.execute(
+                    path,
+                    sql.SQL("INSERT INTO {} ({}, {}) VALUES (%s, %s)").format(t, pc, cc),
+                    [parent_id, child],
+                )
                 self.report.inserted[table] += 1
 
     def sync_failover(self, trunk_id: int, wanted: list[int], path: str) -> None:
-        current = [r[0] for r in self.execute(
-            path, "SELECT gateway_id FROM trunk_failover_gateways WHERE trunk_id = %s ORDER BY position",
-            [trunk_id]).fetchall()]
+        current = [
+            r[0]
+            for r in self.execute(
+                path,
+                "SELECT gateway_id FROM trunk_failover_gateways WHERE trunk_id = %s ORDER BY position",
+                [trunk_id],
+            ).fetchall()
+        ]
         table = "trunk_failover_gateways"
         if current == wanted:
             self.report.unchanged[table] += len(wanted)
@@ -986,8 +1037,13 @@ class _Writer:
         "account": "SELECT id FROM accounts WHERE number = %s AND NOT deleted",
     }
     _WHAT: ClassVar[dict[str, str]] = {
-        "rate_group": "rate group", "localization": "localization", "gateway": "gateway", "trunk": "trunk",
-        "account": "account", "reseller": "reseller", "provider": "provider",
+        "rate_group": "rate group",
+        "localization": "localization",
+        "gateway": "gateway",
+        "trunk": "trunk",
+        "account": "account",
+        "reseller": "reseller",
+        "provider": "provider",
     }
 
     def resolve(self, kind: str, name: str, path: str) -> int:
@@ -1112,14 +1168,20 @@ class _Writer:
         for d in doc.dids:
             account_id: Any = ...
             if "account" in d.f:
-                account_id = None if d.f["account"] is None else self.resolve(
-                    "account", d.f["account"], f"{d.path}.account")
+                account_id = (
+                    None
+                    if d.f["account"] is None
+                    else self.resolve("account", d.f["account"], f"{d.path}.account")
+                )
             self.did(d, account_id)
 
         for g in doc.rate_groups:
             if "reseller" in g.f:
-                owner = None if g.f["reseller"] is None else self.resolve(
-                    "reseller", g.f["reseller"], f"{g.path}.reseller")
+                owner = (
+                    None
+                    if g.f["reseller"] is None
+                    else self.resolve("reseller", g.f["reseller"], f"{g.path}.reseller")
+                )
                 # counted with the group's own upsert above (an owner change shows as no extra row)
                 self.execute(
                     f"{g.path}.reseller",
@@ -1155,7 +1217,8 @@ class _Writer:
         number = f.pop("number")
         values: dict[str, Any] = {"kind": a.kind}
         values["reseller_id"] = (
-            None if a.parent is None
+            None
+            if a.parent is None
             else self.resolve("reseller", a.parent, a.parent_path or f"{a.path}.reseller")
         )
         for key, (kind, column) in _ACCOUNT_REFS.items():
@@ -1190,8 +1253,9 @@ class _Writer:
         failover = f.pop("failover_gateways", None)
         if "localization" in f:
             loc = f.pop("localization")
-            values["localization_id"] = None if loc is None else self.resolve(
-                "localization", loc, f"{t.path}.localization")
+            values["localization_id"] = (
+                None if loc is None else self.resolve("localization", loc, f"{t.path}.localization")
+            )
         values.update(f)
         trunk_id = self.upsert("trunks", t.path, {"name": name}, values)
         self.ids[("trunk", name)] = trunk_id
@@ -1223,8 +1287,9 @@ class _Writer:
             values["account_id"] = account_id
         if "provider" in f:
             provider = f.pop("provider")
-            values["provider_id"] = None if provider is None else self.resolve(
-                "provider", provider, f"{d.path}.provider")
+            values["provider_id"] = (
+                None if provider is None else self.resolve("provider", provider, f"{d.path}.provider")
+            )
         values.update(f)
         did_id = self.upsert("dids", d.path, {"number": number}, values)
         row = self.execute(
@@ -1261,8 +1326,13 @@ class _Writer:
             )
         for x in a.children.get("speed_dials", []):
             f = dict(x.f)
-            self.upsert("speed_dials", x.path, {"account_id": account_id, "key": f.pop("key")}, f,
-                        returning="account_id")
+            self.upsert(
+                "speed_dials",
+                x.path,
+                {"account_id": account_id, "key": f.pop("key")},
+                f,
+                returning="account_id",
+            )
         for x in a.children.get("blocked_codes", []):
             f = dict(x.f)
             self.upsert("blocked_codes", x.path, {"account_id": account_id, "prefix": f.pop("prefix")}, f)

@@ -1,0 +1,157 @@
+"""Admin changes reach the engine: a real `callgate serve`, PostgreSQL, Redis and the FreeSWITCH emulator.
+
+Changes are made through the API and the CLI; `apply_to_engines` then plays the sync
+worker's part (publish PostgreSQL into the Redis snapshot the engine reads).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.config import load_config
+from engine.sync import publish_once
+from loadtest.fsemu import CallSpec, place_call
+from tests.admin.conftest import ROOT, customer_body
+
+CALLGATE = Path(sys.executable).with_name("callgate")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def engine_env(env: dict[str, str], redis_url: str, module_key_prefix: str) -> dict[str, str]:
+    return {
+        **env,
+        "CALLGATE_REDIS_URL": redis_url,
+        "CALLGATE_REDIS__KEY_PREFIX": module_key_prefix,
+        "CALLGATE_ENGINE__LISTEN_PORT": str(_free_port()),
+        "CALLGATE_METRICS__LISTEN_PORT": "0",
+    }
+
+
+@pytest.fixture(scope="module")
+def apply_to_engines(engine_env: dict[str, str]) -> Callable[[], None]:
+    """Bring PostgreSQL's changes to the engines. When the live sync worker lands, this becomes
+    "wait until the worker has published the current change_version" (one line)."""
+    config = load_config(environ=engine_env)
+    return lambda: publish_once(config) and None
+
+
+@pytest.fixture(scope="module")
+def engine(engine_env: dict[str, str], apply_to_engines, tmp_path_factory) -> Iterator[int]:
+    apply_to_engines()  # the engine starts from a published snapshot
+    log = tmp_path_factory.mktemp("engine") / "serve.log"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("CALLGATE_")} | engine_env
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(CALLGATE), "serve"], env=environment, cwd=ROOT, stdout=out, stderr=out
+        )
+    deadline = time.monotonic() + 20
+    while "callgate listening on" not in log.read_text(errors="replace"):
+        assert process.poll() is None, log.read_text(errors="replace")
+        assert time.monotonic() < deadline, log.read_text(errors="replace")
+        time.sleep(0.05)
+    try:
+        yield int(engine_env["CALLGATE_ENGINE__LISTEN_PORT"])
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _call(port: int, username: str) -> Any:
+    result = place_call(
+        "127.0.0.1",
+        port,
+        CallSpec(
+            destination="442071234567",
+            sip_auth_username=username,
+            caller_id_number="442000000001",
+            hold_seconds=0.2,
+        ),
+        timeout=10,
+    )
+    assert result.error is None, result.error
+    return result
+
+
+def _accepted(result: Any) -> bool:
+    return "callgate_reason" not in result.variables and result.executed[-1][0] == "bridge"
+
+
+def _call_until(port: int, username: str, wanted: Callable[[Any], bool], timeout: float = 10.0) -> Any:
+    """The engine switches snapshots asynchronously: call until `wanted` or the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = _call(port, username)
+        if wanted(result) or time.monotonic() > deadline:
+            return result
+        time.sleep(0.2)
+
+
+def test_a_deleted_customer_is_rejected(api, engine, apply_to_engines):
+    created = api.post(
+        "/customers",
+        json=customer_body(
+            number="8800000001",
+            email="e2e-del@example.com",
+            balance="10",
+            sip_username="e2e-del",
+            sip_password="E2eSecret1",
+        ),
+    )
+    assert created.status_code == 201, created.body
+    apply_to_engines()
+    before = _call_until(engine, "e2e-del", _accepted)
+    assert _accepted(before), before.variables
+    assert before.sip_response == (200, "OK") and before.variables["callgate_account"] == "8800000001"
+
+    assert api.delete("/customers/8800000001").status_code == 200
+    apply_to_engines()
+    after = _call_until(engine, "e2e-del", lambda r: not _accepted(r))
+    assert after.variables.get("callgate_reason") == "AUTHENTICATION_FAIL"  # its SIP device is gone
+    assert after.sip_response[0] == 403
+    assert not any(app == "bridge" for app, _ in after.executed)
+
+
+def test_a_top_up_turns_no_sufficient_fund_into_an_accepted_call(cli, api, engine, apply_to_engines):
+    created = api.post(
+        "/customers",
+        json=customer_body(
+            number="8800000002",
+            email="e2e-topup@example.com",
+            balance="0",
+            sip_username="e2e-topup",
+            sip_password="E2eSecret2",
+        ),
+    )
+    assert created.status_code == 201, created.body
+    apply_to_engines()
+    broke = _call_until(
+        engine, "e2e-topup", lambda r: r.variables.get("callgate_reason") == "NO_SUFFICIENT_FUND"
+    )
+    assert broke.variables.get("callgate_reason") == "NO_SUFFICIENT_FUND"
+    assert broke.sip_response[0] == 402
+
+    refill = cli("admin", "refill", "add", "8800000002", "--amount", "5", "--reference", "e2e")
+    assert refill.rc == 0, refill.err
+    apply_to_engines()
+    funded = _call_until(engine, "e2e-topup", _accepted)
+    assert _accepted(funded), funded.variables
+    assert funded.sip_response == (200, "OK") and funded.variables["callgate_account"] == "8800000002"
