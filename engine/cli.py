@@ -25,8 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     load = commands.add_parser("load", help="load a YAML/JSON fixture document into PostgreSQL")
     load.add_argument("file")
 
-    sync = commands.add_parser("sync", help="mirror PostgreSQL into the Redis snapshot")
-    sync.add_argument("--once", action="store_true", help="publish one full snapshot and exit")
+    sync = commands.add_parser(
+        "sync", help="mirror PostgreSQL into the Redis snapshot, continuously (LISTEN + catch-up)"
+    )
+    sync_mode = sync.add_mutually_exclusive_group()
+    sync_mode.add_argument("--once", action="store_true", help="publish one full snapshot and exit")
+    sync_mode.add_argument("--status", action="store_true", help="print the sync lag and versions and exit")
+    sync.add_argument("--json", action="store_true", help="with --status: machine-readable output")
 
     reconcile = commands.add_parser(
         "reconcile", help="release counted calls that no FreeSWITCH lists (limits.switches, or --switch)"
@@ -103,14 +108,28 @@ def _load(args: argparse.Namespace, config: Config) -> int:
 
 
 def _sync(args: argparse.Namespace, config: Config) -> int:
-    from engine.sync import publish_once
+    if args.status:
+        from engine.sync.status import print_status
 
-    if not args.once:
-        print("callgate: the continuous sync worker is not available yet; use --once", file=sys.stderr)
-        return EXIT_USAGE
-    version, counts = publish_once(config)
-    summary = ", ".join(f"{name}={count}" for name, count in counts.items())
-    print(f"snapshot {version} published ({summary})")
+        return print_status(config, as_json=args.json)
+    if args.once:
+        from engine.sync import publish_once
+
+        version, counts = publish_once(config)
+        summary = ", ".join(f"{name}={count}" for name, count in counts.items())
+        print(f"snapshot {version} published ({summary})")
+        return 0
+    import signal
+    import threading
+
+    from engine.logs import setup_logging
+    from engine.sync.worker import SyncWorker
+
+    setup_logging(config.logging)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    SyncWorker(config).run(stop)
     return 0
 
 

@@ -98,6 +98,24 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class SyncSettings:
+    """`callgate sync`, the live PostgreSQL -> Redis worker (docs/sync.md)."""
+
+    check_interval: float = 1.0  # catch up at least this often without a notification; checks Redis too
+    bulk_threshold: int = 2000  # more pending changes than this in one catch-up: publish a full snapshot
+    lease_seconds: float = 10.0  # leader lease: a standby takes over at most this long after the leader dies
+    sweep_interval: float = 600.0  # full comparison of Redis with PostgreSQL, repairing drift; 0 = never
+    prune_interval: float = 60.0  # seconds between prunes of the change log
+    changelog_retention: float = 3600.0  # applied changes are kept this long in callgate_changes
+    journal_maxlen: int = 10000  # change events kept in Redis for engines that missed a message
+    events_maxlen: int = 1000000  # cap of the {prefix}events stream the engines write (XADD MAXLEN ~)
+    events_batch: int = 500  # engine events persisted per PostgreSQL transaction
+    reconnect_max_delay: float = 10.0  # longest wait between reconnection attempts
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9185  # Prometheus /metrics of the worker; 0 disables
+
+
+@dataclass(frozen=True)
 class Config:
     engine: EngineSettings = field(default_factory=EngineSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -106,6 +124,7 @@ class Config:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    sync: SyncSettings = field(default_factory=SyncSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
 
 

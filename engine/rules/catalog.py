@@ -20,11 +20,12 @@ number, not with the number of rates.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from engine.model import (
+    ENTITY_TYPES,
     Account,
     BlockedCode,
     CatalogData,
@@ -102,6 +103,7 @@ class Catalog:
     """Read-only indexes over one snapshot. Build with ``Catalog.build(data)``."""
 
     __slots__ = (
+        "_changes",
         "_ip_buckets",
         "account_caller_ids",
         "account_dids",
@@ -154,6 +156,7 @@ class Catalog:
         self.localizations: dict[int, CompiledLocalization] = {}  # active only, rule sets parsed
         self.problems: tuple[str, ...] = ()  # data the build had to ignore, for the loader's log
         self._ip_buckets: dict[int, _IpBuckets] = {4: (), 6: ()}
+        self._changes: _ChangeIndex | None = None  # set by track_changes (live sync)
 
     @classmethod
     def build(cls, data: CatalogData) -> Catalog:
@@ -290,6 +293,47 @@ class Catalog:
                 for prefixlen, table in ordered
             )
 
+    # -- live changes (engine.state.watcher) -----------------------------------
+
+    def track_changes(self, data: CatalogData) -> None:
+        """Prepare :meth:`apply_changes`: keep the rows the derived indexes come from.
+
+        Call once, right after ``build(data)`` with the same data, before the catalog
+        is shared (it walks every table but the rate tables once, so run it where the
+        build runs). The rate tables are not kept: a rate's change brings its previous
+        value (``before``) instead.
+        """
+        self._changes = _ChangeIndex(self, data)
+
+    def apply_changes(
+        self,
+        upserts: Iterable[Any],
+        deletes: Iterable[tuple[str, str]],
+        before: Mapping[tuple[str, str], Any] | None = None,
+    ) -> list[str]:
+        """Apply single-entity changes in place, as ``build`` would index the changed data.
+
+        ``upserts`` are entities (new or changed), ``deletes`` ``(entity name, snapshot
+        key)`` pairs (the keys of ``engine.state.snapshot.entity_key``). Every changed
+        origination or termination rate needs its previous value in ``before``, keyed
+        ``(name, key)``: the entity as the catalog had it, or None if it had none.
+
+        Nothing here yields, so under gevent the update is atomic for the decisions
+        (run it in the hub thread); it is not safe against reader *threads*. Checks its
+        input before changing anything (ValueError, the catalog untouched). Returns the
+        problems met (data ignored, as ``build`` lists them in ``problems``, which is
+        left as built). Two differences from a fresh build, neither visible to a
+        decision: the longest-prefix lengths only grow, and a rate's slot is given up,
+        not handed to a duplicate (the database allows one rate per slot).
+        """
+        index = self._changes
+        if index is None:
+            raise RuntimeError("track_changes() was not called on this catalog")
+        changes = _collect_changes(upserts, deletes, before or {})
+        problems: list[str] = []
+        index.apply(changes, problems)
+        return problems
+
 
 def _origination_rank(rate: OriginationRate) -> tuple:
     return (-rate.cost_per_minute, rate.precedence, rate.id)
@@ -384,3 +428,439 @@ def _blocked_codes(
 def _localizations(rows: Iterable[Localization], problems: list[str]) -> dict[int, CompiledLocalization]:
     """Active localizations only: an inactive one translates nothing (ASTPP's status check)."""
     return {row.id: compile_localization(row, problems) for row in rows if row.active}
+
+
+# -- live changes ------------------------------------------------------------------
+
+_ENTITY_NAMES: dict[type, str] = {cls: name for name, cls in ENTITY_TYPES.items()}
+_RATE_TYPES = ("origination_rates", "termination_rates")
+# The rows kept for the derived indexes, by snapshot key (accounts, DIDs, rate groups,
+# gateways and trunks are kept by the catalog itself, all of them, by id).
+_KEPT = (
+    "sip_devices",
+    "ip_map",
+    "caller_ids",
+    "forced_caller_ids",
+    "speed_dials",
+    "blocked_codes",
+    "localizations",
+)
+_BY_ID = ("accounts", "dids", "rate_groups", "gateways", "trunks")
+
+
+def _entity_key(name: str, obj: Any) -> str:
+    """engine.state.snapshot.entity_key, without importing the Redis layer into the rules."""
+    if name == "forced_caller_ids":
+        return str(obj.account_id)
+    if name == "speed_dials":
+        return f"{obj.account_id}:{obj.key}"
+    if name == "blocked_codes":
+        return f"{obj.account_id}:{obj.prefix}"
+    return str(obj.id)
+
+
+@dataclass(slots=True)
+class _Change:
+    new: Any  # None = deleted
+    before: Any = None  # rates only: the value the catalog had, None = none
+    has_before: bool = False
+
+
+def _collect_changes(
+    upserts: Iterable[Any], deletes: Iterable[tuple[str, str]], before: Mapping[tuple[str, str], Any]
+) -> dict[str, dict[str, _Change]]:
+    """name -> key -> change, checked: known types, ints where ids are, before-images of rates."""
+    changes: dict[str, dict[str, _Change]] = {}
+    for obj in upserts:
+        name = _ENTITY_NAMES.get(type(obj))
+        if name is None:
+            raise ValueError(f"not an entity of engine.model: {type(obj).__name__}")
+        changes.setdefault(name, {})[_entity_key(name, obj)] = _Change(obj)
+    for name, raw_key in deletes:
+        if name not in ENTITY_TYPES:
+            raise ValueError(f"unknown entity type {name!r}")
+        key = str(raw_key)
+        if key in changes.get(name, {}):
+            raise ValueError(f"{name} {key!r} is both upserted and deleted")
+        if name not in ("speed_dials", "blocked_codes") and not key.lstrip("-").isdigit():
+            raise ValueError(f"{name}: malformed key {key!r}")
+        changes.setdefault(name, {})[key] = _Change(None)
+    for name in _RATE_TYPES:
+        for key, change in changes.get(name, {}).items():
+            if (name, key) not in before:
+                raise ValueError(f"{name} {key}: the previous value is needed (before)")
+            old = before[(name, key)]
+            if old is not None and (_ENTITY_NAMES.get(type(old)) != name or _entity_key(name, old) != key):
+                raise ValueError(f"{name} {key}: before-image {old!r} is not that entity")
+            change.before, change.has_before = old, True
+    return changes
+
+
+def _ip_cell(entry: IpMapEntry) -> tuple[int, int, int] | None:
+    """(IP version, prefix length, network address) of an entry's CIDR; None if it does not parse."""
+    try:
+        network = ipaddress.ip_network(entry.cidr.strip(), strict=False)
+    except ValueError:
+        return None
+    return network.version, network.prefixlen, int(network.network_address)
+
+
+class _ChangeIndex:
+    """The rows behind a catalog's derived indexes, and the reverse links to find them."""
+
+    def __init__(self, catalog: Catalog, data: CatalogData) -> None:
+        self.catalog = catalog
+        self.rows: dict[str, dict[str, Any]] = {
+            name: {_entity_key(name, obj): obj for obj in getattr(data, name)} for name in _KEPT
+        }
+        self.account_ids_by_number: dict[str, set[int]] = {}
+        for account in data.accounts:
+            self.account_ids_by_number.setdefault(account.number, set()).add(account.id)
+        self.device_keys_by_username: dict[str, set[str]] = {}
+        for device in data.sip_devices:
+            self.device_keys_by_username.setdefault(device.username, set()).add(str(device.id))
+        self.did_ids_by_number: dict[str, set[int]] = {}
+        self.did_ids_by_account: dict[int, set[int]] = {}
+        for did in data.dids:
+            self._link_did(did)
+        self.keys_by_account: dict[str, dict[int, set[str]]] = {
+            name: {} for name in ("ip_map", "caller_ids", "speed_dials", "blocked_codes")
+        }
+        for name, by_account in self.keys_by_account.items():
+            for key, obj in self.rows[name].items():
+                by_account.setdefault(obj.account_id, set()).add(key)
+        self.ip_cells: dict[tuple[int, int, int], set[str]] = {}
+        for key, entry in self.rows["ip_map"].items():
+            cell = _ip_cell(entry)
+            if cell is not None:
+                self.ip_cells.setdefault(cell, set()).add(key)
+        self.trunks_by_gateway: dict[int, set[int]] = {}
+        for trunk in data.trunks:
+            self._link_trunk(trunk, add=True)
+
+    # -- reverse links --------------------------------------------------------
+
+    def _link_did(self, did: Did, add: bool = True) -> None:
+        number = did.number.strip()
+        pairs: list[tuple[dict[Any, set[int]], Any]] = [(self.did_ids_by_number, number)]
+        if did.account_id is not None:
+            pairs.append((self.did_ids_by_account, did.account_id))
+        for table, slot in pairs:
+            if add:
+                table.setdefault(slot, set()).add(did.id)
+            else:
+                _discard(table, slot, did.id)
+
+    def _link_trunk(self, trunk: Trunk, add: bool) -> None:
+        for gateway_id in (trunk.gateway_id, *trunk.failover_gateway_ids):
+            if add:
+                self.trunks_by_gateway.setdefault(gateway_id, set()).add(trunk.id)
+            else:
+                _discard(self.trunks_by_gateway, gateway_id, trunk.id)
+
+    # -- applying ---------------------------------------------------------------
+
+    def apply(self, changes: dict[str, dict[str, _Change]], problems: list[str]) -> None:
+        """Phase 1 stores every new row and notes what it dirties; phase 2 re-derives that."""
+        c = self.catalog
+        dirty = _Dirty()
+        for name, by_key in changes.items():
+            store = getattr(self, f"_store_{name}")
+            for key, change in by_key.items():
+                store(key, change, dirty)
+        for gateway_id in dirty.gateways:
+            dirty.trunks.update(self.trunks_by_gateway.get(gateway_id, ()))
+        for trunk_id in dirty.trunks:
+            trunk = c.trunks.get(trunk_id)
+            if trunk is None:
+                c.trunk_gateways.pop(trunk_id, None)
+            else:
+                c.trunk_gateways[trunk_id] = c._active_gateways(trunk)
+        for number in dirty.account_numbers:
+            self._rederive_account_number(number)
+        for username in dirty.usernames:
+            self._rederive_device(username)
+        for account_id in dirty.ip_accounts:
+            for key in self.keys_by_account["ip_map"].get(account_id, ()):
+                cell = _ip_cell(self.rows["ip_map"][key])
+                if cell is not None:
+                    dirty.ip_cells.add(cell)
+        if dirty.ip_cells:
+            self._rederive_ip_cells(dirty.ip_cells)
+        for account_id in dirty.caller_id_accounts:
+            _set_or_pop(c.account_caller_ids, account_id, self._caller_id_pool(account_id))
+        for number in dirty.did_numbers:
+            self._rederive_did_number(number, problems)
+        for account_id in dirty.did_accounts:
+            _set_or_pop(c.account_dids, account_id, self._did_pool(account_id))
+        for account_id in dirty.speed_dial_accounts:
+            rows = self._account_rows("speed_dials", account_id)
+            _set_or_pop(c.speed_dials, account_id, _speed_dials(rows).get(account_id))
+        for account_id in dirty.blocked_accounts:
+            rows = self._account_rows("blocked_codes", account_id)
+            table, longest = _blocked_codes(rows, problems)
+            _set_or_pop(c.blocked_codes, account_id, table.get(account_id))
+            c.longest_blocked_prefix = max(c.longest_blocked_prefix, longest)
+        for name, rank in (
+            ("origination_rates", _origination_rank),
+            ("termination_rates", _termination_rank),
+        ):
+            by_key = changes.get(name)
+            if by_key:
+                for change in by_key.values():  # every removal first: two rates may swap slots
+                    if change.before is not None:
+                        self._unplace_rate(name, change.before)
+                for change in by_key.values():
+                    if change.new is not None:
+                        self._place_rate(name, change.new, rank, problems)
+
+    # phase 1, one method per entity type: store the row, note what it dirties
+
+    def _store_accounts(self, key: str, change: _Change, dirty: _Dirty) -> None:
+        c, new = self.catalog, change.new
+        old = c.accounts.pop(int(key), None)
+        if new is not None:
+            c.accounts[new.id] = new
+        for account, add in ((old, False), (new, True)):
+            if account is not None:
+                if add:
+                    self.account_ids_by_number.setdefault(account.number, set()).add(account.id)
+                else:
+                    _discard(self.account_ids_by_number, account.number, account.id)
+                dirty.account_numbers.add(account.number)
+        if (old is not None and old.usable) != (new is not None and new.usable):
+            dirty.ip_accounts.add(int(key))
+
+    def _store_sip_devices(self, key: str, change: _Change, dirty: _Dirty) -> None:
+        old, new = self._swap_row("sip_devices", key, change.new)
+        for device, add in ((old, False), (new, True)):
+            if device is not None:
+                if add:
+                    self.device_keys_by_username.setdefault(device.username, set()).add(key)
+                else:
+                    _discard(self.device_keys_by_username, device.username, key)
+                dirty.usernames.add(device.username)
+
+    def _store_ip_map(self, key: str, change: _Change, dirty: _Dirty) -> None:
+        old, new = self._swap_row("ip_map", key, change.new)
+        for entry, add in ((old, False), (new, True)):
+            if entry is None:
+                continue
+            cell = _ip_cell(entry)
+            if cell is not None:
+                if add:
+                    self.ip_cells.setdefault(cell, set()).add(key)
+                else:
+                    _discard(self.ip_cells, cell, key)
+                dirty.ip_cells.add(cell)
+
+    def _store_caller_ids(self, key: str, change: _Change, dirty: _Dirty) -> None:
+        old, new = self._swap_row("caller_ids", key, change.new)
+        dirty.caller_id_accounts.update(row.account_id for row in (old, new) if row is not None)
+
+    def _store_forced_caller_ids(self, key: str, change: _Change, dirty: _Dirty) -> None:
+        c = self.catalog
+        _, new = self._swap_row("forced_caller_ids", key, change.new)
+        account_id = int(key)
+        _set_or_pop(c.forced_caller_ids, account_id, _forced_caller_ids([new] if new else []).get(account_id))
+
+    def _store_dids(self, key: str, change: _Change, dirty: _Dirty) -> None:
+        c, new = self.catalog, change.new
+        old = c.dids_by_id.pop(int(key), None)
+        if new is not None:
+            c.dids_by_id[new.id] = new
+        for did, add in ((old, False), (new, True)):
+            if did is not None:
+                self._link_did(did, add)
+                dirty.did_numbers.add(did.number.strip())
+                if did.account_id is not None:
+                    dirty.did_accounts.add(did.account_id)
+
+    def _store_speed_dials(self, key: str, change: _Change, dirty: _Dirty) -> None:
+        old, new = self._swap_row("speed_dials", key, change.new)
+        dirty.speed_dial_accounts.update(row.account_id for row in (old, new) if row is not None)
+
+    def _store_blocked_codes(self, key: str, change: _Change, dirty: _Dirty) -> None:
+        old, new = self._swap_row("blocked_codes", key, change.new)
+        dirty.blocked_accounts.update(row.account_id for row in (old, new) if row is not None)
+
+    def _store_localizations(self, key: str, change: _Change, dirty: _Dirty) -> None:
+        _, new = self._swap_row("localizations", key, change.new)
+        problems: list[str] = []
+        compiled = compile_localization(new, problems) if new is not None and new.active else None
+        _set_or_pop(self.catalog.localizations, int(key), compiled)
+
+    def _store_rate_groups(self, key: str, change: _Change, dirty: _Dirty) -> None:
+        _set_or_pop(self.catalog.rate_groups, int(key), change.new)
+
+    def _store_gateways(self, key: str, change: _Change, dirty: _Dirty) -> None:
+        _set_or_pop(self.catalog.gateways, int(key), change.new)
+        dirty.gateways.add(int(key))
+
+    def _store_trunks(self, key: str, change: _Change, dirty: _Dirty) -> None:
+        c, new = self.catalog, change.new
+        old = c.trunks.pop(int(key), None)
+        if old is not None:
+            self._link_trunk(old, add=False)
+        if new is not None:
+            c.trunks[new.id] = new
+            self._link_trunk(new, add=True)
+        dirty.trunks.add(int(key))
+
+    def _store_origination_rates(self, key: str, change: _Change, dirty: _Dirty) -> None:
+        pass  # placed in phase 2, from before and new
+
+    _store_termination_rates = _store_origination_rates
+
+    def _swap_row(self, name: str, key: str, new: Any) -> tuple[Any, Any]:
+        rows = self.rows[name]
+        old = rows.pop(key, None)
+        if new is not None:
+            rows[key] = new
+        by_account = self.keys_by_account.get(name)
+        if by_account is not None:
+            if old is not None:
+                _discard(by_account, old.account_id, key)
+            if new is not None:
+                by_account.setdefault(new.account_id, set()).add(key)
+        return old, new
+
+    def _account_rows(self, name: str, account_id: int) -> list[Any]:
+        rows = self.rows[name]
+        return [rows[key] for key in self.keys_by_account[name].get(account_id, ())]
+
+    # phase 2: re-derive as build does, from the candidates only
+
+    def _rederive_account_number(self, number: str) -> None:
+        c = self.catalog
+        candidates = [c.accounts[i] for i in self.account_ids_by_number.get(number, ())]
+        _set_or_pop(c.accounts_by_number, number, _accounts_by_number(candidates).get(number))
+
+    def _rederive_device(self, username: str) -> None:
+        rows = self.rows["sip_devices"]
+        candidates = [rows[key] for key in self.device_keys_by_username.get(username, ())]
+        _set_or_pop(self.catalog.devices, username, _devices_by_username(candidates).get(username))
+
+    def _rederive_did_number(self, number: str, problems: list[str]) -> None:
+        c = self.catalog
+        candidates = [c.dids_by_id[i] for i in self.did_ids_by_number.get(number, ())]
+        _set_or_pop(c.dids, number, _dids_by_number(candidates, problems).get(number))
+
+    def _caller_id_pool(self, account_id: int) -> NumberPool | None:
+        rows = self._account_rows("caller_ids", account_id)
+        pools = _pools((r.id, r.account_id, r.number) for r in rows if r.active and r.number.strip())
+        return pools.get(account_id)
+
+    def _did_pool(self, account_id: int) -> NumberPool | None:
+        dids = self.catalog.dids_by_id
+        rows = [dids[i] for i in self.did_ids_by_account.get(account_id, ())]
+        pools = _pools((d.id, d.account_id, d.number) for d in rows if d.active and d.number.strip())
+        return pools.get(account_id)
+
+    def _rederive_ip_cells(self, cells: set[tuple[int, int, int]]) -> None:
+        c, rows = self.catalog, self.rows["ip_map"]
+        for version in (4, 6):
+            mine = [cell for cell in cells if cell[0] == version]
+            if not mine:
+                continue
+            width = 32 if version == 4 else 128
+            buckets = {prefixlen: (mask, dict(table)) for prefixlen, mask, table in c._ip_buckets[version]}
+            for _, prefixlen, address in mine:
+                matches = []
+                for key in self.ip_cells.get((version, prefixlen, address), ()):
+                    entry = rows[key]
+                    account = c.accounts.get(entry.account_id)
+                    if entry.active and account is not None and account.usable:
+                        network = ipaddress.ip_network(entry.cidr.strip(), strict=False)
+                        matches.append(IpMapMatch(entry, network, entry.tech_prefix.strip()))
+                mask = ((1 << width) - 1) ^ ((1 << (width - prefixlen)) - 1)
+                _, table = buckets.setdefault(prefixlen, (mask, {}))
+                if matches:
+                    table[address] = tuple(sorted(matches, key=lambda m: (-len(m.tech_prefix), m.entry.id)))
+                else:
+                    table.pop(address, None)
+            c._ip_buckets[version] = tuple(
+                (prefixlen, mask, table)
+                for prefixlen, (mask, table) in sorted(buckets.items(), key=lambda item: -item[0])
+                if table
+            )
+
+    def _rate_table(self, name: str, rate: Any, create: bool) -> dict[str, Any] | None:
+        c = self.catalog
+        if name == "termination_rates":
+            tables, owner = c.termination_rates, rate.trunk_id
+        elif rate.account_id is not None:
+            tables, owner = c.personal_rates, rate.account_id
+        elif rate.rate_group_id is not None:
+            tables, owner = c.group_rates, rate.rate_group_id
+        else:
+            return None
+        return tables.setdefault(owner, {}) if create else tables.get(owner)
+
+    def _unplace_rate(self, name: str, rate: Any) -> None:
+        if not rate.active:
+            return
+        table = self._rate_table(name, rate, create=False)
+        prefix = rate.prefix.strip()
+        if table is not None and (held := table.get(prefix)) is not None and held.id == rate.id:
+            del table[prefix]
+            if not table:
+                self._drop_empty_rate_table(name, rate)
+
+    def _drop_empty_rate_table(self, name: str, rate: Any) -> None:
+        c = self.catalog
+        if name == "termination_rates":
+            c.termination_rates.pop(rate.trunk_id, None)
+        elif rate.account_id is not None:
+            c.personal_rates.pop(rate.account_id, None)
+        else:
+            c.group_rates.pop(rate.rate_group_id, None)
+
+    def _place_rate(self, name: str, rate: Any, rank: Callable[[Any], tuple], problems: list[str]) -> None:
+        if not rate.active:
+            return
+        table = self._rate_table(name, rate, create=True)
+        if table is None:
+            problems.append(f"origination rate {rate.id}: neither rate group nor account")
+            return
+        prefix = rate.prefix.strip()
+        held = table.get(prefix)
+        if held is None or held.id == rate.id or rank(rate) < rank(held):
+            table[prefix] = rate
+        c = self.catalog
+        if name == "termination_rates":
+            c.longest_termination_prefix = max(c.longest_termination_prefix, len(prefix))
+        else:
+            c.longest_origination_prefix = max(c.longest_origination_prefix, len(prefix))
+
+
+@dataclass(slots=True)
+class _Dirty:
+    """What phase 1 touched and phase 2 must re-derive."""
+
+    account_numbers: set[str] = field(default_factory=set)
+    usernames: set[str] = field(default_factory=set)
+    ip_accounts: set[int] = field(default_factory=set)
+    ip_cells: set[tuple[int, int, int]] = field(default_factory=set)
+    caller_id_accounts: set[int] = field(default_factory=set)
+    did_numbers: set[str] = field(default_factory=set)
+    did_accounts: set[int] = field(default_factory=set)
+    speed_dial_accounts: set[int] = field(default_factory=set)
+    blocked_accounts: set[int] = field(default_factory=set)
+    gateways: set[int] = field(default_factory=set)
+    trunks: set[int] = field(default_factory=set)
+
+
+def _discard(table: dict[Any, set[Any]], slot: Any, item: Any) -> None:
+    members = table.get(slot)
+    if members is not None:
+        members.discard(item)
+        if not members:
+            del table[slot]
+
+
+def _set_or_pop(table: dict[Any, Any], key: Any, value: Any) -> None:
+    if value is None:
+        table.pop(key, None)
+    else:
+        table[key] = value

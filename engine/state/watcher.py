@@ -6,37 +6,52 @@ take ``(version, catalog)`` once and keep using it while a reload swaps in a new
 so a call in flight never sees two catalogs.
 
 ``run(stop_event, interval)`` is the background loop (spawn it as a greenlet once the
-process is monkey-patched): it subscribes to the snapshot events and reloads when
-told, and also polls the snapshot stamp every ``interval`` seconds, because pub/sub
-messages sent while the connection is down are lost. Redis I/O is cooperative under
-gevent; the CPU-bound part (decoding a million rows and ``build``) runs in gevent's
+process is monkey-patched): it subscribes to the snapshot events and follows them, and
+also polls the snapshot stamp every ``interval`` seconds, because pub/sub messages sent
+while the connection is down are lost. Redis I/O is cooperative under gevent; the
+CPU-bound part of a full load (decoding a million rows and ``build``) runs in gevent's
 thread pool so the hub keeps serving calls meanwhile.
+
+Two kinds of update:
+
+* a new snapshot version (``snapshot`` event, or a stamp with another version/token):
+  full load, swapped in whole (a rate-deck import becomes visible all at once);
+* single-entity changes to the held version (``changes`` events of the live sync, each
+  numbered by the version's change count): if the built object supports it
+  (``track_changes(data)`` after the build, ``apply_changes(upserts, deletes, before)``:
+  ``engine.rules.catalog.Catalog`` does), the changed entities are fetched in one
+  pipelined round trip and applied **in place**, without yielding, so under gevent no
+  decision sees half a change. Consecutive events are applied together. A gap in the
+  change numbers (a lost message, or changes made while a full load was read) is filled
+  from the sync journal (``{prefix}sync:journal``); if it cannot be, or the object does
+  not support changes, the whole version is loaded again.
 
 ``last_confirmed`` is the ``time.monotonic()`` at which Redis was last seen pointing at
 exactly the held content (version, token and change count); the engine refuses to decide
 from a snapshot unconfirmed for longer than its configured bound (``confirmed_age``).
-A change of only the change count (``apply_changes``) currently reloads the whole
-snapshot; the live-sync issue will reload just the changed entities.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, Protocol, TypeVar
 
 import redis
 
-from engine.model import CatalogData
+from engine.model import ENTITY_TYPES, CatalogData
+from engine.state.codec import decode_entity, decode_many
 from engine.state.snapshot import (
     DEFAULT_SCAN_COUNT,
     RawSnapshot,
     SnapshotStamp,
     SnapshotUnavailable,
+    _k_entity,  # the snapshot's key layout, to fetch single entities
     current_stamp,
     events_channel,
     fetch_snapshot,
@@ -52,6 +67,13 @@ R = TypeVar("R")
 
 _MAX_WAIT = 1.0  # longest single wait, so that stop_event is honoured within about a second
 _SUBSCRIBE_TIMEOUT = 10.0
+_JOURNAL_SLACK = 100  # journal entries read beyond the ones a gap needs
+_RATE_ENTITIES = ("origination_rates", "termination_rates")  # their changes need before-images
+_OFFLOAD_DECODE = 200  # changes of more entities are decoded in the thread pool (the hub keeps serving)
+
+
+def _journal_key(prefix: str) -> str:
+    return f"{prefix}sync:journal"  # engine.sync.state.journal_key (the worker writes it)
 
 
 class StopEvent(Protocol):
@@ -72,7 +94,7 @@ def offload_to_threadpool(fn: Callable[[], R]) -> R:
 
 
 class SnapshotHolder(Generic[T]):
-    """The engine's current catalog, reloaded from Redis when its snapshot changes."""
+    """The engine's current catalog, reloaded or updated from Redis when its snapshot changes."""
 
     def __init__(
         self,
@@ -87,6 +109,7 @@ class SnapshotHolder(Generic[T]):
         backoff_max: float = 30.0,
         freeze_gc: bool = True,
         on_swap: Callable[[int, T], None] | None = None,
+        on_change: Callable[[int, T, dict[str, set[str]]], None] | None = None,
     ) -> None:
         """``build`` turns CatalogData into what ``current`` serves (``Catalog.build``).
 
@@ -95,7 +118,8 @@ class SnapshotHolder(Generic[T]):
         decode+build and then ``gc.freeze()``s the result, so that no collection ever
         walks the catalog's millions of objects while holding the GIL (see
         :func:`engine.state.snapshot.gc_paused`; process-wide, hence switchable).
-        ``on_swap(version, value)`` is called after each swap (metrics, logging).
+        ``on_swap(version, value)`` is called after each full load, ``on_change(version,
+        value, {entity: keys})`` after each in-place change (metrics, logging, tests).
         """
         self._client = client
         self._prefix = prefix
@@ -107,13 +131,19 @@ class SnapshotHolder(Generic[T]):
         self._backoff_max = backoff_max
         self._freeze_gc = freeze_gc
         self._on_swap = on_swap
-        self._lock = threading.Lock()  # a gevent lock once monkey-patched
+        self._on_change = on_change
+        self._lock = threading.RLock()  # a gevent lock once monkey-patched
         self._state: tuple[int, T] | None = None
         self._stamp: SnapshotStamp | None = None
+        self._schemas: dict[str, tuple[str, ...] | None] = {}  # field lists the held version was written with
+        self._incremental = False  # the held value takes apply_changes
         self._recheck = False
         self.last_confirmed: float | None = None
         self.loaded_at: float | None = None
+        self.changed_at: float | None = None  # time.monotonic() of the last in-place change
         self.failures = 0  # length of the current failure streak of run()
+        self.full_loads = 0
+        self.changes_applied = 0  # change events applied in place
 
     # --- reading, no I/O ---------------------------------------------------------------------
 
@@ -143,10 +173,11 @@ class SnapshotHolder(Generic[T]):
     # --- reloading ---------------------------------------------------------------------------
 
     def refresh(self) -> bool:
-        """Reload if the Redis snapshot differs from the held one; True if a new one was swapped in.
+        """Catch up with the Redis snapshot if it differs from the held one; True if anything changed.
 
-        Raises SnapshotUnavailable if nothing was ever published, redis errors, and
-        whatever decoding or ``build`` raise; the held catalog is then kept.
+        Changes to the held version are applied in place when possible, else the whole
+        snapshot is loaded. Raises SnapshotUnavailable if nothing was ever published,
+        redis errors, and whatever decoding or ``build`` raise; the held catalog is then kept.
         """
         with self._lock:
             asked_at = time.monotonic()
@@ -157,17 +188,36 @@ class SnapshotHolder(Generic[T]):
                 self.last_confirmed = asked_at
                 self._recheck = False
                 return False
+            if self._follows(stamp) and self._catch_up_from_journal(stamp.changes):
+                if self._stamp == stamp:
+                    self.last_confirmed = asked_at
+                    self._recheck = False
+                return True
             self._load()
             return True
+
+    def _follows(self, stamp: SnapshotStamp) -> bool:
+        """True if ``stamp`` is the held version with more changes, and changes can be applied."""
+        held = self._stamp
+        return (
+            self._incremental
+            and held is not None
+            and stamp.version == held.version
+            and stamp.token == held.token
+            and stamp.changes > held.changes
+        )
 
     def _load(self) -> None:
         started = time.monotonic()
         raw = fetch_snapshot(self._client, self._prefix, scan_count=self._scan_count)
         fetched = time.monotonic()
-        value = self._offload(lambda: self._decode_and_build(raw))
+        value, incremental = self._offload(lambda: self._decode_and_build(raw))
         self._state = (raw.version, value)  # one reference swap: readers see old or new, whole
         self._stamp = raw.stamp
+        self._schemas = {name: _fields(raw.meta.get(f"schema:{name}")) for name in ENTITY_TYPES}
+        self._incremental = incremental
         self.loaded_at = time.monotonic()
+        self.full_loads += 1
         # If the pointer moved on during the read, the held version is complete but not current.
         self._recheck = raw.confirmed_at is None
         if raw.confirmed_at is not None:
@@ -182,11 +232,143 @@ class SnapshotHolder(Generic[T]):
         if self._on_swap is not None:
             self._on_swap(raw.version, value)
 
-    def _decode_and_build(self, raw: RawSnapshot) -> T:
+    def _decode_and_build(self, raw: RawSnapshot) -> tuple[T, bool]:
         if not self._freeze_gc:
-            return self._build(raw.decode())
+            return self._build_tracked(raw.decode())
         with gc_paused(freeze=True):
-            return self._build(raw.decode())
+            return self._build_tracked(raw.decode())
+
+    def _build_tracked(self, data: CatalogData) -> tuple[T, bool]:
+        value = self._build(data)
+        track = getattr(value, "track_changes", None)
+        if track is None or not callable(getattr(value, "apply_changes", None)):
+            return value, False
+        track(data)
+        return value, True
+
+    # --- single-entity changes ---------------------------------------------------------------
+
+    def apply_events(self, payloads: Iterable[dict[str, Any]]) -> bool:
+        """Apply ``changes`` event payloads (in any order) to the held catalog, or refresh.
+
+        Payloads of other versions, or already applied, are skipped. Returns True if the
+        held catalog changed. Errors as :meth:`refresh`.
+        """
+        with self._lock:
+            held = self._stamp
+            if held is None:
+                return self.refresh()
+            mine: dict[int, dict[str, Any]] = {}
+            for payload in payloads:
+                token = payload.get("token")
+                if payload.get("version") != held.version or (token is not None and token != held.token):
+                    return self.refresh()  # another version: a snapshot event follows or preceded
+                if int(payload.get("changes", 0)) > held.changes:
+                    mine[int(payload["changes"])] = payload
+            if not mine:
+                return False
+            if not self._incremental:
+                return self.refresh()
+            ordered = [mine[c] for c in sorted(mine)]
+            if int(ordered[0]["changes"]) != held.changes + 1 or len(ordered) != len(
+                range(held.changes + 1, max(mine) + 1)
+            ):
+                return self.refresh()  # a gap: the journal has the missing events
+            if not self._apply(ordered):
+                self._load()
+            return True
+
+    def _catch_up_from_journal(self, target: int) -> bool:
+        """Apply the journal's events after the held change count, up to at least ``target``."""
+        held = self._stamp
+        assert held is not None
+        needed = target - held.changes
+        entries = self._client.xrevrange(_journal_key(self._prefix), count=needed + _JOURNAL_SLACK)
+        found: dict[int, dict[str, Any]] = {}
+        for _, fields in entries:
+            try:
+                payload = json.loads(fields.get(b"payload") or fields.get("payload"))
+            except (TypeError, ValueError):
+                continue
+            if payload.get("version") != held.version or payload.get("token", held.token) != held.token:
+                continue
+            changes = int(payload.get("changes", 0))
+            if changes > held.changes:
+                found[changes] = payload
+        wanted = range(held.changes + 1, target + 1)
+        if any(c not in found for c in wanted):
+            log.info(
+                "changes %d..%d of version %d are not all in the journal: loading it whole",
+                held.changes + 1,
+                target,
+                held.version,
+            )
+            return False
+        top = target
+        while top + 1 in found:  # newer ones read along: apply them too
+            top += 1
+        return self._apply([found[c] for c in range(held.changes + 1, top + 1)])
+
+    def _apply(self, payloads: list[dict[str, Any]]) -> bool:
+        """Fetch the entities the payloads name and apply them in place; False = load whole."""
+        held = self._stamp
+        state = self._state
+        assert held is not None and state is not None
+        keys: dict[str, set[str]] = {}
+        before_raw: dict[tuple[str, str], str | None] = {}
+        for payload in payloads:
+            for section in ("upserts", "deletes"):
+                for name, names_keys in (payload.get(section) or {}).items():
+                    keys.setdefault(name, set()).update(map(str, names_keys))
+            for name, images in (payload.get("before") or {}).items():
+                for key, image in images.items():
+                    before_raw.setdefault((name, str(key)), image)  # the oldest: what the catalog holds
+        if any(name not in ENTITY_TYPES for name in keys):
+            return False
+        if any((name, key) not in before_raw for name in _RATE_ENTITIES for key in keys.get(name, ())):
+            return False  # not written by the sync worker: no before-images to find the rates by
+        names = sorted(keys)
+        ordered = {name: sorted(keys[name]) for name in names}
+        with self._client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hmget(_k_entity(self._prefix, held.version, name), ordered[name])
+            replies = pipe.execute()
+
+        def decode() -> tuple[list[Any], list[tuple[str, str]], dict[tuple[str, str], Any]]:
+            upserts: list[Any] = []
+            deletes: list[tuple[str, str]] = []
+            for name, values in zip(names, replies, strict=True):
+                cls, schema = ENTITY_TYPES[name], self._schemas.get(name)
+                present = [v for v in values if v is not None]
+                upserts += decode_many(cls, present, schema) if present else []
+                deletes += [(name, key) for key, v in zip(ordered[name], values, strict=True) if v is None]
+            before = {
+                (name, key): None
+                if image is None
+                else decode_entity(ENTITY_TYPES[name], image.encode(), self._schemas.get(name))
+                for (name, key), image in before_raw.items()
+                if name in _RATE_ENTITIES
+            }
+            return upserts, deletes, before
+
+        try:
+            count = sum(len(k) for k in keys.values())
+            upserts, deletes, before = self._offload(decode) if count > _OFFLOAD_DECODE else decode()
+            version, value = state
+            value.apply_changes(upserts, deletes, before)  # type: ignore[attr-defined]  # no yield inside
+        except (ValueError, TypeError):
+            log.warning(
+                "could not apply changes to version %d in place; loading it whole",
+                held.version,
+                exc_info=True,
+            )
+            return False
+        self._stamp = held._replace(changes=int(payloads[-1]["changes"]))
+        self.changed_at = time.monotonic()
+        self.changes_applied += len(payloads)
+        if self._on_change is not None:
+            self._on_change(version, value, keys)
+        return True
 
     # --- the background loop -----------------------------------------------------------------
 
@@ -208,7 +390,7 @@ class SnapshotHolder(Generic[T]):
                         self.refresh()
                         next_check = time.monotonic() + interval
                     self._recovered()
-                    if self._wait_for_event(pubsub, stop_event, next_check):
+                    if self._follow_events(pubsub, stop_event, next_check):
                         next_check = 0.0
                 except Exception as exc:  # the loop must survive anything
                     self._close_pubsub(pubsub)
@@ -241,11 +423,13 @@ class SnapshotHolder(Generic[T]):
             except Exception:  # closing a broken connection may fail too
                 log.debug("closing the snapshot subscription failed", exc_info=True)
 
-    def _wait_for_event(self, pubsub: Any, stop_event: StopEvent, next_check: float) -> bool:
-        """Wait until the next poll (at most _MAX_WAIT); True if the snapshot must be checked now.
+    def _follow_events(self, pubsub: Any, stop_event: StopEvent, next_check: float) -> bool:
+        """Wait until the next poll (at most _MAX_WAIT) and handle what arrives meanwhile.
 
-        That is on any event, and on a ``subscribe`` confirmation: redis-py reconnects a
-        broken subscription by itself, and events sent meanwhile are lost.
+        A burst is handled at once: consecutive ``changes`` events with one fetch and one
+        in-place update. Returns True if the snapshot must be checked now: on a snapshot
+        event, an unreadable one, and a ``subscribe`` confirmation (redis-py reconnects a
+        broken subscription by itself, and events sent meanwhile are lost).
         """
         timeout = min(max(next_check - time.monotonic(), 0.0), _MAX_WAIT)
         if pubsub is None:
@@ -254,9 +438,18 @@ class SnapshotHolder(Generic[T]):
         message = pubsub.get_message(timeout=timeout)
         if message is None:
             return False
-        while pubsub.get_message(timeout=0.0) is not None:  # a burst needs one check
-            pass
-        return True
+        changes: list[dict[str, Any]] = []
+        check = False
+        while message is not None:
+            payload = _changes_payload(message)
+            if payload is not None:
+                changes.append(payload)
+            else:
+                check = True
+            message = pubsub.get_message(timeout=0.0)
+        if changes and not check:
+            self.apply_events(changes)
+        return check
 
     def _failed(self, exc: Exception) -> float:
         """Log (once per streak) and return the backoff delay."""
@@ -278,3 +471,18 @@ class SnapshotHolder(Generic[T]):
     def _held_version(self) -> int | None:
         state = self._state
         return None if state is None else state[0]
+
+
+def _changes_payload(message: dict[str, Any]) -> dict[str, Any] | None:
+    """The payload of a ``changes`` event message, else None."""
+    if message.get("type") != "message":
+        return None
+    try:
+        payload = json.loads(message["data"])
+    except (TypeError, ValueError):
+        return None
+    return payload if isinstance(payload, dict) and payload.get("type") == "changes" else None
+
+
+def _fields(stored: str | None) -> tuple[str, ...] | None:
+    return tuple(stored.split(",")) if stored else None
