@@ -22,6 +22,7 @@ from engine.rules.decide import DecisionContext, decide
 from engine.state.limits import FailOpenLimiter, Limiter, LimitResult, LimitsUnavailable, apply_limits
 
 LimitObserver = Callable[[LimitResult], None]
+AcceptObserver = Callable[[Accept, Catalog, datetime], None]
 
 
 class CatalogSource(Protocol):
@@ -45,6 +46,7 @@ class Decider:
         max_age: float,
         limiter: Limiter | FailOpenLimiter | None = None,
         on_limit_result: LimitObserver | None = None,
+        on_accept: AcceptObserver | None = None,
         rng: random.Random | None = None,
         wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -53,6 +55,7 @@ class Decider:
         self._max_age = max_age
         self._limiter = limiter
         self._on_limit_result = on_limit_result
+        self._on_accept = on_accept
         self._rng = rng or random.Random()
         self._wallclock = wallclock
 
@@ -63,10 +66,13 @@ class Decider:
         age = self._source.confirmed_age()
         if age > self._max_age:
             return Reject(Reason.ENGINE_DEGRADED, detail=f"snapshot unconfirmed for {age:.1f}s")
-        ctx = DecisionContext(now=self._wallclock(), rng=self._rng, config=self._rules, explain=explain)
+        now = self._wallclock()
+        ctx = DecisionContext(now=now, rng=self._rng, config=self._rules, explain=explain)
         decision = decide(request, catalog, ctx)
         if isinstance(decision, Accept) and self._limiter is not None:
-            return self._take_limits(request.uuid, decision, catalog)
+            decision = self._take_limits(request.uuid, decision, catalog)
+        if isinstance(decision, Accept) and self._on_accept is not None and not explain:
+            self._on_accept(decision, catalog, now)
         return decision
 
     def _take_limits(self, uuid: str, accept: Accept, catalog: Catalog) -> Decision:

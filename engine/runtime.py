@@ -11,6 +11,7 @@ import os
 import resource
 import signal
 import socket
+from datetime import datetime
 
 import gevent
 import gevent.event
@@ -20,6 +21,7 @@ from gevent.pywsgi import WSGIServer
 from engine.authorize import CallHandler
 from engine.config import Config, rules_config
 from engine.decider import Decider
+from engine.decision import Accept
 from engine.esl.server import CallServer, listening_socket
 from engine.limits_runtime import (
     build_limiter,
@@ -32,6 +34,8 @@ from engine.limits_runtime import (
 from engine.logs import setup_logging
 from engine.metrics import EngineMetrics, wsgi_app
 from engine.rules.catalog import Catalog
+from engine.rules.gate import first_uses
+from engine.state.events import EventPublisher
 from engine.state.limits import FailOpenLimiter
 from engine.state.snapshot import SnapshotUnavailable
 from engine.state.watcher import SnapshotHolder
@@ -66,12 +70,21 @@ class Engine:
         )
         self.limiter = build_limiter(config, self.redis, self.metrics)
         self.switches = switch_addresses(config.limits)
+        # Engine -> PostgreSQL events (first use of an account) leave through a Redis stream,
+        # queued without blocking the call; the sync worker persists them.
+        self.events = EventPublisher(
+            self.redis,
+            config.redis.key_prefix,
+            maxlen=config.sync.events_maxlen,
+            registry=None if self.metrics.multiprocess else self.metrics.registry,
+        )
         decider = Decider(
             self.snapshots,
             rules,
             max_age=config.engine.snapshot_max_age,
             limiter=self.limiter,
             on_limit_result=limit_result_observer(self.metrics),
+            on_accept=self._record_first_uses,
         )
         release = releaser(self.limiter, self.metrics)
         handler = CallHandler(
@@ -79,6 +92,9 @@ class Engine:
         )
         self.server = CallServer(listener, handler, max_frame_bytes=config.engine.max_frame_bytes)
         self.stopping = gevent.event.Event()
+
+    def _record_first_uses(self, accept: Accept, catalog: Catalog, now: datetime) -> None:
+        self.events.first_uses(first_uses(accept, catalog, now))
 
     def _can_decide(self) -> tuple[bool, str]:
         """Snapshot loaded and confirmed recently (no I/O)."""
@@ -167,12 +183,14 @@ class Engine:
         if self.switches:
             interval = self.config.limits.reconcile_interval
             gevent.spawn(run_reconciler, self.limiter, self.switches, interval, self.metrics, self.stopping)
+        self._events_task = gevent.spawn(self.events.run, self.stopping)
         self.server.start()
         self.start_metrics()
 
     def stop(self) -> None:
         self.stopping.set()
         self.server.stop(timeout=DRAIN_SECONDS)
+        self._events_task.join(timeout=1.0)  # one last flush of queued events
         self.redis.close()
 
 
