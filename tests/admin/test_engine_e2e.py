@@ -1,7 +1,7 @@
 """Admin changes reach the engine: a real `callgate serve`, PostgreSQL, Redis and the FreeSWITCH emulator.
 
-Changes are made through the API and the CLI; `apply_to_engines` then plays the sync
-worker's part (publish PostgreSQL into the Redis snapshot the engine reads).
+Changes are made through the API and the CLI; a live `callgate sync` worker carries them to
+the engine, and the tests call until the engine answers as expected (within the sync bound).
 """
 
 from __future__ import annotations
@@ -39,20 +39,31 @@ def engine_env(env: dict[str, str], redis_url: str, module_key_prefix: str) -> d
         "CALLGATE_REDIS__KEY_PREFIX": module_key_prefix,
         "CALLGATE_ENGINE__LISTEN_PORT": str(_free_port()),
         "CALLGATE_METRICS__LISTEN_PORT": "0",
+        "CALLGATE_SYNC__METRICS_PORT": "0",
     }
 
 
 @pytest.fixture(scope="module")
-def apply_to_engines(engine_env: dict[str, str]) -> Callable[[], None]:
-    """Bring PostgreSQL's changes to the engines. When the live sync worker lands, this becomes
-    "wait until the worker has published the current change_version" (one line)."""
-    config = load_config(environ=engine_env)
-    return lambda: publish_once(config) and None
+def sync_worker(engine_env: dict[str, str], tmp_path_factory) -> Iterator[None]:
+    """A live sync worker carries PostgreSQL's changes to the engines; the callers wait for them."""
+    publish_once(load_config(environ=engine_env))  # the engine starts from a published snapshot
+    log = tmp_path_factory.mktemp("sync") / "sync.log"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("CALLGATE_")} | engine_env
+    with log.open("wb") as out:
+        worker = subprocess.Popen([str(CALLGATE), "sync"], env=environment, cwd=ROOT, stdout=out, stderr=out)
+    try:
+        yield
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
 
 
 @pytest.fixture(scope="module")
-def engine(engine_env: dict[str, str], apply_to_engines, tmp_path_factory) -> Iterator[int]:
-    apply_to_engines()  # the engine starts from a published snapshot
+def engine(engine_env: dict[str, str], sync_worker, tmp_path_factory) -> Iterator[int]:
     log = tmp_path_factory.mktemp("engine") / "serve.log"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("CALLGATE_")} | engine_env
     with log.open("wb") as out:
@@ -105,7 +116,7 @@ def _call_until(port: int, username: str, wanted: Callable[[Any], bool], timeout
         time.sleep(0.2)
 
 
-def test_a_deleted_customer_is_rejected(api, engine, apply_to_engines):
+def test_a_deleted_customer_is_rejected(api, engine, sync_worker):
     created = api.post(
         "/customers",
         json=customer_body(
@@ -117,20 +128,18 @@ def test_a_deleted_customer_is_rejected(api, engine, apply_to_engines):
         ),
     )
     assert created.status_code == 201, created.body
-    apply_to_engines()
     before = _call_until(engine, "e2e-del", _accepted)
     assert _accepted(before), before.variables
     assert before.sip_response == (200, "OK") and before.variables["callgate_account"] == "8800000001"
 
     assert api.delete("/customers/8800000001").status_code == 200
-    apply_to_engines()
     after = _call_until(engine, "e2e-del", lambda r: not _accepted(r))
     assert after.variables.get("callgate_reason") == "AUTHENTICATION_FAIL"  # its SIP device is gone
     assert after.sip_response[0] == 403
     assert not any(app == "bridge" for app, _ in after.executed)
 
 
-def test_a_top_up_turns_no_sufficient_fund_into_an_accepted_call(cli, api, engine, apply_to_engines):
+def test_a_top_up_turns_no_sufficient_fund_into_an_accepted_call(cli, api, engine, sync_worker):
     created = api.post(
         "/customers",
         json=customer_body(
@@ -142,7 +151,6 @@ def test_a_top_up_turns_no_sufficient_fund_into_an_accepted_call(cli, api, engin
         ),
     )
     assert created.status_code == 201, created.body
-    apply_to_engines()
     broke = _call_until(
         engine, "e2e-topup", lambda r: r.variables.get("callgate_reason") == "NO_SUFFICIENT_FUND"
     )
@@ -151,7 +159,6 @@ def test_a_top_up_turns_no_sufficient_fund_into_an_accepted_call(cli, api, engin
 
     refill = cli("admin", "refill", "add", "8800000002", "--amount", "5", "--reference", "e2e")
     assert refill.rc == 0, refill.err
-    apply_to_engines()
     funded = _call_until(engine, "e2e-topup", _accepted)
     assert _accepted(funded), funded.variables
     assert funded.sip_response == (200, "OK") and funded.variables["callgate_account"] == "8800000002"
