@@ -22,6 +22,12 @@ class SyncMetrics:
             buckets=LAG_BUCKETS,
             registry=r,
         )
+        self.catch_up_seconds = Histogram(
+            "callgate_sync_catch_up_duration_seconds",
+            "One catch-up: its PostgreSQL snapshot transaction and the Redis write",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
         self.changes_applied = Counter(
             "callgate_sync_changes_applied_total",
             "Entity changes applied to the Redis snapshot one by one, by entity type",
@@ -36,7 +42,7 @@ class SyncMetrics:
         )
         self.errors = Counter(
             "callgate_sync_errors_total",
-            "Failures of the sync worker, by kind (postgres, redis, conflict, apply, events)",
+            "Failures of the sync worker, by kind (postgres, redis, conflict, apply, events, sweep)",
             ["kind"],
             registry=r,
         )

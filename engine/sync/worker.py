@@ -280,7 +280,8 @@ class SyncWorker:
         """Apply everything committed since the Redis state (or publish anew); see the module docstring."""
         for attempt in range(1, _ATTEMPTS + 1):
             try:
-                return self._catch_up_once()
+                with self.metrics.catch_up_seconds.time():
+                    return self._catch_up_once()
             except StateMoved as exc:  # another writer moved the state: recompute from it
                 self.metrics.errors.labels("conflict").inc()
                 log.info("sync state moved meanwhile (attempt %d): %s", attempt, exc)
