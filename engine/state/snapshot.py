@@ -158,37 +158,37 @@ class SnapshotStamp(NamedTuple):
 # --- keys -----------------------------------------------------------------------------------
 
 
-def _k_current(prefix: str) -> str:
+def pointer_key(prefix: str) -> str:
     return f"{prefix}snapshot:current"
 
 
-def _k_next(prefix: str) -> str:
+def next_version_key(prefix: str) -> str:
     return f"{prefix}snapshot:next_version"
 
 
-def _k_versions(prefix: str) -> str:
+def versions_key(prefix: str) -> str:
     return f"{prefix}snapshot:versions"
 
 
-def _k_events(prefix: str) -> str:
+def events_key(prefix: str) -> str:
     return f"{prefix}snapshot:events"
 
 
-def _k_entity(prefix: str, version: int, name: str) -> str:
+def entity_hash_key(prefix: str, version: int, name: str) -> str:
     return f"{prefix}snapshot:{version}:{name}"
 
 
-def _k_meta(prefix: str, version: int) -> str:
+def meta_key(prefix: str, version: int) -> str:
     return f"{prefix}snapshot:{version}:meta"
 
 
-def _k_writer(prefix: str, version: int) -> str:
+def writer_key(prefix: str, version: int) -> str:
     return f"{prefix}snapshot:{version}:writer"
 
 
 def events_channel(prefix: str) -> str:
     """The pub/sub channel of snapshot and change events."""
-    return _k_events(prefix)
+    return events_key(prefix)
 
 
 def _str(value: bytes | str) -> str:
@@ -290,10 +290,10 @@ def publish_snapshot(
     if batch_size < 1 or keep_previous < 0:
         raise ValueError("batch_size must be >= 1 and keep_previous >= 0")
     rows = {name: _unique_rows(name, getattr(data, name)) for name in ENTITY_TYPES}
-    version = int(client.incr(_k_next(prefix)))
+    version = int(client.incr(next_version_key(prefix)))
     with client.pipeline(transaction=True) as pipe:
-        pipe.zadd(_k_versions(prefix), {str(version): version})
-        pipe.set(_k_writer(prefix, version), "1", px=WRITER_LEASE_MS)
+        pipe.zadd(versions_key(prefix), {str(version): version})
+        pipe.set(writer_key(prefix, version), "1", px=WRITER_LEASE_MS)
         pipe.execute()
     try:
         _write_entities(client, prefix, version, rows, batch_size)
@@ -320,11 +320,11 @@ def _write_entities(
     batch_size: int,
 ) -> None:
     """HSET all entities, ``batch_size`` rows per pipelined round trip (small types share one)."""
-    writer = _k_writer(prefix, version)
+    writer = writer_key(prefix, version)
     with client.pipeline(transaction=False) as pipe:
         pending = 0
         for name, (keys, items) in rows.items():
-            hash_key = _k_entity(prefix, version, name)
+            hash_key = entity_hash_key(prefix, version, name)
             for start in range(0, len(items), batch_size):
                 stop = start + batch_size
                 chunk = zip(keys[start:stop], items[start:stop], strict=True)
@@ -352,7 +352,7 @@ def _write_meta(
     for name, cls in ENTITY_TYPES.items():
         meta[f"count:{name}"] = counts[name]
         meta[f"schema:{name}"] = ",".join(schema(cls))
-    client.hset(_k_meta(prefix, version), mapping=meta)
+    client.hset(meta_key(prefix, version), mapping=meta)
     return token
 
 
@@ -362,12 +362,12 @@ def _switch(client: redis.Redis, prefix: str, version: int, token: str, counts: 
     payload = json.dumps({"type": "snapshot", "version": version, "token": token})
     result = client.register_script(_SWITCH_LUA)(
         keys=[
-            _k_current(prefix),
-            _k_meta(prefix, version),
-            _k_versions(prefix),
-            *(_k_entity(prefix, version, n) for n in names),
+            pointer_key(prefix),
+            meta_key(prefix, version),
+            versions_key(prefix),
+            *(entity_hash_key(prefix, version, n) for n in names),
         ],
-        args=[version, _k_events(prefix), payload, *(counts[n] for n in names)],
+        args=[version, events_key(prefix), payload, *(counts[n] for n in names)],
     )
     status, detail = int(result[0]), int(result[1])
     if status == 0:
@@ -383,11 +383,11 @@ def _cleanup(
     client: redis.Redis, prefix: str, current: int, keep_previous: int, grace_seconds: float
 ) -> None:
     """UNLINK versions no reader needs any more (see the module docstring)."""
-    versions = sorted(int(v) for v in client.zrange(_k_versions(prefix), 0, -1))
+    versions = sorted(int(v) for v in client.zrange(versions_key(prefix), 0, -1))
     with client.pipeline(transaction=False) as pipe:
         for v in versions:
-            pipe.hget(_k_meta(prefix, v), "published_at_ms")
-            pipe.exists(_k_writer(prefix, v))
+            pipe.hget(meta_key(prefix, v), "published_at_ms")
+            pipe.exists(writer_key(prefix, v))
         pipe.time()
         replies = pipe.execute()
     seconds, micros = replies[-1]
@@ -425,9 +425,9 @@ def _doomed(
 def _delete_versions(client: redis.Redis, prefix: str, versions: Iterable[int]) -> None:
     with client.pipeline(transaction=True) as pipe:
         for v in versions:
-            names = [_k_entity(prefix, v, n) for n in ENTITY_TYPES]
-            pipe.unlink(_k_meta(prefix, v), _k_writer(prefix, v), *names)
-            pipe.zrem(_k_versions(prefix), str(v))
+            names = [entity_hash_key(prefix, v, n) for n in ENTITY_TYPES]
+            pipe.unlink(meta_key(prefix, v), writer_key(prefix, v), *names)
+            pipe.zrem(versions_key(prefix), str(v))
         pipe.execute()
 
 
@@ -465,19 +465,19 @@ def apply_changes(
         if key in sets.get(name, {}):
             raise ValueError(f"{name} {key!r} is both upserted and deleted")
         dels.setdefault(name, []).append(key)
-    meta_key = _k_meta(prefix, version)
+    meta = meta_key(prefix, version)
     if not sets and not dels:
-        return int(client.hget(meta_key, "changes") or 0)
+        return int(client.hget(meta, "changes") or 0)
     with client.pipeline(transaction=True) as pipe:
-        pipe.watch(_k_current(prefix), meta_key)
+        pipe.watch(pointer_key(prefix), meta)
         _check_writable(pipe, prefix, version, list(sets))
-        changes = int(pipe.hget(meta_key, "changes") or 0) + 1
+        changes = int(pipe.hget(meta, "changes") or 0) + 1
         pipe.multi()
         for name, mapping in sets.items():
-            pipe.hset(_k_entity(prefix, version, name), mapping=mapping)
+            pipe.hset(entity_hash_key(prefix, version, name), mapping=mapping)
         for name, keys in dels.items():
-            pipe.hdel(_k_entity(prefix, version, name), *keys)
-        pipe.hset(meta_key, "changes", changes)
+            pipe.hdel(entity_hash_key(prefix, version, name), *keys)
+        pipe.hset(meta, "changes", changes)
         payload = {
             "type": "changes",
             "version": version,
@@ -485,21 +485,21 @@ def apply_changes(
             "upserts": {name: list(mapping) for name, mapping in sets.items()},
             "deletes": dels,
         }
-        pipe.publish(_k_events(prefix), json.dumps(payload))
+        pipe.publish(events_key(prefix), json.dumps(payload))
         pipe.execute()
     return changes
 
 
 def _check_writable(pipe: Any, prefix: str, version: int, names: list[str]) -> None:
     """In a WATCHed pipeline: ``version`` is current, complete, and uses this code's schemas."""
-    current = _int_or_none(pipe.get(_k_current(prefix)))
+    current = _int_or_none(pipe.get(pointer_key(prefix)))
     if current != version:
         raise SnapshotSuperseded(f"version {version} is not current (current: {current})")
     if not names:
-        if not pipe.exists(_k_meta(prefix, version)):
+        if not pipe.exists(meta_key(prefix, version)):
             raise SnapshotUnavailable(f"version {version} has no meta")
         return
-    stored = pipe.hmget(_k_meta(prefix, version), [f"schema:{n}" for n in names])
+    stored = pipe.hmget(meta_key(prefix, version), [f"schema:{n}" for n in names])
     for name, fields in zip(names, stored, strict=True):
         if fields is None:
             raise SnapshotUnavailable(f"version {version} has no meta/schema for {name}")
@@ -512,7 +512,7 @@ def _check_writable(pipe: Any, prefix: str, version: int, names: list[str]) -> N
 
 def current_version(client: redis.Redis, prefix: str) -> int | None:
     """The current snapshot version, or None if none was ever published."""
-    return _int_or_none(client.get(_k_current(prefix)))
+    return _int_or_none(client.get(pointer_key(prefix)))
 
 
 def current_stamp(client: redis.Redis, prefix: str) -> SnapshotStamp | None:
@@ -520,7 +520,7 @@ def current_stamp(client: redis.Redis, prefix: str) -> SnapshotStamp | None:
     version = current_version(client, prefix)
     if version is None:
         return None
-    token, changes = client.hmget(_k_meta(prefix, version), ["token", "changes"])
+    token, changes = client.hmget(meta_key(prefix, version), ["token", "changes"])
     return SnapshotStamp(version, None if token is None else _str(token), int(changes or 0))
 
 
@@ -651,18 +651,20 @@ def _fetch_version(
     on_round: Callable[[int, int], None] | None,
 ) -> RawSnapshot | None:
     """All hashes of ``version``; None if it vanished (or was not complete) meanwhile."""
-    meta = {_str(k): _str(v) for k, v in client.hgetall(_k_meta(prefix, version)).items()}
+    meta = {_str(k): _str(v) for k, v in client.hgetall(meta_key(prefix, version)).items()}
     if not meta:
         return None
     stamp = SnapshotStamp(version, meta.get("token"), int(meta.get("changes", 0)))
     if meta.get("codec", CODEC) != CODEC:
         raise SchemaMismatch(f"version {version} uses codec {meta['codec']!r}, this code reads {CODEC!r}")
     progress = None if on_round is None else lambda rows: on_round(version, rows)
-    fields = _scan_hashes(client, [_k_entity(prefix, version, n) for n in ENTITY_TYPES], scan_count, progress)
+    fields = _scan_hashes(
+        client, [entity_hash_key(prefix, version, n) for n in ENTITY_TYPES], scan_count, progress
+    )
     asked_at = time.monotonic()
     with client.pipeline(transaction=False) as pipe:
-        pipe.get(_k_current(prefix))
-        pipe.exists(_k_meta(prefix, version))
+        pipe.get(pointer_key(prefix))
+        pipe.exists(meta_key(prefix, version))
         pointer, exists = pipe.execute()
     if not exists:
         return None

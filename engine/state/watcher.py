@@ -51,8 +51,8 @@ from engine.state.snapshot import (
     RawSnapshot,
     SnapshotStamp,
     SnapshotUnavailable,
-    _k_entity,  # the snapshot's key layout, to fetch single entities
     current_stamp,
+    entity_hash_key,  # the snapshot's key layout, to fetch single entities
     events_channel,
     fetch_snapshot,
     gc_paused,
@@ -331,7 +331,7 @@ class SnapshotHolder(Generic[T]):
         ordered = {name: sorted(keys[name]) for name in names}
         with self._client.pipeline(transaction=False) as pipe:
             for name in names:
-                pipe.hmget(_k_entity(self._prefix, held.version, name), ordered[name])
+                pipe.hmget(entity_hash_key(self._prefix, held.version, name), ordered[name])
             replies = pipe.execute()
 
         def decode() -> tuple[list[Any], list[tuple[str, str]], dict[tuple[str, str], Any]]:

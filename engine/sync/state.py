@@ -43,12 +43,12 @@ from engine.state.codec import encode_entity, schema
 from engine.state.snapshot import (
     SchemaMismatch,
     SnapshotSuperseded,
-    _k_current,
-    _k_entity,
-    _k_events,
-    _k_meta,
+    entity_hash_key,
     entity_key,
     entity_name,
+    events_key,
+    meta_key,
+    pointer_key,
 )
 
 __all__ = [
@@ -141,7 +141,7 @@ return {state, current or false, token}
 def read_position(client: redis.Redis, prefix: str) -> tuple[SyncState | None, int | None, str | None]:
     """(sync state, current snapshot version, its token) in one round trip."""
     raw_state, current, token = client.register_script(_READ_LUA)(
-        keys=[state_key(prefix), _k_current(prefix)], args=[f"{prefix}snapshot:"]
+        keys=[state_key(prefix), pointer_key(prefix)], args=[f"{prefix}snapshot:"]
     )
     pairs = dict(zip(raw_state[0::2], raw_state[1::2], strict=True)) if raw_state else {}
     state = SyncState.from_redis(pairs) if pairs else None
@@ -168,12 +168,12 @@ def record_publish(
     Returns None (nothing written) if the pointer has moved on meanwhile.
     """
     with client.pipeline(transaction=True) as pipe:
-        pipe.watch(_k_current(prefix), _k_meta(prefix, version), state_key(prefix))
-        current = pipe.get(_k_current(prefix))
+        pipe.watch(pointer_key(prefix), meta_key(prefix, version), state_key(prefix))
+        current = pipe.get(pointer_key(prefix))
         if current is None or int(current) != version:
             return None
         token, changes, published = pipe.hmget(
-            _k_meta(prefix, version), ["token", "changes", "published_at_ms"]
+            meta_key(prefix, version), ["token", "changes", "published_at_ms"]
         )
         if token is None:
             return None
@@ -308,7 +308,7 @@ def apply_batch(
     spec = {
         "expect": [str(version), expected.token, expected.pg_snapshot, expected.source],
         "schemas": {name: ",".join(schema(ENTITY_TYPES[name])) for name in sets},
-        "hashes": _k_entity(prefix, version, ""),
+        "hashes": entity_hash_key(prefix, version, ""),
         "sets": {name: [item for pair in mapping.items() for item in pair] for name, mapping in sets.items()},
         "dels": dels,
         "before": {
@@ -327,9 +327,9 @@ def apply_batch(
             "sync": {"change_version": change_version, "change_at_ms": change_at_ms},
         },
         "maxlen": journal_maxlen,
-        "channel": _k_events(prefix),
+        "channel": events_key(prefix),
     }
-    keys = [state_key(prefix), _k_current(prefix), _k_meta(prefix, version), journal_key(prefix)]
+    keys = [state_key(prefix), pointer_key(prefix), meta_key(prefix, version), journal_key(prefix)]
     reply = _apply_script(client)(keys=keys, args=[json.dumps(spec, separators=(",", ":"))])
     code = int(reply[0])
     if code == -1:

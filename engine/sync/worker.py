@@ -42,7 +42,7 @@ from engine.config import Config
 from engine.db.loader import load_catalog, load_entities
 from engine.model import ENTITY_TYPES, CatalogData
 from engine.state.codec import decode_many, encode_entity, schema
-from engine.state.snapshot import _k_entity, _k_meta, current_version, entity_key
+from engine.state.snapshot import current_version, entity_hash_key, entity_key, meta_key
 from engine.sync import pg, publish_data
 from engine.sync.metrics import SyncMetrics, serve_metrics
 from engine.sync.persist import EventPersister
@@ -465,12 +465,14 @@ class SyncWorker:
 def _read_version(client: redis.Redis, prefix: str, version: int) -> dict[str, dict[str, Any]] | None:
     """Every entity of ``version`` as stored: name -> key -> encoded value, or decoded entities
     when the version was written with other field lists. None if it is not current (any more)."""
-    meta = {_text(k): _text(v) for k, v in client.hgetall(_k_meta(prefix, version)).items()}
+    meta = {_text(k): _text(v) for k, v in client.hgetall(meta_key(prefix, version)).items()}
     if not meta:
         return None
     found: dict[str, dict[str, Any]] = {}
     for name, cls in ENTITY_TYPES.items():
-        values = {_text(k): v for k, v in client.hscan_iter(_k_entity(prefix, version, name), count=10_000)}
+        values = {
+            _text(k): v for k, v in client.hscan_iter(entity_hash_key(prefix, version, name), count=10_000)
+        }
         written = meta.get(f"schema:{name}")
         if written and written != ",".join(schema(cls)):
             decoded = decode_many(cls, list(values.values()), tuple(written.split(","))) if values else []
