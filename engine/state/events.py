@@ -228,6 +228,9 @@ class EventPublisher:
         self._in_flight = 0
 
 
+EVENT_TYPES = ("first_use", "call_record")
+
+
 class _Counters:
     def __init__(self, registry: Any) -> None:
         from prometheus_client import Counter
@@ -244,3 +247,6 @@ class _Counters:
             ["type", "reason"],
             registry=registry,
         )
+        # Every series exists from the start, so dashboards see 0 rather than nothing.
+        for kind in EVENT_TYPES:
+            self.queued.labels(kind)
