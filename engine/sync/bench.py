@@ -1,4 +1,4 @@
-"""Measurements of the live sync (the numbers in docs/sync.md).
+"""Measurements of the live sync (the numbers in README.md (Live sync)).
 
     python -m engine.sync.bench lag  [--rate 500] [--seconds 20] [--accounts 10000] [--rates 100000]
     python -m engine.sync.bench load [--rates 1000000]
