@@ -207,36 +207,31 @@ def build_admin_parser() -> argparse.ArgumentParser:
     p = _json_flag(audit.add_parser("list", help="audit entries, newest first"))
     _model_options(p, s.AuditQuery)
 
+    def list_add_update_delete(
+        name: str, help_text: str, key: str, create: Any, update: Any, key_type: Callable[[str], Any] = str
+    ) -> None:
+        actions = group(name, help_text)
+        _json_flag(number(actions.add_parser("list")))
+        _model_options(_json_flag(number(actions.add_parser("add"))), create)
+        p = _json_flag(number(actions.add_parser("update")))
+        p.add_argument(key, type=key_type)
+        _model_options(p, update)
+        number(actions.add_parser("delete")).add_argument(key, type=key_type)
+
     # sub-resources
-    sip = group("sip-device", "SIP devices of an account")
-    _json_flag(number(sip.add_parser("list")))
-    p = _json_flag(number(sip.add_parser("add")))
-    _model_options(p, s.SipDeviceCreate)
-    p = _json_flag(number(sip.add_parser("update")))
-    p.add_argument("username")
-    _model_options(p, s.SipDeviceUpdate)
-    p = number(sip.add_parser("delete"))
-    p.add_argument("username")
-
-    ipmap = group("ip-map", "IP authentication (IP map) of an account")
-    _json_flag(number(ipmap.add_parser("list")))
-    p = _json_flag(number(ipmap.add_parser("add")))
-    _model_options(p, s.IpMapCreate)
-    p = _json_flag(number(ipmap.add_parser("update")))
-    p.add_argument("entry_id", type=int)
-    _model_options(p, s.IpMapUpdate)
-    p = number(ipmap.add_parser("delete"))
-    p.add_argument("entry_id", type=int)
-
-    cids = group("caller-id", "caller IDs of an account (the CLI pool's list)")
-    _json_flag(number(cids.add_parser("list")))
-    p = _json_flag(number(cids.add_parser("add")))
-    _model_options(p, s.CallerIdCreate)
-    p = _json_flag(number(cids.add_parser("update")))
-    p.add_argument("caller_id")
-    _model_options(p, s.CallerIdUpdate)
-    p = number(cids.add_parser("delete"))
-    p.add_argument("caller_id")
+    list_add_update_delete(
+        "sip-device", "SIP devices of an account", "username", s.SipDeviceCreate, s.SipDeviceUpdate
+    )
+    list_add_update_delete(
+        "ip-map", "IP authentication (IP map) of an account", "entry_id", s.IpMapCreate, s.IpMapUpdate, int
+    )
+    list_add_update_delete(
+        "caller-id",
+        "caller IDs of an account (the CLI pool's list)",
+        "caller_id",
+        s.CallerIdCreate,
+        s.CallerIdUpdate,
+    )
 
     forced = group("forced-caller-id", "the caller ID forced on an account's calls")
     _json_flag(number(forced.add_parser("show")))

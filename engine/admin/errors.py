@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,15 +17,21 @@ class FieldError:
 
 
 class AdminError(Exception):
+    """Subclasses name their HTTP status and error code: ``class X(AdminError, status=..., code=...)``."""
+
     status = 400
     code = "bad_request"
 
+    def __init_subclass__(cls, *, status: int | None = None, code: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.status = status
+        if code is not None:
+            cls.code = code
 
-class ValidationFailed(AdminError):
+
+class ValidationFailed(AdminError, status=422, code="validation_failed"):
     """One or more fields are invalid; nothing was written."""
-
-    status = 422
-    code = "validation_failed"
 
     def __init__(self, errors: Iterable[FieldError]) -> None:
         self.errors = list(errors)
@@ -35,20 +42,13 @@ class ValidationFailed(AdminError):
         return cls([FieldError(field, message)])
 
 
-class NotFound(AdminError):
+class NotFound(AdminError, status=404, code="not_found"):
     """The resource does not exist, or is outside the caller's scope (never told apart)."""
 
-    status = 404
-    code = "not_found"
 
-
-class Forbidden(AdminError):
+class Forbidden(AdminError, status=403, code="forbidden"):
     """The caller's scope does not allow the operation at all (e.g. a reseller creating a provider)."""
 
-    status = 403
-    code = "forbidden"
 
-
-class Unauthorized(AdminError):
-    status = 401
-    code = "unauthorized"
+class Unauthorized(AdminError, status=401, code="unauthorized"):
+    """The request carries no valid API token."""

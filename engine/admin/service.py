@@ -272,6 +272,34 @@ _RANGE_FILTERS = {
 _CHILD_IMAGE = "to_jsonb({t}.*) - 'updated_at' - 'change_version' - 'password'"
 
 
+@dataclass(frozen=True, slots=True)
+class _ChildTable:
+    """A per-account sub-resource table whose rows are found by one key column within the account."""
+
+    table: str
+    key_column: str
+    entity: str  # audit entity; the audit actions are `<entity>.create`, `.update` and `.delete`
+    label: str  # what a missing row is called in NotFound
+
+    def missing(self, key: str | int) -> str:
+        return f"{self.label} {key} not found"
+
+    def row_condition(self) -> sql.Composable:
+        return sql.SQL("account_id = %s AND {} = %s").format(sql.Identifier(self.key_column))
+
+    def locked_image_query(self) -> sql.Composable:
+        return sql.SQL("SELECT {} FROM {} WHERE {} FOR UPDATE").format(
+            sql.SQL(_CHILD_IMAGE.format(t=self.table)), sql.Identifier(self.table), self.row_condition()
+        )
+
+
+_SIP_DEVICES = _ChildTable("sip_devices", "username", "sip_device", "SIP device")
+_IP_MAP = _ChildTable("ip_map", "id", "ip_map", "IP map entry")
+_CALLER_IDS = _ChildTable("caller_ids", "number", "caller_id", "caller ID")
+_SPEED_DIALS = _ChildTable("speed_dials", "key", "speed_dial", "speed dial")
+_BLOCKED_CODES = _ChildTable("blocked_codes", "prefix", "blocked_code", "blocked code")
+
+
 class AdminService:
     """Customer management for one actor over one connection (autocommit; see module docstring)."""
 
@@ -859,9 +887,7 @@ class AdminService:
             if changed:
                 before = self._account_image(row["id"])
                 self._execute_write(
-                    sql.SQL("UPDATE accounts SET {} WHERE id = %s").format(
-                        sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in changed)
-                    ),
+                    sql.SQL("UPDATE accounts SET {} WHERE id = %s").format(_set_clause(changed)),
                     [*changed.values(), row["id"]],
                 )
                 self._audit(
@@ -1228,6 +1254,10 @@ class AdminService:
         with self.conn.cursor(row_factory=dict_row) as cur:
             return cur.execute(query, params).fetchall()
 
+    def _account_children(self, number: str, query: str) -> list[dict[str, Any]]:
+        """The rows `query` selects for the account `number` (its one parameter is the account's id)."""
+        return self._child_rows(query, [self._find(number)["id"]])
+
     def _child_write(
         self,
         account: Mapping[str, Any],
@@ -1262,6 +1292,82 @@ class AdminService:
         self._audit(action, entity, key, account["id"], before, after)
         return after if after is not None else before  # a removal returns what was removed
 
+    def _insert_child(
+        self, account: Mapping[str, Any], child: _ChildTable, key: str, values: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Insert the account's `child` row of `values` (audited as keyed `key`); the row's image."""
+        image = self._child_write(
+            account,
+            f"{child.entity}.create",
+            child.entity,
+            key,
+            sql.SQL("INSERT INTO {} (account_id, {}) VALUES (%s, {}) RETURNING {}").format(
+                sql.Identifier(child.table),
+                sql.SQL(", ").join(map(sql.Identifier, values)),
+                sql.SQL(", ").join(sql.Placeholder() * len(values)),
+                sql.SQL(_CHILD_IMAGE.format(t=child.table)),
+            ),
+            [account["id"], *values.values()],
+        )
+        assert image is not None
+        return image
+
+    def _add_child(
+        self, number: str, child: _ChildTable, key: str, values: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        with self.conn.transaction():
+            return self._insert_child(self._find(number, lock=True), child, key, values)
+
+    def _update_child(
+        self, number: str, child: _ChildTable, key: str, given: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Set `given` on the account's `child` row keyed `key` (audited); the row's image after."""
+        with self.conn.transaction():
+            account = self._find(number, lock=True)
+            where = [account["id"], key]
+            if given:
+                image = self._child_write(
+                    account,
+                    f"{child.entity}.update",
+                    child.entity,
+                    key,
+                    sql.SQL("UPDATE {} SET {} WHERE {} RETURNING {}").format(
+                        sql.Identifier(child.table),
+                        _set_clause(given),
+                        child.row_condition(),
+                        sql.SQL(_CHILD_IMAGE.format(t=child.table)),
+                    ),
+                    [*given.values(), *where],
+                    before_query=child.locked_image_query(),
+                    before_params=where,
+                )
+            else:
+                found = self.conn.execute(child.locked_image_query(), where).fetchone()
+                image = None if found is None else found[0]
+            if image is None:
+                raise NotFound(child.missing(key))
+        return image
+
+    def _delete_child(self, number: str, child: _ChildTable, key: str | int) -> None:
+        """Delete the account's `child` row keyed `key` (audited); NotFound if there is none."""
+        with self.conn.transaction():
+            account = self._find(number, lock=True)
+            where = [account["id"], key]
+            image = self._child_write(
+                account,
+                f"{child.entity}.delete",
+                child.entity,
+                str(key),
+                sql.SQL("DELETE FROM {} WHERE {} RETURNING NULL").format(
+                    sql.Identifier(child.table), child.row_condition()
+                ),
+                where,
+                before_query=child.locked_image_query(),
+                before_params=where,
+            )
+            if image is None:
+                raise NotFound(child.missing(key))
+
     # -- SIP devices
 
     _SIP_COLUMNS = (
@@ -1275,9 +1381,8 @@ class AdminService:
     )
 
     def list_sip_devices(self, number: str) -> list[s.SipDeviceOut]:
-        account = self._find(number)
-        rows = self._child_rows(
-            "SELECT * FROM sip_devices WHERE account_id = %s ORDER BY username", [account["id"]]
+        rows = self._account_children(
+            number, "SELECT * FROM sip_devices WHERE account_id = %s ORDER BY username"
         )
         return [s.SipDeviceOut(**r) for r in rows]
 
@@ -1292,78 +1397,25 @@ class AdminService:
             if password is None:
                 password = generated = numbers.generate_password(16)
             values = {c: getattr(data, c) for c in self._SIP_COLUMNS}
-            image = self._child_write(
-                account,
-                "sip_device.create",
-                "sip_device",
-                username,
-                sql.SQL(
-                    "INSERT INTO sip_devices (account_id, username, password, {}) VALUES (%s, %s, %s, {})"
-                    " RETURNING {}"
-                ).format(
-                    sql.SQL(", ").join(map(sql.Identifier, values)),
-                    sql.SQL(", ").join(sql.Placeholder() * len(values)),
-                    sql.SQL(_CHILD_IMAGE.format(t="sip_devices")),
-                ),
-                [account["id"], username, password, *values.values()],
+            image = self._insert_child(
+                account, _SIP_DEVICES, username, {"username": username, "password": password, **values}
             )
         return s.SipDeviceCreated(device=s.SipDeviceOut(**image), generated_password=generated)
 
     def update_sip_device(self, number: str, username: str, data: Any) -> s.SipDeviceOut:
-        given = data.model_dump(exclude_unset=True)
-        nulls = [k for k, v in given.items() if v is None]
-        if nulls:
-            raise ValidationFailed([FieldError(k, "must not be null") for k in nulls])
-        with self.conn.transaction():
-            account = self._find(number, lock=True)
-            where = [account["id"], username]
-            image_sql = sql.SQL(_CHILD_IMAGE.format(t="sip_devices"))
-            before_query = sql.SQL(
-                "SELECT {} FROM sip_devices WHERE account_id = %s AND username = %s FOR UPDATE"
-            ).format(image_sql)
-            if not given:
-                found = self.conn.execute(before_query, where).fetchone()
-                if found is None:
-                    raise NotFound(f"SIP device {username} not found")
-                return s.SipDeviceOut(**found[0])
-            image = self._child_write(
-                account,
-                "sip_device.update",
-                "sip_device",
-                username,
-                sql.SQL(
-                    "UPDATE sip_devices SET {} WHERE account_id = %s AND username = %s RETURNING {}"
-                ).format(
-                    sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in given), image_sql
-                ),
-                [*given.values(), *where],
-                before_query=before_query,
-                before_params=where,
-            )
-            if image is None:
-                raise NotFound(f"SIP device {username} not found")
+        image = self._update_child(number, _SIP_DEVICES, username, _non_null_changes(data))
         return s.SipDeviceOut(**image)
 
     def delete_sip_device(self, number: str, username: str) -> None:
-        self._delete_child(
-            number,
-            "sip_devices",
-            "sip_device.delete",
-            "sip_device",
-            username,
-            "username = %s",
-            [username],
-            f"SIP device {username} not found",
-        )
+        self._delete_child(number, _SIP_DEVICES, username)
 
     # -- IP map
 
     def list_ip_map(self, number: str) -> list[s.IpMapOut]:
-        account = self._find(number)
-        rows = self._child_rows(
+        rows = self._account_children(
+            number,
             "SELECT id, cidr::text AS cidr, tech_prefix, name, active FROM ip_map"
             " WHERE account_id = %s ORDER BY id",
-            [account["id"]],
         )
         return [s.IpMapOut(**r) for r in rows]
 
@@ -1371,17 +1423,16 @@ class AdminService:
         with self.conn.transaction():
             account = self._find(number, lock=True)
             self._ip_map_free(data.cidr, data.tech_prefix, None)
-            image = self._child_write(
+            image = self._insert_child(
                 account,
-                "ip_map.create",
-                "ip_map",
+                _IP_MAP,
                 f"{data.cidr} {data.tech_prefix}".strip(),
-                sql.SQL(
-                    "INSERT INTO ip_map (account_id, cidr, tech_prefix, name, active)"
-                    " VALUES (%s, %s, %s, %s, %s)"
-                    " RETURNING {}"
-                ).format(sql.SQL(_CHILD_IMAGE.format(t="ip_map"))),
-                [account["id"], data.cidr, data.tech_prefix, data.name, data.active],
+                {
+                    "cidr": data.cidr,
+                    "tech_prefix": data.tech_prefix,
+                    "name": data.name,
+                    "active": data.active,
+                },
             )
         return s.IpMapOut(**image)
 
@@ -1396,10 +1447,7 @@ class AdminService:
             )
 
     def update_ip_map(self, number: str, entry_id: int, data: Any) -> s.IpMapOut:
-        given = data.model_dump(exclude_unset=True)
-        nulls = [k for k, v in given.items() if v is None]
-        if nulls:
-            raise ValidationFailed([FieldError(k, "must not be null") for k in nulls])
+        given = _non_null_changes(data)
         with self.conn.transaction():
             account = self._find(number, lock=True)
             current = self._child_rows(
@@ -1420,7 +1468,7 @@ class AdminService:
                 "ip_map",
                 str(entry_id),
                 sql.SQL("UPDATE ip_map SET {} WHERE id = %s RETURNING {}").format(
-                    sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in given), image_sql
+                    _set_clause(given), image_sql
                 ),
                 [*given.values(), entry_id],
                 before_query=sql.SQL("SELECT {} FROM ip_map WHERE id = %s").format(image_sql),
@@ -1429,121 +1477,36 @@ class AdminService:
         return s.IpMapOut(**{**image, "id": entry_id})
 
     def delete_ip_map(self, number: str, entry_id: int) -> None:
-        self._delete_child(
-            number,
-            "ip_map",
-            "ip_map.delete",
-            "ip_map",
-            str(entry_id),
-            "id = %s",
-            [entry_id],
-            f"IP map entry {entry_id} not found",
-        )
-
-    def _delete_child(
-        self,
-        number: str,
-        table: str,
-        action: str,
-        entity: str,
-        key: str,
-        where: str,
-        params: Sequence[Any],
-        missing: str,
-    ) -> None:
-        with self.conn.transaction():
-            account = self._find(number, lock=True)
-            cond = sql.SQL("account_id = %s AND " + where)
-            image = self._child_write(
-                account,
-                action,
-                entity,
-                key,
-                sql.SQL("DELETE FROM {} WHERE {} RETURNING NULL").format(sql.Identifier(table), cond),
-                [account["id"], *params],
-                before_query=sql.SQL("SELECT {} FROM {} WHERE {} FOR UPDATE").format(
-                    sql.SQL(_CHILD_IMAGE.format(t=table)), sql.Identifier(table), cond
-                ),
-                before_params=[account["id"], *params],
-            )
-            if image is None:
-                raise NotFound(missing)
+        self._delete_child(number, _IP_MAP, entry_id)
 
     # -- caller IDs (the CLI pool's list)
 
     def list_caller_ids(self, number: str) -> list[s.CallerIdOut]:
-        account = self._find(number)
-        rows = self._child_rows(
-            "SELECT * FROM caller_ids WHERE account_id = %s ORDER BY number", [account["id"]]
+        rows = self._account_children(
+            number, "SELECT * FROM caller_ids WHERE account_id = %s ORDER BY number"
         )
         return [s.CallerIdOut(**r) for r in rows]
 
     def add_caller_id(self, number: str, data: s.CallerIdCreate) -> s.CallerIdOut:
-        with self.conn.transaction():
-            account = self._find(number, lock=True)
-            image = self._child_write(
-                account,
-                "caller_id.create",
-                "caller_id",
-                data.number,
-                sql.SQL(
-                    "INSERT INTO caller_ids (account_id, number, description, active) VALUES (%s, %s, %s, %s)"
-                    " RETURNING {}"
-                ).format(sql.SQL(_CHILD_IMAGE.format(t="caller_ids"))),
-                [account["id"], data.number, data.description, data.active],
-            )
+        image = self._add_child(
+            number,
+            _CALLER_IDS,
+            data.number,
+            {"number": data.number, "description": data.description, "active": data.active},
+        )
         return s.CallerIdOut(**image)
 
     def update_caller_id(self, number: str, caller_id: str, data: Any) -> s.CallerIdOut:
-        given = data.model_dump(exclude_unset=True)
-        nulls = [k for k, v in given.items() if v is None]
-        if nulls:
-            raise ValidationFailed([FieldError(k, "must not be null") for k in nulls])
-        with self.conn.transaction():
-            account = self._find(number, lock=True)
-            image_sql = sql.SQL(_CHILD_IMAGE.format(t="caller_ids"))
-            before_query = sql.SQL(
-                "SELECT {} FROM caller_ids WHERE account_id = %s AND number = %s FOR UPDATE"
-            ).format(image_sql)
-            where = [account["id"], caller_id]
-            if not given:
-                found = self.conn.execute(before_query, where).fetchone()
-                if found is None:
-                    raise NotFound(f"caller ID {caller_id} not found")
-                return s.CallerIdOut(**found[0])
-            image = self._child_write(
-                account,
-                "caller_id.update",
-                "caller_id",
-                caller_id,
-                sql.SQL("UPDATE caller_ids SET {} WHERE account_id = %s AND number = %s RETURNING {}").format(
-                    sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in given), image_sql
-                ),
-                [*given.values(), *where],
-                before_query=before_query,
-                before_params=where,
-            )
-            if image is None:
-                raise NotFound(f"caller ID {caller_id} not found")
+        image = self._update_child(number, _CALLER_IDS, caller_id, _non_null_changes(data))
         return s.CallerIdOut(**image)
 
     def delete_caller_id(self, number: str, caller_id: str) -> None:
-        self._delete_child(
-            number,
-            "caller_ids",
-            "caller_id.delete",
-            "caller_id",
-            caller_id,
-            "number = %s",
-            [caller_id],
-            f"caller ID {caller_id} not found",
-        )
+        self._delete_child(number, _CALLER_IDS, caller_id)
 
     # -- forced caller ID
 
     def get_forced_caller_id(self, number: str) -> s.ForcedCallerIdOut:
-        account = self._find(number)
-        rows = self._child_rows("SELECT * FROM forced_caller_ids WHERE account_id = %s", [account["id"]])
+        rows = self._account_children(number, "SELECT * FROM forced_caller_ids WHERE account_id = %s")
         if not rows:
             raise NotFound(f"account {number} has no forced caller ID")
         return s.ForcedCallerIdOut(**rows[0])
@@ -1592,8 +1555,7 @@ class AdminService:
     # -- DIDs
 
     def list_dids(self, number: str) -> list[s.DidOut]:
-        account = self._find(number)
-        rows = self._child_rows("SELECT * FROM dids WHERE account_id = %s ORDER BY number", [account["id"]])
+        rows = self._account_children(number, "SELECT * FROM dids WHERE account_id = %s ORDER BY number")
         return [s.DidOut(**r) for r in rows]
 
     def _did_destination_problem(self, account_id: int, dtype: str, destination: str) -> FieldError | None:
@@ -1641,10 +1603,7 @@ class AdminService:
         return s.DidOut(**image)
 
     def update_did(self, number: str, did_number: str, data: s.DidUpdate) -> s.DidOut:
-        given = data.model_dump(exclude_unset=True)
-        nulls = [k for k, v in given.items() if v is None]
-        if nulls:
-            raise ValidationFailed([FieldError(k, "must not be null") for k in nulls])
+        given = _non_null_changes(data)
         with self.conn.transaction():
             account = self._find(number, lock=True)
             current = self._child_rows(
@@ -1668,7 +1627,7 @@ class AdminService:
                 "did",
                 did_number,
                 sql.SQL("UPDATE dids SET {} WHERE id = %s RETURNING {}").format(
-                    sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(k)) for k in given), image_sql
+                    _set_clause(given), image_sql
                 ),
                 [*given.values(), current[0]["id"]],
                 before_query=sql.SQL("SELECT {} FROM dids WHERE id = %s").format(image_sql),
@@ -1701,9 +1660,8 @@ class AdminService:
     # -- speed dials
 
     def list_speed_dials(self, number: str) -> list[s.SpeedDialOut]:
-        account = self._find(number)
-        rows = self._child_rows(
-            "SELECT key, number FROM speed_dials WHERE account_id = %s ORDER BY key", [account["id"]]
+        rows = self._account_children(
+            number, "SELECT key, number FROM speed_dials WHERE account_id = %s ORDER BY key"
         )
         return [s.SpeedDialOut(**r) for r in rows]
 
@@ -1731,54 +1689,24 @@ class AdminService:
         return s.SpeedDialOut(key=image["key"], number=image["number"])
 
     def delete_speed_dial(self, number: str, key: str) -> None:
-        self._delete_child(
-            number,
-            "speed_dials",
-            "speed_dial.delete",
-            "speed_dial",
-            key,
-            "key = %s",
-            [key],
-            f"speed dial {key} not found",
-        )
+        self._delete_child(number, _SPEED_DIALS, key)
 
     # -- blocked codes
 
     def list_blocked_codes(self, number: str) -> list[s.BlockedCodeOut]:
-        account = self._find(number)
-        rows = self._child_rows(
-            "SELECT prefix, description FROM blocked_codes WHERE account_id = %s ORDER BY prefix",
-            [account["id"]],
+        rows = self._account_children(
+            number, "SELECT prefix, description FROM blocked_codes WHERE account_id = %s ORDER BY prefix"
         )
         return [s.BlockedCodeOut(**r) for r in rows]
 
     def add_blocked_code(self, number: str, data: s.BlockedCodeCreate) -> s.BlockedCodeOut:
-        with self.conn.transaction():
-            account = self._find(number, lock=True)
-            image = self._child_write(
-                account,
-                "blocked_code.create",
-                "blocked_code",
-                data.prefix,
-                sql.SQL(
-                    "INSERT INTO blocked_codes (account_id, prefix, description) VALUES (%s, %s, %s)"
-                    " RETURNING {}"
-                ).format(sql.SQL(_CHILD_IMAGE.format(t="blocked_codes"))),
-                [account["id"], data.prefix, data.description],
-            )
+        image = self._add_child(
+            number, _BLOCKED_CODES, data.prefix, {"prefix": data.prefix, "description": data.description}
+        )
         return s.BlockedCodeOut(prefix=image["prefix"], description=image["description"])
 
     def delete_blocked_code(self, number: str, prefix: str) -> None:
-        self._delete_child(
-            number,
-            "blocked_codes",
-            "blocked_code.delete",
-            "blocked_code",
-            prefix,
-            "prefix = %s",
-            [prefix],
-            f"blocked code {prefix} not found",
-        )
+        self._delete_child(number, _BLOCKED_CODES, prefix)
 
     # -- alert threshold
 
@@ -1804,9 +1732,7 @@ class AdminService:
             if changed:
                 before = self._account_image(row["id"])
                 self._execute_write(
-                    sql.SQL("UPDATE accounts SET {} WHERE id = %s").format(
-                        sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in changed)
-                    ),
+                    sql.SQL("UPDATE accounts SET {} WHERE id = %s").format(_set_clause(changed)),
                     [*changed.values(), row["id"]],
                 )
                 self._audit(
@@ -1822,11 +1748,10 @@ class AdminService:
     # -- provider trunks
 
     def list_trunks(self, number: str) -> list[s.TrunkOut]:
-        account = self._find(number)
-        rows = self._child_rows(
+        rows = self._account_children(
+            number,
             "SELECT t.name, g.name AS gateway, t.active, t.precedence, t.max_channels, t.cps FROM trunks t"
             " JOIN gateways g ON g.id = t.gateway_id WHERE t.provider_id = %s ORDER BY t.name",
-            [account["id"]],
         )
         return [s.TrunkOut(**r) for r in rows]
 
@@ -2111,6 +2036,20 @@ _RULE_INPUTS = {
     "valid_days": {"expiry_from_first_use"},
     "non_cli_rate_group": {"cli_pool"},
 }
+
+
+def _non_null_changes(data: Any) -> dict[str, Any]:
+    """The fields an update request sets; none of them may be set to null."""
+    given = data.model_dump(exclude_unset=True)
+    nulls = [k for k, v in given.items() if v is None]
+    if nulls:
+        raise ValidationFailed([FieldError(k, "must not be null") for k in nulls])
+    return given
+
+
+def _set_clause(values: Mapping[str, Any]) -> sql.Composable:
+    """`col = %s, ...` for the columns of `values`, in their order."""
+    return sql.SQL(", ").join(sql.SQL("{} = %s").format(sql.Identifier(c)) for c in values)
 
 
 def _touched(field_name: str, given: Mapping[str, Any]) -> bool:
