@@ -32,8 +32,6 @@ log = logging.getLogger("callgate.call")
 decision_log = logging.getLogger("callgate.decision")
 
 BRIDGE_FAILED_CAUSE = "NORMAL_TEMPORARY_FAILURE"
-# Only these events are decoded; the rest (~150 headers each) are skipped by name.
-EVENTS_FOLLOWED = frozenset({"CHANNEL_HANGUP_COMPLETE", "CHANNEL_EXECUTE_COMPLETE"})
 
 
 @dataclass
@@ -159,20 +157,28 @@ class CallHandler:
             return False
         if kind == "text/disconnect-notice":
             return frame.headers.get("Content-Disposition") != "linger"
-        if kind == "text/event-plain" and frame.event_name in EVENTS_FOLLOWED:
-            return self._handle_event(conn, record, frame.event())
+        if kind == "text/event-plain":
+            return self._handle_event(conn, record, frame)
         return False
 
-    def _handle_event(self, conn: EslConnection, record: CallRecord, event: dict[str, str]) -> bool:
-        if event.get("Event-Name") == "CHANNEL_HANGUP_COMPLETE":
-            record.hangup_cause = event.get("Hangup-Cause", "")
+    def _handle_event(self, conn: EslConnection, record: CallRecord, frame: Frame) -> bool:
+        # Events are read header by header: a full decode costs ~100 µs and an accepted call
+        # brings a dozen events, of which two or three headers matter.
+        name = frame.event_name
+        if name == "CHANNEL_HANGUP_COMPLETE":
+            record.hangup_cause = frame.event_header("Hangup-Cause") or ""
             return True
-        bridge_failed = event.get("Application") == "bridge" and event.get("Answer-State") != "hangup"
-        if bridge_failed:
+        if name == "CHANNEL_EXECUTE_COMPLETE" and self._bridge_failed(frame):
             # Every route failed; the parked call would otherwise wait for park_timeout.
-            cause = event.get("variable_originate_disposition") or BRIDGE_FAILED_CAUSE
+            cause = frame.event_header("variable_originate_disposition") or BRIDGE_FAILED_CAUSE
             conn.send(sendmsg_hangup(_hangup_cause(cause)))
         return False
+
+    @staticmethod
+    def _bridge_failed(frame: Frame) -> bool:
+        return (
+            frame.event_header("Application") == "bridge" and frame.event_header("Answer-State") != "hangup"
+        )
 
     def _observe(self, record: CallRecord, seconds: float) -> None:
         decision = record.decision

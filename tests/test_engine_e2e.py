@@ -383,3 +383,19 @@ def test_explain_shows_the_steps_and_the_engine_s_answer(environment) -> None:
     accepted = run_cli(["explain", "--ip", "10.20.0.9", "--dest", "55441234567890", "--json"], environment)
     assert accepted.returncode == 0, accepted.stderr
     assert '"dial_string": "[leg_timeout=60]sofia/gateway/gw-b1/441234567890|' in accepted.stdout
+
+
+def test_when_every_route_fails_the_engine_hangs_the_parked_call_up(engine: EngineProcess) -> None:
+    result = call(
+        engine,
+        destination="442071234567",
+        sip_auth_username="alice",
+        answering_targets=lambda target: "USER_BUSY",
+    )
+    # One sendmsg per executed app, plus the engine's `call-command: hangup` after the failed bridge,
+    # with the bridge's own failure cause (FreeSWITCH answers USER_BUSY as 486).
+    assert result.commands.count("sendmsg") == len(result.executed) + 1
+    assert result.executed[-1][0] == "bridge"
+    assert (result.hangup_cause, result.sip_response) == ("USER_BUSY", (486, "Busy Here"))
+    assert len(result.attempted_targets) == 3  # every gateway of every route was tried
+    assert result.engine_closed

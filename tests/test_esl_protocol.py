@@ -886,3 +886,30 @@ def test_nul_in_argument_is_refused() -> None:
         sendmsg_execute("log", "a\x00b")
     with pytest.raises(ValueError, match="NUL"):
         set_variable("a", "b\x00")
+
+
+def test_event_header_reads_one_header_like_event_does() -> None:
+    frames = [
+        f for f in parse_all(fs_stream("bridged_call_wire.txt")) if f.content_type == "text/event-plain"
+    ]
+    assert frames
+    for frame in frames:
+        decoded = frame.event()
+        for name in (
+            "Event-Name",
+            "Application",
+            "Answer-State",
+            "Hangup-Cause",
+            "Unique-ID",
+            "Absent-Header",
+        ):
+            assert frame.event_header(name) == decoded.get(name)
+
+
+def test_event_header_never_reads_the_inner_body_or_a_value() -> None:
+    body = (
+        b"Event-Name: CUSTOM\nX-Note: a%0AApplication%3A%20bridge\nContent-Length: 19\n\nApplication: bridge"
+    )
+    frame = Frame({"Content-Type": "text/event-plain", "Content-Length": str(len(body))}, body)
+    assert frame.event_header("Application") is None
+    assert frame.event_header("X-Note") == "a\nApplication: bridge"

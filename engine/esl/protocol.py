@@ -179,6 +179,30 @@ class Frame:
             return decode_value(line.removesuffix("\r"))
         return self.event().get("Event-Name", "")
 
+    def event_header(self, name: str) -> str | None:
+        """One decoded header of an event frame, found without parsing the whole body.
+
+        The first occurrence counts (as in :meth:`event`); None when absent. A header line
+        cannot be faked by a value: values are percent-encoded, so they hold no newline.
+        """
+        if self.content_type != "text/event-plain":
+            return None
+        body = self.body
+        needle = name.encode() + b": "
+        if body.startswith(needle):
+            start = len(needle)
+        else:
+            found = body.find(b"\n" + needle)
+            if found < 0:
+                return None
+            start = found + 1 + len(needle)
+        headers_end = body.find(b"\n\n")
+        if 0 <= headers_end < start:
+            return None  # past the headers: inside the event's own body
+        end = body.find(b"\n", start)
+        raw = body[start : end if end >= 0 else len(body)].decode("utf-8", errors="replace")
+        return decode_value(raw.removesuffix("\r"))
+
     def reply_ok(self) -> bool:
         return self.content_type == "command/reply" and self.reply_text.startswith("+OK")
 
