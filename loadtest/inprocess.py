@@ -1,0 +1,193 @@
+"""The engine's whole per-call path in one process, without TCP: CPU per call and a profile.
+
+A real :class:`engine.runtime.Engine` (configuration from ``CALLGATE_*``, snapshot and limits
+in Redis) handles calls one after the other over a socket pair; the other end is the load
+driver's FreeSWITCH model (:class:`loadtest.driver._Call`) replaying the emulator's bytes.
+Nothing else runs, so the CPU time per call is the engine's own (accept and the TCP
+handshake excepted), and cProfile attributes it deterministically (a sampling profiler
+such as py-spy misattributes much of a gevent process's time to ``Hub.run``).
+
+    python -m loadtest.inprocess --calls 2000 [--profile] [--patches lazy-events,...]
+
+The dataset is published under a private prefix of the Redis in ``--redis`` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+from loadtest.dataset import CallMix, Scale, ensure_published
+from loadtest.driver import CommandSplitter, FsLibrary, _Call
+
+SMALL = Scale(accounts=1_000, rates=10_000, groups=10, termination_rates=10_000)
+
+
+class InProcessEngine:
+    """An Engine whose calls are fed over socket pairs, one at a time."""
+
+    def __init__(self, redis_url: str, prefix: str, lib: FsLibrary) -> None:
+        import gevent.socket  # noqa: F401  (the engine's sockets below are gevent's)
+
+        from engine.config import load_config
+        from engine.esl.server import listening_socket
+        from engine.runtime import Engine
+
+        environ = dict(os.environ)
+        environ.pop("CALLGATE_CONFIG", None)
+        environ.update(
+            CALLGATE_REDIS_URL=redis_url,
+            CALLGATE_REDIS__KEY_PREFIX=prefix,
+            CALLGATE_METRICS__LISTEN_PORT="0",
+            CALLGATE_LOGGING__DECISION_LEVEL="DEBUG",
+            CALLGATE_ENGINE__LISTEN_PORT="0",
+        )
+        config = load_config(environ=environ)
+        self._listener = listening_socket("127.0.0.1", 0)
+        self.engine = Engine(config, self._listener)
+        self.engine.load_initial_snapshot()
+        # The snapshot watcher does not run here (its Redis waits would block the hub): the
+        # loaded snapshot stays "confirmed" so that calls are decided, not refused as stale.
+        self.engine.snapshots.confirmed_age = lambda: 0.0
+        self.handler = self.engine.server._handler
+        self.lib = lib
+
+    def call(self, plan: Any) -> str:
+        """One call through the engine's handler; returns the outcome the switch saw."""
+        import gevent
+        from gevent import socket as gsocket
+
+        from engine.esl.connection import EslConnection
+
+        engine_side, switch_side = gsocket.socketpair()
+        conn = EslConnection(engine_side)
+        uuid = os.urandom(16).hex()
+        uuid = f"{uuid[:8]}-{uuid[8:12]}-4{uuid[13:16]}-8{uuid[17:20]}-{uuid[20:32]}"
+        worker = gevent.spawn(self._serve, conn)
+        model = _Call(self.lib, uuid.encode())
+        splitter = CommandSplitter()
+        connected = False
+        try:
+            while True:
+                data = switch_side.recv(65536)
+                if not data:
+                    break
+                blocks = splitter.feed(data)
+                if not blocks:
+                    continue
+                if not connected:
+                    connected = True
+                    out = self.lib.connect_reply(plan, uuid) + model.feed(blocks[1:])
+                else:
+                    out = model.feed(blocks)
+                if out:
+                    switch_side.sendall(out)
+                if model.bridged and not model.over:
+                    switch_side.sendall(model.hangup())
+        finally:
+            switch_side.close()
+            worker.join()
+        return model.outcome
+
+    def _serve(self, conn: Any) -> None:
+        try:
+            self.handler(conn, ("127.0.0.1", 0))
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.engine.redis.close()
+        self._listener.close()
+
+
+def run(
+    calls: int, *, redis_url: str, scale: Scale, kinds: dict[str, float], profile: bool
+) -> dict[str, Any]:
+    import redis
+
+    from loadtest.driver import record_library
+
+    prefix = f"cginproc:{os.getpid()}:"
+    client = redis.Redis.from_url(redis_url)
+    ensure_published(client, prefix, scale, log=lambda _m: None)
+    lib = record_library()
+    engine = InProcessEngine(redis_url, prefix, lib)
+    mix = CallMix(scale, kinds, seed=5)
+    plans = mix.take(calls + 200)
+    try:
+        for plan in plans[:200]:  # warm-up
+            engine.call(plan)
+        profiler = cProfile.Profile(time.process_time) if profile else None
+        outcomes: dict[str, int] = {}
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        if profiler:
+            profiler.enable()
+        for plan in plans[200:]:
+            outcome = engine.call(plan)
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if profiler:
+            profiler.disable()
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    finally:
+        engine.close()
+        from loadtest.dataset import drop_prefix
+
+        drop_prefix(client, prefix)
+        client.close()
+    result: dict[str, Any] = {
+        "calls": calls,
+        "cpu_per_call_us": cpu / calls * 1e6,
+        "wall_per_call_us": wall / calls * 1e6,
+        "outcomes": outcomes,
+        "note": "CPU of this process: the engine's handler and the switch model (about 60 us/call)",
+    }
+    if profiler:
+        out = io.StringIO()
+        stats = pstats.Stats(profiler, stream=out)
+        stats.sort_stats("tottime").print_stats(35)
+        stats.sort_stats("cumulative").print_stats(45)
+        result["profile"] = out.getvalue()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    description = __doc__.split("\n\n")[0]
+    parser = argparse.ArgumentParser(prog="python -m loadtest.inprocess", description=description)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--mix", default="accept", help="'default', 'accept' or class=weight,...")
+    parser.add_argument("--no-limits", action="store_true", help="dataset without any limit")
+    parser.add_argument("--accounts", type=int, default=SMALL.accounts)
+    parser.add_argument("--rates", type=int, default=SMALL.rates)
+    parser.add_argument("--groups", type=int, default=SMALL.groups)
+    parser.add_argument("--profile", action="store_true", help="cProfile the calls")
+    parser.add_argument("--patches", default="", help="loadtest.patched_engine patches to apply first")
+    args = parser.parse_args(argv)
+    from loadtest.driver import _parse_mix
+
+    if args.patches:
+        from loadtest.patched_engine import apply
+
+        apply([p for p in args.patches.split(",") if p])
+    scale = replace(
+        SMALL, limits=not args.no_limits, accounts=args.accounts, rates=args.rates, groups=args.groups
+    )
+    kinds = _parse_mix(args.mix)
+    result = run(args.calls, redis_url=args.redis, scale=scale, kinds=kinds, profile=args.profile)
+    profile = result.pop("profile", "")
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    if profile:
+        print(profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

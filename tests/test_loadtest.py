@@ -1,0 +1,599 @@
+"""Correctness of the load-test harness itself (loadtest/, not the engine's speed).
+
+The dataset is deterministic and exercises every call class; the floor and greenswitch
+baselines answer the FreeSWITCH emulator properly; the lean driver speaks the emulator's
+bytes and reaches the same decisions; the lab driver's ESL handling works against an
+emulated inbound socket that originates; percentiles are nearest-rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import queue
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import gevent
+import pytest
+import redis
+
+from engine.decision import Accept
+from engine.esl.channel import call_request
+from engine.esl.protocol import EslParser
+from engine.model import CallRequest
+from engine.rules import Catalog, DecisionContext, RulesConfig, decide
+from engine.state.codec import encode_entity
+from engine.state.snapshot import read_snapshot
+from loadtest import dataset, driver, lab, stats
+from loadtest.dataset import CallMix, CallPlan, Scale, generate
+from loadtest.fsemu import CallSpec, InboundServer, Switch, place_call
+from loadtest.profile import summarize_collapsed
+
+TINY = Scale(accounts=1_000, rates=2_000, groups=4, trunks=10, termination_rates=2_000)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def library() -> driver.FsLibrary:
+    return driver.record_library()
+
+
+@pytest.fixture(scope="module")
+def tiny_catalog() -> Catalog:
+    return Catalog.build(generate(TINY))
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def _encoded(data) -> dict[str, list[bytes]]:
+    return {name: [encode_entity(e) for e in getattr(data, name)] for name in dataset.ENTITY_NAMES}
+
+
+def test_dataset_is_deterministic() -> None:
+    first, second = generate(TINY), generate(TINY)
+    assert _encoded(first) == _encoded(second)
+    assert first.version == second.version == dataset.scale_fingerprint(TINY)
+    other = generate(replace(TINY, seed=2))
+    assert _encoded(other) != _encoded(first)
+    assert dataset.scale_fingerprint(replace(TINY, seed=2)) != dataset.scale_fingerprint(TINY)
+
+
+def test_dataset_has_the_requested_scale() -> None:
+    data = generate(TINY)
+    customers = TINY.accounts
+    assert len([a for a in data.accounts if a.number.isdigit()]) == customers
+    assert len(data.trunks) == TINY.trunks
+    assert len(data.origination_rates) == TINY.groups * TINY.prefixes
+    assert len({(r.rate_group_id, r.prefix) for r in data.origination_rates}) == len(data.origination_rates)
+    assert len(data.ip_map) + len(data.sip_devices) == customers - TINY.reseller_count
+
+
+def test_call_mix_is_deterministic_and_weighted() -> None:
+    first = CallMix(TINY, seed=5).take(3000)
+    assert first == CallMix(TINY, seed=5).take(3000)
+    assert first != CallMix(TINY, seed=6).take(3000)
+    kinds = {p.kind for p in first}
+    assert kinds == set(dataset.DEFAULT_MIX)
+    accepted = sum(p.kind in dataset.ACCEPTED_CLASSES for p in first) / len(first)
+    assert 0.80 < accepted < 0.90
+    held = CallMix(TINY, {"accept": 1, "no_funds": 1}, hold=(2.0, 4.0), seed=1).take(200)
+    assert all(2.0 <= p.hold <= 4.0 for p in held if p.kind == "accept")
+    assert all(p.hold == 0 for p in held if p.kind == "no_funds")
+    with pytest.raises(ValueError):
+        CallMix(TINY, {"nonsense": 1.0})
+
+
+EXPECTED = {
+    "accept": "accept",
+    "accept_ip": "accept",
+    "auth_fail": "AUTHENTICATION_FAIL",
+    "inactive": "ACCOUNT_INACTIVE",
+    "expired": "ACCOUNT_EXPIRED",
+    "no_funds": "NO_SUFFICIENT_FUND",
+    "no_origination": "ORIGINATION_RATE_NOT_FOUND",
+    "no_termination": "TERMINATION_RATE_NOT_FOUND",
+    "bad_destination": "NO_ROUTE_DESTINATION",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(EXPECTED))
+def test_each_call_class_gets_its_decision_from_the_rules(kind: str, tiny_catalog: Catalog) -> None:
+    ctx = DecisionContext(now=datetime.now(UTC), rng=random.Random(1), config=RulesConfig())
+    for plan in CallMix(TINY, {kind: 1.0}, seed=3).take(25):
+        request = CallRequest(
+            uuid="x",
+            destination=plan.destination,
+            sip_auth_username=plan.sip_auth_username,
+            network_ip=plan.network_ip,
+        )
+        decision = decide(request, tiny_catalog, ctx)
+        got = "accept" if isinstance(decision, Accept) else decision.reason.value
+        assert got == EXPECTED[kind], (plan, decision)
+
+
+def test_dataset_published_into_redis_reads_back(redis_url: str, key_prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        version = dataset.ensure_published(client, key_prefix, TINY, log=lambda _m: None)
+        assert dataset.published_fingerprint(client, key_prefix) == dataset.scale_fingerprint(TINY)
+        # A second call finds it current and publishes nothing.
+        assert dataset.ensure_published(client, key_prefix, TINY, log=pytest.fail) == version
+        back = read_snapshot(client, key_prefix)
+        data = generate(TINY)
+        for name in dataset.ENTITY_NAMES:
+            assert len(getattr(back, name)) == len(getattr(data, name)), name
+    finally:
+        client.close()
+
+
+# --------------------------------------------------------------------------- the baselines
+
+
+@contextlib.contextmanager
+def floor_server(kind: str = "accept") -> Iterator[int]:
+    from loadtest.floor import make_server
+
+    server = make_server("127.0.0.1", 0, kind=kind)
+    server.start()
+    try:
+        yield server.server_port
+    finally:
+        server.stop(timeout=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def greenswitch_server() -> Iterator[int]:
+    from loadtest.greenswitch_app import make_server
+
+    port = _free_port()
+    server = make_server("127.0.0.1", port)
+    listener = gevent.spawn(server.listen)
+    gevent.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.stop()
+        listener.join(timeout=2)
+
+
+def _emulated_call(port: int, **extra) -> object:
+    spec = CallSpec(destination="441234567890", sip_auth_username="u1000120", **extra)
+    return place_call("127.0.0.1", port, spec, timeout=5)
+
+
+def test_floor_server_answers_the_emulator() -> None:
+    from loadtest.floor import DIAL_STRING, VARIABLES
+
+    with floor_server() as port:
+        result = _emulated_call(port)
+    assert result.error is None, result.error
+    assert result.commands[:3] == ["connect", "myevents", "linger"]
+    assert result.variables == dict(VARIABLES)
+    assert result.bridged_target == DIAL_STRING.split("|")[0].split("]", 1)[1]
+    assert result.sip_response == (200, "OK")
+    assert result.engine_closed and result.decision_latency is not None
+    assert "CHANNEL_HANGUP_COMPLETE" in result.events
+
+
+def test_floor_server_reject_variant() -> None:
+    with floor_server("reject") as port:
+        result = _emulated_call(port)
+    assert result.error is None, result.error
+    assert result.sip_response == (403, "Forbidden")
+    assert result.variables == {"callgate_reason": "AUTHENTICATION_FAIL"}
+    assert result.engine_closed
+
+
+def test_greenswitch_baseline_answers_the_emulator() -> None:
+    from loadtest.floor import VARIABLES
+
+    with greenswitch_server() as port:
+        result = _emulated_call(port, hold_seconds=0.05)
+    assert result.error is None, result.error
+    assert result.commands[:3] == ["connect", "myevents", "linger"]
+    assert result.variables == dict(VARIABLES)
+    assert result.bridged_target is not None and result.sip_response == (200, "OK")
+    assert "CHANNEL_HANGUP_COMPLETE" in result.events
+    assert result.commands[-1] == "exit"  # greenswitch ends the session with exit
+    assert result.decision_latency is not None
+
+
+# --------------------------------------------------------------------------- the lean driver
+
+
+def test_driver_connect_reply_is_the_emulators_channel_data(library: driver.FsLibrary) -> None:
+    plan = CallPlan("accept", "+441234567890", sip_auth_username="u1000120", network_ip="198.51.100.7")
+    data = library.connect_reply(plan, "11111111-2222-4333-8444-555555555555")
+    frames = EslParser().feed(data)
+    assert len(frames) == 1 and frames[0].reply_ok()
+    request = call_request(frames[0].channel_data())
+    assert request.uuid == "11111111-2222-4333-8444-555555555555"
+    assert request.destination == "+441234567890"
+    assert request.sip_auth_username == "u1000120"
+    assert request.network_ip == "198.51.100.7"
+    by_ip = EslParser().feed(
+        library.connect_reply(CallPlan("accept_ip", "4412", network_ip="10.0.0.7"), "u" * 36)
+    )
+    assert call_request(by_ip[0].channel_data()).sip_auth_username == ""
+    # Same header names, in the same order, as the emulator writes for such a call.
+    emulator = _emulator_channel_data_names()
+    assert [n for n in frames[0].headers if not n.startswith("variable_sip_auth")] == [
+        n for n in emulator if not n.startswith("variable_sip_auth")
+    ]
+
+
+def _emulator_channel_data_names() -> list[str]:
+    seen: list[list[str]] = []
+
+    def engine(sock, _addr) -> None:
+        sock.sendall(b"connect\n\n")
+        data = b""
+        while b"\n\n" not in data:
+            data += sock.recv(65536)
+        seen.append(list(EslParser().feed(data[: data.index(b"\n\n") + 2])[0].headers))
+        sock.close()
+
+    from gevent.server import StreamServer
+
+    server = StreamServer(("127.0.0.1", 0), engine)
+    server.start()
+    try:
+        place_call(
+            "127.0.0.1", server.server_port, CallSpec(destination="4412", sip_auth_username="u1"), timeout=2
+        )
+    finally:
+        server.stop()
+    return seen[0]
+
+
+def test_driver_library_parts(library: driver.FsLibrary) -> None:
+    assert library.names("bridge_start") == [
+        "CHANNEL_EXECUTE:bridge",
+        "CHANNEL_PROGRESS",
+        "CHANNEL_ANSWER",
+        "CHANNEL_BRIDGE",
+    ]
+    assert library.names("bridge_end")[-2:] == ["CHANNEL_HANGUP_COMPLETE", "text/disconnect-notice"]
+    assert library.names("reject")[0] == "CHANNEL_EXECUTE:respond"
+    roundtrip = driver.FsLibrary.from_json(json.loads(json.dumps(library.to_json())))
+    assert roundtrip.bridge_end == library.bridge_end and roundtrip.connect_auth == library.connect_auth
+
+
+def test_driver_call_model_replies_and_events(library: driver.FsLibrary) -> None:
+    call = driver._Call(library, b"a" * 36)
+    batch = (
+        b"myevents\n\nlinger\n\n"
+        b"sendmsg\ncall-command: execute\nexecute-app-name: set\n"
+        b"execute-app-arg: callgate_reason=NO_SUFFICIENT_FUND\n\n"
+        b"sendmsg\ncall-command: execute\nexecute-app-name: respond\n"
+        b"execute-app-arg: 402 Payment Required\n\n"
+    )
+    out = call.feed(driver.CommandSplitter().feed(batch))
+    frames, rest = driver.split_frames(out)
+    assert rest == b""
+    replies = [f for f in frames if f.startswith(b"Content-Type: command/reply")]
+    assert [r.split(b"Reply-Text: ")[1].split(b"\n")[0] for r in replies] == [
+        b"+OK Events Enabled",
+        b"+OK will linger",
+        b"+OK",
+        b"+OK",
+    ]
+    names = [driver._event_name(f) for f in frames if f not in replies]
+    assert names[0] == "CHANNEL_PARK" and "CHANNEL_HANGUP_COMPLETE" in names
+    assert call.decided and call.over and call.outcome == "NO_SUFFICIENT_FUND"
+    assert b"a" * 36 in out and driver.SENTINEL_UUID.encode() not in out
+
+
+def test_driver_honours_nixevent(library: driver.FsLibrary) -> None:
+    call = driver._Call(library, b"b" * 36)
+    unread = "CHANNEL_EXECUTE CHANNEL_PARK CHANNEL_PROGRESS CHANNEL_ANSWER CHANNEL_BRIDGE CHANNEL_STATE"
+    batch = (
+        f"myevents\n\nlinger\n\nnixevent {unread}\n\n".encode()
+        + b"sendmsg\ncall-command: execute\nexecute-app-name: bridge\nexecute-app-arg: sofia/gateway/g/1\n\n"
+    )
+    out = call.feed(driver.CommandSplitter().feed(batch)) + call.hangup()
+    names = [driver._event_name(f) for f in driver.split_frames(out)[0] if b"command/reply" not in f[:40]]
+    assert "CHANNEL_PARK" not in names and "CHANNEL_EXECUTE:bridge" not in names
+    assert "CHANNEL_EXECUTE_COMPLETE:bridge" in names and "CHANNEL_HANGUP_COMPLETE" in names
+
+
+def test_command_splitter_and_frame_splitter_across_reads() -> None:
+    splitter = driver.CommandSplitter()
+    data = b"linger\n\nsendmsg\ncall-command: execute\nContent-Length: 5\n\nhello\n\nexit\n\n"
+    blocks = []
+    for i in range(len(data)):
+        blocks += splitter.feed(data[i : i + 1])
+    assert [b.split(b"\n")[0] for b in blocks] == [b"linger", b"sendmsg", b"exit"]
+    assert blocks[1].endswith(b"hello")
+    stream = b"Content-Type: command/reply\nReply-Text: +OK\n\nContent-Length: 3\nContent-Type: x\n\nabc"
+    frames, rest = driver.split_frames(stream[:-1])
+    assert len(frames) == 1 and rest.endswith(b"ab")
+    frames, rest = driver.split_frames(stream)
+    assert len(frames) == 2 and rest == b""
+
+
+def test_lean_driver_and_emulator_reach_the_same_decisions(library: driver.FsLibrary) -> None:
+    with floor_server() as port:
+        plan = CallPlan("accept", "441234567890", sip_auth_username="u1000120", hold=0.05)
+        latency, outcome, error = driver.place(("127.0.0.1", port), plan, library, timeout=5)
+        assert error is None and outcome == "accept" and latency is not None
+        emulated = _emulated_call(port)
+        assert emulated.bridged_target and emulated.error is None
+    with floor_server("reject") as port:
+        latency, outcome, error = driver.place(("127.0.0.1", port), plan, library, timeout=5)
+        assert (outcome, error) == ("AUTHENTICATION_FAIL", None)
+    with greenswitch_server() as port:
+        latency, outcome, error = driver.place(("127.0.0.1", port), plan, library, timeout=5)
+        assert (outcome, error) == ("accept", None)
+
+
+def test_driver_reports_refused_connections(library: driver.FsLibrary) -> None:
+    latency, _outcome, error = driver.place(
+        ("127.0.0.1", _free_port()), CallPlan("accept", "44"), library, timeout=1
+    )
+    assert latency is None and error.startswith("connect")
+
+
+def test_open_loop_run_against_the_floor(library: driver.FsLibrary) -> None:
+    with floor_server() as port:
+        config = driver.LoadConfig(
+            target=("127.0.0.1", port),
+            cps=200,
+            duration=1.0,
+            warmup=0.25,
+            mix={"accept": 1.0},
+            hold=0.1,
+            scale=TINY,
+        )
+        records = driver.run_load(config, lib=library)
+    result = driver.report(records, config)
+    assert result["calls"] == 150 and result["errors"] == 0
+    assert result["outcomes"] == {"accept": 150}
+    assert 0 < result["latency"]["p50_ms"] < 50
+    assert result["achieved_cps"] == pytest.approx(200, rel=0.01)
+
+
+def test_callgate_under_the_driver(redis_url: str, key_prefix: str, library: driver.FsLibrary) -> None:
+    """The harness end to end: dataset in Redis, `callgate serve`, the driver's mix."""
+    client = redis.Redis.from_url(redis_url)
+    dataset.ensure_published(client, key_prefix, TINY, log=lambda _m: None)
+    client.close()
+    port = _free_port()
+    env = dict(
+        os.environ,
+        CALLGATE_REDIS_URL=redis_url,
+        CALLGATE_REDIS__KEY_PREFIX=key_prefix,
+        CALLGATE_ENGINE__LISTEN_PORT=str(port),
+        CALLGATE_METRICS__LISTEN_PORT="0",
+        CALLGATE_LOGGING__DECISION_LEVEL="DEBUG",
+    )
+    env.pop("CALLGATE_CONFIG", None)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "callgate"), "serve"],
+        env=env,
+        cwd="/tmp",
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        from loadtest.run import probe_call
+
+        deadline = time.monotonic() + 20
+        while probe_call(("127.0.0.1", port), library) != "accept":
+            assert time.monotonic() < deadline and proc.poll() is None, "callgate did not become ready"
+            time.sleep(0.1)
+        weights = {k: 1.0 for k in EXPECTED}
+        config = driver.LoadConfig(
+            target=("127.0.0.1", port), cps=150, duration=1.5, warmup=0.0, mix=weights, scale=TINY, seed=3
+        )
+        records = driver.run_load(config, lib=library)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    result = driver.report(records, config)
+    assert result["errors"] == 0, result["error_kinds"]
+    for kind, outcomes in result["outcomes_by_class"].items():
+        assert set(outcomes) == {EXPECTED[kind]}, (kind, outcomes)
+
+
+# --------------------------------------------------------------------------- the lab driver
+
+
+class OriginatingSwitch(Switch):
+    """An emulated switch whose inbound socket also runs ``originate``: destinations
+    starting with 0 are refused by "callgate" (403), the others answered and held."""
+
+    hold = 0.05
+
+    def api(self, command: str) -> str:
+        if not command.startswith("originate "):
+            return super().api(command)
+        arg = command[len("originate ") :]
+        variables = dict(item.split("=", 1) for item in arg[arg.index("{") + 1 : arg.index("}")].split(","))
+        dial = arg[arg.index("}") + 1 :].split(" ", 1)[0]
+        dest = dial.split("/")[2].split("@")[0]
+        uuid = variables["origination_uuid"]
+        refused = dest.startswith("0")
+        gevent.spawn_later(0.005, self._events, uuid, variables, refused)
+        return "-ERR CALL_REJECTED\n" if refused else f"+OK {uuid}\n"
+
+    def _events(self, uuid: str, variables: dict[str, str], refused: bool) -> None:
+        created = int(time.time() * 1e6)
+        if not refused:
+            self.fire(
+                "CHANNEL_ANSWER", uuid, lambda seq: [("Event-Name", "CHANNEL_ANSWER"), ("Unique-ID", uuid)]
+            )
+            gevent.sleep(self.hold)
+        b_leg = [
+            ("Event-Name", "CHANNEL_HANGUP_COMPLETE"),
+            ("Unique-ID", "b-" + uuid[2:]),
+            ("Hangup-Cause", "CALL_REJECTED" if refused else "NORMAL_CLEARING"),
+            ("variable_sip_h_X-Cgload-Call", variables["sip_h_X-Cgload-Call"]),
+            (
+                "variable_callgate_reason" if refused else "variable_callgate_account",
+                "ORIGINATION_RATE_NOT_FOUND" if refused else variables["sip_h_P-Accountcode"],
+            ),
+        ]
+        self.fire("CHANNEL_HANGUP_COMPLETE", "b-" + uuid[2:], lambda seq: b_leg)
+        ended = int(time.time() * 1e6)
+        a_leg = [
+            ("Event-Name", "CHANNEL_HANGUP_COMPLETE"),
+            ("Unique-ID", uuid),
+            ("Hangup-Cause", "CALL_REJECTED" if refused else "NORMAL_CLEARING"),
+            ("Caller-Channel-Created-Time", str(created)),
+            ("Caller-Channel-Answered-Time", "0" if refused else str(created + 1500)),
+            ("Caller-Channel-Hangup-Time", str(ended)),
+            ("variable_sip_term_status", "403" if refused else "200"),
+        ]
+        self.fire("CHANNEL_HANGUP_COMPLETE", uuid, lambda seq: a_leg)
+
+
+@contextlib.contextmanager
+def originating_inbound() -> Iterator[tuple[str, int]]:
+    """The emulated inbound socket in its own thread (and gevent hub): the lab driver's
+    clients block in C or in plain sockets."""
+    ready: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def serve() -> None:
+        server = InboundServer(OriginatingSwitch(), password="labpass").start()
+        ready.put(server.address)
+        while not stop.is_set():
+            gevent.sleep(0.02)
+        server.stop()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield ready.get(timeout=5)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+CLIENTS = ["pure"]
+with contextlib.suppress(ImportError):
+    import ESL  # noqa: F401
+
+    CLIENTS.append("python-esl")
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_lab_driver_against_an_emulated_inbound_socket(client: str) -> None:
+    plans = iter(
+        [
+            CallPlan("accept", "441234567890", sip_auth_username="u1000120"),
+            CallPlan("no_origination", "0123456789", sip_auth_username="u1000121"),
+        ]
+        * 20
+    )
+    options = lab.LabOptions(
+        target="sofia/external/{dest}@127.0.0.1:5080", cps=40, duration=0.5, hold=0.05, drain=3
+    )
+    with originating_inbound() as (host, port):
+        with pytest.raises(ConnectionError):
+            lab.connect(host, port, "wrong", client)
+        conn = lab.connect(host, port, "labpass", client)
+        try:
+            calls = lab.run_lab(conn, plans, options)
+        finally:
+            conn.disconnect()
+    assert len(calls) == 20
+    assert all(c.done for c in calls)
+    accepted = [c for c in calls if c.plan.kind == "accept"]
+    refused = [c for c in calls if c.plan.kind != "accept"]
+    assert {c.outcome for c in accepted} == {"accept"}
+    assert all(c.callgate.get("callgate_account") == "1000120" for c in accepted)
+    assert all(c.job_result.startswith("+OK") for c in accepted)
+    assert {c.outcome for c in refused} == {"ORIGINATION_RATE_NOT_FOUND"}
+    assert all(c.sip_status == "403" and c.job_result.startswith("-ERR") for c in refused)
+    assert all(c.setup_seconds is not None and c.setup_seconds >= 0 for c in calls)
+    summary = lab.report(calls, options)
+    assert summary["outcomes"] == {"accept": 10, "ORIGINATION_RATE_NOT_FOUND": 10}
+
+
+def test_lab_originate_arguments() -> None:
+    options = lab.LabOptions(target="sofia/external/{dest}@10.0.0.1:5080", hold=2.5)
+    text = lab.originate_args(CallPlan("accept", "4412", sip_auth_username="u1000120"), "U-1", options)
+    assert text.startswith("{origination_uuid=U-1,")
+    assert "sip_h_X-Cgload-Call=U-1" in text and "sip_h_P-Accountcode=1000120" in text
+    assert text.endswith("}sofia/external/4412@10.0.0.1:5080 &playback(silence_stream://2500)")
+    assert lab.account_of(CallPlan("accept_ip", "44", network_ip=dataset.account_ip(70_007))) == "1070007"
+
+
+def test_pure_client_parses_encoded_events_and_bodies() -> None:
+    raw = (
+        b"Event-Name: BACKGROUND_JOB\nJob-UUID: j1\nJob-Command-Arg: %7Bx%3Dy%7D\n"
+        b"Content-Length: 11\n\n+OK abc-def"
+    )
+    event = lab.PyEslConnection._event({"Content-Type": "text/event-plain"}, raw)
+    assert event.getHeader("Job-Command-Arg") == "{x=y}"
+    assert event.getBody() == "+OK abc-def"
+    assert event.getType() == "BACKGROUND_JOB"
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_nearest_rank_percentiles() -> None:
+    values = list(range(1, 101))
+    random.Random(1).shuffle(values)
+    got = stats.percentiles(values, (0, 50, 90, 99, 99.9, 100))
+    assert got == {"p0": 1, "p50": 50, "p90": 90, "p99": 99, "p99.9": 100, "p100": 100}
+    assert stats.percentile([7.0], 99.9) == 7.0
+    assert math.isnan(stats.percentile([], 50))
+    assert stats.percentile(sorted(range(1, 1001)), 99.9) == 999
+    with pytest.raises(ValueError):
+        stats.percentile([1], 101)
+
+
+def test_summary_in_milliseconds() -> None:
+    summary = stats.summarize([0.001, 0.002, 0.003, 0.004])
+    assert summary["count"] == 4
+    assert summary["p50_ms"] == pytest.approx(2.0) and summary["p99_ms"] == pytest.approx(4.0)
+    assert summary["mean_ms"] == pytest.approx(2.5) and summary["max_ms"] == pytest.approx(4.0)
+    assert stats.summarize([]) == {"count": 0}
+
+
+def test_report_counts_only_the_window() -> None:
+    config = driver.LoadConfig(target=("127.0.0.1", 1), cps=10, duration=3, warmup=1)
+    records = [
+        driver.CallRecord("accept", due, 0.0, 0.002, "accept", None, due + 0.01)
+        for due in (0.5, 1.0, 1.5, 2.9)
+    ] + [driver.CallRecord("accept", 2.0, 0.0, None, "", "connect: refused", 2.0)]
+    result = driver.report(records, config)
+    assert result["calls"] == 4 and result["decided"] == 3 and result["errors"] == 1
+    assert result["achieved_cps"] == pytest.approx(1.5)
+    assert result["error_kinds"] == {"connect": 1}
+
+
+def test_held_calls_hold_time() -> None:
+    from loadtest.run import held_hold_seconds
+
+    assert held_hold_seconds(1000, 10_000, {"accept": 1.0}) == pytest.approx(10.0)
+    assert held_hold_seconds(1000, 10_000, {"accept": 0.5, "no_funds": 0.5}) == pytest.approx(20.0)
+
+
+def test_profile_summary_of_collapsed_stacks() -> None:
+    text = "a (x.py:1);b (y.py:2) 3\na (x.py:1);c (z.py:3) 1\n"
+    summary = summarize_collapsed(text)
+    assert summary["samples"] == 4
+    assert summary["inclusive"]["a (x.py)"] == 4 and summary["self"]["b (y.py)"] == 3
