@@ -10,6 +10,7 @@ import socket
 import time
 from pathlib import Path
 
+import gevent
 import pytest
 
 from loadtest.fsemu import CallSpec, place_call
@@ -399,3 +400,20 @@ def test_when_every_route_fails_the_engine_hangs_the_parked_call_up(engine: Engi
     assert (result.hangup_cause, result.sip_response) == ("USER_BUSY", (486, "Busy Here"))
     assert len(result.attempted_targets) == 3  # every gateway of every route was tried
     assert result.engine_closed
+
+
+def test_over_capacity_a_call_is_answered_degraded_at_once(environment, tmp_path: Path) -> None:
+    process = EngineProcess({**environment, "CALLGATE_ENGINE__MAX_CONNECTIONS": "1"}).start(
+        tmp_path / "serve.log"
+    )
+    try:
+        held = gevent.spawn(
+            call, process, destination="442071234567", sip_auth_username="alice", hold_seconds=2.0
+        )
+        gevent.sleep(0.5)  # the first call is up and holds the only slot
+        refused = call(process, destination="442071234567", sip_auth_username="alice")
+        assert held.get(timeout=10).executed[-1][0] == "bridge"
+    finally:
+        process.stop()
+    assert refused.variables == {"callgate_reason": "ENGINE_DEGRADED"}
+    assert refused.sip_response == (503, "Service Unavailable")
