@@ -39,10 +39,6 @@ class CallServer:
         self._max_frame_bytes = max_frame_bytes
         self._server = StreamServer(listener, self._accept)
 
-    @property
-    def address(self) -> tuple:
-        return self._server.address
-
     def _accept(self, sock: socket.socket, peer: tuple) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = EslConnection(sock, self._max_frame_bytes)
