@@ -3,7 +3,8 @@
 The sequence for every call:
 1. send `connect`, read the CHANNEL_DATA reply (deadline: engine.connect_timeout);
 2. decide (pure rules on the in-memory snapshot; deadline: engine.decision_deadline);
-3. one write: myevents, linger, the variables, then `bridge` or `respond`;
+3. one write: myevents, nixevent, linger, the variables, then `bridge` or `respond`
+   (engine.esl.commands);
 4. read until CHANNEL_HANGUP_COMPLETE (a bare linger never ends on its own), then close.
 A peer that stalls or sends garbage is dropped; the dialplan then fails the call closed.
 """

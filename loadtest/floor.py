@@ -3,8 +3,9 @@
 Per call it does exactly the protocol work callgate cannot avoid, and no more: accept
 the connection (gevent ``StreamServer``, TCP_NODELAY, the same backlog as the engine),
 send ``connect``, wait for the end of the CHANNEL_DATA block (without parsing it), write
-one fixed pipelined decision (``myevents``, ``linger``, nine ``set``, ``bridge`` over ten
-targets: the shape and size of callgate's answer for an ordinary accepted call), then cut
+one fixed pipelined decision (``myevents``, ``nixevent``, ``linger``, one ``multiset`` of
+nine variables, ``bridge`` over ten targets: the commands, shape and size of callgate's
+answer for an ordinary accepted call, from ``engine.esl.commands``), then cut
 FreeSWITCH's output into frames by ``Content-Length`` until CHANNEL_HANGUP_COMPLETE (or a
 non-linger disconnect notice) and close. No Redis, no rules, no decoding of values.
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+
+from engine.esl.commands import bridge_batch, respond_batch
 
 READ_SIZE = 65536
 LISTEN_BACKLOG = 4096  # as engine.esl.server
@@ -42,21 +45,13 @@ DIAL_STRING = "|".join(
 )
 
 
-def _execute(app: str, arg: str) -> str:
-    return f"sendmsg\ncall-command: execute\nexecute-app-name: {app}\nexecute-app-arg: {arg}\n\n"
-
-
 def decision(kind: str = "accept") -> bytes:
-    """The fixed decision written for every call."""
-    head = "myevents\n\nlinger\n\n"
+    """The fixed decision written for every call, in the engine's own command shapes."""
     if kind == "reject":
-        return (
-            head
-            + _execute("set", "callgate_reason=AUTHENTICATION_FAIL")
-            + _execute("respond", "403 Forbidden")
-        ).encode()
-    sets = "".join(_execute("set", f"{name}={value}") for name, value in VARIABLES)
-    return (head + sets + _execute("bridge", DIAL_STRING)).encode()
+        batch = respond_batch([("callgate_reason", "AUTHENTICATION_FAIL")], 403, "Forbidden")
+    else:
+        batch = bridge_batch(VARIABLES, DIAL_STRING)
+    return batch.payload
 
 
 _HANGUP_COMPLETE = b"Event-Name: CHANNEL_HANGUP_COMPLETE"

@@ -2,12 +2,13 @@
 
 A minimal application on greenswitch's ``OutboundESLServer`` (v0.0.19), used the way its
 README shows: the server sends ``connect`` and hands the session to the application, which
-sends ``myevents`` and ``linger``, sets the floor's nine variables with
-``call_command('set', ...)`` and bridges to the floor's ten targets, then waits for
+sends ``myevents``, ``nixevent`` and ``linger``, sets the floor's nine variables with one
+``call_command('multiset', ...)`` (the engine's commands, engine.esl.commands) and bridges
+to the floor's ten targets, then waits for
 CHANNEL_HANGUP_COMPLETE; greenswitch then sends ``exit`` and closes.
 
 What greenswitch does per call, by design (see the reference notes, section 2.1): three
-greenlets per call, one command at a time (each ``send`` waits for its ``+OK``: twelve round
+greenlets per call, one command at a time (each ``send`` waits for its ``+OK``: five round
 trips instead of one pipelined write), every event read line by line and fully
 URL-decoded, and an accept loop that polls a non-blocking ``accept()`` and sleeps 100 ms
 whenever nothing is pending (listen backlog 100). ``max_connections`` is raised from
@@ -26,6 +27,7 @@ import sys
 import gevent
 import gevent.event
 
+from engine.esl.commands import UNREAD_EVENTS, multiset_argument
 from loadtest.floor import DIAL_STRING, VARIABLES
 
 HANGUP_TIMEOUT = 4 * 3600.0  # as engine.hangup_timeout
@@ -51,9 +53,9 @@ class Authorize:
         session.register_handle("DISCONNECT", self._on_disconnect)
         try:
             session.myevents()
+            session.send("nixevent " + " ".join(UNREAD_EVENTS))
             session.linger()
-            for name, value in VARIABLES:
-                session.call_command("set", f"{name}={value}")
+            session.call_command("multiset", multiset_argument(VARIABLES))
             session.call_command("bridge", DIAL_STRING)
         except Exception:  # the caller went away meanwhile (greenswitch raises several kinds)
             return

@@ -13,6 +13,7 @@ from pathlib import Path
 import gevent
 import pytest
 
+from engine.esl.commands import FOLLOWED_EVENTS
 from loadtest.fsemu import CallSpec, place_call
 from tests.support import EngineProcess, engine_environment, prepare_database, publish, run_cli
 
@@ -214,6 +215,15 @@ def test_sip_device_call_is_bridged_with_failover_across_both_carriers(engine: E
         max_duration=6000,
         routes="carrier-a,carrier-b",
     )
+
+
+def test_freeswitch_sends_only_what_the_engine_reads(engine: EngineProcess) -> None:
+    result = call(engine, destination="442071234567", sip_auth_username="alice")
+    assert [app for app, _ in result.executed] == ["multiset", "bridge"]
+    assert set(result.events) <= set(FOLLOWED_EVENTS), result.events
+    assert result.events[-1] == "CHANNEL_HANGUP_COMPLETE"
+    # the first reply is the connect reply's
+    assert result.replies[1:] == ["+OK Events Enabled", "+OK events nixed", "+OK will linger", "+OK", "+OK"]
 
 
 def test_ip_map_call_strips_the_tech_prefix(engine: EngineProcess) -> None:

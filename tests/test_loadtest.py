@@ -30,6 +30,7 @@ import redis
 
 from engine.decision import Accept
 from engine.esl.channel import call_request
+from engine.esl.commands import FOLLOWED_EVENTS
 from engine.esl.protocol import EslParser
 from engine.model import CallRequest
 from engine.rules import Catalog, DecisionContext, RulesConfig, decide
@@ -185,8 +186,9 @@ def test_floor_server_answers_the_emulator() -> None:
     with floor_server() as port:
         result = _emulated_call(port)
     assert result.error is None, result.error
-    assert result.commands[:3] == ["connect", "myevents", "linger"]
+    assert [c.split(" ")[0] for c in result.commands[:4]] == ["connect", "myevents", "nixevent", "linger"]
     assert result.variables == dict(VARIABLES)
+    assert set(result.events) <= set(FOLLOWED_EVENTS)  # the engine's subscription
     assert result.bridged_target == DIAL_STRING.split("|")[0].split("]", 1)[1]
     assert result.sip_response == (200, "OK")
     assert result.engine_closed and result.decision_latency is not None
@@ -208,7 +210,7 @@ def test_greenswitch_baseline_answers_the_emulator() -> None:
     with greenswitch_server() as port:
         result = _emulated_call(port, hold_seconds=0.05)
     assert result.error is None, result.error
-    assert result.commands[:3] == ["connect", "myevents", "linger"]
+    assert [c.split(" ")[0] for c in result.commands[:4]] == ["connect", "myevents", "nixevent", "linger"]
     assert result.variables == dict(VARIABLES)
     assert result.bridged_target is not None and result.sip_response == (200, "OK")
     assert "CHANNEL_HANGUP_COMPLETE" in result.events
