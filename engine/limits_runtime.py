@@ -1,4 +1,4 @@
-"""The engine's side of the shared limits: build the limiter from config, release, background jobs."""
+"""The engine's side of the shared limits: build the limiter, batch the releases, background jobs."""
 
 from __future__ import annotations
 
@@ -7,16 +7,20 @@ from collections.abc import Callable
 
 import gevent
 import gevent.event
+import gevent.lock
 import redis
 
 from engine.config import Config, LimitsSettings, parse_switch_address
 from engine.metrics import EngineMetrics
 from engine.reconcile import ReconcileReport, SwitchAddress, reconcile
+from engine.state.direct import DirectConnections
 from engine.state.limits import FailOpenLimiter, Limiter, LimitResult, LimitsUnavailable
 
 log = logging.getLogger("callgate.limits")
 
 RESYNC_INTERVAL = 1.0
+RELEASE_WINDOW = 0.002  # seconds a release batch gathers after its first call end
+RELEASE_BATCH_MAX = 256  # a batch this large is sent without waiting for the window
 
 
 def switch_addresses(settings: LimitsSettings) -> list[SwitchAddress]:
@@ -26,9 +30,15 @@ def switch_addresses(settings: LimitsSettings) -> list[SwitchAddress]:
     ]
 
 
-def build_limiter(config: Config, client: redis.Redis, metrics: EngineMetrics) -> Limiter | FailOpenLimiter:
+def build_limiter(
+    config: Config, client: redis.Redis, metrics: EngineMetrics, direct: DirectConnections | None = None
+) -> Limiter | FailOpenLimiter:
     limiter = Limiter(
-        client, config.redis.key_prefix, margin_seconds=config.limits.margin_seconds, timer=metrics.redis_call
+        client,
+        config.redis.key_prefix,
+        margin_seconds=config.limits.margin_seconds,
+        timer=metrics.redis_call,
+        direct=direct,
     )
     if not config.limits.fail_open:
         return limiter
@@ -49,18 +59,82 @@ def limit_result_observer(metrics: EngineMetrics) -> Callable[[LimitResult], Non
     return observe
 
 
-def releaser(limiter: Limiter | FailOpenLimiter, metrics: EngineMetrics) -> Callable[[str], None]:
-    """Release a call's slots at its end; a failure is left to the deadline and the reconciler."""
+class ReleaseBatcher:
+    """Releases calls' slots at their end in batches: one pipelined round trip per window.
 
-    def release(call_uuid: str) -> None:
+    ``release`` only queues the uuid; ``run`` (a background greenlet) waits for the first
+    one, gathers for ``window`` seconds (or until ``max_batch`` are queued) and releases
+    them with ``limiter.release_many``. A slot is held a few milliseconds longer, which the
+    limits cannot notice. A failed batch is logged and left to the slots' deadlines and
+    the reconciler; ``flush`` releases what is still queued at shutdown.
+    """
+
+    def __init__(
+        self,
+        limiter: Limiter | FailOpenLimiter,
+        *,
+        window: float = RELEASE_WINDOW,
+        max_batch: int = RELEASE_BATCH_MAX,
+    ) -> None:
+        self.limiter = limiter
+        self.window = window
+        self.max_batch = max_batch
+        self._queue: list[str] = []
+        self._work = gevent.event.Event()  # set while the queue is not empty
+        self._full = gevent.event.Event()  # set while a whole batch is queued
+        self._sending = gevent.lock.Semaphore()  # flush() waits for the batch in flight
+
+    def release(self, call_uuid: str) -> None:
+        """Queue a call's release (never blocks, never raises)."""
+        self._queue.append(call_uuid)
+        self._work.set()
+        if len(self._queue) >= self.max_batch:
+            self._full.set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def run(self, stop: gevent.event.Event) -> None:
+        while not stop.is_set():
+            gevent.wait([self._work, stop], count=1)
+            if stop.is_set():
+                return  # what is left is for flush()
+            self._full.wait(self.window)
+            try:
+                with self._sending:
+                    self._send(self._take())
+            except Exception:  # the loop must outlive any bug: the next call end wakes it again
+                log.exception("limits release loop error")
+
+    def flush(self) -> None:
+        """Release everything queued now, synchronously."""
+        with self._sending:
+            while self._queue:
+                self._send(self._take())
+
+    def _take(self) -> list[str]:
+        batch = self._queue[: self.max_batch]
+        del self._queue[: self.max_batch]
+        if not self._queue:
+            self._work.clear()
+        if len(self._queue) < self.max_batch:
+            self._full.clear()
+        return batch
+
+    def _send(self, batch: list[str]) -> None:
+        if not batch:
+            return
         try:
-            limiter.release(call_uuid)
+            self.limiter.release_many(batch)
         except (LimitsUnavailable, redis.RedisError) as exc:
             log.warning(
-                "uuid=%s limits release failed (%s); the slot expires at its deadline", call_uuid, exc
+                "limits release of %d calls failed (%s); their slots expire at their deadline",
+                len(batch),
+                exc,
             )
-
-    return release
+        except Exception:
+            log.exception("limits release of %d calls failed unexpectedly", len(batch))
 
 
 def run_resync(limiter: FailOpenLimiter, stop: gevent.event.Event) -> None:

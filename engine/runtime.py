@@ -24,9 +24,9 @@ from engine.decider import Decider
 from engine.decision import Accept
 from engine.esl.server import CallServer, listening_socket
 from engine.limits_runtime import (
+    ReleaseBatcher,
     build_limiter,
     limit_result_observer,
-    releaser,
     run_reconciler,
     run_resync,
     switch_addresses,
@@ -35,6 +35,7 @@ from engine.logs import setup_logging
 from engine.metrics import EngineMetrics, wsgi_app
 from engine.rules.catalog import Catalog
 from engine.rules.gate import first_uses
+from engine.state.direct import DirectConnections
 from engine.state.events import EventPublisher
 from engine.state.limits import FailOpenLimiter
 from engine.state.snapshot import SnapshotUnavailable
@@ -68,7 +69,11 @@ class Engine:
         self.snapshots: SnapshotHolder[Catalog] = SnapshotHolder(
             self.redis, config.redis.key_prefix, Catalog.build
         )
-        self.limiter = build_limiter(config, self.redis, self.metrics)
+        # The per-call limits script skips redis-py's pool and wrappers (engine.state.direct).
+        self.direct_redis = DirectConnections.like(
+            pool, size=config.redis.max_connections, checkout_timeout=config.engine.decision_deadline
+        )
+        self.limiter = build_limiter(config, self.redis, self.metrics, self.direct_redis)
         self.switches = switch_addresses(config.limits)
         # Engine -> PostgreSQL events (first use of an account) leave through a Redis stream,
         # queued without blocking the call; the sync worker persists them.
@@ -86,12 +91,19 @@ class Engine:
             on_limit_result=limit_result_observer(self.metrics),
             on_accept=self._record_first_uses,
         )
-        release = releaser(self.limiter, self.metrics)
+        # Call ends only queue their release; one greenlet releases them in pipelined batches.
+        self.releases = ReleaseBatcher(self.limiter)
         handler = CallHandler(
-            config, decider, self.metrics, rules, on_end=lambda record: release(record.request.uuid)
+            config,
+            decider,
+            self.metrics,
+            rules,
+            on_end=lambda record: self.releases.release(record.request.uuid),
         )
         self.server = CallServer(listener, handler, max_frame_bytes=config.engine.max_frame_bytes)
         self.stopping = gevent.event.Event()
+        # Set after the drain, not with `stopping`: calls ending during the drain are still released promptly.
+        self._releases_stop = gevent.event.Event()
 
     def _record_first_uses(self, accept: Accept, catalog: Catalog, now: datetime) -> None:
         self.events.first_uses(first_uses(accept, catalog, now))
@@ -184,14 +196,18 @@ class Engine:
             interval = self.config.limits.reconcile_interval
             gevent.spawn(run_reconciler, self.limiter, self.switches, interval, self.metrics, self.stopping)
         self._events_task = gevent.spawn(self.events.run, self.stopping)
+        gevent.spawn(self.releases.run, self._releases_stop)
         self.server.start()
         self.start_metrics()
 
     def stop(self) -> None:
         self.stopping.set()
         self.server.stop(timeout=DRAIN_SECONDS)
+        self._releases_stop.set()
+        self.releases.flush()  # the releases still queued: none is lost at shutdown
         self._events_task.join(timeout=1.0)  # one last flush of queued events
         self.redis.close()
+        self.direct_redis.close()
 
 
 def raise_file_limit() -> None:

@@ -37,9 +37,9 @@ load harness can measure its effect with ``ServerSpec(kind="callgate-patched")``
     serializes nor sends them. Needs ``full`` (which the dialplan already uses for
     ``linger``) and checking on a real FreeSWITCH.
 ``batch-release``
-    the limits release at hangup is queued; a background greenlet releases what
-    accumulated (every 5 ms, or 64 calls) in one pipelined round trip instead of one
-    EVALSHA round trip per call.
+    now part of the engine (``engine.limits_runtime.ReleaseBatcher``: the releases at
+    hangup go in one pipelined round trip every 2 ms or 256 calls); kept as a no-op so the
+    existing patch sets still run.
 """
 
 from __future__ import annotations
@@ -298,50 +298,7 @@ def patch_yappi() -> None:
 
 
 def patch_batch_release() -> None:
-    import gevent
-    import redis
-
-    from engine import limits_runtime
-    from engine.state import limits as limits_module
-
-    original = limits_runtime.releaser
-
-    def releaser(limiter, metrics):
-        if not isinstance(limiter, limits_module.Limiter):
-            return original(limiter, metrics)
-        pending: list[str] = []
-        script = limits_module._RELEASE_SCRIPT
-        wake = gevent.event.Event()
-
-        def flush() -> None:
-            while True:
-                wake.wait(0.005)
-                wake.clear()
-                if not pending:
-                    continue
-                batch = pending[:]
-                del pending[:]
-                try:
-                    with limiter.client.pipeline(transaction=False) as pipe:
-                        for uuid in batch:
-                            pipe.evalsha(script.sha, 2, limiter.registry_key, limiter.call_key(uuid), uuid)
-                        pipe.execute()
-                except redis.exceptions.NoScriptError:
-                    for uuid in batch:
-                        limiter.release(uuid)
-                except redis.RedisError:
-                    pass  # as the engine: the slots expire at their deadline
-
-        gevent.spawn(flush)
-
-        def release(call_uuid: str) -> None:
-            pending.append(call_uuid)
-            if len(pending) >= 64:
-                wake.set()
-
-        return release
-
-    limits_runtime.releaser = releaser
+    """Nothing to patch: the engine batches its releases itself (limits_runtime.ReleaseBatcher)."""
 
 
 def patch_gc_log() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import shutil
 import socket
@@ -14,12 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from types import SimpleNamespace
 
+import gevent
+import gevent.event
+import gevent.queue
 import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from engine.decision import Accept, Direction, Reason, Reject, Route
+from engine.limits_runtime import ReleaseBatcher
 from engine.model import Account, AccountKind, Did, Trunk
 from engine.rules.catalog import Catalog
 from engine.state.limits import (
@@ -624,6 +629,181 @@ def test_local_share_splits_limits_between_processes(private_redis: PrivateRedis
     private_redis.stop()
     assert [limiter.acquire(f"c{n}", plan, 60).admitted for n in range(4)] == [True, True, True, False]
     private_redis.start()
+
+
+# --------------------------------------------------------------------------- batched release
+
+
+def test_release_many_releases_the_counted_calls_in_one_batch(client, key_prefix: str) -> None:
+    timed: list[str] = []
+
+    @contextlib.contextmanager
+    def timer(operation: str) -> Iterator[None]:
+        timed.append(operation)
+        yield
+
+    limiter = Limiter(client, key_prefix, timer=timer)
+    plan = LimitPlan((acct(1, 5),), (tr(10, 5),))
+    for u in ("a", "b", "c"):
+        assert limiter.acquire(u, plan, 60).admitted
+    timed.clear()
+    assert limiter.release_many(["a", "never-seen", "b", "a"]) == 2  # a repeat in the batch counts once
+    assert timed == ["release"]
+    for key in ("ch:acct:1", "ch:trunk:10"):
+        assert members(client, f"{key_prefix}limits:{key}") == {"c"}
+    assert limiter.counted_calls().keys() == {"c"}
+    assert not client.exists(f"{key_prefix}limits:call:a", f"{key_prefix}limits:call:b")
+    assert limiter.release_many(["a", "b"]) == 0  # repeats are no-ops
+    assert limiter.release_many([]) == 0
+    assert limiter.counted_calls().keys() == {"c"}
+
+
+def test_release_many_after_script_flush(private_redis: PrivateRedis) -> None:
+    client = quick_client(private_redis.port)
+    limiter = Limiter(client, "cg:")
+    plan = LimitPlan((acct(1, 5),))
+    for u in ("a", "b", "c"):
+        assert limiter.acquire(u, plan, 60).admitted
+    assert limiter.release("c")  # the release script is now cached...
+    client.script_flush()  # ...and no longer (a Redis restart does the same)
+    assert limiter.release_many(["a", "b"]) == 2
+    assert limiter.counted_calls() == {}
+    assert members(client, "cg:limits:ch:acct:1") == set()
+    assert limiter.acquire("d", plan, 60).admitted
+    assert limiter.release_many(["d"]) == 1  # the script was loaded again
+
+
+def test_release_many_unreachable_redis_raises_limits_unavailable() -> None:
+    with pytest.raises(LimitsUnavailable):
+        Limiter(quick_client(free_port()), "x:").release_many(["a", "b"])
+
+
+def _fail_open_pair(port: int, retry_after: float) -> tuple[FailOpenLimiter, FailOpenLimiter]:
+    """Two fail-open limiters on one Redis (separate prefixes), each with two Redis calls
+    r1, r2 admitted while Redis answers."""
+    pair = (
+        FailOpenLimiter(Limiter(quick_client(port), "one:"), retry_after=retry_after),
+        FailOpenLimiter(Limiter(quick_client(port), "many:"), retry_after=retry_after),
+    )
+    plan = LimitPlan((acct(1, 5),))
+    for limiter in pair:
+        for u in ("r1", "r2"):
+            assert not limiter.acquire(u, plan, 600).degraded
+    return pair
+
+
+def test_fail_open_release_many_is_release_one_by_one(private_redis: PrivateRedis) -> None:
+    one, many = _fail_open_pair(private_redis.port, retry_after=60.0)
+    uuids = ["r1", "ghost", "r1"]
+    assert sum(one.release(u) for u in uuids) == many.release_many(uuids) == 1
+    assert one.pending_resync == many.pending_resync == 0
+    assert set(one.counted_calls()) == set(many.counted_calls()) == {"r2"}
+
+
+@pytest.mark.parametrize("retry_after", [0.0, 60.0], ids=["redis-fails", "circuit-open"])
+def test_fail_open_release_many_while_degraded(private_redis: PrivateRedis, retry_after: float) -> None:
+    one, many = _fail_open_pair(private_redis.port, retry_after)
+    private_redis.stop()
+    plan = LimitPlan((acct(1, 5),))
+    for limiter in (one, many):
+        assert [limiter.acquire(u, plan, 600).degraded for u in ("l1", "l2")] == [True, True]
+    uuids = ["r1", "l1", "ghost"]  # a Redis call, a local one, one never seen
+    assert sum(one.release(u) for u in uuids) == many.release_many(uuids) == 2
+    assert one.pending_resync == many.pending_resync == 3  # l2, and the releases of r1 and ghost
+    private_redis.start()
+    assert one.resync() == many.resync() == 1  # l2
+    assert set(one.counted_calls()) == set(many.counted_calls()) == {"r2", "l2"}
+
+
+class RecordingLimiter:
+    """The real limiter, with each release_many batch recorded (a spy, Redis is real)."""
+
+    def __init__(self, limiter: Limiter, failures: list[Exception] | None = None) -> None:
+        self.limiter = limiter
+        self.failures = failures or []  # raised by the first batches, in order
+        self.batches: gevent.queue.Queue[list[str]] = gevent.queue.Queue()
+
+    def release_many(self, call_uuids: list[str]) -> int:
+        self.batches.put(list(call_uuids))
+        if self.failures:
+            raise self.failures.pop(0)
+        return self.limiter.release_many(call_uuids)
+
+
+def _acquired(client: redis.Redis, prefix: str, uuids: list[str]) -> Limiter:
+    limiter = Limiter(client, prefix)
+    for u in uuids:
+        assert limiter.acquire(u, LimitPlan((acct(1, 100),)), 60).admitted
+    return limiter
+
+
+def test_release_batcher_sends_the_releases_of_a_window_together(client, key_prefix: str) -> None:
+    spy = RecordingLimiter(_acquired(client, key_prefix, ["a", "b", "c", "d"]))
+    batcher = ReleaseBatcher(spy, window=0.5)
+    stop = gevent.event.Event()
+    loop = gevent.spawn(batcher.run, stop)
+    batcher.release("a")
+    gevent.sleep(0.01)  # the loop is now gathering
+    batcher.release("b")
+    batcher.release("c")
+    assert spy.batches.get(timeout=5) == ["a", "b", "c"]
+    assert spy.batches.empty()
+    gevent.sleep(0)
+    assert batcher.queued == 0
+    assert spy.limiter.counted_calls().keys() == {"d"}
+    stop.set()
+    loop.join(timeout=5)
+    assert loop.dead
+
+
+def test_release_batcher_sends_a_full_batch_without_waiting(client, key_prefix: str) -> None:
+    spy = RecordingLimiter(_acquired(client, key_prefix, ["a", "b", "c"]))
+    batcher = ReleaseBatcher(spy, window=60.0, max_batch=3)
+    stop = gevent.event.Event()
+    loop = gevent.spawn(batcher.run, stop)
+    for u in ("a", "b", "c"):
+        batcher.release(u)
+    assert spy.batches.get(timeout=5) == ["a", "b", "c"]  # not after the 60 s window
+    stop.set()
+    loop.join(timeout=5)
+    assert spy.limiter.counted_calls() == {}
+
+
+def test_release_batcher_flush_releases_what_is_queued_at_stop(client, key_prefix: str) -> None:
+    spy = RecordingLimiter(_acquired(client, key_prefix, ["a", "b", "c", "d"]))
+    batcher = ReleaseBatcher(spy, window=60.0, max_batch=2)
+    stop = gevent.event.Event()
+    loop = gevent.spawn(batcher.run, stop)
+    batcher.release("a")
+    gevent.sleep(0)  # the loop is gathering for 60 s
+    stop.set()
+    loop.join(timeout=5)
+    assert loop.dead
+    for u in ("b", "c"):
+        batcher.release(u)  # e.g. calls ending during the drain
+    batcher.flush()
+    assert batcher.queued == 0
+    assert [spy.batches.get(timeout=1) for _ in range(2)] == [["a", "b"], ["c"]]
+    assert spy.limiter.counted_calls().keys() == {"d"}
+
+
+def test_a_failing_release_batch_does_not_stop_the_loop(client, key_prefix: str, caplog) -> None:
+    failures: list[Exception] = [LimitsUnavailable("down"), RuntimeError("a bug")]
+    spy = RecordingLimiter(_acquired(client, key_prefix, ["a", "b", "c"]), failures)
+    batcher = ReleaseBatcher(spy, window=0.001)
+    stop = gevent.event.Event()
+    loop = gevent.spawn(batcher.run, stop)
+    with caplog.at_level(logging.WARNING, logger="callgate.limits"):
+        for u in ("a", "b", "c"):
+            batcher.release(u)
+            assert spy.batches.get(timeout=5) == [u]
+    gevent.sleep(0)
+    assert not loop.dead
+    assert spy.limiter.counted_calls().keys() == {"a", "b"}  # left to their deadline
+    assert "limits release of 1 calls failed (down)" in caplog.text
+    assert "a bug" in caplog.text
+    stop.set()
+    loop.join(timeout=5)
 
 
 # --------------------------------------------------------------------------- cost

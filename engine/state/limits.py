@@ -1,7 +1,8 @@
 """Concurrent-call and CPS limits shared by every engine process and host (decision-rules §7).
 
 One Lua script per call checks and takes every limit atomically in one round trip;
-release is one more. Counters heal themselves: each counted call carries a deadline
+release is one more (:meth:`Limiter.release_many` pipelines the releases of many calls
+into a single round trip). Counters heal themselves: each counted call carries a deadline
 after which it stops counting, every key has a TTL, and :mod:`engine.reconcile`
 removes calls that no FreeSWITCH still has.
 
@@ -99,6 +100,7 @@ from typing import Any
 import redis
 
 from engine.decision import Accept, Decision, Reason, Reject, Step
+from engine.state.direct import DirectConnections
 
 __all__ = [
     "WINDOW_MS",
@@ -501,11 +503,23 @@ class _Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    def __call__(self, client: redis.Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def __call__(
+        self,
+        client: redis.Redis,
+        keys: Sequence[str],
+        args: Sequence[Any],
+        direct: DirectConnections | None = None,
+    ) -> Any:
+        """Run the script through ``direct`` when given (the engine's hot path: the scripts
+        are idempotent per call uuid, so a stale connection is retried once), else ``client``."""
         try:
             try:
+                if direct is not None:
+                    return direct.execute(("EVALSHA", self.sha, len(keys), *keys, *args), retry_once=True)
                 return client.evalsha(self.sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
+                if direct is not None:
+                    return direct.execute(("EVAL", self.source, len(keys), *keys, *args), retry_once=True)
                 return client.eval(self.source, len(keys), *keys, *args)
         except redis.exceptions.RedisError as exc:
             raise LimitsUnavailable(f"{type(exc).__name__}: {exc}") from exc
@@ -546,7 +560,9 @@ class Limiter:
     ``client``: a plain ``redis.Redis`` (bytes or decoded responses); its socket timeout
     is the limits' deadline. ``clock``: seconds since the epoch, or None for Redis's
     clock. ``margin_seconds``: added to every call's hold before it stops counting.
-    ``slack_seconds``: extra TTL on keys beyond their last deadline.
+    ``slack_seconds``: extra TTL on keys beyond their last deadline. ``direct``: the
+    connections the per-call acquire uses instead of ``client`` (engine processes only,
+    see :mod:`engine.state.direct`).
     """
 
     def __init__(
@@ -558,10 +574,12 @@ class Limiter:
         margin_seconds: int = 300,
         slack_seconds: int = 60,
         timer: Callable[[str], contextlib.AbstractContextManager[None]] | None = None,
+        direct: DirectConnections | None = None,
     ) -> None:
         if margin_seconds < 0 or slack_seconds < 1:
             raise ValueError("margin_seconds must be >= 0 and slack_seconds >= 1")
         self.client = client
+        self.direct = direct
         # Times each round trip by operation (the engine passes its metrics' redis_call).
         self.timer = timer or (lambda _operation: contextlib.nullcontext())
         self.prefix = prefix
@@ -660,7 +678,7 @@ class Limiter:
             keys += (self.channels_key(t), self.cps_key(t))
             args += (t.max_channels, t.cps, "1" if candidate else "0", t.id)
         with self.timer("limits"):
-            reply = _ACQUIRE_SCRIPT(self.client, keys, args)
+            reply = _ACQUIRE_SCRIPT(self.client, keys, args, self.direct)
         return self._result(reply, plan, levels, [t for t, _ in trunks])
 
     @staticmethod
@@ -699,6 +717,29 @@ class Limiter:
         keys = (self.registry_key, self.call_key(call_uuid))
         with self.timer("release"):
             return bool(_RELEASE_SCRIPT(self.client, keys, (call_uuid,)))
+
+    def release_many(self, call_uuids: Sequence[str]) -> int:
+        """:meth:`release` for each call, in one pipelined round trip. Returns how many were
+        counted. Releases are idempotent, so the batch is simply resent after a NOSCRIPT."""
+        if not call_uuids:
+            return 0
+        with self.timer("release"):
+            try:
+                try:
+                    replies = self._release_pipeline(call_uuids, load_script=False)
+                except redis.exceptions.NoScriptError:
+                    replies = self._release_pipeline(call_uuids, load_script=True)[1:]
+            except redis.exceptions.RedisError as exc:
+                raise LimitsUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return sum(1 for reply in replies if int(reply))
+
+    def _release_pipeline(self, call_uuids: Sequence[str], *, load_script: bool) -> list[Any]:
+        with self.client.pipeline(transaction=False) as pipe:
+            if load_script:
+                pipe.script_load(_RELEASE_SCRIPT.source)
+            for call_uuid in call_uuids:
+                pipe.evalsha(_RELEASE_SCRIPT.sha, 2, self.registry_key, self.call_key(call_uuid), call_uuid)
+            return pipe.execute()
 
     def move_trunk(self, call_uuid: str, trunk: Subject) -> bool:
         """Count the call on ``trunk`` instead of the trunk chosen at admission (call it
@@ -944,6 +985,31 @@ class FailOpenLimiter:
             with self._lock:
                 self._pending_releases.add(call_uuid)
             return call is not None
+
+    def release_many(self, call_uuids: Sequence[str]) -> int:
+        """:meth:`release` for each call (returns how many were counted), with the calls
+        Redis must hear about sent in one :meth:`Limiter.release_many` round trip."""
+        counted = 0
+        remote: list[str] = []
+        known = 0  # calls in ``remote`` that this process admitted through Redis
+        with self._lock:
+            for call_uuid in call_uuids:
+                call = self._forget(call_uuid)
+                if call is not None and call.local:
+                    counted += 1
+                    continue
+                remote.append(call_uuid)
+                known += call is not None
+        if not remote:
+            return counted
+        if not self.degraded:
+            try:
+                return counted + self.limiter.release_many(remote)
+            except LimitsUnavailable:
+                self._trip()
+        with self._lock:
+            self._pending_releases.update(remote)
+        return counted + known
 
     def resync(self, live_calls: Iterable[str] | None = None) -> int:
         """Register in Redis the locally admitted calls still up (all of them, or only

@@ -1,0 +1,70 @@
+"""engine.state.direct against the real Redis: replies, errors, and connections that go bad."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from engine.state.direct import DirectConnections
+
+
+def connections(url: str, size: int = 2, **overrides) -> DirectConnections:
+    pool = redis.ConnectionPool.from_url(url, **overrides)
+    return DirectConnections.like(pool, size=size, checkout_timeout=0.5)
+
+
+def test_replies_and_error_replies(redis_url: str, key_prefix: str) -> None:
+    direct = connections(redis_url)
+    key = key_prefix + "direct"
+    assert direct.execute(("SET", key, "1")) == b"OK"
+    assert direct.execute(("INCRBY", key, 41)) == 42
+    with pytest.raises(redis.exceptions.NoScriptError):
+        direct.execute(("EVALSHA", "0" * 40, 0))
+    with pytest.raises(redis.ResponseError):
+        direct.execute(("INCR", "not", "a", "command", "shape"))
+    # an error reply leaves the connection in step with Redis
+    assert direct.execute(("GET", key)) == b"42"
+    direct.close()
+
+
+def test_a_connection_closed_by_redis_is_retried_only_when_asked(redis_url: str) -> None:
+    direct = connections(redis_url, size=1)
+    admin = redis.Redis.from_url(redis_url)
+    name = direct.execute(("CLIENT", "ID"))
+    admin.client_kill_filter(_id=name)
+    with pytest.raises(redis.ConnectionError):
+        direct.execute(("PING",))
+    assert direct.execute(("PING",)) in (b"PONG", "PONG")  # reconnected
+    admin.client_kill_filter(_id=direct.execute(("CLIENT", "ID")))
+    assert direct.execute(("PING",), retry_once=True) in (b"PONG", "PONG")
+    direct.close()
+
+
+def test_after_a_timeout_a_late_reply_is_never_read_as_the_next_one(redis_url: str, key_prefix: str) -> None:
+    direct = connections(redis_url, size=1, socket_timeout=0.2)
+    key = key_prefix + "late"
+    direct.execute(("SET", key, "value"))
+    with pytest.raises(redis.TimeoutError):
+        direct.execute(("BLPOP", key_prefix + "empty-list", 1))
+    assert direct.execute(("GET", key)) == b"value"
+    direct.close()
+
+
+def test_an_unreachable_redis_is_a_connection_error(unused_port: int) -> None:
+    direct = connections(f"redis://127.0.0.1:{unused_port}/0", socket_connect_timeout=0.5)
+    with pytest.raises(redis.ConnectionError):
+        direct.execute(("PING",), retry_once=True)
+
+
+def test_size_must_be_positive(redis_url: str) -> None:
+    with pytest.raises(ValueError):
+        connections(redis_url, size=0)
+
+
+@pytest.fixture
+def unused_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
