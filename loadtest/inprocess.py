@@ -7,7 +7,7 @@ Nothing else runs, so the CPU time per call is the engine's own (accept and the 
 handshake excepted), and cProfile attributes it deterministically (a sampling profiler
 such as py-spy misattributes much of a gevent process's time to ``Hub.run``).
 
-    python -m loadtest.inprocess --calls 2000 [--profile] [--patches lazy-events,...]
+    python -m loadtest.inprocess --calls 2000 [--profile] [--patches timing]
 
 The dataset is published under a private prefix of the Redis in ``--redis`` first.
 """
@@ -168,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", type=int, default=SMALL.rates)
     parser.add_argument("--groups", type=int, default=SMALL.groups)
     parser.add_argument("--profile", action="store_true", help="cProfile the calls")
-    parser.add_argument("--patches", default="", help="loadtest.patched_engine patches to apply first")
+    parser.add_argument(
+        "--patches",
+        default="",
+        help="comma-separated loadtest.patched_engine patches to apply first (e.g. timing, "
+        "with $CALLGATE_TIMING_OUT; or a proposal being measured)",
+    )
     args = parser.parse_args(argv)
     from loadtest.driver import _parse_mix
 

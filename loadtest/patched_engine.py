@@ -1,16 +1,28 @@
 """The engine with experimental changes applied in memory: to measure a proposal before it is made.
 
-    python -m loadtest.patched_engine --patches lazy-events,lazy-channel-data
+    python -m loadtest.patched_engine --patches timing
 
 runs ``callgate serve`` (same configuration through ``CALLGATE_*``) after monkey-patching
-the engine with the named changes. Nothing in ``engine/`` is modified; each patch here is
-the smallest faithful version of a change recommended in README.md (Performance), so that the
-load harness can measure its effect with ``ServerSpec(kind="callgate-patched")``:
+the engine with the named patches. Nothing in ``engine/`` is modified. The load harness
+runs it as ``ServerSpec(kind="callgate-patched")``: ``python -m loadtest.run --patched NAMES``
+adds a "callgate+P" server, and the ``phases`` scenario runs the engine with ``timing``.
+
+The proposals measured here earlier were adopted and now live in the engine:
+
+* ``lazy-events``: ``engine/authorize.py`` reads an event's few headers one by one (``Frame.event_header``).
+* ``lazy-channel-data``: ``engine/esl/channel.py`` decodes only the CHANNEL_DATA headers it uses.
+* ``multiset``: ``engine/esl/commands.py`` sets a decision's variables with one ``multiset``.
+* ``nixevent``: ``engine/esl/commands.py`` sends ``nixevent`` for the events the engine never reads.
+* ``batch-release``: ``engine.limits_runtime.ReleaseBatcher`` releases slots in pipelined batches.
+
+What remains are the instrumentation patches below, plus whatever proposal is being
+measured: add it as a ``patch_<name>`` function, an entry in ``PATCHES`` and ``_APPLY`` and
+a paragraph here, and remove it once the engine adopts it.
 
 ``timing``
     no behaviour change: records per-call phase durations (channel data read, parse,
     decide + limits, render + write) and writes them as JSON to ``$CALLGATE_TIMING_OUT``
-    at exit.
+    at exit: a summary per phase (milliseconds) and every sample (``timing_document``).
 ``yappi``
     no behaviour change: profiles CPU time per function with yappi, greenlet-aware (py-spy
     attributes much of a gevent process's time to ``Hub.run``, having read the stack of the
@@ -18,28 +30,6 @@ load harness can measure its effect with ``ServerSpec(kind="callgate-patched")``
 ``gc-log``
     no behaviour change: records the duration of every cyclic-GC collection by generation
     and writes a summary to ``$CALLGATE_GC_OUT`` at exit.
-``lazy-events``
-    ``CallHandler._handle_frame`` reads the few headers it uses straight from the raw
-    event body: ``Application`` of CHANNEL_EXECUTE_COMPLETE (and, for ``bridge`` only,
-    ``Answer-State`` and ``variable_originate_disposition``), ``Hangup-Cause`` of
-    CHANNEL_HANGUP_COMPLETE. Today every EXECUTE_COMPLETE (one per ``set``) and the
-    HANGUP_COMPLETE are fully URL-decoded (~100-150 us each) and mostly thrown away.
-``lazy-channel-data``
-    ``Frame.channel_data()`` returns a mapping that decodes a value when it is read
-    (``call_request`` reads ~10 of the 165 headers) instead of decoding all of them.
-``multiset``
-    the variables of a decision travel in one ``multiset`` (with a delimiter absent from
-    every value) instead of one ``set`` per variable: one reply and one EXECUTE /
-    EXECUTE_COMPLETE pair instead of nine of each. Needs checking on a real FreeSWITCH.
-``nixevent``
-    after ``myevents``, ``nixevent`` the channel events the engine never reads (everything
-    but CHANNEL_EXECUTE_COMPLETE and CHANNEL_HANGUP_COMPLETE), so FreeSWITCH neither
-    serializes nor sends them. Needs ``full`` (which the dialplan already uses for
-    ``linger``) and checking on a real FreeSWITCH.
-``batch-release``
-    now part of the engine (``engine.limits_runtime.ReleaseBatcher``: the releases at
-    hangup go in one pipelined round trip every 2 ms or 256 calls); kept as a no-op so the
-    existing patch sets still run.
 """
 
 from __future__ import annotations
@@ -50,155 +40,50 @@ import json
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
-PATCHES = (
-    "timing",
-    "yappi",
-    "gc-log",
-    "lazy-events",
-    "lazy-channel-data",
-    "multiset",
-    "nixevent",
-    "batch-release",
-)
+PATCHES = ("timing", "yappi", "gc-log")
 
-# Events myevents subscribes to that the engine never reads (see engine.authorize.EVENTS_FOLLOWED).
-UNREAD_EVENTS = (
-    "CHANNEL_ANSWER CHANNEL_APPLICATION CHANNEL_BRIDGE CHANNEL_CREATE CHANNEL_DATA CHANNEL_DESTROY "
-    "CHANNEL_EXECUTE CHANNEL_HANGUP CHANNEL_ORIGINATE CHANNEL_UUID CHANNEL_OUTGOING CHANNEL_PARK "
-    "CHANNEL_PROGRESS CHANNEL_PROGRESS_MEDIA CHANNEL_STATE CHANNEL_UNBRIDGE CHANNEL_UNPARK "
-    "DETECTED_SPEECH DTMF"
-)
+# Patches that were adopted into the engine, and where they live: asking for one is an error.
+ADOPTED = {
+    "lazy-events": "engine/authorize.py",
+    "lazy-channel-data": "engine/esl/channel.py",
+    "multiset": "engine/esl/commands.py",
+    "nixevent": "engine/esl/commands.py",
+    "batch-release": "engine.limits_runtime.ReleaseBatcher",
+}
+
+TIMING_PHASES = ("channel_data_wait", "parse", "decide_and_limits", "render_and_write")
 
 
-def _peek(body: bytes, name: bytes) -> str | None:
-    """The decoded value of header ``name`` in a serialized event, without parsing the rest."""
-    from engine.esl.protocol import decode_value
+def timing_document(rows: Sequence[Sequence[float]], acquires: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """What the ``timing`` patch writes. ``rows``: per call, the wall-clock time (``time.time()``)
+    its decision was written, then the seconds of each of ``TIMING_PHASES``; ``acquires``: per
+    ``Limiter.acquire``, its wall-clock end and seconds. The summaries (milliseconds, as
+    :func:`loadtest.stats.summarize`) sit under each phase's name; the samples under
+    ``samples`` (see ``loadtest.run.phase_summary``)."""
+    from loadtest.stats import summarize
 
-    key = b"\n" + name + b": "
-    at = body.find(key)
-    if at < 0:
-        return None
-    start = at + len(key)
-    end = body.find(b"\n", start)
-    return decode_value(body[start : end if end >= 0 else len(body)].decode("utf-8", "replace").rstrip("\r"))
-
-
-def patch_lazy_events() -> None:
-    from engine import authorize
-
-    original = authorize.CallHandler._handle_frame
-
-    def _handle_frame(self, conn, record, frame) -> bool:
-        if frame.headers.get("Content-Type") == "text/event-plain":
-            body = frame.body
-            if body.startswith(b"Event-Name: CHANNEL_HANGUP_COMPLETE\n"):
-                record.hangup_cause = _peek(body, b"Hangup-Cause") or ""
-                return True
-            if body.startswith(b"Event-Name: CHANNEL_EXECUTE_COMPLETE\n"):
-                if _peek(body, b"Application") != "bridge":
-                    return False
-                event = {
-                    "Event-Name": "CHANNEL_EXECUTE_COMPLETE",
-                    "Application": "bridge",
-                    "Answer-State": _peek(body, b"Answer-State") or "",
-                    "variable_originate_disposition": _peek(body, b"variable_originate_disposition") or "",
-                }
-                return self._handle_event(conn, record, event)
-            if body.startswith(b"Event-Name: "):
-                return False
-        return original(self, conn, record, frame)
-
-    authorize.CallHandler._handle_frame = _handle_frame
-
-
-class _LazyDecoded(Mapping):
-    __slots__ = ("_raw",)
-
-    def __init__(self, raw: Mapping[str, str]) -> None:
-        self._raw = raw
-
-    def __getitem__(self, name: str) -> str:
-        from engine.esl.protocol import decode_value
-
-        return decode_value(self._raw[name])
-
-    def get(self, name: str, default: Any = None) -> Any:  # the hot path: no exception
-        raw = self._raw.get(name)
-        if raw is None:
-            return default
-        from engine.esl.protocol import decode_value
-
-        return decode_value(raw)
-
-    def __iter__(self):
-        return iter(self._raw)
-
-    def __len__(self) -> int:
-        return len(self._raw)
-
-
-def patch_lazy_channel_data() -> None:
-    from engine.esl import protocol
-
-    protocol.Frame.channel_data = lambda self: _LazyDecoded(self.headers)
-
-
-def patch_multiset() -> None:
-    from engine.esl import commands, protocol
-
-    def _multiset(variables) -> list[bytes]:
-        pairs = [f"{name}={value}" for name, value in variables]
-        if not pairs:
-            return []
-        text = "".join(pairs)
-        delimiter = next(c for c in "|~^!;#%&*@" if c not in text)
-        return [protocol.sendmsg_execute("multiset", f"^^{delimiter}" + delimiter.join(pairs))]
-
-    def bridge_batch(variables, dial_string):
-        cmds = [*commands._preamble(), *_multiset(variables), protocol.sendmsg_execute("bridge", dial_string)]
-        return commands._batch(cmds)
-
-    def respond_batch(variables, code, text):
-        cmds = [
-            *commands._preamble(),
-            *_multiset(variables),
-            protocol.sendmsg_execute("respond", f"{code} {text}"),
-        ]
-        return commands._batch(cmds)
-
-    commands.bridge_batch = bridge_batch
-    commands.respond_batch = respond_batch
-    from engine import authorize
-
-    authorize.bridge_batch = bridge_batch
-    authorize.respond_batch = respond_batch
-
-
-def patch_nixevent() -> None:
-    from engine.esl import commands, protocol
-
-    original = commands._preamble
-
-    def _preamble() -> list[bytes]:
-        return [*original(), protocol.command(f"nixevent {UNREAD_EVENTS}")]
-
-    commands._preamble = _preamble
-
-
-class _Timing:
-    def __init__(self) -> None:
-        self.rows: list[tuple[float, float, float, float]] = []
+    out: dict[str, Any] = {
+        name: summarize(row[i] for row in rows) for i, name in enumerate(TIMING_PHASES, start=1)
+    }
+    out["limits_acquire"] = summarize(seconds for _wall, seconds in acquires)
+    out["samples"] = {
+        "columns": ["wall", *TIMING_PHASES],
+        "rows": [[round(row[0], 4), *(round(v, 7) for v in row[1:])] for row in rows],
+        "limits_acquire": [[round(wall, 4), round(seconds, 7)] for wall, seconds in acquires],
+    }
+    return out
 
 
 def patch_timing() -> None:
     from engine import authorize
     from engine.esl import connection
 
-    timing = _Timing()
+    rows: list[tuple[float, float, float, float, float]] = []
     clock = time.perf_counter
+    wall = time.time
     original_send = connection.EslConnection.send
     original_read = connection.EslConnection.read_frame
     original_request = authorize.call_request
@@ -212,7 +97,7 @@ def patch_timing() -> None:
         if len(stamps) == 4:
             stamps.append(clock())  # decision written
             t0, t_reply, t_parsed, t_decided, t_sent = stamps
-            timing.rows.append((t_reply - t0, t_parsed - t_reply, t_decided - t_parsed, t_sent - t_decided))
+            rows.append((wall(), t_reply - t0, t_parsed - t_reply, t_decided - t_parsed, t_sent - t_decided))
 
     def read_frame(self, timeout: float):
         frame = original_read(self, timeout)
@@ -238,14 +123,14 @@ def patch_timing() -> None:
     from engine.state import limits
 
     original_acquire = limits.Limiter.acquire
-    acquires: list[float] = []
+    acquires: list[tuple[float, float]] = []
 
     def acquire(self, *args, **kwargs):
         started = clock()
         try:
             return original_acquire(self, *args, **kwargs)
         finally:
-            acquires.append(clock() - started)
+            acquires.append((wall(), clock() - started))
 
     limits.Limiter.acquire = acquire
     connection.EslConnection.send = send
@@ -257,13 +142,8 @@ def patch_timing() -> None:
         path = os.environ.get("CALLGATE_TIMING_OUT")
         if not path:
             return
-        names = ("channel_data_wait", "parse", "decide_and_limits", "render_and_write")
-        from loadtest.stats import summarize
-
-        out = {name: summarize(row[i] for row in timing.rows) for i, name in enumerate(names)}
-        out["limits_acquire"] = summarize(acquires)
         with open(path, "w") as handle:
-            json.dump(out, handle, indent=2)
+            json.dump(timing_document(rows, acquires), handle)
 
     atexit.register(dump)
 
@@ -297,10 +177,6 @@ def patch_yappi() -> None:
     atexit.register(dump)
 
 
-def patch_batch_release() -> None:
-    """Nothing to patch: the engine batches its releases itself (limits_runtime.ReleaseBatcher)."""
-
-
 def patch_gc_log() -> None:
     import gc
 
@@ -330,21 +206,27 @@ def patch_gc_log() -> None:
 
 
 _APPLY = {
-    "gc-log": patch_gc_log,
-    "batch-release": patch_batch_release,
     "timing": patch_timing,
     "yappi": patch_yappi,
-    "lazy-events": patch_lazy_events,
-    "lazy-channel-data": patch_lazy_channel_data,
-    "multiset": patch_multiset,
-    "nixevent": patch_nixevent,
+    "gc-log": patch_gc_log,
 }
 
 
-def apply(names: list[str]) -> None:
+def check(names: list[str]) -> None:
+    """SystemExit naming the first of ``names`` that is not a patch (adopted ones say where they went)."""
     for name in names:
+        if name in ADOPTED:
+            raise SystemExit(
+                f"patch {name!r} was adopted: it is part of the engine now ({ADOPTED[name]}); "
+                f"patches: {', '.join(PATCHES)}"
+            )
         if name not in _APPLY:
-            raise SystemExit(f"unknown patch {name!r}; known: {', '.join(PATCHES)}")
+            raise SystemExit(f"unknown patch {name!r}; patches: {', '.join(PATCHES)}")
+
+
+def apply(names: list[str]) -> None:
+    check(names)  # all of them before applying any
+    for name in names:
         _APPLY[name]()
 
 

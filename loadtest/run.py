@@ -4,6 +4,7 @@
     python -m loadtest.run --scenario latency        # 1,000 CPS offered, 10,000 calls held
     python -m loadtest.run --scenario scale          # 1k -> 1M accounts, 10k -> 1M rates
     python -m loadtest.run --scenario cores          # 1 vs 2 engine processes on one port
+    python -m loadtest.run --scenario phases         # where a call's time goes (timing patch)
     python -m loadtest.run --scenario all --json results.json
     python -m loadtest.run --scenario smoke          # a few seconds of each, for a quick check
 
@@ -37,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from typing import Any
 from loadtest import probes
 from loadtest.dataset import ACCEPT_ONLY, ACCEPTED_CLASSES, DEFAULT_MIX, Scale, ensure_published
 from loadtest.driver import FsLibrary, LoadConfig, drive
+from loadtest.stats import percentile
 
 VENV_BIN = Path(sys.executable).parent
 NAN = float("nan")
@@ -150,6 +152,7 @@ class ServerSpec:
     kind: str  # floor | greenswitch | callgate | callgate-patched
     procs: int = 1
     patches: str = ""  # callgate-patched: comma-separated names of loadtest.patched_engine
+    env: dict[str, str] = field(default_factory=dict)  # added to the server's environment
 
 
 @dataclass
@@ -198,6 +201,7 @@ def server(
         CALLGATE_LOGGING__LEVEL="WARNING",
     )
     env.pop("CALLGATE_CONFIG", None)
+    env.update(spec.env)
     python = sys.executable
     if spec.kind == "floor":
         cmd = [python, "-m", "loadtest.floor", "--port", str(port)] + (
@@ -397,6 +401,7 @@ def measure(
 
                 profiler = record(srv.pids[0], config.duration, raw)
             log(f"{label}: {spec.name} on {scale.label()}: " + _describe(config))
+            started = time.time()
             result = drive(
                 config,
                 server_pids=srv.pids,
@@ -404,6 +409,9 @@ def measure(
                 pin_cpus=ctx.driver_cpus if pin else None,
                 library=ctx.lib,
             )
+            # Wall-clock span of this attempt (warm-up and drain included): what the server
+            # recorded meanwhile (loadtest.patched_engine's timing) belongs to this attempt.
+            result["wall_span"] = [started, time.time()]
             if profiler is not None:
                 profiler.wait()
                 if raw.exists():
@@ -649,42 +657,73 @@ def scenario_sweep(ctx: Context, scale: Scale, spec: ServerSpec | None = None) -
     return {"runs": runs, "summary": {"max_cps_with_p99_under_2ms": best, "server": spec.name}}
 
 
-PATCH_SETS = (
-    "",
-    "lazy-events",
-    "lazy-events,lazy-channel-data",
-    "lazy-events,lazy-channel-data,batch-release",
-    "lazy-events,lazy-channel-data,multiset,nixevent",
-    "lazy-events,lazy-channel-data,multiset,nixevent,batch-release",
-)
+def phase_summary(timing: dict[str, Any], span: Sequence[float] | None = None) -> dict[str, Any]:
+    """Median and p99, in microseconds, of each phase the ``timing`` patch of
+    loadtest.patched_engine recorded (its JSON, as ``timing_document`` writes it), and of
+    ``Limiter.acquire``; only the samples whose wall-clock time is within ``span`` when given."""
+    samples = timing["samples"]
+
+    def inside(wall: float) -> bool:
+        return span is None or span[0] <= wall <= span[1]
+
+    def percentiles_us(seconds: list[float]) -> dict[str, Any]:
+        ordered = sorted(seconds)
+        if not ordered:
+            return {"count": 0, "p50_us": None, "p99_us": None}
+        return {
+            "count": len(ordered),
+            "p50_us": round(percentile(ordered, 50) * 1e6, 1),
+            "p99_us": round(percentile(ordered, 99) * 1e6, 1),
+        }
+
+    columns = samples["columns"]
+    rows = [row for row in samples["rows"] if inside(row[0])]
+    out = {name: percentiles_us([row[i] for row in rows]) for i, name in enumerate(columns) if i > 0}
+    out["limits_acquire"] = percentiles_us([s for wall, s in samples["limits_acquire"] if inside(wall)])
+    return out
 
 
-def scenario_patches(ctx: Context, scale: Scale, cps: float = 300.0) -> dict[str, Any]:
-    """The engine with each recommended change applied in memory (loadtest.patched_engine),
-    at one offered load, plus closed-loop saturation: what each change is worth."""
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def scenario_phases(ctx: Context, scale: Scale, cps: float = 300.0) -> dict[str, Any]:
+    """Where a call's time goes inside the engine: callgate with the ``timing`` patch of
+    loadtest.patched_engine at ``cps`` offered (realistic mix, open loop). The summary gives,
+    per server, each phase's median and p99 in microseconds (from connect sent to channel data
+    read, parse, decide + limits, render + write; and Limiter.acquire) over the calls of the
+    measured attempt, warm-up included, and the server CPU per call of the window (the timing
+    patch's own cost, a few microseconds, included). With ``--patched``, the same for callgate+P
+    (its patches plus ``timing``)."""
     seconds = 8.0 if ctx.quick else 15.0
-    equal = LoadConfig(
+    config = LoadConfig(
         target=("127.0.0.1", 0), cps=cps, duration=seconds + 3, warmup=3.0, mix=dict(DEFAULT_MIX)
     )
-    saturation = LoadConfig(
-        target=("127.0.0.1", 0), concurrency=32, duration=seconds + 3, warmup=3.0, mix=dict(DEFAULT_MIX)
-    )
+    variants = [("callgate", "")] + ([("callgate+P", ctx.patched)] if ctx.patched else [])
     runs = []
-    summary = {}
-    for patches in PATCH_SETS:
+    summary: dict[str, Any] = {}
+    for name, patches in variants:
+        names = [p for p in patches.split(",") if p and p != "timing"] + ["timing"]
+        out = ctx.workdir / f"timing-{name}.json"
+        out.unlink(missing_ok=True)
         spec = ServerSpec(
-            patches or "callgate", "callgate-patched" if patches else "callgate", patches=patches
+            name, "callgate-patched", patches=",".join(names), env={"CALLGATE_TIMING_OUT": str(out)}
         )
-        at_load = measure(ctx, spec, scale, equal, label=f"patches @{cps:g} CPS")
-        full = measure(ctx, spec, scale, saturation, label="patches, saturation")
-        runs += [at_load, full]
-        summary[patches or "none"] = {
-            f"cpu_per_call_us_at_{cps:g}cps": at_load.get("server_cpu_per_call_us"),
-            "p50_ms": at_load["latency"].get("p50_ms"),
-            "p99_ms": at_load["latency"].get("p99_ms"),
-            "saturation_cps": full["achieved_cps"],
-            "saturation_cpu_per_call_us": full.get("server_cpu_per_call_us"),
+        result = measure(ctx, spec, scale, config, label=f"phases @{cps:g} CPS")
+        runs.append(result)
+        entry: dict[str, Any] = {
+            "patches": ",".join(names),
+            "cpu_per_call_us": _rounded(result.get("server_cpu_per_call_us"), 1),
+            "achieved_cps": _rounded(result["achieved_cps"], 1),
+            "p50_ms": _rounded(result["latency"].get("p50_ms"), 3),
+            "p99_ms": _rounded(result["latency"].get("p99_ms"), 3),
         }
+        if out.exists():  # written at the server's exit, which measure() waits for
+            entry["phases_us"] = phase_summary(json.loads(out.read_text()), result.get("wall_span"))
+        else:
+            log(f"  no timing from {name}: {out} was not written (did the server exit cleanly?)")
+            entry["phases_us"] = None
+        summary[name] = entry
     return {"runs": runs, "summary": summary}
 
 
@@ -735,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scenario",
         action="append",
-        choices=("smoke", "ratio", "latency", "sweep", "scale", "cores", "patches", "all"),
+        choices=("smoke", "ratio", "latency", "sweep", "scale", "cores", "phases", "all"),
         default=[],
     )
     parser.add_argument("--json", default="loadtest-results.json", help="where to write the full results")
@@ -756,7 +795,8 @@ def main(argv: list[str] | None = None) -> int:
         "--patched",
         default="",
         metavar="PATCHES",
-        help="ratio/sweep/latency: also run callgate with these loadtest.patched_engine patches (callgate+P)",
+        help="ratio/sweep/latency/phases: also run callgate with these comma-separated "
+        "loadtest.patched_engine patches, as server 'callgate+P' (default: none)",
     )
     parser.add_argument(
         "--quiet-wait",
@@ -770,16 +810,23 @@ def main(argv: list[str] | None = None) -> int:
         "--dataset",
         choices=("default", "small", "million"),
         default="default",
-        help="ratio/latency/cores dataset: default 100k accounts + 1M rates",
+        help="dataset of ratio, latency, sweep, cores and phases: default 100k accounts + 1M rates",
     )
     args = parser.parse_args(argv)
+    if args.patched:
+        from loadtest.patched_engine import check
+
+        try:
+            check([p for p in args.patched.split(",") if p])
+        except SystemExit as exc:
+            parser.error(f"--patched: {exc}")
     # Clean up (servers, the private Redis) on SIGTERM, and on SIGINT even when started in the
     # background by a shell (which starts background jobs with SIGINT ignored).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)
     scenarios = args.scenario or ["smoke"]
     if "all" in scenarios:
-        scenarios = ["ratio", "sweep", "latency", "scale", "cores"]
+        scenarios = ["ratio", "sweep", "latency", "scale", "cores", "phases"]
     scale = {"default": DEFAULT, "small": SMALL, "million": MILLION}[args.dataset]
     pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
     from loadtest.driver import _library_in_subprocess
@@ -788,7 +835,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cgrun-") as tmp, redis_for_run(args.redis) as redis_url:
         library = _library_in_subprocess()
         ctx = Context(
-            redis_url, Path(tmp), library, pin, args.profile, args.quick, args.quiet_wait, args.patched
+            redis_url,
+            Path(tmp),
+            library,
+            pin,
+            args.profile,
+            args.quick,
+            args.quiet_wait,
+            args.patched,
+            attempts=args.attempts,
+            noise_limit=args.noise_limit,
         )
         results: dict[str, Any] = {}
         for name in scenarios:
@@ -808,8 +864,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[name + "+P"] = scenario_sweep(ctx, scale, spec)
             elif name == "scale":
                 results[name] = scenario_scale(ctx)
-            elif name == "patches":
-                results[name] = scenario_patches(ctx, scale)
+            elif name == "phases":
+                results[name] = scenario_phases(ctx, scale)
             elif name == "cores":
                 results[name] = scenario_cores(ctx, scale)
     document = {

@@ -599,3 +599,111 @@ def test_profile_summary_of_collapsed_stacks() -> None:
     summary = summarize_collapsed(text)
     assert summary["samples"] == 4
     assert summary["inclusive"]["a (x.py)"] == 4 and summary["self"]["b (y.py)"] == 3
+
+
+# --------------------------------------------------------------------------- patched engine, phases
+
+
+def test_patched_engine_offers_only_the_instrumentation() -> None:
+    from loadtest import patched_engine
+
+    assert patched_engine.PATCHES == ("timing", "yappi", "gc-log")
+    assert set(patched_engine.PATCHES) == set(patched_engine._APPLY)
+    assert not set(patched_engine.PATCHES) & set(patched_engine.ADOPTED)
+    for name in (*patched_engine.PATCHES, *patched_engine.ADOPTED):
+        assert f"``{name}``" in patched_engine.__doc__
+
+
+@pytest.mark.parametrize("name", ["multiset", "lazy-events", "batch-release"])
+def test_patched_engine_refuses_an_adopted_patch(name: str) -> None:
+    from loadtest import patched_engine
+
+    with pytest.raises(SystemExit, match=rf"patch '{name}' was adopted: it is part of the engine now"):
+        patched_engine.apply([name])
+
+
+def test_patched_engine_refuses_an_unknown_patch_before_applying_any(monkeypatch) -> None:
+    from loadtest import patched_engine
+
+    applied = []
+    monkeypatch.setitem(patched_engine._APPLY, "timing", lambda: applied.append("timing"))
+    with pytest.raises(SystemExit, match=r"unknown patch 'no-such'; patches: timing, yappi, gc-log"):
+        patched_engine.apply(["timing", "no-such"])
+    assert applied == []
+    patched_engine.apply(["timing"])
+    assert applied == ["timing"]
+
+
+def test_run_refuses_an_adopted_patch_and_the_removed_scenario(capsys) -> None:
+    from loadtest import run
+
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--patched", "nixevent"])
+    assert exc.value.code == 2
+    assert "'nixevent' was adopted" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--scenario", "patches"])
+    assert exc.value.code == 2
+    assert "'phases'" in capsys.readouterr().err
+
+
+def test_phase_summary_of_a_timing_document() -> None:
+    from loadtest.patched_engine import TIMING_PHASES, timing_document
+    from loadtest.run import phase_summary
+
+    # 100 calls at wall times 1000.0 .. 1099.0: phase k of call i lasts (i + 1) * k microseconds.
+    rows = [(1000.0 + i, *((i + 1) * k * 1e-6 for k in (1, 2, 3, 4))) for i in range(100)]
+    acquires = [(1000.0 + i, (i + 1) * 1e-5) for i in range(100)]
+    document = json.loads(json.dumps(timing_document(rows, acquires)))  # as read back from the file
+    assert document["parse"]["count"] == 100 and document["parse"]["p50_ms"] == pytest.approx(0.1)
+
+    summary = phase_summary(document)
+    assert list(summary) == [*TIMING_PHASES, "limits_acquire"]
+    for k, name in enumerate(TIMING_PHASES, start=1):
+        assert summary[name]["count"] == 100
+        assert summary[name]["p50_us"] == pytest.approx(50 * k)
+        assert summary[name]["p99_us"] == pytest.approx(99 * k)
+    assert summary["limits_acquire"]["p50_us"] == pytest.approx(500)
+
+    # Only the measured attempt's span: calls 0..9 (nearest rank: p50 is the 5th).
+    within = phase_summary(document, span=(1000.0, 1009.0))
+    assert within["channel_data_wait"] == {
+        "count": 10,
+        "p50_us": pytest.approx(5),
+        "p99_us": pytest.approx(10),
+    }
+    assert within["limits_acquire"]["count"] == 10
+    assert phase_summary(document, span=(0.0, 1.0))["render_and_write"] == {
+        "count": 0,
+        "p50_us": None,
+        "p99_us": None,
+    }
+
+
+def test_phase_summary_of_a_hand_made_timing_json() -> None:
+    from loadtest.run import phase_summary
+
+    timing = {
+        "samples": {
+            "columns": ["wall", "channel_data_wait", "parse", "decide_and_limits", "render_and_write"],
+            "rows": [
+                [10.0, 0.000200, 0.000020, 0.000900, 0.000100],
+                [11.0, 0.000400, 0.000030, 0.001500, 0.000120],
+                [12.0, 0.000300, 0.000025, 0.004000, 0.000110],
+            ],
+            "limits_acquire": [[10.0, 0.0006], [11.0, 0.0007]],
+        }
+    }
+    summary = phase_summary(timing)
+    assert summary["channel_data_wait"] == {
+        "count": 3,
+        "p50_us": pytest.approx(300),
+        "p99_us": pytest.approx(400),
+    }
+    assert summary["decide_and_limits"]["p99_us"] == pytest.approx(4000)
+    assert summary["limits_acquire"] == {
+        "count": 2,
+        "p50_us": pytest.approx(600),
+        "p99_us": pytest.approx(700),
+    }
+    assert phase_summary(timing, span=(10.5, 12.0))["parse"]["p50_us"] == pytest.approx(25)
