@@ -10,6 +10,7 @@ import random
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
@@ -913,3 +914,306 @@ def test_event_header_never_reads_the_inner_body_or_a_value() -> None:
     frame = Frame({"Content-Type": "text/event-plain", "Content-Length": str(len(body))}, body)
     assert frame.event_header("Application") is None
     assert frame.event_header("X-Note") == "a\nApplication: bridge"
+
+
+# --------------------------------------------------------------------------- fast paths vs the reference
+
+
+class ReferenceParser:
+    """Frozen copy of the straightforward EslParser the fast paths replaced (the oracle).
+
+    Regex block search, one partition per line, the whole buffer re-sliced for each frame.
+    """
+
+    BLOCK_END = re.compile(rb"\n\r?\n")
+    LEADING_BLANKS = re.compile(rb"(?:\r?\n)+")
+    DIGITS = re.compile(r"[0-9]+")
+
+    def __init__(self, max_header_bytes: int = 256 * 1024, max_body_bytes: int = 1024 * 1024) -> None:
+        self._max_header_bytes = max_header_bytes
+        self._max_body_bytes = max_body_bytes
+        self._buf = bytearray()
+        self._scan = 0
+        self._headers: MappingProxyType[str, str] | None = None
+        self._body_start = 0
+        self._body_len = 0
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    @staticmethod
+    def parse_lines(text: str) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for line in text.split("\n"):
+            name, sep, value = line.partition(": ")
+            if not sep or not name:
+                if line in ("", "\r"):
+                    continue
+                problem = "an empty name" if line.startswith(": ") else "no ': '"
+                raise ProtocolError(f"header line with {problem}: {line[:80]!r}")
+            if value.endswith("\r"):
+                value = value[:-1]
+            if name not in headers:
+                headers[name] = value
+        return headers
+
+    @classmethod
+    def content_length(cls, value: str, limit: int) -> int:
+        if not cls.DIGITS.fullmatch(value):
+            raise ProtocolError(f"bad Content-Length: {value[:40]!r}")
+        try:
+            length = int(value)
+        except ValueError:
+            raise ProtocolError(f"bad Content-Length: {value[:40]!r}...") from None
+        if length > limit:
+            raise ProtocolError(f"Content-Length {length} exceeds the limit of {limit} bytes")
+        return length
+
+    def feed(self, data: bytes) -> list[Frame]:
+        if self._error is not None:
+            raise ProtocolError(f"parser unusable after an earlier error: {self._error}")
+        self._buf += data
+        frames: list[Frame] = []
+        try:
+            while (self._headers is not None or self._read_header_block()) and (
+                frame := self._read_body()
+            ) is not None:
+                frames.append(frame)
+        except ProtocolError as exc:
+            exc.frames = frames
+            self._error = exc
+            raise
+        return frames
+
+    def _read_header_block(self) -> bool:
+        buf = self._buf
+        blanks = self.LEADING_BLANKS.match(buf)
+        if blanks:
+            del buf[: blanks.end()]
+            self._scan = max(0, self._scan - blanks.end())
+        end = self.BLOCK_END.search(buf, self._scan)
+        if end is None:
+            if len(buf) > self._max_header_bytes:
+                raise ProtocolError(f"header block exceeds {self._max_header_bytes} bytes")
+            self._scan = max(0, len(buf) - 2)
+            return False
+        if end.end() > self._max_header_bytes:
+            raise ProtocolError(f"header block exceeds {self._max_header_bytes} bytes")
+        headers = self.parse_lines(buf[: end.start()].decode("utf-8", errors="replace"))
+        length = headers.get("Content-Length")
+        self._body_len = 0 if length is None else self.content_length(length, self._max_body_bytes)
+        self._headers = MappingProxyType(headers)
+        self._body_start = end.end()
+        self._scan = 0
+        return True
+
+    def _read_body(self) -> Frame | None:
+        end = self._body_start + self._body_len
+        if len(self._buf) < end:
+            return None
+        assert self._headers is not None
+        frame = Frame(self._headers, bytes(self._buf[self._body_start : end]))
+        del self._buf[:end]
+        self._headers = None
+        return frame
+
+
+Outcome = tuple[str, list[tuple[list[tuple[str, str]], bytes, str]], int]
+
+
+def outcomes(parser: EslParser | ReferenceParser, chunks: Iterable[bytes]) -> list[Outcome]:
+    """Per feed: the frames (header items in order, body, content type) or the error, and `buffered`."""
+    out: list[Outcome] = []
+    for chunk in chunks:
+        try:
+            frames, error = parser.feed(chunk), ""
+        except ProtocolError as exc:
+            frames, error = exc.frames, f"ProtocolError: {exc}"
+        assert all(isinstance(f.headers, MappingProxyType) and type(f.body) is bytes for f in frames)
+        shown = [(list(f.headers.items()), f.body, f.content_type) for f in frames]
+        out.append((error, shown, parser.buffered))
+        if error:
+            break
+    return out
+
+
+def assert_same_as_reference(data: bytes, cuts: Iterable[int], **limits: int) -> None:
+    points = sorted({c for c in cuts if 0 < c < len(data)})
+    chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    assert outcomes(EslParser(**limits), chunks) == outcomes(ReferenceParser(**limits), chunks)
+
+
+def random_cuts(rng: random.Random, size: int, count: int) -> list[int]:
+    return [rng.randrange(size + 1) for _ in range(count)]
+
+
+EDGE_STREAMS = {
+    "crlf frames": (
+        b"Content-Type: api/response\r\nContent-Length: 3\r\n\r\nabc"
+        b"Content-Type: command/reply\r\nReply-Text: +OK\r\n\r\n"
+    ),
+    "crlf value keeps all but one CR": b"Content-Type: command/reply\r\nReply-Text: a\r\r\n\r\n",
+    "lf block, crlf terminator": b"Content-Type: command/reply\nReply-Text: +OK\n\r\nX: y\n\n",
+    "crlf terminator right before lf one": b"A: b\n\r\n\nC: d\n\n",
+    "cr inside values and names": b"A\r: b\rc\nD: \r\n\r\nE: f\r\r\n\n",
+    "repeated header, crlf": b"Reply-Text: first\r\nReply-Text: second\r\n\r\n",
+    "repeated content-length": b"Content-Length: 2\nContent-Length: 5\n\nok",
+    "blank lines everywhere": b"\n\r\n\r\nA: b\n\n\n\r\n\nC: d\r\n\r\n\r\n\n",
+    "lone cr before a frame": b"\rA: b\n\n",
+    "stray carriage returns": b"\r\r\n\n",
+    "colons in names": b"a:b: c\nx:: y\n::z: w\n\n",
+    "empty value, last line": b"A: \nB: ",
+    "empty name after good lines": b"A: b\nC: d\n: e\n\n",
+    "blank block line at end": b"A: b\n\r",
+    "utf-8 and junk": "Channel-Name: José€\n".encode() + b"X: \xff\xe2\x82\n\n",
+    "unicode digit length": "Content-Length: ²\n\n".encode(),
+    "zero and padded lengths": b"Content-Length: 0\n\nContent-Length: 007\n\n1234567",
+    "body holding frames": b"Content-Length: 18\n\nA: b\n\n\n\nC: d\n\nE: f\n\n",
+}
+
+
+@pytest.mark.parametrize("name", EDGE_STREAMS)
+def test_edge_streams_match_the_reference_at_every_split(name: str) -> None:
+    data = EDGE_STREAMS[name]
+    assert_same_as_reference(data, [])
+    assert_same_as_reference(data, range(len(data)))  # byte by byte
+    for cut in range(len(data) + 1):
+        assert_same_as_reference(data, [cut])
+        for second in range(cut, len(data) + 1, 3):
+            assert_same_as_reference(data, [cut, second])
+
+
+@pytest.mark.parametrize("name", GARBAGE)
+def test_garbage_matches_the_reference(name: str) -> None:
+    data = GARBAGE[name]
+    assert_same_as_reference(data, [])
+    assert_same_as_reference(data, range(len(data)))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("name", CAPTURES)
+def test_captures_match_the_reference_at_random_splits(name: str, seed: int) -> None:
+    data = fs_stream(name)
+    rng = random.Random(seed)
+    assert_same_as_reference(data, random_cuts(rng, len(data), rng.choice([1, 5, 40, 400])))
+
+
+def test_command_replies_match_the_reference_at_every_split() -> None:
+    data = b"".join(command_replies().values())
+    for cut in range(len(data) + 1):
+        assert_same_as_reference(data, [cut])
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_random_streams_match_the_reference(seed: int) -> None:
+    """Frame-shaped noise: good and bad lines, CR/LF runs, lengths, limits hit or not."""
+    rng = random.Random(seed)
+    pieces = [
+        b"Content-Length: 3\n",
+        b"Content-Length: 0\n",
+        b"Content-Type: x\n",
+        b"Reply-Text: +OK\r\n",
+        b"\n",
+        b"\r\n",
+        b"\r",
+        b"\n\r\n",
+        b": ",
+        b"A",
+        b":",
+        b" ",
+        b"\xe2\x82",
+        b"9",
+        b"Name: v",
+    ]
+    data = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 120)))
+    limits = rng.choice([{}, {"max_header_bytes": 40, "max_body_bytes": 5}])
+    assert_same_as_reference(data, [], **limits)
+    assert_same_as_reference(data, random_cuts(rng, len(data), rng.randint(1, 30)), **limits)
+
+
+def test_many_good_lines_then_a_malformed_one() -> None:
+    good = b"".join(b"Header-%d: value %d\n" % (i, i) for i in range(300))
+    for bad in (b"garbage\n\n", b": empty name\n\n", b"\r\n\n"):
+        assert_same_as_reference(good + bad, [])
+    with pytest.raises(ProtocolError, match=r"no ': ': 'garbage'"):
+        EslParser().feed(good + b"garbage\n\n")
+    with pytest.raises(ProtocolError, match=r"empty name: ': empty name'"):
+        EslParser().feed(good + b": empty name\nAfter: ok\n\n")
+
+
+def test_crlf_terminator_straddling_two_feeds() -> None:
+    parser = EslParser()
+    assert parser.feed(b"Content-Type: command/reply\nReply-Text: +OK\n\r") == []
+    [frame] = parser.feed(b"\nContent-Type: x")
+    assert frame.headers == {"Content-Type": "command/reply", "Reply-Text": "+OK"}
+    assert parser.buffered == len(b"Content-Type: x")
+    parser = EslParser()
+    assert parser.feed(b"Reply-Text: +OK\r\n") == []
+    assert [f.headers["Reply-Text"] for f in parser.feed(b"\r\n")] == ["+OK"]
+
+
+def test_crlf_header_values_lose_one_cr_and_first_repeat_wins() -> None:
+    [frame] = parse_all(b"Reply-Text: a\r\r\nReply-Text: b\r\nX-Empty: \r\n\r\n")
+    assert dict(frame.headers) == {"Reply-Text": "a\r", "X-Empty": ""}
+    assert parse_event_body(b"A: 1\r\nA: 2\r\nB: %41\r\n\r\n") == {"A": "1", "B": "A"}
+
+
+def test_blank_lines_before_a_frame_in_separate_feeds() -> None:
+    reply = b"Content-Type: command/reply\nReply-Text: +OK\n\n"
+    parser = EslParser()
+    assert parser.feed(reply + b"\r") == parse_all(reply)
+    assert parser.buffered == 1  # a lone CR might start a CRLF
+    assert parser.feed(b"\n\r\n") == []
+    assert parser.buffered == 0
+    assert parser.feed(reply) == parse_all(reply)
+
+
+def test_feed_accepts_any_bytes_like() -> None:
+    data = b"Content-Type: api/response\nContent-Length: 2\n\nok"
+    for chunk in (bytearray(data), memoryview(data)):
+        [frame] = EslParser().feed(chunk)
+        assert type(frame.body) is bytes
+        assert frame == parse_all(data)[0]
+
+
+def test_parsed_frames_equal_constructed_ones() -> None:
+    [frame] = parse_all(b"Content-Type: api/response\nContent-Length: 2\n\nok")
+    built = Frame({"Content-Type": "api/response", "Content-Length": "2"}, b"ok")
+    assert frame == built
+    assert frame.content_type == built.content_type == "api/response"
+    assert repr(built) == "Frame(headers={'Content-Type': 'api/response', 'Content-Length': '2'}, body=b'ok')"
+    assert dataclasses.replace(built, headers={}).content_type == ""
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        frame.content_type = "x"  # type: ignore[misc]
+
+
+def test_event_bodies_match_the_reference() -> None:
+    frames = parse_all(fs_stream("bridged_call_wire.txt") + fs_stream("respond_403_wire.txt"))
+    bodies = [f.body for f in frames if f.body]
+    bodies += [b.replace(b"\n", b"\r\n") for b in bodies[:3]]
+    bodies += [b"A: b\n", b"\r\nA: b", b"A: b\nbad\n\n", b"A: b\nA: c\n\n", b"", b"\n\nA: b"]
+    for body in bodies:
+        try:
+            expected: object = reference_event(body)
+        except ProtocolError as exc:
+            expected = str(exc)
+        try:
+            got: object = parse_event_body(body)
+        except ProtocolError as exc:
+            got = str(exc)
+        assert got == expected
+
+
+def reference_event(body: bytes) -> dict[str, str]:
+    end = ReferenceParser.BLOCK_END.search(body)
+    head, rest = (body[: end.start()], body[end.end() :]) if end else (body, b"")
+    raw = ReferenceParser.parse_lines(head.decode("utf-8", errors="replace"))
+    event = {name: decode_value(value) for name, value in raw.items()}
+    if "Content-Length" in raw:
+        length = ReferenceParser.content_length(raw["Content-Length"], len(body))
+        if length > len(rest):
+            raise ProtocolError(f"event body has {len(rest)} bytes, its Content-Length says {length}")
+        event["_body"] = rest[:length].decode("utf-8", errors="replace")
+    return event

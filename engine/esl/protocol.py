@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import unquote
 
@@ -46,7 +46,7 @@ MAX_HEADER_ARG_BYTES = 1024
 
 _BLOCK_END = re.compile(rb"\n\r?\n")
 _LEADING_BLANKS = re.compile(rb"(?:\r?\n)+")
-_DIGITS = re.compile(r"[0-9]+")
+_CR_LF = (13, 10)  # the bytes a run of blank lines can start with
 # FreeSWITCH leaves printable ASCII alone except for SWITCH_URL_UNSAFE; an existing
 # upper-case %XX escape is not encoded again (switch_url_encode does not double-encode).
 _TO_ENCODE = re.compile(rb"%[0-9A-F]{2}|[^!$'()*,\-./0-9A-Z_a-z~]")
@@ -100,6 +100,25 @@ def _bad_line(line: str) -> ProtocolError:
 
 
 def _parse_lines(text: str) -> dict[str, str]:
+    """``Name: value`` lines -> dict; the first of two same-named headers wins.
+
+    Fast path for the usual block (no blank or malformed line); anything else is left to
+    :func:`_parse_lines_slowly`, which defines the rules and the error messages.
+    """
+    clean = text
+    if "\r" in text:  # each line loses one trailing CR, as _parse_lines_slowly does
+        clean = text.replace("\r\n", "\n").removesuffix("\r")
+    headers: dict[str, str] = {}
+    for line in clean.split("\n"):
+        name, sep, value = line.partition(": ")
+        if not name or not sep:
+            return _parse_lines_slowly(text)
+        if name not in headers:
+            headers[name] = value
+    return headers
+
+
+def _parse_lines_slowly(text: str) -> dict[str, str]:
     headers: dict[str, str] = {}
     for line in text.split("\n"):
         name, sep, value = line.partition(": ")
@@ -115,7 +134,7 @@ def _parse_lines(text: str) -> dict[str, str]:
 
 
 def _content_length(value: str, limit: int) -> int:
-    if not _DIGITS.fullmatch(value):
+    if not (value.isdigit() and value.isascii()):  # only 0-9: no sign, space or other digits
         raise ProtocolError(f"bad Content-Length: {value[:40]!r}")
     try:
         length = int(value)
@@ -153,10 +172,11 @@ class Frame:
 
     headers: Mapping[str, str]
     body: bytes = b""
+    # Read several times per frame by its consumers, so computed once.
+    content_type: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def content_type(self) -> str:
-        return self.headers.get("Content-Type", "")
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "content_type", self.headers.get("Content-Type", ""))
 
     @property
     def reply_text(self) -> str:
@@ -217,13 +237,35 @@ class Frame:
         return {name: decode_value(value) for name, value in self.headers.items()}
 
 
+# The parser makes many frames: it fills the slots directly, skipping the frozen dataclass's
+# __init__ (object.__setattr__ per field) and __post_init__.
+_new_frame = object.__new__
+_set_headers = Frame.__dict__["headers"].__set__
+_set_body = Frame.__dict__["body"].__set__
+_set_content_type = Frame.__dict__["content_type"].__set__
+
+
+def _frame(headers: Mapping[str, str], body: bytes, content_type: str) -> Frame:
+    frame = _new_frame(Frame)
+    _set_headers(frame, headers)
+    _set_body(frame, body)
+    _set_content_type(frame, content_type)
+    return frame
+
+
+def _skip_blank_lines(buf: bytes | bytearray, start: int) -> int:
+    blanks = _LEADING_BLANKS.match(buf, start)
+    return blanks.end() if blanks else start
+
+
 class EslParser:
     """Incremental frame parser for the FreeSWITCH -> client direction.
 
-    Bytes are kept in one bytearray; the search for the end of a header block resumes
-    where the previous ``feed()`` stopped, so buffering is linear in the input size.
-    Text is decoded only once a frame is complete, so a UTF-8 character split across
-    two reads decodes correctly.
+    Bytes that do not complete a frame are kept in one bytearray; the search for the end
+    of a header block resumes where the previous ``feed()`` stopped, so buffering is linear
+    in the input size. When nothing is buffered, frames are cut straight from the bytes fed.
+    Text is decoded only once a frame is complete, so a UTF-8 character split across two
+    reads decodes correctly.
     """
 
     def __init__(self, max_header_bytes: int = 256 * 1024, max_body_bytes: int = 1024 * 1024) -> None:
@@ -232,6 +274,7 @@ class EslParser:
         self._buf = bytearray()
         self._scan = 0  # where to resume looking for the end of the header block
         self._headers: Mapping[str, str] | None = None  # parsed block waiting for its body
+        self._content_type = ""
         self._body_start = 0
         self._body_len = 0
         self._error: ProtocolError | None = None
@@ -244,53 +287,76 @@ class EslParser:
     def feed(self, data: bytes) -> list[Frame]:
         if self._error is not None:
             raise ProtocolError(f"parser unusable after an earlier error: {self._error}")
-        self._buf += data
         frames: list[Frame] = []
         try:
-            while (frame := self._next_frame()) is not None:
-                frames.append(frame)
+            if self._buf:
+                self._buf += data
+                self._cut_frames(self._buf, frames)
+            else:  # bodies are sliced from ``data``: it must be immutable
+                self._cut_frames(data if type(data) is bytes else bytes(data), frames)
         except ProtocolError as exc:
             exc.frames = frames
             self._error = exc
             raise
         return frames
 
-    def _next_frame(self) -> Frame | None:
-        if self._headers is None and not self._read_header_block():
-            return None
-        return self._read_body()
+    def _cut_frames(self, buf: bytes | bytearray, frames: list[Frame]) -> None:
+        """Append the frames complete in ``buf`` to ``frames``; keep the rest buffered.
 
-    def _read_header_block(self) -> bool:
-        buf = self._buf
-        blanks = _LEADING_BLANKS.match(buf)
-        if blanks:
-            del buf[: blanks.end()]
-            self._scan = max(0, self._scan - blanks.end())
-        end = _BLOCK_END.search(buf, self._scan)
+        ``buf`` is the internal buffer or, when that was empty, the bytes just fed. Here
+        ``self._scan`` and ``self._body_start`` are positions in ``buf``; between calls they
+        are relative to the start of the internal buffer (both start at 0).
+        """
+        start = 0  # where the unfinished frame begins
+        try:
+            while True:
+                if self._headers is None:
+                    if start < len(buf) and buf[start] in _CR_LF:
+                        start = _skip_blank_lines(buf, start)
+                    if not self._read_header_block(buf, start):
+                        return
+                end = self._body_start + self._body_len
+                if len(buf) < end:
+                    return
+                assert self._headers is not None
+                body = bytes(buf[self._body_start : end]) if self._body_len else b""
+                frames.append(_frame(self._headers, body, self._content_type))
+                self._headers = None
+                start = end
+        finally:
+            self._keep(buf, start)
+
+    def _read_header_block(self, buf: bytes | bytearray, start: int) -> bool:
+        # Measured: this search is faster than bytes.find(b"\n\n") (3 vs 5 us on a connect
+        # reply) and finds a CRLF terminator in the same pass.
+        end = _BLOCK_END.search(buf, self._scan if self._scan > start else start)
         if end is None:
-            if len(buf) > self._max_header_bytes:
+            if len(buf) - start > self._max_header_bytes:
                 raise ProtocolError(f"header block exceeds {self._max_header_bytes} bytes")
-            self._scan = max(0, len(buf) - 2)  # the terminator may straddle two reads
+            self._scan = max(start, len(buf) - 2)  # the terminator may straddle two reads
             return False
-        if end.end() > self._max_header_bytes:
+        block_end, body_start = end.span()
+        if body_start - start > self._max_header_bytes:
             raise ProtocolError(f"header block exceeds {self._max_header_bytes} bytes")
-        headers = _parse_lines(buf[: end.start()].decode("utf-8", errors="replace"))
+        headers = _parse_lines(buf[start:block_end].decode("utf-8", errors="replace"))
         length = headers.get("Content-Length")
         self._body_len = 0 if length is None else _content_length(length, self._max_body_bytes)
         self._headers = MappingProxyType(headers)
-        self._body_start = end.end()
+        self._content_type = headers.get("Content-Type", "")
+        self._body_start = body_start
         self._scan = 0
         return True
 
-    def _read_body(self) -> Frame | None:
-        end = self._body_start + self._body_len
-        if len(self._buf) < end:
-            return None
-        assert self._headers is not None
-        frame = Frame(self._headers, bytes(self._buf[self._body_start : end]))
-        del self._buf[:end]
-        self._headers = None
-        return frame
+    def _keep(self, buf: bytes | bytearray, start: int) -> None:
+        """Leave ``buf[start:]`` (the unfinished frame) in the internal buffer."""
+        if buf is self._buf:
+            del self._buf[:start]
+        else:
+            self._buf += buf[start:]
+        if self._headers is None:
+            self._scan = max(0, self._scan - start)
+        else:
+            self._body_start -= start
 
 
 # --------------------------------------------------------------------------- commands
