@@ -28,6 +28,8 @@ UNSAFE_CHARACTERS = frozenset("${}[]|,'\"\\")
 
 def _printable(value: str) -> str:
     """Caller-supplied SIP data reduced to printable characters that carry no FreeSWITCH syntax."""
+    if value.isprintable() and UNSAFE_CHARACTERS.isdisjoint(value):
+        return value  # the usual case, without rebuilding the string
     return "".join(ch for ch in value if ch.isprintable() and ch not in UNSAFE_CHARACTERS)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from engine.esl.protocol import command, sendmsg_execute, set_variable
+from engine.esl.protocol import check_variable_name, command, sendmsg_execute, set_variable
 
 #: The events callgate reads once it has answered (engine.authorize).
 FOLLOWED_EVENTS = ("CHANNEL_EXECUTE_COMPLETE", "CHANNEL_HANGUP_COMPLETE")
@@ -77,13 +77,14 @@ def assignments(variables: Iterable[tuple[str, str]]) -> list[bytes]:
     """Commands setting ``variables`` on the channel: one ``multiset`` when it can carry
     them, else one ``set`` each (a single variable, or no free separator)."""
     items = list(variables)
-    commands = [set_variable(name, value) for name, value in items]  # validates every name
+    for name, _ in items:
+        check_variable_name(name)
     if len(items) < 2:
-        return commands
+        return [set_variable(name, value) for name, value in items]
     chunks = [items[i : i + MULTISET_MAX_VARIABLES] for i in range(0, len(items), MULTISET_MAX_VARIABLES)]
     arguments = [multiset_argument(chunk) for chunk in chunks]
     if None in arguments:
-        return commands
+        return [set_variable(name, value) for name, value in items]
     return [sendmsg_execute("multiset", argument) for argument in arguments if argument is not None]
 
 

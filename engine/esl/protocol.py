@@ -29,6 +29,7 @@ __all__ = [
     "EslParser",
     "Frame",
     "ProtocolError",
+    "check_variable_name",
     "command",
     "decode_value",
     "encode_value",
@@ -422,9 +423,14 @@ def sendmsg_hangup(cause: str, *, uuid: str | None = None) -> bytes:
     return _sendmsg(uuid, [("call-command", "hangup"), ("hangup-cause", cause)])
 
 
-def set_variable(name: str, value: str, *, uuid: str | None = None, event_lock: bool = False) -> bytes:
-    """``sendmsg`` executing ``set name=value`` on the channel."""
+def check_variable_name(name: str) -> None:
+    """ValueError unless ``name`` can be the left side of ``set``/``multiset``'s ``name=value``."""
     _check_token("variable name", name)
     if "=" in name:
         raise ValueError(f"invalid variable name: {name!r} (contains '=')")
+
+
+def set_variable(name: str, value: str, *, uuid: str | None = None, event_lock: bool = False) -> bytes:
+    """``sendmsg`` executing ``set name=value`` on the channel."""
+    check_variable_name(name)
     return sendmsg_execute("set", f"{name}={value}", uuid=uuid, event_lock=event_lock)
