@@ -81,6 +81,13 @@ def test_dataset_has_the_requested_scale() -> None:
     assert len(data.ip_map) + len(data.sip_devices) == customers - TINY.reseller_count
 
 
+def test_dataset_accounts_have_mostly_been_used_before() -> None:
+    customers = [a for a in generate(TINY).accounts if a.number.isdigit()]
+    new = [a for a in customers if a.first_used is None]
+    assert len(new) == len(customers) * len(dataset.ROLE_NEW) // 100
+    assert all(a.first_used == dataset.FIRST_USED_AT for a in customers if a not in new)
+
+
 def test_call_mix_is_deterministic_and_weighted() -> None:
     first = CallMix(TINY, seed=5).take(3000)
     assert first == CallMix(TINY, seed=5).take(3000)
