@@ -68,3 +68,13 @@ def unused_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_a_pipeline_returns_every_reply_in_order_with_errors_inline(redis_url: str, key_prefix: str) -> None:
+    direct = connections(redis_url, size=1)
+    key = key_prefix + "pipelined"
+    replies = direct.execute_many([("SET", key, "1"), ("EVALSHA", "0" * 40, 0), ("INCR", key), ("GET", key)])
+    assert replies[0] == b"OK" and replies[2] == 2 and replies[3] == b"2"
+    assert isinstance(replies[1], redis.exceptions.NoScriptError)
+    assert direct.execute(("GET", key)) == b"2"  # the connection stayed in step
+    direct.close()

@@ -27,6 +27,7 @@ from engine.decision import Accept, Direction, Reason, Reject, Route
 from engine.limits_runtime import ReleaseBatcher
 from engine.model import Account, AccountKind, Did, Trunk
 from engine.rules.catalog import Catalog
+from engine.state.direct import DirectConnections
 from engine.state.limits import (
     FailOpenLimiter,
     LevelKind,
@@ -634,7 +635,18 @@ def test_local_share_splits_limits_between_processes(private_redis: PrivateRedis
 # --------------------------------------------------------------------------- batched release
 
 
-def test_release_many_releases_the_counted_calls_in_one_batch(client, key_prefix: str) -> None:
+def direct_for(client: redis.Redis, via: str) -> DirectConnections | None:
+    """The engine's hot-path connections (engine.state.direct) when ``via`` says so."""
+    if via == "client":
+        return None
+    return DirectConnections.like(client.connection_pool, size=2, checkout_timeout=1.0)
+
+
+VIA = pytest.mark.parametrize("via", ["client", "direct"])
+
+
+@VIA
+def test_release_many_releases_the_counted_calls_in_one_batch(client, key_prefix: str, via: str) -> None:
     timed: list[str] = []
 
     @contextlib.contextmanager
@@ -642,7 +654,7 @@ def test_release_many_releases_the_counted_calls_in_one_batch(client, key_prefix
         timed.append(operation)
         yield
 
-    limiter = Limiter(client, key_prefix, timer=timer)
+    limiter = Limiter(client, key_prefix, timer=timer, direct=direct_for(client, via))
     plan = LimitPlan((acct(1, 5),), (tr(10, 5),))
     for u in ("a", "b", "c"):
         assert limiter.acquire(u, plan, 60).admitted
@@ -658,9 +670,10 @@ def test_release_many_releases_the_counted_calls_in_one_batch(client, key_prefix
     assert limiter.counted_calls().keys() == {"c"}
 
 
-def test_release_many_after_script_flush(private_redis: PrivateRedis) -> None:
+@VIA
+def test_limit_scripts_survive_a_script_flush(private_redis: PrivateRedis, via: str) -> None:
     client = quick_client(private_redis.port)
-    limiter = Limiter(client, "cg:")
+    limiter = Limiter(client, "cg:", direct=direct_for(client, via))
     plan = LimitPlan((acct(1, 5),))
     for u in ("a", "b", "c"):
         assert limiter.acquire(u, plan, 60).admitted
@@ -671,11 +684,19 @@ def test_release_many_after_script_flush(private_redis: PrivateRedis) -> None:
     assert members(client, "cg:limits:ch:acct:1") == set()
     assert limiter.acquire("d", plan, 60).admitted
     assert limiter.release_many(["d"]) == 1  # the script was loaded again
+    client.script_flush()
+    assert limiter.acquire("e", plan, 60).admitted  # acquire loads its script again too
+    assert limiter.counted_calls().keys() == {"e"}
 
 
-def test_release_many_unreachable_redis_raises_limits_unavailable() -> None:
+@VIA
+def test_unreachable_redis_raises_limits_unavailable_on_both_paths(via: str) -> None:
+    client = quick_client(free_port())
+    limiter = Limiter(client, "x:", direct=direct_for(client, via))
     with pytest.raises(LimitsUnavailable):
-        Limiter(quick_client(free_port()), "x:").release_many(["a", "b"])
+        limiter.release_many(["a", "b"])
+    with pytest.raises(LimitsUnavailable):
+        limiter.acquire("a", LimitPlan((acct(1, 5),)), 60)
 
 
 def _fail_open_pair(port: int, retry_after: float) -> tuple[FailOpenLimiter, FailOpenLimiter]:

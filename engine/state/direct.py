@@ -12,7 +12,7 @@ For one gevent hub: the engine process. Other users of the limits keep the plain
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -63,22 +63,50 @@ class DirectConnections:
                 raise
             return self._execute(args)
 
+    def execute_many(self, commands: Sequence[Sequence[Any]], *, retry_once: bool = False) -> list[Any]:
+        """Pipeline ``commands`` in one round trip; their replies in order, an error reply as
+        its ``redis.ResponseError`` instance (not raised). ``retry_once`` as for ``execute``."""
+        try:
+            return self._pipeline(commands)
+        except redis.ConnectionError:
+            if not retry_once:
+                raise
+            return self._pipeline(commands)
+
     def _execute(self, args: Sequence[Any]) -> Any:
+        def exchange(connection: redis.Connection) -> Any:
+            connection.send_packed_command(connection.pack_command(*args), check_health=False)
+            return connection.read_response()
+
+        return self._on_a_connection(exchange)
+
+    def _pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        def exchange(connection: redis.Connection) -> list[Any]:
+            connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(connection.read_response())
+                except redis.ResponseError as error:
+                    replies.append(error)
+            return replies
+
+        return self._on_a_connection(exchange)
+
+    def _on_a_connection(self, exchange: Callable[[redis.Connection], Any]) -> Any:
         if not self._slots.acquire(timeout=self._checkout_timeout):
             raise redis.ConnectionError(f"no free Redis connection within {self._checkout_timeout:g}s")
         connection = self._idle.pop() if self._idle else self._connection_class(**self._kwargs)
         try:
-            connection.send_packed_command(connection.pack_command(*args), check_health=False)
-            reply = connection.read_response()
+            return exchange(connection)
         except redis.ResponseError:  # an error reply (NOSCRIPT...): the stream is in step
             raise
-        except BaseException:  # includes gevent.Timeout: the reply may still be on its way
+        except BaseException:  # includes gevent.Timeout: a reply may still be on its way
             connection.disconnect()
             raise
         finally:
             self._idle.append(connection)
             self._slots.release()
-        return reply
 
     def close(self) -> None:
         while self._idle:

@@ -734,12 +734,27 @@ class Limiter:
         return sum(1 for reply in replies if int(reply))
 
     def _release_pipeline(self, call_uuids: Sequence[str], *, load_script: bool) -> list[Any]:
+        if self.direct is not None:
+            return self._release_direct(call_uuids, load_script=load_script)
         with self.client.pipeline(transaction=False) as pipe:
             if load_script:
                 pipe.script_load(_RELEASE_SCRIPT.source)
             for call_uuid in call_uuids:
                 pipe.evalsha(_RELEASE_SCRIPT.sha, 2, self.registry_key, self.call_key(call_uuid), call_uuid)
             return pipe.execute()
+
+    def _release_direct(self, call_uuids: Sequence[str], *, load_script: bool) -> list[Any]:
+        assert self.direct is not None
+        commands: list[tuple[Any, ...]] = [("SCRIPT", "LOAD", _RELEASE_SCRIPT.source)] if load_script else []
+        commands += [
+            ("EVALSHA", _RELEASE_SCRIPT.sha, 2, self.registry_key, self.call_key(call_uuid), call_uuid)
+            for call_uuid in call_uuids
+        ]
+        replies = self.direct.execute_many(commands, retry_once=True)  # releases are idempotent
+        for reply in replies:
+            if isinstance(reply, redis.ResponseError):
+                raise reply  # as a redis-py pipeline raises its first error
+        return replies
 
     def move_trunk(self, call_uuid: str, trunk: Subject) -> bool:
         """Count the call on ``trunk`` instead of the trunk chosen at admission (call it
