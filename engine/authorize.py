@@ -129,22 +129,27 @@ class CallHandler:
         return respond_batch(reject_variables(decision), code, text)
 
     def _follow_until_hangup(self, conn: EslConnection, record: CallRecord) -> None:
+        # One timer per phase, not per read: the reply deadline while replies are due, then
+        # the hangup deadline, both counted from the decision.
         engine = self._config.engine
-        reply_deadline = time.monotonic() + engine.reply_timeout
-        hangup_deadline = time.monotonic() + engine.hangup_timeout
-        while True:
-            deadline = reply_deadline if record.replies_pending else hangup_deadline
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                what = "command replies" if record.replies_pending else "CHANNEL_HANGUP_COMPLETE"
-                raise PeerTimeout(f"no {what} before the deadline")
-            try:
-                frame = conn.read_frame(remaining)
-            except PeerGone:
-                record.hangup_cause = record.hangup_cause or "SOCKET_CLOSED"
-                return
-            if self._handle_frame(conn, record, frame):
-                return
+        started = time.monotonic()
+        if record.replies_pending:
+            with gevent.Timeout(engine.reply_timeout, PeerTimeout("no command replies before the deadline")):
+                while record.replies_pending:
+                    if self._next_frame_ends_call(conn, record):
+                        return
+        remaining = max(0.0, engine.hangup_timeout - (time.monotonic() - started))
+        with gevent.Timeout(remaining, PeerTimeout("no CHANNEL_HANGUP_COMPLETE before the deadline")):
+            while not self._next_frame_ends_call(conn, record):
+                pass
+
+    def _next_frame_ends_call(self, conn: EslConnection, record: CallRecord) -> bool:
+        try:
+            frame = conn.read_frame(None)
+        except PeerGone:
+            record.hangup_cause = record.hangup_cause or "SOCKET_CLOSED"
+            return True
+        return self._handle_frame(conn, record, frame)
 
     def _handle_frame(self, conn: EslConnection, record: CallRecord, frame: Frame) -> bool:
         """Returns True once the call is over for us."""

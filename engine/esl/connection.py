@@ -34,9 +34,17 @@ class EslConnection:
         except OSError as exc:
             raise PeerGone(str(exc)) from exc
 
-    def read_frame(self, timeout: float) -> Frame:
-        """The next frame; PeerTimeout after `timeout` seconds, PeerGone on EOF, ProtocolError on garbage."""
+    def read_frame(self, timeout: float | None) -> Frame:
+        """The next frame; PeerTimeout after `timeout` seconds, PeerGone on EOF, ProtocolError on garbage.
+
+        ``timeout=None`` waits without a timer of its own: for a caller that holds one
+        ``gevent.Timeout`` over many reads (a timer per read costs more than the read).
+        """
         if self._frames:
+            return self._frames.popleft()
+        if timeout is None:
+            while not self._frames:
+                self._receive()
             return self._frames.popleft()
         with gevent.Timeout(timeout, PeerTimeout(f"no frame within {timeout:g}s")):
             while not self._frames:
