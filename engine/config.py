@@ -42,6 +42,14 @@ class EngineSettings:
     snapshot_max_age: float = 5.0  # refuse to decide on a snapshot not confirmed for this long
     snapshot_poll_interval: float = 1.0
     max_frame_bytes: int = 1048576
+    gc_young_threshold: int = 5000  # engine.gcpolicy; 0 = CPython's defaults
+    gc_full_interval: float = 300.0  # seconds between full collections (with gc_young_threshold > 0)
+
+    def __post_init__(self) -> None:
+        if self.gc_young_threshold < 0:
+            raise ConfigError(f"engine.gc_young_threshold must be >= 0, not {self.gc_young_threshold}")
+        if self.gc_full_interval <= 0:
+            raise ConfigError(f"engine.gc_full_interval must be > 0, not {self.gc_full_interval}")
 
 
 @dataclass(frozen=True)

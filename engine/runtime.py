@@ -18,6 +18,7 @@ import gevent.event
 import redis
 from gevent.pywsgi import WSGIServer
 
+from engine import gcpolicy
 from engine.authorize import CallHandler
 from engine.config import Config, rules_config
 from engine.decider import Decider
@@ -189,6 +190,7 @@ class Engine:
 
     def start(self) -> None:
         self.load_initial_snapshot()
+        self._start_gc_policy()
         gevent.spawn(self.snapshots.run, self.stopping, self.config.engine.snapshot_poll_interval)
         if isinstance(self.limiter, FailOpenLimiter):
             gevent.spawn(run_resync, self.limiter, self.stopping)
@@ -199,6 +201,12 @@ class Engine:
         gevent.spawn(self.releases.run, self._releases_stop)
         self.server.start()
         self.start_metrics()
+
+    def _start_gc_policy(self) -> None:
+        settings = self.config.engine
+        gcpolicy.apply(settings.gc_young_threshold)
+        if settings.gc_young_threshold > 0:
+            gevent.spawn(gcpolicy.run_full_collections, settings.gc_full_interval, self.stopping)
 
     def stop(self) -> None:
         self.stopping.set()
