@@ -110,7 +110,7 @@ def test_decide_accepted_call(benchmark, which, small_catalog, large_catalog, ct
 
 @pytest.mark.benchmark(group="decide")
 def test_render_bridge_batch(benchmark, large_catalog, ctx):
-    """Decision -> the bytes of the pipelined write (variables + bridge over 10 targets)."""
+    """Decision -> the bytes of the pipelined write (preamble, one multiset, bridge over 10 targets)."""
     decision = decide(next(_requests(LARGE)), large_catalog, ctx)
     batch = benchmark(lambda: bridge_batch(channel_variables(decision), decision.dial_string))
-    assert batch.replies_expected == 12
+    assert batch.replies_expected == 5  # myevents, nixevent, linger, multiset, bridge
