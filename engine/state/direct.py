@@ -56,22 +56,12 @@ class DirectConnections:
         was idle, typically after a restart), try once more on a fresh connection. Only for
         commands that are safe to repeat.
         """
-        try:
-            return self._execute(args)
-        except redis.ConnectionError:
-            if not retry_once:
-                raise
-            return self._execute(args)
+        return _attempt(lambda: self._execute(args), retry_once)
 
     def execute_many(self, commands: Sequence[Sequence[Any]], *, retry_once: bool = False) -> list[Any]:
         """Pipeline ``commands`` in one round trip; their replies in order, an error reply as
         its ``redis.ResponseError`` instance (not raised). ``retry_once`` as for ``execute``."""
-        try:
-            return self._pipeline(commands)
-        except redis.ConnectionError:
-            if not retry_once:
-                raise
-            return self._pipeline(commands)
+        return _attempt(lambda: self._pipeline(commands), retry_once)
 
     def _execute(self, args: Sequence[Any]) -> Any:
         def exchange(connection: redis.Connection) -> Any:
@@ -111,3 +101,12 @@ class DirectConnections:
     def close(self) -> None:
         while self._idle:
             self._idle.pop().disconnect()
+
+
+def _attempt(exchange: Callable[[], Any], retry_once: bool) -> Any:
+    try:
+        return exchange()
+    except redis.ConnectionError:
+        if not retry_once:
+            raise
+        return exchange()
