@@ -18,8 +18,9 @@ small state machine that answers whatever commands the server sends:
 * ``respond 4xx`` / ``hangup`` -> EXECUTE, HANGUP, ..., CHANNEL_HANGUP_COMPLETE at once;
 * ``exit`` -> ``+OK bye``, the disconnect notice, close (what FreeSWITCH does).
 
-So an accepted call costs the server ~200 KiB of FreeSWITCH output to read, as with the
-emulator (and a real switch, whose events are the same size).
+So an accepted call costs the server what the emulator (and a real switch, whose events
+are the same size) would send for its subscription: ~200 KiB with every ``myevents`` type,
+~45 KiB with callgate's ``nixevent`` (engine.esl.commands).
 
 Latency is measured as the emulator does: from the moment the TCP connection is
 established to the arrival of the frame carrying the decision (``bridge``, ``respond``
