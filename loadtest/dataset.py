@@ -698,20 +698,6 @@ def ensure_published(client, prefix: str, scale: Scale, *, force: bool = False, 
     return version
 
 
-def drop_prefix(client, prefix: str) -> int:
-    """Delete every key under ``prefix`` (a private load-test prefix); returns the count."""
-    deleted = 0
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=f"{prefix}*", count=2000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            deleted += client.unlink(*batch)
-            batch.clear()
-    if batch:
-        deleted += client.unlink(*batch)
-    return deleted
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.dataset", description="Generate and publish a load-test dataset into Redis"
@@ -729,9 +715,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import redis
 
+    from engine.state.snapshot import delete_prefix
+
     client = redis.Redis.from_url(args.redis)
     if args.drop:
-        print(f"deleted {drop_prefix(client, args.prefix)} keys under {args.prefix!r}")
+        print(f"deleted {delete_prefix(client, args.prefix)} keys under {args.prefix!r}")
         return 0
     scale = Scale(
         accounts=args.accounts,

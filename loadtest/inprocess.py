@@ -137,9 +137,9 @@ def run(
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     finally:
         engine.close()
-        from loadtest.dataset import drop_prefix
+        from engine.state.snapshot import delete_prefix
 
-        drop_prefix(client, prefix)
+        delete_prefix(client, prefix)
         client.close()
     result: dict[str, Any] = {
         "calls": calls,

@@ -14,6 +14,8 @@ import psycopg
 import pytest
 import redis
 
+from engine.state.snapshot import delete_prefix
+
 PG_ADMIN_URL = os.environ.get("CALLGATE_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("CALLGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN_ID = secrets.token_hex(4)
@@ -92,8 +94,6 @@ def module_key_prefix(redis_url: str) -> Iterator[str]:
 def _delete_keys(redis_url: str, prefix: str) -> None:
     client = redis.Redis.from_url(redis_url)
     try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        for start in range(0, len(keys), 500):
-            client.delete(*keys[start : start + 500])
+        delete_prefix(client, prefix)
     finally:
         client.close()

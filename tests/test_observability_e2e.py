@@ -30,6 +30,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.state.snapshot import delete_prefix
 from loadtest import dataset
 from loadtest.fsemu import CallSpec, place_call, run_calls
 from tests.support import (
@@ -690,7 +691,7 @@ def test_ten_thousand_distinct_accounts_add_no_series(redis_url: str, tmp_path: 
         finally:
             engine.stop()
     finally:
-        dataset.drop_prefix(client, prefix)
+        delete_prefix(client, prefix)
         client.close()
     assert sum(b"execute-app-name: bridge" in answer for answer in answers) > 9_000
     assert after.total("callgate_decisions_total") - before.total("callgate_decisions_total") == 10_000

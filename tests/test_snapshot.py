@@ -57,6 +57,7 @@ from engine.state.snapshot import (
     apply_changes,
     current_stamp,
     current_version,
+    delete_prefix,
     entity_key,
     fetch_snapshot,
     publish_snapshot,
@@ -825,3 +826,18 @@ def test_reload_does_not_block_the_gevent_hub(redis_url: str, key_prefix: str) -
     took, max_gap = map(float, result.stdout.split())
     print(f"\nreload of 150k rates under gevent: {took:.2f}s, longest hub stall {max_gap * 1000:.0f} ms")
     assert max_gap < max(0.25, took / 3)
+
+
+def test_delete_prefix_removes_exactly_the_keys_under_it(client: redis.Redis, key_prefix: str) -> None:
+    inside = [f"{key_prefix}k{n}" for n in range(2500)]  # more than one batch
+    for start in range(0, len(inside), 500):
+        client.mset({key: "1" for key in inside[start : start + 500]})
+    neighbour = key_prefix.rstrip(":") + "-other:k"  # shares the text but not the prefix
+    client.set(neighbour, "1")
+    try:
+        assert delete_prefix(client, key_prefix) == len(inside)
+        assert not list(client.scan_iter(match=f"{key_prefix}*"))
+        assert client.get(neighbour) == b"1"
+        assert delete_prefix(client, key_prefix) == 0
+    finally:
+        client.delete(neighbour)

@@ -91,6 +91,7 @@ __all__ = [
     "apply_changes",
     "current_stamp",
     "current_version",
+    "delete_prefix",
     "entity_key",
     "entity_name",
     "events_channel",
@@ -189,6 +190,21 @@ def writer_key(prefix: str, version: int) -> str:
 def events_channel(prefix: str) -> str:
     """The pub/sub channel of snapshot and change events."""
     return events_key(prefix)
+
+
+def delete_prefix(client: redis.Redis, prefix: str) -> int:
+    """Delete every key under ``prefix`` (a whole deployment: snapshots, limits, sync state;
+    for private test and load-test prefixes). Returns how many were deleted."""
+    deleted = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=f"{prefix}*", count=2000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            deleted += client.unlink(*batch)
+            batch.clear()
+    if batch:
+        deleted += client.unlink(*batch)
+    return deleted
 
 
 def _str(value: bytes | str) -> str:

@@ -43,7 +43,7 @@ import redis
 
 from engine.db.migrate import migrate
 from engine.rules.catalog import Catalog
-from engine.state.snapshot import events_channel
+from engine.state.snapshot import delete_prefix, events_channel
 from engine.state.watcher import SnapshotHolder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,9 +138,7 @@ def sync_process(url: str, redis_url: str, prefix: str, **settings: str) -> Iter
 def drop_prefix(redis_url: str, prefix: str) -> None:
     client = redis.Redis.from_url(redis_url)
     try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        for start in range(0, len(keys), 500):
-            client.delete(*keys[start : start + 500])
+        delete_prefix(client, prefix)
     finally:
         client.close()
 

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from engine.rules import Catalog, DecisionContext, RulesConfig
+from engine.state.snapshot import delete_prefix
 from loadtest.dataset import CallMix, Scale, generate
 
 REDIS_URL = os.environ.get("CALLGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -68,6 +69,4 @@ def redis_client() -> Iterator[redis.Redis]:
 def key_prefix(redis_client: redis.Redis) -> Iterator[str]:
     prefix = f"cgbench:{secrets.token_hex(4)}:"
     yield prefix
-    keys = list(redis_client.scan_iter(match=f"{prefix}*", count=1000))
-    for start in range(0, len(keys), 500):
-        redis_client.delete(*keys[start : start + 500])
+    delete_prefix(redis_client, prefix)
