@@ -88,7 +88,9 @@ def call_cost(tariff: Tariff, billsec: int) -> Decimal:
         return _ZERO.quantize(MONEY_PLACES)
     exact = _EXACT.add(
         tariff.connect_cost,
-        _EXACT.divide(_EXACT.multiply(tariff.cost_per_minute, Decimal(charged_seconds(tariff, billsec))), _SIXTY),
+        _EXACT.divide(
+            _EXACT.multiply(tariff.cost_per_minute, Decimal(charged_seconds(tariff, billsec))), _SIXTY
+        ),
     )
     return round_money(exact)
 

@@ -48,7 +48,9 @@ def test_calc_cost_connect_initial_block_then_increments(billsec: int, expected:
 
 
 def test_included_seconds_are_free_but_connect_is_charged() -> None:
-    tariff = Tariff(cost_per_minute=D("0.60"), connect_cost=D("0.01"), included_seconds=10, init_inc=60, inc=60)
+    tariff = Tariff(
+        cost_per_minute=D("0.60"), connect_cost=D("0.01"), included_seconds=10, init_inc=60, inc=60
+    )
     assert call_cost(tariff, 10) == D("0.01")
     assert charged_seconds(tariff, 11) == 60  # one second past the included ones buys the initial block
     assert call_cost(tariff, 11) == D("0.61")
@@ -167,7 +169,12 @@ def test_captures_parse_to_their_billing_facts(
     name: str, billsec: int, cause: str, answered: bool, carried: int | None
 ) -> None:
     end = parse_hangup(hangup_complete(name))
-    assert (end.billsec, end.hangup_cause, end.answered, end.carried_leg) == (billsec, cause, answered, carried)
+    assert (end.billsec, end.hangup_cause, end.answered, end.carried_leg) == (
+        billsec,
+        cause,
+        answered,
+        carried,
+    )
     assert end.anomalies == ()
     assert end.uuid and end.started_at and end.ended_at
 
