@@ -1,0 +1,443 @@
+"""Funds reserved while calls are up, and the Redis-side debit at hangup (docs/accounting.md, "Funds").
+
+Scheme: the WHOLE allowed duration is reserved at decision time, for every level of the
+chain at the price that level pays, in the same atomic Redis step as the limits; nothing
+is sent while the call is up; at hangup one script releases the reservation, adds the
+real debit and queues the CDR for PostgreSQL, atomically and once per call UUID.
+
+Available funds of one account (all amounts integer micro-units, 1e-6)::
+
+    available = base - unrecorded - reserved
+    base        = balance (+ credit_limit when postpaid), from the engine's snapshot
+    unrecorded  = max(0, spent - recorded)
+    spent       = Redis: every debit ever settled for the account (HSETNX-initialised
+                  to ``recorded`` when Redis has none, e.g. after a restart)
+    recorded    = the snapshot's ``accounts.calls_debited``: the debits PostgreSQL had
+                  applied to the very balance the snapshot holds
+    reserved    = Redis: what the account's open calls may still cost
+
+``balance`` and ``calls_debited`` come from the same PostgreSQL row version, so
+``spent - recorded`` is exactly the settled debits that balance does not include yet,
+however far the CDR writer or the live sync lag, and in whatever order batches commit.
+
+The duration granted is the longest ``d <= cap`` that every level can pay in full at its
+own tariff (connect + initial block + whole increments): so the debit at hangup never
+exceeds what was reserved, and all of an account's open calls together never cost more
+than its available funds. A level that cannot pay its connect cost plus one minute
+refuses the call (NO_SUFFICIENT_FUND), as the rules do.
+
+The Lua is written as functions (``FUNDS_LUA``) so that the limits script can include it
+and keep one round trip per call: call ``funds_check`` before taking any limit, and
+``funds_take`` together with the limits (see docs/accounting.md, "Integration").
+
+Key layout (``P`` = the configured key prefix)::
+
+    P funds:acct:{id}   hash   spent, reserved (micro-units)
+    P funds:res:{id}    zset   member = call uuid, score = the reservation's deadline (ms)
+    P funds:amt:{id}    hash   call uuid -> micro-units it reserved on this account
+    P funds:call:{uuid} hash   d (granted s), st ('1' once settled): idempotency per call
+    P cdrs              stream one entry per settled call: the CDR for PostgreSQL
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import redis
+
+from engine.billing.rating import MICROS, Tariff, from_micros, to_micros
+
+__all__ = [
+    "FUNDS_LUA",
+    "Funds",
+    "FundsLevel",
+    "FundsUnavailable",
+    "Reservation",
+    "Settlement",
+    "cdr_stream",
+]
+
+
+def funds_key(prefix: str, account_id: int) -> str:
+    return f"{prefix}funds:acct:{account_id}"
+
+
+def reservations_key(prefix: str, account_id: int) -> str:
+    return f"{prefix}funds:res:{account_id}"
+
+
+def amounts_key(prefix: str, account_id: int) -> str:
+    return f"{prefix}funds:amt:{account_id}"
+
+
+def call_key(prefix: str, uuid: str) -> str:
+    return f"{prefix}funds:call:{uuid}"
+
+
+def cdr_stream(prefix: str) -> str:
+    return f"{prefix}cdrs"
+
+
+class FundsUnavailable(Exception):
+    """Redis could not be asked: no funds decision (the engine answers ENGINE_DEGRADED)."""
+
+
+# --------------------------------------------------------------------------- Lua
+
+# Functions over three keys per account (acct hash, reservation zset, amounts hash) and
+# eight arguments per level: account id, base, recorded, connect, cost per minute
+# (micro-units, ceiled), included seconds, initial increment, increment.
+FUNDS_LUA = """
+local function funds_purge(acct, res, amt, now)
+  local old = redis.call('ZRANGEBYSCORE', res, '-inf', now, 'LIMIT', 0, 500)
+  if #old == 0 then return end
+  local total = 0
+  local vals = redis.call('HMGET', amt, unpack(old))
+  for _, v in ipairs(vals) do if v then total = total + tonumber(v) end end
+  redis.call('HDEL', amt, unpack(old))
+  redis.call('ZREM', res, unpack(old))
+  redis.call('HINCRBY', acct, 'reserved', -total)
+end
+
+local function funds_available(acct, res, amt, now, base, recorded)
+  funds_purge(acct, res, amt, now)
+  redis.call('HSETNX', acct, 'spent', recorded)
+  local f = redis.call('HMGET', acct, 'spent', 'reserved')
+  local unrecorded = math.max(0, tonumber(f[1]) - recorded)
+  return base - unrecorded - tonumber(f[2] or '0')
+end
+
+-- seconds paid at the per-minute price for d billed seconds (ASTPP calc_cost)
+local function funds_charged(d, incl, init, inc)
+  local rest = d - incl
+  if d < 1 or rest <= 0 then return 0 end
+  local s = init
+  rest = rest - init
+  if rest > 0 then s = s + math.ceil(rest / inc) * inc end
+  return s
+end
+
+local function funds_cost(d, connect, cpm, incl, init, inc)
+  if d < 1 then return 0 end
+  return connect + math.floor((cpm * funds_charged(d, incl, init, inc) + 59) / 60)
+end
+
+-- the longest d a level can pay in full with avail, or -1 when it cannot pay connect + 1 min
+local function funds_affordable(avail, connect, cpm, incl, init, inc, cap)
+  if cpm <= 0 then
+    if avail < connect then return -1 end
+    return cap
+  end
+  if avail < connect + cpm then return -1 end
+  local smax = math.floor((avail - connect) * 60 / cpm)
+  local d = incl
+  if smax >= init then d = incl + init + math.floor((smax - init) / inc) * inc end
+  if d < 1 then return -1 end
+  return math.min(d, cap)
+end
+
+-- kb: index in KEYS of the first level's acct key; ab + 1: index in ARGV of its first argument
+-- (the account id; then base, recorded, connect, cost per minute, included, init, inc).
+-- Returns d >= 0 (seconds every level can pay), or -i when level i cannot pay.
+local function funds_check(kb, ab, nlev, now, cap)
+  local d = cap
+  for i = 1, nlev do
+    local k, a = kb + 3 * (i - 1), ab + 8 * (i - 1)
+    local avail = funds_available(KEYS[k], KEYS[k + 1], KEYS[k + 2], now,
+      tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]))
+    local li = funds_affordable(avail, tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]),
+      tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]), cap)
+    if li < 0 then return -i end
+    if li < d then d = li end
+  end
+  return d
+end
+
+local function funds_take(kb, ab, nlev, uuid, d, deadline, keep)
+  for i = 1, nlev do
+    local k, a = kb + 3 * (i - 1), ab + 8 * (i - 1)
+    local cost = funds_cost(d, tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]),
+      tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]))
+    if cost > 0 then
+      redis.call('HINCRBY', KEYS[k], 'reserved', cost)
+      redis.call('ZADD', KEYS[k + 1], deadline, uuid)
+      redis.call('HSET', KEYS[k + 2], uuid, cost)
+      for j = 0, 2 do
+        if redis.call('PTTL', KEYS[k + j]) < keep then redis.call('PEXPIRE', KEYS[k + j], keep) end
+      end
+    end
+  end
+end
+
+local function funds_release(acct, res, amt, uuid)
+  local cost = redis.call('HGET', amt, uuid)
+  if cost then
+    redis.call('HDEL', amt, uuid)
+    redis.call('ZREM', res, uuid)
+    redis.call('HINCRBY', acct, 'reserved', -tonumber(cost))
+  end
+end
+
+local function funds_now(arg)
+  if arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# KEYS: call record, then per level: acct, res, amt.
+# ARGV: now_ms or '', uuid, cap seconds, margin ms (ringing/failover before the answer),
+#   keep ms (TTL of the account keys), n levels, then 8 per level (see FUNDS_LUA).
+# Returns {1, d} reserved, {0, level} refused, {2, d} already reserved (same uuid).
+_RESERVE = (
+    FUNDS_LUA
+    + """
+local rec = KEYS[1]
+local prior = redis.call('HGET', rec, 'd')
+if prior then return {2, tonumber(prior)} end
+local now = funds_now(ARGV[1])
+local uuid, cap, margin, keep, nlev = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
+  tonumber(ARGV[5]), tonumber(ARGV[6])
+local d = funds_check(2, 6, nlev, now, cap)
+if d < 0 then return {0, -d} end
+local deadline = now + d * 1000 + margin
+funds_take(2, 6, nlev, uuid, d, deadline, keep)
+redis.call('HSET', rec, 'd', d)
+redis.call('PEXPIRE', rec, d * 1000 + margin + keep)
+return {1, d}
+"""
+)
+
+# KEYS: call record, cdr stream, then per level: acct, res, amt.
+# ARGV: uuid, keep ms (how long a settled call is remembered), stream maxlen, CDR JSON,
+#   n levels, then 3 per level: account id, recorded (snapshot), debit (micro-units).
+# Returns 1 settled now, 0 already settled (nothing done).
+_SETTLE = (
+    FUNDS_LUA
+    + """
+local rec = KEYS[1]
+if redis.call('HGET', rec, 'st') == '1' then return 0 end
+local uuid, keep, nlev = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
+for i = 1, nlev do
+  local k, a = 3 + 3 * (i - 1), 5 + 3 * (i - 1)
+  funds_release(KEYS[k], KEYS[k + 1], KEYS[k + 2], uuid)
+  redis.call('HSETNX', KEYS[k], 'spent', ARGV[a + 2])
+  local debit = tonumber(ARGV[a + 3])
+  if debit ~= 0 then redis.call('HINCRBY', KEYS[k], 'spent', debit) end
+  if redis.call('PTTL', KEYS[k]) < keep then redis.call('PEXPIRE', KEYS[k], keep) end
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'uuid', uuid, 'cdr', ARGV[4])
+redis.call('HSET', rec, 'st', '1')
+redis.call('PEXPIRE', rec, keep)
+return 1
+"""
+)
+
+# KEYS: call record, then per level: acct, res, amt. ARGV: uuid. Drop an unused reservation
+# (the call was refused by a later check, or never answered and is settled by a CDR anyway).
+_RELEASE = (
+    FUNDS_LUA
+    + """
+for k = 2, #KEYS, 3 do funds_release(KEYS[k], KEYS[k + 1], KEYS[k + 2], ARGV[1]) end
+redis.call('HDEL', KEYS[1], 'd')
+return 1
+"""
+)
+
+
+class _Script:
+    """EVALSHA, falling back to EVAL (which caches the script) on NOSCRIPT."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def run(self, client: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            try:
+                return client.evalsha(self.sha, len(keys), *keys, *args)
+            except redis.exceptions.NoScriptError:
+                return client.eval(self.source, len(keys), *keys, *args)
+        except redis.exceptions.RedisError as exc:
+            raise FundsUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+_RESERVE_SCRIPT = _Script(_RESERVE)
+_SETTLE_SCRIPT = _Script(_SETTLE)
+_RELEASE_SCRIPT = _Script(_RELEASE)
+
+
+# --------------------------------------------------------------------------- Python side
+
+
+def _ceil_micros(amount: Decimal) -> int:
+    """A price as micro-units, rounded UP: a reservation is never smaller than the real cost."""
+    return math.ceil(amount * MICROS)
+
+
+@dataclass(frozen=True, slots=True)
+class FundsLevel:
+    """One chain member as the snapshot shows it, with the tariff it pays for this call."""
+
+    account_id: int
+    base: Decimal  # balance (+ credit_limit when postpaid): Account.available_credit
+    recorded: Decimal  # accounts.calls_debited in the same snapshot
+    tariff: Tariff
+
+    def args(self) -> list[Any]:
+        t = self.tariff
+        return [
+            self.account_id,
+            to_micros(self.base),
+            to_micros(self.recorded),
+            _ceil_micros(t.connect_cost),
+            _ceil_micros(t.cost_per_minute),
+            max(0, t.included_seconds),
+            t.initial,
+            t.increment,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    granted: bool
+    seconds: int = 0  # the duration every level can pay (<= the cap asked for)
+    refused_level: int | None = None  # 0-based chain position that cannot pay
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """One call's Redis-side debit: per level (account id, recorded, debit), and its CDR."""
+
+    uuid: str
+    debits: tuple[tuple[int, Decimal, Decimal], ...]
+    cdr: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AccountFunds:
+    spent: Decimal | None  # None: Redis has nothing for the account yet
+    reserved: Decimal
+    open_calls: int
+
+
+class Funds:
+    """Reservations and Redis-side debits (thread-safe: holds no mutable state)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        *,
+        margin_seconds: int = 300,
+        keep_seconds: int = 7 * 86400,
+        stream_maxlen: int = 10_000_000,
+    ) -> None:
+        """``margin_seconds``: how long a reservation outlives its duration (ringing, failover
+        before the answer) when its hangup is never seen; ``keep_seconds``: how long a settled
+        call is remembered (a duplicate hangup within it is ignored) and account keys live."""
+        self._client = client
+        self._prefix = prefix
+        self._margin_ms = margin_seconds * 1000
+        self._keep_ms = keep_seconds * 1000
+        self._maxlen = stream_maxlen
+
+    def _level_keys(self, account_ids: Sequence[int]) -> list[str]:
+        keys: list[str] = []
+        for account_id in account_ids:
+            keys += [
+                funds_key(self._prefix, account_id),
+                reservations_key(self._prefix, account_id),
+                amounts_key(self._prefix, account_id),
+            ]
+        return keys
+
+    def reserve(
+        self, uuid: str, levels: Sequence[FundsLevel], cap_seconds: int, *, now_ms: int | None = None
+    ) -> Reservation:
+        keys = [call_key(self._prefix, uuid), *self._level_keys([lv.account_id for lv in levels])]
+        args: list[Any] = [
+            "" if now_ms is None else now_ms,
+            uuid,
+            max(0, cap_seconds),
+            self._margin_ms,
+            self._keep_ms,
+            len(levels),
+        ]
+        for level in levels:
+            args += level.args()
+        status, value = _RESERVE_SCRIPT.run(self._client, keys, args)
+        if int(status) == 0:
+            return Reservation(False, refused_level=int(value) - 1)
+        return Reservation(True, int(value), duplicate=int(status) == 2)
+
+    def release(self, uuid: str, account_ids: Sequence[int]) -> None:
+        keys = [call_key(self._prefix, uuid), *self._level_keys(account_ids)]
+        _RELEASE_SCRIPT.run(self._client, keys, [uuid])
+
+    def _settle_call(self, item: Settlement) -> tuple[list[str], list[Any]]:
+        keys = [
+            call_key(self._prefix, item.uuid),
+            cdr_stream(self._prefix),
+            *self._level_keys([account_id for account_id, _, _ in item.debits]),
+        ]
+        args: list[Any] = [
+            item.uuid,
+            self._keep_ms,
+            self._maxlen,
+            json.dumps(dict(item.cdr), separators=(",", ":"), default=str),
+            len(item.debits),
+        ]
+        for account_id, recorded, debit in item.debits:
+            args += [account_id, to_micros(recorded), to_micros(debit)]
+        return keys, args
+
+    def settle(self, item: Settlement) -> bool:
+        """Release the reservation, add the debit, queue the CDR; False if already settled."""
+        keys, args = self._settle_call(item)
+        return int(_SETTLE_SCRIPT.run(self._client, keys, args)) == 1
+
+    def settle_many(self, items: Sequence[Settlement]) -> list[bool]:
+        """``settle`` for many calls in one round trip (hangups are batched)."""
+        if not items:
+            return []
+        try:
+            self._client.script_load(_SETTLE)
+            with self._client.pipeline(transaction=False) as pipe:
+                for item in items:
+                    keys, args = self._settle_call(item)
+                    pipe.evalsha(_SETTLE_SCRIPT.sha, len(keys), *keys, *args)
+                return [int(r) == 1 for r in pipe.execute()]
+        except redis.exceptions.RedisError as exc:
+            raise FundsUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def account(self, account_id: int) -> AccountFunds:
+        """What Redis holds for one account (``callgate explain``, metrics)."""
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                pipe.hmget(funds_key(self._prefix, account_id), "spent", "reserved")
+                pipe.zcard(reservations_key(self._prefix, account_id))
+                (spent, reserved), count = pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            raise FundsUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return AccountFunds(
+            None if spent is None else from_micros(int(spent)),
+            from_micros(int(reserved or 0)),
+            int(count),
+        )
+
+    def available(self, level: FundsLevel) -> Decimal:
+        """base - unrecorded - reserved as the next reservation would see it (reads only)."""
+        state = self.account(level.account_id)
+        spent = level.recorded if state.spent is None else state.spent
+        unrecorded = max(Decimal(0), spent - level.recorded)
+        return level.base - unrecorded - state.reserved
