@@ -1,0 +1,228 @@
+"""The CDR writer on real PostgreSQL and Redis: batches, duplicates, PostgreSQL down, kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from engine.billing.funds import Funds, cdr_stream
+from engine.sync.cdrs import GROUP, CdrWriter, stream_backlog
+from tests.billing.conftest import cdr, ledger_mismatches, make_account, settle_all, settlement
+
+D = Decimal
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def writer(db_url: str, client: redis.Redis, prefix: str, **kwargs) -> CdrWriter:
+    return CdrWriter(client, prefix, lambda: psycopg.connect(db_url), "test-writer", **kwargs)
+
+
+def drain(w: CdrWriter, limit: int = 200) -> int:
+    total = 0
+    for _ in range(limit):
+        result = w.process_once(0)
+        if result.entries == 0:
+            return total
+        total += result.written
+    raise AssertionError("the stream did not drain")
+
+
+def test_a_batch_writes_cdrs_debits_and_balances_in_one_go(
+    db: psycopg.Connection, db_url: str, client: redis.Redis, key_prefix: str
+) -> None:
+    reseller = make_account(db, "900", "100", kind="reseller")
+    customer = make_account(db, "901", "10", reseller_id=reseller)
+    funds = Funds(client, key_prefix)
+    items = [settlement(f"u{i}", [(customer, "0.10"), (reseller, "0.06")]) for i in range(50)]
+    settle_all(funds, items)
+    w = writer(db_url, client, key_prefix)
+    assert drain(w) == 50
+    balances = dict(db.execute("SELECT id, balance FROM accounts").fetchall())
+    assert balances == {reseller: D("97.000000"), customer: D("5.000000")}
+    assert db.execute("SELECT count(*) FROM call_debits").fetchone() == (100,)
+    assert ledger_mismatches(db) == []
+    assert stream_backlog(client, cdr_stream(key_prefix))[0] == 0
+
+
+def test_a_duplicated_hangup_is_written_once(
+    db: psycopg.Connection, db_url: str, client: redis.Redis, key_prefix: str
+) -> None:
+    customer = make_account(db, "901", "10")
+    funds = Funds(client, key_prefix)
+    item = settlement("dup", [(customer, "1.25")])
+    assert funds.settle(item) is True
+    assert funds.settle(item) is False  # the second hangup changes nothing in Redis
+    # Even if the record reaches the stream twice (e.g. after the settle marker expired),
+    # in the same batch and in a later one, PostgreSQL keeps one row and one debit.
+    for _ in range(2):
+        client.xadd(cdr_stream(key_prefix), {"uuid": "dup", "cdr": json.dumps(item.cdr)})
+    w = writer(db_url, client, key_prefix, batch=2)
+    drain(w)
+    client.xadd(cdr_stream(key_prefix), {"uuid": "dup", "cdr": json.dumps(item.cdr)})
+    drain(w)
+    assert db.execute("SELECT count(*) FROM cdrs").fetchone() == (1,)
+    assert db.execute("SELECT balance, calls_debited FROM accounts").fetchone() == (D("8.75"), D("1.25"))
+    assert ledger_mismatches(db) == []
+
+
+def test_a_bad_record_is_dropped_and_counted_without_blocking_the_rest(
+    db: psycopg.Connection, db_url: str, client: redis.Redis, key_prefix: str
+) -> None:
+    customer = make_account(db, "901", "10")
+    stream = cdr_stream(key_prefix)
+    client.xadd(stream, {"uuid": "x", "cdr": "{not json"})
+    client.xadd(stream, {"uuid": "y", "cdr": json.dumps({"uuid": "y", "started_at": "yesterday"})})
+    client.xadd(stream, {"uuid": "z", "cdr": json.dumps(cdr("z", [(customer, "NaN")]))})
+    client.xadd(stream, {"uuid": "ok", "cdr": json.dumps(cdr("ok", [(customer, "0.50")]))})
+    w = writer(db_url, client, key_prefix)
+    assert drain(w) == 1
+    assert w.metrics.cdrs_bad._value.get() == 3
+    assert db.execute("SELECT balance FROM accounts").fetchone() == (D("9.5"),)
+
+
+def test_rejects_are_recorded_without_debit(
+    db: psycopg.Connection, db_url: str, client: redis.Redis, key_prefix: str
+) -> None:
+    from datetime import UTC, datetime
+
+    from engine.billing.cdr import rejected_cdr
+    from engine.billing.funds import Settlement
+
+    customer = make_account(db, "901", "10")
+    record = rejected_cdr(
+        "rej-1",
+        datetime.now(UTC),
+        reason="NO_SUFFICIENT_FUND",
+        sip_code=402,
+        account_id=customer,
+        dialled="44",
+    )
+    Funds(client, key_prefix).settle(Settlement("rej-1", (), record))
+    drain(writer(db_url, client, key_prefix))
+    row = db.execute("SELECT reject_reason, sip_code, customer_debit FROM cdrs").fetchone()
+    assert row == ("NO_SUFFICIENT_FUND", 402, D("0"))
+    assert db.execute("SELECT balance FROM accounts").fetchone() == (D("10"),)
+
+
+def test_postgres_unreachable_keeps_the_backlog_then_drains_it(
+    db: psycopg.Connection, db_url: str, client: redis.Redis, key_prefix: str
+) -> None:
+    customer = make_account(db, "901", "100")
+    settle_all(Funds(client, key_prefix), [settlement(f"u{i}", [(customer, "0.01")]) for i in range(300)])
+    target = {"url": db_url.replace(":5432/", ":1/")}  # nothing listens on port 1
+    w = CdrWriter(
+        client,
+        key_prefix,
+        lambda: psycopg.connect(target["url"], connect_timeout=2),
+        "test-writer",
+        batch=100,
+        backoff_max=0.2,
+        claim_idle_ms=100,
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=w.run, args=(stop,), kwargs={"block_ms": 100})
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while w.failures < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert w.failures >= 3
+        assert db.execute("SELECT count(*) FROM cdrs").fetchone() == (0,)
+        backlog, _ = stream_backlog(client, cdr_stream(key_prefix))
+        assert backlog == 300  # all still in Redis: read but not acknowledged, or not read yet
+        target["url"] = db_url
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if db.execute("SELECT count(*) FROM cdrs").fetchone() == (300,):
+                break
+            time.sleep(0.1)
+        while stream_backlog(client, cdr_stream(key_prefix))[0] and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert db.execute("SELECT count(*) FROM cdrs").fetchone() == (300,)
+    assert db.execute("SELECT balance FROM accounts").fetchone() == (D("97"),)
+    assert ledger_mismatches(db) == []
+    assert stream_backlog(client, cdr_stream(key_prefix))[0] == 0
+
+
+def _start_writer(db_url: str, redis_url: str, prefix: str, consumer: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.sync.cdrs",
+            "--pg",
+            db_url,
+            "--redis",
+            redis_url,
+            "--prefix",
+            prefix,
+            "--consumer",
+            consumer,
+            "--batch",
+            "200",
+            "--claim-idle-ms",
+            "500",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.timeout(180)
+def test_kill_9_mid_burst_then_restart_loses_and_doubles_nothing(
+    db: psycopg.Connection, db_url: str, client: redis.Redis, redis_url: str, key_prefix: str
+) -> None:
+    reseller = make_account(db, "900", "1000", kind="reseller")
+    customers = [make_account(db, f"90{i}", "500", reseller_id=reseller) for i in range(1, 4)]
+    total = 6000
+    items = [settlement(f"k{i}", [(customers[i % 3], "0.07"), (reseller, "0.03")]) for i in range(total)]
+    settle_all(Funds(client, key_prefix), items)
+    first = _start_writer(db_url, redis_url, key_prefix, "writer-a")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            (count,) = db.execute("SELECT count(*) FROM cdrs").fetchone()
+            if count >= 400:
+                break
+            time.sleep(0.005)
+        os.kill(first.pid, signal.SIGKILL)  # mid-burst: some batches committed, one maybe half-done
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    (written_before,) = db.execute("SELECT count(*) FROM cdrs").fetchone()
+    assert 0 < written_before < total, "the kill must land in the middle of the burst"
+    assert ledger_mismatches(db) == []
+    second = _start_writer(db_url, redis_url, key_prefix, "writer-b")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if stream_backlog(client, cdr_stream(key_prefix))[0] == 0:
+                break
+            time.sleep(0.2)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(10)
+    assert db.execute("SELECT count(*), count(DISTINCT uuid) FROM cdrs").fetchone() == (total, total)
+    assert db.execute("SELECT count(*) FROM call_debits").fetchone() == (2 * total,)
+    assert ledger_mismatches(db) == []
+    balances = dict(db.execute("SELECT id, balance FROM accounts").fetchall())
+    assert balances[reseller] == D("1000") - D("0.03") * total
+    assert sum(balances[c] for c in customers) == D("1500") - D("0.07") * total
+    assert client.xpending(cdr_stream(key_prefix), GROUP)["pending"] == 0
