@@ -54,7 +54,10 @@ _STAGING = (
 )
 _COPY_CDRS = "COPY cdr_staging ({}) FROM STDIN".format(", ".join(CDR_COLUMNS))
 _COPY_DEBITS = "COPY debit_staging ({}) FROM STDIN".format(", ".join(DEBIT_COLUMNS))
-_LOCK_ACCOUNTS = "SELECT id FROM accounts WHERE id IN (SELECT DISTINCT account_id FROM debit_staging) ORDER BY id FOR UPDATE"
+_LOCK_ACCOUNTS = (
+    "SELECT id FROM accounts WHERE id IN (SELECT DISTINCT account_id FROM debit_staging)"
+    " ORDER BY id FOR UPDATE"
+)
 _INSERT = """
 WITH new_cdrs AS (
     INSERT INTO cdrs ({cols})
@@ -96,7 +99,10 @@ class BatchResult:
         self.entries, self.written, self.debits, self.bad = entries, written, debits, bad
 
     def __repr__(self) -> str:
-        return f"BatchResult(entries={self.entries}, written={self.written}, debits={self.debits}, bad={self.bad})"
+        return (
+            f"BatchResult(entries={self.entries}, written={self.written}, "
+            f"debits={self.debits}, bad={self.bad})"
+        )
 
 
 class CdrWriter:
@@ -203,7 +209,10 @@ class CdrWriter:
                 self._group_ready = False
                 return []
             raise
-        return [entry for _, stream_entries in reply or [] for entry in stream_entries]
+        entries: list[tuple[Any, dict[Any, Any]]] = []
+        for _, stream_entries in reply or []:
+            entries += stream_entries
+        return entries
 
     def _refresh_gauges(self) -> None:
         now = time.monotonic()
@@ -296,10 +305,11 @@ def stream_backlog(client: redis.Redis, stream: str) -> tuple[int, float]:
         return 0, 0.0
     oldest_id: str | None = None
     if pending:
-        summary = client.xpending(stream, GROUP)
-        oldest_id = _str(summary.get("min")) if summary.get("min") else None
+        summary: dict[str, Any] = client.xpending(stream, GROUP)
+        smallest = summary.get("min")
+        oldest_id = _str(smallest) if smallest else None
     if oldest_id is None:
-        last = _str(group.get("last-delivered-id", b"0-0"))
+        last = _str(group.get("last-delivered-id") or b"0-0")
         after = client.xrange(stream, min=f"({last}", count=1)
         oldest_id = _str(after[0][0]) if after else None
     if oldest_id is None:
