@@ -201,7 +201,7 @@ class CdrWriter:
 
     def _read(self, block_ms: int) -> list[tuple[Any, dict[Any, Any]]]:
         try:
-            reply = self._client.xreadgroup(
+            reply: Any = self._client.xreadgroup(
                 GROUP, self._consumer, {self._stream: ">"}, count=self._batch, block=block_ms or None
             )
         except redis.ResponseError as exc:
@@ -291,10 +291,10 @@ class CdrWriter:
 def stream_backlog(client: redis.Redis, stream: str) -> tuple[int, float]:
     """(entries not yet written, age in seconds of the oldest of them) for the group ``callgate-cdr``."""
     try:
-        groups = client.xinfo_groups(stream)
+        groups: Any = client.xinfo_groups(stream)
     except redis.ResponseError:
         return 0, 0.0
-    group = next((g for g in groups if _str(g.get("name", b"")) == GROUP), None)
+    group: Any = next((g for g in groups if _str(g.get("name", b"")) == GROUP), None)
     if group is None:
         return int(client.xlen(stream)), 0.0
     pending = int(group.get("pending") or 0)
