@@ -310,7 +310,7 @@ def stream_backlog(client: redis.Redis, stream: str) -> tuple[int, float]:
         oldest_id = _str(smallest) if smallest else None
     if oldest_id is None:
         last = _str(group.get("last-delivered-id") or b"0-0")
-        after = client.xrange(stream, min=f"({last}", count=1)
+        after: Any = client.xrange(stream, min=f"({last}", count=1)
         oldest_id = _str(after[0][0]) if after else None
     if oldest_id is None:
         return backlog, 0.0
