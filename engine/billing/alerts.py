@@ -98,7 +98,8 @@ class Mailer:
                     continue
                 final = attempts + 1 >= self.max_attempts
                 conn.execute(
-                    "UPDATE account_emails SET attempts = attempts + 1, error = %s, status = %s WHERE id = %s",
+                    "UPDATE account_emails SET attempts = attempts + 1, error = %s, status = %s"
+                    " WHERE id = %s",
                     [error[:500], "failed" if final else "pending", email_id],
                 )
                 self._count("failed" if final else "retry")

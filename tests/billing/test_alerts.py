@@ -27,7 +27,7 @@ class Inbox:
     def __init__(self) -> None:
         self.messages: list[Any] = []
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd's name)
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.messages.append((list(envelope.rcpt_tos), message_from_bytes(envelope.content)))
         return "250 OK"
 
@@ -50,7 +50,8 @@ def refill(db: psycopg.Connection, account_id: int, amount: str) -> None:
     """A refill as the admin service writes it: the ledger row and the balance, in one transaction."""
     with db.transaction():
         (balance,) = db.execute(
-            "UPDATE accounts SET balance = balance + %s WHERE id = %s RETURNING balance", [D(amount), account_id]
+            "UPDATE accounts SET balance = balance + %s WHERE id = %s RETURNING balance",
+            [D(amount), account_id],
         ).fetchone()
         db.execute(
             "INSERT INTO balance_changes (account_id, kind, amount, balance_after, currency, actor)"
@@ -102,7 +103,9 @@ def test_one_email_per_crossing_through_the_cdr_writer(
     refill(db, account, "10")  # 2 -> 12: back above: re-armed
     calls(30, 8, "1")  # 12 -> 4: the second crossing
     assert len(inbox.messages) == 2
-    log = db.execute("SELECT kind, recipient, status FROM account_emails WHERE account_id = %s", [account]).fetchall()
+    log = db.execute(
+        "SELECT kind, recipient, status FROM account_emails WHERE account_id = %s", [account]
+    ).fetchall()
     assert log == [("low_balance", "owner@example.test", "sent")] * 2
     assert metrics.emails.labels("sent")._value.get() == 2
 
@@ -111,7 +114,9 @@ def test_an_unreachable_smtp_server_keeps_the_email_pending_then_sends_it(
     db: psycopg.Connection, smtp: tuple[Inbox, SmtpSettings]
 ) -> None:
     inbox, settings = smtp
-    account = make_account(db, "901", "10", notify_enabled=True, notify_balance_below=D("5"), email="a@example.test")
+    account = make_account(
+        db, "901", "10", notify_enabled=True, notify_balance_below=D("5"), email="a@example.test"
+    )
     db.execute("UPDATE accounts SET balance = 1 WHERE id = %s", [account])
     dead = Mailer(SmtpSettings(host="127.0.0.1", port=1, timeout=2))
     assert dead.send_pending(db) == 0
