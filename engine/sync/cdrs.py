@@ -117,7 +117,7 @@ class CdrWriter:
         *,
         batch: int = 2000,
         metrics: BillingMetrics | None = None,
-        after_commit: Callable[[psycopg.Connection[Any]], None] | None = None,
+        after_commit: Callable[[psycopg.Connection[Any]], object] | None = None,
         backoff_max: float = 10.0,
         claim_idle_ms: int = CLAIM_IDLE_MS,
     ) -> None:
