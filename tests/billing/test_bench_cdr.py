@@ -1,0 +1,31 @@
+"""The CDR insertion benchmark itself runs and checks what it measures (its speed is not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loadtest import cdr_insert
+from tests.conftest import PG_ADMIN_URL, REDIS_URL
+
+
+def test_benchmark_writes_every_call_and_keeps_the_ledger(capsys: pytest.CaptureFixture[str]) -> None:
+    code = cdr_insert.main(
+        [
+            "--pg-admin",
+            PG_ADMIN_URL,
+            "--redis",
+            REDIS_URL,
+            "--calls",
+            "600",
+            "--customers",
+            "20",
+            "--resellers",
+            "2",
+        ]
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert (report["cdr_rows"], report["ledger_mismatches"]) == (600, 0)
+    assert report["cdr_write_calls_per_s"] > 0
