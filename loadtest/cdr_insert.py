@@ -27,21 +27,29 @@ from engine.state.snapshot import delete_prefix
 from engine.sync.cdrs import CdrWriter
 
 
+def _scalar(conn: psycopg.Connection, query: str, params: list[object] | None = None) -> int:
+    row = conn.execute(query, params).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def _accounts(conn: psycopg.Connection, customers: int, resellers: int) -> list[tuple[int, int]]:
     pairs = []
     reseller_ids = []
     for r in range(resellers):
-        (rid,) = conn.execute(
+        rid = _scalar(
+            conn,
             "INSERT INTO accounts (number, kind, balance) VALUES (%s, 'reseller', 1000000) RETURNING id",
             [f"8{r:08d}"],
-        ).fetchone()
+        )
         reseller_ids.append(rid)
     for c in range(customers):
         rid = reseller_ids[c % resellers]
-        (cid,) = conn.execute(
+        cid = _scalar(
+            conn,
             "INSERT INTO accounts (number, reseller_id, balance) VALUES (%s, %s, 100000) RETURNING id",
             [f"9{c:08d}", rid],
-        ).fetchone()
+        )
         pairs.append((cid, rid))
     for account_id, amount in [(rid, 1000000) for rid in reseller_ids] + [(cid, 100000) for cid, _ in pairs]:
         conn.execute(
@@ -135,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         write_s = time.perf_counter() - began
         writer.close()
         with psycopg.connect(url) as conn:
-            (mismatches,) = conn.execute("SELECT count(*) FROM ledger_mismatches").fetchone()
-            (rows,) = conn.execute("SELECT count(*) FROM cdrs").fetchone()
+            mismatches = _scalar(conn, "SELECT count(*) FROM ledger_mismatches")
+            rows = _scalar(conn, "SELECT count(*) FROM cdrs")
         report = {
             "calls": args.calls,
             "accounts": args.customers + args.resellers,
