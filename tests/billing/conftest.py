@@ -53,9 +53,9 @@ def make_account(
     ).fetchone()
     if Decimal(balance) != 0:
         db.execute(
-            "INSERT INTO balance_changes (account_id, kind, amount, balance_after, currency, actor)"
-            " VALUES (%s, 'initial', %s, %s, 'USD', 'test')",
-            [account_id, Decimal(balance), Decimal(balance)],
+            "INSERT INTO balance_changes (account_id, at, kind, amount, balance_after, currency, actor)"
+            " VALUES (%s, %s, 'initial', %s, %s, 'USD', 'test')",
+            [account_id, BASE - timedelta(days=1), Decimal(balance), Decimal(balance)],
         )
     return account_id
 
