@@ -172,6 +172,7 @@ def _accounts(rows: Iterable[Row], _links: Links) -> list[Account]:
             max_channels=row[19],
             cps=row[20],
             codecs=row[21],
+            calls_debited=row[22],
         )
         for row in rows
     ]
@@ -329,7 +330,7 @@ _TABLES: dict[str, _Table] = {
         "id, number, kind, reseller_id, status = 'active', deleted, postpaid, balance, credit_limit,"
         " rate_group_id, expiry, first_used, valid_days, expiry_from_first_use, non_cli_rate_group_id,"
         " cli_pool, localization_id, local_calls_allowed, local_call_cost_per_minute, max_channels, cps,"
-        " codecs",
+        " codecs, calls_debited",
         "accounts",
         (
             _I8,
@@ -354,6 +355,7 @@ _TABLES: dict[str, _Table] = {
             _I4,
             _I4,
             _T,
+            _N,
         ),
         "id",
         ("id",),

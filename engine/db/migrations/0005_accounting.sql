@@ -31,13 +31,13 @@ CREATE TABLE cdrs (
     dialled                 text,                   -- as the caller dialled it
     translated              text,                   -- after speed dial / localization (what was rated)
     rate_prefix             text,
-    rate_cost_per_minute    numeric(30,10),         -- markup included: may carry more than 6 places
+    rate_cost_per_minute    numeric(20,6),          -- markup included, rounded half-up to 6 places
     trunk_id                bigint,
     trunk_name              text,
     gateway                 text,
     provider_id             bigint,
     carrier_prefix          text,
-    carrier_cost_per_minute numeric(30,10),
+    carrier_cost_per_minute numeric(20,6),
     billsec                 integer NOT NULL DEFAULT 0 CHECK (billsec >= 0),
     duration                integer,
     max_duration            integer,
