@@ -48,8 +48,9 @@ def make_account(
     names = ["number", "kind", "reseller_id", "balance", *columns]
     values = [number, kind, reseller_id, Decimal(balance), *columns.values()]
     placeholders = ", ".join(["%s"] * len(values))
+    overriding = "OVERRIDING SYSTEM VALUE" if "id" in columns else ""
     (account_id,) = db.execute(
-        f"INSERT INTO accounts ({', '.join(names)}) VALUES ({placeholders}) RETURNING id", values
+        f"INSERT INTO accounts ({', '.join(names)}) {overriding} VALUES ({placeholders}) RETURNING id", values
     ).fetchone()
     if Decimal(balance) != 0:
         db.execute(
