@@ -49,6 +49,7 @@ def test_failover_call_through_a_reseller_is_billed_exactly(
     headers = hangup_complete("answered_gateway_failover_wire.txt")
     item, rated, end = call_settlement(headers, decision, pricing, catalog)
     assert end.carried_leg == 1
+    assert rated.gateway == "gw-b"
     assert funds.settle(item) and not funds.settle(item)
     assert funds.account(customer.id).reserved == 0 == funds.account(reseller.id).reserved
     writer = CdrWriter(client, key_prefix, lambda: psycopg.connect(db_url), "w")
@@ -66,8 +67,8 @@ def test_failover_call_through_a_reseller_is_billed_exactly(
         "gw-b",
         3,
         D("0.005"),
-        D("0.0085"),
-        D("0.0045"),
+        D("0.00775"),
+        D("0.00525"),
         "NORMAL_CLEARING",
         [customer.id, reseller.id],
     )
