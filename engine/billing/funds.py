@@ -84,6 +84,10 @@ def cdr_stream(prefix: str) -> str:
     return f"{prefix}cdrs"
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class FundsUnavailable(Exception):
     """Redis could not be asked: no funds decision (the engine answers ENGINE_DEGRADED)."""
 
@@ -434,6 +438,29 @@ class Funds:
             from_micros(int(reserved or 0)),
             int(count),
         )
+
+    def totals(self, *, count: int = 1000) -> tuple[Decimal, int]:
+        """(funds reserved by all open calls, number of open reservations), for the metrics.
+
+        A SCAN over the accounts' funds hashes: O(accounts with funds state); run it every
+        few seconds at most, never on the call path."""
+        reserved = 0
+        open_calls = 0
+        prefix = f"{self._prefix}funds:acct:"
+        try:
+            keys = [_text(k) for k in self._client.scan_iter(match=f"{prefix}*", count=count)]
+            for start in range(0, len(keys), count):
+                chunk = keys[start : start + count]
+                with self._client.pipeline(transaction=False) as pipe:
+                    for key in chunk:
+                        pipe.hget(key, "reserved")
+                        pipe.zcard(reservations_key(self._prefix, int(key[len(prefix) :])))
+                    replies = pipe.execute()
+                reserved += sum(int(r or 0) for r in replies[0::2])
+                open_calls += sum(int(n) for n in replies[1::2])
+        except redis.exceptions.RedisError as exc:
+            raise FundsUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        return from_micros(reserved), open_calls
 
     def available(self, level: FundsLevel) -> Decimal:
         """base - unrecorded - reserved as the next reservation would see it (reads only)."""

@@ -38,7 +38,7 @@ import psycopg
 import redis
 
 from engine.billing.cdr import CDR_COLUMNS, DEBIT_COLUMNS, BadCdr, CdrRows, cdr_rows
-from engine.billing.funds import cdr_stream
+from engine.billing.funds import Funds, cdr_stream
 from engine.billing.metrics import BillingMetrics
 
 log = logging.getLogger("callgate.sync.cdrs")
@@ -47,6 +47,7 @@ GROUP = "callgate-cdr"
 CLAIM_IDLE_MS = 60_000
 _CLAIM_EVERY = 15.0
 _GAUGES_EVERY = 5.0
+_TOTALS_EVERY = 30.0  # the reserved-funds gauges SCAN every account's funds hash
 
 _STAGING = (
     "CREATE TEMP TABLE IF NOT EXISTS cdr_staging (LIKE cdrs INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
@@ -136,6 +137,8 @@ class CdrWriter:
         self._group_ready = False
         self._next_claim = 0.0
         self._next_gauges = 0.0
+        self._next_totals = 0.0
+        self._funds = Funds(client, prefix)
         self.failures = 0
 
     # --- the loop ----------------------------------------------------------------------------
@@ -222,6 +225,11 @@ class CdrWriter:
         backlog, lag = stream_backlog(self._client, self._stream)
         self.metrics.backlog.set(backlog)
         self.metrics.lag.set(lag)
+        if now >= self._next_totals:
+            self._next_totals = now + _TOTALS_EVERY
+            reserved, open_calls = self._funds.totals()
+            self.metrics.reserved.set(float(reserved))
+            self.metrics.open_reservations.set(open_calls)
 
     # --- PostgreSQL ----------------------------------------------------------------------------
 

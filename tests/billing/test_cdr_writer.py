@@ -16,7 +16,8 @@ import psycopg
 import pytest
 import redis
 
-from engine.billing.funds import Funds, cdr_stream
+from engine.billing.funds import Funds, FundsLevel, cdr_stream
+from engine.billing.rating import Tariff
 from engine.sync.cdrs import GROUP, CdrWriter, stream_backlog
 from tests.billing.conftest import cdr, ledger_mismatches, make_account, settle_all, settlement
 
@@ -53,6 +54,24 @@ def test_a_batch_writes_cdrs_debits_and_balances_in_one_go(
     assert db.execute("SELECT count(*) FROM call_debits").fetchone() == (100,)
     assert ledger_mismatches(db) == []
     assert stream_backlog(client, cdr_stream(key_prefix))[0] == 0
+    assert w.metrics.cdrs_written._value.get() == 50
+    assert w.metrics.debits_written._value.get() == 100
+
+
+def test_backlog_gauges_show_what_waits_and_for_how_long(
+    db: psycopg.Connection, db_url: str, client: redis.Redis, key_prefix: str
+) -> None:
+    customer = make_account(db, "901", "10")
+    funds = Funds(client, key_prefix)
+    funds.reserve("up", [FundsLevel(customer, D("10"), D("0"), Tariff(D("1")))], cap_seconds=60)
+    settle_all(funds, [settlement(f"u{i}", [(customer, "0.10")]) for i in range(7)])
+    time.sleep(1.1)
+    w = writer(db_url, client, key_prefix, batch=3)
+    w.process_once(0)  # gauges are read before the batch
+    assert w.metrics.backlog._value.get() == 7
+    assert w.metrics.lag._value.get() >= 1.0
+    assert (w.metrics.reserved._value.get(), w.metrics.open_reservations._value.get()) == (1.0, 1)
+    assert stream_backlog(client, cdr_stream(key_prefix))[0] == 4  # 3 written and acknowledged
 
 
 def test_a_duplicated_hangup_is_written_once(

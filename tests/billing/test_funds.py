@@ -171,3 +171,11 @@ def test_redis_down_is_an_error_not_a_decision() -> None:
     dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
     with pytest.raises(FundsUnavailable):
         Funds(dead, "x:").reserve("a", [level()], cap_seconds=60)
+
+
+def test_totals_add_every_open_reservation(funds: Funds) -> None:
+    funds.reserve("a", [level(1, base="5.00")], cap_seconds=60)
+    funds.reserve("b", [level(2, base="5.00")], cap_seconds=120)
+    funds.reserve("c", [level(2, base="5.00")], cap_seconds=60)
+    funds.settle(Settlement("c", ((2, D("0"), D("0.50")),), {}))
+    assert funds.totals(count=1) == (D("3.00"), 2)
