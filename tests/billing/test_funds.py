@@ -179,3 +179,32 @@ def test_totals_add_every_open_reservation(funds: Funds) -> None:
     funds.reserve("c", [level(2, base="5.00")], cap_seconds=60)
     funds.settle(Settlement("c", ((2, D("0"), D("0.50")),), {}))
     assert funds.totals(count=1) == (D("3.00"), 2)
+
+
+def test_the_lua_functions_compose_into_another_script(client: redis.Redis, key_prefix: str) -> None:
+    """The integration contract for the limits script: FUNDS_LUA included, its keys and arguments
+    after the host script's own, funds_check before any write, funds_take with the writes."""
+    from engine.billing.funds import FUNDS_LUA, amounts_key, funds_key, reservations_key
+
+    host = (
+        FUNDS_LUA
+        + """
+-- the host's own key and argument first (standing in for the limits' ones)
+redis.call('INCR', KEYS[1])
+local now, cap, nlev = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local d = funds_check(2, 4, nlev, now, cap)
+if d < 0 then return {0, -d} end
+funds_take(2, 4, nlev, ARGV[1], d, now + d * 1000, 60000)
+return {1, d}
+"""
+    )
+    lv = level(7, base="2.50")
+    keys = [
+        f"{key_prefix}host",
+        funds_key(key_prefix, 7),
+        reservations_key(key_prefix, 7),
+        amounts_key(key_prefix, 7),
+    ]
+    assert client.eval(host, len(keys), *keys, "x", 1_000, 600, 1, *lv.args()) == [1, 120]
+    assert Funds(client, key_prefix).account(7).reserved == D("2.00")
+    assert client.eval(host, len(keys), *keys, "y", 1_000, 600, 1, *lv.args()) == [0, 1]
