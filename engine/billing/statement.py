@@ -24,11 +24,13 @@ from psycopg.rows import dict_row
 __all__ = [
     "CdrFilter",
     "CdrPage",
+    "EmailLogEntry",
     "NotFound",
     "Scope",
     "Statement",
     "StatementLine",
     "cdr_csv",
+    "email_log",
     "list_cdrs",
     "statement",
 ]
@@ -306,3 +308,41 @@ def statement(
         lines.append(StatementLine(at, kind, description, reference, amount, unexplained + running))
     closing = lines[-1].balance if lines else opening
     return Statement(number, currency, opening, lines, closing, balance, unexplained)
+
+
+# --------------------------------------------------------------------------- the e-mail log
+
+
+@dataclass(frozen=True, slots=True)
+class EmailLogEntry:
+    id: int
+    created_at: datetime
+    kind: str
+    recipient: str | None
+    subject: str
+    status: str
+    attempts: int
+    sent_at: datetime | None
+    error: str
+
+
+def email_log(
+    conn: psycopg.Connection[Any], scope: Scope, account_number: str, *, limit: int = 100
+) -> list[EmailLogEntry]:
+    """The account's e-mails (the seed's "Emails" list), newest first."""
+    query = sql.SQL(
+        "SELECT e.id, e.created_at, e.kind, e.recipient, e.subject, e.status, e.attempts, e.sent_at, e.error"
+        " FROM account_emails e JOIN accounts a ON a.id = e.account_id"
+        " WHERE a.number = %s AND NOT a.deleted AND {} ORDER BY e.id DESC LIMIT %s"
+    ).format(scope.accounts("a.id"))
+    with conn.cursor() as cur:
+        exists = cur.execute(
+            sql.SQL("SELECT 1 FROM accounts a WHERE a.number = %s AND NOT a.deleted AND {}").format(
+                scope.accounts("a.id")
+            ),
+            [account_number],
+        ).fetchone()
+        if exists is None:
+            raise NotFound(f"account {account_number} not found")
+        rows = cur.execute(query, [account_number, max(1, min(limit, MAX_PAGE_SIZE))]).fetchall()
+    return [EmailLogEntry(*row) for row in rows]

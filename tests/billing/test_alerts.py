@@ -15,6 +15,7 @@ import redis
 from engine.billing.alerts import Mailer, SmtpSettings
 from engine.billing.funds import Funds
 from engine.billing.metrics import BillingMetrics
+from engine.billing.statement import NotFound, Scope, email_log
 from engine.sync.cdrs import CdrWriter
 from tests.billing.conftest import make_account, settle_all, settlement
 
@@ -108,6 +109,12 @@ def test_one_email_per_crossing_through_the_cdr_writer(
     ).fetchall()
     assert log == [("low_balance", "owner@example.test", "sent")] * 2
     assert metrics.emails.labels("sent")._value.get() == 2
+    entries = email_log(db, Scope(), "901")
+    assert [(e.kind, e.status, e.recipient) for e in entries] == [
+        ("low_balance", "sent", "owner@example.test")
+    ] * 2
+    with pytest.raises(NotFound):
+        email_log(db, Scope(reseller_id=account), "901")  # not in that (non-)reseller's subtree
 
 
 def test_an_unreachable_smtp_server_keeps_the_email_pending_then_sends_it(
