@@ -219,8 +219,9 @@ return {1, d}
 )
 
 # KEYS: call record, cdr stream, then per level: acct, res, amt.
-# ARGV: uuid, keep ms (how long a settled call is remembered), stream maxlen, CDR JSON,
-#   n levels, then 3 per level: account id, recorded (snapshot), debit (micro-units).
+# ARGV: uuid, keep ms (TTL of the account keys), stream maxlen, CDR JSON, n levels, then 3 per
+#   level: account id, recorded (snapshot), debit (micro-units); last: how long (ms) the
+#   settled call is remembered.
 # Returns 1 settled now, 0 already settled (nothing done).
 _SETTLE = (
     FUNDS_LUA
@@ -238,10 +239,21 @@ for i = 1, nlev do
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'uuid', uuid, 'cdr', ARGV[4])
 redis.call('HSET', rec, 'st', '1')
-redis.call('PEXPIRE', rec, keep)
+redis.call('PEXPIRE', rec, tonumber(ARGV[6 + 3 * nlev]))
 return 1
 """
 )
+
+# KEYS: acct hashes. ARGV: micro-units to take back from each one's spent (only where spent exists:
+# a restarted Redis starts spent from PostgreSQL's figure, which never counted the duplicate).
+_TAKE_BACK = """
+for i = 1, #KEYS do
+  if redis.call('HEXISTS', KEYS[i], 'spent') == 1 then
+    redis.call('HINCRBY', KEYS[i], 'spent', -tonumber(ARGV[i]))
+  end
+end
+return 1
+"""
 
 # KEYS: call record, then per level: acct, res, amt. ARGV: uuid. Drop an unused reservation
 # (the call was refused by a later check, or never answered and is settled by a CDR anyway).
@@ -277,6 +289,7 @@ class _Script:
 _RESERVE_SCRIPT = _Script(_RESERVE)
 _SETTLE_SCRIPT = _Script(_SETTLE)
 _RELEASE_SCRIPT = _Script(_RELEASE)
+_TAKE_BACK_SCRIPT = _Script(_TAKE_BACK)
 
 
 # --------------------------------------------------------------------------- Python side
@@ -344,15 +357,20 @@ class Funds:
         *,
         margin_seconds: int = 300,
         keep_seconds: int = 7 * 86400,
+        settled_seconds: int = 3600,
         stream_maxlen: int = 10_000_000,
     ) -> None:
         """``margin_seconds``: how long a reservation outlives its duration (ringing, failover
-        before the answer) when its hangup is never seen; ``keep_seconds``: how long a settled
-        call is remembered (a duplicate hangup within it is ignored) and account keys live."""
+        before the answer) when its hangup is never seen; ``keep_seconds``: how long an idle
+        account's funds keys live; ``settled_seconds``: how long a settled call is remembered
+        (a duplicate hangup within it does nothing; a later one is corrected by the CDR writer,
+        :meth:`take_back`). One small hash per call for that long: ~2000 calls/s x 3600 s = 7.2 M
+        hashes, size it to the Redis memory."""
         self._client = client
         self._prefix = prefix
         self._margin_ms = margin_seconds * 1000
         self._keep_ms = keep_seconds * 1000
+        self._settled_ms = settled_seconds * 1000
         self._maxlen = stream_maxlen
 
     def _level_keys(self, account_ids: Sequence[int]) -> list[str]:
@@ -403,12 +421,20 @@ class Funds:
         ]
         for account_id, recorded, debit in item.debits:
             args += [account_id, to_micros(recorded), to_micros(debit)]
+        args.append(self._settled_ms)
         return keys, args
 
     def settle(self, item: Settlement) -> bool:
         """Release the reservation, add the debit, queue the CDR; False if already settled."""
         keys, args = self._settle_call(item)
         return int(_SETTLE_SCRIPT.run(self._client, keys, args)) == 1
+
+    def take_back(self, amounts: Mapping[int, Decimal]) -> None:
+        """Undo the ``spent`` increments of hangups that were settled twice (the CDR writer found
+        their CDR already stored from another stream entry)."""
+        if amounts:
+            keys = [funds_key(self._prefix, account_id) for account_id in amounts]
+            _TAKE_BACK_SCRIPT.run(self._client, keys, [to_micros(a) for a in amounts.values()])
 
     def settle_many(self, items: Sequence[Settlement]) -> list[bool]:
         """``settle`` for many calls in one round trip (hangups are batched)."""

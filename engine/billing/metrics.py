@@ -26,6 +26,11 @@ class BillingMetrics:
             "CDR records that could not be stored (logged, acknowledged)",
             registry=r,
         )
+        self.duplicates_taken_back = Counter(
+            "callgate_cdr_duplicate_debits_taken_back_total",
+            "Accounts whose Redis spent counter was corrected for a hangup settled twice",
+            registry=r,
+        )
         self.debits_written = Counter(
             "callgate_call_debits_written_total", "Call debits applied to account balances", registry=r
         )

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, date
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -51,24 +52,25 @@ _TOTALS_EVERY = 30.0  # the reserved-funds gauges SCAN every account's funds has
 
 _STAGING = (
     "CREATE TEMP TABLE IF NOT EXISTS cdr_staging (LIKE cdrs INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
-    "CREATE TEMP TABLE IF NOT EXISTS debit_staging (LIKE call_debits) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS debit_staging (LIKE call_debits, stream_id text) ON COMMIT DELETE ROWS",
 )
-_COPY_CDRS = "COPY cdr_staging ({}) FROM STDIN".format(", ".join(CDR_COLUMNS))
-_COPY_DEBITS = "COPY debit_staging ({}) FROM STDIN".format(", ".join(DEBIT_COLUMNS))
+_COPY_CDRS = "COPY cdr_staging ({}, stream_id) FROM STDIN".format(", ".join(CDR_COLUMNS))
+_COPY_DEBITS = "COPY debit_staging ({}, stream_id) FROM STDIN".format(", ".join(DEBIT_COLUMNS))
 _LOCK_ACCOUNTS = (
     "SELECT id FROM accounts WHERE id IN (SELECT DISTINCT account_id FROM debit_staging)"
     " ORDER BY id FOR UPDATE"
 )
 _INSERT = """
 WITH new_cdrs AS (
-    INSERT INTO cdrs ({cols})
-    SELECT DISTINCT ON (uuid, started_at) {cols} FROM cdr_staging ORDER BY uuid, started_at
+    INSERT INTO cdrs ({cols}, stream_id)
+    SELECT DISTINCT ON (uuid, started_at) {cols}, stream_id FROM cdr_staging
+     ORDER BY uuid, started_at, stream_id
     ON CONFLICT DO NOTHING
-    RETURNING uuid, started_at
+    RETURNING uuid, started_at, stream_id
 ), new_debits AS (
     INSERT INTO call_debits ({dcols})
     SELECT DISTINCT ON (d.uuid, d.started_at, d.level) {dcols_d}
-      FROM debit_staging d JOIN new_cdrs n ON n.uuid = d.uuid AND n.started_at = d.started_at
+      FROM debit_staging d JOIN new_cdrs n ON n.stream_id = d.stream_id
      ORDER BY d.uuid, d.started_at, d.level
     ON CONFLICT DO NOTHING
     RETURNING account_id, amount
@@ -79,9 +81,22 @@ WITH new_cdrs AS (
       FROM totals t
      WHERE a.id = t.account_id AND t.total <> 0
     RETURNING a.id
+), duplicates AS (
+    -- entries not stored now, and not the entry their stored row came from (that is a replay)
+    INSERT INTO cdr_duplicates (stream_id, uuid, started_at)
+    SELECT DISTINCT ON (s.stream_id) s.stream_id, s.uuid, s.started_at FROM cdr_staging s
+     WHERE NOT EXISTS (SELECT 1 FROM new_cdrs n WHERE n.stream_id = s.stream_id)
+       AND NOT EXISTS (SELECT 1 FROM cdrs c
+                        WHERE c.uuid = s.uuid AND c.started_at = s.started_at AND c.stream_id = s.stream_id)
+    ON CONFLICT DO NOTHING
+    RETURNING stream_id
 )
 SELECT (SELECT count(*) FROM new_cdrs), (SELECT coalesce(sum(n), 0) FROM totals),
-       (SELECT coalesce(sum(total), 0) FROM totals), (SELECT count(*) FROM moved)
+       (SELECT coalesce(sum(total), 0) FROM totals), (SELECT count(*) FROM moved),
+       (SELECT coalesce(json_agg(json_build_array(account_id, total)), '[]')
+          FROM (SELECT d.account_id, sum(d.amount)::text AS total
+                  FROM debit_staging d JOIN duplicates x ON x.stream_id = d.stream_id
+                 GROUP BY d.account_id) back)
 """.format(
     cols=", ".join(CDR_COLUMNS),
     dcols=", ".join(DEBIT_COLUMNS),
@@ -245,13 +260,13 @@ class CdrWriter:
 
     def write(self, entries: Iterable[tuple[Any, dict[Any, Any]]]) -> BatchResult:
         """Write one batch in one transaction (see the module docstring); the entries are not acked."""
-        rows: list[CdrRows] = []
+        rows: list[tuple[str, CdrRows]] = []
         result = BatchResult()
         for entry_id, fields in entries:
             result.entries += 1
             try:
                 values = {_str(k): _str(v) for k, v in fields.items()}
-                rows.append(cdr_rows(json.loads(values.get("cdr", ""))))
+                rows.append((_str(entry_id), cdr_rows(json.loads(values.get("cdr", "")))))
             except (BadCdr, ValueError) as exc:
                 result.bad += 1
                 self.metrics.cdrs_bad.inc()
@@ -260,17 +275,22 @@ class CdrWriter:
             return result
         conn = self._connection()
         with conn.transaction(), conn.cursor() as cur:
-            self._ensure_months(cur, {r.cdr[1].astimezone(UTC).date().replace(day=1) for r in rows})
+            self._ensure_months(cur, {r.cdr[1].astimezone(UTC).date().replace(day=1) for _, r in rows})
             with cur.copy(_COPY_CDRS) as copy:
-                for r in rows:
-                    copy.write_row(r.cdr)
+                for stream_id, r in rows:
+                    copy.write_row((*r.cdr, stream_id))
             with cur.copy(_COPY_DEBITS) as copy:
-                for r in rows:
+                for stream_id, r in rows:
                     for debit in r.debits:
-                        copy.write_row(debit)
+                        copy.write_row((*debit, stream_id))
             cur.execute(_LOCK_ACCOUNTS)
-            written, debits, amount, _moved = cur.execute(_INSERT).fetchone() or (0, 0, 0, 0)
+            written, debits, amount, _moved, back = cur.execute(_INSERT).fetchone() or (0, 0, 0, 0, [])
         result.written, result.debits = int(written), int(debits)
+        if back:
+            # Committed: now take back from Redis's spent what the duplicate entries added. A crash
+            # right here leaves spent too high by that amount (conservative: fewer funds available).
+            self._funds.take_back({int(account): Decimal(total) for account, total in back})
+            self.metrics.duplicates_taken_back.inc(len(back))
         self.metrics.cdrs_written.inc(result.written)
         self.metrics.cdrs_duplicate.inc(len(rows) - result.written)
         self.metrics.debits_written.inc(result.debits)

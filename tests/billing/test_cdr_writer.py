@@ -16,7 +16,7 @@ import psycopg
 import pytest
 import redis
 
-from engine.billing.funds import Funds, FundsLevel, cdr_stream
+from engine.billing.funds import Funds, FundsLevel, call_key, cdr_stream
 from engine.billing.rating import Tariff
 from engine.sync.cdrs import GROUP, CdrWriter, stream_backlog
 from tests.billing.conftest import cdr, ledger_mismatches, make_account, settle_all, settlement
@@ -82,17 +82,25 @@ def test_a_duplicated_hangup_is_written_once(
     item = settlement("dup", [(customer, "1.25")])
     assert funds.settle(item) is True
     assert funds.settle(item) is False  # the second hangup changes nothing in Redis
-    # Even if the record reaches the stream twice (e.g. after the settle marker expired),
-    # in the same batch and in a later one, PostgreSQL keeps one row and one debit.
-    for _ in range(2):
-        client.xadd(cdr_stream(key_prefix), {"uuid": "dup", "cdr": json.dumps(item.cdr)})
     w = writer(db_url, client, key_prefix, batch=2)
     drain(w)
-    client.xadd(cdr_stream(key_prefix), {"uuid": "dup", "cdr": json.dumps(item.cdr)})
+    # Later duplicates, once the settled flag has expired: each adds to Redis's spent and
+    # reaches the stream again, in one batch together and in a later one.
+    for _ in range(2):
+        client.delete(call_key(key_prefix, "dup"))
+        assert funds.settle(item) is True
+    drain(w)
+    client.delete(call_key(key_prefix, "dup"))
+    funds.settle(item)
+    assert funds.account(customer).spent == D("2.50")  # the first two duplicates were already taken back
     drain(w)
     assert db.execute("SELECT count(*) FROM cdrs").fetchone() == (1,)
+    assert db.execute("SELECT count(*) FROM cdr_duplicates").fetchone() == (3,)
     assert db.execute("SELECT balance, calls_debited FROM accounts").fetchone() == (D("8.75"), D("1.25"))
     assert ledger_mismatches(db) == []
+    # The writer took the duplicates' debits back: Redis and PostgreSQL agree again.
+    assert funds.account(customer).spent == D("1.25")
+    assert funds.available(FundsLevel(customer, D("8.75"), D("1.25"), Tariff(D("1")))) == D("8.75")
 
 
 def test_a_bad_record_is_dropped_and_counted_without_blocking_the_rest(
@@ -245,3 +253,8 @@ def test_kill_9_mid_burst_then_restart_loses_and_doubles_nothing(
     assert balances[reseller] == D("1000") - D("0.03") * total
     assert sum(balances[c] for c in customers) == D("1500") - D("0.07") * total
     assert client.xpending(cdr_stream(key_prefix), GROUP)["pending"] == 0
+    # Replays after the kill were recognised as replays, not duplicates: nothing taken back.
+    assert db.execute("SELECT count(*) FROM cdr_duplicates").fetchone() == (0,)
+    funds = Funds(client, key_prefix)
+    for account_id, recorded in db.execute("SELECT id, calls_debited FROM accounts").fetchall():
+        assert funds.account(account_id).spent == recorded

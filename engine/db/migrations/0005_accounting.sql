@@ -51,6 +51,7 @@ CREATE TABLE cdrs (
     disposition             text,                   -- sip_hangup_disposition: who hung up
     notes                   text[] NOT NULL DEFAULT '{}',     -- anomalies found while rating
     recorded_at             timestamptz NOT NULL DEFAULT now(),
+    stream_id               text,                   -- the {prefix}cdrs entry it was written from
     PRIMARY KEY (uuid, started_at)
 ) PARTITION BY RANGE (started_at);
 CREATE INDEX cdrs_account_started_idx ON cdrs (account_id, started_at DESC);
@@ -94,6 +95,17 @@ BEGIN
 END
 $$;
 SELECT callgate_cdr_month(now()::date);
+
+-- Stream entries whose CDR was already stored from ANOTHER entry (a hangup settled twice in
+-- Redis, e.g. after its settled flag expired): each such entry had added its debits to Redis's
+-- spent counter once more, and the writer takes them back exactly once (this table is the
+-- "exactly"). A replay of the entry a row was written from is not a duplicate.
+CREATE TABLE cdr_duplicates (
+    stream_id  text PRIMARY KEY,
+    uuid       text NOT NULL,
+    started_at timestamptz NOT NULL,
+    at         timestamptz NOT NULL DEFAULT now()
+);
 
 ------------------------------------------------------------------------------
 -- The account's e-mail log (the seed's "Emails" list): every message callgate sent or
