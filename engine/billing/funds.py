@@ -219,7 +219,7 @@ return {1, d}
 )
 
 # KEYS: call record, cdr stream, then per level: acct, res, amt.
-# ARGV: uuid, keep ms (TTL of the account keys), stream maxlen, CDR JSON, n levels, then 3 per
+# ARGV: uuid, keep ms (TTL of the account keys), (unused), CDR JSON, n levels, then 3 per
 #   level: account id, recorded (snapshot), debit (micro-units); last: how long (ms) the
 #   settled call is remembered.
 # Returns 1 settled now, 0 already settled (nothing done).
@@ -237,7 +237,8 @@ for i = 1, nlev do
   if debit ~= 0 then redis.call('HINCRBY', KEYS[k], 'spent', debit) end
   if redis.call('PTTL', KEYS[k]) < keep then redis.call('PEXPIRE', KEYS[k], keep) end
 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'uuid', uuid, 'cdr', ARGV[4])
+-- never trimmed here: an unwritten CDR must not be cut; the writer trims what it has committed
+redis.call('XADD', KEYS[2], '*', 'uuid', uuid, 'cdr', ARGV[4])
 redis.call('HSET', rec, 'st', '1')
 redis.call('PEXPIRE', rec, tonumber(ARGV[6 + 3 * nlev]))
 return 1
@@ -358,7 +359,6 @@ class Funds:
         margin_seconds: int = 300,
         keep_seconds: int = 7 * 86400,
         settled_seconds: int = 3600,
-        stream_maxlen: int = 10_000_000,
     ) -> None:
         """``margin_seconds``: how long a reservation outlives its duration (ringing, failover
         before the answer) when its hangup is never seen; ``keep_seconds``: how long an idle
@@ -371,7 +371,6 @@ class Funds:
         self._margin_ms = margin_seconds * 1000
         self._keep_ms = keep_seconds * 1000
         self._settled_ms = settled_seconds * 1000
-        self._maxlen = stream_maxlen
 
     def _level_keys(self, account_ids: Sequence[int]) -> list[str]:
         keys: list[str] = []
@@ -415,7 +414,7 @@ class Funds:
         args: list[Any] = [
             item.uuid,
             self._keep_ms,
-            self._maxlen,
+            "",
             json.dumps(dict(item.cdr), separators=(",", ":"), default=str),
             len(item.debits),
         ]

@@ -48,7 +48,8 @@ GROUP = "callgate-cdr"
 CLAIM_IDLE_MS = 60_000
 _CLAIM_EVERY = 15.0
 _GAUGES_EVERY = 5.0
-_TOTALS_EVERY = 30.0  # the reserved-funds gauges SCAN every account's funds hash
+_TOTALS_EVERY = 30.0
+_TRIM_EVERY = 10.0  # the reserved-funds gauges SCAN every account's funds hash
 
 _STAGING = (
     "CREATE TEMP TABLE IF NOT EXISTS cdr_staging (LIKE cdrs INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
@@ -153,6 +154,7 @@ class CdrWriter:
         self._next_claim = 0.0
         self._next_gauges = 0.0
         self._next_totals = 0.0
+        self._next_trim = 0.0
         self._funds = Funds(client, prefix)
         self.failures = 0
 
@@ -188,7 +190,36 @@ class CdrWriter:
             return BatchResult()
         result = self.write(entries)
         self._client.xack(self._stream, GROUP, *[entry_id for entry_id, _ in entries])
+        self._trim()
         return result
+
+    def _trim(self) -> None:
+        """Drop the entries every writer has committed: those before the oldest unacknowledged one.
+        (The settle script never trims: an unwritten CDR must not be cut.)"""
+        now = time.monotonic()
+        if now < self._next_trim:
+            return
+        self._next_trim = now + _TRIM_EVERY
+        oldest = oldest_unwritten(self._client, self._stream)
+        if oldest is not None:
+            self._client.xtrim(self._stream, minid=oldest, approximate=False)
+        else:
+            last = self._last_delivered()
+            if last is not None:
+                # everything up to the last delivered id is acknowledged: keep only later entries
+                ms, seq = (int(x) for x in last.split("-", 1))
+                self._client.xtrim(self._stream, minid=f"{ms}-{seq + 1}", approximate=False)
+
+    def _last_delivered(self) -> str | None:
+        try:
+            groups: Any = self._client.xinfo_groups(self._stream)
+        except redis.ResponseError:
+            return None
+        for group in groups:
+            if _str(group.get("name", b"")) == GROUP:
+                last = group.get("last-delivered-id")
+                return _str(last) if last else None
+        return None
 
     # --- Redis ---------------------------------------------------------------------------------
 
@@ -316,6 +347,25 @@ class CdrWriter:
             self._conn = None
 
 
+def oldest_unwritten(client: redis.Redis, stream: str) -> str | None:
+    """The id of the oldest entry not yet acknowledged by the group (pending or undelivered), or None."""
+    try:
+        groups: Any = client.xinfo_groups(stream)
+    except redis.ResponseError:
+        return None
+    group: Any = next((g for g in groups if _str(g.get("name", b"")) == GROUP), None)
+    if group is None:
+        return None
+    if int(group.get("pending") or 0):
+        summary: dict[str, Any] = client.xpending(stream, GROUP)
+        smallest = summary.get("min")
+        if smallest:
+            return _str(smallest)
+    last = _str(group.get("last-delivered-id") or b"0-0")
+    after: Any = client.xrange(stream, min=f"({last}", count=1)
+    return _str(after[0][0]) if after else None
+
+
 def stream_backlog(client: redis.Redis, stream: str) -> tuple[int, float]:
     """(entries not yet written, age in seconds of the oldest of them) for the group ``callgate-cdr``."""
     try:
@@ -325,24 +375,14 @@ def stream_backlog(client: redis.Redis, stream: str) -> tuple[int, float]:
     group: Any = next((g for g in groups if _str(g.get("name", b"")) == GROUP), None)
     if group is None:
         return int(client.xlen(stream)), 0.0
-    pending = int(group.get("pending") or 0)
     lag = group.get("lag")
-    undelivered = int(lag) if lag is not None else 0
-    backlog = pending + undelivered
+    backlog = int(group.get("pending") or 0) + (int(lag) if lag is not None else 0)
     if backlog == 0:
         return 0, 0.0
-    oldest_id: str | None = None
-    if pending:
-        summary: dict[str, Any] = client.xpending(stream, GROUP)
-        smallest = summary.get("min")
-        oldest_id = _str(smallest) if smallest else None
-    if oldest_id is None:
-        last = _str(group.get("last-delivered-id") or b"0-0")
-        after: Any = client.xrange(stream, min=f"({last}", count=1)
-        oldest_id = _str(after[0][0]) if after else None
-    if oldest_id is None:
+    oldest = oldest_unwritten(client, stream)
+    if oldest is None:
         return backlog, 0.0
-    millis = int(oldest_id.split("-", 1)[0])
+    millis = int(oldest.split("-", 1)[0])
     return backlog, max(0.0, time.time() - millis / 1000)
 
 

@@ -56,6 +56,26 @@ def test_a_batch_writes_cdrs_debits_and_balances_in_one_go(
     assert stream_backlog(client, cdr_stream(key_prefix))[0] == 0
     assert w.metrics.cdrs_written._value.get() == 50
     assert w.metrics.debits_written._value.get() == 100
+    assert client.xlen(cdr_stream(key_prefix)) == 0  # written entries are trimmed
+
+
+def test_trimming_never_cuts_an_unwritten_entry(
+    db: psycopg.Connection, db_url: str, client: redis.Redis, key_prefix: str
+) -> None:
+    customer = make_account(db, "901", "10")
+    settle_all(Funds(client, key_prefix), [settlement(f"t{i}", [(customer, "0.01")]) for i in range(10)])
+    stuck = CdrWriter(
+        client, key_prefix, lambda: psycopg.connect(db_url.replace(":5432/", ":1/")), "stuck", batch=4
+    )
+    with pytest.raises(psycopg.OperationalError):
+        stuck.process_once(0)  # took 4 entries, cannot write them: they stay pending
+    w = writer(db_url, client, key_prefix, batch=3)
+    w.process_once(0)  # writes 3 later entries, acks them, trims
+    assert client.xlen(cdr_stream(key_prefix)) == 10  # the 4 pending ones come first: nothing is cut
+    w2 = writer(db_url, client, key_prefix, claim_idle_ms=0)
+    drain(w2)
+    assert db.execute("SELECT count(*) FROM cdrs").fetchone() == (10,)
+    assert ledger_mismatches(db) == []
 
 
 def test_backlog_gauges_show_what_waits_and_for_how_long(
