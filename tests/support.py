@@ -1,4 +1,4 @@
-"""Test support: run a real `callgate serve` process against the test run's PostgreSQL and Redis."""
+"""Test support: `wait_until`, and real `callgate serve` processes on the run's PostgreSQL and Redis."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+import gevent
 import gevent.subprocess
 import psycopg
 
@@ -21,6 +23,28 @@ from engine.sync import publish_once
 
 ROOT = Path(__file__).resolve().parent.parent
 CALLGATE = [sys.executable, "-m", "engine.cli"]
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float = 15.0, interval: float = 0.02, what: str = "condition"
+) -> T:
+    """Poll `predicate` until it returns something true, and return that; fail after `timeout` s.
+
+    The one polling helper of the tests. It sleeps with gevent, so emulators and servers running
+    in this process keep answering; threads keep running too. Deadlines are generous on purpose:
+    the machine running the suite may be busy. `predicate` may raise to stop early (a process
+    that died, say).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        gevent.sleep(interval)
 
 
 def free_port() -> int:
@@ -82,15 +106,16 @@ class EngineProcess:
         return self
 
     def _wait_listening(self, wait: float) -> None:
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
+        def listening() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"callgate serve exited early:\n{self.log()}")
-            if "callgate listening on" in self.log():
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"callgate serve did not listen within {wait}s:\n{self.log()}")
+            return "callgate listening on" in self.log()
+
+        try:
+            wait_until(listening, wait, interval=0.05, what="callgate serve listening")
+        except AssertionError:
+            raise RuntimeError(f"callgate serve did not listen within {wait}s:\n{self.log()}") from None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
