@@ -28,21 +28,46 @@ RUN_ID = secrets.token_hex(4)
 
 # A test that needs one of these fixtures talks to PostgreSQL or Redis: it is end-to-end.
 SERVER_FIXTURES = frozenset(
-    {"pg_url", "fresh_pg_url", "module_pg_url", "redis_url", "key_prefix", "module_key_prefix"}
+    {
+        "pg_url",
+        "fresh_pg_url",
+        "module_pg_url",
+        "redis_url",
+        "key_prefix",
+        "module_key_prefix",
+        "private_redis",  # a redis-server of the test's own (tests/test_limits*.py)
+    }
 )
-# Modules that reach real servers or processes without those fixtures (their own private
-# redis-server, a `callgate` subprocess on the test's own database, ...).
-E2E_MODULES = frozenset()
-# Tests that take more than a few seconds even on an idle machine (measured with --durations).
-SLOW_TESTS: frozenset[str] = frozenset()
+# Tests that wait on the wall clock for a second or more although they need no server
+# (emulator timeouts, open-loop runs). Measured with `pytest -m "not e2e" --durations=20`.
+SLOW_TESTS = frozenset(
+    {
+        "tests/test_fsemu.py::test_sched_hangup_alloted_timeout_ends_a_held_call",
+        "tests/test_fsemu.py::test_linger_with_seconds_closes_after_them",
+        "tests/test_fsemu.py::test_inbound_auth_and_show_channels",
+        "tests/test_fsemu.py::test_an_engine_that_never_closes_a_lingering_socket_is_reported",
+        "tests/test_loadtest.py::test_lab_driver_against_an_emulated_inbound_socket",
+        "tests/test_loadtest.py::test_open_loop_run_against_the_floor",
+        "tests/test_metrics.py::test_multiprocess_totals_survive_a_killed_and_a_restarted_process",
+    }
+)
+# The environment a developer's shell may carry that would point a test (or a process it
+# starts) at data it did not create: a deployment's settings, a shared metrics directory.
+FOREIGN_ENVIRONMENT = ("CALLGATE_", "PROMETHEUS_MULTIPROC_DIR")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Forget the deployment settings of the shell running pytest (CALLGATE_TEST_* stay)."""
+    for name in list(os.environ):
+        if name.startswith(FOREIGN_ENVIRONMENT) and not name.startswith("CALLGATE_TEST_"):
+            del os.environ[name]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the layers: `e2e` by fixture use (or module), `slow` by measured duration."""
+    """Mark the layers: `e2e` by the server fixtures a test uses, `slow` by measured duration."""
     for item in items:
-        module = item.nodeid.split("::", 1)[0]
         fixtures = set(getattr(item, "fixturenames", ()))
-        if fixtures & SERVER_FIXTURES or module in E2E_MODULES:
+        if fixtures & SERVER_FIXTURES:
             item.add_marker(pytest.mark.e2e)
         if item.nodeid.split("[", 1)[0] in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
