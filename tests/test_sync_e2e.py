@@ -1,7 +1,7 @@
 """Live sync end to end: a real `callgate sync` worker, a real `callgate serve`, PostgreSQL and Redis.
 
 What an admin changes in PostgreSQL must reach the engine's decisions within the
-documented bound (README.md (Live sync)), whatever happened to the worker, its PostgreSQL
+documented bound (docs/sync.md), whatever happened to the worker, its PostgreSQL
 connection or Redis in between; a rate deck imported in one transaction must appear
 all at once. Calls are placed with the FreeSWITCH emulator.
 """
@@ -37,7 +37,7 @@ from tests.support import (
 )
 
 TRUSTED_PROXY = "192.0.2.7"
-# The documented bound for single-row changes with PostgreSQL and Redis healthy (README.md (Live sync)):
+# The documented bound for single-row changes with PostgreSQL and Redis healthy (docs/sync.md):
 # sync.check_interval + engine.snapshot_poll_interval; measured p99 is a few milliseconds.
 BOUND_SECONDS = 2.0
 
