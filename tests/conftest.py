@@ -38,10 +38,22 @@ SERVER_FIXTURES = frozenset(
         "private_redis",  # a redis-server of the test's own (tests/test_limits*.py)
     }
 )
-# Tests that wait on the wall clock for a second or more although they need no server
-# (emulator timeouts, open-loop runs). Measured with `pytest -m "not e2e" --durations=20`.
+# Tests that take seconds: those that wait on the wall clock for a second or more although
+# they need no server (emulator timeouts, open-loop runs), and the end-to-end tests that take
+# five seconds or more. Measured with `bash scripts/test.sh --durations=40`.
 SLOW_TESTS = frozenset(
     {
+        "tests/test_observability_e2e.py::test_ten_thousand_distinct_accounts_add_no_series",
+        "tests/admin/test_api_auth_openapi.py::test_every_route_requires_a_valid_token",
+        "tests/admin/test_api_auth_openapi.py::test_the_served_openapi_document_is_valid_and_complete",
+        "tests/admin/test_bulk_bench.py::test_bulk_benchmark_runs_and_its_checks_hold_at_a_tiny_size",
+        "tests/test_sync_e2e.py::test_a_flushed_redis_is_rebuilt_by_the_worker",
+        "tests/test_sync_e2e.py::test_a_100k_rate_import_becomes_visible_all_at_once",
+        "tests/test_sync.py::test_event_publisher_never_blocks_a_call_when_redis_is_down",
+        "tests/test_limits_e2e.py::test_two_engines_sharing_a_limit_admit_exactly_the_limit",
+        "tests/test_snapshot.py::test_200k_rates",
+        "tests/test_snapshot.py::test_reload_does_not_block_the_gevent_hub",
+        "tests/test_db.py::test_demo_loads_twice_with_identical_result",
         "tests/test_fsemu.py::test_sched_hangup_alloted_timeout_ends_a_held_call",
         "tests/test_fsemu.py::test_linger_with_seconds_closes_after_them",
         "tests/test_fsemu.py::test_inbound_auth_and_show_channels",
