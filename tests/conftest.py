@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -73,6 +74,21 @@ def pytest_configure(config: pytest.Config) -> None:
     for name in list(os.environ):
         if name.startswith(FOREIGN_ENVIRONMENT) and not name.startswith("CALLGATE_TEST_"):
             del os.environ[name]
+
+
+def _where(url: str) -> str:
+    """A server URL without its user and password (the header must not show secrets)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}{parts.path}"
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Say where this run puts its data, first thing (docs/testing.md)."""
+    return [
+        f"callgate test data of this run: PostgreSQL databases callgate_test_{RUN_ID}* on"
+        f" {_where(PG_ADMIN_URL)} and Redis keys cgtest:{RUN_ID}:* on {_where(REDIS_URL)} (both removed"
+        " at the end), files under pytest's tmp_path, OS-assigned ports",
+    ]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
