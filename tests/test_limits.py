@@ -38,6 +38,7 @@ from engine.state.limits import (
     Subject,
     apply_limits,
 )
+from tests.support import wait_until
 
 # --------------------------------------------------------------------------- helpers
 
@@ -495,16 +496,15 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        deadline = time.monotonic() + 10
         probe = quick_client(self.port)
-        while True:
+
+        def answers() -> bool:
             try:
-                if probe.ping():
-                    break
+                return bool(probe.ping())
             except redis.exceptions.RedisError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+                return False
+
+        wait_until(answers, timeout=10, what="the private redis-server answering")
         probe.close()
 
     def stop(self) -> None:

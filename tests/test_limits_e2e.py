@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -188,13 +187,15 @@ def private_redis(tmp_path: Path):
     def start() -> subprocess.Popen:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         client = redis.Redis(port=port)
-        for _ in range(100):
+
+        def answers() -> bool:
             try:
-                client.ping()
-                return process
+                return bool(client.ping())
             except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
+                return False
+
+        wait_until(answers, timeout=10, interval=0.05, what="the private redis-server answering")
+        return process
 
     state = {"process": start()}
 
