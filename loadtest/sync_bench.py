@@ -317,7 +317,9 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     loaded_before = len(side.swaps)
                     with psycopg.connect(url) as conn:
-                        group = conn.execute("SELECT id FROM rate_groups WHERE name = 'bench'").fetchone()[0]
+                        row = conn.execute("SELECT id FROM rate_groups WHERE name = 'bench'").fetchone()
+                        assert row is not None, "seed() creates the rate group"
+                        group = row[0]
                         deck = "".join(
                             f"{group}\t{100000000 + n}\t0.{n % 500:04d}\tDeck row {n % 50}\n"
                             for n in range(args.rates)

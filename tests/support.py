@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import gevent
 import gevent.subprocess
@@ -50,13 +50,16 @@ def wait_until(
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def engine_environment(
     database_url: str, redis_url: str, key_prefix: str, **overrides: str
 ) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("CALLGATE_")}
+    # Nothing of the shell's deployment settings (tests/conftest.py removes them too).
+    foreign = ("CALLGATE_", "PROMETHEUS_MULTIPROC_DIR")
+    env = {name: value for name, value in os.environ.items() if not name.startswith(foreign)}
     env.update(
         CALLGATE_CONFIG=str(ROOT / "config" / "callgate.toml"),
         CALLGATE_DATABASE_URL=database_url,
@@ -72,7 +75,7 @@ def config_for(env: Mapping[str, str]) -> Config:
     return load_config(environ=env)
 
 
-def prepare_database(database_url: str, document: Mapping) -> None:
+def prepare_database(database_url: str, document: Mapping[str, Any]) -> None:
     migrate(database_url)
     with psycopg.connect(database_url) as conn:
         load_document(conn, document)
@@ -83,18 +86,19 @@ def publish(env: Mapping[str, str]) -> int:
     return version
 
 
-def run_cli(args: list[str], env: Mapping[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], env: Mapping[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run `callgate …`; cooperative, so emulators serving in this process keep answering."""
-    return gevent.subprocess.run(
+    done: subprocess.CompletedProcess[str] = gevent.subprocess.run(
         [*CALLGATE, *args], env=dict(env), cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
+    return done
 
 
 @dataclass
 class EngineProcess:
     env: dict[str, str]
     port: int = field(default_factory=free_port)
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
     def start(self, log_path: Path, wait: float = 15.0) -> EngineProcess:
