@@ -2,6 +2,7 @@
 
 - `engine.esl` imports nothing of callgate: it is a generic event-socket library.
 - `engine.rules` imports only the model (`engine.model`, `engine.decision`).
+- Nothing on the call path (esl, call, rules, state) imports `engine.db` or `engine.admin`.
 - No import loop between the top-level parts of `engine` (a module, or a package).
 
 Parsed with `ast`, never imported: the test is pure and takes milliseconds. Imports inside
@@ -90,6 +91,15 @@ def test_esl_imports_nothing_of_callgate() -> None:
 
 def test_rules_import_only_the_model() -> None:
     assert check("engine.rules", violations("engine.rules", {"engine.model", "engine.decision"})) == []
+
+
+CALL_PATH = ("engine.esl", "engine.call", "engine.rules", "engine.state", "engine.authorize", "engine.decider")
+
+
+def test_nothing_on_the_call_path_imports_postgresql_code() -> None:
+    for package in CALL_PATH:
+        found = [pair for pair in violations(package, set()) if top(pair[1]) in {"engine.db", "engine.admin"}]
+        assert found == [], f"{package} reaches PostgreSQL code: {found}"
 
 
 def top(name: str) -> str:
