@@ -45,9 +45,8 @@ from engine.db.migrate import migrate
 from engine.rules.catalog import Catalog
 from engine.state.snapshot import delete_prefix, events_channel
 from engine.state.watcher import SnapshotHolder
-from loadtest import REPO_ROOT
 
-ROOT = REPO_ROOT
+ROOT = Path(__file__).resolve().parents[1]  # the repository checkout
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -317,9 +316,7 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     loaded_before = len(side.swaps)
                     with psycopg.connect(url) as conn:
-                        row = conn.execute("SELECT id FROM rate_groups WHERE name = 'bench'").fetchone()
-                        assert row is not None, "seed() creates the rate group"
-                        group = row[0]
+                        group = conn.execute("SELECT id FROM rate_groups WHERE name = 'bench'").fetchone()[0]
                         deck = "".join(
                             f"{group}\t{100000000 + n}\t0.{n % 500:04d}\tDeck row {n % 50}\n"
                             for n in range(args.rates)
