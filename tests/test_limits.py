@@ -38,7 +38,6 @@ from engine.state.limits import (
     Subject,
     apply_limits,
 )
-from tests.support import wait_until
 
 # --------------------------------------------------------------------------- helpers
 
@@ -496,15 +495,16 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
+        deadline = time.monotonic() + 10
         probe = quick_client(self.port)
-
-        def answers() -> bool:
+        while True:
             try:
-                return bool(probe.ping())
+                if probe.ping():
+                    break
             except redis.exceptions.RedisError:
-                return False
-
-        wait_until(answers, timeout=10, what="the private redis-server answering")
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         probe.close()
 
     def stop(self) -> None:
