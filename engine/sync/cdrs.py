@@ -155,6 +155,7 @@ class CdrWriter:
         self._next_gauges = 0.0
         self._next_totals = 0.0
         self._next_trim = 0.0
+        self._own_pending = True  # entries delivered to this consumer name and not acknowledged
         self._funds = Funds(client, prefix)
         self.failures = 0
 
@@ -170,6 +171,7 @@ class CdrWriter:
                     self.failures = 0
             except Exception as exc:  # the loop must survive anything
                 self.failures += 1
+                self._own_pending = True
                 self.metrics.batch_failures.inc()
                 if self.failures == 1:
                     log.warning("cdrs: writing failed, the batch stays pending: %r", exc)
@@ -249,9 +251,19 @@ class CdrWriter:
         return [(entry_id, fields) for entry_id, fields in reply[1] if fields is not None]
 
     def _read(self, block_ms: int) -> list[tuple[Any, dict[Any, Any]]]:
+        """This consumer's own unacknowledged entries first (after a failure: retry them at once,
+        not after CLAIM_IDLE_MS), then new ones."""
+        if self._own_pending:
+            own = self._read_from("0", 0)
+            if own:
+                return own
+            self._own_pending = False
+        return self._read_from(">", block_ms)
+
+    def _read_from(self, start: str, block_ms: int) -> list[tuple[Any, dict[Any, Any]]]:
         try:
             reply: Any = self._client.xreadgroup(
-                GROUP, self._consumer, {self._stream: ">"}, count=self._batch, block=block_ms or None
+                GROUP, self._consumer, {self._stream: start}, count=self._batch, block=block_ms or None
             )
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):  # the stream was deleted (Redis flushed or restarted empty)
@@ -260,7 +272,7 @@ class CdrWriter:
             raise
         entries: list[tuple[Any, dict[Any, Any]]] = []
         for _, stream_entries in reply or []:
-            entries += stream_entries
+            entries += [(entry_id, fields) for entry_id, fields in stream_entries if fields]
         return entries
 
     def _refresh_gauges(self) -> None:

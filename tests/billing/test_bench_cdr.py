@@ -7,16 +7,18 @@ import json
 import pytest
 
 from loadtest import cdr_insert
-from tests.conftest import PG_ADMIN_URL, REDIS_URL
+from tests.conftest import PG_ADMIN_URL
 
 
-def test_benchmark_writes_every_call_and_keeps_the_ledger(capsys: pytest.CaptureFixture[str]) -> None:
+def test_benchmark_writes_every_call_and_keeps_the_ledger(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = cdr_insert.main(
         [
             "--pg-admin",
             PG_ADMIN_URL,
             "--redis",
-            REDIS_URL,
+            redis_url,
             "--calls",
             "600",
             "--customers",
@@ -31,6 +33,7 @@ def test_benchmark_writes_every_call_and_keeps_the_ledger(capsys: pytest.Capture
     assert report["cdr_write_calls_per_s"] > 0
 
 
+@pytest.mark.e2e
 def test_funds_cost_benchmark_runs_on_a_private_redis(capsys: pytest.CaptureFixture[str]) -> None:
     import shutil
 
