@@ -46,7 +46,7 @@ from engine.model import (
     TerminationRate,
     Trunk,
 )
-from engine.state import snapshot
+from engine.state import keys, snapshot
 from engine.state.codec import CodecError, decode_entity, decode_many, encode_entity, schema
 from engine.state.snapshot import (
     DuplicateEntityKey,
@@ -548,7 +548,7 @@ def test_apply_changes(client: redis.Redis, key_prefix: str) -> None:
     before = current_stamp(client, key_prefix)
     assert before is not None and before.changes == 0
     pubsub = client.pubsub()
-    pubsub.subscribe(snapshot.events_channel(key_prefix))
+    pubsub.subscribe(keys.snapshot_events_channel(key_prefix))
     try:
         account = dataclasses.replace(sample_catalog(1).accounts[1], balance=Decimal("-5.5"))
         new_dial = SpeedDial(account_id=3, key="9", number="911")

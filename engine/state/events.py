@@ -33,17 +33,14 @@ from typing import Any, Protocol
 import redis
 
 from engine.rules.gate import FirstUse
+from engine.state.keys import events_stream
 
-__all__ = ["EVENT_FORMAT", "EventPublisher", "events_stream"]
+__all__ = ["EVENT_FORMAT", "EventPublisher"]
 
 log = logging.getLogger(__name__)
 
 EVENT_FORMAT = "1"
 _IDLE_WAIT = 0.5
-
-
-def events_stream(prefix: str) -> str:
-    return f"{prefix}events"
 
 
 class StopEvent(Protocol):

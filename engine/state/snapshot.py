@@ -77,6 +77,15 @@ import redis
 
 from engine.model import ENTITY_TYPES, CatalogData
 from engine.state.codec import decode_many, encode_entity, schema
+from engine.state.keys import (
+    entity_hash_key,
+    meta_key,
+    next_version_key,
+    pointer_key,
+    snapshot_events_channel,
+    versions_key,
+    writer_key,
+)
 
 __all__ = [
     "CODEC",
@@ -94,7 +103,6 @@ __all__ = [
     "delete_prefix",
     "entity_key",
     "entity_name",
-    "events_channel",
     "fetch_snapshot",
     "gc_paused",
     "publish_snapshot",
@@ -159,37 +167,7 @@ class SnapshotStamp(NamedTuple):
 # --- keys -----------------------------------------------------------------------------------
 
 
-def pointer_key(prefix: str) -> str:
-    return f"{prefix}snapshot:current"
-
-
-def next_version_key(prefix: str) -> str:
-    return f"{prefix}snapshot:next_version"
-
-
-def versions_key(prefix: str) -> str:
-    return f"{prefix}snapshot:versions"
-
-
-def events_key(prefix: str) -> str:
-    return f"{prefix}snapshot:events"
-
-
-def entity_hash_key(prefix: str, version: int, name: str) -> str:
-    return f"{prefix}snapshot:{version}:{name}"
-
-
-def meta_key(prefix: str, version: int) -> str:
-    return f"{prefix}snapshot:{version}:meta"
-
-
-def writer_key(prefix: str, version: int) -> str:
-    return f"{prefix}snapshot:{version}:writer"
-
-
-def events_channel(prefix: str) -> str:
-    """The pub/sub channel of snapshot and change events."""
-    return events_key(prefix)
+# The key builders live in engine.state.keys (one module for every Redis name).
 
 
 def delete_prefix(client: redis.Redis, prefix: str) -> int:
@@ -383,7 +361,7 @@ def _switch(client: redis.Redis, prefix: str, version: int, token: str, counts: 
             versions_key(prefix),
             *(entity_hash_key(prefix, version, n) for n in names),
         ],
-        args=[version, events_key(prefix), payload, *(counts[n] for n in names)],
+        args=[version, snapshot_events_channel(prefix), payload, *(counts[n] for n in names)],
     )
     status, detail = int(result[0]), int(result[1])
     if status == 0:
@@ -501,7 +479,7 @@ def apply_changes(
             "upserts": {name: list(mapping) for name, mapping in sets.items()},
             "deletes": dels,
         }
-        pipe.publish(events_key(prefix), json.dumps(payload))
+        pipe.publish(snapshot_events_channel(prefix), json.dumps(payload))
         pipe.execute()
     return changes
 

@@ -46,14 +46,13 @@ import redis
 
 from engine.model import ENTITY_TYPES, CatalogData
 from engine.state.codec import decode_entity, decode_many
+from engine.state.keys import entity_hash_key, snapshot_events_channel, sync_journal_key
 from engine.state.snapshot import (
     DEFAULT_SCAN_COUNT,
     RawSnapshot,
     SnapshotStamp,
     SnapshotUnavailable,
     current_stamp,
-    entity_hash_key,  # the snapshot's key layout, to fetch single entities
-    events_channel,
     fetch_snapshot,
     gc_paused,
 )
@@ -70,10 +69,6 @@ _SUBSCRIBE_TIMEOUT = 10.0
 _JOURNAL_SLACK = 100  # journal entries read beyond the ones a gap needs
 _RATE_ENTITIES = ("origination_rates", "termination_rates")  # their changes need before-images
 _OFFLOAD_DECODE = 200  # changes of more entities are decoded in the thread pool (the hub keeps serving)
-
-
-def _journal_key(prefix: str) -> str:
-    return f"{prefix}sync:journal"  # engine.sync.state.journal_key (the worker writes it)
 
 
 class StopEvent(Protocol):
@@ -283,7 +278,7 @@ class SnapshotHolder(Generic[T]):
         held = self._stamp
         assert held is not None
         needed = target - held.changes
-        entries = self._client.xrevrange(_journal_key(self._prefix), count=needed + _JOURNAL_SLACK)
+        entries = self._client.xrevrange(sync_journal_key(self._prefix), count=needed + _JOURNAL_SLACK)
         found: dict[int, dict[str, Any]] = {}
         for _, fields in entries:
             try:
@@ -403,7 +398,7 @@ class SnapshotHolder(Generic[T]):
         """Subscribe and wait for Redis to confirm, so no event after the next check is missed."""
         pubsub = self._client.pubsub()
         try:
-            pubsub.subscribe(events_channel(self._prefix))
+            pubsub.subscribe(snapshot_events_channel(self._prefix))
             deadline = time.monotonic() + _SUBSCRIBE_TIMEOUT
             while (message := pubsub.get_message(timeout=_MAX_WAIT)) is None or message[
                 "type"

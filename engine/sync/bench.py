@@ -43,7 +43,8 @@ import redis
 
 from engine.db.migrate import migrate
 from engine.rules.catalog import Catalog
-from engine.state.snapshot import delete_prefix, events_channel
+from engine.state.keys import snapshot_events_channel
+from engine.state.snapshot import delete_prefix
 from engine.state.watcher import SnapshotHolder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,7 +175,7 @@ class EngineSide:
     def _listen(self, redis_url: str, prefix: str) -> None:
         client = redis.Redis.from_url(redis_url)
         pubsub = client.pubsub()
-        pubsub.subscribe(events_channel(prefix))
+        pubsub.subscribe(snapshot_events_channel(prefix))
         while not self._stop.is_set():
             message = pubsub.get_message(timeout=0.2)
             if message and message["type"] == "message":

@@ -31,7 +31,7 @@ import psycopg
 import redis
 from psycopg.types.json import Jsonb
 
-from engine.state.events import events_stream
+from engine.state.keys import events_stream
 from engine.sync.metrics import SyncMetrics
 
 log = logging.getLogger("callgate.sync.events")
