@@ -5,10 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +16,6 @@ import gevent.event
 import gevent.queue
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from engine.decision import Accept, Direction, Reason, Reject, Route
 from engine.limits_runtime import ReleaseBatcher
@@ -38,6 +32,7 @@ from engine.state.limits import (
     Subject,
     apply_limits,
 )
+from tests.private_redis import PrivateRedis, free_port, private_redis_fixture, quick_client  # noqa: F401
 
 # --------------------------------------------------------------------------- helpers
 
@@ -130,23 +125,6 @@ def keys_of(client: redis.Redis, prefix: str) -> dict[str, int]:
 
 def members(client: redis.Redis, key: str) -> set[str]:
     return {m.decode() for m in client.zrange(key, 0, -1)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def quick_client(port: int) -> redis.Redis:
-    """A client that fails fast: no retries, short timeouts."""
-    return redis.Redis(
-        host="127.0.0.1",
-        port=port,
-        socket_timeout=0.5,
-        socket_connect_timeout=0.5,
-        retry=Retry(NoBackoff(), 0),
-    )
 
 
 # --------------------------------------------------------------------------- planning
@@ -472,67 +450,6 @@ def test_usage_reports_each_level(client, key_prefix: str) -> None:
 
 
 # --------------------------------------------------------------------------- failure policy
-
-
-class PrivateRedis:
-    """A redis-server of our own that can be stopped and started again with its data."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="cg-redis-")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                shutil.which("redis-server") or "redis-server",
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", self.dir,
-                "--save", "",
-                "--appendonly", "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        probe = quick_client(self.port)
-        while True:
-            try:
-                if probe.ping():
-                    break
-            except redis.exceptions.RedisError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        probe.close()
-
-    def stop(self) -> None:
-        """Save to disk and exit (a restart loads the data back)."""
-        assert self.proc is not None
-        with contextlib.suppress(redis.exceptions.RedisError):
-            quick_client(self.port).shutdown(save=True)
-        self.proc.wait(timeout=10)
-        self.proc = None
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            self.proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = PrivateRedis()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def test_redis_unreachable_raises_limits_unavailable() -> None:

@@ -68,6 +68,9 @@ _MAX_WAIT = 1.0  # longest single wait, so that stop_event is honoured within ab
 _SUBSCRIBE_TIMEOUT = 10.0
 _JOURNAL_SLACK = 100  # journal entries read beyond the ones a gap needs
 _RATE_ENTITIES = ("origination_rates", "termination_rates")  # their changes need before-images
+# Failures that say Redis itself did not answer (refused, reset, timed out), as opposed
+# to a load or build that failed while Redis answered.
+_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 _OFFLOAD_DECODE = 200  # changes of more entities are decoded in the thread pool (the hub keeps serving)
 
 
@@ -102,6 +105,7 @@ class SnapshotHolder(Generic[T]):
         scan_count: int = DEFAULT_SCAN_COUNT,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
+        probe_interval: float = 0.25,
         freeze_gc: bool = True,
         on_swap: Callable[[int, T], None] | None = None,
         on_change: Callable[[int, T, dict[str, set[str]]], None] | None = None,
@@ -113,6 +117,9 @@ class SnapshotHolder(Generic[T]):
         decode+build and then ``gc.freeze()``s the result, so that no collection ever
         walks the catalog's millions of objects while holding the GIL (see
         :func:`engine.state.snapshot.gc_paused`; process-wide, hence switchable).
+        After a failure the loop waits with exponential backoff (``backoff_initial`` up
+        to ``backoff_max`` seconds), but pings Redis every ``probe_interval`` seconds
+        meanwhile and retries at once when Redis answers again after an outage.
         ``on_swap(version, value)`` is called after each full load, ``on_change(version,
         value, {entity: keys})`` after each in-place change (metrics, logging, tests).
         """
@@ -124,6 +131,8 @@ class SnapshotHolder(Generic[T]):
         self._scan_count = scan_count
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
+        self._probe_interval = probe_interval
+        self._redis_answered = True  # as last seen by a probe (see _wait_to_retry)
         self._freeze_gc = freeze_gc
         self._on_swap = on_swap
         self._on_change = on_change
@@ -390,9 +399,41 @@ class SnapshotHolder(Generic[T]):
                 except Exception as exc:  # the loop must survive anything
                     self._close_pubsub(pubsub)
                     pubsub, next_check = None, 0.0
-                    stop_event.wait(self._failed(exc))
+                    self._wait_to_retry(stop_event, self._failed(exc))
         finally:
             self._close_pubsub(pubsub)
+
+    def _wait_to_retry(self, stop_event: StopEvent, delay: float) -> None:
+        """Wait ``delay`` seconds before the next attempt, unless Redis comes back first.
+
+        The backoff keeps a failing *load* (Redis answers, the load or build does not
+        succeed) from being repeated in a tight loop. It must not keep the engine
+        refusing calls once an outage is over: during the wait Redis is pinged every
+        ``probe_interval`` seconds, and when it answers after it did not, the wait ends
+        at once (and the backoff starts again near ``backoff_initial``). Recovery after
+        an outage therefore takes about one probe interval, whatever the backoff grew to.
+        """
+        deadline = time.monotonic() + delay
+        while not stop_event.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            stop_event.wait(min(remaining, self._probe_interval))
+            if stop_event.is_set():
+                return
+            answers = self._redis_answers()
+            came_back = answers and not self._redis_answered
+            self._redis_answered = answers
+            if came_back:
+                log.info("Redis answers again: retrying the snapshot watch now")
+                self.failures = min(self.failures, 1)
+                return
+
+    def _redis_answers(self) -> bool:
+        try:
+            return bool(self._client.ping())
+        except Exception:  # any failure means "not answering"; the next probe asks again
+            return False
 
     def _open_pubsub(self) -> Any:
         """Subscribe and wait for Redis to confirm, so no event after the next check is missed."""
@@ -449,6 +490,8 @@ class SnapshotHolder(Generic[T]):
     def _failed(self, exc: Exception) -> float:
         """Log (once per streak) and return the backoff delay."""
         self.failures += 1
+        if isinstance(exc, _UNREACHABLE):
+            self._redis_answered = False  # so the first probe that succeeds ends the wait
         if self.failures == 1:
             log.warning(
                 "snapshot watch failed, keeping version %s: %r", self._held_version(), exc, exc_info=True
