@@ -14,7 +14,7 @@ from engine.config import Config, LimitsSettings, parse_switch_address
 from engine.metrics import EngineMetrics
 from engine.reconcile import ReconcileReport, SwitchAddress, reconcile
 from engine.state.direct import DirectConnections
-from engine.state.limits import FailOpenLimiter, Limiter, LimitResult, LimitsUnavailable
+from engine.state.limits import FailOpenLimiter, Limiter, LimitResult, LimitsBackend, LimitsUnavailable
 
 log = logging.getLogger("callgate.limits")
 
@@ -32,7 +32,7 @@ def switch_addresses(settings: LimitsSettings) -> list[SwitchAddress]:
 
 def build_limiter(
     config: Config, client: redis.Redis, metrics: EngineMetrics, direct: DirectConnections | None = None
-) -> Limiter | FailOpenLimiter:
+) -> LimitsBackend:
     limiter = Limiter(
         client,
         config.redis.key_prefix,
@@ -71,7 +71,7 @@ class ReleaseBatcher:
 
     def __init__(
         self,
-        limiter: Limiter | FailOpenLimiter,
+        limiter: LimitsBackend,
         *,
         window: float = RELEASE_WINDOW,
         max_batch: int = RELEASE_BATCH_MAX,
@@ -151,7 +151,7 @@ def run_resync(limiter: FailOpenLimiter, stop: gevent.event.Event) -> None:
 
 
 def run_reconciler(
-    limiter: Limiter | FailOpenLimiter,
+    limiter: LimitsBackend,
     switches: list[SwitchAddress],
     interval: float,
     metrics: EngineMetrics,

@@ -17,6 +17,7 @@ import gevent.queue
 import pytest
 import redis
 
+from engine.decider import apply_limits, limit_reason
 from engine.decision import Accept, Direction, Reason, Reject, Route
 from engine.limits_runtime import ReleaseBatcher
 from engine.model import Account, AccountKind, Did, Trunk
@@ -30,7 +31,6 @@ from engine.state.limits import (
     LimitPlan,
     LimitsUnavailable,
     Subject,
-    apply_limits,
 )
 from tests.private_redis import PrivateRedis, free_port, private_redis_fixture, quick_client  # noqa: F401
 
@@ -134,7 +134,7 @@ def test_subjects_for_lists_chain_did_and_trunks_in_route_order() -> None:
     cat = SimpleNamespace(
         accounts={1: account(1, 5, 2, reseller_id=2), 2: account(2, 50), 3: account(3)},
         trunks={10: trunk(10, 3), 11: trunk(11), 12: trunk(12, 0, 7)},
-        dids={"15550001": Did(id=7, number="15550001", account_id=1, max_channels=4, cps=1)},
+        dids_by_id={7: Did(id=7, number="15550001", account_id=1, max_channels=4, cps=1)},
     )
     plan = Limiter.subjects_for(accept((1, 2, 3), (12, 10, 11, 10), did_id=7), cat)
     assert plan.levels == (
@@ -147,7 +147,7 @@ def test_subjects_for_lists_chain_did_and_trunks_in_route_order() -> None:
     assert plan.limited
 
 
-def test_subjects_for_without_did_index_and_nothing_limited() -> None:
+def test_subjects_for_unknown_did_and_nothing_limited() -> None:
     plan = Limiter.subjects_for(accept((1,), (10,), did_id=9), catalog([account(1)], [trunk(10)]))
     assert plan.levels == (acct(1), Subject(LevelKind.DID, 9))
     assert not plan.limited
@@ -221,7 +221,7 @@ def test_reseller_limit_binds_below_its_customers(client, key_prefix: str) -> No
     assert [o.admitted for o in outcomes] == [True, True, True, False, False, False]
     refused = outcomes[3]
     assert (refused.level, refused.subject_id, refused.kind) == (LevelKind.RESELLER, 9, LimitKind.CHANNELS)
-    assert refused.reason is Reason.CONCURRENT_LIMIT
+    assert limit_reason(refused) is Reason.CONCURRENT_LIMIT
     assert client.zcard(f"{key_prefix}limits:ch:acct:9") == 3
     # The reseller's own calls count against the same counter as its customers'.
     own = limiter.acquire("own", limiter.subjects_for(accept((9,)), cat), 60)
@@ -252,7 +252,7 @@ def test_cps_refusal_names_the_level_and_kind(client, key_prefix: str) -> None:
     plan = LimitPlan((acct(1, 0, 1),))
     assert limiter.acquire("a", plan, 60).admitted
     refused = limiter.acquire("b", plan, 60)
-    assert (refused.level, refused.kind, refused.reason) == (
+    assert (refused.level, refused.kind, limit_reason(refused)) == (
         LevelKind.ACCOUNT,
         LimitKind.CPS,
         Reason.CPS_LIMIT,
@@ -285,7 +285,7 @@ def test_full_trunks_are_skipped_and_the_call_counted_on_the_first_with_room(cli
         (11, LimitKind.CHANNELS),
         (12, LimitKind.CPS),
     ]
-    assert fourth.reason is Reason.TERMINATION_RATE_NOT_FOUND
+    assert limit_reason(fourth) is Reason.TERMINATION_RATE_NOT_FOUND
     reject = apply_limits(acc, fourth)
     assert isinstance(reject, Reject) and reject.reason is Reason.TERMINATION_RATE_NOT_FOUND
     assert "trunk 12 (cps)" in reject.detail
@@ -303,18 +303,6 @@ def test_an_unlimited_trunk_always_has_room_and_is_not_counted(client, key_prefi
     client.zadd(f"{key_prefix}limits:ch:trunk:12", {"elsewhere": 10**15})
     third = limiter.acquire("c3", plan, 60)
     assert third.trunk_ids == (11,)  # a full trunk after it is still dropped from the failover list
-
-
-def test_move_trunk_follows_the_leg_that_carried_the_call(client, key_prefix: str) -> None:
-    limiter = Limiter(client, key_prefix, clock=FakeClock())
-    plan = LimitPlan((acct(1, 5),), (tr(10, 5), tr(11, 5)))
-    assert limiter.acquire("c1", plan, 60).counted_trunk_id == 10
-    assert limiter.move_trunk("c1", tr(11, 5))
-    assert members(client, f"{key_prefix}limits:ch:trunk:10") == set()
-    assert members(client, f"{key_prefix}limits:ch:trunk:11") == {"c1"}
-    assert limiter.release("c1")
-    assert members(client, f"{key_prefix}limits:ch:trunk:11") == set()
-    assert not limiter.move_trunk("c1", tr(10, 5))
 
 
 # --------------------------------------------------------------------------- release and self-healing
