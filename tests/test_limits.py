@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import time
@@ -17,11 +18,14 @@ import gevent.queue
 import pytest
 import redis
 
-from engine.decider import apply_limits, limit_reason
+from engine.config import Config
+from engine.decider import Decider, apply_limits, limit_reason
 from engine.decision import Accept, Direction, Reason, Reject, Route
+from engine.explain import explain_request
 from engine.limits_runtime import ReleaseBatcher
 from engine.model import Account, AccountKind, Did, Trunk
 from engine.rules.catalog import Catalog
+from engine.rules.config import RulesConfig
 from engine.state.direct import DirectConnections
 from engine.state.limits import (
     FailOpenLimiter,
@@ -29,10 +33,12 @@ from engine.state.limits import (
     Limiter,
     LimitKind,
     LimitPlan,
+    LimitsAmbiguous,
     LimitsUnavailable,
     Subject,
 )
 from tests.private_redis import PrivateRedis, free_port, private_redis_fixture, quick_client  # noqa: F401
+from tests.rules.builders import World, call
 
 # --------------------------------------------------------------------------- helpers
 
@@ -765,3 +771,159 @@ def test_measure_acquire_release_cost(client, key_prefix: str) -> None:
         f"acquire {acquire_s / rounds * 1e6:.0f} us, release {release_s / rounds * 1e6:.0f} us, "
         f"subjects_for {plan_s / rounds * 1e6:.1f} us"
     )
+
+
+# --------------------------------------------------------------------------- a timeout after sending
+
+
+class _Source:
+    """A catalogue source confirmed just now (what the watcher gives the decider)."""
+
+    loaded = True
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.current = (1, catalog)
+
+    def confirmed_age(self) -> float:
+        return 0.0
+
+
+def _limited_world(max_channels: int) -> tuple[World, Catalog]:
+    world = World()
+    world.b.update(world.customer, max_channels=max_channels)
+    return world, world.catalog()
+
+
+@VIA
+def test_a_timeout_after_the_acquire_was_sent_is_ambiguous(private_redis: PrivateRedis, via: str) -> None:
+    """Redis receives the acquire but answers after the client gave up: the slot *was*
+    taken. The error says so (LimitsAmbiguous), and a release frees it."""
+    client = quick_client(private_redis.port, timeout=0.3)
+    limiter = Limiter(client, "cg:", direct=direct_for(client, via))
+    plan = LimitPlan((acct(1, 1),))
+    assert limiter.acquire("warm-up", LimitPlan((acct(99, 5),)), 60).admitted  # script cached
+    private_redis.freeze()  # the kernel still accepts the request; Redis runs it when thawed
+    try:
+        with pytest.raises(LimitsAmbiguous):
+            limiter.acquire("late", plan, 60)
+    finally:
+        private_redis.thaw()
+    observer = quick_client(private_redis.port, timeout=5)
+    wait_for(lambda: observer.zcard("cg:limits:ch:acct:1") == 1)  # the script did run
+    refused = limiter.acquire("next", plan, 60)
+    assert not refused.admitted  # 1/1: the ambiguous call holds the slot until released
+    assert limiter.release_many(["late"]) == 1
+    assert limiter.acquire("next", plan, 60).admitted
+
+
+def test_a_refused_connection_is_not_ambiguous() -> None:
+    limiter = Limiter(quick_client(free_port()), "x:")  # nothing listens: nothing was sent
+    with pytest.raises(LimitsUnavailable) as raised:
+        limiter.acquire("a", LimitPlan((acct(1, 5),)), 60)
+    assert not isinstance(raised.value, LimitsAmbiguous)
+
+
+def test_the_decider_releases_a_call_whose_acquire_timed_out(private_redis: PrivateRedis) -> None:
+    """Issue 12: the call is refused ENGINE_DEGRADED and its release is queued, so the slot
+    the script took is freed at once instead of being held until its deadline."""
+    world, cat = _limited_world(max_channels=1)
+    client = quick_client(private_redis.port, timeout=0.3)
+    limiter = Limiter(client, "cg:")
+    released: list[str] = []
+    decider = Decider(_Source(cat), RulesConfig(), max_age=5, limiter=limiter, release_later=released.append)
+    assert limiter.acquire("warm-up", LimitPlan((acct(99, 5),)), 60).admitted  # script cached
+    private_redis.freeze()
+    try:
+        decision = decider(call())
+    finally:
+        private_redis.thaw()
+    assert isinstance(decision, Reject) and decision.reason is Reason.ENGINE_DEGRADED
+    assert "limits unavailable" in decision.detail
+    assert released == [call().uuid]
+    observer = quick_client(private_redis.port, timeout=5)
+    key = f"cg:limits:ch:acct:{world.customer.id}"
+    wait_for(lambda: observer.zcard(key) == 1)  # taken although the call was refused
+    batcher = ReleaseBatcher(limiter)
+    for uuid in released:
+        batcher.release(uuid)
+    batcher.flush()
+    assert observer.zcard(key) == 0
+    assert isinstance(decider(call()), Accept)  # the slot is free again
+
+
+def test_the_decider_queues_no_release_when_nothing_was_sent() -> None:
+    _world, cat = _limited_world(max_channels=1)
+    released: list[str] = []
+    limiter = Limiter(quick_client(free_port()), "x:")
+    decider = Decider(_Source(cat), RulesConfig(), max_age=5, limiter=limiter, release_later=released.append)
+    decision = decider(call())
+    assert isinstance(decision, Reject) and decision.reason is Reason.ENGINE_DEGRADED
+    assert released == []
+
+
+def test_fail_open_releases_an_ambiguous_acquire_once_redis_answers(private_redis: PrivateRedis) -> None:
+    client = quick_client(private_redis.port, timeout=0.3)
+    limiter = FailOpenLimiter(Limiter(client, "cg:"), retry_after=0.0)
+    plan = LimitPlan((acct(1, 2),))
+    assert limiter.acquire("warm-up", LimitPlan((acct(99, 5),)), 60).admitted  # script cached
+    private_redis.freeze()
+    try:
+        local = limiter.acquire("late", plan, 60)  # decided locally; Redis got it too
+    finally:
+        private_redis.thaw()
+    assert local.admitted and local.degraded
+    observer = quick_client(private_redis.port, timeout=5)
+    wait_for(lambda: observer.zcard("cg:limits:ch:acct:1") == 1)
+    assert limiter.release("late")  # ends before the resync: Redis must still hear of it
+    limiter.resync()
+    assert observer.zcard("cg:limits:ch:acct:1") == 0
+
+
+# --------------------------------------------------------------------------- peek (explain)
+
+
+def test_peek_answers_as_acquire_would_and_takes_nothing(client, key_prefix: str) -> None:
+    limiter = Limiter(client, key_prefix)
+    plan = LimitPlan((acct(1, 2),), (tr(10, 1), tr(11, 0, 5)))
+    assert limiter.peek(plan) == limiter.acquire("a", plan, 60)  # counted on trunk 10
+    assert limiter.peek(plan) == limiter.acquire("b", plan, 60)  # 10 full: on 11, unlimited channels
+    assert limit_reason(limiter.peek(plan)) is Reason.CONCURRENT_LIMIT  # account at 2/2
+    before = keys_of(client, key_prefix)
+    for _ in range(5):
+        limiter.peek(plan)
+    assert {k: members(client, k) for k in before if ":ch:" in k or ":cps:" in k} == {
+        k: members(client, k) for k in keys_of(client, key_prefix) if ":ch:" in k or ":cps:" in k
+    }
+    refused = limiter.acquire("c", plan, 60)
+    assert limit_reason(refused) is Reason.CONCURRENT_LIMIT
+    cps_only = LimitPlan((acct(2, 0, 1),))
+    limiter.acquire("d", cps_only, 60)
+    assert limit_reason(limiter.peek(cps_only)) is Reason.CPS_LIMIT
+
+
+def test_explain_says_concurrent_limit_at_2_of_2_and_takes_nothing(client, key_prefix: str) -> None:
+    """Issue 15 item 10: explain runs the engine's steps, limits included, peeked."""
+    world, cat = _limited_world(max_channels=2)
+    limiter = Limiter(client, key_prefix)
+    engine = Decider(_Source(cat), RulesConfig(), max_age=5, limiter=limiter)
+    assert isinstance(engine(dataclasses.replace(call(), uuid="up-1")), Accept)
+    assert isinstance(engine(dataclasses.replace(call(), uuid="up-2")), Accept)  # 2/2 channels
+    key = f"{key_prefix}limits:ch:acct:{world.customer.id}"
+    held = members(client, key)
+    registry = members(client, f"{key_prefix}limits:calls")
+    explained = explain_request(Config(), call(), cat, limiter)
+    assert isinstance(explained, Reject) and explained.reason is Reason.CONCURRENT_LIMIT
+    assert explained.steps[-1].rule == "limits"
+    assert members(client, key) == held == {"up-1", "up-2"}  # nothing taken
+    assert members(client, f"{key_prefix}limits:calls") == registry
+    limiter.release("up-1")
+    assert isinstance(explain_request(Config(), call(), cat, limiter), Accept)
+    assert members(client, key) == {"up-2"}
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
