@@ -29,9 +29,9 @@ Key layout (``P`` is the configured key prefix, e.g. ``callgate:``)::
     P snapshot:{v}:writer         string  lease (PX TTL, refreshed per batch) while a
                                           publisher writes version v
 
-Entity keys (:func:`entity_key`): the ``id`` where the entity has one, else its natural
-key: forced caller IDs by ``account_id``, speed dials by ``account_id:key``, blocked
-codes by ``account_id:prefix``.
+Entity keys (:func:`entity_key`): declared once in ``engine.model.ENTITY_KEY_FIELDS``:
+the ``id`` where the entity has one, else its natural key (forced caller IDs by
+``account_id``, speed dials by ``account_id:key``, blocked codes by ``account_id:prefix``).
 
 Publishing (:func:`publish_snapshot`) writes a new version in pipelined batches, then a
 Lua script moves the pointer only forward and only to a complete version (its meta
@@ -75,7 +75,7 @@ from typing import Any, NamedTuple
 
 import redis
 
-from engine.model import ENTITY_TYPES, CatalogData
+from engine.model import ENTITY_KEY_FIELDS, ENTITY_TYPES, CatalogData, entity_key_getter
 from engine.state.codec import decode_many, encode_entity, schema
 from engine.state.keys import (
     entity_hash_key,
@@ -119,13 +119,8 @@ DEFAULT_SCAN_COUNT = 10_000
 # hub thread gets the GIL back within milliseconds (a long C call never yields it).
 _CHUNK = 2_000
 
-# Entities without an id are keyed by these fields, joined with ":".
-_NATURAL_KEYS: dict[str, tuple[str, ...]] = {
-    "forced_caller_ids": ("account_id",),
-    "speed_dials": ("account_id", "key"),
-    "blocked_codes": ("account_id", "prefix"),
-}
-_KEY_FIELDS: dict[str, tuple[str, ...]] = {name: _NATURAL_KEYS.get(name, ("id",)) for name in ENTITY_TYPES}
+# Entity keys: the fields declared once in engine.model.ENTITY_KEY_FIELDS, joined with ":".
+_KEY_FIELDS: dict[str, tuple[str, ...]] = ENTITY_KEY_FIELDS
 _NAME_OF: dict[type, str] = {cls: name for name, cls in ENTITY_TYPES.items()}
 _SORT_KEY: dict[str, Callable[[Any], Any]] = {
     name: operator.attrgetter(*fields) for name, fields in _KEY_FIELDS.items()
@@ -209,16 +204,7 @@ def entity_key(obj: Any) -> str:
     return _KEY_FUNCS[entity_name(obj)](obj)
 
 
-def _key_func(fields: tuple[str, ...]) -> Callable[[Any], str]:
-    if fields == ("id",):
-        return lambda obj: str(obj.id)
-    getter = operator.attrgetter(*fields)
-    if len(fields) == 1:
-        return lambda obj: str(getter(obj))
-    return lambda obj: ":".join(map(str, getter(obj)))
-
-
-_KEY_FUNCS: dict[str, Callable[[Any], str]] = {name: _key_func(f) for name, f in _KEY_FIELDS.items()}
+_KEY_FUNCS: dict[str, Callable[[Any], str]] = {name: entity_key_getter(name) for name in ENTITY_TYPES}
 
 
 def _unique_rows(name: str, items: Sequence[Any]) -> tuple[list[str], Sequence[Any]]:
