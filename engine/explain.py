@@ -81,7 +81,7 @@ def explain_request(
 
 
 def decision_document(decision: Decision, config: Config, snapshot_version: int) -> dict[str, Any]:
-    document = _jsonable(asdict(decision))
+    document: dict[str, Any] = _jsonable(asdict(decision))
     document["result"] = "accept" if isinstance(decision, Accept) else "reject"
     document["snapshot_version"] = snapshot_version
     if isinstance(decision, Accept):

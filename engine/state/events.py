@@ -214,7 +214,7 @@ class EventPublisher:
     def _send(self, batch: list[dict[str, str]]) -> None:
         with self._client.pipeline(transaction=False) as pipe:
             for fields in batch:
-                pipe.xadd(self._stream, fields, maxlen=self._maxlen, approximate=True)
+                pipe.xadd(self._stream, dict(fields), maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
             pipe.execute()
 
     def _forget(self, batch: list[dict[str, str]], reason: str) -> None:

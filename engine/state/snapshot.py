@@ -71,7 +71,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import redis
 
@@ -332,7 +332,7 @@ def _write_meta(
     for name, cls in ENTITY_TYPES.items():
         meta[f"count:{name}"] = counts[name]
         meta[f"schema:{name}"] = ",".join(schema(cls))
-    client.hset(meta_key(prefix, version), mapping=meta)
+    client.hset(meta_key(prefix, version), mapping=dict(meta))  # type: ignore[arg-type]  # stubs: invariant key
     return token
 
 
@@ -363,7 +363,7 @@ def _cleanup(
     client: redis.Redis, prefix: str, current: int, keep_previous: int, grace_seconds: float
 ) -> None:
     """UNLINK versions no reader needs any more (see the module docstring)."""
-    versions = sorted(int(v) for v in client.zrange(versions_key(prefix), 0, -1))
+    versions = sorted(int(v) for v in cast(list[bytes], client.zrange(versions_key(prefix), 0, -1)))
     with client.pipeline(transaction=False) as pipe:
         for v in versions:
             pipe.hget(meta_key(prefix, v), "published_at_ms")
@@ -449,12 +449,12 @@ def apply_changes(
     if not sets and not dels:
         return int(client.hget(meta, "changes") or 0)
     with client.pipeline(transaction=True) as pipe:
-        pipe.watch(pointer_key(prefix), meta)
+        pipe.watch(pointer_key(prefix), meta)  # type: ignore[no-untyped-call]
         _check_writable(pipe, prefix, version, list(sets))
         changes = int(pipe.hget(meta, "changes") or 0) + 1
         pipe.multi()
         for name, mapping in sets.items():
-            pipe.hset(entity_hash_key(prefix, version, name), mapping=mapping)
+            pipe.hset(entity_hash_key(prefix, version, name), mapping=mapping)  # type: ignore[arg-type]
         for name, keys in dels.items():
             pipe.hdel(entity_hash_key(prefix, version, name), *keys)
         pipe.hset(meta, "changes", changes)

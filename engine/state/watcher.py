@@ -40,7 +40,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import redis
 
@@ -87,7 +87,8 @@ def offload_to_threadpool(fn: Callable[[], R]) -> R:
     from gevent import get_hub, monkey
 
     if monkey.is_module_patched("threading"):
-        return get_hub().threadpool.apply(fn)
+        result: R = get_hub().threadpool.apply(fn)
+        return result
     return fn()
 
 
@@ -289,9 +290,9 @@ class SnapshotHolder(Generic[T]):
         needed = target - held.changes
         entries = self._client.xrevrange(sync_journal_key(self._prefix), count=needed + _JOURNAL_SLACK)
         found: dict[int, dict[str, Any]] = {}
-        for _, fields in entries:
+        for _, fields in cast(list[tuple[Any, dict[Any, Any]]], entries or []):
             try:
-                payload = json.loads(fields.get(b"payload") or fields.get("payload"))
+                payload = json.loads(fields.get(b"payload") or fields.get("payload"))  # type: ignore[arg-type]
             except (TypeError, ValueError):
                 continue
             if payload.get("version") != held.version or payload.get("token", held.token) != held.token:
@@ -498,7 +499,7 @@ class SnapshotHolder(Generic[T]):
             )
         else:
             log.debug("snapshot watch failed again (%d): %r", self.failures, exc)
-        delay = min(self._backoff_max, self._backoff_initial * 2 ** (self.failures - 1))
+        delay: float = min(self._backoff_max, self._backoff_initial * 2.0 ** (self.failures - 1))
         return delay * random.uniform(0.8, 1.2)
 
     def _recovered(self) -> None:

@@ -317,7 +317,9 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     loaded_before = len(side.swaps)
                     with psycopg.connect(url) as conn:
-                        group = conn.execute("SELECT id FROM rate_groups WHERE name = 'bench'").fetchone()[0]
+                        group = _one(
+                            conn.execute("SELECT id FROM rate_groups WHERE name = 'bench'").fetchone()
+                        )
                         deck = "".join(
                             f"{group}\t{100000000 + n}\t0.{n % 500:04d}\tDeck row {n % 50}\n"
                             for n in range(args.rates)
@@ -391,3 +393,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _one(row: tuple[Any, ...] | None) -> Any:
+    assert row is not None, "the bench rate group is missing"
+    return row[0]

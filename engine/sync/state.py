@@ -95,7 +95,7 @@ class SyncState:
         values = {_str(k): _str(v) for k, v in raw.items()}
         try:
             return cls(
-                **{
+                **{  # type: ignore[arg-type]  # each field gets its own type: int or str
                     f.name: int(values[f.name]) if f.type in ("int", int) else values[f.name]
                     for f in fields(cls)
                     if f.name in values
@@ -154,7 +154,7 @@ def record_publish(
     Returns None (nothing written) if the pointer has moved on meanwhile.
     """
     with client.pipeline(transaction=True) as pipe:
-        pipe.watch(pointer_key(prefix), meta_key(prefix, version), sync_state_key(prefix))
+        pipe.watch(pointer_key(prefix), meta_key(prefix, version), sync_state_key(prefix))  # type: ignore[no-untyped-call]
         current = pipe.get(pointer_key(prefix))
         if current is None or int(current) != version:
             return None
@@ -177,7 +177,7 @@ def record_publish(
         )
         pipe.multi()
         pipe.delete(sync_state_key(prefix))
-        pipe.hset(sync_state_key(prefix), mapping=state.to_redis())
+        pipe.hset(sync_state_key(prefix), mapping=state.to_redis())  # type: ignore[arg-type]
         try:
             pipe.execute()
         except redis.WatchError:

@@ -216,7 +216,7 @@ class FailOpenLimiter:
                     with self._lock:
                         self._forget(call_uuid)
                     continue
-                remaining_ms = (call.deadline - now) * 1000
+                remaining_ms = round((call.deadline - now) * 1000)
                 self.limiter.register(call_uuid, call.levels, remaining_ms, call.trunk)
                 with self._lock:
                     if call_uuid in self._calls:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -438,7 +438,9 @@ class Limiter:
         return self._result(reply, plan, levels, [t for t, _ in trunks])
 
     @staticmethod
-    def _result(reply: list, plan: LimitPlan, levels: list[Subject], trunks: list[Subject]) -> LimitResult:
+    def _result(
+        reply: list[Any], plan: LimitPlan, levels: list[Subject], trunks: list[Subject]
+    ) -> LimitResult:
         status = int(reply[0])
         if status == 0:
             subject = levels[int(reply[1]) - 1]
@@ -553,7 +555,9 @@ class Limiter:
     def counted_calls(self) -> dict[str, float]:
         """Every call the registry holds: uuid -> deadline (ms, in the limiter's clock)."""
         try:
-            rows = self.client.zrange(self.registry_key, 0, -1, withscores=True)
+            rows = cast(
+                list[tuple[bytes, float]], self.client.zrange(self.registry_key, 0, -1, withscores=True)
+            )
         except redis.exceptions.RedisError as exc:
             raise LimitsUnavailable(f"{type(exc).__name__}: {exc}") from exc
         return {_text(member): float(score) for member, score in rows}
