@@ -722,7 +722,7 @@ def test_release_batcher_flush_releases_what_is_queued_at_stop(client, key_prefi
 def test_a_failing_release_batch_does_not_stop_the_loop(client, key_prefix: str, caplog) -> None:
     failures: list[Exception] = [LimitsUnavailable("down"), RuntimeError("a bug")]
     spy = RecordingLimiter(_acquired(client, key_prefix, ["a", "b", "c"]), failures)
-    batcher = ReleaseBatcher(spy, window=0.001)
+    batcher = ReleaseBatcher(spy, window=0.001, retry_delay=0.2)
     stop = gevent.event.Event()
     loop = gevent.spawn(batcher.run, stop)
     with caplog.at_level(logging.WARNING, logger="callgate.limits"):
@@ -731,11 +731,51 @@ def test_a_failing_release_batch_does_not_stop_the_loop(client, key_prefix: str,
             assert spy.batches.get(timeout=5) == [u]
     gevent.sleep(0)
     assert not loop.dead
-    assert spy.limiter.counted_calls().keys() == {"a", "b"}  # left to their deadline
-    assert "limits release of 1 calls failed (down)" in caplog.text
+    assert spy.limiter.counted_calls().keys() == {"a", "b"}
+    assert "limits release of 1 calls failed (down); retrying" in caplog.text
     assert "a bug" in caplog.text
+    assert spy.batches.get(timeout=5) == ["a"]  # Redis did not answer: sent again
+    gevent.sleep(0)
+    assert spy.limiter.counted_calls().keys() == {"b"}  # a bug is not retried: left to the deadline
+    assert batcher.retrying == 0
     stop.set()
     loop.join(timeout=5)
+
+
+def test_release_batcher_retries_while_redis_is_down_then_gives_up(private_redis: PrivateRedis) -> None:
+    client = quick_client(private_redis.port)
+    limiter = _acquired(client, "cg:", ["a", "b"])
+    now = FakeClock(0.0)
+    batcher = ReleaseBatcher(limiter, window=0.001, retry_delay=0.05, retry_for=10.0, monotonic=now)
+    stop = gevent.event.Event()
+    loop = gevent.spawn(batcher.run, stop)
+    private_redis.stop()
+    batcher.release("a")
+    deadline = time.monotonic() + 10
+    while batcher.retrying != 1:
+        assert time.monotonic() < deadline
+        gevent.sleep(0.01)
+    now.t = 1.0  # retried (and failing) while Redis is down
+    gevent.sleep(0.3)
+    assert batcher.retrying == 1
+    private_redis.start()
+    now.t = 2.0
+    while batcher.retrying:
+        assert time.monotonic() < deadline
+        gevent.sleep(0.01)
+    assert limiter.counted_calls().keys() == {"b"}  # released once Redis answered
+    private_redis.stop()
+    batcher.release("b")
+    while batcher.retrying != 1:
+        assert time.monotonic() < deadline
+        gevent.sleep(0.01)
+    now.t = 20.0  # past retry_for: given up, left to the slot's deadline
+    while batcher.retrying:
+        assert time.monotonic() < deadline
+        gevent.sleep(0.01)
+    stop.set()
+    loop.join(timeout=5)
+    assert loop.dead
 
 
 # --------------------------------------------------------------------------- cost
