@@ -56,6 +56,10 @@ MULTI/EXEC guarded by WATCH on the pointer and the meta. Watchers compare the
 (version, token, changes) stamp, so a lost message is caught by polling.
 
 The client must be a plain (non-cluster) ``redis.Redis``; responses may be bytes or str.
+
+(Why one module of about 700 lines: publishing, reading and single-entity changes all
+keep the same invariants on the pointer, the meta and the version list; splitting them
+would spread one protocol over several files.)
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ raises :class:`LimitsAmbiguous`: the caller rejects the call but must release it
 the script may have taken its slots. Acquire is idempotent per call uuid (a retried
 acquire whose first attempt did run returns the first admission), and release of a
 call that holds nothing is a no-op.
+
+(About 600 lines, a third of them Lua: the scripts and the client that builds their
+KEYS/ARGV are kept together so that each argument layout is read next to its script.)
 """
 
 from __future__ import annotations
