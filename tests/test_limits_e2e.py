@@ -145,6 +145,34 @@ def test_a_reseller_limit_binds_below_its_customer_s(environment, tmp_path: Path
     assert outcomes(results) == {"BRIDGED": 3, "CONCURRENT_LIMIT": 3}
 
 
+def test_explain_says_concurrent_limit_while_the_account_is_at_2_of_2(environment, tmp_path: Path) -> None:
+    """Issue 15 item 10, through the CLI: explain runs the engine's steps with the limits
+    peeked; it refuses as the engine would, and takes nothing."""
+    engine = EngineProcess(environment).start(tmp_path / "serve.log")
+    explain = ["explain", "--sip-user", "two", "--dest", "441234567890"]
+    try:
+        calls = gevent.spawn(
+            run_calls, "127.0.0.1", engine.port, [spec("two", 8.0) for _ in range(2)], 2, timeout=20
+        )
+        deadline = time.monotonic() + 15
+        while counted_calls(environment) < 2:
+            assert time.monotonic() < deadline, "the two calls were not admitted"
+            gevent.sleep(0.05)
+        refused = run_cli(explain, environment)
+        assert refused.returncode == 3, refused.stderr
+        assert "REJECT CONCURRENT_LIMIT" in refused.stdout
+        assert "limits: account" in refused.stdout and "channels 2/2" in refused.stdout
+        assert counted_calls(environment) == 2  # nothing taken
+        calls.join(timeout=30)
+        assert outcomes(calls.value) == {"BRIDGED": 2}
+    finally:
+        engine.stop()
+    accepted = run_cli(explain, environment)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    assert "ACCEPT" in accepted.stdout
+    assert counted_calls(environment) == 0
+
+
 def test_a_killed_engine_leaves_no_counted_call_once_the_reconciler_has_run(
     environment, tmp_path: Path
 ) -> None:
