@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -889,3 +890,18 @@ def test_delete_prefix_removes_exactly_the_keys_under_it(client: redis.Redis, ke
         assert delete_prefix(client, key_prefix) == 0
     finally:
         client.delete(neighbour)
+
+
+def test_redis_key_names_are_built_only_in_engine_state_keys() -> None:
+    """One source of truth for Redis names: no engine module but engine/state/keys.py
+    formats a key from the prefix."""
+    engine = Path(__file__).resolve().parent.parent / "engine"
+    pattern = re.compile(r"""f["']\{(?:self\.)?_?prefix\}[A-Za-z]""")
+    offenders = [
+        f"{path.relative_to(engine)}:{n}"
+        for path in engine.rglob("*.py")
+        if path != engine / "state" / "keys.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert offenders == []
