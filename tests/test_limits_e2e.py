@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from loadtest.fsemu import CallSpec, InboundServer, Switch, place_call, run_calls
+from tests.private_redis import PrivateRedis
 from tests.support import (
     EngineProcess,
     engine_environment,
@@ -258,3 +259,43 @@ def test_redis_restart_degrades_then_counts_correctly(environment, private_redis
     finally:
         engine.stop()
     assert counted_calls(env) == 0
+
+
+def test_a_call_whose_acquire_timed_out_is_refused_and_its_slot_freed(environment, tmp_path: Path) -> None:
+    """Issue 12: Redis receives the acquire but answers after the engine gave up. The call
+    is refused ENGINE_DEGRADED, and the slot the script took once Redis resumed is freed
+    (before the fix it stayed taken until its deadline, hours later)."""
+    server = PrivateRedis()
+    server.start()
+    env = {
+        **environment,
+        "CALLGATE_REDIS_URL": server.url,
+        "CALLGATE_REDIS__SOCKET_TIMEOUT": "0.3",
+        "CALLGATE_ENGINE__SNAPSHOT_MAX_AGE": "30",  # the freeze must not make the snapshot stale
+    }
+    engine = None
+    try:
+        publish(env)
+        engine = EngineProcess(env).start(tmp_path / "serve.log")
+        first = place_call("127.0.0.1", engine.port, spec("two", 0.1))  # loads the scripts into Redis
+        assert first.executed[-1][0] == "bridge"
+        deadline = time.monotonic() + 10
+        while counted_calls(env):
+            assert time.monotonic() < deadline
+            gevent.sleep(0.05)
+        server.freeze()
+        try:
+            frozen = place_call("127.0.0.1", engine.port, spec("two", 0.1))
+        finally:
+            server.thaw()
+        assert frozen.variables == {"callgate_reason": "ENGINE_DEGRADED"}
+        deadline = time.monotonic() + 15
+        while counted_calls(env):  # the queued release frees what the late script took
+            assert time.monotonic() < deadline, "the timed-out call's slot was never released"
+            gevent.sleep(0.05)
+        after = run_calls("127.0.0.1", engine.port, [spec("two", 1.0) for _ in range(2)], 2, timeout=20)
+        assert outcomes(after) == {"BRIDGED": 2}  # both slots free
+    finally:
+        if engine is not None:
+            engine.stop()
+        server.kill()
