@@ -11,13 +11,14 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 
 import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+from tests.support import wait_until
 
 
 def free_port() -> int:
@@ -62,17 +63,18 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        deadline = time.monotonic() + 10
         probe = quick_client(self.port)
-        while True:
+
+        def answers() -> bool:
             try:
-                if probe.ping():
-                    break
+                return bool(probe.ping())
             except redis.exceptions.RedisError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        probe.close()
+                return False
+
+        try:
+            wait_until(answers, timeout=10, what="the private redis-server answering")
+        finally:
+            probe.close()
 
     def stop(self) -> None:
         """Save to disk and exit (a restart loads the data back)."""

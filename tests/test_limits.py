@@ -39,6 +39,7 @@ from engine.state.limits import (
 )
 from tests.private_redis import PrivateRedis, free_port, private_redis_fixture, quick_client  # noqa: F401
 from tests.rules.builders import World, call
+from tests.support import wait_until
 
 # --------------------------------------------------------------------------- helpers
 
@@ -751,28 +752,19 @@ def test_release_batcher_retries_while_redis_is_down_then_gives_up(private_redis
     loop = gevent.spawn(batcher.run, stop)
     private_redis.stop()
     batcher.release("a")
-    deadline = time.monotonic() + 10
-    while batcher.retrying != 1:
-        assert time.monotonic() < deadline
-        gevent.sleep(0.01)
+    wait_until(lambda: batcher.retrying == 1)
     now.t = 1.0  # retried (and failing) while Redis is down
     gevent.sleep(0.3)
     assert batcher.retrying == 1
     private_redis.start()
     now.t = 2.0
-    while batcher.retrying:
-        assert time.monotonic() < deadline
-        gevent.sleep(0.01)
+    wait_until(lambda: batcher.retrying == 0)
     assert limiter.counted_calls().keys() == {"b"}  # released once Redis answered
     private_redis.stop()
     batcher.release("b")
-    while batcher.retrying != 1:
-        assert time.monotonic() < deadline
-        gevent.sleep(0.01)
+    wait_until(lambda: batcher.retrying == 1)
     now.t = 20.0  # past retry_for: given up, left to the slot's deadline
-    while batcher.retrying:
-        assert time.monotonic() < deadline
-        gevent.sleep(0.01)
+    wait_until(lambda: batcher.retrying == 0)
     stop.set()
     loop.join(timeout=5)
     assert loop.dead
@@ -849,7 +841,7 @@ def test_a_timeout_after_the_acquire_was_sent_is_ambiguous(private_redis: Privat
     finally:
         private_redis.thaw()
     observer = quick_client(private_redis.port, timeout=5)
-    wait_for(lambda: observer.zcard("cg:limits:ch:acct:1") == 1)  # the script did run
+    wait_until(lambda: observer.zcard("cg:limits:ch:acct:1") == 1)  # the script did run
     refused = limiter.acquire("next", plan, 60)
     assert not refused.admitted  # 1/1: the ambiguous call holds the slot until released
     assert limiter.release_many(["late"]) == 1
@@ -882,7 +874,7 @@ def test_the_decider_releases_a_call_whose_acquire_timed_out(private_redis: Priv
     assert released == [call().uuid]
     observer = quick_client(private_redis.port, timeout=5)
     key = f"cg:limits:ch:acct:{world.customer.id}"
-    wait_for(lambda: observer.zcard(key) == 1)  # taken although the call was refused
+    wait_until(lambda: observer.zcard(key) == 1)  # taken although the call was refused
     batcher = ReleaseBatcher(limiter)
     for uuid in released:
         batcher.release(uuid)
@@ -913,7 +905,7 @@ def test_fail_open_releases_an_ambiguous_acquire_once_redis_answers(private_redi
         private_redis.thaw()
     assert local.admitted and local.degraded
     observer = quick_client(private_redis.port, timeout=5)
-    wait_for(lambda: observer.zcard("cg:limits:ch:acct:1") == 1)
+    wait_until(lambda: observer.zcard("cg:limits:ch:acct:1") == 1)
     assert limiter.release("late")  # ends before the resync: Redis must still hear of it
     limiter.resync()
     assert observer.zcard("cg:limits:ch:acct:1") == 0
@@ -959,11 +951,3 @@ def test_explain_says_concurrent_limit_at_2_of_2_and_takes_nothing(client, key_p
     limiter.release("up-1")
     assert isinstance(explain_request(Config(), call(), cat, limiter), Accept)
     assert members(client, key) == {"up-2"}
-
-
-def wait_for(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)

@@ -155,10 +155,7 @@ def test_explain_says_concurrent_limit_while_the_account_is_at_2_of_2(environmen
         calls = gevent.spawn(
             run_calls, "127.0.0.1", engine.port, [spec("two", 8.0) for _ in range(2)], 2, timeout=20
         )
-        deadline = time.monotonic() + 15
-        while counted_calls(environment) < 2:
-            assert time.monotonic() < deadline, "the two calls were not admitted"
-            gevent.sleep(0.05)
+        wait_until(lambda: counted_calls(environment) == 2, what="the two calls admitted")
         refused = run_cli(explain, environment)
         assert refused.returncode == 3, refused.stderr
         assert "REJECT CONCURRENT_LIMIT" in refused.stdout
@@ -279,20 +276,15 @@ def test_a_call_whose_acquire_timed_out_is_refused_and_its_slot_freed(environmen
         engine = EngineProcess(env).start(tmp_path / "serve.log")
         first = place_call("127.0.0.1", engine.port, spec("two", 0.1))  # loads the scripts into Redis
         assert first.executed[-1][0] == "bridge"
-        deadline = time.monotonic() + 10
-        while counted_calls(env):
-            assert time.monotonic() < deadline
-            gevent.sleep(0.05)
+        wait_until(lambda: counted_calls(env) == 0, what="the first call released")
         server.freeze()
         try:
             frozen = place_call("127.0.0.1", engine.port, spec("two", 0.1))
         finally:
             server.thaw()
         assert frozen.variables == {"callgate_reason": "ENGINE_DEGRADED"}
-        deadline = time.monotonic() + 15
-        while counted_calls(env):  # the queued release frees what the late script took
-            assert time.monotonic() < deadline, "the timed-out call's slot was never released"
-            gevent.sleep(0.05)
+        # The queued release frees what the late script took.
+        wait_until(lambda: counted_calls(env) == 0, what="the timed-out call's slot released")
         after = run_calls("127.0.0.1", engine.port, [spec("two", 1.0) for _ in range(2)], 2, timeout=20)
         assert outcomes(after) == {"BRIDGED": 2}  # both slots free
     finally:
