@@ -154,7 +154,7 @@ def record_publish(
     Returns None (nothing written) if the pointer has moved on meanwhile.
     """
     with client.pipeline(transaction=True) as pipe:
-        pipe.watch(pointer_key(prefix), meta_key(prefix, version), sync_state_key(prefix))  # type: ignore[no-untyped-call]
+        pipe.watch(pointer_key(prefix), meta_key(prefix, version), sync_state_key(prefix))
         current = pipe.get(pointer_key(prefix))
         if current is None or int(current) != version:
             return None
