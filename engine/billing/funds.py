@@ -52,6 +52,14 @@ from typing import Any
 import redis
 
 from engine.billing.rating import MICROS, Tariff, from_micros, to_micros
+from engine.state.funds import FUNDS_LUA, FundsRequest
+from engine.state.keys import (
+    cdr_stream,
+    funds_account_key,
+    funds_amounts_key,
+    funds_call_key,
+    funds_reservations_key,
+)
 
 __all__ = [
     "FUNDS_LUA",
@@ -64,24 +72,10 @@ __all__ = [
 ]
 
 
-def funds_key(prefix: str, account_id: int) -> str:
-    return f"{prefix}funds:acct:{account_id}"
-
-
-def reservations_key(prefix: str, account_id: int) -> str:
-    return f"{prefix}funds:res:{account_id}"
-
-
-def amounts_key(prefix: str, account_id: int) -> str:
-    return f"{prefix}funds:amt:{account_id}"
-
-
-def call_key(prefix: str, uuid: str) -> str:
-    return f"{prefix}funds:call:{uuid}"
-
-
-def cdr_stream(prefix: str) -> str:
-    return f"{prefix}cdrs"
+funds_key = funds_account_key
+reservations_key = funds_reservations_key
+amounts_key = funds_amounts_key
+call_key = funds_call_key
 
 
 def _text(value: bytes | str) -> str:
@@ -93,107 +87,6 @@ class FundsUnavailable(Exception):
 
 
 # --------------------------------------------------------------------------- Lua
-
-# Functions over three keys per account (acct hash, reservation zset, amounts hash) and
-# eight arguments per level: account id, base, recorded, connect, cost per minute
-# (micro-units, ceiled), included seconds, initial increment, increment.
-FUNDS_LUA = """
-local function funds_purge(acct, res, amt, now)
-  local old = redis.call('ZRANGEBYSCORE', res, '-inf', now, 'LIMIT', 0, 500)
-  if #old == 0 then return end
-  local total = 0
-  local vals = redis.call('HMGET', amt, unpack(old))
-  for _, v in ipairs(vals) do if v then total = total + tonumber(v) end end
-  redis.call('HDEL', amt, unpack(old))
-  redis.call('ZREM', res, unpack(old))
-  redis.call('HINCRBY', acct, 'reserved', -total)
-end
-
-local function funds_available(acct, res, amt, now, base, recorded)
-  funds_purge(acct, res, amt, now)
-  redis.call('HSETNX', acct, 'spent', recorded)
-  local f = redis.call('HMGET', acct, 'spent', 'reserved')
-  local unrecorded = math.max(0, tonumber(f[1]) - recorded)
-  return base - unrecorded - tonumber(f[2] or '0')
-end
-
--- seconds paid at the per-minute price for d billed seconds (ASTPP calc_cost)
-local function funds_charged(d, incl, init, inc)
-  local rest = d - incl
-  if d < 1 or rest <= 0 then return 0 end
-  local s = init
-  rest = rest - init
-  if rest > 0 then s = s + math.ceil(rest / inc) * inc end
-  return s
-end
-
-local function funds_cost(d, connect, cpm, incl, init, inc)
-  if d < 1 then return 0 end
-  return connect + math.floor((cpm * funds_charged(d, incl, init, inc) + 59) / 60)
-end
-
--- the longest d a level can pay in full with avail, or -1 when it cannot pay connect + 1 min
-local function funds_affordable(avail, connect, cpm, incl, init, inc, cap)
-  if cpm <= 0 then
-    if avail < connect then return -1 end
-    return cap
-  end
-  if avail < connect + cpm then return -1 end
-  local smax = math.floor((avail - connect) * 60 / cpm)
-  local d = incl
-  if smax >= init then d = incl + init + math.floor((smax - init) / inc) * inc end
-  if d < 1 then return -1 end
-  return math.min(d, cap)
-end
-
--- kb: index in KEYS of the first level's acct key; ab + 1: index in ARGV of its first argument
--- (the account id; then base, recorded, connect, cost per minute, included, init, inc).
--- Returns d >= 0 (seconds every level can pay), or -i when level i cannot pay.
-local function funds_check(kb, ab, nlev, now, cap)
-  local d = cap
-  for i = 1, nlev do
-    local k, a = kb + 3 * (i - 1), ab + 8 * (i - 1)
-    local avail = funds_available(KEYS[k], KEYS[k + 1], KEYS[k + 2], now,
-      tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]))
-    local li = funds_affordable(avail, tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]),
-      tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]), cap)
-    if li < 0 then return -i end
-    if li < d then d = li end
-  end
-  return d
-end
-
-local function funds_take(kb, ab, nlev, uuid, d, deadline, keep)
-  for i = 1, nlev do
-    local k, a = kb + 3 * (i - 1), ab + 8 * (i - 1)
-    local cost = funds_cost(d, tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]),
-      tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8]))
-    if cost > 0 then
-      redis.call('HINCRBY', KEYS[k], 'reserved', cost)
-      redis.call('ZADD', KEYS[k + 1], deadline, uuid)
-      redis.call('HSET', KEYS[k + 2], uuid, cost)
-      for j = 0, 2 do
-        if redis.call('PTTL', KEYS[k + j]) < keep then redis.call('PEXPIRE', KEYS[k + j], keep) end
-      end
-    end
-  end
-end
-
-local function funds_release(acct, res, amt, uuid)
-  local cost = redis.call('HGET', amt, uuid)
-  if cost then
-    redis.call('HDEL', amt, uuid)
-    redis.call('ZREM', res, uuid)
-    redis.call('HINCRBY', acct, 'reserved', -tonumber(cost))
-  end
-end
-
-local function funds_now(arg)
-  if arg ~= '' then return tonumber(arg) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-"""
 
 # KEYS: call record, then per level: acct, res, amt.
 # ARGV: now_ms or '', uuid, cap seconds, margin ms (ringing/failover before the answer),
@@ -310,7 +203,7 @@ class FundsLevel:
     recorded: Decimal  # accounts.calls_debited in the same snapshot
     tariff: Tariff
 
-    def args(self) -> list[Any]:
+    def args(self) -> list[int]:
         t = self.tariff
         return [
             self.account_id,
@@ -381,6 +274,15 @@ class Funds:
                 amounts_key(self._prefix, account_id),
             ]
         return keys
+
+    def request(self, levels: Sequence[FundsLevel], cap_seconds: int) -> FundsRequest:
+        """The reservation as the limits acquire script takes it (one round trip with the limits)."""
+        return FundsRequest(
+            levels=tuple(tuple(level.args()) for level in levels),
+            cap_seconds=max(0, cap_seconds),
+            margin_ms=self._margin_ms,
+            keep_ms=self._keep_ms,
+        )
 
     def reserve(
         self, uuid: str, levels: Sequence[FundsLevel], cap_seconds: int, *, now_ms: int | None = None
