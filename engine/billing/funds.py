@@ -56,6 +56,7 @@ from engine.state.funds import FUNDS_LUA, FundsRequest
 from engine.state.keys import (
     cdr_stream,
     funds_account_key,
+    funds_account_pattern,
     funds_amounts_key,
     funds_call_key,
     funds_reservations_key,
@@ -373,9 +374,12 @@ class Funds:
         few seconds at most, never on the call path."""
         reserved = 0
         open_calls = 0
-        prefix = f"{self._prefix}funds:acct:"
+        prefix = funds_account_key(self._prefix, 0)[:-1]  # the hashes' common start
         try:
-            keys = [_text(k) for k in self._client.scan_iter(match=f"{prefix}*", count=count)]
+            keys = [
+                _text(k)
+                for k in self._client.scan_iter(match=funds_account_pattern(self._prefix), count=count)
+            ]
             for start in range(0, len(keys), count):
                 chunk = keys[start : start + count]
                 with self._client.pipeline(transaction=False) as pipe:

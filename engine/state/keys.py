@@ -40,6 +40,7 @@ __all__ = [
     "entity_hash_key",
     "events_stream",
     "funds_account_key",
+    "funds_account_pattern",
     "funds_amounts_key",
     "funds_call_key",
     "funds_reservations_key",
@@ -146,6 +147,11 @@ def limits_cps_key(prefix: str, group: str, subject_id: int) -> str:
 def funds_account_key(prefix: str, account_id: int) -> str:
     """hash: spent, reserved (micro-units) of one account."""
     return f"{prefix}funds:acct:{account_id}"
+
+
+def funds_account_pattern(prefix: str) -> str:
+    """SCAN pattern of every account's funds hash (the metrics' totals)."""
+    return f"{prefix}funds:acct:*"
 
 
 def funds_reservations_key(prefix: str, account_id: int) -> str:
