@@ -1,0 +1,742 @@
+"""Accounts: the customer form's rules, create, read, edit and delete."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from psycopg import errors as pg_errors
+from psycopg import sql
+from pydantic import ValidationError
+
+from engine.admin import numbers
+from engine.admin import schemas as s
+from engine.admin.errors import FieldError, NotFound, ValidationFailed
+from engine.admin.service.base import (
+    _CHILD_IMAGE,
+    ACCOUNT_KINDS,
+    NoProgress,
+    Progress,
+    ServiceBase,
+    _batched,
+    _constraint_error,
+    _notify_problem,
+    _now,
+    _RefCache,
+    _set_clause,
+)
+
+# CustomerCreate fields stored in the accounts column of the same name.
+DIRECT_COLUMNS = (
+    "number",
+    "status",
+    "email",
+    "valid_days",
+    "expiry",
+    "expiry_from_first_use",
+    "max_channels",
+    "cps",
+    "local_calls_allowed",
+    "local_call_cost_per_minute",
+    "codecs",
+    "paypal_permission",
+    "is_recording",
+    "allow_ip_management",
+    "notify_enabled",
+    "notify_balance_below",
+    "notify_email",
+    "first_name",
+    "last_name",
+    "company",
+    "phone",
+    "mobile",
+    "address_1",
+    "address_2",
+    "city",
+    "province",
+    "postal_code",
+    "country",
+    "language",
+    "balance",
+    "credit_limit",
+    "cli_pool",
+    "billing_schedule",
+    "tax_number",
+    "generate_invoice",
+    "invoice_note",
+    "reference",
+)
+
+
+@dataclass
+class _NewAccount:
+    """An account that passed every check and waits to be inserted."""
+
+    key: Any  # the caller's handle: import row number, list index...
+    kind: str
+    columns: dict[str, Any]
+    password: str | None = None  # in clear until hashed at insert time
+    pin: str | None = None
+    sip: dict[str, Any] | None = None  # sip_devices columns (clear password: FreeSWITCH needs it)
+    generated: s.GeneratedSecrets = field(default_factory=s.GeneratedSecrets)
+
+
+class AccountsMixin(ServiceBase):
+    """Customers and providers: one at a time."""
+
+    # ================================================================= output
+
+    def _account_out(self, row: Mapping[str, Any]) -> s.AccountOut:
+        return s.AccountOut(
+            entity_type=row["kind"],
+            number=row["number"],
+            reseller=row["reseller_number"],
+            status=row["status"],
+            email=row["email"],
+            has_password=row["password_hash"] is not None,
+            has_pin=row["pin_hash"] is not None,
+            valid_days=row["valid_days"],
+            expiry=row["expiry"],
+            expiry_from_first_use=row["expiry_from_first_use"],
+            first_used=row["first_used"],
+            created=row["created_at"],
+            max_channels=row["max_channels"],
+            cps=row["cps"],
+            localization=row["localization_name"],
+            local_calls_allowed=row["local_calls_allowed"],
+            local_call_cost_per_minute=row["local_call_cost_per_minute"],
+            codecs=row["codecs"],
+            notifications=row["notifications"],
+            paypal_permission=row["paypal_permission"],
+            is_recording=row["is_recording"],
+            allow_ip_management=row["allow_ip_management"],
+            notify_enabled=row["notify_enabled"],
+            notify_balance_below=row["notify_balance_below"],
+            notify_email=row["notify_email"],
+            first_name=row["first_name"],
+            last_name=row["last_name"],
+            company=row["company"],
+            phone=row["phone"],
+            mobile=row["mobile"],
+            address_1=row["address_1"],
+            address_2=row["address_2"],
+            city=row["city"],
+            province=row["province"],
+            postal_code=row["postal_code"],
+            country=row["country"],
+            timezone=row["timezone"],
+            language=row["language"],
+            currency=row["currency"],
+            account_type="postpaid" if row["postpaid"] else "prepaid",
+            balance=row["balance"],
+            credit_limit=row["credit_limit"],
+            available=row["balance"] + row["credit_limit"],
+            rate_group=row["rate_group_name"],
+            non_cli_rate_group=row["non_cli_rate_group_name"],
+            cli_pool=row["cli_pool"],
+            billing_schedule=row["billing_schedule"],
+            invoice_day=row["invoice_day"],
+            tax_number=row["tax_number"],
+            generate_invoice=row["generate_invoice"],
+            invoice_note=row["invoice_note"],
+            reference=row["reference"],
+        )
+
+    def get_account(self, number: str) -> s.AccountOut:
+        return self._account_out(self._find(number))
+
+    # ================================================================= the form's rules
+
+    def _form_rules(
+        self, m: s.CustomerCreate, kind: str, *, creating: bool, require_email: bool = True
+    ) -> list[FieldError]:
+        """Rules across fields of the customer form (formats were checked by the schema)."""
+        errs: list[FieldError] = []
+        if require_email and not m.email:
+            errs.append(FieldError("email", "required"))
+        if kind == "provider" and m.reseller:
+            errs.append(FieldError("reseller", "a provider belongs to the admin, not to a reseller"))
+        if kind == "customer" and m.rate_group is None:
+            errs.append(FieldError("rate_group", "required for a customer"))
+        if m.account_type == "prepaid" and m.credit_limit != 0:
+            errs.append(FieldError("credit_limit", "only postpaid accounts have a credit limit"))
+        problem = _invoice_day_problem(m.billing_schedule, m.invoice_day)
+        if problem:
+            errs.append(FieldError("invoice_day", problem))
+        problem = _notify_problem(m.notify_enabled, m.notify_balance_below)
+        if problem:
+            errs.append(FieldError("notify_balance_below", problem))
+        if m.expiry_from_first_use and m.valid_days is None:
+            errs.append(FieldError("valid_days", "required when expiry_from_first_use is true"))
+        if m.expiry_from_first_use and m.expiry is not None and creating:
+            errs.append(FieldError("expiry", "give an expiry or expiry_from_first_use, not both"))
+        if m.cli_pool in (3, 4, 5) and m.non_cli_rate_group is None:
+            errs.append(FieldError("non_cli_rate_group", "required when cli_pool is 3, 4 or 5"))
+        if creating:
+            if m.pin is not None and m.generate_pin:
+                errs.append(FieldError("pin", "give a PIN or generate_pin, not both"))
+            if (m.sip_username or m.sip_password) and m.create_sip_device is False:
+                errs.append(
+                    FieldError("create_sip_device", "is false but a SIP username or password was given")
+                )
+            if m.expiry is not None and m.expiry <= _now():
+                errs.append(FieldError("expiry", "must be in the future"))
+        return errs
+
+    def _resolve(
+        self, m: s.CustomerCreate, kind: str, cache: _RefCache
+    ) -> tuple[dict[str, Any], list[FieldError]]:
+        """Names and numbers -> ids: reseller, rate groups, localization (checked against the scope)."""
+        errs: list[FieldError] = []
+        out: dict[str, Any] = {}
+        if kind == "provider":
+            out["reseller_id"] = None
+        elif m.reseller is not None:
+            reseller_id = self._reseller_id(m.reseller, cache)
+            if reseller_id is None:
+                errs.append(FieldError("reseller", f"no reseller with number {m.reseller}"))
+            out["reseller_id"] = reseller_id
+        else:
+            out["reseller_id"] = self.actor.reseller_id
+        owner = out["reseller_id"]
+        for name, column in (
+            ("rate_group", "rate_group_id"),
+            ("non_cli_rate_group", "non_cli_rate_group_id"),
+        ):
+            group = getattr(m, name)
+            out[column] = None
+            if group is None:
+                continue
+            found = self._rate_group(group, cache)
+            if found is None:
+                errs.append(FieldError(name, f"no rate group named {group!r}"))
+                continue
+            group_id, group_owner, active = found
+            if group_owner != owner:
+                whose = "the admin" if owner is None else "the account's reseller"
+                errs.append(FieldError(name, f"{group!r} is not a rate group of {whose}"))
+            elif not active:
+                errs.append(FieldError(name, f"{group!r} is inactive"))
+            out[column] = group_id
+        out["localization_id"] = None
+        if m.localization is not None:
+            if m.localization not in cache.localizations:
+                row = self.conn.execute(
+                    "SELECT id FROM localizations WHERE name = %s", [m.localization]
+                ).fetchone()
+                cache.localizations[m.localization] = row[0] if row else None
+            out["localization_id"] = cache.localizations[m.localization]
+            if out["localization_id"] is None:
+                errs.append(FieldError("localization", f"no localization named {m.localization!r}"))
+        return out, errs
+
+    def _rate_group(self, name: str, cache: _RefCache) -> tuple[int, int | None, bool] | None:
+        if name not in cache.rate_groups:
+            row = self.conn.execute(
+                "SELECT id, reseller_id, active FROM rate_groups WHERE name = %s", [name]
+            ).fetchone()
+            cache.rate_groups[name] = (row[0], row[1], row[2]) if row else None
+        return cache.rate_groups[name]
+
+    def _columns(self, m: s.CustomerCreate, kind: str, refs: Mapping[str, Any]) -> dict[str, Any]:
+        cols = {name: getattr(m, name) for name in DIRECT_COLUMNS}
+        cols["kind"] = kind
+        cols["postpaid"] = m.account_type == "postpaid"
+        cols["notifications"] = m.notifications if m.notifications is not None else kind != "provider"
+        cols["timezone"] = m.timezone or self.settings.default_timezone
+        cols["currency"] = m.currency or self.settings.default_currency
+        cols["invoice_day"] = _invoice_day(m.billing_schedule, m.invoice_day)
+        cols.update(refs)
+        return cols
+
+    # ================================================================= creating accounts
+
+    def _prepare(
+        self,
+        items: Sequence[tuple[Any, s.CustomerCreate, str]],
+        *,
+        cache: _RefCache | None = None,
+        require_email: bool = True,
+        generate_secrets: bool = True,
+    ) -> tuple[list[_NewAccount], dict[Any, list[FieldError]]]:
+        """Check `items` (key, form, kind) against every rule and each other; generate what is missing.
+
+        `generate_secrets` false (imports): a missing password or PIN stays missing and a SIP
+        device needs its password given, since nobody would ever see a generated one.
+        Rows written earlier in the same run are in the database (or in the open transaction of a
+        dry run), so a number, e-mail or SIP username repeated across batches is caught there.
+        """
+        cache = cache or _RefCache()
+        errors: dict[Any, list[FieldError]] = {}
+        ready: list[_NewAccount] = []
+        now = _now()
+        for key, m, kind in items:
+            errs = self._form_rules(m, kind, creating=True, require_email=require_email)
+            refs, ref_errs = self._resolve(m, kind, cache)
+            errs += ref_errs
+            if errs:  # go on: the uniqueness checks below report their problems too
+                errors[key] = errs
+            cols = self._columns(m, kind, refs)
+            if m.expiry is None and m.valid_days is not None and not m.expiry_from_first_use:
+                cols["expiry"] = now + timedelta(days=m.valid_days)
+            new = _NewAccount(key=key, kind=kind, columns=cols)
+            new.password, new.pin = m.password, m.pin
+            if generate_secrets and m.password is None:
+                new.password = new.generated.password = numbers.generate_password()
+            generate_pin = self.settings.generate_pin if m.generate_pin is None else m.generate_pin
+            if generate_secrets and m.pin is None and generate_pin:
+                new.pin = new.generated.pin = numbers.generate_pin(self.settings.pin_length)
+            wants_sip = m.create_sip_device
+            if wants_sip is None:
+                wants_sip = bool(m.sip_username or m.sip_password) or self.settings.create_sip_device
+            if wants_sip:
+                password = m.sip_password
+                if password is None and generate_secrets:
+                    password = new.generated.sip_password = numbers.generate_password(16)
+                elif password is None:
+                    errors.setdefault(key, []).append(
+                        FieldError("sip_password", "required to create a SIP device here")
+                    )
+                new.sip = {"username": m.sip_username, "password": password}
+            ready.append(new)
+
+        # numbers: given ones must be free, missing ones are generated
+        seen_numbers: dict[str, Any] = {}
+        for new in ready:
+            number = new.columns["number"]
+            if number is not None:
+                first = seen_numbers.setdefault(number, new.key)
+                if first != new.key:
+                    errors.setdefault(new.key, []).append(
+                        FieldError("number", f"{number} repeats the one on line {first}")
+                    )
+        in_use = numbers.taken_numbers(self.conn, list(seen_numbers))
+        for new in ready:
+            number = new.columns["number"]
+            if number is not None and number in in_use:
+                errors.setdefault(new.key, []).append(
+                    FieldError("number", f"{number} is already used by another account")
+                )
+        missing = [new for new in ready if new.columns["number"] is None and new.key not in errors]
+        if missing:
+            try:
+                fresh = numbers.generate_numbers(
+                    self.conn,
+                    len(missing),
+                    self.settings.account_number_length,
+                    self.settings.account_number_start_digit,
+                    exclude=list(seen_numbers),
+                )
+            except numbers.NotEnoughNumbers as exc:
+                raise ValidationFailed.one(
+                    "number",
+                    f"no free account number to generate ({exc.free} left with "
+                    f"{self.settings.account_number_length} digits); give one",
+                ) from None
+            for new, number in zip(missing, fresh, strict=True):
+                new.columns["number"] = number
+        for new in ready:
+            if new.sip is not None and new.sip["username"] is None:
+                new.sip["username"] = new.columns["number"]
+
+        # e-mail addresses and SIP usernames: unique among live accounts / all devices
+        self._unique_check(
+            ready,
+            errors,
+            "email",
+            lambda n: n.columns["email"],
+            self._taken_emails,
+            "is already used by another account",
+            fold=str.lower,
+        )
+        self._unique_check(
+            ready,
+            errors,
+            "sip_username",
+            lambda n: n.sip and n.sip["username"],
+            self._taken_usernames,
+            "is already taken by another SIP device",
+        )
+        return [n for n in ready if n.key not in errors], errors
+
+    def _unique_check(
+        self,
+        ready: list[_NewAccount],
+        errors: dict[Any, list[FieldError]],
+        field_name: str,
+        get: Callable[[_NewAccount], str | None],
+        lookup: Callable[[list[str]], set[str]],
+        message: str,
+        fold: Callable[[str], str] = str,
+    ) -> None:
+        first: dict[str, Any] = {}
+        for new in ready:
+            value = get(new)
+            if not value:
+                continue
+            holder = first.setdefault(fold(value), new.key)
+            if holder != new.key:
+                errors.setdefault(new.key, []).append(
+                    FieldError(field_name, f"{value} repeats the one on line {holder}")
+                )
+        in_use = lookup(list(first))
+        for new in ready:
+            value = get(new)
+            if value and fold(value) in in_use:
+                errors.setdefault(new.key, []).append(FieldError(field_name, f"{value} {message}"))
+
+    def _taken_emails(self, emails: list[str]) -> set[str]:
+        if not emails:
+            return set()
+        rows = self.conn.execute(
+            "SELECT lower(email) FROM accounts WHERE NOT deleted AND lower(email) = ANY(%s)", [emails]
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def _insert(
+        self, accounts: list[_NewAccount], action: str, progress: Progress | None = None
+    ) -> list[int]:
+        """Hash the secrets and insert accounts, SIP devices, opening balances and audit rows."""
+        if not accounts:
+            return []
+        progress = progress or NoProgress()
+        threads = self.settings.threads
+        if any(a.password for a in accounts):
+            progress.begin(sum(1 for a in accounts if a.password), "hashing passwords")
+            hashed = numbers.hash_all(
+                [a.password for a in accounts],
+                n=numbers.PASSWORD_SCRYPT_N,
+                threads=threads,
+                progress=progress.advance,
+            )
+            progress.end()
+            for a, h in zip(accounts, hashed, strict=True):
+                a.columns["password_hash"] = h
+        if any(a.pin for a in accounts):
+            progress.begin(sum(1 for a in accounts if a.pin), "hashing PINs")
+            hashed = numbers.hash_all(
+                [a.pin for a in accounts],
+                n=2**self.settings.pin_hash_log2_n,
+                threads=threads,
+                progress=progress.advance,
+            )
+            progress.end()
+            for a, h in zip(accounts, hashed, strict=True):
+                a.columns["pin_hash"] = h
+        progress.begin(len(accounts), "writing accounts")
+        ids: list[int] = []
+        columns = sorted({c for a in accounts for c in a.columns})
+        query = sql.SQL("INSERT INTO accounts ({}) SELECT * FROM unnest({}) RETURNING id, number").format(
+            sql.SQL(", ").join(map(sql.Identifier, columns)),
+            sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(_ACCOUNT_TYPES[c])) for c in columns),
+        )
+        by_number: dict[str, int] = {}
+        for chunk in _batched(accounts, 5000):
+            params = [[a.columns.get(c) for a in chunk] for c in columns]
+            for account_id, number in self.conn.execute(query, params).fetchall():
+                by_number[number] = account_id
+            progress.advance(len(chunk))
+        ids = [by_number[a.columns["number"]] for a in accounts]
+        devices = [(i, a) for i, a in zip(ids, accounts, strict=True) if a.sip]
+        if devices:
+            self.conn.execute(
+                "INSERT INTO sip_devices (account_id, username, password, caller_id_number)"
+                " SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[])",
+                [
+                    [i for i, _ in devices],
+                    [a.sip["username"] for _, a in devices],
+                    [a.sip["password"] for _, a in devices],
+                    [a.columns["number"] for _, a in devices],
+                ],
+            )
+        opening = [(i, a) for i, a in zip(ids, accounts, strict=True) if a.columns.get("balance")]
+        if opening:
+            self.conn.execute(
+                "INSERT INTO balance_changes (account_id, kind, amount, balance_after, currency, description,"
+                " actor) SELECT id, 'initial', balance, balance, currency, 'opening balance', %s"
+                " FROM accounts WHERE id = ANY(%s)",
+                [self.actor.name, [i for i, _ in opening]],
+            )
+        self.conn.execute(
+            "INSERT INTO audit_log (actor, token_id, action, account_id, entity, entity_key, after)"
+            " SELECT %s, %s, %s, a.id, 'account', a.number, callgate_audit_account(a)"
+            " FROM accounts a WHERE a.id = ANY(%s) ORDER BY a.id",
+            [self.actor.name, self.actor.token_id, action, ids],
+        )
+        if devices:
+            self.conn.execute(
+                sql.SQL(
+                    "INSERT INTO audit_log (actor, token_id, action, account_id, entity, entity_key, after)"
+                    " SELECT %s, %s, 'sip_device.create', d.account_id, 'sip_device', d.username, {}"
+                    " FROM sip_devices d WHERE d.account_id = ANY(%s) ORDER BY d.id"
+                ).format(sql.SQL(_CHILD_IMAGE.format(t="d"))),
+                [self.actor.name, self.actor.token_id, [i for i, _ in devices]],
+            )
+        progress.end()
+        return ids
+
+    def create_account(self, data: s.CustomerCreate, kind: str = "customer") -> s.AccountCreated:
+        """ASTPP's customer (or provider) form: validate, generate what is missing, insert, audit."""
+        if kind not in ACCOUNT_KINDS:
+            raise ValueError(kind)
+        if kind == "provider":
+            self._require_admin("creating a provider")
+        for attempt in range(3):
+            try:
+                with self.conn.transaction():
+                    if data.number is None:
+                        self.conn.execute("SELECT pg_advisory_xact_lock(%s)", [numbers.NUMBERS_LOCK_KEY])
+                    ready, errors = self._prepare([(0, data, kind)])
+                    if errors:
+                        raise ValidationFailed(errors[0])
+                    self._insert(ready, f"{kind}.create")
+                break
+            except pg_errors.UniqueViolation as exc:  # lost a race: the re-check reports the field
+                if attempt == 2:
+                    raise _constraint_error(exc) from None
+        new = ready[0]
+        return s.AccountCreated(
+            account=self.get_account(new.columns["number"]),
+            generated=new.generated,
+            sip_username=new.sip["username"] if new.sip else None,
+        )
+
+    # ================================================================= editing
+
+    def _form_values(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """The stored account as CustomerCreate input (secrets left out)."""
+        values = {name: row[name] for name in DIRECT_COLUMNS}
+        values.update(
+            reseller=row["reseller_number"],
+            account_type="postpaid" if row["postpaid"] else "prepaid",
+            notifications=row["notifications"],
+            timezone=row["timezone"],
+            currency=row["currency"],
+            invoice_day=row["invoice_day"],
+            rate_group=row["rate_group_name"],
+            non_cli_rate_group=row["non_cli_rate_group_name"],
+            localization=row["localization_name"],
+        )
+        return values
+
+    def update_account(self, number: str, data: Any) -> s.AccountOut:
+        """Profile and settings edit (CustomerUpdate): number, account type and balance never change."""
+        given = data.model_dump(exclude_unset=True)
+        with self.conn.transaction():
+            row = self._find(number, lock=True)
+            kind = row["kind"]
+            merged = {**self._form_values(row), **given}
+            merged = {k: v for k, v in merged.items() if v is not None or k in given}
+            try:
+                m = s.CustomerCreate.model_validate(merged)
+            except ValidationError as exc:
+                # stored values that today's rules refuse (e.g. loaded by fixtures) block only their own edit
+                problems = [e for e in s.field_errors(exc) if _touched(e.field, given)]
+                if problems:
+                    raise ValidationFailed(problems) from None
+                m = s.CustomerCreate.model_construct(**merged)
+            errs = self._form_rules(m, kind, creating=False, require_email=row["email"] is not None)
+            refs, ref_errs = self._resolve(m, kind, _RefCache())
+            refs.pop("reseller_id")
+            errs = [e for e in errs + ref_errs if _touched(e.field, given)]
+            if (
+                "expiry" in given
+                and m.expiry is not None
+                and m.expiry <= _now()
+                and row["expiry"] != m.expiry
+            ):
+                errs.append(FieldError("expiry", "must be in the future"))
+            if (
+                m.email
+                and (row["email"] or "").lower() != m.email.lower()
+                and self._taken_emails([m.email.lower()])
+            ):
+                errs.append(FieldError("email", f"{m.email} is already used by another account"))
+            if errs:
+                raise ValidationFailed(errs)
+            cols = self._columns(m, kind, refs)
+            for immutable in ("number", "kind", "postpaid", "balance", "reseller_id"):
+                cols.pop(immutable, None)
+            if (
+                "valid_days" in given
+                and "expiry" not in given
+                and m.valid_days is not None
+                and not m.expiry_from_first_use
+                and m.valid_days != row["valid_days"]
+            ):
+                cols["expiry"] = _now() + timedelta(days=m.valid_days)  # ASTPP: a new validity restarts now
+            if "password" in given:
+                cols["password_hash"] = (
+                    None
+                    if m.password is None
+                    else numbers.hash_all([m.password], n=numbers.PASSWORD_SCRYPT_N, threads=1)[0]
+                )
+            if "pin" in given:
+                cols["pin_hash"] = (
+                    None
+                    if m.pin is None
+                    else numbers.hash_all([m.pin], n=2**self.settings.pin_hash_log2_n, threads=1)[0]
+                )
+            changed = {c: v for c, v in cols.items() if c.endswith("_hash") or row[c] != v}
+            if changed:
+                before = self._account_image(row["id"])
+                self._execute_write(
+                    sql.SQL("UPDATE accounts SET {} WHERE id = %s").format(_set_clause(changed)),
+                    [*changed.values(), row["id"]],
+                )
+                self._audit(
+                    "account.update", "account", number, row["id"], before, self._account_image(row["id"])
+                )
+        return self.get_account(number)
+
+    # ================================================================= delete
+
+    def delete_accounts(self, account_numbers: Sequence[str]) -> s.DeleteResult:
+        """Soft-delete customers/providers in one transaction: off, children removed, DIDs released."""
+        wanted = list(dict.fromkeys(account_numbers))
+        with self.conn.transaction():
+            rows = []
+            missing = []
+            for number in sorted(wanted):  # one locking order: concurrent deletes cannot deadlock
+                try:
+                    rows.append(self._find(number, lock=True))
+                except NotFound:
+                    missing.append(number)
+            if missing:
+                raise NotFound("account(s) not found: " + ", ".join(missing))
+            released: list[str] = []
+            for row in rows:
+                released += self._delete_one(row)
+        return s.DeleteResult(deleted=wanted, released_dids=released)
+
+    def _delete_one(self, row: Mapping[str, Any]) -> list[str]:
+        account_id = row["id"]
+        before = self._account_image(account_id)
+        children: dict[str, Any] = {}
+        for table in (
+            "sip_devices",
+            "ip_map",
+            "caller_ids",
+            "forced_caller_ids",
+            "speed_dials",
+            "blocked_codes",
+        ):
+            images = self.conn.execute(
+                sql.SQL("DELETE FROM {t} WHERE account_id = %s RETURNING {img}").format(
+                    t=sql.Identifier(table), img=sql.SQL(_CHILD_IMAGE.format(t=table))
+                ),
+                [account_id],
+            ).fetchall()
+            children[table] = [r[0] for r in images]
+        dids = self.conn.execute(
+            "UPDATE dids SET account_id = NULL, destination_type = 'device', destination = ''"
+            " WHERE account_id = %s RETURNING number",
+            [account_id],
+        ).fetchall()
+        children["dids"] = [r[0] for r in dids]
+        if row["kind"] == "provider":
+            trunks = self.conn.execute(
+                "UPDATE trunks SET active = false WHERE provider_id = %s AND active RETURNING name",
+                [account_id],
+            ).fetchall()
+            children["trunks_disabled"] = [r[0] for r in trunks]
+        self.conn.execute(
+            "UPDATE accounts SET deleted = true, deleted_at = now(), status = 'inactive' WHERE id = %s",
+            [account_id],
+        )
+        self._audit(
+            "account.delete",
+            "account",
+            row["number"],
+            account_id,
+            {**before, "related": children},
+            self._account_image(account_id),
+        )
+        return children["dids"]
+
+
+# a rule's field -> the other fields whose change makes the rule apply again on an edit
+_RULE_INPUTS = {
+    "invoice_day": {"billing_schedule"},
+    "notify_balance_below": {"notify_enabled"},
+    "valid_days": {"expiry_from_first_use"},
+    "non_cli_rate_group": {"cli_pool"},
+}
+
+
+def _touched(field_name: str, given: Mapping[str, Any]) -> bool:
+    """Whether an edit that changes `given` is answerable for a problem with `field_name`."""
+    return field_name in given or bool(_RULE_INPUTS.get(field_name, set()) & set(given))
+
+
+def _invoice_day(schedule: str, day: int | None) -> int | None:
+    if schedule == "daily":
+        return None
+    return 1 if day is None else day
+
+
+def _invoice_day_problem(schedule: str, day: int | None) -> str | None:
+    if day is None:
+        return None
+    if schedule == "daily":
+        return "a daily billing schedule has no invoice day"
+    if schedule == "weekly" and not 1 <= day <= 7:
+        return "must be 1-7 for a weekly billing schedule"
+    if schedule == "monthly" and not 1 <= day <= 28:
+        return "must be 1-28 for a monthly billing schedule"
+    return None
+
+
+_ACCOUNT_TYPES = {
+    "number": "text",
+    "kind": "text",
+    "reseller_id": "bigint",
+    "status": "text",
+    "postpaid": "boolean",
+    "balance": "numeric",
+    "credit_limit": "numeric",
+    "currency": "text",
+    "rate_group_id": "bigint",
+    "non_cli_rate_group_id": "bigint",
+    "cli_pool": "smallint",
+    "localization_id": "bigint",
+    "local_calls_allowed": "boolean",
+    "local_call_cost_per_minute": "numeric",
+    "codecs": "text",
+    "max_channels": "integer",
+    "cps": "integer",
+    "pin_hash": "text",
+    "password_hash": "text",
+    "email": "text",
+    "first_name": "text",
+    "last_name": "text",
+    "company": "text",
+    "phone": "text",
+    "mobile": "text",
+    "address_1": "text",
+    "address_2": "text",
+    "city": "text",
+    "province": "text",
+    "postal_code": "text",
+    "country": "text",
+    "timezone": "text",
+    "language": "text",
+    "notifications": "boolean",
+    "is_recording": "boolean",
+    "allow_ip_management": "boolean",
+    "paypal_permission": "boolean",
+    "billing_schedule": "text",
+    "invoice_day": "smallint",
+    "tax_number": "text",
+    "reference": "text",
+    "invoice_note": "text",
+    "generate_invoice": "boolean",
+    "notify_enabled": "boolean",
+    "notify_balance_below": "numeric",
+    "notify_email": "text",
+    "valid_days": "integer",
+    "expiry": "timestamptz",
+    "expiry_from_first_use": "boolean",
+}

@@ -1,0 +1,89 @@
+"""The IP map: networks (and tech prefixes) that identify an account's calls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg import sql
+
+from engine.admin import schemas as s
+from engine.admin.errors import NotFound, ValidationFailed
+from engine.admin.service.base import (
+    _CHILD_IMAGE,
+    _IP_MAP,
+    ServiceBase,
+    _non_null_changes,
+    _set_clause,
+)
+
+
+class IpMapMixin(ServiceBase):
+    """IP map entries."""
+
+    def list_ip_map(self, number: str) -> list[s.IpMapOut]:
+        rows = self._account_children(
+            number,
+            "SELECT id, cidr::text AS cidr, tech_prefix, name, active FROM ip_map"
+            " WHERE account_id = %s ORDER BY id",
+        )
+        return [s.IpMapOut(**r) for r in rows]
+
+    def add_ip_map(self, number: str, data: s.IpMapCreate) -> s.IpMapOut:
+        with self.conn.transaction():
+            account = self._find(number, lock=True)
+            self._ip_map_free(data.cidr, data.tech_prefix, None)
+            image = self._insert_child(
+                account,
+                _IP_MAP,
+                f"{data.cidr} {data.tech_prefix}".strip(),
+                {
+                    "cidr": data.cidr,
+                    "tech_prefix": data.tech_prefix,
+                    "name": data.name,
+                    "active": data.active,
+                },
+            )
+        return s.IpMapOut(**image)
+
+    def _ip_map_free(self, cidr: str, tech_prefix: str, own_id: int | None) -> None:
+        row = self.conn.execute(
+            "SELECT id FROM ip_map WHERE cidr = %s::cidr AND tech_prefix = %s AND id IS DISTINCT FROM %s",
+            [cidr, tech_prefix, own_id],
+        ).fetchone()
+        if row is not None:
+            raise ValidationFailed.one(
+                "cidr", f"{cidr} with tech prefix {tech_prefix!r} is already mapped to an account"
+            )
+
+    def update_ip_map(self, number: str, entry_id: int, data: Any) -> s.IpMapOut:
+        given = _non_null_changes(data)
+        with self.conn.transaction():
+            account = self._find(number, lock=True)
+            current = self._child_rows(
+                "SELECT id, cidr::text AS cidr, tech_prefix, name, active FROM ip_map"
+                " WHERE account_id = %s AND id = %s FOR UPDATE",
+                [account["id"], entry_id],
+            )
+            if not current:
+                raise NotFound(f"IP map entry {entry_id} not found")
+            merged = {**current[0], **given}
+            if not given:
+                return s.IpMapOut(**current[0])
+            self._ip_map_free(merged["cidr"], merged["tech_prefix"], entry_id)
+            image_sql = sql.SQL(_CHILD_IMAGE.format(t="ip_map"))
+            image = self._child_write(
+                account,
+                "ip_map.update",
+                "ip_map",
+                str(entry_id),
+                sql.SQL("UPDATE ip_map SET {} WHERE id = %s RETURNING {}").format(
+                    _set_clause(given), image_sql
+                ),
+                [*given.values(), entry_id],
+                before_query=sql.SQL("SELECT {} FROM ip_map WHERE id = %s").format(image_sql),
+                before_params=[entry_id],
+            )
+        return s.IpMapOut(**{**image, "id": entry_id})
+
+    def delete_ip_map(self, number: str, entry_id: int) -> None:
+        self._delete_child(number, _IP_MAP, entry_id)
