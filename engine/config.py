@@ -21,12 +21,9 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from engine.admin.settings import AdminSettings
+from engine.config_error import ConfigError
 from engine.decision import DEFAULT_SIP_RESPONSES, Reason
 from engine.rules.config import RulesConfig
-
-
-class ConfigError(Exception):
-    pass
 
 
 @dataclass(frozen=True)

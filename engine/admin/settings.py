@@ -1,8 +1,8 @@
 """The ``[admin]`` configuration section (customer management and the HTTP API).
 
-``engine.config.Config`` gains ``admin: AdminSettings`` (this module imports nothing from
-engine.config at import time, so config.py can import it); until it does,
-:func:`admin_settings` falls back to the defaults below.
+``engine.config.Config`` holds it as ``admin``. This module imports nothing from engine.config
+(ConfigError lives in engine.config_error), so config.py imports it without a loop;
+:func:`admin_settings` falls back to the defaults below for a config object without the section.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import re
 import zoneinfo
 from dataclasses import dataclass
 from typing import Any
+
+from engine.config_error import ConfigError
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,6 @@ class AdminSettings:
 
     def check(self) -> None:
         """Raise engine.config.ConfigError naming every bad key."""
-        from engine.config import ConfigError  # here: engine.config may import this module
-
         problems: list[str] = []
         if not 1 <= self.listen_port <= 65535:
             problems.append("listen_port must be 1-65535")
