@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from engine.admin.settings import AdminSettings
-from engine.config_error import ConfigError
+from engine.config_error import ConfigError as ConfigError  # re-exported: callers import it from here
 from engine.decision import DEFAULT_SIP_RESPONSES, Reason
 from engine.rules.config import RulesConfig
 

@@ -355,7 +355,7 @@ class AccountsMixin(ServiceBase):
             ready,
             errors,
             "sip_username",
-            lambda n: n.sip and n.sip["username"],
+            lambda n: n.sip["username"] if n.sip else None,
             self._taken_usernames,
             "is already taken by another SIP device",
         )
@@ -439,16 +439,16 @@ class AccountsMixin(ServiceBase):
                 by_number[number] = account_id
             progress.advance(len(chunk))
         ids = [by_number[a.columns["number"]] for a in accounts]
-        devices = [(i, a) for i, a in zip(ids, accounts, strict=True) if a.sip]
+        devices = [(i, a, a.sip) for i, a in zip(ids, accounts, strict=True) if a.sip]
         if devices:
             self.conn.execute(
                 "INSERT INTO sip_devices (account_id, username, password, caller_id_number)"
                 " SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[])",
                 [
-                    [i for i, _ in devices],
-                    [a.sip["username"] for _, a in devices],
-                    [a.sip["password"] for _, a in devices],
-                    [a.columns["number"] for _, a in devices],
+                    [i for i, _, _ in devices],
+                    [sip["username"] for _, _, sip in devices],
+                    [sip["password"] for _, _, sip in devices],
+                    [a.columns["number"] for _, a, _ in devices],
                 ],
             )
         opening = [(i, a) for i, a in zip(ids, accounts, strict=True) if a.columns.get("balance")]
@@ -472,7 +472,7 @@ class AccountsMixin(ServiceBase):
                     " SELECT %s, %s, 'sip_device.create', d.account_id, 'sip_device', d.username, {}"
                     " FROM sip_devices d WHERE d.account_id = ANY(%s) ORDER BY d.id"
                 ).format(sql.SQL(_CHILD_IMAGE.format(t="d"))),
-                [self.actor.name, self.actor.token_id, [i for i, _ in devices]],
+                [self.actor.name, self.actor.token_id, [i for i, _, _ in devices]],
             )
         progress.end()
         return ids
@@ -654,7 +654,8 @@ class AccountsMixin(ServiceBase):
             {**before, "related": children},
             self._account_image(account_id),
         )
-        return children["dids"]
+        released: list[str] = children["dids"]
+        return released
 
 
 # a rule's field -> the other fields whose change makes the rule apply again on an edit

@@ -11,6 +11,7 @@ from engine.admin import schemas as s
 from engine.admin.errors import ValidationFailed
 from engine.admin.service.base import (
     ServiceBase,
+    _row,
 )
 
 
@@ -40,7 +41,7 @@ class AuditMixin(ServiceBase):
         base = sql.SQL("FROM audit_log l LEFT JOIN accounts a ON a.id = l.account_id WHERE {}").format(
             sql.SQL(" AND ").join(where)
         )
-        total = self.conn.execute(sql.SQL("SELECT count(*) {}").format(base), params).fetchone()[0]
+        total = _row(self.conn.execute(sql.SQL("SELECT count(*) {}").format(base), params).fetchone())[0]
         with self.conn.cursor(row_factory=dict_row) as cur:
             rows = cur.execute(
                 sql.SQL("SELECT l.*, a.number AS account {} ORDER BY l.id DESC LIMIT %s OFFSET %s").format(

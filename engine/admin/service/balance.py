@@ -14,6 +14,7 @@ from engine.admin.errors import NotFound, ValidationFailed
 from engine.admin.service.base import (
     ServiceBase,
     _RefCache,
+    _row,
 )
 
 
@@ -30,10 +31,12 @@ class BalanceMixin(ServiceBase):
             row = self._find(number, lock=True)
             before = self._account_image(row["id"])
             try:
-                balance = self.conn.execute(
-                    "UPDATE accounts SET balance = balance + %s WHERE id = %s RETURNING balance",
-                    [signed, row["id"]],
-                ).fetchone()[0]
+                balance = _row(
+                    self.conn.execute(
+                        "UPDATE accounts SET balance = balance + %s WHERE id = %s RETURNING balance",
+                        [signed, row["id"]],
+                    ).fetchone()
+                )[0]
             except pg_errors.NumericValueOutOfRange:
                 raise ValidationFailed.one("amount", "would take the balance out of range") from None
             with self.conn.cursor(row_factory=dict_row) as cur:
@@ -53,6 +56,7 @@ class BalanceMixin(ServiceBase):
                         self.actor.name,
                     ],
                 ).fetchone()
+            entry = _row(entry)
             after = self._account_image(row["id"])
             self._audit(
                 f"balance.{kind}",

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
 from itertools import islice
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -20,6 +20,8 @@ from psycopg.types.json import Jsonb, set_json_loads
 
 from engine.admin.errors import FieldError, Forbidden, NotFound, ValidationFailed
 from engine.admin.settings import AdminSettings
+
+T = TypeVar("T")
 
 ACCOUNT_KINDS = ("customer", "provider")
 
@@ -135,10 +137,10 @@ class _ChildTable:
     def missing(self, key: str | int) -> str:
         return f"{self.label} {key} not found"
 
-    def row_condition(self) -> sql.Composable:
+    def row_condition(self) -> sql.Composed:
         return sql.SQL("account_id = %s AND {} = %s").format(sql.Identifier(self.key_column))
 
-    def locked_image_query(self) -> sql.Composable:
+    def locked_image_query(self) -> sql.Composed:
         return sql.SQL("SELECT {} FROM {} WHERE {} FOR UPDATE").format(
             sql.SQL(_CHILD_IMAGE.format(t=self.table)), sql.Identifier(self.table), self.row_condition()
         )
@@ -222,7 +224,8 @@ class ServiceBase:
             "SELECT callgate_audit_account(a) FROM accounts a WHERE a.id = %s", [account_id]
         ).fetchone()
         assert row is not None
-        return row[0]
+        image: dict[str, Any] = row[0]
+        return image
 
     def _execute_write(self, query: Any, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
         try:
@@ -369,9 +372,16 @@ class ServiceBase:
                 raise NotFound(child.missing(key))
 
 
+def _row(row: T | None) -> T:
+    """The row a statement always returns (an aggregate, a RETURNING on a row held locked)."""
+    if row is None:
+        raise RuntimeError("the statement returned no row")
+    return row
+
+
 def _non_null_changes(data: Any) -> dict[str, Any]:
     """The fields an update request sets; none of them may be set to null."""
-    given = data.model_dump(exclude_unset=True)
+    given: dict[str, Any] = data.model_dump(exclude_unset=True)
     nulls = [k for k, v in given.items() if v is None]
     if nulls:
         raise ValidationFailed([FieldError(k, "must not be null") for k in nulls])

@@ -13,6 +13,7 @@ from engine.admin.service.base import (
     _CHILD_IMAGE,
     ServiceBase,
     _non_null_changes,
+    _row,
 )
 
 
@@ -70,7 +71,7 @@ class CallerIdsMixin(ServiceBase):
                 ).format(image_sql),
                 before_params=[account["id"]],
             )
-        return s.ForcedCallerIdOut(**image)
+        return s.ForcedCallerIdOut(**_row(image))
 
     def clear_forced_caller_id(self, number: str) -> None:
         with self.conn.transaction():

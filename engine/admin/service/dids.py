@@ -10,6 +10,7 @@ from engine.admin.service.base import (
     _CHILD_IMAGE,
     ServiceBase,
     _non_null_changes,
+    _row,
     _set_clause,
 )
 
@@ -63,7 +64,7 @@ class DidsMixin(ServiceBase):
                 before_query=sql.SQL("SELECT {} FROM dids WHERE id = %s").format(image_sql),
                 before_params=[did[0]],
             )
-        return s.DidOut(**image)
+        return s.DidOut(**_row(image))
 
     def update_did(self, number: str, did_number: str, data: s.DidUpdate) -> s.DidOut:
         given = _non_null_changes(data)
@@ -96,7 +97,7 @@ class DidsMixin(ServiceBase):
                 before_query=sql.SQL("SELECT {} FROM dids WHERE id = %s").format(image_sql),
                 before_params=[current[0]["id"]],
             )
-        return s.DidOut(**image)
+        return s.DidOut(**_row(image))
 
     def release_did(self, number: str, did_number: str) -> None:
         with self.conn.transaction():

@@ -12,6 +12,7 @@ from engine.admin.service.base import (
     _SPEED_DIALS,
     ServiceBase,
     _notify_problem,
+    _row,
     _set_clause,
 )
 
@@ -48,7 +49,8 @@ class ExtrasMixin(ServiceBase):
                 ).format(image_sql),
                 before_params=[account["id"], key],
             )
-        return s.SpeedDialOut(key=image["key"], number=image["number"])
+        row = _row(image)
+        return s.SpeedDialOut(key=row["key"], number=row["number"])
 
     def delete_speed_dial(self, number: str, key: str) -> None:
         self._delete_child(number, _SPEED_DIALS, key)

@@ -12,6 +12,7 @@ from engine.admin import schemas as s
 from engine.admin.errors import ValidationFailed
 from engine.admin.service.base import (
     ServiceBase,
+    _row,
 )
 
 
@@ -116,14 +117,14 @@ class GridMixin(ServiceBase):
             if value is not None:
                 parts.append(sql.SQL("{} {} %s").format(sql.SQL(_GRID_EXPR[column]), sql.SQL(op)))
                 params.append(value)
-        for name, expr in (
+        for name, column in (
             ("entity_type", "a.kind"),
             ("status", "a.status"),
             ("billing_schedule", "a.billing_schedule"),
         ):
             value = getattr(q, name)
             if value is not None:
-                parts.append(sql.SQL(f"{expr} = %s"))
+                parts.append(sql.SQL(f"{column} = %s"))
                 params.append(value)
         if q.account_type is not None:
             parts.append(sql.SQL("a.postpaid = %s"))
@@ -131,8 +132,9 @@ class GridMixin(ServiceBase):
         return sql.SQL(" AND ").join(parts), params
 
     def _grid_order(self, q: s.CustomerFilter) -> sql.Composable:
-        key = q.sort.lstrip("-")
-        direction = "DESC" if q.sort.startswith("-") else "ASC"
+        sort = str(q.sort)
+        key = sort.lstrip("-")
+        direction = "DESC" if sort.startswith("-") else "ASC"
         return sql.SQL("ORDER BY {} {}, a.id {}").format(
             sql.SQL(_GRID_EXPR[key]), sql.SQL(direction), sql.SQL(direction)
         )
@@ -143,7 +145,9 @@ class GridMixin(ServiceBase):
             raise ValidationFailed.one("per_page", f"at most {self.settings.max_page_size}")
         where, params = self._grid_where(q)
         base = sql.SQL(_GRID_SELECT + " WHERE {}").format(where)
-        total = self.conn.execute(sql.SQL("SELECT count(*) FROM ({}) g").format(base), params).fetchone()[0]
+        total = _row(
+            self.conn.execute(sql.SQL("SELECT count(*) FROM ({}) g").format(base), params).fetchone()
+        )[0]
         query = sql.SQL("{} {} LIMIT %s OFFSET %s").format(base, self._grid_order(q))
         with self.conn.cursor(row_factory=dict_row) as cur:
             rows = cur.execute(query, [*params, q.per_page, (q.page - 1) * q.per_page]).fetchall()

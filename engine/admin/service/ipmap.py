@@ -13,6 +13,7 @@ from engine.admin.service.base import (
     _IP_MAP,
     ServiceBase,
     _non_null_changes,
+    _row,
     _set_clause,
 )
 
@@ -83,7 +84,7 @@ class IpMapMixin(ServiceBase):
                 before_query=sql.SQL("SELECT {} FROM ip_map WHERE id = %s").format(image_sql),
                 before_params=[entry_id],
             )
-        return s.IpMapOut(**{**image, "id": entry_id})
+        return s.IpMapOut(**{**_row(image), "id": entry_id})
 
     def delete_ip_map(self, number: str, entry_id: int) -> None:
         self._delete_child(number, _IP_MAP, entry_id)

@@ -15,6 +15,7 @@ from engine.admin.service.base import (
     Actor,
     ServiceBase,
     _RefCache,
+    _row,
 )
 
 
@@ -51,6 +52,7 @@ class TokensMixin(ServiceBase):
                         expires_days,
                     ],
                 ).fetchone()
+            row = _row(row)
             row["reseller"] = reseller
             self._audit(
                 "token.create",
