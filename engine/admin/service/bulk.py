@@ -214,14 +214,15 @@ class BulkMixin(AccountsMixin):
                 with self.conn.transaction():
                     self._insert(ready, "account.import")
                 written = ready
-            except psycopg.IntegrityError:  # a concurrent writer: redo the rows one by one
+            except (psycopg.IntegrityError, psycopg.DataError):  # a concurrent writer, a value the
+                # database refuses: redo the rows one by one, so only the guilty rows fail
                 written = []
                 for new in ready:
                     try:
                         with self.conn.transaction():
                             self._insert([new], "account.import")
                         written.append(new)
-                    except psycopg.IntegrityError as exc:
+                    except (psycopg.IntegrityError, psycopg.DataError) as exc:
                         results[new.key] = s.ImportRowResult(
                             row=new.key,
                             account=new.columns["number"],
