@@ -232,11 +232,6 @@ def test_sub_resource_rules(api, taken):
             "destination",
             "must be digits",
         ),
-        (
-            api.post(f"/customers/{n}/sip-devices", json={"username": "taken-sip"}),
-            "username",
-            "already taken",
-        ),
         (api.post(f"/customers/{n}/sip-devices", json={"password": "short"}), "password", "at least 8"),
         (api.post(f"/customers/{n}/refills", json={"amount": "0"}), "amount", "greater than 0"),
         (api.post(f"/customers/{n}/refills", json={"amount": "-5"}), "amount", "must be at least 0"),
@@ -252,12 +247,18 @@ def test_sub_resource_rules(api, taken):
         assert response.status_code == 422, (field, response.status_code, response.body)
         errors = {e["field"]: e["message"] for e in response.body["errors"]}
         assert words in errors.get(field, ""), (field, errors)
-    # uniqueness rules of the sub-resources
+    # uniqueness rules of the sub-resources: a conflict (409), not a bad field
+    taken = api.post(f"/customers/{n}/sip-devices", json={"username": "taken-sip"})
+    assert taken.status_code == 409 and taken.body["error"] == "conflict"
+    assert taken.body["errors"] == [
+        {"field": "username", "message": "taken-sip is already taken by another SIP device"}
+    ]
     assert (
         api.post(f"/customers/{n}/ip-map", json={"cidr": "10.77.0.0/16", "tech_prefix": "5"}).status_code
         == 201
     )
     dupe = api.post(f"/customers/{n}/ip-map", json={"cidr": "10.77.0.0/16", "tech_prefix": "5"})
+    assert dupe.status_code == 409
     assert dupe.body["errors"][0]["field"] == "cidr" and "already mapped" in dupe.body["errors"][0]["message"]
     assert api.post(f"/customers/{n}/caller-ids", json={"number": "4412"}).status_code == 201
     assert api.post(f"/customers/{n}/caller-ids", json={"number": "4412"}).body["errors"][0] == {

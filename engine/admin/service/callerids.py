@@ -11,13 +11,13 @@ from engine.admin.errors import NotFound
 from engine.admin.service.base import (
     _CALLER_IDS,
     _CHILD_IMAGE,
-    ServiceBase,
     _non_null_changes,
     _row,
 )
+from engine.admin.service.claims import ClaimsMixin
 
 
-class CallerIdsMixin(ServiceBase):
+class CallerIdsMixin(ClaimsMixin):
     """Caller IDs."""
 
     def list_caller_ids(self, number: str) -> list[s.CallerIdOut]:
@@ -27,12 +27,15 @@ class CallerIdsMixin(ServiceBase):
         return [s.CallerIdOut(**r) for r in rows]
 
     def add_caller_id(self, number: str, data: s.CallerIdCreate) -> s.CallerIdOut:
-        image = self._add_child(
-            number,
-            _CALLER_IDS,
-            data.number,
-            {"number": data.number, "description": data.description, "active": data.active},
-        )
+        with self.conn.transaction():
+            account = self._find(number, lock=True)
+            self._check_number_claim(account, data.number, "number")
+            image = self._insert_child(
+                account,
+                _CALLER_IDS,
+                data.number,
+                {"number": data.number, "description": data.description, "active": data.active},
+            )
         return s.CallerIdOut(**image)
 
     def update_caller_id(self, number: str, caller_id: str, data: Any) -> s.CallerIdOut:
@@ -53,6 +56,7 @@ class CallerIdsMixin(ServiceBase):
     def set_forced_caller_id(self, number: str, data: s.ForcedCallerIdIn) -> s.ForcedCallerIdOut:
         with self.conn.transaction():
             account = self._find(number, lock=True)
+            self._check_number_claim(account, data.number, "number")
             image_sql = sql.SQL(_CHILD_IMAGE.format(t="forced_caller_ids"))
             image = self._child_write(
                 account,

@@ -6,7 +6,7 @@ from typing import Any
 
 from engine.admin import numbers
 from engine.admin import schemas as s
-from engine.admin.errors import ValidationFailed
+from engine.admin.errors import Conflict, FieldError
 from engine.admin.service.base import (
     _SIP_DEVICES,
     ServiceBase,
@@ -38,7 +38,7 @@ class DevicesMixin(ServiceBase):
             account = self._find(number, lock=True)
             username = data.username or account["number"]
             if self._taken_usernames([username]):
-                raise ValidationFailed.one("username", f"{username} is already taken by another SIP device")
+                raise Conflict([FieldError("username", f"{username} is already taken by another SIP device")])
             generated = None
             password = data.password
             if password is None:

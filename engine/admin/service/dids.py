@@ -5,17 +5,17 @@ from __future__ import annotations
 from psycopg import sql
 
 from engine.admin import schemas as s
-from engine.admin.errors import FieldError, NotFound, ValidationFailed
+from engine.admin.errors import Conflict, FieldError, NotFound, ValidationFailed
 from engine.admin.service.base import (
     _CHILD_IMAGE,
-    ServiceBase,
     _non_null_changes,
     _row,
     _set_clause,
 )
+from engine.admin.service.claims import ClaimsMixin
 
 
-class DidsMixin(ServiceBase):
+class DidsMixin(ClaimsMixin):
     """DIDs."""
 
     def list_dids(self, number: str) -> list[s.DidOut]:
@@ -46,7 +46,8 @@ class DidsMixin(ServiceBase):
             if did is None:
                 raise ValidationFailed.one("number", f"no DID {data.number}")
             if did[1] is not None:
-                raise ValidationFailed.one("number", f"DID {data.number} is already assigned")
+                raise Conflict([FieldError("number", f"DID {data.number} is already assigned")])
+            self._check_number_claim(account, data.number, "number")
             problem = self._did_destination_problem(account["id"], data.destination_type, data.destination)
             if problem:
                 raise ValidationFailed([problem])

@@ -7,18 +7,18 @@ from typing import Any
 from psycopg import sql
 
 from engine.admin import schemas as s
-from engine.admin.errors import NotFound, ValidationFailed
+from engine.admin.errors import NotFound
 from engine.admin.service.base import (
     _CHILD_IMAGE,
     _IP_MAP,
-    ServiceBase,
     _non_null_changes,
     _row,
     _set_clause,
 )
+from engine.admin.service.claims import ClaimsMixin
 
 
-class IpMapMixin(ServiceBase):
+class IpMapMixin(ClaimsMixin):
     """IP map entries."""
 
     def list_ip_map(self, number: str) -> list[s.IpMapOut]:
@@ -32,7 +32,7 @@ class IpMapMixin(ServiceBase):
     def add_ip_map(self, number: str, data: s.IpMapCreate) -> s.IpMapOut:
         with self.conn.transaction():
             account = self._find(number, lock=True)
-            self._ip_map_free(data.cidr, data.tech_prefix, None)
+            self._check_ip_claim(account, data.cidr, data.tech_prefix, None)
             image = self._insert_child(
                 account,
                 _IP_MAP,
@@ -45,16 +45,6 @@ class IpMapMixin(ServiceBase):
                 },
             )
         return s.IpMapOut(**image)
-
-    def _ip_map_free(self, cidr: str, tech_prefix: str, own_id: int | None) -> None:
-        row = self.conn.execute(
-            "SELECT id FROM ip_map WHERE cidr = %s::cidr AND tech_prefix = %s AND id IS DISTINCT FROM %s",
-            [cidr, tech_prefix, own_id],
-        ).fetchone()
-        if row is not None:
-            raise ValidationFailed.one(
-                "cidr", f"{cidr} with tech prefix {tech_prefix!r} is already mapped to an account"
-            )
 
     def update_ip_map(self, number: str, entry_id: int, data: Any) -> s.IpMapOut:
         given = _non_null_changes(data)
@@ -70,7 +60,7 @@ class IpMapMixin(ServiceBase):
             merged = {**current[0], **given}
             if not given:
                 return s.IpMapOut(**current[0])
-            self._ip_map_free(merged["cidr"], merged["tech_prefix"], entry_id)
+            self._check_ip_claim(account, merged["cidr"], merged["tech_prefix"], entry_id)
             image_sql = sql.SQL(_CHILD_IMAGE.format(t="ip_map"))
             image = self._child_write(
                 account,
