@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from psycopg import sql
@@ -12,6 +13,7 @@ from engine.admin.errors import ValidationFailed
 from engine.admin.service.base import (
     ServiceBase,
     _row,
+    without_secrets,
 )
 
 
@@ -50,5 +52,12 @@ class AuditMixin(ServiceBase):
                 [*params, q.per_page, (q.page - 1) * q.per_page],
             ).fetchall()
         return s.AuditPage(
-            items=[s.AuditEntryOut(**r) for r in rows], page=q.page, per_page=q.per_page, total=total
+            items=[s.AuditEntryOut(**{**r, **_images(r)}) for r in rows],
+            page=q.page,
+            per_page=q.per_page,
+            total=total,
         )
+
+
+def _images(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"before": without_secrets(row["before"]), "after": without_secrets(row["after"])}
