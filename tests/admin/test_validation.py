@@ -341,3 +341,39 @@ def test_admin_settings_are_checked():
     assert str(exc.value).startswith("[admin] ")
     for words in ("pin_length", "account_number_start_digit", "default_timezone"):
         assert words in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("destination", "ok"),
+    [
+        ("alice@sip.example.com", True),
+        ("sip:alice@198.51.100.9:5080;transport=tcp", True),
+        ("[2001:db8::5]", True),
+        ("", False),
+        ("alice@sip.example.com,sofia/gateway/evil/123", False),  # a second bridge target
+        ("{absolute_codec_string=PCMU}alice@host", False),  # channel variables
+        ("alice @host", False),
+        ("alice@host|other@host", False),
+    ],
+)
+def test_a_did_uri_destination_is_checked_on_save_by_the_call_paths_rule(api, taken, destination, ok):
+    from engine.rules.text import is_sip_uri
+
+    assert is_sip_uri(destination) is ok  # the rule the engine refuses a call with
+    n = "5000000001"
+    body = {"number": "442071110017", "destination_type": "uri", "destination": destination}
+    response = api.post(f"/customers/{n}/dids", json=body)
+    if ok:
+        assert response.status_code == 201, response.body
+        assert api.delete(f"/customers/{n}/dids/442071110017").status_code == 204
+        return
+    assert response.status_code == 422, response.body
+    assert response.body["errors"][0]["field"] == "destination"
+    # an edit is held to the same rule
+    assigned = api.post(f"/customers/{n}/dids", json={"number": "442071110017"})
+    assert assigned.status_code == 201, assigned.body
+    edit = api.patch(
+        f"/customers/{n}/dids/442071110017", json={"destination_type": "uri", "destination": destination}
+    )
+    assert edit.status_code == 422, edit.body
+    assert api.delete(f"/customers/{n}/dids/442071110017").status_code == 204

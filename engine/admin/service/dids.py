@@ -13,6 +13,7 @@ from engine.admin.service.base import (
     _set_clause,
 )
 from engine.admin.service.claims import ClaimsMixin
+from engine.rules.text import is_sip_uri, show
 
 
 class DidsMixin(ClaimsMixin):
@@ -33,6 +34,11 @@ class DidsMixin(ClaimsMixin):
                 return FieldError("destination", f"{destination!r} is not a SIP device of this account")
         if dtype == "uri" and not destination:
             return FieldError("destination", "a 'uri' destination must not be empty")
+        if dtype == "uri" and not is_sip_uri(destination):  # the call path's own rule
+            return FieldError(
+                "destination",
+                f"{show(destination)} is not a SIP URI a call can be bridged to (user@host[:port][;params])",
+            )
         return None
 
     def assign_did(self, number: str, data: s.DidAssign) -> s.DidOut:
