@@ -690,6 +690,7 @@ class _Writer:
         conflict = sql.SQL("({})").format(sql.SQL(", ").join(map(ident, key)))
         if partial:  # the predicate of a partial unique index
             conflict = sql.SQL("{} WHERE {}").format(conflict, sql.SQL(partial))
+        action: sql.Composable
         if values:
             action = sql.SQL("DO UPDATE SET {} WHERE ROW({}) IS DISTINCT FROM ROW({})").format(
                 sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(ident(c)) for c in values),
@@ -809,7 +810,9 @@ class _Writer:
         if kind in ("reseller", "provider"):
             actual = self.kinds.get(name)
             if actual is None:
-                actual = self.execute(path, "SELECT kind FROM accounts WHERE id = %s", [ident]).fetchone()[0]
+                found = self.execute(path, "SELECT kind FROM accounts WHERE id = %s", [ident]).fetchone()
+                assert found is not None  # the id was just resolved
+                actual = found[0]
                 self.kinds[name] = actual
             if actual != kind:
                 raise FixtureError([f"{path}: account {name!r} is a {actual}, not a {kind}"])
@@ -928,7 +931,7 @@ class _Writer:
 
         for g in doc.rate_groups:
             if "reseller" in g.f:
-                owner = (
+                group_owner = (
                     None
                     if g.f["reseller"] is None
                     else self.resolve("reseller", g.f["reseller"], f"{g.path}.reseller")
@@ -938,7 +941,7 @@ class _Writer:
                     f"{g.path}.reseller",
                     "UPDATE rate_groups SET reseller_id = %s"
                     " WHERE id = %s AND reseller_id IS DISTINCT FROM %s",
-                    [owner, self.ids[("rate_group", g.f["name"])], owner],
+                    [group_owner, self.ids[("rate_group", g.f["name"])], group_owner],
                 )
 
     def ordered_accounts(self, accounts: list[_Account]) -> list[_Account]:
@@ -1046,6 +1049,7 @@ class _Writer:
         row = self.execute(
             d.path, "SELECT account_id, destination_type, destination FROM dids WHERE id = %s", [did_id]
         ).fetchone()
+        assert row is not None  # the row was just upserted
         owner, dtype, destination = row
         if dtype == "device" and destination:
             found = self.execute(
