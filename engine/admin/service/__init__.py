@@ -21,7 +21,8 @@ Balances follow callgate's convention: ``balance`` is what the customer holds
 (negative = debt), prepaid and postpaid alike; available credit is
 ``balance + credit_limit``.
 
-The service is split by resource: ``base`` (scope, audit, child-table writes), ``accounts``,
+The service is split by resource: ``base`` (scope, audit, child-table writes), ``form`` (the
+customer form's rules), ``claims`` (the ownership rule of identification data), ``accounts``,
 ``grid`` (list/search/export), ``bulk`` (mass create, CSV import), ``devices``, ``ipmap``,
 ``callerids``, ``dids``, ``extras`` (speed dials, blocked codes, alert threshold, trunks),
 ``balance``, ``audit`` and ``tokens``. :class:`AdminService` puts them together; import it from
