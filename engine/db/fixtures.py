@@ -56,6 +56,7 @@ from psycopg.types.json import Jsonb
 
 from engine.db import fields
 from engine.db.hashing import hash_secret, verify_secret
+from engine.rules.text import is_sip_uri, show
 
 __all__ = ["FixtureError", "LoadReport", "hash_secret", "load_document", "load_file", "verify_secret"]
 
@@ -548,6 +549,9 @@ class _Parser:
         self.unique(("did", f["number"]), f"{path}.number", f["number"])
         if f.get("destination_type") == "number" and not re.fullmatch(r"[0-9]*", f.get("destination", "")):
             self.problem(f"{path}.destination", "a 'number' destination must be digits")
+        uri = f.get("destination", "")
+        if f.get("destination_type") == "uri" and uri and not is_sip_uri(uri):  # the call path's rule
+            self.problem(f"{path}.destination", f"{show(uri)} is not a SIP URI a call can be bridged to")
         return _Item(path, f)
 
     def account(self, entry: Any, path: str, kind: str, parent: str | None, parent_path: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 
 from engine.admin import schemas as s
@@ -377,3 +378,31 @@ def test_a_did_uri_destination_is_checked_on_save_by_the_call_paths_rule(api, ta
     )
     assert edit.status_code == 422, edit.body
     assert api.delete(f"/customers/{n}/dids/442071110017").status_code == 204
+
+
+def test_the_fixture_loader_checks_did_uris_and_never_echoes_a_secret(db_url):
+    from engine.db.fixtures import FixtureError, load_document
+
+    document = {
+        "dids": [
+            {"number": "449990000001", "destination_type": "uri", "destination": "a@b,sofia/gateway/x/1"}
+        ],
+        "customers": [
+            {"number": "5900000001", "pin": "12ab34"},
+            {
+                "number": "5900000002",
+                "sip_devices": [{"username": "fx-dev", "password": "x", "voicemail_password": "98x76"}],
+            },
+        ],
+    }
+    with psycopg.connect(db_url) as conn, pytest.raises(FixtureError) as caught:
+        load_document(conn, document)
+    problems = caught.value.problems
+    assert any(
+        p.startswith("dids[0].destination: 'a@b,sofia/gateway/x/1' is not a SIP URI") for p in problems
+    )
+    assert "customers[0].pin: must be a PIN of digits" in problems
+    assert (
+        "customers[1].sip_devices[0].voicemail_password: must be a voicemail password of digits" in problems
+    )
+    assert not any("12ab34" in p or "98x76" in p for p in problems)
