@@ -166,6 +166,7 @@ def _read_all(rows: int) -> tuple[int, int, int]:
     return good, bad, last
 
 
+@pytest.mark.slow  # about 10 s
 def test_a_million_rows_are_read_and_every_line_accounted_for():
     rows = 1_000_000
     started = time.perf_counter()
@@ -234,7 +235,7 @@ def test_cli_import_of_a_broken_file_reports_rows_and_never_a_traceback(cli, tmp
     assert "4 rows: imported 1, failed 3" in result.err
 
 
-@pytest.mark.skipif(not os.environ.get("CALLGATE_SLOW_TESTS"), reason="opt-in: CALLGATE_SLOW_TESTS=1")
+@pytest.mark.skipif(not os.environ.get("CALLGATE_TEST_SLOW"), reason="opt-in: CALLGATE_TEST_SLOW=1")
 @pytest.mark.timeout(3600)
 def test_import_of_a_million_rows_into_the_database(service_for, db_url, tmp_path: Path):
     """Opt-in (about minutes): a million rows through the service, dry run, memory bounded."""

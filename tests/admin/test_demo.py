@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from tests.admin.conftest import ROOT
+from tests.conftest import PG_ADMIN_URL, RUN_ID
 
 
 def _free_port() -> int:
@@ -46,12 +47,13 @@ def _call(command: list[str], env: dict[str, str]) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_demo_creates_the_named_database_and_prints_a_call_that_is_accepted(redis_url, tmp_path):
-    name = f"callgate_test_demo_{secrets.token_hex(4)}"  # where this test puts its data
-    admin_url = "postgresql://postgres@127.0.0.1:5432/postgres"
-    url = f"postgresql://postgres@127.0.0.1:5432/{name}"
-    prefix = f"cgtest:demo:{secrets.token_hex(3)}:"
+    name = f"callgate_test_{RUN_ID}_demo{secrets.token_hex(3)}"  # this run's data, as every test's
+    admin_url = PG_ADMIN_URL
+    url = f"{PG_ADMIN_URL.rpartition('/')[0]}/{name}"
+    prefix = f"cgtest:{RUN_ID}:demo{secrets.token_hex(3)}:"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CALLGATE_")} | {
         "CALLGATE_DATABASE_URL": url,
         "CALLGATE_REDIS_URL": redis_url,

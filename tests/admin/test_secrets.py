@@ -300,6 +300,7 @@ def _redis_text(redis_url: str, prefix: str) -> str:
     return "\n".join(parts)
 
 
+@pytest.mark.slow  # every route and command: about 10 s
 def test_no_secret_in_responses_cli_logs_audit_or_redis(
     scan, service, cli, tmp_path, caplog, db_url, env, redis_url, module_key_prefix, app
 ):
