@@ -20,6 +20,7 @@ forced caller IDs, speed dials and blocked codes), in the caller's transaction.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -101,7 +102,28 @@ def _localizations(rows: Iterable[Row], _links: Links) -> list[Localization]:
 
 
 def _gateways(rows: Iterable[Row], _links: Links) -> list[Gateway]:
-    return [Gateway(id=row[0], name=row[1], active=row[2]) for row in rows]
+    return [
+        Gateway(
+            id=row[0],
+            name=row[1],
+            active=row[2],
+            sip_profile=row[3],
+            proxy=row[4],
+            username=row[5],
+            password=row[6],
+            register=row[7],
+            params=_gateway_params(row[8]),
+        )
+        for row in rows
+    ]
+
+
+def _gateway_params(text: str) -> tuple[str, ...]:
+    """The gateways.params JSON object as sorted "name=value" strings (scalars as JSON writes them)."""
+    params = json.loads(text)
+    return tuple(
+        f"{name}={value if isinstance(value, str) else json.dumps(value)}" for name, value in sorted(params.items())
+    )
 
 
 def _trunks(rows: Iterable[Row], failovers: Links) -> list[Trunk]:
@@ -179,7 +201,18 @@ def _accounts(rows: Iterable[Row], _links: Links) -> list[Account]:
 
 def _sip_devices(rows: Iterable[Row], _links: Links) -> list[SipDevice]:
     return [
-        SipDevice(id=row[0], account_id=row[1], username=row[2], active=row[3], codecs=row[4]) for row in rows
+        SipDevice(
+            id=row[0],
+            account_id=row[1],
+            username=row[2],
+            active=row[3],
+            codecs=row[4],
+            password=row[5],
+            caller_id_name=row[6],
+            caller_id_number=row[7],
+            context=row[8],
+        )
+        for row in rows
     ]
 
 
@@ -305,7 +338,15 @@ _TABLES: dict[str, _Table] = {
         ("bigint",),
         _localizations,
     ),
-    "gateways": _Table("id, name, active", "gateways", (_I8, _T, _B), "id", ("id",), ("bigint",), _gateways),
+    "gateways": _Table(
+        "id, name, active, sip_profile, proxy, username, password, register, params::text",
+        "gateways",
+        (_I8, _T, _B, _T, _T, _T, _T, _B, _T),
+        "id",
+        ("id",),
+        ("bigint",),
+        _gateways,
+    ),
     "trunks": _Table(
         "id, name, provider_id, gateway_id, active, precedence, max_channels, cps, codecs, leg_timeout,"
         " localization_id",
@@ -361,9 +402,9 @@ _TABLES: dict[str, _Table] = {
         _accounts,
     ),
     "sip_devices": _Table(
-        "id, account_id, username, active, codecs",
+        "id, account_id, username, active, codecs, password, caller_id_name, caller_id_number, context",
         "sip_devices",
-        (_I8, _I8, _T, _B, _T),
+        (_I8, _I8, _T, _B, _T, _T, _T, _T, _T),
         "id",
         ("id",),
         ("bigint",),
