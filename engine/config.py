@@ -22,6 +22,7 @@ from typing import Any, get_type_hints
 
 from engine.admin.settings import AdminSettings
 from engine.decision import DEFAULT_SIP_RESPONSES, Reason
+from engine.fsxml.settings import FsxmlSettings
 from engine.rules.config import RulesConfig
 
 
@@ -134,6 +135,7 @@ class Config:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     sync: SyncSettings = field(default_factory=SyncSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    fsxml: FsxmlSettings = field(default_factory=FsxmlSettings)
 
 
 ENV_SHORTCUTS = {"CALLGATE_DATABASE_URL": ("database", "url"), "CALLGATE_REDIS_URL": ("redis", "url")}
@@ -150,6 +152,7 @@ def load_config(
     rules_config(config.rules)  # validates trusted proxies and SIP responses at start-up
     for entry in config.limits.switches:
         parse_switch_address(entry)
+    config.fsxml.check()
     return config
 
 

@@ -122,7 +122,8 @@ def _gateway_params(text: str) -> tuple[str, ...]:
     """The gateways.params JSON object as sorted "name=value" strings (scalars as JSON writes them)."""
     params = json.loads(text)
     return tuple(
-        f"{name}={value if isinstance(value, str) else json.dumps(value)}" for name, value in sorted(params.items())
+        f"{name}={value if isinstance(value, str) else json.dumps(value)}"
+        for name, value in sorted(params.items())
     )
 
 
