@@ -7,10 +7,12 @@ from decimal import Decimal
 from engine.model import Account, AccountKind, CatalogData, Gateway, SipDevice
 
 DOMAIN = "sip.example.com"
-HOSTILE_NAME = 'Eve <&"\'$${x}> x-pre-process'
+HOSTILE_NAME = "Eve <&\"'$${x}> x-pre-process"
 
 
-def account(ident: int, number: str, *, active: bool = True, deleted: bool = False, codecs: str = "") -> Account:
+def account(
+    ident: int, number: str, *, active: bool = True, deleted: bool = False, codecs: str = ""
+) -> Account:
     return Account(
         ident,
         number,
@@ -52,7 +54,9 @@ def catalog() -> CatalogData:
     ]
     data.gateways = [
         Gateway(21, "alpha-gw1", proxy="sip1.alpha.example", params=("caller-id-in-from=true", "ping=30")),
-        Gateway(22, "beta-gw1", proxy="198.51.100.20", username="callgate", password="B3ta&<pw>", register=True),
+        Gateway(
+            22, "beta-gw1", proxy="198.51.100.20", username="callgate", password="B3ta&<pw>", register=True
+        ),
         Gateway(23, "old-gw", active=False, proxy="192.0.2.1"),
         Gateway(24, "gamma-gw1", sip_profile="carriers", proxy="203.0.113.5"),
         Gateway(25, "register-wins", params=("register=true", "proxy=ignored.example")),

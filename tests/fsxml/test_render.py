@@ -11,10 +11,10 @@ from engine.fsxml import render
 from engine.fsxml.directory import a1_hash
 
 HOSTILE = [
-    'a<b&c"d\'e',
+    "a<b&c\"d'e",
     "$${hostname}",
     "${api(system rm -rf /)}",
-    "<X-PRE-PROCESS cmd=\"exec\" data=\"touch /tmp/x\"/>",
+    '<X-PRE-PROCESS cmd="exec" data="touch /tmp/x"/>',
     "x-pre-process",
     "X-Pre-Process in the middle",
     "<include></include>",
@@ -77,7 +77,10 @@ def test_gateways_user_and_configuration_parse() -> None:
     user = render.gateways_user_element("callgate-gateways", [gateway], "")
     root = ET.fromstring(render.directory_document("d.example", [], [user]))
     params = root.findall("section/domain/users/user/gateways/gateway/param")
-    assert [(p.get("name"), p.get("value")) for p in params] == [("proxy", "198.51.100.1"), ("register", "false")]
+    assert [(p.get("name"), p.get("value")) for p in params] == [
+        ("proxy", "198.51.100.1"),
+        ("register", "false"),
+    ]
     conf = ET.fromstring(render.configuration_document('<configuration name="sofia.conf"/>'))
     assert conf.find("section[@name='configuration']/configuration") is not None
 

@@ -44,9 +44,15 @@ def test_user_call_with_merged_call_variables_reads_freeswitchs_own_fields() -> 
 
 
 def test_domain_gateways_and_configuration_lookups() -> None:
-    assert lookup(parse_form(forms.form("directory", "domain", "name", "sip.example.com"))).kind is Kind.DOMAIN
+    assert (
+        lookup(parse_form(forms.form("directory", "domain", "name", "sip.example.com"))).kind is Kind.DOMAIN
+    )
     gateways = lookup(parse_form(forms.gateways("external", "sip.example.com")))
-    assert (gateways.kind, gateways.profile, gateways.domain) == (Kind.GATEWAYS, "external", "sip.example.com")
+    assert (gateways.kind, gateways.profile, gateways.domain) == (
+        Kind.GATEWAYS,
+        "external",
+        "sip.example.com",
+    )
     every_domain = lookup(parse_form(forms.gateways("external")))
     assert (every_domain.kind, every_domain.domain) == (Kind.GATEWAYS, "")
     sofia = lookup(parse_form(forms.sofia_conf("internal")))
