@@ -108,7 +108,7 @@ class FsxmlApp:
     def _body(self, environ: dict[str, Any]) -> bytes | None:
         limit = self._settings.max_body_bytes
         try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
+            length = int(environ.get("CONTENT_LENGTH") or -1)  # absent (chunked): read up to the limit
         except ValueError:
             length = -1
         if length > limit:
