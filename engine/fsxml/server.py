@@ -150,6 +150,29 @@ def build_app(config: Any, holder: Any) -> FsxmlApp:
     return FsxmlApp(settings, answers, SnapshotSource(holder))
 
 
+def wsgi_server(address: tuple[str, int], app: Any, error_log: Any = None) -> Any:
+    """gevent's WSGI server with TCP_NODELAY on every connection, and no access log.
+
+    gevent's pywsgi writes a response's headers and its body in two sends: on a kept-alive
+    connection Nagle's algorithm then holds the body until the client acknowledges the
+    headers, which a client delays by up to 40 ms (measured: 44 ms per request on one kept
+    connection, 0.5 ms with TCP_NODELAY). mod_xml_curl opens a connection per request and is
+    not hit, but a proxy or another client keeping connections would be.
+    """
+    import contextlib
+    import socket
+
+    from gevent.pywsgi import WSGIServer
+
+    class NoDelayWSGIServer(WSGIServer):  # type: ignore[misc]
+        def handle(self, sock: Any, client_address: Any) -> None:
+            with contextlib.suppress(OSError):  # not TCP (a test's socket pair), or already closed
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            super().handle(sock, client_address)
+
+    return NoDelayWSGIServer(address, app, log=None, error_log=error_log)
+
+
 def serve(config: Any, host: str | None = None, port: int | None = None) -> int:
     """Run the service until SIGTERM/SIGINT (the caller monkey-patched already)."""
     import signal
@@ -157,7 +180,6 @@ def serve(config: Any, host: str | None = None, port: int | None = None) -> int:
     import gevent
     import gevent.event
     import redis
-    from gevent.pywsgi import WSGIServer
 
     from engine.logs import setup_logging
     from engine.state.watcher import SnapshotHolder
@@ -170,8 +192,8 @@ def serve(config: Any, host: str | None = None, port: int | None = None) -> int:
     stop = gevent.event.Event()
     watcher = gevent.spawn(holder.run, stop, config.engine.snapshot_poll_interval)
     address = (host or settings.listen_host, settings.listen_port if port is None else port)
-    # log=None: no access log (every REGISTER asks; the refusals are logged above).
-    server = WSGIServer(address, app, log=None, error_log=log)
+    # No access log (every REGISTER asks; the refusals are logged above).
+    server = wsgi_server(address, app, error_log=log)
     server.start()
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
