@@ -252,6 +252,10 @@ class Answers:
         self._sofia = sofia_template
         self._cacheable_ms = cacheable_ms
         self._domain_params = [("dial-string", DIAL_STRING)]
+        self._head, self._tail = render.directory_frame(domain, self._domain_params)
+
+    def _document(self, users: list[str]) -> bytes:
+        return self._head + "".join(users).encode() + self._tail
 
     def answer(self, lookup: Lookup, directory: Directory) -> bytes:
         kind = lookup.kind
@@ -269,11 +273,11 @@ class Answers:
                 for g in directory.gateways_of(lookup.profile)
             ]
             users = [render.gateways_user_element(GATEWAYS_USER, gateways, "        ")] if gateways else []
-            return render.directory_document(self.domain, self._domain_params, users)
+            return self._document(users)
         if kind is Kind.USER and self._ours(lookup.domain):
-            return render.directory_document(self.domain, self._domain_params, self._user(lookup, directory))
+            return self._document(self._user(lookup, directory))
         if kind is Kind.DOMAIN and self._ours(lookup.domain):
-            return render.directory_document(self.domain, self._domain_params, [])
+            return self._document([])
         return render.NOT_FOUND
 
     def _ours(self, domain: str) -> bool:

@@ -90,15 +90,20 @@ def gateways_user_element(user_id: str, gateways: Sequence[str], indent: str) ->
 
 def directory_document(domain: str, domain_params: Sequence[tuple[str, str]], users: Sequence[str]) -> bytes:
     """One domain of the directory section with the given (rendered) users."""
-    return (
+    head, tail = directory_frame(domain, domain_params)
+    return head + "".join(users).encode() + tail
+
+
+def directory_frame(domain: str, domain_params: Sequence[tuple[str, str]]) -> tuple[bytes, bytes]:
+    """What comes before and after the users of a domain's document (the same for every user)."""
+    head = (
         _HEAD
         + '  <section name="directory">\n'
         + f'    <domain name="{attr(domain)}">\n'
         + f"      <params>\n{param_lines('param', domain_params, '        ')}      </params>\n"
-        + f"      <users>\n{''.join(users)}      </users>\n"
-        + "    </domain>\n  </section>\n"
-        + _TAIL
-    ).encode()
+        + "      <users>\n"
+    )
+    return head.encode(), ("      </users>\n    </domain>\n  </section>\n" + _TAIL).encode()
 
 
 def configuration_document(configuration_xml: str) -> bytes:
