@@ -27,7 +27,10 @@ Reported per server and mode: achieved requests/s, p50/p99/p99.9 latency (ms), s
 per request (us, from /proc), server CPU utilisation, errors; and the ratios callgate /
 baseline. The client is Python too: when the client's CPU is the limit (utilisation near 1
 while the server's is not), the closed-loop numbers are the client's, and the CPU per
-request is the figure to compare.
+request (and its inverse, the requests per second one core would serve) is the figure to
+compare. On a shared machine the achieved rates and latencies follow the CPU the scheduler
+gives each process (``*_cpu_util`` well under 1 while saturated means the others took it);
+the load average before and after each measurement is recorded.
 """
 
 from __future__ import annotations
@@ -259,6 +262,7 @@ def measure(
     name: str, pid: int, port: int, requests: list[bytes], mode: str, args: argparse.Namespace
 ) -> dict[str, Any]:
     drive(port, requests, mode, min(2.0, args.duration), args.rate, args.concurrency)  # warm-up
+    load_before = os.getloadavg()[0]
     server_cpu, client_cpu = cpu_seconds(pid), cpu_seconds(os.getpid())
     started = time.perf_counter()
     outcome = drive(port, requests, mode, args.duration, args.rate, args.concurrency)
@@ -275,13 +279,17 @@ def measure(
         "p999_ms": percentile(outcome.latencies, 0.999) * 1000,
         "server_cpu_util": server_cpu / wall,
         "server_cpu_us_per_request": server_cpu / done * 1e6 if done else float("nan"),
+        # requests per second of server CPU: what one core would serve at this cost per request
+        "capacity_rps_per_core": done / server_cpu if server_cpu else float("nan"),
         "client_cpu_util": client_cpu / wall,
         "errors": outcome.errors,
+        "load_average": [load_before, os.getloadavg()[0]],  # the machine's, before and after
         "statuses": {str(k): v for k, v in outcome.statuses.items()},
     }
     print(
         f"{name:9} {mode:17} {row['rps']:8.0f} req/s  p50 {row['p50_ms']:6.2f}  p99 {row['p99_ms']:7.2f}"
         f"  p99.9 {row['p999_ms']:7.2f} ms  server {row['server_cpu_us_per_request']:6.0f} us/req"
+        f" ({row['capacity_rps_per_core']:5.0f}/s per core)"
         f" util {row['server_cpu_util']:.2f}  client util {row['client_cpu_util']:.2f}"
         f"  errors {outcome.errors}  {row['statuses']}",
         flush=True,
