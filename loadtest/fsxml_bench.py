@@ -251,6 +251,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -284,6 +291,7 @@ def measure(
         "client_cpu_util": client_cpu / wall,
         "errors": outcome.errors,
         "load_average": [load_before, os.getloadavg()[0]],  # the machine's, before and after
+        "server_rss_mib": _rss_mib(pid),
         "statuses": {str(k): v for k, v in outcome.statuses.items()},
     }
     print(
@@ -291,7 +299,8 @@ def measure(
         f"  p99.9 {row['p999_ms']:7.2f} ms  server {row['server_cpu_us_per_request']:6.0f} us/req"
         f" ({row['capacity_rps_per_core']:5.0f}/s per core)"
         f" util {row['server_cpu_util']:.2f}  client util {row['client_cpu_util']:.2f}"
-        f"  errors {outcome.errors}  {row['statuses']}",
+        f"  errors {outcome.errors}  {row['statuses']}  load {row['load_average'][0]:.1f}"
+        f"  rss {row['server_rss_mib']:.0f} MiB",
         flush=True,
     )
     return row
