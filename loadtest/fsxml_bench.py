@@ -276,7 +276,7 @@ def measure(
     wall = time.perf_counter() - started
     server_cpu, client_cpu = cpu_seconds(pid) - server_cpu, cpu_seconds(os.getpid()) - client_cpu
     done = len(outcome.latencies)
-    row = {
+    row: dict[str, Any] = {
         "server": name,
         "mode": mode,
         "requests": done,
@@ -299,18 +299,19 @@ def measure(
         f"  p99.9 {row['p999_ms']:7.2f} ms  server {row['server_cpu_us_per_request']:6.0f} us/req"
         f" ({row['capacity_rps_per_core']:5.0f}/s per core)"
         f" util {row['server_cpu_util']:.2f}  client util {row['client_cpu_util']:.2f}"
-        f"  errors {outcome.errors}  {row['statuses']}  load {row['load_average'][0]:.1f}"
+        f"  errors {outcome.errors}  {row['statuses']}  load {load_before:.1f}"
         f"  rss {row['server_rss_mib']:.0f} MiB",
         flush=True,
     )
     return row
 
 
-def _start(command: list[str], env: dict[str, str], ready: str, log_path: Path) -> subprocess.Popen[bytes]:
+def _start(
+    command: list[str], env: dict[str, str], ready: str, log_path: Path, pin: bool
+) -> subprocess.Popen[bytes]:
+    pinned = ["taskset", "-c", _CPU_SERVER, *command] if pin else command
     with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            ["taskset", "-c", _CPU_SERVER, *command], env=env, cwd=ROOT, stdout=log, stderr=log
-        )
+        process = subprocess.Popen(pinned, env=env, cwd=ROOT, stdout=log, stderr=log)
     deadline = time.monotonic() + 120
     while ready not in log_path.read_text(errors="replace"):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -349,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32, help="closed loop: clients")
     parser.add_argument("--modes", default="open-new,closed-new,closed-keepalive")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="let the scheduler place server and client (on a machine others load, pinning starves both)",
+    )
     parser.add_argument("--baseline-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--baseline-size", type=int, default=900, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -360,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.state.snapshot import delete_prefix
 
-    os.sched_setaffinity(0, {_CPU_CLIENT})
+    if args.pin:
+        os.sched_setaffinity(0, {_CPU_CLIENT})
     started = time.monotonic()
     usernames = publish_dataset(args.redis, args.prefix, args.devices)
     print(
@@ -384,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
             CALLGATE_FSXML__PASSWORD=AUTH[1],
         )
         fsxml = _start(
-            [sys.executable, "-m", "engine.cli", "fsxml"], env, "listening", logs / f"fsxml-bench-{port}.log"
+            [sys.executable, "-m", "engine.cli", "fsxml"],
+            env,
+            "listening",
+            logs / f"fsxml-bench-{port}.log",
+            args.pin,
         )
         processes.append(fsxml)
         _wait_served(port, requests)
@@ -400,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             env,
             "baseline listening",
             logs / f"fsxml-baseline-{base_port}.log",
+            args.pin,
         )
         processes.append(baseline)
         for mode in args.modes.split(","):
