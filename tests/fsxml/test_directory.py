@@ -183,3 +183,12 @@ def test_changes_apply_in_place() -> None:
     assert [g.name for g in directory.gateways_of("external")] == ["beta-gw1", "register-wins"]
     with pytest.raises(ValueError):
         directory.apply_changes([], [("sip_devices", "not-an-id")])
+
+
+def test_a_hostile_username_is_escaped_in_the_answer() -> None:
+    hostile = 'x<&"y$${z}'
+    directory = Directory.build(catalog())
+    directory.apply_changes([SipDevice(40, 4, hostile, password="pw")], [])
+    document = ask(forms.sip_auth(hostile, DOMAIN), directory)
+    assert b"$${" not in document
+    assert params(users(document)[hostile])["a1-hash"] == a1_hash(hostile, DOMAIN, "pw")
