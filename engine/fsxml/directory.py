@@ -62,6 +62,7 @@ class Directory:
         self.version = version
         self._device_by_id: dict[int, SipDevice] = {}
         self._device_by_username: dict[str, SipDevice] = {}
+        self._shared: dict[str, set[int]] = {}  # usernames held by several device ids (never, in practice)
         self._accounts: dict[int, Account] = {a.id: a for a in accounts}
         self._gateways: dict[int, Gateway] = {g.id: g for g in gateways}
         for device in sorted(devices, key=lambda d: d.id):
@@ -110,18 +111,27 @@ class Directory:
 
     def _put_device(self, device: SipDevice) -> None:
         self._device_by_id[device.id] = device
-        # The database keeps usernames unique; were two ever in one snapshot, the lower id wins.
+        # The database keeps usernames unique; were two ever in one snapshot, the lower id wins
+        # and the other ids are remembered, so that a removal never has to scan every device.
         held = self._device_by_username.get(device.username)
-        if held is None or held.id > device.id:
+        if held is not None and held.id != device.id:
+            self._shared.setdefault(device.username, set()).update((held.id, device.id))
+        if held is None or held.id >= device.id:
             self._device_by_username[device.username] = device
 
     def _drop_device(self, device_id: int) -> None:
         device = self._device_by_id.pop(device_id, None)
-        if device is not None and self._device_by_username.get(device.username) is device:
+        if device is None:
+            return
+        others: set[int] = set()
+        if device.username in self._shared:
+            others = {i for i in self._shared.pop(device.username) if i in self._device_by_id}
+            if len(others) > 1:
+                self._shared[device.username] = others
+        if self._device_by_username.get(device.username) is device:
             del self._device_by_username[device.username]
-            for other in self._device_by_id.values():  # rare: a duplicate username takes its place
-                if other.username == device.username:
-                    self._put_device(other)
+            if others:
+                self._device_by_username[device.username] = self._device_by_id[min(others)]
 
     # --- reading ---------------------------------------------------------------------------------
 

@@ -192,3 +192,20 @@ def test_a_hostile_username_is_escaped_in_the_answer() -> None:
     document = ask(forms.sip_auth(hostile, DOMAIN), directory)
     assert b"$${" not in document
     assert params(users(document)[hostile])["a1-hash"] == a1_hash(hostile, DOMAIN, "pw")
+
+
+def test_a_username_held_twice_is_served_from_the_lower_id_then_the_other() -> None:
+    # the database forbids it; the index must still stay consistent if a snapshot ever had it
+    directory = Directory(
+        [SipDevice(7, 4, "twin", password="seven"), SipDevice(3, 4, "twin", password="three")],
+        catalog().accounts,
+    )
+    assert params(users(ask(forms.sip_auth("twin", DOMAIN), directory))["twin"])["a1-hash"] == a1_hash(
+        "twin", DOMAIN, "three"
+    )
+    directory.apply_changes([], [("sip_devices", "3")])
+    assert params(users(ask(forms.sip_auth("twin", DOMAIN), directory))["twin"])["a1-hash"] == a1_hash(
+        "twin", DOMAIN, "seven"
+    )
+    directory.apply_changes([], [("sip_devices", "7")])
+    assert users(ask(forms.sip_auth("twin", DOMAIN), directory)) == {}
