@@ -175,9 +175,8 @@ def user_variables(device: SipDevice, account: Account) -> list[tuple[str, str]]
         variables.append(("effective_caller_id_name", device.caller_id_name))
     if device.caller_id_number:
         variables.append(("effective_caller_id_number", device.caller_id_number))
-    codecs = device.codecs or account.codecs
-    if codecs:
-        variables.append(("absolute_codec_string", codecs))
+    if device.codecs:  # the device's own codecs: FreeSWITCH applies user variables when it calls
+        variables.append(("absolute_codec_string", device.codecs))  # and when it is called (user/)
     return variables
 
 

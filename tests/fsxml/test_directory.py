@@ -44,8 +44,7 @@ def test_an_existing_device_gets_its_a1_hash_and_variables_never_its_password() 
         "accountcode": "1000000001",
         "effective_caller_id_name": "Alice Carter",
         "effective_caller_id_number": "442079460001",
-        "absolute_codec_string": "G722,PCMU",  # the account's codecs: the device has none
-    }
+    }  # no absolute_codec_string: the device sets no codecs (the account's are for carrier legs)
     domain = ET.fromstring(document).find("section[@name='directory']/domain")
     assert domain is not None and domain.get("name") == DOMAIN
     assert params(domain.find("params")) == {"dial-string": DIAL_STRING}  # type: ignore[arg-type]
