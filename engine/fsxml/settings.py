@@ -16,8 +16,8 @@ _DOMAIN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-
 @dataclass(frozen=True)
 class FsxmlSettings:
     listen_host: str = "127.0.0.1"
-    # Not 8084 (engine), 8085 (admin API), 9184/9185 (metrics): nothing of callgate's collides.
-    listen_port: int = 8086
+    # Not 8084/8086 (the engines the dialplan lists), 8085/8089 (admin API), 9184/9185 (metrics).
+    listen_port: int = 8087
     # The SIP domain (= digest realm) callgate's devices live in. callgate answers for this
     # domain only, and authoritatively: a user it does not know there is unknown to FreeSWITCH.
     # "" = no directory is served (every directory request is "not found").
