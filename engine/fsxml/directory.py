@@ -42,9 +42,10 @@ DIAL_STRING = (
 (the engine bridges on-net calls and DIDs of devices that way)."""
 
 GATEWAYS_USER = "callgate-gateways"
-"""The user that carries the gateways in a ``purpose=gateways`` answer (sofia reads only its
-``<gateways>``; no device may be called that, as the username rule forbids nothing of it,
-callgate simply never answers a user lookup with it)."""
+"""The user that carries the gateways in a ``purpose=gateways`` answer. Sofia reads only its
+``<gateways>`` there; that answer is a document of its own, so a device of the same name is
+served by user lookups like any other."""
+
 
 _ENTITIES = ("sip_devices", "accounts", "gateways")
 
