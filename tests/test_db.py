@@ -28,7 +28,6 @@ from engine.model import (
     DidDestinationType,
     RoutingType,
 )
-from tests.conftest import RUN_ID, _create_database, _drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "config" / "demo.yaml"
@@ -55,17 +54,12 @@ ENGINE_TABLES = [
 
 
 @pytest.fixture(scope="module")
-def demo_url() -> Iterator[str]:
+def demo_url(module_pg_url: str) -> str:
     """A database private to this module: migrated, with the demo document loaded."""
-    name = f"callgate_test_{RUN_ID}_db"
-    url = _create_database(name)
-    try:
-        migrate(url)
-        with psycopg.connect(url) as conn:
-            load_file(conn, DEMO)
-        yield url
-    finally:
-        _drop_database(name)
+    migrate(module_pg_url)
+    with psycopg.connect(module_pg_url) as conn:
+        load_file(conn, DEMO)
+    return module_pg_url
 
 
 @pytest.fixture

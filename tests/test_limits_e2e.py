@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tests.support import (
     prepare_database,
     publish,
     run_cli,
+    wait_until,
 )
 
 CATALOGUE = {
@@ -154,9 +154,7 @@ def test_a_killed_engine_leaves_no_counted_call_once_the_reconciler_has_run(
         calls = gevent.spawn(
             run_calls, "127.0.0.1", engine.port, [spec("two", 1.5) for _ in range(2)], 2, switch=switch
         )
-        deadline = time.monotonic() + 5
-        while counted_calls(environment) < 2 and time.monotonic() < deadline:
-            gevent.sleep(0.05)
+        wait_until(lambda: counted_calls(environment) >= 2, timeout=20, interval=0.05, what="2 counted calls")
         assert counted_calls(environment) == 2
         engine.process.kill()  # no hangup will ever be released by it
         engine.process.wait()
@@ -189,13 +187,15 @@ def private_redis(tmp_path: Path):
     def start() -> subprocess.Popen:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         client = redis.Redis(port=port)
-        for _ in range(100):
+
+        def answers() -> bool:
             try:
-                client.ping()
-                return process
+                return bool(client.ping())
             except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
+                return False
+
+        wait_until(answers, timeout=10, interval=0.05, what="the private redis-server answering")
+        return process
 
     state = {"process": start()}
 

@@ -64,6 +64,7 @@ from engine.state.snapshot import (
     read_snapshot,
 )
 from engine.state.watcher import SnapshotHolder
+from tests.support import wait_until
 
 T0 = datetime(2025, 1, 31, 23, 59, 59, 123456, tzinfo=UTC)
 
@@ -227,14 +228,6 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 
 def keys_of_version(client: redis.Redis, prefix: str, version: int) -> list[bytes]:
     return list(client.scan_iter(match=f"{prefix}snapshot:{version}:*", count=1000))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 def next_message(pubsub: Any, timeout: float = 5.0) -> dict[str, Any] | None:

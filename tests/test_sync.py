@@ -32,7 +32,7 @@ from engine.sync import publish_once
 from engine.sync.persist import EventPersister
 from engine.sync.state import StateMoved, apply_batch, journal_key, read_state, state_key
 from engine.sync.worker import SyncWorker
-from tests.support import config_for, engine_environment, prepare_database, run_cli
+from tests.support import config_for, engine_environment, prepare_database, run_cli, wait_until
 
 CATALOGUE: dict[str, Any] = {
     "gateways": [{"name": "gw-1"}, {"name": "gw-2"}],
@@ -497,9 +497,7 @@ def test_holder_follows_events_in_place(
     thread = threading.Thread(target=holder.run, args=(stop, 3600), daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 10
-        while not holder.loaded and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: holder.loaded, timeout=10, interval=0.01, what="the holder's first load")
         catalog = holder.current[1]
         db.execute("UPDATE accounts SET status = 'inactive' WHERE number = '1000000002'")
         worker.catch_up()

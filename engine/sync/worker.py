@@ -1,4 +1,4 @@
-"""`callgate sync`: the live PostgreSQL -> Redis worker (design and failure modes: README.md (Live sync)).
+"""`callgate sync`: the live PostgreSQL -> Redis worker (design and failure modes: docs/sync.md).
 
 One loop, in order, on every (re)connection:
 

@@ -1,7 +1,7 @@
-"""Measurements of the live sync (the numbers in README.md (Live sync)).
+"""Measurements of the live sync (the numbers in docs/sync.md).
 
-    python -m engine.sync.bench lag  [--rate 500] [--seconds 20] [--accounts 10000] [--rates 100000]
-    python -m engine.sync.bench load [--rates 1000000]
+    python -m loadtest.sync_bench lag  [--rate 500] [--seconds 20] [--accounts 10000] [--rates 100000]
+    python -m loadtest.sync_bench load [--rates 1000000]
 
 Each run creates a private database (dropped afterwards) on the PostgreSQL server of
 ``--admin-url`` and a private Redis key prefix, and starts a real ``callgate sync``
@@ -46,7 +46,7 @@ from engine.rules.catalog import Catalog
 from engine.state.snapshot import delete_prefix, events_channel
 from engine.state.watcher import SnapshotHolder
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # the repository checkout
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -370,7 +370,9 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.sync.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.sync_bench", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     commands = parser.add_subparsers(dest="command", required=True)
