@@ -23,10 +23,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from engine.config import FsxmlSettings
 from engine.fsxml.access import Access, Denial
 from engine.fsxml.directory import Answers, Directory
 from engine.fsxml.request import BadRequest, lookup, parse_form
-from engine.fsxml.settings import FsxmlSettings
 
 log = logging.getLogger("callgate.fsxml")
 
@@ -164,7 +164,7 @@ def wsgi_server(address: tuple[str, int], app: Any, error_log: Any = None) -> An
 
     from gevent.pywsgi import WSGIServer
 
-    class NoDelayWSGIServer(WSGIServer):  # type: ignore[misc]
+    class NoDelayWSGIServer(WSGIServer):
         def handle(self, sock: Any, client_address: Any) -> None:
             with contextlib.suppress(OSError):  # not TCP (a test's socket pair), or already closed
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

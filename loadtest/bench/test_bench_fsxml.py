@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
+from engine.config import FsxmlSettings
 from engine.fsxml.directory import Answers, Directory
 from engine.fsxml.request import lookup, parse_form
 from engine.fsxml.server import FsxmlApp
-from engine.fsxml.settings import FsxmlSettings
 from loadtest.dataset import Scale, generate
 from loadtest.fsxml_bench import AUTH, DOMAIN, request_bytes
 

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import redis
 
+from engine.config import FsxmlSettings
 from engine.fsxml import render
 from engine.fsxml.directory import Answers, Directory, a1_hash
 from engine.fsxml.server import PATH, FsxmlApp, SnapshotSource
-from engine.fsxml.settings import FsxmlSettings
 from engine.state.snapshot import apply_changes, current_version, publish_snapshot
 from engine.state.watcher import SnapshotHolder
 from tests.fsxml import forms
