@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import http.client
 import subprocess
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,15 @@ import yaml
 
 from engine.fsxml.directory import a1_hash
 from tests.fsxml import forms
-from tests.support import CALLGATE, ROOT, engine_environment, free_port, prepare_database, publish
+from tests.support import (
+    CALLGATE,
+    ROOT,
+    engine_environment,
+    free_port,
+    prepare_database,
+    publish,
+    wait_until,
+)
 
 DOMAIN = "voice.example.net"
 PASSWORD = "xml-curl-S3cret"
@@ -62,17 +69,15 @@ def service(environment: dict[str, str], tmp_path_factory: pytest.TempPathFactor
 
 
 def _wait_ready(process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def answering() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"callgate fsxml exited early:\n{log_path.read_text(errors='replace')}")
         try:
-            if post(port, forms.sip_auth("alice", DOMAIN))[0] == 200:
-                return
+            return post(port, forms.sip_auth("alice", DOMAIN))[0] == 200
         except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"callgate fsxml not ready:\n{log_path.read_text(errors='replace')}")
+            return False
+
+    wait_until(answering, timeout=30, what="callgate fsxml answering")
 
 
 def post(
@@ -138,7 +143,8 @@ def test_a_password_changed_in_postgresql_is_seen_after_the_sync(
         conn.execute("UPDATE sip_devices SET password = 'R0tated-pw' WHERE username = 'alice'")
     publish(environment)  # what `callgate sync` does continuously
     expected = a1_hash("alice", DOMAIN, "R0tated-pw")
-    deadline = time.monotonic() + 20
-    while a1_of(post(service, forms.sip_auth("alice", DOMAIN))[1], "alice") != expected:
-        assert time.monotonic() < deadline, "the new password never reached the directory"
-        time.sleep(0.05)
+    wait_until(
+        lambda: a1_of(post(service, forms.sip_auth("alice", DOMAIN))[1], "alice") == expected,
+        timeout=20,
+        what="the new password reaching the directory",
+    )

@@ -11,7 +11,6 @@ import dataclasses
 import io
 import logging
 import threading
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +26,7 @@ from engine.state.snapshot import apply_changes, current_version, publish_snapsh
 from engine.state.watcher import SnapshotHolder
 from tests.fsxml import forms
 from tests.fsxml.catalog import DOMAIN, catalog
+from tests.support import wait_until
 
 SECRET = "fs-S3cret!"
 SETTINGS = FsxmlSettings(
@@ -98,14 +98,6 @@ def holder(client: redis.Redis, key_prefix: str) -> Iterator[SnapshotHolder[Dire
 
 def app_for(holder: SnapshotHolder[Directory], settings: FsxmlSettings = SETTINGS) -> FsxmlApp:
     return FsxmlApp(settings, Answers(settings.domain), SnapshotSource(holder))
-
-
-def wait_until(predicate: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 def user_a1(reply: Reply, user: str) -> str | None:
