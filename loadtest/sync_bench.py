@@ -43,7 +43,8 @@ import redis
 
 from engine.db.migrate import migrate
 from engine.rules.catalog import Catalog
-from engine.state.snapshot import delete_prefix, events_channel
+from engine.state.keys import snapshot_events_channel
+from engine.state.snapshot import delete_prefix
 from engine.state.watcher import SnapshotHolder
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository checkout
@@ -174,7 +175,7 @@ class EngineSide:
     def _listen(self, redis_url: str, prefix: str) -> None:
         client = redis.Redis.from_url(redis_url)
         pubsub = client.pubsub()
-        pubsub.subscribe(events_channel(prefix))
+        pubsub.subscribe(snapshot_events_channel(prefix))
         while not self._stop.is_set():
             message = pubsub.get_message(timeout=0.2)
             if message and message["type"] == "message":
@@ -316,7 +317,9 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     loaded_before = len(side.swaps)
                     with psycopg.connect(url) as conn:
-                        group = conn.execute("SELECT id FROM rate_groups WHERE name = 'bench'").fetchone()[0]
+                        group = _one(
+                            conn.execute("SELECT id FROM rate_groups WHERE name = 'bench'").fetchone()
+                        )
                         deck = "".join(
                             f"{group}\t{100000000 + n}\t0.{n % 500:04d}\tDeck row {n % 50}\n"
                             for n in range(args.rates)
@@ -392,3 +395,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _one(row: tuple[Any, ...] | None) -> Any:
+    assert row is not None, "the bench rate group is missing"
+    return row[0]

@@ -1265,3 +1265,20 @@ def test_demo_document_is_what_the_repo_ships() -> None:
     }
     rates = sum(len(g["rates"]) for g in doc["rate_groups"])
     assert 300 <= rates <= 1000
+
+
+def test_each_loader_table_spec_fills_every_field_of_its_entity() -> None:
+    """The loader's one column spec per table: every model field comes from exactly one
+    column or from the table's links; the entity key is among the columns."""
+    import dataclasses
+
+    from engine.db import loader
+    from engine.model import ENTITY_KEY_FIELDS, ENTITY_TYPES
+
+    for name, table in loader._TABLES.items():
+        filled = [c.field for c in table.columns] + ([table.links_field] if table.links_field else [])
+        assert len(filled) == len(set(filled)), name
+        assert set(filled) == {f.name for f in dataclasses.fields(ENTITY_TYPES[name])}, name
+        assert set(ENTITY_KEY_FIELDS[name]) <= {c.field for c in table.columns}, name
+        assert len(table.types) == len(table.columns)
+        assert table.select().startswith("SELECT ") and table.select().endswith(f"FROM {table.table}")
