@@ -13,6 +13,7 @@ Environment overrides (applied after the file):
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -44,8 +45,16 @@ class EngineSettings:
     max_frame_bytes: int = 1048576
     gc_young_threshold: int = 5000  # engine.gcpolicy; 0 = CPython's defaults
     gc_full_interval: float = 300.0  # seconds between full collections (with gc_young_threshold > 0)
+    # Source networks FreeSWITCH connects from (CIDRs); a connection from elsewhere is closed at
+    # accept. Empty: any source (then firewall the port: see docs/call-session.md).
+    allowed_networks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for cidr in self.allowed_networks:
+            try:
+                ipaddress.ip_network(cidr.strip(), strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"engine.allowed_networks: {cidr!r} is not an IP network") from exc
         if self.gc_young_threshold < 0:
             raise ConfigError(f"engine.gc_young_threshold must be >= 0, not {self.gc_young_threshold}")
         if self.gc_full_interval <= 0:
