@@ -332,7 +332,7 @@ def test_inbound_explanation() -> None:
         Step("direction", "inbound: DID 442000000001 of account 2001, to SIP device bob"),
         Step("gate", "account 2001 active, prepaid, available 5"),
         Step("rating", "DID 442000000001 is free to its owner, affords 6000s"),
-        Step("routing", "bridge [leg_timeout=60]user/bob@${domain_name}"),
+        Step("routing", "bridge to device bob@${domain_name}, ringing up to 60s"),
         Step("decision", "accepted: inbound call, at most 6000s"),
     )
 
