@@ -177,7 +177,10 @@ class CallSession:
         if self.phase is Phase.DONE:
             return []
         if deadline is Deadline.CONNECT:
-            return self._finish(Outcome.TIMEOUT, "no channel data before engine.connect_timeout")
+            waited = self._settings.connect_timeout
+            return self._finish(
+                Outcome.TIMEOUT, f"no channel data within {waited:g}s (engine.connect_timeout)"
+            )
         if deadline is Deadline.REPLIES:
             # FreeSWITCH is slow, not gone: it may still run the queued bridge, so keep reading.
             return [
@@ -187,7 +190,10 @@ class CallSession:
                     "still following the call",
                 )
             ]
-        return self._finish(Outcome.TIMEOUT, "no CHANNEL_HANGUP_COMPLETE before engine.hangup_timeout")
+        waited = self._settings.hangup_timeout
+        return self._finish(
+            Outcome.TIMEOUT, f"no CHANNEL_HANGUP_COMPLETE within {waited:g}s (engine.hangup_timeout)"
+        )
 
     def peer_gone(self, why: str, *, clean: bool) -> list[Action]:
         """The connection ended: ``clean`` for an orderly end of stream (everything FreeSWITCH

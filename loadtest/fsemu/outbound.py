@@ -324,6 +324,7 @@ def sip_phrase(code: int) -> str:
 def dialstatus(cause: str) -> str:
     return _DIALSTATUS.get(cause, "CHANUNAVAIL")
 
+
 # ---------------------------------------------------------------------------
 # call description and result
 # ---------------------------------------------------------------------------
@@ -355,6 +356,11 @@ class CallSpec:
     linger_notice_before_hangup: bool = False  # linger notice before CHANNEL_HANGUP (seen in respond_403)
     # --- misbehaviour for tests ---------------------------------------------------------
     stall_after_connect: bool = False  # after the connect reply, FreeSWITCH never writes again
+    # A saturated switch (issue 14): the replies to the decision's commands are written this
+    # many seconds after they arrived, while the queued messages (multiset, bridge) already run.
+    late_replies: float = 0.0
+    # The caller hung up while FreeSWITCH connected: a disconnect notice instead of the channel data.
+    abandon_before_connect: bool = False
     raw_channel_data: bytes | None = None  # sent instead of the CHANNEL_DATA reply to connect
 
 
@@ -379,6 +385,9 @@ class CallResult:
     replies: list[str] = field(default_factory=list)  # Reply-Text of every command reply, in order
     answered: bool = False
     billsec: int = 0
+    # The channel's variables as CHANNEL_HANGUP_COMPLETE carries them (what the CDR records);
+    # a variable set to an empty value is absent, as on FreeSWITCH.
+    channel_variables: dict[str, str] = field(default_factory=dict)
     duration: float = 0.0  # wall time of place_call
 
 
@@ -387,12 +396,43 @@ class CallResult:
 # ---------------------------------------------------------------------------
 
 SHOW_CHANNELS_COLUMNS = (
-    "uuid", "direction", "created", "created_epoch", "name", "state", "cid_name", "cid_num",
-    "ip_addr", "dest", "application", "application_data", "dialplan", "context", "read_codec",
-    "read_rate", "read_bit_rate", "write_codec", "write_rate", "write_bit_rate", "secure",
-    "hostname", "presence_id", "presence_data", "accountcode", "callstate", "callee_name",
-    "callee_num", "callee_direction", "call_uuid", "sent_callee_name", "sent_callee_num",
-    "initial_cid_name", "initial_cid_num", "initial_ip_addr", "initial_dest", "initial_dialplan",
+    "uuid",
+    "direction",
+    "created",
+    "created_epoch",
+    "name",
+    "state",
+    "cid_name",
+    "cid_num",
+    "ip_addr",
+    "dest",
+    "application",
+    "application_data",
+    "dialplan",
+    "context",
+    "read_codec",
+    "read_rate",
+    "read_bit_rate",
+    "write_codec",
+    "write_rate",
+    "write_bit_rate",
+    "secure",
+    "hostname",
+    "presence_id",
+    "presence_data",
+    "accountcode",
+    "callstate",
+    "callee_name",
+    "callee_num",
+    "callee_direction",
+    "call_uuid",
+    "sent_callee_name",
+    "sent_callee_num",
+    "initial_cid_name",
+    "initial_cid_num",
+    "initial_ip_addr",
+    "initial_dest",
+    "initial_dialplan",
     "initial_context",
 )
 
@@ -1377,6 +1417,9 @@ class Channel(EslConnection):
         if first:
             return  # FreeSWITCH parses the first packet without sending its reply
         if reply:
+            late = t_recv + self.spec.late_replies - time.monotonic()
+            if late > 0:  # a saturated switch: the commands already run, the reply comes late
+                gevent.sleep(late)
             self._reply(reply)
 
     def _note_decision(self, cmd: wire.Command, t_recv: float) -> None:
@@ -1417,6 +1460,15 @@ class Channel(EslConnection):
 
     def _connect(self) -> None:
         self.result.connected = True
+        if self.spec.abandon_before_connect:
+            # The channel hung up before the listener answered `connect`: the listener ends,
+            # writing its disconnect notice, and closes.
+            self.replies.append("<disconnect>")
+            self.result.hangup_cause = self.hangup_cause = "ORIGINATOR_CANCEL"
+            self.result.sip_response = (487, sip_phrase(487))
+            self._hungup = True
+            self.running = False
+            return
         if self.spec.raw_channel_data is not None:
             self.replies.append("<raw>")
             self._send(self.spec.raw_channel_data)
@@ -1878,6 +1930,7 @@ class Channel(EslConnection):
         if self._disposition in ("send_bye", "send_refuse", "send_cancel"):
             self._set_var("sip_hangup_disposition", self._disposition)
         self._fire("CHANNEL_HANGUP_COMPLETE")
+        self.result.channel_variables = dict(self.variables)
         self._complete = True
         self.result.billsec = int(self.variables.get("billsec", "0") or 0)
         self._wake.set()
