@@ -265,7 +265,9 @@ class CallSession:
             self.phase is Phase.COMMITTED
             and not self._routes_failed
             and frame.event_header("Application") == "bridge"
-            and frame.event_header("Answer-State") != "hangup"
+            # ringing/early: nobody answered and the caller is still there. ("hangup": the
+            # call is over; "answered": a leg answered and hangup_after_bridge ends the call.)
+            and frame.event_header("Answer-State") not in ("hangup", "answered")
         )
 
     def _hang_up_failed_call(self, frame: Frame) -> list[Action]:
