@@ -1432,9 +1432,7 @@ class Channel(EslConnection):
             # The channel hung up before the listener answered `connect`: the listener ends,
             # writing its disconnect notice, and closes.
             self.replies.append("<disconnect>")
-            self.result.hangup_cause = self.hangup_cause = "ORIGINATOR_CANCEL"
-            self.result.sip_response = (487, sip_phrase(487))
-            self._hungup = True
+            self.request_hangup("ORIGINATOR_CANCEL", "recv_cancel")
             self.running = False
             return
         if self.spec.raw_channel_data is not None:
