@@ -38,7 +38,7 @@ class EngineSettings:
     reuse_port: bool = False  # SO_REUSEPORT: several processes on one port
     connect_timeout: float = 2.0  # FreeSWITCH's reply to `connect`
     decision_deadline: float = 0.5  # channel data in -> decision written
-    reply_timeout: float = 2.0  # waiting for each +OK
+    reply_timeout: float = 2.0  # replies still missing after this are logged; the call is still followed
     hangup_timeout: float = 14400.0  # socket kept this long at most waiting for CHANNEL_HANGUP_COMPLETE
     snapshot_max_age: float = 5.0  # refuse to decide on a snapshot not confirmed for this long
     snapshot_poll_interval: float = 1.0

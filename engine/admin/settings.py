@@ -18,7 +18,7 @@ from typing import Any
 class AdminSettings:
     # `callgate api`: where the JSON HTTP API listens
     listen_host: str = "127.0.0.1"
-    listen_port: int = 8085
+    listen_port: int = 8089  # never an engine port (8084, 8086 in dialplan/callgate.xml)
     # generated account numbers (ASTPP's card_length / starting_digit)
     account_number_length: int = 10
     account_number_start_digit: str = ""  # digits every generated number starts with; "" = any of 1-9
