@@ -25,7 +25,10 @@ SWITCH_SYNTAX = (
 
 # Configured values the rules pass through untouched: the directory domain's default is a
 # FreeSWITCH variable reference (rules.local_domain, see docs/call-session.md).
-ALLOWED = {("config.py", "${domain_name}")}
+ALLOWED = {
+    ("config.py", "${domain_name}"),
+    ("config.py", "local_domain must be a host name or one ${variable}, got "),
+}
 
 
 @pytest.mark.parametrize("path", RULES, ids=lambda path: path.name)
