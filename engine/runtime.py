@@ -261,6 +261,18 @@ class Engine:
         self.direct_redis.close()
 
 
+def warn_about_settings(config: Config) -> None:
+    """Settings that work but are known to fail some calls on a real switch."""
+    if config.rules.local_domain.startswith("${"):
+        log.warning(
+            "rules.local_domain is %s: FreeSWITCH expands it per call, and calls without it (from a "
+            "carrier to a DID that rings a SIP device) fail with 480; set the directory domain",
+            config.rules.local_domain,
+        )
+    if not config.engine.allowed_networks:
+        log.info("engine.allowed_networks is empty: any source may connect; firewall the engine port")
+
+
 def raise_file_limit() -> None:
     """Every call up holds a socket: take the hard limit of file descriptors."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -275,6 +287,7 @@ def serve(config: Config, host: str | None = None, port: int | None = None) -> i
     listener = listening_socket(
         host or settings.listen_host, port or settings.listen_port, reuse_port=settings.reuse_port
     )
+    warn_about_settings(config)
     engine = Engine(config, listener)
     engine.start()
     log.info("callgate listening on %s:%s", *listener.getsockname()[:2])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
+from decimal import Decimal
 
 from engine.decision import GatewayLeg, LegCallerId, Route
 from engine.model import RoutingType, TerminationRate, Trunk
@@ -28,6 +29,8 @@ from engine.rules.rating import Rating
 from engine.rules.text import plain_decimal
 
 _NO_RATES: dict[str, TerminationRate] = {}
+# Routes sort by cost or by prefix length first, then cost, precedences and trunk id.
+OrderKey = tuple[Decimal | int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +144,7 @@ def plan_routes(
     is, every per-route rewrite of the number or caller ID (before -> after, by which rule)."""
     lossless = rating.group.lossless
     ceiling = rating.level.cost_per_minute
-    found: list[tuple[tuple, Route]] = []
+    found: list[tuple[OrderKey, Route]] = []
     for trunk_id in candidate_trunk_ids(rating):
         trunk = catalog.trunks.get(trunk_id)
         if trunk is None or not _usable(trunk, catalog):
@@ -206,7 +209,7 @@ def describe_routes(routes: Iterable[Route], catalog: Catalog) -> list[str]:
     return lines
 
 
-def _order_key(routing_type: RoutingType, rate: TerminationRate, trunk: Trunk) -> tuple:
+def _order_key(routing_type: RoutingType, rate: TerminationRate, trunk: Trunk) -> OrderKey:
     if routing_type is RoutingType.COST:
         return (rate.cost_per_minute, rate.precedence, trunk.precedence, trunk.id)
     return (-len(rate.prefix), rate.cost_per_minute, rate.precedence, trunk.precedence, trunk.id)

@@ -7,6 +7,7 @@ checks what the engine does about it (docs/call-session.md).
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import gevent
@@ -144,6 +145,9 @@ def test_a_caller_who_gives_up_before_the_channel_data_is_gone_not_garbage(engin
     """Item 5: a disconnect notice instead of the channel data."""
     result = place_call("127.0.0.1", engine.port, spec(abandon_before_connect=True), timeout=5)
     assert result.commands == ["connect"] and result.executed == []
+    deadline = time.monotonic() + 10  # the engine logs it once it has read the notice
+    while "the call ended before its channel data" not in engine.log() and time.monotonic() < deadline:
+        gevent.sleep(0.05)
     log = engine.log()
     assert "dropped: the call ended before its channel data" in log
     assert "malformed data" not in log
