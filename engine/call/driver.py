@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -198,9 +197,13 @@ class _Call:
         return actions
 
     def _apply(self, actions: list[Action]) -> None:
-        queue = deque(actions)
-        while queue:
-            action = queue.popleft()
+        if not actions:  # most frames ask for nothing
+            return
+        queue = list(actions)  # actions may add more (a failed write, a decision)
+        index = 0
+        while index < len(queue):
+            action = queue[index]
+            index += 1
             kind = type(action)
             if kind is Send:
                 assert isinstance(action, Send)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 
-from engine.decision import Accept, DeviceLeg, Direction, GatewayLeg, Leg, Reject, UriLeg
+from engine.decision import Accept, DeviceLeg, Direction, GatewayLeg, Leg, Reject
 from engine.esl.commands import MYEVENTS_TYPES, Batch, assignments
 from engine.esl.protocol import command, sendmsg_execute, sendmsg_hangup
 from engine.rules.text import plain_decimal, safe_text
@@ -71,20 +71,35 @@ def _caller_id_option(leg: GatewayLeg) -> str:
     return option + (",origination_caller_id_name=" + name if name else "")
 
 
+def _gateway_head(leg: GatewayLeg) -> str:
+    return f"[leg_timeout={leg.timeout}{_caller_id_option(leg)}{codec_option(leg.codecs)}]sofia/gateway/"
+
+
 def dial_target(leg: Leg) -> str:
     """One leg of a dial string, e.g. ``[leg_timeout=30]sofia/gateway/gw-a/4420...``."""
     if isinstance(leg, GatewayLeg):
-        head = f"[leg_timeout={leg.timeout}{_caller_id_option(leg)}{codec_option(leg.codecs)}]"
-        return f"{head}sofia/gateway/{leg.gateway}/{leg.number}"
+        return f"{_gateway_head(leg)}{leg.gateway}/{leg.number}"
     if isinstance(leg, DeviceLeg):
         return f"[leg_timeout={leg.timeout}]user/{leg.username}@{leg.domain}"
-    assert isinstance(leg, UriLeg)
     return f"[leg_timeout={leg.timeout}]sofia/{leg.profile}/{leg.uri}"
 
 
 def dial_string(accept: Accept) -> str:
-    """Sequential failover across every leg (``|``), for ``bridge`` (and `callgate explain`)."""
-    return "|".join(dial_target(leg) for leg in accept.legs)
+    """Sequential failover across every leg (``|``), for ``bridge`` (and `callgate explain`).
+
+    The gateways of one route share everything but the gateway's name: their common head is
+    written once (the hot path renders every leg of every call)."""
+    parts: list[str] = []
+    head = ""
+    shared: tuple[object, ...] = ()  # what the current head was written from
+    for route in accept.routes:
+        for leg in route.targets:
+            if leg[1:] != shared or not head:
+                head, shared = _gateway_head(leg), leg[1:]
+            parts.append(f"{head}{leg.gateway}/{leg.number}")
+    if not parts:
+        parts = [dial_target(leg) for leg in accept.bridge_targets]
+    return "|".join(parts)
 
 
 def _rate_value(accept: Accept) -> str | None:
