@@ -25,6 +25,7 @@ from engine.call.session import (
     Disarm,
     Finish,
     Outcome,
+    Phase,
     Release,
     Send,
     SessionSettings,
@@ -42,6 +43,7 @@ from engine.rules.text import show
 __all__ = ["CallHandler", "CallRecord", "call_request"]
 
 log = logging.getLogger("callgate.call")
+_DONE = Phase.DONE
 decision_log = logging.getLogger("callgate.decision")
 
 #: Socket-error metric kind per way a call's connection was dropped (none for a normal end).
@@ -172,11 +174,12 @@ class _Call:
         session = self._session
         try:
             self._apply(session.start())
-            while not session.done:
-                self._apply(self._next())
+            while session.phase is not _DONE:
+                actions = self._next()
+                if actions:
+                    self._apply(actions)
         finally:
-            if self._timer is not None:
-                self._timer.close()
+            self._stop_timer()
 
     def _next(self) -> list[Action]:
         session = self._session
@@ -190,50 +193,36 @@ class _Call:
             return session.protocol_error(str(exc))
 
     def _expired(self, expired: _Expired) -> list[Action]:
-        self._timer = self._timer_for = None
+        self._timer = self._timer_for = None  # it fired: nothing to close
         self._deadlines.pop(expired.deadline, None)
         actions = self._session.expired(expired.deadline)
         self._rearm()
         return actions
 
     def _apply(self, actions: list[Action]) -> None:
-        if not actions:  # most frames ask for nothing
-            return
         queue = list(actions)  # actions may add more (a failed write, a decision)
         index = 0
         while index < len(queue):
             action = queue[index]
             index += 1
-            kind = type(action)
-            if kind is Send:
-                assert isinstance(action, Send)
+            if isinstance(action, Send):
                 try:
                     self._conn.send(action.data)
                 except PeerGone as exc:
                     queue.extend(self._session.peer_gone(str(exc), clean=False))
                 except _Expired as expired:  # a write blocked past a deadline: FreeSWITCH reads nothing
                     queue.extend(self._expired(expired))
-            elif kind is Arm:
-                assert isinstance(action, Arm)
-                self._deadlines[action.deadline] = time.monotonic() + action.seconds
-                self._rearm()
-            elif kind is Disarm:
-                assert isinstance(action, Disarm)
-                if (
-                    self._deadlines.pop(action.deadline, None) is not None
-                    and action.deadline is self._timer_for
-                ):
-                    self._rearm()
-            elif kind is Decide:
-                assert isinstance(action, Decide)
+            elif isinstance(action, Arm):
+                self._arm(action.deadline, action.seconds)
+            elif isinstance(action, Disarm):
+                self._disarm(action.deadline)
+            elif isinstance(action, Decide):
                 queue.extend(self._decide(action.request))
-            elif kind is Warn:
-                assert isinstance(action, Warn)
+            elif isinstance(action, Warn):
                 self._warn(action)
-            elif kind is Release:
+            elif isinstance(action, Release):
                 self._release()
             else:
-                assert isinstance(action, Finish)
                 self._finish(action)
 
     def _decide(self, request: CallRequest) -> list[Action]:
@@ -250,19 +239,36 @@ class _Call:
             self._handler._metrics.socket_error("late_replies")
         log.warning("uuid=%s %s", self._uuid(), warning.message)
 
+    def _arm(self, deadline: Deadline, seconds: float) -> None:
+        when = time.monotonic() + seconds
+        self._deadlines[deadline] = when
+        current = self._timer_for
+        if current is None or current is deadline or when < self._deadlines[current]:
+            self._start_timer(deadline, seconds)
+
+    def _disarm(self, deadline: Deadline) -> None:
+        if self._deadlines.pop(deadline, None) is not None and deadline is self._timer_for:
+            self._rearm()
+
     def _rearm(self) -> None:
-        """One timer for the earliest armed deadline."""
+        """The timer for the earliest deadline still armed (none when none is)."""
         deadlines = self._deadlines
-        earliest = min(deadlines, key=deadlines.__getitem__) if deadlines else None
-        if earliest is self._timer_for and (earliest is None or self._timer is not None):
+        if not deadlines:
+            self._stop_timer()
             return
+        earliest = min(deadlines, key=deadlines.__getitem__)
+        self._start_timer(earliest, max(0.0, deadlines[earliest] - time.monotonic()))
+
+    def _start_timer(self, deadline: Deadline, seconds: float) -> None:
+        self._stop_timer()
+        self._timer_for = deadline
+        self._timer = gevent.Timeout.start_new(seconds, _Expired(deadline))
+
+    def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.close()
             self._timer = None
-        self._timer_for = earliest
-        if earliest is not None:
-            seconds = max(0.0, deadlines[earliest] - time.monotonic())
-            self._timer = gevent.Timeout.start_new(seconds, _Expired(earliest))
+        self._timer_for = None
 
     def _release(self) -> None:
         on_end = self._handler._on_end

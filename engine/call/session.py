@@ -48,6 +48,10 @@ class Phase(enum.Enum):
     DONE = "done"
 
 
+# Read on every frame: module constants are found faster than enum members.
+_ANSWERING, _COMMITTED, _DONE = Phase.ANSWERING, Phase.COMMITTED, Phase.DONE
+
+
 class Deadline(enum.Enum):
     CONNECT = "connect"  # engine.connect_timeout: the channel data
     REPLIES = "replies"  # engine.reply_timeout: every command/reply of the written batch
@@ -104,6 +108,9 @@ class Finish:
 Action = Send | Arm | Disarm | Decide | Warn | Release | Finish
 
 _RELEASE = Release()
+_DISARM_REPLIES = Disarm(Deadline.REPLIES)
+# "Nothing to do", shared: the driver never modifies the lists it is given.
+_NOTHING: list[Action] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +140,7 @@ class CallSession:
 
     @property
     def done(self) -> bool:
-        return self.phase is Phase.DONE
+        return self.phase is _DONE
 
     # ------------------------------------------------------------------ inputs
 
@@ -141,11 +148,17 @@ class CallSession:
         return [Send(CONNECT), Arm(Deadline.CONNECT, self._settings.connect_timeout)]
 
     def frame(self, frame: Frame) -> list[Action]:
-        if self.phase is Phase.CONNECTING:
+        phase = self.phase
+        if phase is _COMMITTED or phase is _ANSWERING:  # the frequent case first
+            kind = frame.content_type
+            if kind == "command/reply":
+                return self._reply(frame)
+            if kind == "text/event-plain":
+                return self._event(frame)
+            return self._other(frame)
+        if phase is Phase.CONNECTING:
             return self._channel_data(frame)
-        if self.phase is Phase.ANSWERING or self.phase is Phase.COMMITTED:
-            return self._following(frame)
-        raise RuntimeError(f"no frame is expected while {self.phase.value}")
+        raise RuntimeError(f"no frame is expected while {phase.value}")
 
     def decided(self, decision: Decision, *, holds_slots: bool) -> list[Action]:
         """The decision for the call; ``holds_slots``: the limits may have counted it."""
@@ -224,16 +237,12 @@ class CallSession:
         self.phase = Phase.DECIDING
         return [Disarm(Deadline.CONNECT), Decide(self.request)]
 
-    def _following(self, frame: Frame) -> list[Action]:
+    def _other(self, frame: Frame) -> list[Action]:
         kind = frame.content_type
-        if kind == "command/reply":
-            return self._reply(frame)
-        if kind == "text/event-plain":
-            return self._event(frame)
         if kind == "text/disconnect-notice" and frame.headers.get("Content-Disposition") != "linger":
             # FreeSWITCH disconnects once the channel is down (the linger notice only says it lingers).
             return self._finish(Outcome.ENDED, "FreeSWITCH disconnected", call_over=True)
-        return []
+        return _NOTHING
 
     def _reply(self, frame: Frame) -> list[Action]:
         actions: list[Action] = []
@@ -258,7 +267,7 @@ class CallSession:
             return self._finish(Outcome.ENDED, self.hangup_cause, call_over=True)
         if name == "CHANNEL_EXECUTE_COMPLETE" and self._bridge_failed(frame):
             return self._hang_up_failed_call(frame)
-        return []
+        return _NOTHING
 
     def _bridge_failed(self, frame: Frame) -> bool:
         return (
