@@ -9,7 +9,8 @@ adds a "callgate+P" server, and the ``phases`` scenario runs the engine with ``t
 
 The proposals measured here earlier were adopted and now live in the engine:
 
-* ``lazy-events``: ``engine/call/session.py`` reads an event's few headers one by one (``Frame.event_header``).
+* ``lazy-events``: ``engine/call/session.py`` reads an event's few headers one by one
+  (``Frame.event_header``).
 * ``lazy-channel-data``: ``engine/call/channel.py`` decodes only the CHANNEL_DATA headers it uses.
 * ``multiset``: ``engine/call/render.py`` sets a decision's variables with one ``multiset``.
 * ``nixevent``: ``engine/call/render.py`` sends ``nixevent`` for the events the engine never reads.
