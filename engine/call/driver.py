@@ -73,7 +73,7 @@ class _Expired(Exception):
     """Raised into the call's greenlet by its deadline timer."""
 
     def __init__(self, deadline: Deadline) -> None:
-        super().__init__(deadline.value)
+        super().__init__()
         self.deadline = deadline
 
 
@@ -179,7 +179,8 @@ class _Call:
                 if actions:
                     self._apply(actions)
         finally:
-            self._stop_timer()
+            if self._timer is not None:
+                self._timer.close()
 
     def _next(self) -> list[Action]:
         session = self._session
@@ -218,12 +219,12 @@ class _Call:
                 self._disarm(action.deadline)
             elif isinstance(action, Decide):
                 queue.extend(self._decide(action.request))
-            elif isinstance(action, Warn):
-                self._warn(action)
             elif isinstance(action, Release):
                 self._release()
-            else:
+            elif isinstance(action, Finish):
                 self._finish(action)
+            else:
+                self._warn(action)
 
     def _decide(self, request: CallRequest) -> list[Action]:
         started = time.perf_counter()
@@ -260,7 +261,8 @@ class _Call:
         self._start_timer(earliest, max(0.0, deadlines[earliest] - time.monotonic()))
 
     def _start_timer(self, deadline: Deadline, seconds: float) -> None:
-        self._stop_timer()
+        if self._timer is not None:
+            self._timer.close()
         self._timer_for = deadline
         self._timer = gevent.Timeout.start_new(seconds, _Expired(deadline))
 

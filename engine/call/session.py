@@ -52,10 +52,12 @@ class Phase(enum.Enum):
 _ANSWERING, _COMMITTED, _DONE = Phase.ANSWERING, Phase.COMMITTED, Phase.DONE
 
 
-class Deadline(enum.Enum):
-    CONNECT = "connect"  # engine.connect_timeout: the channel data
-    REPLIES = "replies"  # engine.reply_timeout: every command/reply of the written batch
-    HANGUP = "hangup"  # engine.hangup_timeout: CHANNEL_HANGUP_COMPLETE, counted from the decision
+class Deadline(enum.IntEnum):
+    # An IntEnum: the driver keys its timers by deadline, and an IntEnum hashes as an int
+    # (a plain Enum's __hash__ is Python code, run on every lookup).
+    CONNECT = 1  # engine.connect_timeout: the channel data
+    REPLIES = 2  # engine.reply_timeout: every command/reply of the written batch
+    HANGUP = 3  # engine.hangup_timeout: CHANNEL_HANGUP_COMPLETE, counted from the decision
 
 
 class Outcome(enum.Enum):
