@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from engine.esl.inbound import InboundError, api
-from engine.state.limits import FailOpenLimiter, Limiter, LimitsUnavailable
+from engine.state.limits import LimitsBackend, LimitsUnavailable
 
 __all__ = [
     "ReconcileReport",
@@ -132,7 +132,7 @@ def parse_show_channels(text: str) -> set[str]:
 
 
 def reconcile(
-    limiter: Limiter | FailOpenLimiter,
+    limiter: LimitsBackend,
     switches: Sequence[SwitchAddress],
     *,
     grace_seconds: float = 5,
