@@ -172,26 +172,24 @@ class _Call:
 
     def run(self) -> None:
         session = self._session
+        conn = self._conn
         try:
             self._apply(session.start())
             while session.phase is not _DONE:
-                actions = self._next()
+                # One frame in, its actions out (inlined: this loop runs for every frame).
+                try:
+                    actions = session.frame(conn.read_frame(None))
+                except _Expired as expired:
+                    actions = self._expired(expired)
+                except PeerGone as exc:
+                    actions = session.peer_gone(str(exc), clean=exc.clean)
+                except ProtocolError as exc:
+                    actions = session.protocol_error(str(exc))
                 if actions:
                     self._apply(actions)
         finally:
             if self._timer is not None:
                 self._timer.close()
-
-    def _next(self) -> list[Action]:
-        session = self._session
-        try:
-            return session.frame(self._conn.read_frame(None))
-        except _Expired as expired:
-            return self._expired(expired)
-        except PeerGone as exc:
-            return session.peer_gone(str(exc), clean=exc.clean)
-        except ProtocolError as exc:
-            return session.protocol_error(str(exc))
 
     def _expired(self, expired: _Expired) -> list[Action]:
         self._timer = self._timer_for = None  # it fired: nothing to close
@@ -201,11 +199,8 @@ class _Call:
         return actions
 
     def _apply(self, actions: list[Action]) -> None:
-        queue = list(actions)  # actions may add more (a failed write, a decision)
-        index = 0
-        while index < len(queue):
-            action = queue[index]
-            index += 1
+        queue = list(actions)  # actions may add more (a failed write, a decision): the loop sees them
+        for action in queue:
             if isinstance(action, Send):
                 try:
                     self._conn.send(action.data)

@@ -72,7 +72,8 @@ def _caller_id_option(leg: GatewayLeg) -> str:
 
 
 def _gateway_head(leg: GatewayLeg) -> str:
-    return f"[leg_timeout={leg.timeout}{_caller_id_option(leg)}{codec_option(leg.codecs)}]sofia/gateway/"
+    caller_id = "" if leg.caller_id is None else _caller_id_option(leg)
+    return f"[leg_timeout={leg.timeout}{caller_id}{codec_option(leg.codecs)}]sofia/gateway/"
 
 
 def dial_target(leg: Leg) -> str:
