@@ -45,7 +45,12 @@ def test_no_other_callgate_service_listens_on_an_engine_port() -> None:
     engine_ports = {int(host.rpartition(":")[2]) for host in data.split()[0].split("|")}
     config = Config()
     assert config.engine.listen_port in engine_ports
-    others = {config.admin.listen_port, config.metrics.listen_port, config.sync.metrics_port}
+    others = {
+        config.admin.listen_port,
+        config.metrics.listen_port,
+        config.sync.metrics_port,
+        config.fsxml.listen_port,
+    }
     assert not engine_ports & others
 
 
