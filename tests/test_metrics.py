@@ -237,7 +237,7 @@ def test_degraded_cause_is_read_from_the_engine_s_own_details() -> None:
     assert degraded_cause(stale(call()).detail) == "stale_snapshot"
     down = Decider(_Source(True, 0.1, catalog), RulesConfig(), max_age=5, limiter=_DownLimiter())
     assert degraded_cause(down(call()).detail) == "limits_unavailable"
-    # Written by engine.authorize.CallHandler.
+    # Written by engine.call.driver.CallHandler.
     assert degraded_cause("decision deadline exceeded") == "deadline"
     assert degraded_cause("over engine.max_connections") == "overload"
     assert degraded_cause("internal error") == "internal_error"
