@@ -664,6 +664,15 @@ def _target_dest_host(target: str, default_host: str) -> tuple[str, str]:
     return user or rest, host
 
 
+def originated_legs(legs: list[tuple[str, str]]) -> str:
+    """variable_originated_legs as FreeSWITCH 1.10 writes it: ``uuid;Outbound Call;number`` for
+    one leg, ``ARRAY::a|:b`` for several (answered_gateway_failover_wire.txt)."""
+    entries = [f"{uuid};Outbound Call;{number}" for uuid, number in legs]
+    if len(entries) == 1:
+        return entries[0]
+    return "ARRAY::" + "|:".join(entries)
+
+
 def gateways_answering(names: Iterable[str]) -> Callable[[str], bool]:
     """``answering_targets`` for the CLI: a target answers when one of ``names`` is one
     of its ``/``, ``@`` or ``:`` separated parts (e.g. ``sofia/gateway/gw1/4412...``)."""
@@ -1735,6 +1744,9 @@ class Channel(EslConnection):
         fail_cause = "NO_ROUTE_DESTINATION"
         causes: list[str] = []
         answers = self.spec.answering_targets
+        # Every leg tried, (uuid, destination) in dial-string order: FreeSWITCH lists them in
+        # variable_originated_legs, and last_bridge_to names the one that answered.
+        tried: list[tuple[str, str]] = []
         for group in groups:
             winner = None
             for target in group:
@@ -1745,13 +1757,15 @@ class Channel(EslConnection):
                         winner = target
                     continue
                 fail_cause = self._leg_failure(verdict)
-                causes.append(f"{uuid4()};{fail_cause}")
+                leg_uuid = str(uuid4())
+                tried.append((leg_uuid, _target_dest_host(target, self.switch.sip_ip)[0]))
+                causes.append(f"{leg_uuid};{fail_cause}")
             if winner is None:
                 if self._wait(self.spec.failed_leg_seconds):
                     self._hangup_now(self._pending.cause, self._pending.disposition)  # type: ignore[union-attr]
                     return "_none_"
                 continue
-            return self._bridge_to(winner)
+            return self._bridge_to(winner, tried)
         # every target failed
         self._apply(
             "bridge_failed",
@@ -1782,7 +1796,7 @@ class Channel(EslConnection):
             return str2cause(verdict, default=self.spec.failed_leg_cause)
         return str2cause(self.spec.failed_leg_cause)
 
-    def _bridge_to(self, target: str) -> str:
+    def _bridge_to(self, target: str, tried: list[tuple[str, str]] | None = None) -> str:
         other_dest, other_host = _target_dest_host(target, self.switch.sip_ip)
         b_uuid = str(uuid4())
         b_created = _now_us()
@@ -1792,6 +1806,7 @@ class Channel(EslConnection):
             "other_dest": other_dest,
             "other_host": other_host,
             "other_channel_name": target,
+            "originated_legs": originated_legs([*(tried or ()), (b_uuid, other_dest)]),
         }
         # the B leg rings
         self._apply("bridge_progress", **extra)
