@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import gevent
@@ -19,6 +19,7 @@ from engine.call.channel import call_request
 from engine.call.session import (
     Action,
     Arm,
+    Bill,
     CallSession,
     Deadline,
     Decide,
@@ -63,10 +64,13 @@ class CallRecord:
     request: CallRequest | None = None
     decision: Decision | None = None
     hangup_cause: str = ""
+    hangup: Mapping[str, str] | None = None  # the decoded CHANNEL_HANGUP_COMPLETE (billing)
 
 
 DecideFn = Callable[[CallRequest], Decision]
 EndHook = Callable[[CallRecord], None]
+# (the call, whether a rejected call's decision may hold a funds reservation)
+BillHook = Callable[[CallRecord, bool], None]
 
 
 class _Expired(Exception):
@@ -85,6 +89,7 @@ class CallHandler:
         metrics: EngineMetrics,
         rules: RulesConfig,
         on_end: EndHook | None = None,
+        on_bill: BillHook | None = None,
     ) -> None:
         self._config = config
         engine = config.engine
@@ -97,6 +102,7 @@ class CallHandler:
         self._decide = decide
         self._metrics = metrics
         self._on_end = on_end  # called when the call's counted slots are to be released
+        self._on_bill = on_bill  # called once per decided call: accounting (engine.billing.live)
         self._decision_level = logging.getLevelName(config.logging.decision_level)
         self._in_flight = 0
 
@@ -216,6 +222,8 @@ class _Call:
                 queue.extend(self._decide(action.request))
             elif isinstance(action, Release):
                 self._release()
+            elif isinstance(action, Bill):
+                self._bill(action)
             elif isinstance(action, Finish):
                 self._finish(action)
             else:
@@ -272,6 +280,16 @@ class _Call:
         if on_end is not None:
             session = self._session
             on_end(CallRecord(self._peer, session.request, session.decision, session.hangup_cause))
+
+    def _bill(self, bill: Bill) -> None:
+        on_bill = self._handler._on_bill
+        if on_bill is None:
+            return
+        session = self._session
+        # The full decode happens here only, once per call (the session reads headers one by one).
+        hangup = bill.hangup.event() if bill.hangup is not None else None
+        record = CallRecord(self._peer, session.request, session.decision, session.hangup_cause, hangup)
+        on_bill(record, bill.may_hold_funds)
 
     def _finish(self, finish: Finish) -> None:
         kind = _DROP_KINDS.get(finish.outcome)

@@ -115,6 +115,9 @@ class Bill:
     attempt, nothing debited)."""
 
     hangup: Frame | None
+    # A rejected call whose decision may have taken a funds reservation (a late or failed
+    # decision): the record releases it.
+    may_hold_funds: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +131,7 @@ Action = Send | Arm | Disarm | Decide | Warn | Release | Bill | Finish
 
 _RELEASE = Release()
 _BILL_REJECT = Bill(None)
+_BILL_LATE_REJECT = Bill(None, may_hold_funds=True)
 _DISARM_REPLIES = Disarm(Deadline.REPLIES)
 # "Nothing to do", shared: the driver never modifies the lists it is given.
 _NOTHING: list[Action] = []
@@ -198,7 +202,7 @@ class CallSession:
             # A respond never bridges: whatever a late or abandoned decision took goes back now.
             # A respond never bridges: whatever a late or abandoned decision took goes back now,
             # and the attempt is recorded once its answer is written.
-            release = [_RELEASE, _BILL_REJECT] if holds_slots else [_BILL_REJECT]
+            release = [_RELEASE, _BILL_LATE_REJECT] if holds_slots else [_BILL_REJECT]
             self.holds_slots = False
         self.replies_pending = self._batch_replies = batch.replies_expected
         return [

@@ -203,7 +203,7 @@ def test_reject_writes_respond_and_releases_at_once_what_a_late_decision_took() 
     session = deciding()
     actions = session.decided(REJECT, holds_slots=True)
     assert actions[0] == Send(reject_batch(REJECT, 402, "Payment Required").payload)
-    assert actions[1:3] == [Release(), Bill(None)]  # released, then the attempt is recorded
+    assert actions[1:3] == [Release(), Bill(None, may_hold_funds=True)]  # released, then recorded
     assert session.phase is Phase.ANSWERING and not session.holds_slots
     plain = deciding()
     plain_actions = plain.decided(REJECT, holds_slots=False)
