@@ -49,25 +49,43 @@ class PricedAccept(Accept):
     decided_at: datetime | None = None
 
 
+# FreeSWITCH bills ``end_epoch - answer_epoch`` in whole seconds, so a call hung up N seconds
+# after its answer may be billed N + 1 (freeswitch-captures: ``sched_hangup +63`` ended the call
+# 62.52 s after the answer, billsec 63). A reservation covering d billed seconds is therefore
+# rendered as ``sched_hangup +(d - 1)``: the billed seconds never exceed what was reserved.
+BILLSEC_ROUNDING = 1
+
+
 def reservation_for(
     funds: Funds, accept: Accept, catalog: Catalog
 ) -> tuple[CallPricing, FundsRequest | None]:
-    """The call's prices, and its reservation (None when no chain level pays anything)."""
+    """The call's prices, and its reservation (None when no chain level pays anything): up to
+    the rules' duration plus the billing second FreeSWITCH may add."""
     pricing = pricing_for(accept, catalog)
     levels = funds_levels(pricing, catalog)
-    return pricing, (funds.request(levels, accept.max_duration) if levels else None)
+    cap = accept.max_duration + BILLSEC_ROUNDING
+    return pricing, (funds.request(levels, cap) if levels else None)
+
+
+def granted_duration(granted: int | None, max_duration: int) -> int:
+    """What ``sched_hangup`` is given when the reservation covers ``granted`` billed seconds."""
+    if granted is None:
+        return max_duration
+    return max(1, min(max_duration, granted - BILLSEC_ROUNDING))
 
 
 def priced(
     accept: Accept, pricing: CallPricing, granted: int | None, catalog: Catalog, now: datetime
 ) -> PricedAccept:
     """``accept`` (after the limits: possibly fewer routes) with the duration its reservation
-    covers and the prices of the routes it will dial."""
-    duration = accept.max_duration if granted is None else granted
+    covers and the prices of the routes it will dial. ``pricing.max_duration`` keeps the
+    billed seconds reserved (the CDR's ``max_duration``)."""
+    duration = granted_duration(granted, accept.max_duration)
     routes = pricing.routes
     if len(accept.routes) != len(routes):  # the limits dropped full trunks: price what is dialled
         routes = tuple(route_price(route, catalog) for route in accept.routes)
-    pricing = dataclasses.replace(pricing, routes=routes, max_duration=duration)
+    reserved = duration if granted is None else granted
+    pricing = dataclasses.replace(pricing, routes=routes, max_duration=reserved)
     values = {name: getattr(accept, name) for name in _ACCEPT_FIELDS}
     values["max_duration"] = duration
     return PricedAccept(**values, pricing=pricing, decided_at=now)
