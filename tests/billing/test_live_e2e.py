@@ -110,8 +110,10 @@ def environment(module_pg_url: str, redis_url: str, module_key_prefix: str) -> d
     prepare_database(module_pg_url, CATALOGUE)
     with psycopg.connect(module_pg_url, autocommit=True) as conn:  # the opening balances of the ledger
         conn.execute(
-            "INSERT INTO balance_changes (account_id, kind, amount, balance_after, currency, description, actor)"
-            " SELECT id, 'initial', balance, balance, currency, 'opening balance', 'test' FROM accounts WHERE balance <> 0"
+            "INSERT INTO balance_changes"
+            " (account_id, kind, amount, balance_after, currency, description, actor)"
+            " SELECT id, 'initial', balance, balance, currency, 'opening balance', 'test'"
+            " FROM accounts WHERE balance <> 0"
             " AND NOT EXISTS (SELECT 1 FROM balance_changes b WHERE b.account_id = accounts.id)"
         )
     publish(env)
