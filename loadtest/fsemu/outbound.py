@@ -361,6 +361,7 @@ class CallSpec:
     # The caller hung up while FreeSWITCH connected: a disconnect notice instead of the channel data.
     abandon_before_connect: bool = False
     raw_channel_data: bytes | None = None  # sent instead of the CHANNEL_DATA reply to connect
+    duplicate_hangup_complete: bool = False  # CHANNEL_HANGUP_COMPLETE delivered twice (billing test)
 
 
 @dataclass
@@ -1911,6 +1912,8 @@ class Channel(EslConnection):
         if self._disposition in ("send_bye", "send_refuse", "send_cancel"):
             self._set_var("sip_hangup_disposition", self._disposition)
         self._fire("CHANNEL_HANGUP_COMPLETE")
+        if self.spec.duplicate_hangup_complete:
+            self._fire("CHANNEL_HANGUP_COMPLETE")
         self.result.channel_variables = dict(self.variables)
         self._complete = True
         self.result.billsec = int(self.variables.get("billsec", "0") or 0)

@@ -270,3 +270,28 @@ def test_fifty_simultaneous_calls_through_two_engines_never_overspend(
     assert len(connected) * D("0.01") * MAX_LENGTH < 50 * D("0.01") * MAX_LENGTH
     assert balance(db, PREPAID) == PREPAID_FUNDS - total >= 0
     assert db.execute("SELECT * FROM ledger_mismatches").fetchall() == []
+
+
+def test_a_duplicated_channel_hangup_complete_bills_once(
+    engines: list[EngineProcess], writer: CdrWriter, db: psycopg.Connection
+) -> None:
+    before = balance(db, RESOLD)
+    spec = CallSpec(
+        destination="441234567890",
+        sip_auth_username="resold",
+        hold_seconds=1.0,
+        duplicate_hangup_complete=True,
+    )
+    result = place_call("127.0.0.1", engines[1].port, spec, timeout=30)
+    assert result.error is None and result.answered, result.error
+    assert result.events.count("CHANNEL_HANGUP_COMPLETE") == 2
+    drain_until(writer, db, [result.uuid])
+    gevent.sleep(1.0)  # anything a second settlement would have queued is in the stream by now
+    while writer.process_once(0).entries:
+        pass
+    rows = db.execute("SELECT customer_debit FROM cdrs WHERE uuid = %s", (result.uuid,)).fetchall()
+    assert rows == [(D("0.01") * result.billsec,)]
+    assert balance(db, RESOLD) == before - D("0.01") * result.billsec
+    duplicates = db.execute("SELECT count(*) FROM cdr_duplicates").fetchone()
+    assert duplicates == (0,)
+    assert db.execute("SELECT * FROM ledger_mismatches").fetchall() == []
