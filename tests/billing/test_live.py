@@ -137,3 +137,19 @@ def test_an_accepted_call_without_its_hangup_is_not_billed() -> None:
     billing = LiveBilling(None, lambda: catalog, DEFAULT_SIP_RESPONSES.__getitem__)  # type: ignore[arg-type]
     accept = run(catalog)
     assert billing.settlement(CallRequest(uuid="x", destination="44"), accept, None) is None
+
+
+def test_the_drivers_lazy_hangup_headers_read_exactly_what_a_full_decode_reads() -> None:
+    from engine.billing.hangup import parse_hangup
+    from engine.call.driver import _HangupHeaders
+    from tests.billing.captures import CAPTURES, frames
+
+    checked = 0
+    for capture in sorted(CAPTURES.glob("*_wire.txt")):
+        for frame in frames(capture.name):
+            if frame.event_name == "CHANNEL_HANGUP_COMPLETE":
+                lazy = _HangupHeaders(frame)
+                assert parse_hangup(lazy) == parse_hangup(frame.event())
+                assert dict(lazy) == frame.event() and lazy.get("no-such-header") is None
+                checked += 1
+    assert checked >= 3
