@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from engine.billing.calls import call_settlement, funds_levels, reject_settlement
@@ -190,3 +190,22 @@ class LiveBilling:
                 item, debits=tuple((a, recorded[a], recorded[a] * 0) for a in chain if a in recorded)
             )
         return item
+
+
+def affordable_seconds(available: int, level: Sequence[int], cap: int) -> int:
+    """The Lua ``funds_affordable`` (engine.state.funds) in Python, for ``callgate explain``:
+    the longest duration one level can pay in full with ``available`` micro-units, given its
+    8 reservation arguments (``FundsLevel.args()``), or -1 when it cannot pay its connect cost
+    plus one minute."""
+    connect, cpm, included, initial, increment = level[3], level[4], level[5], level[6], level[7]
+    if cpm <= 0:
+        return -1 if available < connect else cap
+    if available < connect + cpm:
+        return -1
+    most = (available - connect) * 60 // cpm
+    seconds = included
+    if most >= initial:
+        seconds = included + initial + (most - initial) // increment * increment
+    if seconds < 1:
+        return -1
+    return min(seconds, cap)
