@@ -32,6 +32,7 @@ from werkzeug.exceptions import HTTPException
 
 from engine.admin import csvio
 from engine.admin import schemas as s
+from engine.admin.billing_routes import billing_routes
 from engine.admin.errors import AdminError, FieldError, Unauthorized
 from engine.admin.service import AdminService, authenticate
 from engine.admin.settings import AdminSettings, admin_settings
@@ -250,6 +251,7 @@ def create_app(config: Any, settings: AdminSettings | None = None) -> OpenAPI:
         return Response(json.dumps(app.api_doc), mimetype="application/json")
 
     app.register_api(_routes())
+    app.register_api(billing_routes())  # CDRs, statements, e-mail log (engine/admin/billing_routes.py)
     return app
 
 
