@@ -242,7 +242,7 @@ def billing_routes() -> APIBlueprint:
         if scope.is_admin:
             return _json(page)
         # the carrier side is never shown to a reseller, not even as null
-        hidden = {"items": {"__all__": RESELLER_HIDDEN}, "totals": {"carrier_cost", "margin"}}
+        hidden: dict[str, Any] = {"items": {"__all__": RESELLER_HIDDEN}, "totals": {"carrier_cost", "margin"}}
         return Response(page.model_dump_json(exclude=hidden), mimetype="application/json")
 
     @api.get(
