@@ -153,3 +153,34 @@ def test_the_openapi_document_describes_the_routes(clients: dict[str, Client]) -
                  "/api/v1/customers/{number}/emails"):  # fmt: skip
         assert "get" in paths[path], path
     assert "text/csv" in paths["/api/v1/cdrs/export"]["get"]["responses"]["200"]["content"]
+
+
+def test_the_cli_lists_exports_and_shows_statements_and_emails(
+    clients: dict[str, Client], db_url: str, capsys: pytest.CaptureFixture[str], tmp_path: Any
+) -> None:
+    from engine.admin import cli as admin_cli
+
+    env = {"CALLGATE_DATABASE_URL": db_url}
+
+    def run(*argv: str) -> tuple[int, str]:
+        capsys.readouterr()
+        rc = admin_cli.main(list(argv), environ=env)
+        return rc, capsys.readouterr().out
+
+    rc, out = run("admin", "cdr", "list", "--account", "701", "--per-page", "2", "--json")
+    page = json.loads(out)
+    assert rc == 0 and page["total"] == 5 and len(page["items"]) == 2
+    assert page["totals"]["customer_debit"] == "2.50"
+    rc, out = run("admin", "cdr", "list", "--rejected", "false")
+    assert rc == 0 and "8 calls" in out and "STARTED_AT" in out
+    target = tmp_path / "cdrs.csv"
+    assert run("admin", "cdr", "export", "--account", "702", "--output", str(target))[0] == 0
+    assert len(list(csv.DictReader(target.open()))) == 3
+    rc, out = run("admin", "statement", "show", "701", "--json")
+    assert rc == 0 and json.loads(out)["closing"] == "17.50"
+    rc, out = run("admin", "statement", "show", "701")
+    assert rc == 0 and "closing 17.50" in out
+    rc, out = run("admin", "email", "list", "701", "--json")
+    assert rc == 0 and json.loads(out)[0]["status"] == "pending"
+    assert run("admin", "email", "list", "999")[0] == 1  # not found
+    assert run("admin", "cdr", "list", "--prefix", "x1")[0] == 1  # refused by validation
