@@ -254,7 +254,10 @@ class Engine:
             gevent.spawn(run_resync, self.limiter, self.stopping)
         if self.switches:
             interval = self.config.limits.reconcile_interval
-            gevent.spawn(run_reconciler, self.limiter, self.switches, interval, self.metrics, self.stopping)
+            gevent.spawn(
+                run_reconciler, self.limiter, self.switches, interval, self.metrics, self.stopping,
+                self.funds.release_calls,  # the reservations of the calls released
+            )  # fmt: skip
         self._events_task = gevent.spawn(self.events.run, self.stopping)
         gevent.spawn(self.releases.run, self._releases_stop)
         self._settler_task = gevent.spawn(self.settler.run, self._releases_stop)
