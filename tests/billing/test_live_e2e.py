@@ -8,6 +8,7 @@ billed seconds FreeSWITCH (the emulator, with FreeSWITCH's own `end_epoch - answ
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from typing import Any
 
@@ -18,7 +19,7 @@ import redis
 
 from engine.sync.cdrs import CdrWriter
 from loadtest.fsemu import CallSpec, place_call
-from tests.support import EngineProcess, engine_environment, prepare_database, publish, wait_until
+from tests.support import EngineProcess, engine_environment, prepare_database, publish, run_cli, wait_until
 
 D = Decimal
 RESELLER, RESOLD, PREPAID = "2000000001", "2000000101", "1000000001"
@@ -295,3 +296,22 @@ def test_a_duplicated_channel_hangup_complete_bills_once(
     duplicates = db.execute("SELECT count(*) FROM cdr_duplicates").fetchone()
     assert duplicates == (0,)
     assert db.execute("SELECT * FROM ledger_mismatches").fetchall() == []
+
+
+def test_explain_shows_the_funds_the_reservations_and_the_duration(
+    environment: dict[str, str], engines: list[EngineProcess], db: psycopg.Connection
+) -> None:
+    done = run_cli(["explain", "--sip-user", "resold", "--dest", "441234567890", "--json"], environment)
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert [row["account"] for row in document["funds"]] == [RESOLD, RESELLER]
+    assert all(row["open_reservations"] == 0 and D(row["reserved"]) == 0 for row in document["funds"])
+    assert document["max_duration"] == MAX_LENGTH  # the funds allow more than the rules
+    # After the overspend test: what Redis counts as spent (not yet in this snapshot) is taken off,
+    # so the funds available are the balance PostgreSQL now holds.
+    text = run_cli(["explain", "--sip-user", "prepaid", "--dest", "441234567890"], environment)
+    left = balance(db, PREPAID)
+    assert left < PREPAID_FUNDS
+    assert f"funds: {PREPAID}: available {left} " in text.stdout, text.stdout
+    expected = 3 if left < D("0.60") else 0  # a minute at 0.60 is needed to be accepted
+    assert text.returncode == expected, text.stdout
