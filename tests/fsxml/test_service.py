@@ -25,7 +25,7 @@ from engine.fsxml.server import PATH, FsxmlApp, SnapshotSource
 from engine.state.snapshot import apply_changes, current_version, publish_snapshot
 from engine.state.watcher import SnapshotHolder
 from tests.fsxml import forms
-from tests.fsxml.catalog import DOMAIN, catalog
+from tests.fsxml.catalog import DOMAIN, catalog, device
 from tests.support import wait_until
 
 SECRET = "fs-S3cret!"
@@ -136,7 +136,8 @@ def test_a_changed_device_is_seen_by_the_next_lookup(
 ) -> None:
     app = app_for(holder)
     alice = catalog().sip_devices[0]
-    apply_changes(client, key_prefix, published, [dataclasses.replace(alice, password="Ch4nged")], [])
+    changed = device(alice.id, alice.account_id, "alice", password="Ch4nged")
+    apply_changes(client, key_prefix, published, [changed], [])
 
     def sees_new_password() -> bool:
         reply = call(app, forms.sip_auth("alice", DOMAIN), authorization=auth())
