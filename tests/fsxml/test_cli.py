@@ -75,7 +75,11 @@ def _wait_ready(process: subprocess.Popen[bytes], port: int, log_path: Path) -> 
         if process.poll() is not None:
             raise RuntimeError(f"callgate fsxml exited early:\n{log_path.read_text(errors='replace')}")
         try:  # the directory from the snapshot, the gateways once their passwords were read
-            return post(port, forms.sip_auth("alice", DOMAIN))[0] == post(port, forms.gateways("external"))[0] == 200
+            return (
+                post(port, forms.sip_auth("alice", DOMAIN))[0]
+                == post(port, forms.gateways("external"))[0]
+                == 200
+            )
         except OSError:
             return False
 
