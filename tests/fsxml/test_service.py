@@ -231,3 +231,17 @@ def test_no_snapshot_or_a_stale_one_is_503(client: redis.Redis, key_prefix: str,
     assert call(app, forms.sip_auth("alice", DOMAIN), authorization=auth()).status == 200
     strict = app_for(holder, dataclasses.replace(SETTINGS, snapshot_max_age=1e-9))
     assert call(strict, forms.sip_auth("alice", DOMAIN), authorization=auth()).status == 503
+
+
+def test_gateway_lookups_are_503_until_the_carrier_passwords_were_read(
+    published: int, holder: SnapshotHolder[Directory]
+) -> None:
+    # Sending a registering gateway without its password would have the carrier refuse it:
+    # FreeSWITCH gets an HTTP error instead, and falls back to its own configuration.
+    ready = False
+    app = FsxmlApp(SETTINGS, Answers(SETTINGS.domain), SnapshotSource(holder), lambda: ready)
+    assert call(app, forms.gateways("external"), authorization=auth()).status == 503
+    assert call(app, forms.sofia_conf("external"), authorization=auth()).status == 503
+    assert call(app, forms.sip_auth("alice", DOMAIN), authorization=auth()).status == 200  # users: served
+    ready = True
+    assert call(app, forms.gateways("external"), authorization=auth()).status == 200
