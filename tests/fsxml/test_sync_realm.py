@@ -131,3 +131,19 @@ def test_another_configured_realm_publishes_a_whole_new_snapshot(
         "alice:other.example.org:Al1ce-Pw"
     )
     assert not moved.catch_up().full
+
+
+def test_a_snapshot_written_with_the_old_fields_is_replaced_whole(
+    config: Config, client: redis.Redis, workers: list[SyncWorker]
+) -> None:
+    # An upgrade: the current version was written by a release whose devices had a password
+    # field; the live sync cannot write the new field list into it, so it publishes anew.
+    version = publish_once(config)[0]
+    old = "id,account_id,username,active,codecs,password,caller_id_name,caller_id_number,context"
+    client.hset(f"{config.redis.key_prefix}snapshot:{version}:meta", "schema:sip_devices", old)
+    worker = start(workers, config)
+    with psycopg.connect(config.database.url, autocommit=True) as conn:
+        conn.execute("UPDATE sip_devices SET password = 'Upgr4ded' WHERE username = 'alice'")
+    result = worker.catch_up()
+    assert result.full and result.reason == "schema" and result.version > version
+    assert hashes(read_snapshot(client, config.redis.key_prefix))["alice"] == md5(f"alice:{REALM}:Upgr4ded")
