@@ -166,6 +166,20 @@ def build_app(config: Any, holder: Any, passwords: GatewayPasswords) -> FsxmlApp
     return FsxmlApp(settings, answers, SnapshotSource(holder), lambda: passwords.loaded)
 
 
+def snapshot_realm_mismatch(client: Any, prefix: str, version: int, domain: str) -> str | None:
+    """The realm the sync made snapshot ``version``'s a1-hashes for, if it is not ``domain``.
+
+    None when they agree, or when the sync state does not describe that version (it is
+    written right after the switch; the next full load looks again).
+    """
+    from engine.sync.state import read_state
+
+    state = read_state(client, prefix)
+    if state is None or state.version != version or state.sip_realm == domain:
+        return None
+    return state.sip_realm
+
+
 def wsgi_server(address: tuple[str, int], app: Any, error_log: Any = None) -> Any:
     """gevent's WSGI server with TCP_NODELAY on every connection, and no access log.
 
@@ -205,12 +219,24 @@ def serve(config: Any, host: str | None = None, port: int | None = None) -> int:
     client = redis.Redis.from_url(config.redis.url, socket_timeout=10, socket_connect_timeout=5)
     # Carrier passwords come from PostgreSQL, read again when the holder sees a gateway change.
     passwords = GatewayPasswords(postgres_reader(config.database.url, config.database.connect_timeout))
+
+    def on_swap(version: int, directory: Directory) -> None:
+        passwords.on_swap(version, directory)
+        try:
+            realm = snapshot_realm_mismatch(client, config.redis.key_prefix, version, settings.domain)
+        except redis.RedisError:
+            return  # the next full load looks again
+        if realm is not None:
+            log.error(
+                "fsxml: snapshot %d holds a1-hashes for realm %r but fsxml.domain is %r: every digest"
+                " check fails; give callgate sync and callgate fsxml the same [fsxml] domain",
+                version,
+                realm,
+                settings.domain,
+            )
+
     holder: SnapshotHolder[Directory] = SnapshotHolder(
-        client,
-        config.redis.key_prefix,
-        Directory.build,
-        on_swap=passwords.on_swap,
-        on_change=passwords.on_change,
+        client, config.redis.key_prefix, Directory.build, on_swap=on_swap, on_change=passwords.on_change
     )
     app = build_app(config, holder, passwords)
     stop = gevent.event.Event()

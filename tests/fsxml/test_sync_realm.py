@@ -17,6 +17,7 @@ import redis
 
 from engine.config import Config
 from engine.db.loader import load_catalog
+from engine.fsxml.server import snapshot_realm_mismatch
 from engine.model import CatalogData
 from engine.state.snapshot import read_snapshot
 from engine.sync import publish_once
@@ -147,3 +148,14 @@ def test_a_snapshot_written_with_the_old_fields_is_replaced_whole(
     result = worker.catch_up()
     assert result.full and result.reason == "schema" and result.version > version
     assert hashes(read_snapshot(client, config.redis.key_prefix))["alice"] == md5(f"alice:{REALM}:Upgr4ded")
+
+
+def test_the_service_tells_when_the_snapshots_realm_is_not_its_domain(
+    config: Config, client: redis.Redis
+) -> None:
+    prefix = config.redis.key_prefix
+    version = publish_once(with_realm(config, "other.example.org"))[0]
+    assert snapshot_realm_mismatch(client, prefix, version, REALM) == "other.example.org"
+    assert snapshot_realm_mismatch(client, prefix, version + 1, REALM) is None  # state of another version
+    version = publish_once(config)[0]
+    assert snapshot_realm_mismatch(client, prefix, version, REALM) is None
