@@ -106,7 +106,9 @@ def environment(module_pg_url: str, redis_url: str, module_key_prefix: str) -> d
         redis_url,
         module_key_prefix,
         CALLGATE_RULES__CALL_MAX_LENGTH=str(MAX_LENGTH),
-        CALLGATE_ENGINE__DECISION_DEADLINE="5",
+        # generous deadlines: the machine running the suite may be loaded (no ENGINE_DEGRADED)
+        CALLGATE_ENGINE__DECISION_DEADLINE="10",
+        CALLGATE_REDIS__SOCKET_TIMEOUT="5",
     )
     prepare_database(module_pg_url, CATALOGUE)
     with psycopg.connect(module_pg_url, autocommit=True) as conn:  # the opening balances of the ledger
