@@ -139,7 +139,10 @@ class Decider:
         funds = self._funds
         pricing, reservation = reservation_for(funds, accept, catalog) if funds is not None else (None, None)
         try:
-            result = limiter.acquire(uuid, plan, accept.max_duration, reservation)
+            if reservation is None:
+                result = limiter.acquire(uuid, plan, accept.max_duration)
+            else:
+                result = limiter.acquire(uuid, plan, accept.max_duration, reservation)
         except LimitsUnavailable as exc:
             if isinstance(exc, LimitsAmbiguous) and self._release_later is not None:
                 self._release_later(uuid)  # the script may have run: free what it took
