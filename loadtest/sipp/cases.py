@@ -1,0 +1,332 @@
+"""What the suite places and what each case must produce (pure data and pure checks).
+
+The demo cases are ``config/demo.yaml``'s numbered demo calls, with the expected outcome its
+header states, as the SIP caller sees it: the code is FreeSWITCH's answer to the INVITE after
+callgate decided (callgate's reject codes: 403, 404, 402, 503; an accepted call is a 200 from
+the gateway's callee). The lab cases use the catalogue's additions (:mod:`loadtest.sipp.fixture`).
+Cases that need the engine or Redis stopped run only when the operator gives the commands
+that do it (``--hook``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from loadtest.sipp import fixture as fx
+from loadtest.sipp.results import CallResult, percentile
+
+ALICE = ("alice", "Wd3kM9pQs7Vx")
+BRIGHT = ("2000000101", "Zq7rT2vLx9Kp")
+HARBOR = ("2000000102", "Hb4nW8qPz2Rm")
+
+
+@dataclass(frozen=True)
+class Caller:
+    ip: str
+    user: str = "lab"  # the From user; the digest username when FreeSWITCH challenges
+    password: str = ""
+    cid: str = "1000"
+
+
+@dataclass(frozen=True)
+class Expect:
+    codes: dict[str, int]  # final code -> how many calls ("200": answered)
+    remote_bye_reason: str = ""  # FreeSWITCH's BYE must carry this text in its Reason
+    answered_seconds: tuple[float, float] | None = None  # answer -> FreeSWITCH's BYE, bounds
+    max_final_ms: float | None = None  # INVITE -> final answer, upper bound
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    group: str
+    what: str
+    caller: Caller
+    dest: str
+    expect: Expect
+    scenario: str = "caller.xml"
+    calls: int = 1
+    rate: float = 10.0  # calls per second
+    hook_before: str = ""  # hook run before the calls (e.g. engine-down)
+    hook_after: str = ""  # hook run after them (e.g. engine-up)
+    slow: bool = False  # only with --slow (takes long by design)
+    wait_seconds: float = 60.0  # SIPp's global timeout for the case
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _device(user_pw: tuple[str, str], cid: str) -> Caller:
+    return Caller(fx.DEVICE_IP, user_pw[0], user_pw[1], cid)
+
+
+NORTHWIND = Caller(fx.NORTHWIND_IP, "northwind", cid="12125550100")
+LAB = Caller(fx.LAB_CALLER_IP, "lab")
+
+
+def _one(code: str, **kw: object) -> Expect:
+    return Expect({code: 1}, **kw)  # type: ignore[arg-type]
+
+
+def demo_cases() -> list[Case]:
+    alice = _device(ALICE, "442079460001")
+    return [
+        Case(
+            "demo-01",
+            "accept",
+            "alice, UK London; beta-gw1 dead -> failover to beta-gw2",
+            alice,
+            "00442079460123",
+            _one("200"),
+        ),
+        Case("demo-02", "accept", "alice, speed dial 1", alice, "1", _one("200")),
+        Case(
+            "demo-03", "accept", "alice, UK mobile (alpha-main first)", alice, "00447700900123", _one("200")
+        ),
+        Case(
+            "demo-04",
+            "accept",
+            "alice, Nigeria, forced trunk beta-premium",
+            alice,
+            "2348123456789",
+            _one("200"),
+        ),
+        Case(
+            "demo-05",
+            "reject",
+            "alice, blocked code 449: DESTINATION_BLOCKED",
+            alice,
+            "00449012345678",
+            _one("403"),
+        ),
+        Case(
+            "demo-06",
+            "accept",
+            "alice -> on-net 2000000101 (device not registered: 480 after callgate's accept)",
+            alice,
+            "2000000101",
+            _one("480"),
+        ),
+        Case(
+            "demo-07",
+            "accept",
+            "Northwind by IP map, tech prefix 7788, its DID as CLI",
+            NORTHWIND,
+            "778812125550123",
+            _one("200"),
+        ),
+        Case(
+            "demo-08",
+            "accept",
+            "Northwind, unknown CLI: non-CLI rate group",
+            Caller(fx.NORTHWIND_IP, "northwind", cid="15550001111"),
+            "7788442079460123",
+            _one("200"),
+        ),
+        Case(
+            "demo-09",
+            "reject",
+            "source outside every IP map: AUTHENTICATION_FAIL",
+            Caller(fx.STRANGER_IP, "stranger"),
+            "7788442071112222",
+            _one("403"),
+        ),
+        Case(
+            "demo-10",
+            "accept",
+            "Bright Dental (reseller ACME's customer), Germany mobile",
+            _device(BRIGHT, "442079460201"),
+            "004915112345678",
+            _one("200"),
+        ),
+        Case(
+            "demo-11",
+            "accept",
+            "Harbor Logistics (postpaid under ACME), France mobile",
+            _device(HARBOR, "442039990102"),
+            "33612345678",
+            _one("200"),
+        ),
+        Case(
+            "demo-12a",
+            "accept",
+            "Carrier Alpha -> alice's DID -> her device (not registered: 480)",
+            Caller(fx.CARRIER_ALPHA_IP, "alpha", cid="447700900555"),
+            "442071234567",
+            _one("480"),
+        ),
+        Case(
+            "demo-12b",
+            "reject",
+            "Carrier Alpha -> unassigned DID: NO_ROUTE_DESTINATION",
+            Caller(fx.CARRIER_ALPHA_IP, "alpha", cid="447700900555"),
+            "442039990000",
+            _one("404"),
+        ),
+    ]
+
+
+def lab_cases(max_duration: float, pdd_calls: int) -> list[Case]:
+    ans = fx.ANSWER_PREFIX + "0001"
+    return [
+        Case(
+            "callee-bye",
+            "call",
+            "gateway answers, hangs up 2 s later: caller gets FreeSWITCH's BYE",
+            LAB,
+            fx.BYE_PREFIX + "0001",
+            Expect({"200": 1}, remote_bye_reason="NORMAL_CLEARING", answered_seconds=(1.5, 3.0)),
+            scenario="caller_wait.xml",
+        ),
+        Case(
+            "caller-cancel",
+            "call",
+            "gateway rings, caller cancels after 1 s",
+            LAB,
+            fx.RING_PREFIX + "0001",
+            _one("487"),
+            scenario="caller_cancel.xml",
+        ),
+        Case(
+            "all-routes-fail",
+            "failover",
+            "only route is a dead gateway: bridge fails, callgate hangs up",
+            LAB,
+            fx.DEAD_PREFIX + "0001",
+            _one("503", max_final_ms=5000),
+        ),
+        Case(
+            "max-duration",
+            "duration",
+            f"caller never hangs up: sched_hangup ends it at the allowance ({max_duration:g} s)",
+            LAB,
+            ans,
+            Expect(
+                {"200": 1},
+                remote_bye_reason="ALLOTTED_TIMEOUT",
+                answered_seconds=(max_duration - 1.0, max_duration + 1.5),
+            ),
+            scenario="caller_wait.xml",
+            wait_seconds=max_duration + 30,
+        ),
+        Case(
+            "concurrent-limit",
+            "limits",
+            "5 calls at once from an account limited to 2 channels",
+            Caller(fx.TWO_CHANNELS_IP, "two"),
+            ans,
+            Expect({"200": 2, "503": 3}),
+            calls=5,
+            rate=50.0,
+        ),
+        Case(
+            "cps-limit",
+            "limits",
+            "6 calls in 120 ms from an account limited to 2 CPS",
+            Caller(fx.TWO_CPS_IP, "cps"),
+            ans,
+            Expect({"200": 2, "503": 4}),
+            calls=6,
+            rate=50.0,
+            scenario="caller_short.xml",
+        ),
+        Case(
+            "engine-down",
+            "outage",
+            "no engine listening: the dialplan's 503, fast",
+            LAB,
+            ans,
+            _one("503", max_final_ms=3000),
+            hook_before="engine-down",
+            hook_after="engine-up",
+        ),
+        Case(
+            "engine-frozen",
+            "outage",
+            "engine accepts the socket, never speaks: 503 after FreeSWITCH's waits",
+            LAB,
+            ans,
+            _one("503"),
+            hook_before="engine-freeze",
+            hook_after="engine-thaw",
+            slow=True,
+            wait_seconds=90,
+        ),
+        # An account with limits: its decision needs Redis (an unlimited one is decided from the
+        # in-memory snapshot until engine.snapshot_max_age).
+        Case(
+            "redis-down",
+            "outage",
+            "Redis unresponsive: ENGINE_DEGRADED 503; then how long until calls pass once it is back",
+            Caller(fx.TWO_CHANNELS_IP, "two"),
+            ans,
+            _one("503", max_final_ms=3000),
+            hook_before="redis-down",
+            hook_after="redis-up",
+            tags=("redis-recovery",),
+        ),
+    ]
+
+
+def select(
+    cases: list[Case], only: list[str], hooks: set[str], slow: bool
+) -> tuple[list[Case], list[tuple[Case, str]]]:
+    """The cases to run, and the skipped ones with why. ``only``: names or groups (empty: all)."""
+    chosen: list[Case] = []
+    skipped: list[tuple[Case, str]] = []
+    for case in cases:
+        if only and case.name not in only and case.group not in only:
+            continue
+        missing = [h for h in (case.hook_before, case.hook_after) if h and h not in hooks]
+        if missing:
+            skipped.append((case, "needs --hook " + ", ".join(f"{h}=..." for h in missing)))
+        elif case.slow and not slow:
+            skipped.append((case, "slow: needs --slow"))
+        else:
+            chosen.append(case)
+    return chosen, skipped
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    observed: str
+    notes: tuple[str, ...] = ()
+
+
+def code_counts(results: list[CallResult]) -> Counter[str]:
+    return Counter(r.final_code or "none" for r in results)
+
+
+def check(case: Case, results: list[CallResult]) -> Verdict:
+    """Compare what the callers saw with the case's expectation."""
+    counts = code_counts(results)
+    observed = ", ".join(f"{n}x{code}" for code, n in sorted(counts.items()))
+    notes: list[str] = []
+    ok = len(results) == case.calls and dict(counts) == case.expect.codes
+    if len(results) != case.calls:
+        notes.append(f"{len(results)} of {case.calls} calls reported")
+    if case.expect.remote_bye_reason:
+        byes = [r for r in results if r.outcome == "remote_bye"]
+        if not byes or not all(case.expect.remote_bye_reason in r.bye_reason for r in byes):
+            ok = False
+            notes.append("no FreeSWITCH BYE" if not byes else f"BYE reason {byes[0].bye_reason!r}")
+        else:
+            notes.append(f"BYE {byes[0].bye_reason}")
+    if case.expect.answered_seconds is not None:
+        lo, hi = case.expect.answered_seconds
+        talk = [r.talk_seconds for r in results if r.talk_seconds is not None]
+        if not talk or not all(lo <= t <= hi for t in talk):
+            ok = False
+        if talk:
+            notes.append(f"answer->BYE {max(talk):.2f} s (expected {lo:g}-{hi:g})")
+    if case.expect.max_final_ms is not None:
+        finals = [r.final_ms for r in results if r.final_ms is not None]
+        worst = max(finals) if finals else None
+        if worst is None or worst > case.expect.max_final_ms:
+            ok = False
+        if worst is not None:
+            notes.append(f"INVITE->final {worst:.0f} ms")
+    elif any(r.final_ms is not None for r in results):
+        finals = [r.final_ms for r in results if r.final_ms is not None]
+        notes.append(f"INVITE->final p50 {percentile(finals, 50):.0f} ms")
+    return Verdict(ok, observed, tuple(notes))
