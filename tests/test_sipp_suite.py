@@ -262,3 +262,45 @@ def test_pdd_summary_and_table() -> None:
     assert rows[0][0] == "callgate" and rows[0][-1] == "20.0"
     text = table(rows, ("variant", "calls", "answered", "p50", "mean", "p90", "max", "cpu"))
     assert text.splitlines()[0].startswith("| variant") and text.count("\n") == 2
+
+
+def _with_reason(code: str, reason: str, call_id: str, **channel: str) -> CallResult:
+    return _result(code, call_id=call_id, channel={"callgate_reason": reason, **channel})
+
+
+def test_channel_checks_reasons_of_refused_calls() -> None:
+    case = cs.Case(
+        "c",
+        "limits",
+        "",
+        cs.LAB,
+        "1",
+        cs.Expect({"200": 2, "503": 1}, reasons={"CONCURRENT_LIMIT": 1}),
+        calls=3,
+    )
+    good = [
+        _with_reason("200", "", "a", callgate_rate="4420:0.0096"),
+        _with_reason("200", "", "b"),
+        _with_reason("503", "CONCURRENT_LIMIT", "c"),
+    ]
+    verdict = cs.check(case, good)
+    assert verdict.ok and "callgate_reason 2x(unset), 1xCONCURRENT_LIMIT" in verdict.notes
+    wrong = [*good[:2], _with_reason("503", "CPS_LIMIT", "c")]
+    assert not cs.check(case, wrong).ok
+
+
+def test_channel_checks_catch_the_issue_14_defects() -> None:
+    case = cs.Case("a", "accept", "", cs.LAB, "1", cs.Expect({"200": 1}))
+    stale = _with_reason("200", "ENGINE_UNREACHABLE", "a")  # accepted, CDR says the engine was down
+    verdict = cs.check(case, [stale])
+    assert not verdict.ok and "1 decided call(s) recorded ENGINE_UNREACHABLE" in verdict.notes
+    empty_prefix = _with_reason("200", "", "a", callgate_rate=":0.001")  # an empty multiset value
+    assert not cs.check(case, [empty_prefix]).ok
+    down = cs.Case("d", "outage", "", cs.LAB, "1", cs.Expect({"503": 1}, reasons={"ENGINE_UNREACHABLE": 1}))
+    assert cs.check(down, [_with_reason("503", "ENGINE_UNREACHABLE", "d")]).ok
+
+
+def test_channel_checks_are_skipped_without_cdrs() -> None:
+    case = cs.Case("a", "accept", "", cs.LAB, "1", cs.Expect({"403": 1}, reasons={"DESTINATION_BLOCKED": 1}))
+    verdict = cs.check(case, [_result("403")])  # --esl not given: nothing to compare
+    assert verdict.ok and not any(n.startswith("callgate_reason") for n in verdict.notes)

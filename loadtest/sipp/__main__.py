@@ -80,6 +80,13 @@ def _variants(items: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def _esl(address: str, password: str) -> tuple[str, int, str] | None:
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    return host or "127.0.0.1", int(port), password
+
+
 def run_suite(args: argparse.Namespace) -> int:
     host, _, port = args.fs.rpartition(":")
     options = RunOptions(
@@ -94,6 +101,7 @@ def run_suite(args: argparse.Namespace) -> int:
         settle=args.settle,
         gap=args.gap,
         redis_outage=args.redis_outage,
+        esl=_esl(args.esl, args.esl_password),
     )
     all_cases = cs.demo_cases() + cs.lab_cases(args.max_duration, args.pdd_calls)
     only = [x for x in (args.only or "").split(",") if x]
@@ -126,6 +134,7 @@ def run_suite(args: argparse.Namespace) -> int:
                 calls=args.pdd_calls,
                 rate=args.pdd_rate,
                 rounds=args.pdd_rounds,
+                scenario=args.pdd_scenario,
                 progress=lambda m: print("... " + m, file=sys.stderr, flush=True),
             )
     print(table(rows, HEADER))
@@ -205,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         default=5.0,
         help="the allowance callgate gives the lab's calls (set rules.call_max_length to it)",
     )
+    parser.add_argument(
+        "--esl", default="", help="FreeSWITCH inbound event socket host:port: check the CDRs too"
+    )
+    parser.add_argument("--esl-password", default="ClueCon")
     parser.add_argument("--fs-pid", type=int, default=None, help="FreeSWITCH's pid (same host): CPU per call")
     parser.add_argument(
         "--static-prefix", default="static", help="dialplan prefix of the static-bridge extension"
@@ -215,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pdd-calls", type=int, default=20)
     parser.add_argument("--pdd-rate", type=float, default=10.0)
     parser.add_argument("--pdd-rounds", type=int, default=3)
+    parser.add_argument(
+        "--pdd-scenario",
+        default="caller_short.xml",
+        choices=("caller_short.xml", "caller.xml"),
+        help="caller of the delay batches: hangs up 0.5 s or 2 s after the answer",
+    )
     parser.add_argument("--json", default=None)
     return run_suite(parser.parse_args(argv))
 

@@ -35,6 +35,9 @@ class Expect:
     remote_bye_reason: str = ""  # FreeSWITCH's BYE must carry this text in its Reason
     answered_seconds: tuple[float, float] | None = None  # answer -> FreeSWITCH's BYE, bounds
     max_final_ms: float | None = None  # INVITE -> final answer, upper bound
+    # callgate_reason in the CDR (checked when the suite watches FreeSWITCH's inbound socket):
+    # how many calls carry each value; "" = unset. None: not checked.
+    reasons: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,12 @@ NORTHWIND = Caller(fx.NORTHWIND_IP, "northwind", cid="12125550100")
 LAB = Caller(fx.LAB_CALLER_IP, "lab")
 
 
-def _one(code: str, **kw: object) -> Expect:
-    return Expect({code: 1}, **kw)  # type: ignore[arg-type]
+def _one(code: str, reason: str | None = None, **kw: object) -> Expect:
+    return Expect({code: 1}, reasons=None if reason is None else {reason: 1}, **kw)  # type: ignore[arg-type]
+
+
+# The dialplan sets this before `socket`; a call callgate decided must not keep it (issue 14).
+UNREACHABLE = "ENGINE_UNREACHABLE"
 
 
 def demo_cases() -> list[Case]:
@@ -96,7 +103,7 @@ def demo_cases() -> list[Case]:
             "alice, blocked code 449: DESTINATION_BLOCKED",
             alice,
             "00449012345678",
-            _one("403"),
+            _one("403", "DESTINATION_BLOCKED"),
         ),
         Case(
             "demo-06",
@@ -128,7 +135,7 @@ def demo_cases() -> list[Case]:
             "source outside every IP map: AUTHENTICATION_FAIL",
             Caller(fx.STRANGER_IP, "stranger"),
             "7788442071112222",
-            _one("403"),
+            _one("403", "AUTHENTICATION_FAIL"),
         ),
         Case(
             "demo-10",
@@ -160,7 +167,7 @@ def demo_cases() -> list[Case]:
             "Carrier Alpha -> unassigned DID: NO_ROUTE_DESTINATION",
             Caller(fx.CARRIER_ALPHA_IP, "alpha", cid="447700900555"),
             "442039990000",
-            _one("404"),
+            _one("404", "NO_ROUTE_DESTINATION"),
         ),
     ]
 
@@ -214,7 +221,7 @@ def lab_cases(max_duration: float, pdd_calls: int) -> list[Case]:
             "5 calls at once from an account limited to 2 channels",
             Caller(fx.TWO_CHANNELS_IP, "two"),
             ans,
-            Expect({"200": 2, "503": 3}),
+            Expect({"200": 2, "503": 3}, reasons={"CONCURRENT_LIMIT": 3}),
             calls=5,
             rate=50.0,
         ),
@@ -224,7 +231,7 @@ def lab_cases(max_duration: float, pdd_calls: int) -> list[Case]:
             "6 calls in 120 ms from an account limited to 2 CPS",
             Caller(fx.TWO_CPS_IP, "cps"),
             ans,
-            Expect({"200": 2, "503": 4}),
+            Expect({"200": 2, "503": 4}, reasons={"CPS_LIMIT": 4}),
             calls=6,
             rate=50.0,
             scenario="caller_short.xml",
@@ -235,7 +242,7 @@ def lab_cases(max_duration: float, pdd_calls: int) -> list[Case]:
             "no engine listening: the dialplan's 503, fast",
             LAB,
             ans,
-            _one("503", max_final_ms=3000),
+            _one("503", UNREACHABLE, max_final_ms=3000),
             hook_before="engine-down",
             hook_after="engine-up",
         ),
@@ -245,7 +252,7 @@ def lab_cases(max_duration: float, pdd_calls: int) -> list[Case]:
             "engine accepts the socket, never speaks: 503 after FreeSWITCH's waits",
             LAB,
             ans,
-            _one("503"),
+            _one("503", UNREACHABLE),
             hook_before="engine-freeze",
             hook_after="engine-thaw",
             slow=True,
@@ -259,7 +266,7 @@ def lab_cases(max_duration: float, pdd_calls: int) -> list[Case]:
             "Redis unresponsive: ENGINE_DEGRADED 503; then how long until calls pass once it is back",
             Caller(fx.TWO_CHANNELS_IP, "two"),
             ans,
-            _one("503", max_final_ms=3000),
+            _one("503", "ENGINE_DEGRADED", max_final_ms=3000),
             hook_before="redis-down",
             hook_after="redis-up",
             tags=("redis-recovery",),
@@ -329,4 +336,35 @@ def check(case: Case, results: list[CallResult]) -> Verdict:
     elif any(r.final_ms is not None for r in results):
         finals = [r.final_ms for r in results if r.final_ms is not None]
         notes.append(f"INVITE->final p50 {percentile(finals, 50):.0f} ms")
-    return Verdict(ok, observed, tuple(notes))
+    channel_ok, channel_notes = check_channels(case, results)
+    return Verdict(ok and channel_ok, observed, tuple(notes + channel_notes))
+
+
+def check_channels(case: Case, results: list[CallResult]) -> tuple[bool, list[str]]:
+    """What FreeSWITCH recorded (only for calls whose CDR the suite saw, --esl): the reasons the
+    case expects on the calls not answered; never ENGINE_UNREACHABLE on a call callgate decided;
+    an accepted call's callgate_rate is ``prefix:cost`` (an empty prefix once gave ``:0.001``)."""
+    watched = [r for r in results if r.callgate_reason is not None]
+    if not watched:
+        return True, []
+    ok = True
+    reasons = Counter(r.callgate_reason or "" for r in watched)
+    notes = ["callgate_reason " + ", ".join(f"{n}x{k or '(unset)'}" for k, n in sorted(reasons.items()))]
+    expected = case.expect.reasons
+    if expected is not None:
+        refused = Counter(r.callgate_reason or "" for r in watched if r.final_code != "200")
+        if dict(refused) != expected:
+            ok = False
+            notes.append("expected " + ", ".join(f"{n}x{k}" for k, n in sorted(expected.items())))
+    if UNREACHABLE not in (expected or {}) and reasons.get(UNREACHABLE):
+        ok = False
+        notes.append(f"{reasons[UNREACHABLE]} decided call(s) recorded {UNREACHABLE}")
+    bad_rates = [
+        r.channel["callgate_rate"] for r in watched if r.channel.get("callgate_rate", "x").startswith(":")
+    ]
+    if bad_rates:
+        ok = False
+        notes.append(f"callgate_rate {bad_rates[0]!r}")
+    if len(watched) < len(results):
+        notes.append(f"CDR seen for {len(watched)} of {len(results)} calls")
+    return ok, notes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loadtest.sipp.scenarios import LOG_TAG
 
@@ -22,6 +22,14 @@ class CallResult:
     t_final: float | None
     t_end: float | None  # BYE sent or received
     bye_reason: str = ""
+    # The A leg's CHANNEL_HANGUP_COMPLETE as FreeSWITCH's inbound socket saw it (--esl):
+    # callgate_* variables, hangup cause; empty when not watched.
+    channel: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def callgate_reason(self) -> str | None:
+        """The CDR's callgate_reason ("" when unset); None when the channel was not watched."""
+        return self.channel.get("callgate_reason", "") if self.channel else None
 
     @property
     def pdd_ms(self) -> float | None:

@@ -12,9 +12,10 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loadtest.sipp import scenarios
@@ -39,6 +40,7 @@ class RunOptions:
     workdir: Path | None = None
     settle: float = 2.0  # seconds after a hook before calls go out
     gap: float = 1.2  # seconds between cases: the demo accounts allow 1 call per second
+    esl: tuple[str, int, str] | None = None  # FreeSWITCH inbound socket (host, port, password)
     redis_outage: float = 40.0  # how long Redis stays down before redis-up (backoffs grow meanwhile)
 
 
@@ -112,6 +114,67 @@ def sipp_command(
     ]
 
 
+# What the suite keeps of an A leg's CHANNEL_HANGUP_COMPLETE.
+CHANNEL_FIELDS = (
+    "Hangup-Cause",
+    "variable_sip_term_status",
+    "variable_callgate_reason",
+    "variable_callgate_account",
+    "variable_callgate_rate",
+    "variable_callgate_routes",
+    "variable_callgate_reseller_chain",
+    "variable_callgate_max_duration",
+)
+
+
+class ChannelWatcher:
+    """FreeSWITCH's inbound event socket, read in a thread: the CDR (CHANNEL_HANGUP_COMPLETE)
+    of every inbound call, by SIP Call-ID, so the suite can check what callgate left on the
+    channel (callgate_reason and the other variables), which the SIP caller cannot see."""
+
+    def __init__(self, host: str, port: int, password: str) -> None:
+        from loadtest.lab import PyEslConnection
+
+        self._conn = PyEslConnection(host, port, password)
+        if not self._conn.connected():
+            raise ConnectionError(f"cannot log in to FreeSWITCH's event socket {host}:{port}")
+        reply = self._conn.events("plain", "CHANNEL_HANGUP_COMPLETE")
+        if not (reply.getHeader("Reply-Text") or "").startswith("+OK"):
+            raise ConnectionError("event subscription refused")
+        self._seen: dict[str, dict[str, str]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="esl-watcher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and self._conn.connected():
+            event = self._conn.recvEventTimed(200)
+            if event is None or event.getHeader("Call-Direction") != "inbound":
+                continue
+            call_id = event.getHeader("variable_sip_call_id") or ""
+            if call_id:
+                kept = {f.removeprefix("variable_"): event.getHeader(f) or "" for f in CHANNEL_FIELDS}
+                with self._lock:
+                    self._seen[call_id] = kept
+
+    def attach(self, results: list[CallResult], wait: float = 3.0) -> list[CallResult]:
+        """The results with each call's channel record (waiting up to ``wait`` s for the last)."""
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with self._lock:
+                if all(r.call_id in self._seen for r in results):
+                    break
+            time.sleep(0.05)
+        with self._lock:
+            return [replace(r, channel=self._seen.get(r.call_id, {})) for r in results]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._conn.disconnect()
+
+
 @dataclass
 class CaseRun:
     case_name: str
@@ -142,6 +205,7 @@ class Runner:
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._callees: list[subprocess.Popen[bytes]] = []
         self._count = 0
+        self.watcher = ChannelWatcher(*options.esl) if options.esl else None
 
     # callees ---------------------------------------------------------------------------------
     def start_callees(self) -> None:
@@ -171,9 +235,9 @@ class Runner:
                 )
             )
         time.sleep(0.5)
-        dead = [p.args for p in self._callees if p.poll() is not None]
+        dead = [quote(p.args) for p in self._callees if p.poll() is not None]  # type: ignore[arg-type]
         if dead:
-            raise RuntimeError(f"a callee SIPp exited at once (port taken?): {dead}")
+            raise RuntimeError(f"a callee SIPp exited at once (port taken?): {'; '.join(dead)}")
 
     def stop_callees(self) -> None:
         for proc in self._callees:
@@ -224,6 +288,8 @@ class Runner:
         wall = time.monotonic() - started
         cpu_after = fs_cpu_seconds(self.options.fs_pid)
         results = parse_log(log.read_text(errors="replace").splitlines()) if log.exists() else []
+        if self.watcher is not None:
+            results = self.watcher.attach(results)
         errors = err.read_text(errors="replace") if err.exists() else ""
         cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
         return CaseRun(dest, results, cpu, wall, errors)
@@ -276,6 +342,7 @@ class Runner:
         calls: int,
         rate: float,
         rounds: int,
+        scenario: str = "caller_short.xml",
         progress: Callable[[str], None] = lambda _: None,
     ) -> dict[str, list[CaseRun]]:
         """Interleaved batches (A, B, ..., A, B, ...) so that drift on a busy machine hits every
@@ -284,7 +351,7 @@ class Runner:
         for round_no in range(rounds):
             for label, prefix in variants:
                 run = self.place(
-                    "caller_short.xml",
+                    scenario,
                     caller,
                     prefix + dest,
                     calls=calls,
@@ -303,11 +370,13 @@ def running(options: RunOptions) -> Iterator[Runner]:
     if shutil.which(options.sipp) is None:
         raise SystemExit(f"{options.sipp}: not found (Debian/Ubuntu: apt-get install sip-tester)")
     runner = Runner(options)
-    runner.start_callees()
     try:
+        runner.start_callees()
         yield runner
     finally:
         runner.stop_callees()
+        if runner.watcher is not None:
+            runner.watcher.close()
 
 
 def parse_hooks(items: Sequence[str]) -> dict[str, str]:
