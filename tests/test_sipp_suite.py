@@ -156,7 +156,7 @@ def test_select_by_name_group_hooks_and_slow() -> None:
     chosen, skipped = cs.select(all_cases, [], set(), slow=False)
     names = {c.name for c in chosen}
     assert "demo-01" in names and "concurrent-limit" in names
-    assert {c.name for c, _ in skipped} == {"engine-down", "engine-frozen", "redis-down"}
+    assert {c.name for c, _ in skipped} == {"engine-down", "engine-frozen", "redis-down", "slow-replies"}
     hooks = {"engine-down", "engine-up", "engine-freeze", "engine-thaw", "redis-down", "redis-up"}
     chosen, skipped = cs.select(all_cases, ["outage"], hooks, slow=False)
     assert [c.name for c in chosen] == ["engine-down", "redis-down"]

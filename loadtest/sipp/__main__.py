@@ -102,10 +102,12 @@ def run_suite(args: argparse.Namespace) -> int:
         gap=args.gap,
         redis_outage=args.redis_outage,
         esl=_esl(args.esl, args.esl_password),
+        slow_prefix=args.slow_prefix,
     )
     all_cases = cs.demo_cases() + cs.lab_cases(args.max_duration, args.pdd_calls)
     only = [x for x in (args.only or "").split(",") if x]
-    chosen, skipped = cs.select(all_cases, only, set(options.hooks), args.slow)
+    available = set(options.hooks) | ({"slow-path"} if args.slow_prefix else set())
+    chosen, skipped = cs.select(all_cases, only, available, args.slow)
     want_pdd = not only or "pdd" in only
     report: dict[str, Any] = {"cases": [], "skipped": [], "pdd": {}}
     rows: list[list[str]] = []

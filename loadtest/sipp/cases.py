@@ -55,6 +55,7 @@ class Case:
     hook_after: str = ""  # hook run after them (e.g. engine-up)
     slow: bool = False  # only with --slow (takes long by design)
     wait_seconds: float = 60.0  # SIPp's global timeout for the case
+    needs: str = ""  # another prerequisite, named like a hook (e.g. "slow-path": --slow-prefix given)
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -258,6 +259,19 @@ def lab_cases(max_duration: float, pdd_calls: int) -> list[Case]:
             slow=True,
             wait_seconds=90,
         ),
+        # issue 14, defect 1: FreeSWITCH slow to return the +OKs (a path that delays them, and an
+        # engine whose reply_timeout is shorter): the calls must stay counted, as they connect.
+        Case(
+            "slow-replies",
+            "defects",
+            "5 calls, 200 ms apart, from the 2-channel account; FreeSWITCH's replies arrive late",
+            Caller(fx.TWO_CHANNELS_IP, "two"),
+            ans,
+            Expect({"200": 2, "503": 3}, reasons={"CONCURRENT_LIMIT": 3}),
+            calls=5,
+            rate=5.0,
+            needs="slow-path",
+        ),
         # An account with limits: its decision needs Redis (an unlimited one is decided from the
         # in-memory snapshot until engine.snapshot_max_age).
         Case(
@@ -284,7 +298,9 @@ def select(
         if only and case.name not in only and case.group not in only:
             continue
         missing = [h for h in (case.hook_before, case.hook_after) if h and h not in hooks]
-        if missing:
+        if case.needs and case.needs not in hooks:
+            skipped.append((case, f"needs --{case.needs.replace('-path', '-prefix')}"))
+        elif missing:
             skipped.append((case, "needs --hook " + ", ".join(f"{h}=..." for h in missing)))
         elif case.slow and not slow:
             skipped.append((case, "slow: needs --slow"))

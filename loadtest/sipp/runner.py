@@ -41,6 +41,7 @@ class RunOptions:
     settle: float = 2.0  # seconds after a hook before calls go out
     gap: float = 1.2  # seconds between cases: the demo accounts allow 1 call per second
     esl: tuple[str, int, str] | None = None  # FreeSWITCH inbound socket (host, port, password)
+    slow_prefix: str = ""  # dialplan prefix whose socket path delays FreeSWITCH's replies
     redis_outage: float = 40.0  # how long Redis stays down before redis-up (backoffs grow meanwhile)
 
 
@@ -300,11 +301,12 @@ class Runner:
             self.hook(case.hook_before)
             time.sleep(self.options.settle)
         recovery = "redis-recovery" in case.tags
+        dest = (self.options.slow_prefix if case.needs == "slow-path" else "") + case.dest
         try:
             run = self.place(
                 case.scenario,
                 case.caller,
-                case.dest,
+                dest,
                 calls=case.calls,
                 rate=case.rate,
                 timeout=case.wait_seconds,
