@@ -222,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--esl-password", default="ClueCon")
     parser.add_argument("--fs-pid", type=int, default=None, help="FreeSWITCH's pid (same host): CPU per call")
     parser.add_argument(
+        "--slow-prefix",
+        default="",
+        help="dialplan prefix whose socket path delays FreeSWITCH's replies (slow-replies case)",
+    )
+    parser.add_argument(
         "--static-prefix", default="static", help="dialplan prefix of the static-bridge extension"
     )
     parser.add_argument(
