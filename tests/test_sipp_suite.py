@@ -20,7 +20,16 @@ from engine.db.migrate import migrate
 from loadtest.sipp import cases as cs
 from loadtest.sipp import fixture, scenarios
 from loadtest.sipp.__main__ import pdd_rows
-from loadtest.sipp.results import CallResult, parse_line, parse_log, pdd_summary, percentile, table
+from loadtest.sipp.results import (
+    CallResult,
+    metric_deltas,
+    parse_line,
+    parse_log,
+    parse_metrics,
+    pdd_summary,
+    percentile,
+    table,
+)
 from loadtest.sipp.runner import CaseRun, RunOptions, csv_rows, parse_hooks, parse_ports, sipp_command
 
 # What the caller scenario logs (captured from a real run against FreeSWITCH 1.10.12).
@@ -156,7 +165,13 @@ def test_select_by_name_group_hooks_and_slow() -> None:
     chosen, skipped = cs.select(all_cases, [], set(), slow=False)
     names = {c.name for c in chosen}
     assert "demo-01" in names and "concurrent-limit" in names
-    assert {c.name for c, _ in skipped} == {"engine-down", "engine-frozen", "redis-down", "slow-replies"}
+    assert {c.name for c, _ in skipped} == {
+        "engine-down",
+        "engine-frozen",
+        "redis-down",
+        "slow-replies",
+        "abandoned",
+    }
     hooks = {"engine-down", "engine-up", "engine-freeze", "engine-thaw", "redis-down", "redis-up"}
     chosen, skipped = cs.select(all_cases, ["outage"], hooks, slow=False)
     assert [c.name for c in chosen] == ["engine-down", "redis-down"]
@@ -304,3 +319,27 @@ def test_channel_checks_are_skipped_without_cdrs() -> None:
     case = cs.Case("a", "accept", "", cs.LAB, "1", cs.Expect({"403": 1}, reasons={"DESTINATION_BLOCKED": 1}))
     verdict = cs.check(case, [_result("403")])  # --esl not given: nothing to compare
     assert verdict.ok and not any(n.startswith("callgate_reason") for n in verdict.notes)
+
+
+def test_metric_deltas_judge_the_abandoned_call() -> None:
+    before = parse_metrics(
+        '# HELP x\ncallgate_socket_errors_total{kind="gone"} 0.0\n'
+        'callgate_socket_errors_total{kind="protocol"} 2.0\nbad line\n'
+    )
+    after = parse_metrics(
+        'callgate_socket_errors_total{kind="gone"} 0.0\ncallgate_socket_errors_total{kind="protocol"} 3.0\n'
+    )
+    deltas = metric_deltas(before, after)
+    assert deltas == {
+        'callgate_socket_errors_total{kind="gone"}': 0.0,
+        'callgate_socket_errors_total{kind="protocol"}': 1.0,
+    }
+    case = next(c for c in cs.lab_cases(5.0, 10) if c.name == "abandoned")
+    cancelled = _result("487")
+    assert not cs.check(case, [cancelled], deltas).ok  # counted as a protocol error (issue 14)
+    fixed = {
+        'callgate_socket_errors_total{kind="gone"}': 1.0,
+        'callgate_socket_errors_total{kind="protocol"}': 0.0,
+    }
+    assert cs.check(case, [cancelled], fixed).ok
+    assert cs.check(case, [cancelled], None).ok  # --metrics not given

@@ -24,7 +24,7 @@ HEADER = ("case", "group", "what", "calls", "expected", "observed", "PDD p50 ms"
 
 
 def case_row(case: cs.Case, run: CaseRun) -> list[str]:
-    verdict = cs.check(case, run.results)
+    verdict = cs.check(case, run.results, run.metric_deltas)
     expected = ", ".join(f"{n}x{code}" for code, n in sorted(case.expect.codes.items()))
     pdd = pdd_summary(run.results)
     notes = list(verdict.notes)
@@ -103,10 +103,14 @@ def run_suite(args: argparse.Namespace) -> int:
         redis_outage=args.redis_outage,
         esl=_esl(args.esl, args.esl_password),
         slow_prefix=args.slow_prefix,
+        late_prefix=args.late_prefix,
+        metrics_url=args.metrics,
     )
     all_cases = cs.demo_cases() + cs.lab_cases(args.max_duration, args.pdd_calls)
     only = [x for x in (args.only or "").split(",") if x]
-    available = set(options.hooks) | ({"slow-path"} if args.slow_prefix else set())
+    available = set(options.hooks) | {
+        path for path, prefix in (("slow-path", args.slow_prefix), ("late-path", args.late_prefix)) if prefix
+    }
     chosen, skipped = cs.select(all_cases, only, available, args.slow)
     want_pdd = not only or "pdd" in only
     report: dict[str, Any] = {"cases": [], "skipped": [], "pdd": {}}
@@ -226,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="dialplan prefix whose socket path delays FreeSWITCH's replies (slow-replies case)",
     )
+    parser.add_argument(
+        "--late-prefix",
+        default="",
+        help="dialplan prefix whose socket path delays what the engine sends (abandoned case)",
+    )
+    parser.add_argument("--metrics", default="", help="the engine's metrics URL: check its counters per case")
     parser.add_argument(
         "--static-prefix", default="static", help="dialplan prefix of the static-bridge extension"
     )

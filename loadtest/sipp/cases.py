@@ -38,6 +38,9 @@ class Expect:
     # callgate_reason in the CDR (checked when the suite watches FreeSWITCH's inbound socket):
     # how many calls carry each value; "" = unset. None: not checked.
     reasons: dict[str, int] | None = None
+    # Increase of engine metrics over the case (checked with --metrics), e.g.
+    # {'callgate_socket_errors_total{kind="gone"}': 1}.
+    metric_deltas: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,9 @@ class Case:
     hook_after: str = ""  # hook run after them (e.g. engine-up)
     slow: bool = False  # only with --slow (takes long by design)
     wait_seconds: float = 60.0  # SIPp's global timeout for the case
-    needs: str = ""  # another prerequisite, named like a hook (e.g. "slow-path": --slow-prefix given)
+    needs: str = (
+        ""  # a prerequisite named like a hook ("slow-path": --slow-prefix, "late-path": --late-prefix)
+    )
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -272,6 +277,24 @@ def lab_cases(max_duration: float, pdd_calls: int) -> list[Case]:
             rate=5.0,
             needs="slow-path",
         ),
+        # issue 14, defect 5: the caller hangs up before the engine's `connect` reached FreeSWITCH
+        # (a path that delays what the engine sends): FreeSWITCH's disconnect notice comes first.
+        Case(
+            "abandoned",
+            "defects",
+            "caller cancels 200 ms after the 100, before the engine's connect arrives",
+            LAB,
+            ans,
+            Expect(
+                {"487": 1},
+                metric_deltas={
+                    'callgate_socket_errors_total{kind="gone"}': 1,
+                    'callgate_socket_errors_total{kind="protocol"}': 0,
+                },
+            ),
+            scenario="caller_abandon.xml",
+            needs="late-path",
+        ),
         # An account with limits: its decision needs Redis (an unlimited one is decided from the
         # in-memory snapshot until engine.snapshot_max_age).
         Case(
@@ -320,7 +343,7 @@ def code_counts(results: list[CallResult]) -> Counter[str]:
     return Counter(r.final_code or "none" for r in results)
 
 
-def check(case: Case, results: list[CallResult]) -> Verdict:
+def check(case: Case, results: list[CallResult], metric_deltas: dict[str, float] | None = None) -> Verdict:
     """Compare what the callers saw with the case's expectation."""
     counts = code_counts(results)
     observed = ", ".join(f"{n}x{code}" for code, n in sorted(counts.items()))
@@ -353,7 +376,23 @@ def check(case: Case, results: list[CallResult]) -> Verdict:
         finals = [r.final_ms for r in results if r.final_ms is not None]
         notes.append(f"INVITE->final p50 {percentile(finals, 50):.0f} ms")
     channel_ok, channel_notes = check_channels(case, results)
-    return Verdict(ok and channel_ok, observed, tuple(notes + channel_notes))
+    metrics_ok, metric_notes = check_metrics(case, metric_deltas)
+    return Verdict(ok and channel_ok and metrics_ok, observed, tuple(notes + channel_notes + metric_notes))
+
+
+def check_metrics(case: Case, deltas: dict[str, float] | None) -> tuple[bool, list[str]]:
+    """The engine's counters moved as the case expects (only when the suite reads them)."""
+    expected = case.expect.metric_deltas
+    if not expected or deltas is None:
+        return True, []
+    ok = True
+    notes = []
+    for name, want in expected.items():
+        got = deltas.get(name)
+        if got != want:
+            ok = False
+        notes.append(f"{name} +{got:g}" if got is not None else f"{name} missing")
+    return ok, notes
 
 
 def check_channels(case: Case, results: list[CallResult]) -> tuple[bool, list[str]]:

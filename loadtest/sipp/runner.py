@@ -14,13 +14,14 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loadtest.sipp import scenarios
 from loadtest.sipp.cases import Caller, Case
-from loadtest.sipp.results import CallResult, parse_log
+from loadtest.sipp.results import CallResult, metric_deltas, parse_log, parse_metrics
 
 # Gateway role -> scenario of the callee SIPp that plays it.
 CALLEE_SCENARIOS = {"answer": "gw_answer.xml", "bye": "gw_answer_bye.xml", "ring": "gw_ring.xml"}
@@ -42,6 +43,8 @@ class RunOptions:
     gap: float = 1.2  # seconds between cases: the demo accounts allow 1 call per second
     esl: tuple[str, int, str] | None = None  # FreeSWITCH inbound socket (host, port, password)
     slow_prefix: str = ""  # dialplan prefix whose socket path delays FreeSWITCH's replies
+    late_prefix: str = ""  # dialplan prefix whose socket path delays what the engine sends
+    metrics_url: str = ""  # the engine's /metrics: counters compared before and after each case
     redis_outage: float = 40.0  # how long Redis stays down before redis-up (backoffs grow meanwhile)
 
 
@@ -184,6 +187,7 @@ class CaseRun:
     wall_seconds: float = 0.0
     errors: str = ""
     extra: dict[str, float] = field(default_factory=dict)
+    metric_deltas: dict[str, float] | None = None
 
 
 def fs_cpu_seconds(pid: int | None) -> float | None:
@@ -301,7 +305,9 @@ class Runner:
             self.hook(case.hook_before)
             time.sleep(self.options.settle)
         recovery = "redis-recovery" in case.tags
-        dest = (self.options.slow_prefix if case.needs == "slow-path" else "") + case.dest
+        prefixes = {"slow-path": self.options.slow_prefix, "late-path": self.options.late_prefix}
+        dest = prefixes.get(case.needs, "") + case.dest
+        metrics_before = self.metrics()
         try:
             run = self.place(
                 case.scenario,
@@ -320,7 +326,17 @@ class Runner:
                 self.hook(case.hook_after)
                 time.sleep(self.options.settle)
         run.case_name = case.name
+        metrics_after = self.metrics() if metrics_before is not None else None
+        if metrics_before is not None and metrics_after is not None:
+            run.metric_deltas = metric_deltas(metrics_before, metrics_after)
         return run
+
+    def metrics(self) -> dict[str, float] | None:
+        if not self.options.metrics_url:
+            return None
+        time.sleep(0.3)  # the engine counts a connection's end once its socket closed
+        with urllib.request.urlopen(self.options.metrics_url, timeout=5) as response:
+            return parse_metrics(response.read().decode())
 
     def recovery_after(self, hook: str, caller: Caller, dest: str, limit: float = 90.0) -> float:
         """Run ``hook``, then place a call every 0.5 s: seconds until the first one is answered

@@ -332,6 +332,36 @@ def caller(*, hold_ms: int = 2000, cancel_after_ms: int | None = None) -> str:
     return "".join(parts)
 
 
+def caller_abandons(*, after_ms: int) -> str:
+    """A caller that gives up ``after_ms`` after FreeSWITCH's 100 Trying, whatever happened
+    meanwhile: with an engine slow to send ``connect`` (issue 14, the abandoned call), the
+    channel is gone before the engine has its data. No digest challenge (IP-map callers)."""
+    parts = ['<?xml version="1.0" encoding="ISO-8859-1" ?>\n', '<!DOCTYPE scenario SYSTEM "sipp.dtd">\n']
+    parts.append(
+        _GENERATED + f'<scenario name="callgate lab caller (abandons {after_ms} ms after the 100)">\n'
+    )
+    parts.append(
+        '  <nop><action><assignstr assign_to="outcome" value="none"/><assignstr assign_to="reason" value=""/>'
+        '<assign assign_to="t1s" value="0"/><assign assign_to="t1us" value="0"/>'
+        '<assign assign_to="t3s" value="0"/><assign assign_to="t3us" value="0"/>'
+        '<assignstr assign_to="rcode" value=""/>'
+        '<assignstr assign_to="cseq_inv" value="1"/></action></nop>\n'
+    )
+    parts.append('  <send retrans="500">\n')
+    parts.append(_cdata(_INVITE.format(cseq=1, auth="")))
+    parts.append(f"    <action>{_now('t0')}</action>\n  </send>\n")
+    parts.append(f'  <recv response="100">\n    <action>{_branch_capture()}</action>\n  </recv>\n')
+    parts.append(f'  <pause milliseconds="{after_ms}"/>\n')
+    parts.append("  <send>\n" + _cdata(_CANCEL) + "  </send>\n")
+    parts.append('  <recv response="200" optional="true"/>\n')
+    parts.append(_wait_block("abandoned", ring_next="abandoned", allow_auth=False, first_ring=False))
+    parts.append('  <label id="ring"/>\n  <label id="answered"/>\n  <label id="failed"/>\n')
+    parts.append("  <send>\n" + _cdata(_ACK_NON_2XX.format(cseq="[$cseq_inv]")) + "  </send>\n")
+    parts.append(f"  <nop><action>{_log_line()}</action></nop>\n")
+    parts.append("</scenario>\n")
+    return "".join(parts)
+
+
 def callee(*, ring_ms: int, answer: bool, bye_after_ms: int | None) -> str:
     """A gateway: 100 + 180 at once; after ``ring_ms`` a 200 (``answer``), then a BYE after
     ``bye_after_ms`` or wait for the caller's BYE. Without ``answer`` it rings until CANCEL."""
@@ -422,6 +452,7 @@ def rendered() -> dict[str, str]:
         "caller_short.xml": caller(hold_ms=500),
         "caller_wait.xml": caller(hold_ms=300_000),  # only FreeSWITCH's BYE ends it
         "caller_cancel.xml": caller(cancel_after_ms=1000),
+        "caller_abandon.xml": caller_abandons(after_ms=200),
         "gw_answer.xml": callee(ring_ms=100, answer=True, bye_after_ms=None),
         "gw_answer_bye.xml": callee(ring_ms=100, answer=True, bye_after_ms=2000),
         "gw_ring.xml": callee(ring_ms=0, answer=False, bye_after_ms=None),
