@@ -8,7 +8,9 @@ outcomes while moving its IP maps onto loopback, and the command line SIPp gets.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 from engine.db.fixtures import load_document
 from engine.db.migrate import migrate
 from loadtest.sipp import cases as cs
-from loadtest.sipp import fixture, scenarios
+from loadtest.sipp import delayproxy, fixture, scenarios
 from loadtest.sipp.__main__ import pdd_rows
 from loadtest.sipp.results import (
     CallResult,
@@ -343,3 +345,40 @@ def test_metric_deltas_judge_the_abandoned_call() -> None:
     }
     assert cs.check(case, [cancelled], fixed).ok
     assert cs.check(case, [cancelled], None).ok  # --metrics not given
+
+
+def test_delay_proxy_holds_one_direction_only() -> None:
+    """Real sockets on loopback (OS-assigned ports): what goes towards the engine waits at least
+    the delay; the engine's answer comes straight back."""
+
+    async def scenario() -> tuple[float, float]:
+        received: asyncio.Queue[float] = asyncio.Queue()
+
+        async def engine(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readexactly(5)
+            await received.put(time.monotonic())
+            writer.write(b"+OK\n")
+            await writer.drain()
+
+        engine_server = await asyncio.start_server(engine, "127.0.0.1", 0)
+        engine_port = engine_server.sockets[0].getsockname()[1]
+        proxy = await asyncio.start_server(
+            delayproxy.handler(("127.0.0.1", engine_port), 1.0, "engine"), "127.0.0.1", 0
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.sockets[0].getsockname()[1])
+        sent = time.monotonic()
+        writer.write(b"hello")
+        await writer.drain()
+        arrived = await asyncio.wait_for(received.get(), 10)
+        await asyncio.wait_for(reader.readexactly(4), 10)
+        back = time.monotonic()
+        writer.close()
+        proxy.close()
+        engine_server.close()
+        return arrived - sent, back - arrived
+
+    towards_engine, towards_switch = asyncio.run(scenario())
+    assert towards_engine >= 1.0
+    assert towards_switch < towards_engine
+    with pytest.raises(ValueError):
+        delayproxy.handler(("127.0.0.1", 1), 1.0, "sideways")

@@ -4,6 +4,7 @@
         [--hook engine-down='...' --hook engine-up='...' --hook redis-down='...' ...] [--slow]
     python -m loadtest.sipp catalogue > lab.yaml      # the callgate data the suite expects
     python -m loadtest.sipp scenarios [--write]       # check (or rewrite) the committed XML
+    python -m loadtest.sipp delay-proxy --listen H:P --to H:P --delay S --towards engine|switch
 
 What FreeSWITCH and callgate must be configured with: docs/real-switch-lab.md.
 """
@@ -167,6 +168,10 @@ def run_suite(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["delay-proxy"]:
+        from loadtest.sipp import delayproxy
+
+        return delayproxy.main(argv[1:])
     if argv[:1] == ["catalogue"]:
         sys.stdout.write(fixture.render())
         return 0
