@@ -32,7 +32,15 @@ from loadtest.sipp.results import (
     percentile,
     table,
 )
-from loadtest.sipp.runner import CaseRun, RunOptions, csv_rows, parse_hooks, parse_ports, sipp_command
+from loadtest.sipp.runner import (
+    DEFAULT_CALLEE_PORTS,
+    CaseRun,
+    RunOptions,
+    csv_rows,
+    parse_hooks,
+    parse_ports,
+    sipp_command,
+)
 
 # What the caller scenario logs (captured from a real run against FreeSWITCH 1.10.12).
 ANSWERED = (
@@ -382,3 +390,12 @@ def test_delay_proxy_holds_one_direction_only() -> None:
     assert towards_switch < towards_engine
     with pytest.raises(ValueError):
         delayproxy.handler(("127.0.0.1", 1), 1.0, "sideways")
+
+
+def test_lab_catalogue_gateways_lead_to_the_lab_callees() -> None:
+    lab = fixture.lab_catalogue(fixture.load_demo())
+    by_name = {g["name"]: g for g in lab["gateways"]}
+    assert set(by_name) == set(fixture.GATEWAY_TARGETS)
+    callee_ports = {f"127.0.0.1:{port}" for port in DEFAULT_CALLEE_PORTS.values()}
+    assert by_name["beta-gw1"]["proxy"] not in callee_ports and by_name["beta-gw2"]["proxy"] in callee_ports
+    assert all(g["register"] is False and g["sip_profile"] == fixture.SIP_PROFILE for g in by_name.values())

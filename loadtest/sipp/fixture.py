@@ -5,7 +5,9 @@
 returns the same document with those maps moved onto loopback addresses (every 127.0.0.0/8
 address is local on Linux, so SIPp can bind to any of them), plus what the demo lacks for the
 suite: gateways that ring only, answer then hang up, or are dead; and three IP-map customers
-for the limit and delay cases. Nothing of the demo's expected outcomes changes.
+for the limit and delay cases. Every gateway leads to the lab's callees (``GATEWAY_TARGETS``,
+profile ``callgate``, no registration), so FreeSWITCH can also learn them from ``callgate fsxml``.
+Nothing of the demo's expected outcomes changes.
 
 Load it as any fixture::
 
@@ -40,6 +42,20 @@ ANSWER_PREFIX = "9704"  # gateway alpha-gw1: answers
 BYE_PREFIX = "9701"  # gateway bye-gw: answers, hangs up 2 s later
 RING_PREFIX = "9702"  # gateway ring-gw: rings until cancelled
 DEAD_PREFIX = "9703"  # gateway dead-gw: nothing listens
+
+# Where each gateway leads in the lab: the callee SIPp that plays its role (runner.DEFAULT_CALLEE_PORTS),
+# or a port where nothing listens. FreeSWITCH's gateways must say the same, whether written in its
+# XML or served by `callgate fsxml` from this catalogue.
+SIP_PROFILE = "callgate"
+GATEWAY_TARGETS = {
+    "alpha-gw1": "127.0.0.1:5090",
+    "alpha-gw2": "127.0.0.1:5090",
+    "beta-gw1": "127.0.0.1:5099",  # dead: demo calls 1 and 4 fail over to beta-gw2
+    "beta-gw2": "127.0.0.1:5090",
+    "bye-gw": "127.0.0.1:5091",
+    "ring-gw": "127.0.0.1:5092",
+    "dead-gw": "127.0.0.1:5098",
+}
 
 LAB_GATEWAYS = {
     "bye-gw": "answers, then sends BYE after 2 s",
@@ -121,6 +137,8 @@ def lab_catalogue(demo: dict[str, Any]) -> dict[str, Any]:
     for section, entries in _lab_additions().items():
         doc.setdefault(section, [])
         doc[section] = list(doc[section]) + entries
+    for gateway in doc["gateways"]:  # the lab's callees; no registration towards them
+        gateway.update(proxy=GATEWAY_TARGETS[gateway["name"]], register=False, sip_profile=SIP_PROFILE)
     return doc
 
 

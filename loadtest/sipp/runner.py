@@ -230,6 +230,8 @@ class Runner:
                         str(port),
                         "-bind_local",
                         "-nostdin",
+                        # Answer OPTIONS (a gateway's `ping`) and the like outside the scenario.
+                        "-aa",
                         "-trace_err",
                         "-error_file",
                         str(self._tmp / f"callee-{role}.err"),
