@@ -181,7 +181,11 @@ def test_select_by_name_group_hooks_and_slow() -> None:
         "redis-down",
         "slow-replies",
         "abandoned",
+        "device-onnet",
+        "device-did",
     }
+    why = dict((c.name, why) for c, why in skipped)
+    assert why["device-did"] == "needs --register-devices" and why["abandoned"] == "needs --late-prefix"
     hooks = {"engine-down", "engine-up", "engine-freeze", "engine-thaw", "redis-down", "redis-up"}
     chosen, skipped = cs.select(all_cases, ["outage"], hooks, slow=False)
     assert [c.name for c in chosen] == ["engine-down", "redis-down"]

@@ -106,12 +106,15 @@ def run_suite(args: argparse.Namespace) -> int:
         slow_prefix=args.slow_prefix,
         late_prefix=args.late_prefix,
         metrics_url=args.metrics,
+        devices=(cs.ALICE, cs.BRIGHT) if args.register_devices else (),
     )
     all_cases = cs.demo_cases() + cs.lab_cases(args.max_duration, args.pdd_calls)
     only = [x for x in (args.only or "").split(",") if x]
     available = set(options.hooks) | {
         path for path, prefix in (("slow-path", args.slow_prefix), ("late-path", args.late_prefix)) if prefix
     }
+    if args.register_devices:
+        available.add("devices")
     chosen, skipped = cs.select(all_cases, only, available, args.slow)
     want_pdd = not only or "pdd" in only
     report: dict[str, Any] = {"cases": [], "skipped": [], "pdd": {}}
@@ -239,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         "--late-prefix",
         default="",
         help="dialplan prefix whose socket path delays what the engine sends (abandoned case)",
+    )
+    parser.add_argument(
+        "--register-devices",
+        action="store_true",
+        help="register alice and 2000000101 (contact: the answering callee) for the devices cases",
     )
     parser.add_argument("--metrics", default="", help="the engine's metrics URL: check its counters per case")
     parser.add_argument(

@@ -297,6 +297,26 @@ def lab_cases(max_duration: float, pdd_calls: int) -> list[Case]:
             scenario="caller_abandon.xml",
             needs="late-path",
         ),
+        # SIP devices registered (--register-devices): the answering callee stands for the phones.
+        Case(
+            "device-onnet",
+            "devices",
+            "alice (digest) -> on-net 2000000101, registered: user/2000000101@<her domain>",
+            _device(ALICE, "442079460001"),
+            "2000000101",
+            _one("200"),
+            needs="devices",
+        ),
+        # issue 14, defect 5: a carrier's call to a DID that rings a device (no digest: no domain_name)
+        Case(
+            "device-did",
+            "devices",
+            "Carrier Alpha -> alice's DID -> her registered device",
+            Caller(fx.CARRIER_ALPHA_IP, "alpha", cid="447700900555"),
+            "442071234567",
+            _one("200"),
+            needs="devices",
+        ),
         # An account with limits: its decision needs Redis (an unlimited one is decided from the
         # in-memory snapshot until engine.snapshot_max_age).
         Case(
@@ -324,7 +344,8 @@ def select(
             continue
         missing = [h for h in (case.hook_before, case.hook_after) if h and h not in hooks]
         if case.needs and case.needs not in hooks:
-            skipped.append((case, f"needs --{case.needs.replace('-path', '-prefix')}"))
+            option = {"devices": "register-devices"}.get(case.needs, case.needs.replace("-path", "-prefix"))
+            skipped.append((case, f"needs --{option}"))
         elif missing:
             skipped.append((case, "needs --hook " + ", ".join(f"{h}=..." for h in missing)))
         elif case.slow and not slow:

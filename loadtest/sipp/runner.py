@@ -45,6 +45,7 @@ class RunOptions:
     slow_prefix: str = ""  # dialplan prefix whose socket path delays FreeSWITCH's replies
     late_prefix: str = ""  # dialplan prefix whose socket path delays what the engine sends
     metrics_url: str = ""  # the engine's /metrics: counters compared before and after each case
+    devices: tuple[tuple[str, str], ...] = ()  # (username, password) to register before "devices" cases
     redis_outage: float = 40.0  # how long Redis stays down before redis-up (backoffs grow meanwhile)
 
 
@@ -210,6 +211,7 @@ class Runner:
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._callees: list[subprocess.Popen[bytes]] = []
         self._count = 0
+        self._registered = False
         self.watcher = ChannelWatcher(*options.esl) if options.esl else None
 
     # callees ---------------------------------------------------------------------------------
@@ -301,7 +303,30 @@ class Runner:
         cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
         return CaseRun(dest, results, cpu, wall, errors)
 
+    def register_devices(self) -> list[str]:
+        """REGISTER each device with the answering callee as its contact; the ones that failed."""
+        contact = f"{self.options.callee_host}:{self.options.callee_ports['answer']}"
+        failed = []
+        for user, password in self.options.devices:
+            command = [
+                self.options.sipp, f"{self.options.fs_host}:{self.options.fs_port}",
+                "-sf", str(_scenario_path("register.xml")), "-s", user, "-au", user, "-ap", password,
+                "-key", "contact", contact, "-i", self.options.callee_host, "-bind_local",
+                "-m", "1", "-nostdin", "-timeout", "15s",
+            ]  # fmt: skip
+            done = subprocess.run(
+                command, stdin=subprocess.DEVNULL, capture_output=True, timeout=45, check=False
+            )
+            if done.returncode != 0:
+                failed.append(user)
+        self._registered = True
+        return failed
+
     def run_case(self, case: Case) -> CaseRun:
+        if case.needs == "devices" and not self._registered:
+            failed = self.register_devices()
+            if failed:
+                raise RuntimeError(f"REGISTER failed for {', '.join(failed)}")
         time.sleep(self.options.gap)
         if case.hook_before:
             self.hook(case.hook_before)

@@ -362,6 +362,38 @@ def caller_abandons(*, after_ms: int) -> str:
     return "".join(parts)
 
 
+_REGISTER = """\
+      REGISTER sip:[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: <sip:[service]@[remote_ip]>;tag=[pid]Reg[call_number]
+      To: <sip:[service]@[remote_ip]>
+      Call-ID: [call_id]
+      CSeq: {cseq} REGISTER
+      Contact: <sip:[service]@[contact]>
+      Expires: 600
+      Max-Forwards: 70{auth}
+      Content-Length: 0
+"""
+
+
+def register() -> str:
+    """A SIP device registers: ``-s <username>``, ``-au``/``-ap`` its credentials, and
+    ``-key contact <host:port>`` where FreeSWITCH will send its calls (a callee SIPp)."""
+    parts = ['<?xml version="1.0" encoding="ISO-8859-1" ?>\n', '<!DOCTYPE scenario SYSTEM "sipp.dtd">\n']
+    parts.append(_GENERATED + '<scenario name="callgate lab device: REGISTER with digest auth">\n')
+    parts.append('  <send retrans="500">\n' + _cdata(_REGISTER.format(cseq=1, auth="")) + "  </send>\n")
+    parts.append('  <recv response="100" optional="true"/>\n')
+    parts.append('  <recv response="401" optional="true" auth="true" next="auth"/>\n')
+    parts.append('  <recv response="407" auth="true" next="auth"/>\n')
+    parts.append('  <label id="auth"/>\n')
+    auth = "\n      [authentication]"
+    parts.append('  <send retrans="500">\n' + _cdata(_REGISTER.format(cseq=2, auth=auth)) + "  </send>\n")
+    parts.append('  <recv response="100" optional="true"/>\n')
+    parts.append('  <recv response="200"/>\n')
+    parts.append("</scenario>\n")
+    return "".join(parts)
+
+
 def callee(*, ring_ms: int, answer: bool, bye_after_ms: int | None) -> str:
     """A gateway: 100 + 180 at once; after ``ring_ms`` a 200 (``answer``), then a BYE after
     ``bye_after_ms`` or wait for the caller's BYE. Without ``answer`` it rings until CANCEL."""
@@ -453,6 +485,7 @@ def rendered() -> dict[str, str]:
         "caller_wait.xml": caller(hold_ms=300_000),  # only FreeSWITCH's BYE ends it
         "caller_cancel.xml": caller(cancel_after_ms=1000),
         "caller_abandon.xml": caller_abandons(after_ms=200),
+        "register.xml": register(),
         "gw_answer.xml": callee(ring_ms=100, answer=True, bye_after_ms=None),
         "gw_answer_bye.xml": callee(ring_ms=100, answer=True, bye_after_ms=2000),
         "gw_ring.xml": callee(ring_ms=0, answer=False, bye_after_ms=None),
