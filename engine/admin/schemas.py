@@ -32,7 +32,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from engine.admin.errors import FieldError, ValidationFailed
-from engine.db import fixtures as fx
+from engine.db import fields as fx
 
 # --------------------------------------------------------------------------- field types
 
@@ -43,7 +43,7 @@ def _check(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
         try:
             return conv(value)
-        except fx._Invalid as exc:
+        except fx.Invalid as exc:
             raise PydanticCustomError("invalid", str(exc)) from None
 
     return check
@@ -73,7 +73,7 @@ def _money(minimum: Decimal | None) -> Any:
         schema["pattern"] = _MONEY_PATTERN.replace("^-?", "^")
     return Annotated[
         Decimal,
-        BeforeValidator(_check(fx._decimal(minimum=minimum))),
+        BeforeValidator(_check(fx.decimal(minimum=minimum))),
         PlainSerializer(_format_money, return_type=str, when_used="json"),
         WithJsonSchema(schema),
     ]
@@ -82,48 +82,52 @@ def _money(minimum: Decimal | None) -> Any:
 def _secret(minimum: int, what: str) -> Callable[[Any], str]:
     def conv(value: Any) -> str:  # never echoes the value
         if not isinstance(value, str) or len(value) < minimum or any(c.isspace() for c in value):
-            raise fx._Invalid(f"must be {what}")
+            raise fx.Invalid(f"must be {what}")
         return value
 
     return conv
 
 
-AccountNumber = _string(fx._digits(max_len=20), {"pattern": "^[0-9]{1,20}$"})
-Digits = _string(fx._digits(), {"pattern": "^[0-9]+$"})
-DigitsOrEmpty = _string(fx._digits(empty=True), {"pattern": "^[0-9]*$"})
-Name = _string(fx._NAME, {"minLength": 1})
-Email = _string(fx._EMAIL, {"format": "email"})
-Phone = _string(fx._PHONE, {"pattern": "^[0-9 +()-]*$"})
-Currency = _string(fx._CURRENCY, {"pattern": "^[A-Z]{3}$"})
-Country = _string(fx._COUNTRY, {"pattern": "^[A-Z]{2}$"})
-Language = _string(fx._LANGUAGE, {"pattern": "^[a-z]{2}(-[A-Z]{2})?$"})
-Timezone = _string(fx._timezone, {"description": "IANA time zone, e.g. Europe/London"})
-Codecs = _string(fx._CODECS, {"description": "comma list, e.g. PCMA,PCMU"})
-SipUser = _string(fx._SIP_USER, {"pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"})
-Cidr = _string(fx._cidr, {"description": "a network (203.0.113.0/28) or an address"})
-Password = _string(fx._account_password, {"minLength": 8, "format": "password", "writeOnly": True})
+AccountNumber = _string(fx.digits(max_len=20), {"pattern": "^[0-9]{1,20}$"})
+Digits = _string(fx.digits(), {"pattern": "^[0-9]+$"})
+DigitsOrEmpty = _string(fx.digits(empty=True), {"pattern": "^[0-9]*$"})
+Name = _string(fx.NAME, {"minLength": 1})
+Email = _string(fx.EMAIL, {"format": "email"})
+Phone = _string(fx.PHONE, {"pattern": "^[0-9 +()-]*$"})
+Currency = _string(fx.CURRENCY, {"pattern": "^[A-Z]{3}$"})
+Country = _string(fx.COUNTRY, {"pattern": "^[A-Z]{2}$"})
+Language = _string(fx.LANGUAGE, {"pattern": "^[a-z]{2}(-[A-Z]{2})?$"})
+Timezone = _string(fx.timezone, {"description": "IANA time zone, e.g. Europe/London"})
+Codecs = _string(fx.CODECS, {"description": "comma list, e.g. PCMA,PCMU"})
+SipUser = _string(fx.SIP_USER, {"pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"})
+Cidr = _string(fx.cidr, {"description": "a network (203.0.113.0/28) or an address"})
+Password = _string(fx.account_password, {"minLength": 8, "format": "password", "writeOnly": True})
 SipPassword = _string(
     _secret(8, "a SIP password of at least 8 characters without spaces"),
     {"minLength": 8, "format": "password", "writeOnly": True},
 )
 Pin = _string(
-    fx._pattern(r"[0-9]{4,20}", "a PIN of 4 to 20 digits"),
+    fx.secret_pattern(r"[0-9]{4,20}", "a PIN of 4 to 20 digits"),
     {"pattern": "^[0-9]{4,20}$", "format": "password", "writeOnly": True},
 )
+VoicemailPassword = _string(
+    fx.secret_pattern(r"[0-9]{0,20}", "a voicemail password of at most 20 digits"),
+    {"pattern": "^[0-9]{0,20}$", "format": "password", "writeOnly": True},
+)
 SpeedDialKey = _string(
-    fx._pattern(r"[0-9]{1,3}", "a speed-dial key of 1 to 3 digits"), {"pattern": "^[0-9]{1,3}$"}
+    fx.pattern(r"[0-9]{1,3}", "a speed-dial key of 1 to 3 digits"), {"pattern": "^[0-9]{1,3}$"}
 )
 
 
 def Text(max_len: int | None = None) -> Any:
     schema: dict[str, Any] = {} if max_len is None else {"maxLength": max_len}
-    return _string(fx._text(max_len), schema)
+    return _string(fx.text(max_len), schema)
 
 
 def _required_text(value: Any) -> str:
-    text = fx._text()(value)
+    text = fx.text()(value)
     if not text.strip():
-        raise fx._Invalid("must not be empty")
+        raise fx.Invalid("must not be empty")
     return text
 
 
@@ -132,7 +136,7 @@ Money = _money(Decimal(0))  # >= 0
 SignedMoney = _money(None)
 Timestamp = Annotated[
     datetime,
-    BeforeValidator(_check(fx._timestamp)),
+    BeforeValidator(_check(fx.timestamp)),
     WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -531,7 +535,7 @@ class SipDeviceCreate(_In):
     caller_id_number: DigitsOrEmpty = ""
     context: Name = "default"
     voicemail_enabled: bool = False
-    voicemail_password: DigitsOrEmpty = ""
+    voicemail_password: VoicemailPassword = ""
 
 
 SipDeviceUpdate = _optional_copy(
