@@ -359,11 +359,16 @@ class Runner:
         return run
 
     def metrics(self) -> dict[str, float] | None:
+        """The engine's counters, or None (not asked for, or the engine is down: a case that
+        stops it compares nothing)."""
         if not self.options.metrics_url:
             return None
         time.sleep(0.3)  # the engine counts a connection's end once its socket closed
-        with urllib.request.urlopen(self.options.metrics_url, timeout=5) as response:
-            return parse_metrics(response.read().decode())
+        try:
+            with urllib.request.urlopen(self.options.metrics_url, timeout=5) as response:
+                return parse_metrics(response.read().decode())
+        except OSError:
+            return None
 
     def recovery_after(self, hook: str, caller: Caller, dest: str, limit: float = 90.0) -> float:
         """Run ``hook``, then place a call every 0.5 s: seconds until the first one is answered
