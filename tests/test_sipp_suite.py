@@ -403,3 +403,9 @@ def test_lab_catalogue_gateways_lead_to_the_lab_callees() -> None:
     callee_ports = {f"127.0.0.1:{port}" for port in DEFAULT_CALLEE_PORTS.values()}
     assert by_name["beta-gw1"]["proxy"] not in callee_ports and by_name["beta-gw2"]["proxy"] in callee_ports
     assert all(g["register"] is False and g["sip_profile"] == fixture.SIP_PROFILE for g in by_name.values())
+
+
+def test_alternative_outcomes_for_state_outside_the_catalogue() -> None:
+    case = next(c for c in cs.demo_cases() if c.name == "demo-06")  # 480, or 200 if the device is registered
+    assert cs.check(case, [_result("480")]).ok and cs.check(case, [_result("200")]).ok
+    assert not cs.check(case, [_result("503")]).ok

@@ -303,15 +303,17 @@ class Runner:
         cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
         return CaseRun(dest, results, cpu, wall, errors)
 
-    def register_devices(self) -> list[str]:
-        """REGISTER each device with the answering callee as its contact; the ones that failed."""
+    def register_devices(self, expires: int = 600) -> list[str]:
+        """REGISTER each device with the answering callee as its contact (``expires`` 0: remove
+        the registrations); the ones that failed."""
         contact = f"{self.options.callee_host}:{self.options.callee_ports['answer']}"
         failed = []
         for user, password in self.options.devices:
             command = [
                 self.options.sipp, f"{self.options.fs_host}:{self.options.fs_port}",
                 "-sf", str(_scenario_path("register.xml")), "-s", user, "-au", user, "-ap", password,
-                "-key", "contact", contact, "-i", self.options.callee_host, "-bind_local",
+                "-key", "contact", contact, "-key", "expires", str(expires),
+                "-i", self.options.callee_host, "-bind_local",
                 "-m", "1", "-nostdin", "-timeout", "15s",
             ]  # fmt: skip
             done = subprocess.run(
@@ -319,7 +321,7 @@ class Runner:
             )
             if done.returncode != 0:
                 failed.append(user)
-        self._registered = True
+        self._registered = expires > 0
         return failed
 
     def run_case(self, case: Case) -> CaseRun:
@@ -424,6 +426,8 @@ def running(options: RunOptions) -> Iterator[Runner]:
         runner.start_callees()
         yield runner
     finally:
+        if runner._registered:
+            runner.register_devices(expires=0)  # leave no registration behind for the next run
         runner.stop_callees()
         if runner.watcher is not None:
             runner.watcher.close()

@@ -370,15 +370,16 @@ _REGISTER = """\
       Call-ID: [call_id]
       CSeq: {cseq} REGISTER
       Contact: <sip:[service]@[contact]>
-      Expires: 600
+      Expires: [expires]
       Max-Forwards: 70{auth}
       Content-Length: 0
 """
 
 
 def register() -> str:
-    """A SIP device registers: ``-s <username>``, ``-au``/``-ap`` its credentials, and
-    ``-key contact <host:port>`` where FreeSWITCH will send its calls (a callee SIPp)."""
+    """A SIP device registers: ``-s <username>``, ``-au``/``-ap`` its credentials,
+    ``-key contact <host:port>`` where FreeSWITCH will send its calls (a callee SIPp) and
+    ``-key expires <seconds>`` (0 removes the registration)."""
     parts = ['<?xml version="1.0" encoding="ISO-8859-1" ?>\n', '<!DOCTYPE scenario SYSTEM "sipp.dtd">\n']
     parts.append(_GENERATED + '<scenario name="callgate lab device: REGISTER with digest auth">\n')
     parts.append('  <send retrans="500">\n' + _cdata(_REGISTER.format(cseq=1, auth="")) + "  </send>\n")
