@@ -286,20 +286,24 @@ class Runner:
         )
         cpu_before = fs_cpu_seconds(self.options.fs_pid)
         started = time.monotonic()
-        subprocess.run(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=timeout + 30,
-            check=False,
-        )
+        overrun = ""
+        try:
+            subprocess.run(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=timeout + 30,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:  # killed: a call still up (SIPp's -timeout waits for it)
+            overrun = f"SIPp killed after {timeout + 30:g} s with a call still up\n"
         wall = time.monotonic() - started
         cpu_after = fs_cpu_seconds(self.options.fs_pid)
         results = parse_log(log.read_text(errors="replace").splitlines()) if log.exists() else []
         if self.watcher is not None:
             results = self.watcher.attach(results)
-        errors = err.read_text(errors="replace") if err.exists() else ""
+        errors = overrun + (err.read_text(errors="replace") if err.exists() else "")
         cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
         return CaseRun(dest, results, cpu, wall, errors)
 
