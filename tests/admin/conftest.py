@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from engine.admin import cli as admin_cli
-from engine.admin.api import create_app
+from engine.admin.api import create_app, shutdown
 from engine.admin.service import Actor, AdminService
 from engine.admin.settings import AdminSettings
 from engine.config import load_config
@@ -165,8 +165,10 @@ class Api:
 
 
 @pytest.fixture(scope="module")
-def app(config: Any) -> Any:
-    return create_app(config)
+def app(config: Any) -> Iterator[Any]:
+    application = create_app(config)
+    yield application
+    shutdown(application)
 
 
 @pytest.fixture(scope="module")
