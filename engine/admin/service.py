@@ -1916,9 +1916,10 @@ class AdminService:
     # ================================================================= API tokens
 
     def create_token(
-        self, name: str, reseller: str | None = None, expires_days: int | None = None
+        self, name: str, reseller: str | None = None, expires_days: int | None = None, read_only: bool = False
     ) -> tuple[dict[str, Any], str]:
-        """A new API token (admin scope, or one reseller's subtree); the token is returned once."""
+        """A new API token (admin scope, or one reseller's subtree; read-only: every write refused);
+        the token is returned once."""
         self._require_admin("creating an API token")
         name = s.parse(_TokenName, {"name": name}).name
         if expires_days is not None and expires_days <= 0:
@@ -1933,8 +1934,10 @@ class AdminService:
             with self.conn.cursor(row_factory=dict_row) as cur:
                 row = cur.execute(
                     "INSERT INTO api_tokens (name, token_sha256, token_hint, scope, reseller_id, created_by,"
-                    " expires_at) VALUES (%s, %s, %s, %s, %s, %s, now() + %s * interval '1 day')"
-                    " RETURNING id, name, token_hint, scope, reseller_id, created_at, created_by, expires_at",
+                    " expires_at, read_only)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, now() + %s * interval '1 day', %s)"
+                    " RETURNING id, name, token_hint, scope, reseller_id, created_at, created_by, expires_at,"
+                    " read_only",
                     [
                         name,
                         _token_digest(token),
@@ -1943,6 +1946,7 @@ class AdminService:
                         reseller_id,
                         self.actor.name,
                         expires_days,
+                        read_only,
                     ],
                 ).fetchone()
             row["reseller"] = reseller
@@ -1960,7 +1964,7 @@ class AdminService:
         self._require_admin("listing API tokens")
         with self.conn.cursor(row_factory=dict_row) as cur:
             return cur.execute(
-                "SELECT t.id, t.name, t.token_hint, t.scope, r.number AS reseller, t.created_at,"
+                "SELECT t.id, t.name, t.token_hint, t.scope, t.read_only, r.number AS reseller, t.created_at,"
                 " t.created_by, t.expires_at, t.last_used_at, t.revoked_at FROM api_tokens t"
                 " LEFT JOIN accounts r ON r.id = t.reseller_id ORDER BY t.id"
             ).fetchall()
