@@ -13,7 +13,7 @@ from flask_openapi3.openapi import OpenAPI
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
 from engine.admin import schemas as s
-from engine.admin.errors import AdminError
+from engine.admin.errors import AdminError, FieldError
 from engine.admin.settings import AdminSettings, admin_settings
 
 from .auth import SAFE_METHODS, TokenGate, bearer_token
@@ -88,6 +88,10 @@ def _hooks(app: OpenAPI, gate: TokenGate, settings: AdminSettings) -> None:
         g.actor = identity.actor
         if identity.read_only and request.method not in SAFE_METHODS:
             return error(403, "forbidden", "this token is read-only")
+        repeated = [key for key, values in request.args.lists() if len(values) > 1]
+        if repeated:  # no query parameter is a list: a repeat would otherwise be silently dropped
+            errors = [FieldError(key, "given more than once") for key in repeated]
+            return error(422, "validation_failed", "; ".join(map(str, errors)), errors)
         return None
 
     @app.teardown_request
