@@ -255,8 +255,19 @@ class _Out(BaseModel):
 # --------------------------------------------------------------------------- accounts
 
 
+def _email_required(schema: dict[str, Any]) -> None:
+    """The document says what the service enforces: a new account always has an e-mail. (The model
+    itself takes none, for accounts loaded without one by the fixture loader.)"""
+    email = schema["properties"]["email"]
+    email.update(next(o for o in email.pop("anyOf") if o.get("type") != "null"))
+    email.pop("default", None)
+    schema["required"] = sorted({*schema.get("required", []), "email"})
+
+
 class CustomerCreate(_In):
     """ASTPP's customer form. Omitted fields take the defaults shown (or [admin]'s)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_email_required)
 
     # -- panel access
     reseller: AccountNumber | None = Field(None, description="owning reseller's account number; none = admin")
@@ -349,6 +360,16 @@ def _nullable(annotation: Any) -> bool:
     return type(None) in get_args(annotation)
 
 
+# Nullable in the create model, but an edit may not clear it (the service refuses).
+_NEVER_CLEARED = ("email",)
+
+
+def _not_cleared(value: Any) -> Any:
+    if value is None:
+        raise PydanticCustomError("required", "required")
+    return value
+
+
 def _update_model(
     model: type[BaseModel], name: str, exclude: tuple[str, ...], doc: str, *, null_clears: bool
 ) -> type[BaseModel]:
@@ -359,11 +380,15 @@ def _update_model(
         if field_name in exclude:
             continue
         annotation = info.rebuild_annotation()
-        if null_clears and _nullable(annotation):
+        if null_clears and _nullable(annotation) and field_name not in _NEVER_CLEARED:
             fields[field_name] = (annotation, Field(None, description=info.description))
-        else:
-            extra = Field(None, description=info.description, json_schema_extra=_no_default)
-            fields[field_name] = (annotation, extra)
+            continue
+        if _nullable(annotation):
+            annotation = next(a for a in get_args(annotation) if a is not type(None))
+        if field_name in _NEVER_CLEARED:
+            annotation = Annotated[annotation, BeforeValidator(_not_cleared)]
+        omitted = Field(None, description=info.description, json_schema_extra=_no_default)
+        fields[field_name] = (annotation, omitted)
     created = create_model(name, __base__=_In, __doc__=doc, **fields)
     created.__module__ = __name__
     return created
