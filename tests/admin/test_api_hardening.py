@@ -73,6 +73,16 @@ def test_deeply_nested_json_is_refused(api, customer):
         assert "nest" in response.body["message"]
 
 
+def test_deeply_nested_or_nul_import_options_are_refused(api):
+    for options in ("[" * 100_000 + "]" * 100_000, '{"mapping": ' + "[" * 50 + "]" * 50 + "}", '"a\u0000"'):
+        response = api.post(
+            "/customers/import", data={"file": (__import__("io").BytesIO(b"Account\n1\n"), "a.csv"),
+                                       "options": options},
+        )  # fmt: skip
+        assert response.status_code == 400, (options[:60], response.status_code)
+        assert "form field" in response.body["message"]
+
+
 def test_valid_days_that_would_overflow_a_date_are_refused(api, customer):
     for days in (36501, 2**31 - 1, 10**12):
         response = api.post("/customers", json=customer_body(number="5300000003", valid_days=days))

@@ -18,7 +18,16 @@ from engine.admin.settings import AdminSettings, admin_settings
 
 from .auth import SAFE_METHODS, TokenGate, bearer_token
 from .db import Database, Unavailable
-from .http import PREFIX, JSONCodec, database, error, release_connection, validation_error
+from .http import (
+    PREFIX,
+    JSONCodec,
+    database,
+    error,
+    printable,
+    release_connection,
+    unstorable,
+    validation_error,
+)
 from .routes import ERROR_RESPONSES, account, balance, customers, subresources
 
 log = logging.getLogger("callgate.admin.api")
@@ -88,6 +97,10 @@ def _hooks(app: OpenAPI, gate: TokenGate, settings: AdminSettings) -> None:
         g.actor = identity.actor
         if identity.read_only and request.method not in SAFE_METHODS:
             return error(403, "forbidden", "this token is read-only")
+        if request.mimetype == "multipart/form-data":
+            problem = _form_problem()
+            if problem:
+                return error(400, "bad_request", problem)
         repeated = [key for key, values in request.args.lists() if len(values) > 1]
         if repeated:  # no query parameter is a list: a repeat would otherwise be silently dropped
             errors = [FieldError(key, "given more than once") for key in repeated]
@@ -97,6 +110,23 @@ def _hooks(app: OpenAPI, gate: TokenGate, settings: AdminSettings) -> None:
     @app.teardown_request
     def _give_back(_exc: BaseException | None) -> None:
         release_connection()
+
+
+def _form_problem() -> str | None:
+    """Why a multipart form's text fields cannot be taken. flask-openapi3 parses each one as JSON
+    with the standard library, which would raise RecursionError (a 500) on deep nesting: the fields
+    are parsed here first, with the API's own limits."""
+    for name, value in request.form.items():
+        try:
+            decoded = json.loads(value)
+        except RecursionError:
+            return f"form field {printable(name, 50)}: nested too deeply"
+        except ValueError:
+            decoded = value  # not JSON: validated as text
+        problem = unstorable({name: decoded})
+        if problem:
+            return f"form field {problem}"
+    return None
 
 
 def _error_handlers(app: OpenAPI) -> None:

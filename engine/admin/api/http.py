@@ -59,7 +59,7 @@ class JSONCodec(DefaultJSONProvider):
             raise BadRequest(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels") from None
         except ValueError as exc:  # includes UnicodeDecodeError
             raise BadRequest(f"the body is not valid JSON: {printable(str(exc), 200)}") from None
-        problem = s_problem(value)
+        problem = unstorable(value)
         if problem:
             raise BadRequest(problem)
         return value
@@ -71,7 +71,7 @@ class JSONCodec(DefaultJSONProvider):
         return DefaultJSONProvider.default(o)
 
 
-def s_problem(value: Any) -> str | None:
+def unstorable(value: Any) -> str | None:
     """Why a decoded JSON value cannot be accepted (too deep, NUL, lone surrogate), or None."""
     try:
         s.check_text_tree(value, max_depth=MAX_JSON_DEPTH)
