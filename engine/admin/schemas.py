@@ -194,8 +194,10 @@ BalanceConvention = Literal["held", "astpp"]
 
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
-# No request nests deeper than this; a deeper one is refused before any validation.
+# No request nests deeper than this, or has more fields in one object (the largest form has
+# about 70); beyond, it is refused before any validation, so no one pays for 10,000 errors.
 MAX_DEPTH = 32
+MAX_KEYS = 1000
 
 
 def _text_problem(text: str) -> str | None:
@@ -223,6 +225,8 @@ def check_text_tree(value: Any, max_depth: int = MAX_DEPTH) -> None:
             if problem:
                 raise ValueError(f"{_shown(path)}: {problem}")
         elif isinstance(item, dict):
+            if len(item) > MAX_KEYS:
+                raise ValueError(f"{_shown(path)}: more than {MAX_KEYS} fields")
             for key, child in item.items():
                 key_text = str(key)
                 problem = _text_problem(key_text)
