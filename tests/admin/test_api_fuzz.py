@@ -39,8 +39,10 @@ def fuzz_schema(app, admin_token):
     )
 
 
-def _fuzz(operation, mode, headers):
-    @given(case=operation.as_strategy(generation_mode=mode))
+def _fuzz(operation, mode, headers, path_parameters=None):
+    strategy = operation.as_strategy(generation_mode=mode, path_parameters=path_parameters)
+
+    @given(case=strategy)
     @settings(max_examples=EXAMPLES[mode], deadline=None, derandomize=not _SCALE, database=None,
               suppress_health_check=list(HealthCheck))  # fmt: skip
     def run(case):
@@ -49,15 +51,34 @@ def _fuzz(operation, mode, headers):
     run()
 
 
-@pytest.mark.parametrize("mode", list(EXAMPLES), ids=lambda m: m.value)
-def test_no_operation_answers_5xx_or_outside_its_document(fuzz_schema, admin_token, mode):
+@pytest.fixture(scope="module")
+def fuzzed_account(api):
+    """A real account, so that generated requests also reach existing rows, not only 404."""
+    body = {"first_name": "Fuzz", "rate_group": "retail", "email": "fuzz@example.com", "number": "5900000001"}
+    assert api.post("/customers", json=body).status_code == 201
+    return "5900000001"
+
+
+@pytest.mark.parametrize(
+    ("mode", "on_account"),
+    [(GenerationMode.POSITIVE, False), (GenerationMode.NEGATIVE, False), (GenerationMode.POSITIVE, True)],
+    ids=["positive", "negative", "positive-on-an-account"],
+)
+def test_no_operation_answers_5xx_or_outside_its_document(
+    fuzz_schema, admin_token, fuzzed_account, mode, on_account
+):
     headers = {"Authorization": f"Bearer {admin_token}"}
     failures = []
     operations = [result.ok() for result in fuzz_schema.get_all_operations()]
     assert len(operations) > 40
     for operation in operations:
+        fixed = None
+        if on_account:
+            if "{number}" not in operation.path:
+                continue
+            fixed = {"number": fuzzed_account}
         try:
-            _fuzz(operation, mode, headers)
+            _fuzz(operation, mode, headers, fixed)
         except Exception as exc:  # collect every operation's failure, then report them all
             failures.append(f"{operation.label}: {exc}"[:3000])
     assert not failures, "\n\n".join(failures)
