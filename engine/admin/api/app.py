@@ -81,35 +81,46 @@ def shutdown(app: OpenAPI) -> None:
 
 def _hooks(app: OpenAPI, gate: TokenGate, settings: AdminSettings) -> None:
     @app.before_request
-    def _limit_and_authenticate() -> Response | None:
-        limit = (
-            settings.max_import_bytes
-            if request.endpoint == customers.IMPORT_ENDPOINT
-            else settings.max_body_bytes
-        )
-        request.max_content_length = limit
-        if request.content_length is not None and request.content_length > limit:
-            return error(413, "request_entity_too_large", f"the request body is larger than {limit} bytes")
-        digest = gate.known(bearer_token(request.headers.get("Authorization", "")))
-        identity = None if digest is None else gate.identify(digest)
-        if identity is None:
-            return error(401, "unauthorized", UNAUTHORIZED)
-        g.actor = identity.actor
-        if identity.read_only and request.method not in SAFE_METHODS:
-            return error(403, "forbidden", "this token is read-only")
-        if request.mimetype == "multipart/form-data":
-            problem = _form_problem()
-            if problem:
-                return error(400, "bad_request", problem)
-        repeated = [key for key, values in request.args.lists() if len(values) > 1]
-        if repeated:  # no query parameter is a list: a repeat would otherwise be silently dropped
-            errors = [FieldError(key, "given more than once") for key in repeated]
-            return error(422, "validation_failed", "; ".join(map(str, errors)), errors)
-        return None
+    def _before_any_work() -> Response | None:
+        """In this order: the body's size, the token (no connection for a bad one), read-only,
+        then what flask-openapi3 would otherwise turn into a 500 or silently drop."""
+        return _oversized(settings) or _authenticate(gate) or _unreadable_input()
 
     @app.teardown_request
     def _give_back(_exc: BaseException | None) -> None:
         release_connection()
+
+
+def _oversized(settings: AdminSettings) -> Response | None:
+    large = request.endpoint == customers.IMPORT_ENDPOINT
+    limit = settings.max_import_bytes if large else settings.max_body_bytes
+    request.max_content_length = limit  # a body without Content-Length is cut there too (413)
+    if request.content_length is not None and request.content_length > limit:
+        return error(413, "request_entity_too_large", f"the request body is larger than {limit} bytes")
+    return None
+
+
+def _authenticate(gate: TokenGate) -> Response | None:
+    digest = gate.known(bearer_token(request.headers.get("Authorization", "")))
+    identity = None if digest is None else gate.identify(digest)
+    if identity is None:
+        return error(401, "unauthorized", UNAUTHORIZED)
+    g.actor = identity.actor
+    if identity.read_only and request.method not in SAFE_METHODS:
+        return error(403, "forbidden", "this token is read-only")
+    return None
+
+
+def _unreadable_input() -> Response | None:
+    if request.mimetype == "multipart/form-data":
+        problem = _form_problem()
+        if problem:
+            return error(400, "bad_request", problem)
+    repeated = [key for key, values in request.args.lists() if len(values) > 1]
+    if repeated:  # no query parameter is a list: a repeat would otherwise be silently dropped
+        errors = [FieldError(key, "given more than once") for key in repeated]
+        return error(422, "validation_failed", "; ".join(map(str, errors)), errors)
+    return None
 
 
 def _form_problem() -> str | None:
