@@ -107,7 +107,7 @@ class LoggingSettings:
 
 @dataclass(frozen=True)
 class SyncSettings:
-    """`callgate sync`, the live PostgreSQL -> Redis worker (README.md (Live sync))."""
+    """`callgate sync`, the live PostgreSQL -> Redis worker (docs/sync.md)."""
 
     check_interval: float = 1.0  # catch up at least this often without a notification; checks Redis too
     bulk_threshold: int = 2000  # more pending changes than this in one catch-up: publish a full snapshot

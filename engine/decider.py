@@ -5,24 +5,35 @@ engine.snapshot_max_age is not trusted (an account may have been blocked or
 emptied meanwhile): such calls are answered ENGINE_DEGRADED (fail closed).
 The limits step is the call's only Redis round trip (none when nothing in the
 chain is limited).
+
+What a limit refusal means for the call is decided here (:func:`limit_reason`,
+:func:`apply_limits`): a full account, reseller or DID is CONCURRENT_LIMIT or
+CPS_LIMIT; every candidate trunk full is TERMINATION_RATE_NOT_FOUND ("no route
+left", decision-rules §6).
+
+``explain=True`` runs the same steps without taking anything: the limits are
+*peeked* (the same rule over the same counts, nothing written), so ``callgate
+explain`` answers what the engine would answer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
-from engine.decision import Accept, Decision, Reason, Reject
+from engine.decision import Accept, Decision, Reason, Reject, Step
 from engine.model import CallRequest
 from engine.rules.catalog import Catalog
 from engine.rules.config import RulesConfig
 from engine.rules.decide import DecisionContext, decide
-from engine.state.limits import FailOpenLimiter, Limiter, LimitResult, LimitsUnavailable, apply_limits
+from engine.state.limits import LimitKind, LimitResult, LimitsAmbiguous, LimitsBackend, LimitsUnavailable
 
 LimitObserver = Callable[[LimitResult], None]
 AcceptObserver = Callable[[Accept, Catalog, datetime], None]
+ReleaseLater = Callable[[str], None]
 
 
 class CatalogSource(Protocol):
@@ -37,16 +48,45 @@ class CatalogSource(Protocol):
     def confirmed_age(self) -> float: ...
 
 
+def limit_reason(result: LimitResult) -> Reason | None:
+    """The reject reason of a refused limits result (None when admitted)."""
+    if result.admitted:
+        return None
+    if result.level is None:
+        return Reason.TERMINATION_RATE_NOT_FOUND  # every candidate trunk is full (§6)
+    return Reason.CPS_LIMIT if result.kind is LimitKind.CPS else Reason.CONCURRENT_LIMIT
+
+
+def apply_limits(accept: Accept, result: LimitResult) -> Decision:
+    """The decision after the limits: the Accept with full trunks dropped, or a Reject."""
+    step = Step("limits", result.detail)
+    reason = limit_reason(result)
+    if reason is None:
+        routes = accept.routes
+        if result.trunk_ids != tuple(r.trunk_id for r in routes):
+            keep = set(result.trunk_ids)
+            routes = tuple(r for r in routes if r.trunk_id in keep)
+        return dataclasses.replace(accept, routes=routes, steps=(*accept.steps, step))
+    return Reject(
+        reason=reason, account_id=accept.account_id, detail=result.detail, steps=(*accept.steps, step)
+    )
+
+
 class Decider:
+    """``limiter``: the shared limits (None: no limits). ``release_later(uuid)``: queues a
+    release for a call whose acquire may have taken slots although it failed (a timeout
+    after the request was sent); the call is refused ENGINE_DEGRADED all the same."""
+
     def __init__(
         self,
         source: CatalogSource,
         rules: RulesConfig,
         *,
         max_age: float,
-        limiter: Limiter | FailOpenLimiter | None = None,
+        limiter: LimitsBackend | None = None,
         on_limit_result: LimitObserver | None = None,
         on_accept: AcceptObserver | None = None,
+        release_later: ReleaseLater | None = None,
         rng: random.Random | None = None,
         wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -56,6 +96,7 @@ class Decider:
         self._limiter = limiter
         self._on_limit_result = on_limit_result
         self._on_accept = on_accept
+        self._release_later = release_later
         self._rng = rng or random.Random()
         self._wallclock = wallclock
 
@@ -70,20 +111,34 @@ class Decider:
         ctx = DecisionContext(now=now, rng=self._rng, config=self._rules, explain=explain)
         decision = decide(request, catalog, ctx)
         if isinstance(decision, Accept) and self._limiter is not None:
-            decision = self._take_limits(request.uuid, decision, catalog)
+            if explain:
+                decision = self._peek_limits(self._limiter, decision, catalog)
+            else:
+                decision = self._take_limits(self._limiter, request.uuid, decision, catalog)
         if isinstance(decision, Accept) and self._on_accept is not None and not explain:
             self._on_accept(decision, catalog, now)
         return decision
 
-    def _take_limits(self, uuid: str, accept: Accept, catalog: Catalog) -> Decision:
-        assert self._limiter is not None
-        plan = self._limiter.subjects_for(accept, catalog)
+    def _take_limits(self, limiter: LimitsBackend, uuid: str, accept: Accept, catalog: Catalog) -> Decision:
+        plan = limiter.subjects_for(accept, catalog)
         try:
-            result = self._limiter.acquire(uuid, plan, accept.max_duration)
+            result = limiter.acquire(uuid, plan, accept.max_duration)
         except LimitsUnavailable as exc:
+            if isinstance(exc, LimitsAmbiguous) and self._release_later is not None:
+                self._release_later(uuid)  # the script may have run: free what it took
             return Reject(
                 Reason.ENGINE_DEGRADED, account_id=accept.account_id, detail=f"limits unavailable: {exc}"
             )
         if self._on_limit_result is not None:
             self._on_limit_result(result)
+        return apply_limits(accept, result)
+
+    @staticmethod
+    def _peek_limits(limiter: LimitsBackend, accept: Accept, catalog: Catalog) -> Decision:
+        try:
+            result = limiter.peek(limiter.subjects_for(accept, catalog))
+        except LimitsUnavailable as exc:
+            return Reject(
+                Reason.ENGINE_DEGRADED, account_id=accept.account_id, detail=f"limits unavailable: {exc}"
+            )
         return apply_limits(accept, result)

@@ -1,7 +1,10 @@
 """`callgate explain`: the decision for a call, and every step that led to it, without placing it.
 
-It reads the same Redis snapshot and runs the same rules as the engine, so its
-answer is the engine's answer for that caller at that moment.
+It reads the same Redis snapshot and runs the engine's own decider (engine.decider)
+on it: the same rules, then the same limits rule over the same Redis counters, but
+*peeked* (a read-only script: nothing is taken, no call is counted). Its answer is
+the engine's answer for that caller at that moment, limits included; an account at
+2/2 channels is explained as CONCURRENT_LIMIT.
 """
 
 from __future__ import annotations
@@ -11,19 +14,19 @@ import json
 import random
 import sys
 from dataclasses import asdict
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import redis
 
 from engine.config import Config, rules_config
+from engine.decider import Decider
 from engine.decision import Accept, Decision
 from engine.model import CallRequest
 from engine.rules.catalog import Catalog
-from engine.rules.decide import DecisionContext, decide
 from engine.rules.variables import channel_variables, reject_variables
-from engine.state.limits import Limiter
+from engine.state.limits import LimitsBackend, LimitsUnavailable
+from engine.state.limits.redis import Limiter
 from engine.state.snapshot import SnapshotUnavailable, read_snapshot
 
 EXIT_REJECTED = 3
@@ -40,26 +43,45 @@ def request_from_args(args: argparse.Namespace) -> CallRequest:
     )
 
 
-def limit_usage(
-    client: redis.Redis, config: Config, decision: Decision, catalog: Catalog
-) -> list[dict[str, Any]]:
+class _SnapshotJustRead:
+    """The decider's catalogue source: the snapshot this command has just read."""
+
+    loaded = True
+
+    def __init__(self, version: int, catalog: Catalog) -> None:
+        self.current = (version, catalog)
+
+    def confirmed_age(self) -> float:
+        return 0.0
+
+
+def limit_usage(limiter: LimitsBackend, decision: Decision, catalog: Catalog) -> list[dict[str, Any]]:
     """Current use of every limit the call would be counted against (nothing is taken)."""
     if not isinstance(decision, Accept):
         return []
-    limiter = Limiter(client, config.redis.key_prefix)
-    usage = limiter.usage(limiter.subjects_for(decision, catalog))
+    try:
+        usage = limiter.usage(limiter.subjects_for(decision, catalog))
+    except LimitsUnavailable:
+        return []  # the decision already says ENGINE_DEGRADED, with the error
     return [_jsonable(asdict(level)) for level in usage]
 
 
-def explain_request(config: Config, request: CallRequest, catalog: Catalog) -> Decision:
-    ctx = DecisionContext(
-        now=datetime.now(UTC), rng=random.Random(), config=rules_config(config.rules), explain=True
+def explain_request(
+    config: Config, request: CallRequest, catalog: Catalog, limiter: LimitsBackend | None, version: int = 0
+) -> Decision:
+    """The engine's decision for ``request``: rules, then limits peeked (when ``limiter``)."""
+    decider = Decider(
+        _SnapshotJustRead(version, catalog),
+        rules_config(config.rules),
+        max_age=float("inf"),
+        limiter=limiter,
+        rng=random.Random(),
     )
-    return decide(request, catalog, ctx)
+    return decider(request, explain=True)
 
 
 def decision_document(decision: Decision, config: Config, snapshot_version: int) -> dict[str, Any]:
-    document = _jsonable(asdict(decision))
+    document: dict[str, Any] = _jsonable(asdict(decision))
     document["result"] = "accept" if isinstance(decision, Accept) else "reject"
     document["snapshot_version"] = snapshot_version
     if isinstance(decision, Accept):
@@ -99,9 +121,13 @@ def explain_call(config: Config, args: argparse.Namespace) -> int:
     try:
         data = read_snapshot(client, config.redis.key_prefix)
         catalog = Catalog.build(data)
-        decision = explain_request(config, request_from_args(args), catalog)
+        limiter = Limiter(client, config.redis.key_prefix, margin_seconds=config.limits.margin_seconds)
+        decision = explain_request(config, request_from_args(args), catalog, limiter, data.version)
         document = decision_document(decision, config, data.version)
-        document["limits"] = limit_usage(client, config, decision, catalog)
+        # The counters shown are those of the call as the rules accepted it (before the
+        # limits step, which may have refused it).
+        by_rules = explain_request(config, request_from_args(args), catalog, None, data.version)
+        document["limits"] = limit_usage(limiter, by_rules, catalog)
     except SnapshotUnavailable:
         print("callgate: no snapshot in Redis; run `callgate sync --once` first", file=sys.stderr)
         return 1

@@ -4,7 +4,7 @@ A call's garbage is freed by reference counting; the cyclic collector only finds
 cycle. Left at CPython's defaults it pauses the whole process (every call in it) for tens of
 milliseconds whenever it walks the objects of the calls that are up: ~50 per call, so
 10,000 calls up are half a million objects. Measured at 300 CPS with 1,500 calls up: p99
-decision latency 21-141 ms with the defaults, 2.6-9 ms with this policy (README, Performance).
+decision latency 21-141 ms with the defaults, 2.6-9 ms with this policy (docs/performance.md).
 
 The policy: young collections after ``young_threshold`` net allocations instead of 700
 (fewer, still short pauses), no automatic full collection (it is what walks every call up),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import gevent
@@ -14,13 +15,16 @@ from engine.config import Config, LimitsSettings, parse_switch_address
 from engine.metrics import EngineMetrics
 from engine.reconcile import ReconcileReport, SwitchAddress, reconcile
 from engine.state.direct import DirectConnections
-from engine.state.limits import FailOpenLimiter, Limiter, LimitResult, LimitsUnavailable
+from engine.state.limits import FailOpenLimiter, Limiter, LimitResult, LimitsBackend, LimitsUnavailable
 
 log = logging.getLogger("callgate.limits")
 
 RESYNC_INTERVAL = 1.0
 RELEASE_WINDOW = 0.002  # seconds a release batch gathers after its first call end
 RELEASE_BATCH_MAX = 256  # a batch this large is sent without waiting for the window
+RELEASE_RETRY_DELAY = 1.0  # seconds before the releases of a failed batch are sent again
+RELEASE_RETRY_FOR = 300.0  # seconds a release keeps being retried before it is left to the deadline
+RELEASE_RETRY_MAX = 100_000  # releases waiting for a retry; beyond, the oldest are left to their deadline
 
 
 def switch_addresses(settings: LimitsSettings) -> list[SwitchAddress]:
@@ -32,7 +36,7 @@ def switch_addresses(settings: LimitsSettings) -> list[SwitchAddress]:
 
 def build_limiter(
     config: Config, client: redis.Redis, metrics: EngineMetrics, direct: DirectConnections | None = None
-) -> Limiter | FailOpenLimiter:
+) -> LimitsBackend:
     limiter = Limiter(
         client,
         config.redis.key_prefix,
@@ -65,21 +69,39 @@ class ReleaseBatcher:
     ``release`` only queues the uuid; ``run`` (a background greenlet) waits for the first
     one, gathers for ``window`` seconds (or until ``max_batch`` are queued) and releases
     them with ``limiter.release_many``. A slot is held a few milliseconds longer, which the
-    limits cannot notice. A failed batch is logged and left to the slots' deadlines and
-    the reconciler; ``flush`` releases what is still queued at shutdown.
+    limits cannot notice. ``flush`` releases what is still queued at shutdown.
+
+    A batch that fails because Redis did not answer is sent again every ``retry_delay``
+    seconds for up to ``retry_for`` seconds (releases are idempotent per call uuid), so
+    a Redis stall does not hold slots until their deadline: this matters most for the
+    calls whose acquire timed out (they were refused, but the script may have taken
+    their slots). After ``retry_for``, or beyond ``retry_max`` waiting releases, they are
+    left to the slots' deadlines and the reconciler. Any other failure is logged and
+    not retried.
     """
 
     def __init__(
         self,
-        limiter: Limiter | FailOpenLimiter,
+        limiter: LimitsBackend,
         *,
         window: float = RELEASE_WINDOW,
         max_batch: int = RELEASE_BATCH_MAX,
+        retry_delay: float = RELEASE_RETRY_DELAY,
+        retry_for: float = RELEASE_RETRY_FOR,
+        retry_max: int = RELEASE_RETRY_MAX,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limiter = limiter
         self.window = window
         self.max_batch = max_batch
+        self.retry_delay = retry_delay
+        self.retry_for = retry_for
+        self.retry_max = retry_max
+        self._monotonic = monotonic
         self._queue: list[str] = []
+        self._retry: dict[str, float] = {}  # uuid -> when to give up; insertion order = age
+        self._retry_at = 0.0  # when the releases in _retry are next sent
+        self._give_up: dict[str, float] = {}  # the retried releases now queued again
         self._work = gevent.event.Event()  # set while the queue is not empty
         self._full = gevent.event.Event()  # set while a whole batch is queued
         self._sending = gevent.lock.Semaphore()  # flush() waits for the batch in flight
@@ -95,11 +117,19 @@ class ReleaseBatcher:
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def retrying(self) -> int:
+        """Releases waiting to be sent again after a failed batch."""
+        return len(self._retry)
+
     def run(self, stop: gevent.event.Event) -> None:
         while not stop.is_set():
-            gevent.wait([self._work, stop], count=1)
+            gevent.wait([self._work, stop], count=1, timeout=self._until_retry())
             if stop.is_set():
                 return  # what is left is for flush()
+            self._requeue_due()
+            if not self._queue:
+                continue
             self._full.wait(self.window)
             try:
                 with self._sending:
@@ -108,10 +138,30 @@ class ReleaseBatcher:
                 log.exception("limits release loop error")
 
     def flush(self) -> None:
-        """Release everything queued now, synchronously."""
+        """Release everything queued now (and what waits for a retry), synchronously."""
         with self._sending:
+            self._requeue_due(force=True)
             while self._queue:
-                self._send(self._take())
+                self._send(self._take(), retry=False)
+
+    def _until_retry(self) -> float | None:
+        if not self._retry:
+            return None
+        return max(0.0, self._retry_at - self._monotonic())
+
+    def _requeue_due(self, *, force: bool = False) -> None:
+        """Queue again the releases whose retry is due (all of them when ``force``)."""
+        if not self._retry or (not force and self._monotonic() < self._retry_at):
+            return
+        now = self._monotonic()
+        due = [u for u, give_up in self._retry.items() if give_up > now]
+        expired = len(self._retry) - len(due)
+        if expired:
+            log.warning("limits release of %d calls given up; their slots expire at their deadline", expired)
+        self._give_up.update((u, self._retry[u]) for u in due)  # kept while they are queued again
+        self._retry.clear()
+        for call_uuid in due:
+            self.release(call_uuid)
 
     def _take(self) -> list[str]:
         batch = self._queue[: self.max_batch]
@@ -122,19 +172,34 @@ class ReleaseBatcher:
             self._full.clear()
         return batch
 
-    def _send(self, batch: list[str]) -> None:
+    def _send(self, batch: list[str], *, retry: bool = True) -> None:
         if not batch:
             return
         try:
             self.limiter.release_many(batch)
         except (LimitsUnavailable, redis.RedisError) as exc:
-            log.warning(
-                "limits release of %d calls failed (%s); their slots expire at their deadline",
-                len(batch),
-                exc,
-            )
+            if retry:
+                log.warning("limits release of %d calls failed (%s); retrying", len(batch), exc)
+                self._hold_for_retry(batch)
+            else:
+                log.warning(
+                    "limits release of %d calls failed (%s); their slots expire at their deadline",
+                    len(batch),
+                    exc,
+                )
         except Exception:
             log.exception("limits release of %d calls failed unexpectedly", len(batch))
+        finally:
+            for call_uuid in batch:
+                self._give_up.pop(call_uuid, None)
+
+    def _hold_for_retry(self, batch: list[str]) -> None:
+        now = self._monotonic()
+        for call_uuid in batch:
+            self._retry[call_uuid] = self._give_up.get(call_uuid, now + self.retry_for)
+        while len(self._retry) > self.retry_max:
+            del self._retry[next(iter(self._retry))]  # the oldest: left to its deadline
+        self._retry_at = now + self.retry_delay
 
 
 def run_resync(limiter: FailOpenLimiter, stop: gevent.event.Event) -> None:
@@ -151,7 +216,7 @@ def run_resync(limiter: FailOpenLimiter, stop: gevent.event.Event) -> None:
 
 
 def run_reconciler(
-    limiter: Limiter | FailOpenLimiter,
+    limiter: LimitsBackend,
     switches: list[SwitchAddress],
     interval: float,
     metrics: EngineMetrics,

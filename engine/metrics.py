@@ -28,6 +28,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
+from typing import Any, cast
 
 import redis
 from prometheus_client import (
@@ -47,6 +48,16 @@ from engine.decision import Reason
 from engine.state.limits import LevelKind, LimitKind, LimitsUnavailable
 
 log = logging.getLogger("callgate.metrics")
+
+# prometheus_client's multiprocess helpers carry no annotations: typed here once, so that
+# their calls below are checked (and mypy's strict mode has no untyped call to refuse).
+_disable_created_metrics = cast(Callable[[], None], disable_created_metrics)
+_multiprocess_collector = cast(Callable[..., object], MultiProcessCollector)
+_mark_process_dead = cast(Callable[[int, str], None], mark_process_dead)
+_multiprocess_value_class = cast(Callable[[], Any], values.MultiProcessValue)
+
+StartResponse = Callable[..., Any]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 # Sub-millisecond resolution: the decision budget is ~1 ms (p99 target 20 ms); the client's
 # default buckets start at 5 ms and would put every healthy decision in the first one.
@@ -131,14 +142,14 @@ class EngineMetrics:
     def __init__(self, registry: CollectorRegistry | None = None, *, multiprocess_dir: str = "") -> None:
         directory = multiprocess_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
         # No `*_created` series: Prometheus would store each as a metric of its own (process-wide).
-        disable_created_metrics()
+        _disable_created_metrics()
         self.shared: SharedDirectory | None = None
         self.registry = registry or CollectorRegistry()
         if directory:
             self.shared = SharedDirectory(directory)
             self.shared.join()
             _enable_multiprocess(self.shared.path)
-            MultiProcessCollector(self.registry, path=self.shared.path)
+            _multiprocess_collector(self.registry, path=self.shared.path)
             r: CollectorRegistry | None = None  # the objects below only write their files
         else:
             r = self.registry
@@ -335,8 +346,8 @@ def _enable_multiprocess(path: str) -> None:
     current = values.ValueClass
     if getattr(current, "_multiprocess", False) and getattr(current, "_callgate_dir", None) == path:
         return
-    value_class = values.MultiProcessValue()
-    value_class._callgate_dir = path  # type: ignore[attr-defined]
+    value_class = _multiprocess_value_class()
+    value_class._callgate_dir = path
     values.ValueClass = value_class
 
 
@@ -384,7 +395,7 @@ class SharedDirectory:
                 for name in glob.glob(os.path.join(self.path, "*.db")):
                     os.remove(name)
                 self.wiped = True
-            mark_process_dead(self.pid, self.path)  # a dead process that had our pid
+            _mark_process_dead(self.pid, self.path)  # a dead process that had our pid
             fd = os.open(self._lock_path(self.pid), os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._alive_fd = fd
@@ -394,7 +405,7 @@ class SharedDirectory:
         if self._alive_fd is None:
             return
         with self._exclusive():
-            mark_process_dead(self.pid, self.path)
+            _mark_process_dead(self.pid, self.path)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self._lock_path(self.pid))
             os.close(self._alive_fd)
@@ -438,7 +449,7 @@ class SharedDirectory:
             else:
                 dead.add(pid)
         for pid in dead:
-            mark_process_dead(pid, self.path)
+            _mark_process_dead(pid, self.path)
         return alive
 
 
@@ -470,11 +481,11 @@ def _pid_running(pid: int) -> bool:
 
 def wsgi_app(
     registry: CollectorRegistry, ready: Callable[[], tuple[bool, str]], before_scrape: Callable[[], None]
-) -> Callable:
+) -> WsgiApp:
     """/metrics (Prometheus text, or OpenMetrics when asked), /healthz (process alive),
     /readyz (200 only when this process can decide calls)."""
 
-    def app(environ: dict, start_response: Callable) -> Iterable[bytes]:
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
             try:

@@ -13,9 +13,12 @@ Conventions (deliberately not ASTPP's 0=yes/1=no):
 from __future__ import annotations
 
 import enum
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 
 class AccountKind(enum.StrEnum):
@@ -269,6 +272,40 @@ ENTITY_TYPES: dict[str, type] = {
     "termination_rates": TerminationRate,
 }
 """CatalogData field name -> entity class, in dependency order."""
+
+ENTITY_KEY_FIELDS: dict[str, tuple[str, ...]] = {
+    **{name: ("id",) for name in ENTITY_TYPES},
+    # Entities without an id are keyed by their natural key:
+    "forced_caller_ids": ("account_id",),
+    "speed_dials": ("account_id", "key"),
+    "blocked_codes": ("account_id", "prefix"),
+}
+"""Entity name -> the fields of its key, the one declaration of entity keys: the snapshot's
+hash fields, the live sync's change events, the catalogue's change tracking and the
+loader's by-key reads all use it (:func:`entity_key_of`, fields joined with ":")."""
+
+
+def _key_getter(fields: tuple[str, ...]) -> Callable[[Any], str]:
+    if len(fields) == 1:
+        getter = operator.attrgetter(fields[0])
+        return lambda obj: str(getter(obj))
+    getters = operator.attrgetter(*fields)
+    return lambda obj: ":".join(map(str, getters(obj)))
+
+
+_KEY_GETTERS: dict[str, Callable[[Any], str]] = {
+    name: _key_getter(f) for name, f in ENTITY_KEY_FIELDS.items()
+}
+
+
+def entity_key_getter(name: str) -> Callable[[Any], str]:
+    """The function giving the key of an entity of type ``name`` (fast: built once)."""
+    return _KEY_GETTERS[name]
+
+
+def entity_key_of(name: str, obj: Any) -> str:
+    """The key of entity ``obj`` of type ``name`` (see :data:`ENTITY_KEY_FIELDS`)."""
+    return _KEY_GETTERS[name](obj)
 
 
 @dataclass(frozen=True, slots=True)

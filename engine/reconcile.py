@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from engine.esl.protocol import EslParser, Frame, ProtocolError, command
-from engine.state.limits import FailOpenLimiter, Limiter, LimitsUnavailable
+from engine.state.limits import LimitsBackend, LimitsUnavailable
 
 __all__ = [
     "ReconcileReport",
@@ -203,7 +203,7 @@ def parse_show_channels(text: str) -> set[str]:
 
 
 def reconcile(
-    limiter: Limiter | FailOpenLimiter,
+    limiter: LimitsBackend,
     switches: Sequence[SwitchAddress],
     *,
     grace_seconds: float = 5,

@@ -84,6 +84,8 @@ class Engine:
             maxlen=config.sync.events_maxlen,
             registry=None if self.metrics.multiprocess else self.metrics.registry,
         )
+        # Call ends only queue their release; one greenlet releases them in pipelined batches.
+        self.releases = ReleaseBatcher(self.limiter)
         decider = Decider(
             self.snapshots,
             rules,
@@ -91,9 +93,8 @@ class Engine:
             limiter=self.limiter,
             on_limit_result=limit_result_observer(self.metrics),
             on_accept=self._record_first_uses,
+            release_later=self.releases.release,  # an acquire that timed out may have taken slots
         )
-        # Call ends only queue their release; one greenlet releases them in pipelined batches.
-        self.releases = ReleaseBatcher(self.limiter)
         handler = CallHandler(
             config,
             decider,

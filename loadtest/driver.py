@@ -52,6 +52,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from loadtest import child_env
 from loadtest.dataset import ACCEPT_ONLY, DEFAULT_MIX, CallMix, CallPlan, Scale
 from loadtest.stats import summarize
 
@@ -810,7 +811,7 @@ def drive(
             ]
             if pin_cpus:
                 cmd = ["taskset", "-c", pin_cpus, *cmd]
-            children.append(subprocess.Popen(cmd))
+            children.append(subprocess.Popen(cmd, env=child_env()))
         pids = [c.pid for c in children]
         server_pids = server_pids or []
         time.sleep(max(0.0, start_at + config.warmup - time.time()))

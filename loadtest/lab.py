@@ -4,7 +4,7 @@ Where :mod:`loadtest.driver` plays FreeSWITCH, this driver makes a real FreeSWIT
 the calls, so the whole path is measured: SIP, the dialplan's ``socket`` application,
 callgate's decision, and the bridge (or the rejection) as the caller sees it.
 
-Lab layout (one FreeSWITCH is enough; see README.md (Performance), "Real FreeSWITCH lab")::
+Lab layout (one FreeSWITCH is enough; see docs/performance.md, "Real FreeSWITCH lab")::
 
     lab.py --bgapi originate--> FreeSWITCH :8021 (inbound ESL)
       A leg: sofia/external/<dest>@<fs>:5080  --SIP-->  profile "callgate" (port 5080)

@@ -1,4 +1,4 @@
-"""Markdown tables from a ``loadtest.run`` JSON file (for README.md (Performance)).
+"""Markdown tables from a ``loadtest.run`` JSON file (for docs/performance.md).
 
 python -m loadtest.report loadtest-results.json [more.json ...]
 """

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from loadtest import probes
+from loadtest import child_env, probes
 from loadtest.dataset import ACCEPT_ONLY, ACCEPTED_CLASSES, DEFAULT_MIX, Scale, ensure_published
 from loadtest.driver import FsLibrary, LoadConfig, drive
 from loadtest.stats import percentile
@@ -190,7 +190,7 @@ def server(
 ) -> Iterator[RunningServer]:
     port = free_port()
     running = RunningServer(spec, port)
-    env = dict(os.environ)
+    env = child_env()  # the servers import loadtest from the checkout, whatever their cwd
     env.update(
         CALLGATE_REDIS_URL=redis_url,
         CALLGATE_REDIS__KEY_PREFIX=prefix,

@@ -1,4 +1,4 @@
-"""Test support: run a real `callgate serve` process against the test run's PostgreSQL and Redis."""
+"""Test support: `wait_until`, and real `callgate serve` processes on the run's PostgreSQL and Redis."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
+import gevent
 import gevent.subprocess
 import psycopg
 
@@ -22,17 +24,42 @@ from engine.sync import publish_once
 ROOT = Path(__file__).resolve().parent.parent
 CALLGATE = [sys.executable, "-m", "engine.cli"]
 
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float = 15.0, interval: float = 0.02, what: str = "condition"
+) -> T:
+    """Poll `predicate` until it returns something true, and return that; fail after `timeout` s.
+
+    The one polling helper of the tests. It sleeps with gevent, so emulators and servers running
+    in this process keep answering; threads keep running too. Deadlines are generous on purpose:
+    the machine running the suite may be busy. `predicate` may raise to stop early (a process
+    that died, say).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        gevent.sleep(interval)
+
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def engine_environment(
     database_url: str, redis_url: str, key_prefix: str, **overrides: str
 ) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("CALLGATE_")}
+    # Nothing of the shell's deployment settings (tests/conftest.py removes them too).
+    foreign = ("CALLGATE_", "PROMETHEUS_MULTIPROC_DIR")
+    env = {name: value for name, value in os.environ.items() if not name.startswith(foreign)}
     env.update(
         CALLGATE_CONFIG=str(ROOT / "config" / "callgate.toml"),
         CALLGATE_DATABASE_URL=database_url,
@@ -48,7 +75,7 @@ def config_for(env: Mapping[str, str]) -> Config:
     return load_config(environ=env)
 
 
-def prepare_database(database_url: str, document: Mapping) -> None:
+def prepare_database(database_url: str, document: Mapping[str, Any]) -> None:
     migrate(database_url)
     with psycopg.connect(database_url) as conn:
         load_document(conn, document)
@@ -59,18 +86,19 @@ def publish(env: Mapping[str, str]) -> int:
     return version
 
 
-def run_cli(args: list[str], env: Mapping[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], env: Mapping[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run `callgate …`; cooperative, so emulators serving in this process keep answering."""
-    return gevent.subprocess.run(
+    done: subprocess.CompletedProcess[str] = gevent.subprocess.run(
         [*CALLGATE, *args], env=dict(env), cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
+    return done
 
 
 @dataclass
 class EngineProcess:
     env: dict[str, str]
     port: int = field(default_factory=free_port)
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
     def start(self, log_path: Path, wait: float = 15.0) -> EngineProcess:
@@ -82,15 +110,16 @@ class EngineProcess:
         return self
 
     def _wait_listening(self, wait: float) -> None:
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
+        def listening() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"callgate serve exited early:\n{self.log()}")
-            if "callgate listening on" in self.log():
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"callgate serve did not listen within {wait}s:\n{self.log()}")
+            return "callgate listening on" in self.log()
+
+        try:
+            wait_until(listening, wait, interval=0.05, what="callgate serve listening")
+        except AssertionError:
+            raise RuntimeError(f"callgate serve did not listen within {wait}s:\n{self.log()}") from None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""

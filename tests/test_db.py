@@ -28,7 +28,6 @@ from engine.model import (
     DidDestinationType,
     RoutingType,
 )
-from tests.conftest import RUN_ID, _create_database, _drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "config" / "demo.yaml"
@@ -55,17 +54,12 @@ ENGINE_TABLES = [
 
 
 @pytest.fixture(scope="module")
-def demo_url() -> Iterator[str]:
+def demo_url(module_pg_url: str) -> str:
     """A database private to this module: migrated, with the demo document loaded."""
-    name = f"callgate_test_{RUN_ID}_db"
-    url = _create_database(name)
-    try:
-        migrate(url)
-        with psycopg.connect(url) as conn:
-            load_file(conn, DEMO)
-        yield url
-    finally:
-        _drop_database(name)
+    migrate(module_pg_url)
+    with psycopg.connect(module_pg_url) as conn:
+        load_file(conn, DEMO)
+    return module_pg_url
 
 
 @pytest.fixture
@@ -1271,3 +1265,20 @@ def test_demo_document_is_what_the_repo_ships() -> None:
     }
     rates = sum(len(g["rates"]) for g in doc["rate_groups"])
     assert 300 <= rates <= 1000
+
+
+def test_each_loader_table_spec_fills_every_field_of_its_entity() -> None:
+    """The loader's one column spec per table: every model field comes from exactly one
+    column or from the table's links; the entity key is among the columns."""
+    import dataclasses
+
+    from engine.db import loader
+    from engine.model import ENTITY_KEY_FIELDS, ENTITY_TYPES
+
+    for name, table in loader._TABLES.items():
+        filled = [c.field for c in table.columns] + ([table.links_field] if table.links_field else [])
+        assert len(filled) == len(set(filled)), name
+        assert set(filled) == {f.name for f in dataclasses.fields(ENTITY_TYPES[name])}, name
+        assert set(ENTITY_KEY_FIELDS[name]) <= {c.field for c in table.columns}, name
+        assert len(table.types) == len(table.columns)
+        assert table.select().startswith("SELECT ") and table.select().endswith(f"FROM {table.table}")

@@ -35,6 +35,7 @@ from loadtest.fsemu import (
     templates,
     wire,
 )
+from tests.support import wait_until
 
 CAPTURES = Path("/work/shared/reference/freeswitch-captures")
 needs_captures = pytest.mark.skipif(not CAPTURES.is_dir(), reason="FreeSWITCH captures not available")
@@ -808,10 +809,11 @@ def test_inbound_auth_and_show_channels() -> None:
             assert cli.read_frame().get("Reply-Text") == "+OK accepted"
             cli.send(b"event plain CHANNEL_HANGUP_COMPLETE\n\n")
             assert cli.read_frame().get("Reply-Text") == "+OK event listener enabled plain"
-            deadline = time.monotonic() + 2
-            while spec.uuid not in switch.channels or not switch.channels[spec.uuid].bridged:
-                assert time.monotonic() < deadline
-                gevent.sleep(0.02)
+            wait_until(
+                lambda: spec.uuid in switch.channels and switch.channels[spec.uuid].bridged,
+                timeout=10,
+                what="the call bridged on the switch",
+            )
 
             cli.send(b"api show channels\n\n")
             resp = cli.read_frame()

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,13 +17,15 @@ import gevent.event
 import gevent.queue
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
+from engine.config import Config
+from engine.decider import Decider, apply_limits, limit_reason
 from engine.decision import Accept, Direction, Reason, Reject, Route
+from engine.explain import explain_request
 from engine.limits_runtime import ReleaseBatcher
 from engine.model import Account, AccountKind, Did, Trunk
 from engine.rules.catalog import Catalog
+from engine.rules.config import RulesConfig
 from engine.state.direct import DirectConnections
 from engine.state.limits import (
     FailOpenLimiter,
@@ -34,10 +33,13 @@ from engine.state.limits import (
     Limiter,
     LimitKind,
     LimitPlan,
+    LimitsAmbiguous,
     LimitsUnavailable,
     Subject,
-    apply_limits,
 )
+from tests.private_redis import PrivateRedis, free_port, private_redis_fixture, quick_client  # noqa: F401
+from tests.rules.builders import World, call
+from tests.support import wait_until
 
 # --------------------------------------------------------------------------- helpers
 
@@ -132,23 +134,6 @@ def members(client: redis.Redis, key: str) -> set[str]:
     return {m.decode() for m in client.zrange(key, 0, -1)}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def quick_client(port: int) -> redis.Redis:
-    """A client that fails fast: no retries, short timeouts."""
-    return redis.Redis(
-        host="127.0.0.1",
-        port=port,
-        socket_timeout=0.5,
-        socket_connect_timeout=0.5,
-        retry=Retry(NoBackoff(), 0),
-    )
-
-
 # --------------------------------------------------------------------------- planning
 
 
@@ -156,7 +141,7 @@ def test_subjects_for_lists_chain_did_and_trunks_in_route_order() -> None:
     cat = SimpleNamespace(
         accounts={1: account(1, 5, 2, reseller_id=2), 2: account(2, 50), 3: account(3)},
         trunks={10: trunk(10, 3), 11: trunk(11), 12: trunk(12, 0, 7)},
-        dids={"15550001": Did(id=7, number="15550001", account_id=1, max_channels=4, cps=1)},
+        dids_by_id={7: Did(id=7, number="15550001", account_id=1, max_channels=4, cps=1)},
     )
     plan = Limiter.subjects_for(accept((1, 2, 3), (12, 10, 11, 10), did_id=7), cat)
     assert plan.levels == (
@@ -169,7 +154,7 @@ def test_subjects_for_lists_chain_did_and_trunks_in_route_order() -> None:
     assert plan.limited
 
 
-def test_subjects_for_without_did_index_and_nothing_limited() -> None:
+def test_subjects_for_unknown_did_and_nothing_limited() -> None:
     plan = Limiter.subjects_for(accept((1,), (10,), did_id=9), catalog([account(1)], [trunk(10)]))
     assert plan.levels == (acct(1), Subject(LevelKind.DID, 9))
     assert not plan.limited
@@ -243,7 +228,7 @@ def test_reseller_limit_binds_below_its_customers(client, key_prefix: str) -> No
     assert [o.admitted for o in outcomes] == [True, True, True, False, False, False]
     refused = outcomes[3]
     assert (refused.level, refused.subject_id, refused.kind) == (LevelKind.RESELLER, 9, LimitKind.CHANNELS)
-    assert refused.reason is Reason.CONCURRENT_LIMIT
+    assert limit_reason(refused) is Reason.CONCURRENT_LIMIT
     assert client.zcard(f"{key_prefix}limits:ch:acct:9") == 3
     # The reseller's own calls count against the same counter as its customers'.
     own = limiter.acquire("own", limiter.subjects_for(accept((9,)), cat), 60)
@@ -274,7 +259,7 @@ def test_cps_refusal_names_the_level_and_kind(client, key_prefix: str) -> None:
     plan = LimitPlan((acct(1, 0, 1),))
     assert limiter.acquire("a", plan, 60).admitted
     refused = limiter.acquire("b", plan, 60)
-    assert (refused.level, refused.kind, refused.reason) == (
+    assert (refused.level, refused.kind, limit_reason(refused)) == (
         LevelKind.ACCOUNT,
         LimitKind.CPS,
         Reason.CPS_LIMIT,
@@ -307,7 +292,7 @@ def test_full_trunks_are_skipped_and_the_call_counted_on_the_first_with_room(cli
         (11, LimitKind.CHANNELS),
         (12, LimitKind.CPS),
     ]
-    assert fourth.reason is Reason.TERMINATION_RATE_NOT_FOUND
+    assert limit_reason(fourth) is Reason.TERMINATION_RATE_NOT_FOUND
     reject = apply_limits(acc, fourth)
     assert isinstance(reject, Reject) and reject.reason is Reason.TERMINATION_RATE_NOT_FOUND
     assert "trunk 12 (cps)" in reject.detail
@@ -325,18 +310,6 @@ def test_an_unlimited_trunk_always_has_room_and_is_not_counted(client, key_prefi
     client.zadd(f"{key_prefix}limits:ch:trunk:12", {"elsewhere": 10**15})
     third = limiter.acquire("c3", plan, 60)
     assert third.trunk_ids == (11,)  # a full trunk after it is still dropped from the failover list
-
-
-def test_move_trunk_follows_the_leg_that_carried_the_call(client, key_prefix: str) -> None:
-    limiter = Limiter(client, key_prefix, clock=FakeClock())
-    plan = LimitPlan((acct(1, 5),), (tr(10, 5), tr(11, 5)))
-    assert limiter.acquire("c1", plan, 60).counted_trunk_id == 10
-    assert limiter.move_trunk("c1", tr(11, 5))
-    assert members(client, f"{key_prefix}limits:ch:trunk:10") == set()
-    assert members(client, f"{key_prefix}limits:ch:trunk:11") == {"c1"}
-    assert limiter.release("c1")
-    assert members(client, f"{key_prefix}limits:ch:trunk:11") == set()
-    assert not limiter.move_trunk("c1", tr(10, 5))
 
 
 # --------------------------------------------------------------------------- release and self-healing
@@ -472,67 +445,6 @@ def test_usage_reports_each_level(client, key_prefix: str) -> None:
 
 
 # --------------------------------------------------------------------------- failure policy
-
-
-class PrivateRedis:
-    """A redis-server of our own that can be stopped and started again with its data."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="cg-redis-")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                shutil.which("redis-server") or "redis-server",
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", self.dir,
-                "--save", "",
-                "--appendonly", "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        probe = quick_client(self.port)
-        while True:
-            try:
-                if probe.ping():
-                    break
-            except redis.exceptions.RedisError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        probe.close()
-
-    def stop(self) -> None:
-        """Save to disk and exit (a restart loads the data back)."""
-        assert self.proc is not None
-        with contextlib.suppress(redis.exceptions.RedisError):
-            quick_client(self.port).shutdown(save=True)
-        self.proc.wait(timeout=10)
-        self.proc = None
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            self.proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = PrivateRedis()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def test_redis_unreachable_raises_limits_unavailable() -> None:
@@ -811,7 +723,7 @@ def test_release_batcher_flush_releases_what_is_queued_at_stop(client, key_prefi
 def test_a_failing_release_batch_does_not_stop_the_loop(client, key_prefix: str, caplog) -> None:
     failures: list[Exception] = [LimitsUnavailable("down"), RuntimeError("a bug")]
     spy = RecordingLimiter(_acquired(client, key_prefix, ["a", "b", "c"]), failures)
-    batcher = ReleaseBatcher(spy, window=0.001)
+    batcher = ReleaseBatcher(spy, window=0.001, retry_delay=0.2)
     stop = gevent.event.Event()
     loop = gevent.spawn(batcher.run, stop)
     with caplog.at_level(logging.WARNING, logger="callgate.limits"):
@@ -820,11 +732,42 @@ def test_a_failing_release_batch_does_not_stop_the_loop(client, key_prefix: str,
             assert spy.batches.get(timeout=5) == [u]
     gevent.sleep(0)
     assert not loop.dead
-    assert spy.limiter.counted_calls().keys() == {"a", "b"}  # left to their deadline
-    assert "limits release of 1 calls failed (down)" in caplog.text
+    assert spy.limiter.counted_calls().keys() == {"a", "b"}
+    assert "limits release of 1 calls failed (down); retrying" in caplog.text
     assert "a bug" in caplog.text
+    assert spy.batches.get(timeout=5) == ["a"]  # Redis did not answer: sent again
+    gevent.sleep(0)
+    assert spy.limiter.counted_calls().keys() == {"b"}  # a bug is not retried: left to the deadline
+    assert batcher.retrying == 0
     stop.set()
     loop.join(timeout=5)
+
+
+def test_release_batcher_retries_while_redis_is_down_then_gives_up(private_redis: PrivateRedis) -> None:
+    client = quick_client(private_redis.port)
+    limiter = _acquired(client, "cg:", ["a", "b"])
+    now = FakeClock(0.0)
+    batcher = ReleaseBatcher(limiter, window=0.001, retry_delay=0.05, retry_for=10.0, monotonic=now)
+    stop = gevent.event.Event()
+    loop = gevent.spawn(batcher.run, stop)
+    private_redis.stop()
+    batcher.release("a")
+    wait_until(lambda: batcher.retrying == 1)
+    now.t = 1.0  # retried (and failing) while Redis is down
+    gevent.sleep(0.3)
+    assert batcher.retrying == 1
+    private_redis.start()
+    now.t = 2.0
+    wait_until(lambda: batcher.retrying == 0)
+    assert limiter.counted_calls().keys() == {"b"}  # released once Redis answered
+    private_redis.stop()
+    batcher.release("b")
+    wait_until(lambda: batcher.retrying == 1)
+    now.t = 20.0  # past retry_for: given up, left to the slot's deadline
+    wait_until(lambda: batcher.retrying == 0)
+    stop.set()
+    loop.join(timeout=5)
+    assert loop.dead
 
 
 # --------------------------------------------------------------------------- cost
@@ -860,3 +803,151 @@ def test_measure_acquire_release_cost(client, key_prefix: str) -> None:
         f"acquire {acquire_s / rounds * 1e6:.0f} us, release {release_s / rounds * 1e6:.0f} us, "
         f"subjects_for {plan_s / rounds * 1e6:.1f} us"
     )
+
+
+# --------------------------------------------------------------------------- a timeout after sending
+
+
+class _Source:
+    """A catalogue source confirmed just now (what the watcher gives the decider)."""
+
+    loaded = True
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.current = (1, catalog)
+
+    def confirmed_age(self) -> float:
+        return 0.0
+
+
+def _limited_world(max_channels: int) -> tuple[World, Catalog]:
+    world = World()
+    world.b.update(world.customer, max_channels=max_channels)
+    return world, world.catalog()
+
+
+@VIA
+def test_a_timeout_after_the_acquire_was_sent_is_ambiguous(private_redis: PrivateRedis, via: str) -> None:
+    """Redis receives the acquire but answers after the client gave up: the slot *was*
+    taken. The error says so (LimitsAmbiguous), and a release frees it."""
+    client = quick_client(private_redis.port, timeout=0.3)
+    limiter = Limiter(client, "cg:", direct=direct_for(client, via))
+    plan = LimitPlan((acct(1, 1),))
+    assert limiter.acquire("warm-up", LimitPlan((acct(99, 5),)), 60).admitted  # script cached
+    private_redis.freeze()  # the kernel still accepts the request; Redis runs it when thawed
+    try:
+        with pytest.raises(LimitsAmbiguous):
+            limiter.acquire("late", plan, 60)
+    finally:
+        private_redis.thaw()
+    observer = quick_client(private_redis.port, timeout=5)
+    wait_until(lambda: observer.zcard("cg:limits:ch:acct:1") == 1)  # the script did run
+    refused = limiter.acquire("next", plan, 60)
+    assert not refused.admitted  # 1/1: the ambiguous call holds the slot until released
+    assert limiter.release_many(["late"]) == 1
+    assert limiter.acquire("next", plan, 60).admitted
+
+
+def test_a_refused_connection_is_not_ambiguous() -> None:
+    limiter = Limiter(quick_client(free_port()), "x:")  # nothing listens: nothing was sent
+    with pytest.raises(LimitsUnavailable) as raised:
+        limiter.acquire("a", LimitPlan((acct(1, 5),)), 60)
+    assert not isinstance(raised.value, LimitsAmbiguous)
+
+
+def test_the_decider_releases_a_call_whose_acquire_timed_out(private_redis: PrivateRedis) -> None:
+    """Issue 12: the call is refused ENGINE_DEGRADED and its release is queued, so the slot
+    the script took is freed at once instead of being held until its deadline."""
+    world, cat = _limited_world(max_channels=1)
+    client = quick_client(private_redis.port, timeout=0.3)
+    limiter = Limiter(client, "cg:")
+    released: list[str] = []
+    decider = Decider(_Source(cat), RulesConfig(), max_age=5, limiter=limiter, release_later=released.append)
+    assert limiter.acquire("warm-up", LimitPlan((acct(99, 5),)), 60).admitted  # script cached
+    private_redis.freeze()
+    try:
+        decision = decider(call())
+    finally:
+        private_redis.thaw()
+    assert isinstance(decision, Reject) and decision.reason is Reason.ENGINE_DEGRADED
+    assert "limits unavailable" in decision.detail
+    assert released == [call().uuid]
+    observer = quick_client(private_redis.port, timeout=5)
+    key = f"cg:limits:ch:acct:{world.customer.id}"
+    wait_until(lambda: observer.zcard(key) == 1)  # taken although the call was refused
+    batcher = ReleaseBatcher(limiter)
+    for uuid in released:
+        batcher.release(uuid)
+    batcher.flush()
+    assert observer.zcard(key) == 0
+    assert isinstance(decider(call()), Accept)  # the slot is free again
+
+
+def test_the_decider_queues_no_release_when_nothing_was_sent() -> None:
+    _world, cat = _limited_world(max_channels=1)
+    released: list[str] = []
+    limiter = Limiter(quick_client(free_port()), "x:")
+    decider = Decider(_Source(cat), RulesConfig(), max_age=5, limiter=limiter, release_later=released.append)
+    decision = decider(call())
+    assert isinstance(decision, Reject) and decision.reason is Reason.ENGINE_DEGRADED
+    assert released == []
+
+
+def test_fail_open_releases_an_ambiguous_acquire_once_redis_answers(private_redis: PrivateRedis) -> None:
+    client = quick_client(private_redis.port, timeout=0.3)
+    limiter = FailOpenLimiter(Limiter(client, "cg:"), retry_after=0.0)
+    plan = LimitPlan((acct(1, 2),))
+    assert limiter.acquire("warm-up", LimitPlan((acct(99, 5),)), 60).admitted  # script cached
+    private_redis.freeze()
+    try:
+        local = limiter.acquire("late", plan, 60)  # decided locally; Redis got it too
+    finally:
+        private_redis.thaw()
+    assert local.admitted and local.degraded
+    observer = quick_client(private_redis.port, timeout=5)
+    wait_until(lambda: observer.zcard("cg:limits:ch:acct:1") == 1)
+    assert limiter.release("late")  # ends before the resync: Redis must still hear of it
+    limiter.resync()
+    assert observer.zcard("cg:limits:ch:acct:1") == 0
+
+
+# --------------------------------------------------------------------------- peek (explain)
+
+
+def test_peek_answers_as_acquire_would_and_takes_nothing(client, key_prefix: str) -> None:
+    limiter = Limiter(client, key_prefix)
+    plan = LimitPlan((acct(1, 2),), (tr(10, 1), tr(11, 0, 5)))
+    assert limiter.peek(plan) == limiter.acquire("a", plan, 60)  # counted on trunk 10
+    assert limiter.peek(plan) == limiter.acquire("b", plan, 60)  # 10 full: on 11, unlimited channels
+    assert limit_reason(limiter.peek(plan)) is Reason.CONCURRENT_LIMIT  # account at 2/2
+    before = keys_of(client, key_prefix)
+    for _ in range(5):
+        limiter.peek(plan)
+    assert {k: members(client, k) for k in before if ":ch:" in k or ":cps:" in k} == {
+        k: members(client, k) for k in keys_of(client, key_prefix) if ":ch:" in k or ":cps:" in k
+    }
+    refused = limiter.acquire("c", plan, 60)
+    assert limit_reason(refused) is Reason.CONCURRENT_LIMIT
+    cps_only = LimitPlan((acct(2, 0, 1),))
+    limiter.acquire("d", cps_only, 60)
+    assert limit_reason(limiter.peek(cps_only)) is Reason.CPS_LIMIT
+
+
+def test_explain_says_concurrent_limit_at_2_of_2_and_takes_nothing(client, key_prefix: str) -> None:
+    """Issue 15 item 10: explain runs the engine's steps, limits included, peeked."""
+    world, cat = _limited_world(max_channels=2)
+    limiter = Limiter(client, key_prefix)
+    engine = Decider(_Source(cat), RulesConfig(), max_age=5, limiter=limiter)
+    assert isinstance(engine(dataclasses.replace(call(), uuid="up-1")), Accept)
+    assert isinstance(engine(dataclasses.replace(call(), uuid="up-2")), Accept)  # 2/2 channels
+    key = f"{key_prefix}limits:ch:acct:{world.customer.id}"
+    held = members(client, key)
+    registry = members(client, f"{key_prefix}limits:calls")
+    explained = explain_request(Config(), call(), cat, limiter)
+    assert isinstance(explained, Reject) and explained.reason is Reason.CONCURRENT_LIMIT
+    assert explained.steps[-1].rule == "limits"
+    assert members(client, key) == held == {"up-1", "up-2"}  # nothing taken
+    assert members(client, f"{key_prefix}limits:calls") == registry
+    limiter.release("up-1")
+    assert isinstance(explain_request(Config(), call(), cat, limiter), Accept)
+    assert members(client, key) == {"up-2"}

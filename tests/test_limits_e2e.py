@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import redis
 
 from loadtest.fsemu import CallSpec, InboundServer, Switch, place_call, run_calls
+from tests.private_redis import PrivateRedis
 from tests.support import (
     EngineProcess,
     engine_environment,
@@ -20,6 +20,7 @@ from tests.support import (
     prepare_database,
     publish,
     run_cli,
+    wait_until,
 )
 
 CATALOGUE = {
@@ -145,6 +146,31 @@ def test_a_reseller_limit_binds_below_its_customer_s(environment, tmp_path: Path
     assert outcomes(results) == {"BRIDGED": 3, "CONCURRENT_LIMIT": 3}
 
 
+def test_explain_says_concurrent_limit_while_the_account_is_at_2_of_2(environment, tmp_path: Path) -> None:
+    """Issue 15 item 10, through the CLI: explain runs the engine's steps with the limits
+    peeked; it refuses as the engine would, and takes nothing."""
+    engine = EngineProcess(environment).start(tmp_path / "serve.log")
+    explain = ["explain", "--sip-user", "two", "--dest", "441234567890"]
+    try:
+        calls = gevent.spawn(
+            run_calls, "127.0.0.1", engine.port, [spec("two", 8.0) for _ in range(2)], 2, timeout=20
+        )
+        wait_until(lambda: counted_calls(environment) == 2, what="the two calls admitted")
+        refused = run_cli(explain, environment)
+        assert refused.returncode == 3, refused.stderr
+        assert "REJECT CONCURRENT_LIMIT" in refused.stdout
+        assert "limits: account" in refused.stdout and "channels 2/2" in refused.stdout
+        assert counted_calls(environment) == 2  # nothing taken
+        calls.join(timeout=30)
+        assert outcomes(calls.value) == {"BRIDGED": 2}
+    finally:
+        engine.stop()
+    accepted = run_cli(explain, environment)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    assert "ACCEPT" in accepted.stdout
+    assert counted_calls(environment) == 0
+
+
 def test_a_killed_engine_leaves_no_counted_call_once_the_reconciler_has_run(
     environment, tmp_path: Path
 ) -> None:
@@ -154,9 +180,7 @@ def test_a_killed_engine_leaves_no_counted_call_once_the_reconciler_has_run(
         calls = gevent.spawn(
             run_calls, "127.0.0.1", engine.port, [spec("two", 1.5) for _ in range(2)], 2, switch=switch
         )
-        deadline = time.monotonic() + 5
-        while counted_calls(environment) < 2 and time.monotonic() < deadline:
-            gevent.sleep(0.05)
+        wait_until(lambda: counted_calls(environment) >= 2, timeout=20, interval=0.05, what="2 counted calls")
         assert counted_calls(environment) == 2
         engine.process.kill()  # no hangup will ever be released by it
         engine.process.wait()
@@ -189,13 +213,15 @@ def private_redis(tmp_path: Path):
     def start() -> subprocess.Popen:
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         client = redis.Redis(port=port)
-        for _ in range(100):
+
+        def answers() -> bool:
             try:
-                client.ping()
-                return process
+                return bool(client.ping())
             except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("private redis-server did not start")
+                return False
+
+        wait_until(answers, timeout=10, interval=0.05, what="the private redis-server answering")
+        return process
 
     state = {"process": start()}
 
@@ -230,3 +256,38 @@ def test_redis_restart_degrades_then_counts_correctly(environment, private_redis
     finally:
         engine.stop()
     assert counted_calls(env) == 0
+
+
+def test_a_call_whose_acquire_timed_out_is_refused_and_its_slot_freed(environment, tmp_path: Path) -> None:
+    """Issue 12: Redis receives the acquire but answers after the engine gave up. The call
+    is refused ENGINE_DEGRADED, and the slot the script took once Redis resumed is freed
+    (before the fix it stayed taken until its deadline, hours later)."""
+    server = PrivateRedis()
+    server.start()
+    env = {
+        **environment,
+        "CALLGATE_REDIS_URL": server.url,
+        "CALLGATE_REDIS__SOCKET_TIMEOUT": "0.3",
+        "CALLGATE_ENGINE__SNAPSHOT_MAX_AGE": "30",  # the freeze must not make the snapshot stale
+    }
+    engine = None
+    try:
+        publish(env)
+        engine = EngineProcess(env).start(tmp_path / "serve.log")
+        first = place_call("127.0.0.1", engine.port, spec("two", 0.1))  # loads the scripts into Redis
+        assert first.executed[-1][0] == "bridge"
+        wait_until(lambda: counted_calls(env) == 0, what="the first call released")
+        server.freeze()
+        try:
+            frozen = place_call("127.0.0.1", engine.port, spec("two", 0.1))
+        finally:
+            server.thaw()
+        assert frozen.variables == {"callgate_reason": "ENGINE_DEGRADED"}
+        # The queued release frees what the late script took.
+        wait_until(lambda: counted_calls(env) == 0, what="the timed-out call's slot released")
+        after = run_calls("127.0.0.1", engine.port, [spec("two", 1.0) for _ in range(2)], 2, timeout=20)
+        assert outcomes(after) == {"BRIDGED": 2}  # both slots free
+    finally:
+        if engine is not None:
+            engine.stop()
+        server.kill()

@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,7 @@ from tests.support import (
     free_port,
     prepare_database,
     publish,
+    wait_until,
 )
 from tests.test_metrics import promtool_binary
 
@@ -224,15 +225,6 @@ def scrape(port: int) -> Scrape:
     return Scrape(samples, text, families)
 
 
-def wait_for(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        gevent.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @dataclass
 class Engine:
     process: EngineProcess
@@ -356,7 +348,7 @@ def test_an_accepted_call_moves_the_decision_metrics_and_logs_one_line(engine: E
     before = engine.scrape()
     result = call(engine, sip_auth_username="alice", destination="442071234567", hold_seconds=0.3)
     assert result.executed[-1][0] == "bridge"
-    wait_for(lambda: engine.scrape().get("callgate_active_calls") == 0, what="active calls back to 0")
+    wait_until(lambda: engine.scrape().get("callgate_active_calls") == 0, what="active calls back to 0")
     after = engine.scrape()
     assert delta(decisions(before), decisions(after)) == {("accept", ""): 1}
     count = "callgate_decision_duration_seconds_count"
@@ -378,9 +370,9 @@ def test_an_accepted_call_moves_the_decision_metrics_and_logs_one_line(engine: E
 
 def test_active_calls_counts_calls_up(engine: Engine) -> None:
     job = gevent.spawn(call, engine, sip_auth_username="alice", destination="442071234567", hold_seconds=1.5)
-    wait_for(lambda: engine.scrape().get("callgate_active_calls") == 1, what="one active call")
+    wait_until(lambda: engine.scrape().get("callgate_active_calls") == 1, what="one active call")
     job.get(timeout=10)
-    wait_for(lambda: engine.scrape().get("callgate_active_calls") == 0, what="no active call")
+    wait_until(lambda: engine.scrape().get("callgate_active_calls") == 0, what="no active call")
 
 
 @pytest.mark.parametrize("reason", sorted(REJECTS))
@@ -475,7 +467,7 @@ def test_a_published_snapshot_moves_the_snapshot_metrics(
             conn.execute("UPDATE accounts SET balance = 10 WHERE number = '1000000003'")
         publish(environment)  # `callgate sync --once`: a whole new snapshot
         version = before.get("callgate_snapshot_version")
-        wait_for(lambda: engine.scrape().get("callgate_snapshot_version") > version, what="the new version")
+        wait_until(lambda: engine.scrape().get("callgate_snapshot_version") > version, what="the new version")
         after = engine.scrape()
         accepted = call(engine, sip_auth_username="broke", destination="441234567890")
         assert accepted.executed[-1][0] == "bridge"
@@ -517,7 +509,7 @@ def test_a_live_sync_change_moves_the_sync_and_engine_metrics(
             applied = worker.catch_up()
             assert not applied.full and applied.applied == 1
             updates = "callgate_snapshot_updates_total"
-            wait_for(
+            wait_until(
                 lambda: engine.scrape().get(updates, kind="change") > before.get(updates, kind="change"),
                 what="the engine to apply the change",
             )
@@ -686,7 +678,7 @@ def test_ten_thousand_distinct_accounts_add_no_series(redis_url: str, tmp_path: 
         try:
             before = engine.scrape()
             answers = list(gevent.pool.Pool(50).imap(lambda frame: quick_call(engine.port, frame), frames))
-            wait_for(lambda: engine.scrape().get("callgate_active_calls") == 0, what="every call released")
+            wait_until(lambda: engine.scrape().get("callgate_active_calls") == 0, what="every call released")
             after = engine.scrape()
         finally:
             engine.stop()

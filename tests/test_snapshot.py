@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -46,7 +47,7 @@ from engine.model import (
     TerminationRate,
     Trunk,
 )
-from engine.state import snapshot
+from engine.state import keys, snapshot
 from engine.state.codec import CodecError, decode_entity, decode_many, encode_entity, schema
 from engine.state.snapshot import (
     DuplicateEntityKey,
@@ -64,6 +65,8 @@ from engine.state.snapshot import (
     read_snapshot,
 )
 from engine.state.watcher import SnapshotHolder
+from tests.private_redis import PrivateRedis, private_redis_fixture, quick_client  # noqa: F401
+from tests.support import wait_until
 
 T0 = datetime(2025, 1, 31, 23, 59, 59, 123456, tzinfo=UTC)
 
@@ -207,14 +210,6 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 
 def keys_of_version(client: redis.Redis, prefix: str, version: int) -> list[bytes]:
     return list(client.scan_iter(match=f"{prefix}snapshot:{version}:*", count=1000))
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 def next_message(pubsub: Any, timeout: float = 5.0) -> dict[str, Any] | None:
@@ -548,7 +543,7 @@ def test_apply_changes(client: redis.Redis, key_prefix: str) -> None:
     before = current_stamp(client, key_prefix)
     assert before is not None and before.changes == 0
     pubsub = client.pubsub()
-    pubsub.subscribe(snapshot.events_channel(key_prefix))
+    pubsub.subscribe(keys.snapshot_events_channel(key_prefix))
     try:
         account = dataclasses.replace(sample_catalog(1).accounts[1], balance=Decimal("-5.5"))
         new_dial = SpeedDial(account_id=3, key="9", number="911")
@@ -734,6 +729,53 @@ def test_holder_keeps_old_catalog_while_failing(
     wait_until(lambda: holder.current[0] == v1 + 1 and holder.failures == 0)
 
 
+def test_holder_recovers_within_a_second_of_redis_coming_back(
+    private_redis: PrivateRedis, run_holder: Any
+) -> None:
+    """Issue 14 item 3: however far the retry backoff has grown during an outage, the
+    holder confirms its snapshot again about one probe interval after Redis answers."""
+    client = quick_client(private_redis.port)
+    publish_snapshot(client, "cg:", sample_catalog(1))
+    # A backoff long enough that waiting it out would fail this test by far.
+    holder = SnapshotHolder(client, "cg:", Built, backoff_initial=60.0, backoff_max=60.0)
+    run_holder(holder, interval=0.2)
+    wait_until(lambda: holder.loaded and holder.confirmed_age() < 1)
+    private_redis.stop()
+    wait_until(lambda: holder.failures >= 1)  # it has entered its 60 s backoff
+    time.sleep(0.5)
+    private_redis.start()
+    back = time.monotonic()
+    wait_until(lambda: holder.last_confirmed is not None and holder.last_confirmed > back, timeout=20)
+    recovered_after = holder.last_confirmed - back
+    print(f"snapshot confirmed again {recovered_after:.3f} s after Redis answered")  # shown with -s
+    assert recovered_after < 3.0  # about one probe interval (0.25 s); generous for a loaded machine
+    wait_until(lambda: holder.failures == 0)
+    client.close()
+
+
+def test_holder_backoff_still_holds_while_redis_answers(client: redis.Redis, key_prefix: str) -> None:
+    """A load that fails while Redis answers is not retried in a tight loop: the probe only
+    cuts the wait short when Redis was unreachable and answers again."""
+    publish_snapshot(client, key_prefix, sample_catalog(1))
+    builds: list[float] = []
+
+    def failing_build(data: CatalogData) -> Built:
+        builds.append(time.monotonic())
+        raise RuntimeError("rules refused the catalog")
+
+    holder = SnapshotHolder(
+        client, key_prefix, failing_build, subscribe=False, backoff_initial=1.0, backoff_max=1.0,
+        probe_interval=0.05,
+    )  # fmt: skip
+    stop = threading.Event()
+    thread = threading.Thread(target=holder.run, args=(stop, 0.05), daemon=True)
+    thread.start()
+    time.sleep(2.5)
+    stop.set()
+    thread.join(10)
+    assert 2 <= len(builds) <= 4  # one per backoff (0.8-1.2 s), not one per probe (50 ms)
+
+
 # --- volume ---------------------------------------------------------------------------------
 
 
@@ -841,3 +883,18 @@ def test_delete_prefix_removes_exactly_the_keys_under_it(client: redis.Redis, ke
         assert delete_prefix(client, key_prefix) == 0
     finally:
         client.delete(neighbour)
+
+
+def test_redis_key_names_are_built_only_in_engine_state_keys() -> None:
+    """One source of truth for Redis names: no engine module but engine/state/keys.py
+    formats a key from the prefix."""
+    engine = Path(__file__).resolve().parent.parent / "engine"
+    pattern = re.compile(r"""f["']\{(?:self\.)?_?prefix\}[A-Za-z]""")
+    offenders = [
+        f"{path.relative_to(engine)}:{n}"
+        for path in engine.rglob("*.py")
+        if path != engine / "state" / "keys.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert offenders == []

@@ -25,14 +25,15 @@ from engine.model import CatalogData, SipDevice
 from engine.rules.catalog import Catalog
 from engine.rules.gate import FirstUse
 from engine.state.codec import encode_entity
-from engine.state.events import EventPublisher, events_stream
+from engine.state.events import EventPublisher
+from engine.state.keys import events_stream, sync_journal_key, sync_state_key
 from engine.state.snapshot import SchemaMismatch, read_snapshot
 from engine.state.watcher import SnapshotHolder
 from engine.sync import publish_once
 from engine.sync.persist import EventPersister
-from engine.sync.state import StateMoved, apply_batch, journal_key, read_state, state_key
+from engine.sync.state import StateMoved, apply_batch, read_state
 from engine.sync.worker import SyncWorker
-from tests.support import config_for, engine_environment, prepare_database, run_cli
+from tests.support import config_for, engine_environment, prepare_database, run_cli, wait_until
 
 CATALOGUE: dict[str, Any] = {
     "gateways": [{"name": "gw-1"}, {"name": "gw-2"}],
@@ -233,7 +234,7 @@ def test_single_changes_are_applied_in_place_of_the_current_version(
     assert by_key(snapshot(client, config).accounts, id=alice).balance == Decimal("42.5")
     state = read_state(client, config.redis.key_prefix)
     assert state is not None and state.changes == 1 and state.version == version
-    entries = client.xrange(journal_key(config.redis.key_prefix))
+    entries = client.xrange(sync_journal_key(config.redis.key_prefix))
     payload = json.loads(entries[-1][1][b"payload"])
     assert payload["upserts"] == {"accounts": [str(alice)]} and payload["changes"] == 1
     assert worker.catch_up().applied == 0  # nothing new
@@ -350,9 +351,9 @@ def test_flushed_redis_is_rebuilt(
 def test_lost_state_or_another_database_means_a_full_publish(
     worker: SyncWorker, client: redis.Redis, config: Config
 ) -> None:
-    client.delete(state_key(config.redis.key_prefix))
+    client.delete(sync_state_key(config.redis.key_prefix))
     assert worker.catch_up().reason == "no_state"
-    client.hset(state_key(config.redis.key_prefix), "source", "another/1/db")
+    client.hset(sync_state_key(config.redis.key_prefix), "source", "another/1/db")
     assert worker.catch_up().reason == "other_database"
     publish_once(config)  # `callgate sync --once` records its state: no full publish needed after it
     assert not worker.catch_up().full
@@ -361,7 +362,7 @@ def test_lost_state_or_another_database_means_a_full_publish(
 def test_a_pruned_log_behind_the_state_means_a_full_publish(
     worker: SyncWorker, client: redis.Redis, config: Config, db: psycopg.Connection
 ) -> None:
-    old_state = client.hgetall(state_key(config.redis.key_prefix))
+    old_state = client.hgetall(sync_state_key(config.redis.key_prefix))
     db.execute("UPDATE accounts SET balance = 3 WHERE number = '1000000002'")
     assert worker.catch_up().applied == 1
     # a prune (by this deployment or another one) went past what the old state needs
@@ -369,7 +370,9 @@ def test_a_pruned_log_behind_the_state_means_a_full_publish(
         "UPDATE callgate_sync_state SET pruned_through = pg_snapshot_xmax(%s::pg_snapshot)",
         [old_state[b"pg_snapshot"].decode()],
     )
-    client.hset(state_key(config.redis.key_prefix), mapping=old_state)  # Redis restored from an old backup
+    client.hset(
+        sync_state_key(config.redis.key_prefix), mapping=old_state
+    )  # Redis restored from an old backup
     client.hset(f"{config.redis.key_prefix}snapshot:{int(old_state[b'version'])}:meta", "changes", 0)
     assert worker.catch_up().reason == "log_pruned"
     assert_redis_equals_postgres(client, config)
@@ -481,7 +484,7 @@ def test_holder_applies_changes_in_place_and_fills_gaps_from_the_journal(
     assert set(catalog.group_rates[group]) == {"44"}
     db.execute("UPDATE accounts SET balance = 21 WHERE number = '1000000001'")
     worker.catch_up()
-    client.delete(journal_key(prefix))  # the journal lost it: the holder loads the version whole
+    client.delete(sync_journal_key(prefix))  # the journal lost it: the holder loads the version whole
     assert holder.refresh() is True and holder.full_loads == 2 and holder.current[0] == version
     assert holder.current[1].accounts_by_number["1000000001"].balance == Decimal(21)
 
@@ -497,9 +500,7 @@ def test_holder_follows_events_in_place(
     thread = threading.Thread(target=holder.run, args=(stop, 3600), daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 10
-        while not holder.loaded and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: holder.loaded, timeout=10, interval=0.01, what="the holder's first load")
         catalog = holder.current[1]
         db.execute("UPDATE accounts SET status = 'inactive' WHERE number = '1000000002'")
         worker.catch_up()
@@ -599,7 +600,7 @@ def test_big_batches_and_before_images_of_rates(
     )
     result = worker.catch_up()
     assert not result.full and result.applied == 3000  # in place, in one script run
-    journal = journal_key(config.redis.key_prefix)
+    journal = sync_journal_key(config.redis.key_prefix)
     payload = json.loads(client.xrevrange(journal, count=1)[0][1][b"payload"])
     assert len(payload["upserts"]["origination_rates"]) == 3000
     assert set(payload["before"]["origination_rates"].values()) == {None}  # none existed

@@ -1,7 +1,7 @@
 """Live sync end to end: a real `callgate sync` worker, a real `callgate serve`, PostgreSQL and Redis.
 
 What an admin changes in PostgreSQL must reach the engine's decisions within the
-documented bound (README.md (Live sync)), whatever happened to the worker, its PostgreSQL
+documented bound (docs/sync.md), whatever happened to the worker, its PostgreSQL
 connection or Redis in between; a rate deck imported in one transaction must appear
 all at once. Calls are placed with the FreeSWITCH emulator.
 """
@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,11 @@ from tests.support import (
     free_port,
     prepare_database,
     run_cli,
+    wait_until,
 )
 
 TRUSTED_PROXY = "192.0.2.7"
-# The documented bound for single-row changes with PostgreSQL and Redis healthy (README.md (Live sync)):
+# The documented bound for single-row changes with PostgreSQL and Redis healthy (docs/sync.md):
 # sync.check_interval + engine.snapshot_poll_interval; measured p99 is a few milliseconds.
 BOUND_SECONDS = 2.0
 
@@ -103,17 +104,6 @@ CATALOGUE: dict[str, Any] = {
         }
     ],
 }
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 @dataclass

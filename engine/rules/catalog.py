@@ -40,6 +40,7 @@ from engine.model import (
     SpeedDial,
     TerminationRate,
     Trunk,
+    entity_key_of,
 )
 from engine.rules.localization import CompiledLocalization, compile_localization
 
@@ -448,17 +449,6 @@ _KEPT = (
 _BY_ID = ("accounts", "dids", "rate_groups", "gateways", "trunks")
 
 
-def _entity_key(name: str, obj: Any) -> str:
-    """engine.state.snapshot.entity_key, without importing the Redis layer into the rules."""
-    if name == "forced_caller_ids":
-        return str(obj.account_id)
-    if name == "speed_dials":
-        return f"{obj.account_id}:{obj.key}"
-    if name == "blocked_codes":
-        return f"{obj.account_id}:{obj.prefix}"
-    return str(obj.id)
-
-
 @dataclass(slots=True)
 class _Change:
     new: Any  # None = deleted
@@ -475,7 +465,7 @@ def _collect_changes(
         name = _ENTITY_NAMES.get(type(obj))
         if name is None:
             raise ValueError(f"not an entity of engine.model: {type(obj).__name__}")
-        changes.setdefault(name, {})[_entity_key(name, obj)] = _Change(obj)
+        changes.setdefault(name, {})[entity_key_of(name, obj)] = _Change(obj)
     for name, raw_key in deletes:
         if name not in ENTITY_TYPES:
             raise ValueError(f"unknown entity type {name!r}")
@@ -490,7 +480,7 @@ def _collect_changes(
             if (name, key) not in before:
                 raise ValueError(f"{name} {key}: the previous value is needed (before)")
             old = before[(name, key)]
-            if old is not None and (_ENTITY_NAMES.get(type(old)) != name or _entity_key(name, old) != key):
+            if old is not None and (_ENTITY_NAMES.get(type(old)) != name or entity_key_of(name, old) != key):
                 raise ValueError(f"{name} {key}: before-image {old!r} is not that entity")
             change.before, change.has_before = old, True
     return changes
@@ -511,7 +501,7 @@ class _ChangeIndex:
     def __init__(self, catalog: Catalog, data: CatalogData) -> None:
         self.catalog = catalog
         self.rows: dict[str, dict[str, Any]] = {
-            name: {_entity_key(name, obj): obj for obj in getattr(data, name)} for name in _KEPT
+            name: {entity_key_of(name, obj): obj for obj in getattr(data, name)} for name in _KEPT
         }
         self.account_ids_by_number: dict[str, set[int]] = {}
         for account in data.accounts:

@@ -89,7 +89,7 @@ def decode_many(
     build = _row_builder(cls, stored_fields)
     try:
         if values and isinstance(values[0], str):  # a client with decode_responses=True
-            rows = json.loads("[" + ",".join(values) + "]")  # type: ignore[arg-type]
+            rows = json.loads("[" + ",".join(values) + "]")
         else:
             rows = json.loads(b"[" + b",".join(values) + b"]")
         if len(rows) == len(values):
@@ -229,7 +229,8 @@ def _build_encoder(cls: type) -> Encoder:
         parts.append(enc)
     source = f"def encode(o):\n    return _dumps([{', '.join(parts)}]).encode()\n"
     exec(source, env)  # generated once per class, like dataclasses' __init__
-    return env["encode"]
+    encode: Callable[[Any], bytes] = env["encode"]
+    return encode
 
 
 def _build_decoder(cls: type, stored: tuple[str, ...]) -> RowBuilder:
@@ -263,7 +264,8 @@ def _build_decoder(cls: type, stored: tuple[str, ...]) -> RowBuilder:
     lines.append("    return o\n" if direct else "    )\n")
     env["_Mismatch"] = functools.partial(_mismatch, cls, len(stored))
     exec("".join(lines), env)  # generated once per class and stored schema
-    return env["build"]
+    build: Callable[[list[Any]], Any] = env["build"]
+    return build
 
 
 def _mismatch(cls: type, expected: int, got: int) -> ValueError:

@@ -61,17 +61,19 @@ class DirectConnections:
     def execute_many(self, commands: Sequence[Sequence[Any]], *, retry_once: bool = False) -> list[Any]:
         """Pipeline ``commands`` in one round trip; their replies in order, an error reply as
         its ``redis.ResponseError`` instance (not raised). ``retry_once`` as for ``execute``."""
-        return _attempt(lambda: self._pipeline(commands), retry_once)
+        replies: list[Any] = _attempt(lambda: self._pipeline(commands), retry_once)
+        return replies
 
+    # redis-py's Connection methods carry no annotations: connections are handled as Any.
     def _execute(self, args: Sequence[Any]) -> Any:
-        def exchange(connection: redis.Connection) -> Any:
+        def exchange(connection: Any) -> Any:
             connection.send_packed_command(connection.pack_command(*args), check_health=False)
             return connection.read_response()
 
         return self._on_a_connection(exchange)
 
     def _pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        def exchange(connection: redis.Connection) -> list[Any]:
+        def exchange(connection: Any) -> list[Any]:
             connection.send_packed_command(connection.pack_commands(commands), check_health=False)
             replies: list[Any] = []
             for _ in commands:
@@ -81,12 +83,13 @@ class DirectConnections:
                     replies.append(error)
             return replies
 
-        return self._on_a_connection(exchange)
+        replies: list[Any] = self._on_a_connection(exchange)
+        return replies
 
-    def _on_a_connection(self, exchange: Callable[[redis.Connection], Any]) -> Any:
+    def _on_a_connection(self, exchange: Callable[[Any], Any]) -> Any:
         if not self._slots.acquire(timeout=self._checkout_timeout):
             raise redis.ConnectionError(f"no free Redis connection within {self._checkout_timeout:g}s")
-        connection = self._idle.pop() if self._idle else self._connection_class(**self._kwargs)
+        connection: Any = self._idle.pop() if self._idle else self._connection_class(**self._kwargs)
         try:
             return exchange(connection)
         except redis.ResponseError:  # an error reply (NOSCRIPT...): the stream is in step
@@ -100,7 +103,8 @@ class DirectConnections:
 
     def close(self) -> None:
         while self._idle:
-            self._idle.pop().disconnect()
+            connection: Any = self._idle.pop()
+            connection.disconnect()
 
 
 def _attempt(exchange: Callable[[], Any], retry_once: bool) -> Any:

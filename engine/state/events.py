@@ -33,17 +33,14 @@ from typing import Any, Protocol
 import redis
 
 from engine.rules.gate import FirstUse
+from engine.state.keys import events_stream
 
-__all__ = ["EVENT_FORMAT", "EventPublisher", "events_stream"]
+__all__ = ["EVENT_FORMAT", "EventPublisher"]
 
 log = logging.getLogger(__name__)
 
 EVENT_FORMAT = "1"
 _IDLE_WAIT = 0.5
-
-
-def events_stream(prefix: str) -> str:
-    return f"{prefix}events"
 
 
 class StopEvent(Protocol):
@@ -217,7 +214,7 @@ class EventPublisher:
     def _send(self, batch: list[dict[str, str]]) -> None:
         with self._client.pipeline(transaction=False) as pipe:
             for fields in batch:
-                pipe.xadd(self._stream, fields, maxlen=self._maxlen, approximate=True)
+                pipe.xadd(self._stream, dict(fields), maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
             pipe.execute()
 
     def _forget(self, batch: list[dict[str, str]], reason: str) -> None:

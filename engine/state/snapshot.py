@@ -29,9 +29,9 @@ Key layout (``P`` is the configured key prefix, e.g. ``callgate:``)::
     P snapshot:{v}:writer         string  lease (PX TTL, refreshed per batch) while a
                                           publisher writes version v
 
-Entity keys (:func:`entity_key`): the ``id`` where the entity has one, else its natural
-key: forced caller IDs by ``account_id``, speed dials by ``account_id:key``, blocked
-codes by ``account_id:prefix``.
+Entity keys (:func:`entity_key`): declared once in ``engine.model.ENTITY_KEY_FIELDS``:
+the ``id`` where the entity has one, else its natural key (forced caller IDs by
+``account_id``, speed dials by ``account_id:key``, blocked codes by ``account_id:prefix``).
 
 Publishing (:func:`publish_snapshot`) writes a new version in pipelined batches, then a
 Lua script moves the pointer only forward and only to a complete version (its meta
@@ -56,6 +56,10 @@ MULTI/EXEC guarded by WATCH on the pointer and the meta. Watchers compare the
 (version, token, changes) stamp, so a lost message is caught by polling.
 
 The client must be a plain (non-cluster) ``redis.Redis``; responses may be bytes or str.
+
+(Why one module of about 700 lines: publishing, reading and single-entity changes all
+keep the same invariants on the pointer, the meta and the version list; splitting them
+would spread one protocol over several files.)
 """
 
 from __future__ import annotations
@@ -71,12 +75,21 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import redis
 
-from engine.model import ENTITY_TYPES, CatalogData
+from engine.model import ENTITY_KEY_FIELDS, ENTITY_TYPES, CatalogData, entity_key_getter
 from engine.state.codec import decode_many, encode_entity, schema
+from engine.state.keys import (
+    entity_hash_key,
+    meta_key,
+    next_version_key,
+    pointer_key,
+    snapshot_events_channel,
+    versions_key,
+    writer_key,
+)
 
 __all__ = [
     "CODEC",
@@ -94,7 +107,6 @@ __all__ = [
     "delete_prefix",
     "entity_key",
     "entity_name",
-    "events_channel",
     "fetch_snapshot",
     "gc_paused",
     "publish_snapshot",
@@ -111,13 +123,8 @@ DEFAULT_SCAN_COUNT = 10_000
 # hub thread gets the GIL back within milliseconds (a long C call never yields it).
 _CHUNK = 2_000
 
-# Entities without an id are keyed by these fields, joined with ":".
-_NATURAL_KEYS: dict[str, tuple[str, ...]] = {
-    "forced_caller_ids": ("account_id",),
-    "speed_dials": ("account_id", "key"),
-    "blocked_codes": ("account_id", "prefix"),
-}
-_KEY_FIELDS: dict[str, tuple[str, ...]] = {name: _NATURAL_KEYS.get(name, ("id",)) for name in ENTITY_TYPES}
+# Entity keys: the fields declared once in engine.model.ENTITY_KEY_FIELDS, joined with ":".
+_KEY_FIELDS: dict[str, tuple[str, ...]] = ENTITY_KEY_FIELDS
 _NAME_OF: dict[type, str] = {cls: name for name, cls in ENTITY_TYPES.items()}
 _SORT_KEY: dict[str, Callable[[Any], Any]] = {
     name: operator.attrgetter(*fields) for name, fields in _KEY_FIELDS.items()
@@ -159,37 +166,7 @@ class SnapshotStamp(NamedTuple):
 # --- keys -----------------------------------------------------------------------------------
 
 
-def pointer_key(prefix: str) -> str:
-    return f"{prefix}snapshot:current"
-
-
-def next_version_key(prefix: str) -> str:
-    return f"{prefix}snapshot:next_version"
-
-
-def versions_key(prefix: str) -> str:
-    return f"{prefix}snapshot:versions"
-
-
-def events_key(prefix: str) -> str:
-    return f"{prefix}snapshot:events"
-
-
-def entity_hash_key(prefix: str, version: int, name: str) -> str:
-    return f"{prefix}snapshot:{version}:{name}"
-
-
-def meta_key(prefix: str, version: int) -> str:
-    return f"{prefix}snapshot:{version}:meta"
-
-
-def writer_key(prefix: str, version: int) -> str:
-    return f"{prefix}snapshot:{version}:writer"
-
-
-def events_channel(prefix: str) -> str:
-    """The pub/sub channel of snapshot and change events."""
-    return events_key(prefix)
+# The key builders live in engine.state.keys (one module for every Redis name).
 
 
 def delete_prefix(client: redis.Redis, prefix: str) -> int:
@@ -231,16 +208,7 @@ def entity_key(obj: Any) -> str:
     return _KEY_FUNCS[entity_name(obj)](obj)
 
 
-def _key_func(fields: tuple[str, ...]) -> Callable[[Any], str]:
-    if fields == ("id",):
-        return lambda obj: str(obj.id)
-    getter = operator.attrgetter(*fields)
-    if len(fields) == 1:
-        return lambda obj: str(getter(obj))
-    return lambda obj: ":".join(map(str, getter(obj)))
-
-
-_KEY_FUNCS: dict[str, Callable[[Any], str]] = {name: _key_func(f) for name, f in _KEY_FIELDS.items()}
+_KEY_FUNCS: dict[str, Callable[[Any], str]] = {name: entity_key_getter(name) for name in ENTITY_TYPES}
 
 
 def _unique_rows(name: str, items: Sequence[Any]) -> tuple[list[str], Sequence[Any]]:
@@ -368,7 +336,7 @@ def _write_meta(
     for name, cls in ENTITY_TYPES.items():
         meta[f"count:{name}"] = counts[name]
         meta[f"schema:{name}"] = ",".join(schema(cls))
-    client.hset(meta_key(prefix, version), mapping=meta)
+    client.hset(meta_key(prefix, version), mapping=dict(meta))  # type: ignore[arg-type]  # stubs: invariant key
     return token
 
 
@@ -383,7 +351,7 @@ def _switch(client: redis.Redis, prefix: str, version: int, token: str, counts: 
             versions_key(prefix),
             *(entity_hash_key(prefix, version, n) for n in names),
         ],
-        args=[version, events_key(prefix), payload, *(counts[n] for n in names)],
+        args=[version, snapshot_events_channel(prefix), payload, *(counts[n] for n in names)],
     )
     status, detail = int(result[0]), int(result[1])
     if status == 0:
@@ -399,7 +367,7 @@ def _cleanup(
     client: redis.Redis, prefix: str, current: int, keep_previous: int, grace_seconds: float
 ) -> None:
     """UNLINK versions no reader needs any more (see the module docstring)."""
-    versions = sorted(int(v) for v in client.zrange(versions_key(prefix), 0, -1))
+    versions = sorted(int(v) for v in cast(list[bytes], client.zrange(versions_key(prefix), 0, -1)))
     with client.pipeline(transaction=False) as pipe:
         for v in versions:
             pipe.hget(meta_key(prefix, v), "published_at_ms")
@@ -485,12 +453,12 @@ def apply_changes(
     if not sets and not dels:
         return int(client.hget(meta, "changes") or 0)
     with client.pipeline(transaction=True) as pipe:
-        pipe.watch(pointer_key(prefix), meta)
+        pipe.watch(pointer_key(prefix), meta)  # type: ignore[no-untyped-call]
         _check_writable(pipe, prefix, version, list(sets))
         changes = int(pipe.hget(meta, "changes") or 0) + 1
         pipe.multi()
         for name, mapping in sets.items():
-            pipe.hset(entity_hash_key(prefix, version, name), mapping=mapping)
+            pipe.hset(entity_hash_key(prefix, version, name), mapping=mapping)  # type: ignore[arg-type]
         for name, keys in dels.items():
             pipe.hdel(entity_hash_key(prefix, version, name), *keys)
         pipe.hset(meta, "changes", changes)
@@ -501,7 +469,7 @@ def apply_changes(
             "upserts": {name: list(mapping) for name, mapping in sets.items()},
             "deletes": dels,
         }
-        pipe.publish(events_key(prefix), json.dumps(payload))
+        pipe.publish(snapshot_events_channel(prefix), json.dumps(payload))
         pipe.execute()
     return changes
 

@@ -40,20 +40,19 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import redis
 
 from engine.model import ENTITY_TYPES, CatalogData
 from engine.state.codec import decode_entity, decode_many
+from engine.state.keys import entity_hash_key, snapshot_events_channel, sync_journal_key
 from engine.state.snapshot import (
     DEFAULT_SCAN_COUNT,
     RawSnapshot,
     SnapshotStamp,
     SnapshotUnavailable,
     current_stamp,
-    entity_hash_key,  # the snapshot's key layout, to fetch single entities
-    events_channel,
     fetch_snapshot,
     gc_paused,
 )
@@ -69,11 +68,10 @@ _MAX_WAIT = 1.0  # longest single wait, so that stop_event is honoured within ab
 _SUBSCRIBE_TIMEOUT = 10.0
 _JOURNAL_SLACK = 100  # journal entries read beyond the ones a gap needs
 _RATE_ENTITIES = ("origination_rates", "termination_rates")  # their changes need before-images
+# Failures that say Redis itself did not answer (refused, reset, timed out), as opposed
+# to a load or build that failed while Redis answered.
+_UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 _OFFLOAD_DECODE = 200  # changes of more entities are decoded in the thread pool (the hub keeps serving)
-
-
-def _journal_key(prefix: str) -> str:
-    return f"{prefix}sync:journal"  # engine.sync.state.journal_key (the worker writes it)
 
 
 class StopEvent(Protocol):
@@ -89,7 +87,8 @@ def offload_to_threadpool(fn: Callable[[], R]) -> R:
     from gevent import get_hub, monkey
 
     if monkey.is_module_patched("threading"):
-        return get_hub().threadpool.apply(fn)
+        result: R = get_hub().threadpool.apply(fn)
+        return result
     return fn()
 
 
@@ -107,6 +106,7 @@ class SnapshotHolder(Generic[T]):
         scan_count: int = DEFAULT_SCAN_COUNT,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
+        probe_interval: float = 0.25,
         freeze_gc: bool = True,
         on_swap: Callable[[int, T], None] | None = None,
         on_change: Callable[[int, T, dict[str, set[str]]], None] | None = None,
@@ -118,6 +118,9 @@ class SnapshotHolder(Generic[T]):
         decode+build and then ``gc.freeze()``s the result, so that no collection ever
         walks the catalog's millions of objects while holding the GIL (see
         :func:`engine.state.snapshot.gc_paused`; process-wide, hence switchable).
+        After a failure the loop waits with exponential backoff (``backoff_initial`` up
+        to ``backoff_max`` seconds), but pings Redis every ``probe_interval`` seconds
+        meanwhile and retries at once when Redis answers again after an outage.
         ``on_swap(version, value)`` is called after each full load, ``on_change(version,
         value, {entity: keys})`` after each in-place change (metrics, logging, tests).
         """
@@ -129,6 +132,8 @@ class SnapshotHolder(Generic[T]):
         self._scan_count = scan_count
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
+        self._probe_interval = probe_interval
+        self._redis_answered = True  # as last seen by a probe (see _wait_to_retry)
         self._freeze_gc = freeze_gc
         self._on_swap = on_swap
         self._on_change = on_change
@@ -283,11 +288,11 @@ class SnapshotHolder(Generic[T]):
         held = self._stamp
         assert held is not None
         needed = target - held.changes
-        entries = self._client.xrevrange(_journal_key(self._prefix), count=needed + _JOURNAL_SLACK)
+        entries = self._client.xrevrange(sync_journal_key(self._prefix), count=needed + _JOURNAL_SLACK)
         found: dict[int, dict[str, Any]] = {}
-        for _, fields in entries:
+        for _, fields in cast(list[tuple[Any, dict[Any, Any]]], entries or []):
             try:
-                payload = json.loads(fields.get(b"payload") or fields.get("payload"))
+                payload = json.loads(fields.get(b"payload") or fields.get("payload"))  # type: ignore[arg-type]
             except (TypeError, ValueError):
                 continue
             if payload.get("version") != held.version or payload.get("token", held.token) != held.token:
@@ -395,15 +400,47 @@ class SnapshotHolder(Generic[T]):
                 except Exception as exc:  # the loop must survive anything
                     self._close_pubsub(pubsub)
                     pubsub, next_check = None, 0.0
-                    stop_event.wait(self._failed(exc))
+                    self._wait_to_retry(stop_event, self._failed(exc))
         finally:
             self._close_pubsub(pubsub)
+
+    def _wait_to_retry(self, stop_event: StopEvent, delay: float) -> None:
+        """Wait ``delay`` seconds before the next attempt, unless Redis comes back first.
+
+        The backoff keeps a failing *load* (Redis answers, the load or build does not
+        succeed) from being repeated in a tight loop. It must not keep the engine
+        refusing calls once an outage is over: during the wait Redis is pinged every
+        ``probe_interval`` seconds, and when it answers after it did not, the wait ends
+        at once (and the backoff starts again near ``backoff_initial``). Recovery after
+        an outage therefore takes about one probe interval, whatever the backoff grew to.
+        """
+        deadline = time.monotonic() + delay
+        while not stop_event.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            stop_event.wait(min(remaining, self._probe_interval))
+            if stop_event.is_set():
+                return
+            answers = self._redis_answers()
+            came_back = answers and not self._redis_answered
+            self._redis_answered = answers
+            if came_back:
+                log.info("Redis answers again: retrying the snapshot watch now")
+                self.failures = min(self.failures, 1)
+                return
+
+    def _redis_answers(self) -> bool:
+        try:
+            return bool(self._client.ping())
+        except Exception:  # any failure means "not answering"; the next probe asks again
+            return False
 
     def _open_pubsub(self) -> Any:
         """Subscribe and wait for Redis to confirm, so no event after the next check is missed."""
         pubsub = self._client.pubsub()
         try:
-            pubsub.subscribe(events_channel(self._prefix))
+            pubsub.subscribe(snapshot_events_channel(self._prefix))
             deadline = time.monotonic() + _SUBSCRIBE_TIMEOUT
             while (message := pubsub.get_message(timeout=_MAX_WAIT)) is None or message[
                 "type"
@@ -454,13 +491,15 @@ class SnapshotHolder(Generic[T]):
     def _failed(self, exc: Exception) -> float:
         """Log (once per streak) and return the backoff delay."""
         self.failures += 1
+        if isinstance(exc, _UNREACHABLE):
+            self._redis_answered = False  # so the first probe that succeeds ends the wait
         if self.failures == 1:
             log.warning(
                 "snapshot watch failed, keeping version %s: %r", self._held_version(), exc, exc_info=True
             )
         else:
             log.debug("snapshot watch failed again (%d): %r", self.failures, exc)
-        delay = min(self._backoff_max, self._backoff_initial * 2 ** (self.failures - 1))
+        delay: float = min(self._backoff_max, self._backoff_initial * 2.0 ** (self.failures - 1))
         return delay * random.uniform(0.8, 1.2)
 
     def _recovered(self) -> None:

@@ -2,7 +2,7 @@
 
 ``publish_once`` (``callgate sync --once``) loads everything and switches the engines to
 a new snapshot version atomically. ``SyncWorker`` (``callgate sync``) keeps that
-snapshot in step with every change, within milliseconds: see README.md (Live sync) and the
+snapshot in step with every change, within milliseconds: see docs/sync.md and the
 modules ``engine.sync.worker`` (the loop), ``engine.sync.pg`` (change log, LISTEN,
 transaction snapshots), ``engine.sync.state`` (the Redis side: compare-and-set
 application, journal, leader lease), ``engine.sync.persist`` (engine events ->

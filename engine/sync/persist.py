@@ -25,13 +25,13 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import redis
 from psycopg.types.json import Jsonb
 
-from engine.state.events import events_stream
+from engine.state.keys import events_stream
 from engine.sync.metrics import SyncMetrics
 
 log = logging.getLogger("callgate.sync.events")
@@ -184,7 +184,7 @@ class EventPersister:
                 self._group_ready = False
                 return []
             raise
-        return [entry for _, stream_entries in reply or [] for entry in stream_entries]
+        return [entry for _, stream_entries in cast(list[Any], reply or []) for entry in stream_entries]
 
     def _persist(self, entries: list[tuple[Any, dict[Any, Any]]]) -> None:
         parsed: list[tuple[str, tuple[Any, ...]]] = []

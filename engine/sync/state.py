@@ -40,16 +40,17 @@ import redis
 
 from engine.model import ENTITY_TYPES
 from engine.state.codec import encode_entity, schema
-from engine.state.snapshot import (
-    SchemaMismatch,
-    SnapshotSuperseded,
+from engine.state.keys import (
     entity_hash_key,
-    entity_key,
-    entity_name,
-    events_key,
     meta_key,
     pointer_key,
+    snapshot_events_channel,
+    snapshot_namespace,
+    sync_journal_key,
+    sync_leader_key,
+    sync_state_key,
 )
+from engine.state.snapshot import SchemaMismatch, SnapshotSuperseded, entity_key, entity_name
 
 __all__ = [
     "BEFORE_IMAGE_ENTITIES",
@@ -57,28 +58,13 @@ __all__ = [
     "StateMoved",
     "SyncState",
     "apply_batch",
-    "journal_key",
-    "leader_key",
     "read_position",
     "read_state",
     "record_publish",
-    "state_key",
 ]
 
 # The entities whose change events carry the previous value (see the module docstring).
 BEFORE_IMAGE_ENTITIES = ("origination_rates", "termination_rates")
-
-
-def state_key(prefix: str) -> str:
-    return f"{prefix}sync:state"
-
-
-def leader_key(prefix: str) -> str:
-    return f"{prefix}sync:leader"
-
-
-def journal_key(prefix: str) -> str:
-    return f"{prefix}sync:journal"
 
 
 class StateMoved(Exception):
@@ -109,7 +95,7 @@ class SyncState:
         values = {_str(k): _str(v) for k, v in raw.items()}
         try:
             return cls(
-                **{
+                **{  # type: ignore[arg-type]  # each field gets its own type: int or str
                     f.name: int(values[f.name]) if f.type in ("int", int) else values[f.name]
                     for f in fields(cls)
                     if f.name in values
@@ -125,7 +111,7 @@ def _str(value: bytes | str) -> str:
 
 def read_state(client: Any, prefix: str) -> SyncState | None:
     """The sync state, or None if absent or unreadable; ``client`` may be a WATCHing pipeline."""
-    raw = client.hgetall(state_key(prefix))
+    raw = client.hgetall(sync_state_key(prefix))
     return SyncState.from_redis(raw) if raw else None
 
 
@@ -141,7 +127,7 @@ return {state, current or false, token}
 def read_position(client: redis.Redis, prefix: str) -> tuple[SyncState | None, int | None, str | None]:
     """(sync state, current snapshot version, its token) in one round trip."""
     raw_state, current, token = client.register_script(_READ_LUA)(
-        keys=[state_key(prefix), pointer_key(prefix)], args=[f"{prefix}snapshot:"]
+        keys=[sync_state_key(prefix), pointer_key(prefix)], args=[snapshot_namespace(prefix)]
     )
     pairs = dict(zip(raw_state[0::2], raw_state[1::2], strict=True)) if raw_state else {}
     state = SyncState.from_redis(pairs) if pairs else None
@@ -168,7 +154,7 @@ def record_publish(
     Returns None (nothing written) if the pointer has moved on meanwhile.
     """
     with client.pipeline(transaction=True) as pipe:
-        pipe.watch(pointer_key(prefix), meta_key(prefix, version), state_key(prefix))
+        pipe.watch(pointer_key(prefix), meta_key(prefix, version), sync_state_key(prefix))
         current = pipe.get(pointer_key(prefix))
         if current is None or int(current) != version:
             return None
@@ -190,8 +176,8 @@ def record_publish(
             published_at_ms=int(published or now),
         )
         pipe.multi()
-        pipe.delete(state_key(prefix))
-        pipe.hset(state_key(prefix), mapping=state.to_redis())
+        pipe.delete(sync_state_key(prefix))
+        pipe.hset(sync_state_key(prefix), mapping=state.to_redis())  # type: ignore[arg-type]
         try:
             pipe.execute()
         except redis.WatchError:
@@ -327,9 +313,9 @@ def apply_batch(
             "sync": {"change_version": change_version, "change_at_ms": change_at_ms},
         },
         "maxlen": journal_maxlen,
-        "channel": events_key(prefix),
+        "channel": snapshot_events_channel(prefix),
     }
-    keys = [state_key(prefix), pointer_key(prefix), meta_key(prefix, version), journal_key(prefix)]
+    keys = [sync_state_key(prefix), pointer_key(prefix), meta_key(prefix, version), sync_journal_key(prefix)]
     reply = _apply_script(client)(keys=keys, args=[json.dumps(spec, separators=(",", ":"))])
     code = int(reply[0])
     if code == -1:
@@ -380,7 +366,7 @@ class LeaderLease:
 
     def __init__(self, client: redis.Redis, prefix: str, worker_id: str, lease_seconds: float) -> None:
         self._client = client
-        self._key = leader_key(prefix)
+        self._key = sync_leader_key(prefix)
         self.worker_id = worker_id
         self.lease_ms = max(1, int(lease_seconds * 1000))
         self._valid_until = 0.0

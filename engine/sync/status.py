@@ -17,11 +17,11 @@ import psycopg
 import redis
 
 from engine.config import Config
-from engine.state.events import events_stream
+from engine.state.keys import events_stream, sync_journal_key, sync_leader_key
 from engine.state.snapshot import current_stamp
 from engine.sync import pg
 from engine.sync.persist import GROUP
-from engine.sync.state import journal_key, leader_key, read_state
+from engine.sync.state import read_state
 
 
 def _age(now_ms: int, then_ms: int) -> float | None:
@@ -36,9 +36,9 @@ def sync_status(config: Config) -> dict[str, Any]:
         state = read_state(client, prefix)
         stamp = current_stamp(client, prefix)
         with client.pipeline(transaction=False) as pipe:
-            pipe.get(leader_key(prefix))
-            pipe.pttl(leader_key(prefix))
-            pipe.xlen(journal_key(prefix))
+            pipe.get(sync_leader_key(prefix))
+            pipe.pttl(sync_leader_key(prefix))
+            pipe.xlen(sync_journal_key(prefix))
             pipe.time()
             leader, leader_ttl, journal, (seconds, micros) = pipe.execute()
         now_ms = int(seconds) * 1000 + int(micros) // 1000

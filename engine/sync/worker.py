@@ -1,4 +1,4 @@
-"""`callgate sync`: the live PostgreSQL -> Redis worker (design and failure modes: README.md (Live sync)).
+"""`callgate sync`: the live PostgreSQL -> Redis worker (design and failure modes: docs/sync.md).
 
 One loop, in order, on every (re)connection:
 
@@ -42,7 +42,8 @@ from engine.config import Config
 from engine.db.loader import load_catalog, load_entities
 from engine.model import ENTITY_TYPES, CatalogData
 from engine.state.codec import decode_many, encode_entity, schema
-from engine.state.snapshot import current_version, entity_hash_key, entity_key, meta_key
+from engine.state.keys import entity_hash_key, meta_key
+from engine.state.snapshot import current_version, entity_key
 from engine.sync import pg, publish_data
 from engine.sync.metrics import SyncMetrics, serve_metrics
 from engine.sync.persist import EventPersister
@@ -271,7 +272,7 @@ class SyncWorker:
             log.warning("sync failed (%s), reconnecting: %r", kind, exc, exc_info=kind == "apply")
         else:
             log.debug("sync failed again (%d): %r", self.failures, exc)
-        delay = min(self.settings.reconnect_max_delay, 0.1 * 2 ** min(self.failures - 1, 10))
+        delay: float = min(self.settings.reconnect_max_delay, 0.1 * 2.0 ** min(self.failures - 1, 10))
         return delay * random.uniform(0.8, 1.2)
 
     # --- catching up -----------------------------------------------------------------------

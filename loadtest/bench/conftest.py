@@ -11,6 +11,7 @@ import random
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import redis
@@ -24,6 +25,14 @@ REDIS_URL = os.environ.get("CALLGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"
 SMALL = Scale(accounts=1_000, rates=10_000, groups=10, termination_rates=10_000)
 LARGE = Scale(accounts=100_000, rates=1_000_000, groups=100, termination_rates=100_000)
 HUGE_ACCOUNTS = Scale(accounts=1_000_000, rates=10_000, groups=10, termination_rates=10_000)
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every micro-benchmark is marked `bench` (pyproject.toml; docs/testing.md)."""
+    for item in items:
+        if HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.bench)
 
 
 @pytest.fixture(scope="session")

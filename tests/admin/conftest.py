@@ -95,9 +95,15 @@ def db_url(module_pg_url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def env(db_url: str) -> dict[str, str]:
-    """The environment a `callgate` command of these tests sees."""
-    return {"CALLGATE_CONFIG": str(ROOT / "config" / "callgate.toml"), "CALLGATE_DATABASE_URL": db_url}
+def env(db_url: str, redis_url: str, module_key_prefix: str) -> dict[str, str]:
+    """The environment a `callgate` command of these tests sees: this module's database, and a
+    Redis prefix of its own, so that a command reaching Redis never meets a deployment's keys."""
+    return {
+        "CALLGATE_CONFIG": str(ROOT / "config" / "callgate.toml"),
+        "CALLGATE_DATABASE_URL": db_url,
+        "CALLGATE_REDIS_URL": redis_url,
+        "CALLGATE_REDIS__KEY_PREFIX": module_key_prefix,
+    }
 
 
 @pytest.fixture(scope="module")

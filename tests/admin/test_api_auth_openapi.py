@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from tests.admin.conftest import ROOT
+from tests.support import wait_until
 
 # a value for each path parameter, so every route can be called
 SAMPLE = {
@@ -155,10 +155,12 @@ def api_server(env, tmp_path: Path):
             stdout=out,
             stderr=out,
         )
-    deadline = time.monotonic() + 20
-    while "listening on" not in log.read_text() and time.monotonic() < deadline:
+
+    def listening() -> bool:
         assert process.poll() is None, log.read_text()
-        time.sleep(0.05)
+        return "listening on" in log.read_text()
+
+    wait_until(listening, timeout=20, interval=0.05, what="callgate api listening")
     try:
         yield f"http://127.0.0.1:{port}/api/v1", log
     finally:

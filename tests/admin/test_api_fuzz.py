@@ -59,6 +59,7 @@ def fuzzed_account(api):
     return "5900000001"
 
 
+@pytest.mark.slow  # about a minute in all
 @pytest.mark.parametrize(
     ("mode", "on_account"),
     [(GenerationMode.POSITIVE, False), (GenerationMode.NEGATIVE, False), (GenerationMode.POSITIVE, True)],

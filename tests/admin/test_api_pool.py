@@ -72,6 +72,7 @@ def _request(port: int, authorization: str | None, slow_body: bool) -> str:
         return sock.recv(100).decode(errors="replace").split("\r\n")[0]
 
 
+@pytest.mark.slow  # 3 s of load on a real server
 def test_clients_without_a_valid_token_cause_no_server_backend(server, db_url, admin_token):
     database = db_url.rsplit("/", 1)[1]
     port = server

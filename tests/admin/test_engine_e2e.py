@@ -21,6 +21,7 @@ from engine.config import load_config
 from engine.sync import publish_once
 from loadtest.fsemu import CallSpec, place_call
 from tests.admin.conftest import ROOT, customer_body
+from tests.support import wait_until
 
 CALLGATE = Path(sys.executable).with_name("callgate")
 
@@ -70,11 +71,12 @@ def engine(engine_env: dict[str, str], sync_worker, tmp_path_factory) -> Iterato
         process = subprocess.Popen(
             [str(CALLGATE), "serve"], env=environment, cwd=ROOT, stdout=out, stderr=out
         )
-    deadline = time.monotonic() + 20
-    while "callgate listening on" not in log.read_text(errors="replace"):
+
+    def listening() -> bool:
         assert process.poll() is None, log.read_text(errors="replace")
-        assert time.monotonic() < deadline, log.read_text(errors="replace")
-        time.sleep(0.05)
+        return "callgate listening on" in log.read_text(errors="replace")
+
+    wait_until(listening, timeout=20, interval=0.05, what="callgate serve listening")
     try:
         yield int(engine_env["CALLGATE_ENGINE__LISTEN_PORT"])
     finally:

@@ -1,7 +1,7 @@
-"""Measurements of the live sync (the numbers in README.md (Live sync)).
+"""Measurements of the live sync (the numbers in docs/sync.md).
 
-    python -m engine.sync.bench lag  [--rate 500] [--seconds 20] [--accounts 10000] [--rates 100000]
-    python -m engine.sync.bench load [--rates 1000000]
+    python -m loadtest.sync_bench lag  [--rate 500] [--seconds 20] [--accounts 10000] [--rates 100000]
+    python -m loadtest.sync_bench load [--rates 1000000]
 
 Each run creates a private database (dropped afterwards) on the PostgreSQL server of
 ``--admin-url`` and a private Redis key prefix, and starts a real ``callgate sync``
@@ -43,10 +43,11 @@ import redis
 
 from engine.db.migrate import migrate
 from engine.rules.catalog import Catalog
-from engine.state.snapshot import delete_prefix, events_channel
+from engine.state.keys import snapshot_events_channel
+from engine.state.snapshot import delete_prefix
 from engine.state.watcher import SnapshotHolder
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # the repository checkout
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -174,7 +175,7 @@ class EngineSide:
     def _listen(self, redis_url: str, prefix: str) -> None:
         client = redis.Redis.from_url(redis_url)
         pubsub = client.pubsub()
-        pubsub.subscribe(events_channel(prefix))
+        pubsub.subscribe(snapshot_events_channel(prefix))
         while not self._stop.is_set():
             message = pubsub.get_message(timeout=0.2)
             if message and message["type"] == "message":
@@ -316,7 +317,9 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     loaded_before = len(side.swaps)
                     with psycopg.connect(url) as conn:
-                        group = conn.execute("SELECT id FROM rate_groups WHERE name = 'bench'").fetchone()[0]
+                        group = _one(
+                            conn.execute("SELECT id FROM rate_groups WHERE name = 'bench'").fetchone()
+                        )
                         deck = "".join(
                             f"{group}\t{100000000 + n}\t0.{n % 500:04d}\tDeck row {n % 50}\n"
                             for n in range(args.rates)
@@ -370,7 +373,9 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.sync.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.sync_bench", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -390,3 +395,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _one(row: tuple[Any, ...] | None) -> Any:
+    assert row is not None, "the bench rate group is missing"
+    return row[0]
