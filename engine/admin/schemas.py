@@ -8,7 +8,17 @@ fields or need the database (uniqueness, ownership, scope) live in
 Money: a ``Decimal`` everywhere. JSON output writes it as a string ("12.50");
 input takes a string, an integer, or a JSON number read exactly (the API parses
 JSON numbers as ``Decimal``, never as binary floats); at most 6 decimal places
-and 14 integer digits (the database's numeric(20,6)).
+and 14 integer digits (the database's numeric(20,6)). Sums of money (totals, available
+credit) are exact decimals of any size (`MoneySum`).
+
+Every request model refuses unknown fields, text PostgreSQL cannot store (NUL, lone
+surrogates), nesting beyond 32 levels and objects of more than 1,000 fields (`_In`); every
+text field has a maximum length, which the OpenAPI document states.
+
+Why one module of about 1,000 lines: it is the catalogue of shapes, declarations with
+almost no logic, read top to bottom by whoever checks what the API and the CLI accept; the
+OpenAPI document is generated from it. Split by resource it would scatter the shared field
+types across files that all import one another.
 """
 
 from __future__ import annotations
