@@ -15,10 +15,10 @@ Every request model refuses unknown fields, text PostgreSQL cannot store (NUL, l
 surrogates), nesting beyond 32 levels and objects of more than 1,000 fields (`_In`); every
 text field has a maximum length, which the OpenAPI document states.
 
-Why one module of about 1,000 lines: it is the catalogue of shapes, declarations with
-almost no logic, read top to bottom by whoever checks what the API and the CLI accept; the
-OpenAPI document is generated from it. Split by resource it would scatter the shared field
-types across files that all import one another.
+Why one module of about 1,000 lines: it is declarations with almost no logic, the catalogue
+of what the API and the CLI accept, read top to bottom, and the OpenAPI document is generated
+from it. Split by resource, it would become a field-types module and half a dozen short lists
+of models that all import it; the admin service imports the models as ``schemas.X``.
 """
 
 from __future__ import annotations
