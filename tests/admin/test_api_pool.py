@@ -5,6 +5,7 @@ test database in pg_stat_activity while 80 clients without a valid token hammer 
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import signal
@@ -143,3 +144,36 @@ def test_a_token_created_after_the_cache_was_filled_works_at_once(api, service):
     assert api.as_token(revoked).get("/customers?per_page=1").status_code == 200
     service.revoke_token(row["id"])
     assert api.as_token(revoked).get("/customers?per_page=1").status_code == 401
+
+
+def test_forged_tokens_cost_at_most_one_small_query_per_refresh_interval(app, api, monkeypatch):
+    from engine.admin.api.auth import REFRESH_INTERVAL
+
+    gate = app.extensions["callgate.gate"]
+    refreshes = []
+    real = gate._refresh
+    monkeypatch.setattr(gate, "_refresh", lambda: (refreshes.append(time.monotonic()), real()))
+    stop = time.monotonic() + 1.5
+    answers: list[int] = []
+
+    def client() -> None:
+        forger = api.as_token(None)
+        while time.monotonic() < stop:
+            forged = "cgt_" + secrets.token_urlsafe(32)
+            answers.append(
+                forger.client.get(
+                    "/api/v1/customers", headers={"Authorization": f"Bearer {forged}"}
+                ).status_code
+            )
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    assert set(answers) == {401} and len(answers) > len(refreshes)
+    assert len(refreshes) <= elapsed / REFRESH_INTERVAL + 2, (len(refreshes), elapsed)
+    gaps = [b - a for a, b in itertools.pairwise(refreshes)]
+    assert all(gap >= REFRESH_INTERVAL * 0.9 for gap in gaps), min(gaps)

@@ -61,6 +61,7 @@ def create_app(config: Any, settings: AdminSettings | None = None) -> OpenAPI:
     )
     gate = TokenGate(db)
     app.extensions["callgate.db"] = db
+    app.extensions["callgate.gate"] = gate
     app.extensions["callgate.settings"] = settings
     _hooks(app, gate, settings)
     _error_handlers(app)

@@ -8,8 +8,9 @@ never hold a server backend.
 
 The set of digests is refreshed when an unknown but well-formed token arrives (a token
 created since the last refresh, by the CLI or another API process): ``WHERE id > last``,
-an index range scan, one at a time. Requests that miss while a refresh runs wait for the
-next one, so a flood of forged tokens costs at most one pooled connection, back to back.
+an index range scan, one at a time and at most every ``REFRESH_INTERVAL`` seconds. Requests
+that miss while a refresh runs wait for the next one, so a flood of forged tokens costs at
+most one pooled connection and 20 small queries a second.
 Revoked tokens stay in the set; the authoritative check refuses them.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+import time
 from dataclasses import dataclass
 
 from engine.admin.service import Actor
@@ -26,6 +28,7 @@ from .db import Database
 
 TOKEN_SHAPE = re.compile(r"cgt_[A-Za-z0-9_-]{43}")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+REFRESH_INTERVAL = 0.05  # seconds between two refreshes of the known digests
 
 
 def token_digest(token: str) -> str:
@@ -50,6 +53,7 @@ class TokenGate:
         self._max_id = 0
         self._lock = threading.Lock()
         self._refreshes_started = 0
+        self._last_refresh = 0.0  # time.monotonic() when the last refresh began
 
     def known(self, token: str | None) -> str | None:
         """The token's digest if it is well formed and exists (or existed) in api_tokens; None
@@ -62,7 +66,9 @@ class TokenGate:
         arrived_after = self._refreshes_started
         with self._lock:
             if self._refreshes_started == arrived_after:  # no refresh began since we arrived
+                time.sleep(max(0.0, self._last_refresh + REFRESH_INTERVAL - time.monotonic()))
                 self._refreshes_started += 1
+                self._last_refresh = time.monotonic()
                 self._refresh()
         return digest if digest in self._known else None
 
