@@ -1,59 +1,22 @@
 """Authentication before any connection, one bounded pool, 503 when it is exhausted (issue 15.4).
 
-The first test runs `callgate api` (gevent) on a free port and counts the server backends of the
+The first test runs `callgate api` (gevent, the `api_server` fixture) and counts the server backends of the
 test database in pg_stat_activity while 80 clients without a valid token hammer it."""
 
 from __future__ import annotations
 
 import itertools
-import os
 import secrets
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
 
 from engine.admin.api import create_app, shutdown
 from engine.admin.settings import AdminSettings
-from tests.admin.conftest import ROOT, Api
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def server(env, tmp_path: Path):
-    port = _free_port()
-    log = tmp_path / "api.log"
-    code = "import sys; from engine.admin.cli import main; sys.exit(main(sys.argv[1:]))"
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("CALLGATE_")} | env
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-c", code, "api", "--port", str(port)],
-            cwd=ROOT, env=environment, stdout=out, stderr=out,
-        )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while "listening on" not in log.read_text() and time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()
-        time.sleep(0.05)
-    try:
-        yield port
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+from tests.admin.conftest import Api
 
 
 def _backends(conn: psycopg.Connection, database: str) -> int:
@@ -74,9 +37,9 @@ def _request(port: int, authorization: str | None, slow_body: bool) -> str:
 
 
 @pytest.mark.slow  # 3 s of load on a real server
-def test_clients_without_a_valid_token_cause_no_server_backend(server, db_url, admin_token):
+def test_clients_without_a_valid_token_cause_no_server_backend(api_server, db_url, admin_token):
     database = db_url.rsplit("/", 1)[1]
-    port = server
+    port = int(api_server[0].split(":")[2].split("/")[0])
     assert _request(port, f"Bearer {admin_token}", False).startswith("HTTP/1.1 422")  # pool warmed up
     with psycopg.connect(db_url, autocommit=True) as sampler:
         baseline = _backends(sampler, database)
