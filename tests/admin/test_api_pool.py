@@ -1,7 +1,8 @@
 """Authentication before any connection, one bounded pool, 503 when it is exhausted (issue 15.4).
 
-The first test runs `callgate api` (gevent, the `api_server` fixture) and counts the server backends of the
-test database in pg_stat_activity while 80 clients without a valid token hammer it."""
+The first test runs `callgate api` (gevent, the `api_server` fixture) and counts the server
+backends of the test database in pg_stat_activity while 80 clients without a valid token
+hammer it."""
 
 from __future__ import annotations
 
