@@ -1,4 +1,4 @@
-"""`callgate` command line: db migrate, load, sync, serve, explain."""
+"""`callgate` command line: db migrate, load, sync, serve, explain, fsxml."""
 
 from __future__ import annotations
 
@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--cid", default="", help="caller ID number")
     explain.add_argument("--cid-name", default="", help="caller ID name")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
+    fsxml = commands.add_parser(
+        "fsxml", help="serve FreeSWITCH's directory and sofia gateways over HTTP (mod_xml_curl)"
+    )
+    fsxml.add_argument("--host", help="override fsxml.listen_host")
+    fsxml.add_argument("--port", type=int, help="override fsxml.listen_port")
     admin_cli.register(commands)
     return parser
 
@@ -71,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reconcile": _reconcile,
         "serve": _serve,
         "explain": _explain,
+        "fsxml": _fsxml,
         "admin": admin_cli.handle,
         "api": admin_cli.handle,
     }[args.command]
@@ -175,6 +181,19 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     from engine.runtime import serve
 
     return serve(config, host=args.host, port=args.port)
+
+
+def _fsxml(args: argparse.Namespace, config: Config) -> int:
+    from gevent import monkey
+
+    monkey.patch_all()
+    from engine.fsxml.server import serve
+
+    try:
+        return serve(config, host=args.host, port=args.port)
+    except ValueError as exc:  # an unreadable fsxml.sofia_template
+        print(f"callgate: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _explain(args: argparse.Namespace, config: Config) -> int:

@@ -13,7 +13,9 @@ Environment overrides (applied after the file):
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -123,6 +125,59 @@ class SyncSettings:
     metrics_port: int = 9185  # Prometheus /metrics of the worker; 0 disables
 
 
+# A SIP domain as FreeSWITCH's directory names it: a host name or an IPv4 address.
+_SIP_DOMAIN = re.compile(
+    r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
+)
+
+
+@dataclass(frozen=True)
+class FsxmlSettings:
+    """`callgate fsxml`: FreeSWITCH's directory and sofia gateways over mod_xml_curl (docs/freeswitch.md)."""
+
+    listen_host: str = "127.0.0.1"
+    # Not 8084/8086 (the engines the dialplan lists), 8085/8089 (admin API), 9184/9185 (metrics).
+    listen_port: int = 8087
+    # The SIP domain (= digest realm) callgate's devices live in. callgate answers for this
+    # domain only, and authoritatively: a user it does not know there is unknown to FreeSWITCH.
+    # "" = no directory is served (every directory request is "not found").
+    domain: str = ""
+    allowed_networks: tuple[str, ...] = ("127.0.0.1/32", "::1/128")  # the FreeSWITCH hosts; others: 403
+    # HTTP basic auth (mod_xml_curl's gateway-credentials "user:password"); both empty = off.
+    username: str = ""
+    password: str = field(default="", repr=False)
+    serve_gateways: bool = True  # answer `purpose=gateways` lookups (a sofia profile's <domains>)
+    # A sofia.conf.xml whose profiles get callgate's gateways added; "" = sofia.conf is "not found".
+    sofia_template: str = ""
+    cacheable_ms: int = 0  # FreeSWITCH may cache each user answer this long; 0 = ask every time
+    snapshot_max_age: float = 60.0  # answer 503 once Redis has not confirmed the snapshot this long
+    max_body_bytes: int = 262144  # a user_call lookup carries the call's variables
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if not 0 <= self.listen_port <= 65535:
+            problems.append("listen_port must be 0-65535")
+        if self.domain and not _SIP_DOMAIN.match(self.domain):
+            problems.append(f"domain {self.domain!r} is not a host name")
+        for network in self.allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                problems.append(f"allowed_networks: {network!r} is not an address or network")
+        if bool(self.username) != bool(self.password):
+            problems.append("username and password are set together (basic auth) or both left empty")
+        if ":" in self.username:
+            problems.append("username may not contain ':' (basic auth)")
+        if self.cacheable_ms < 0:
+            problems.append("cacheable_ms must be >= 0")
+        if self.snapshot_max_age <= 0:
+            problems.append("snapshot_max_age must be > 0")
+        if self.max_body_bytes < 4096:
+            problems.append("max_body_bytes must be >= 4096")
+        if problems:
+            raise ConfigError("[fsxml] " + "; ".join(problems))
+
+
 @dataclass(frozen=True)
 class Config:
     engine: EngineSettings = field(default_factory=EngineSettings)
@@ -134,6 +189,7 @@ class Config:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     sync: SyncSettings = field(default_factory=SyncSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    fsxml: FsxmlSettings = field(default_factory=FsxmlSettings)
 
 
 ENV_SHORTCUTS = {"CALLGATE_DATABASE_URL": ("database", "url"), "CALLGATE_REDIS_URL": ("redis", "url")}

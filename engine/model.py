@@ -93,6 +93,13 @@ class SipDevice:
     username: str
     active: bool = True
     codecs: str = ""
+    # For FreeSWITCH's directory (engine.fsxml), not for the decision. The SIP password is what
+    # PostgreSQL holds (digest auth needs it or its realm-bound MD5, and the realm is deployment
+    # configuration); engine.fsxml answers FreeSWITCH with an a1-hash, never with the password.
+    password: str = field(default="", repr=False)
+    caller_id_name: str = ""
+    caller_id_number: str = ""
+    context: str = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +207,13 @@ class Gateway:
     id: int
     name: str  # the sofia gateway name: sofia/gateway/<name>/<number>
     active: bool = True
+    # The sofia gateway definition served to FreeSWITCH (engine.fsxml), not used by the decision.
+    sip_profile: str = "external"
+    proxy: str = ""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    register: bool = False
+    params: tuple[str, ...] = ()  # "name=value" sofia gateway params, sorted by name
 
 
 @dataclass(frozen=True, slots=True)

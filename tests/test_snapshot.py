@@ -97,7 +97,17 @@ SAMPLES: dict[str, Any] = {
         cps=-1,
         codecs='PCMA,"G729"\n\\ ünïcødé ☎',
     ),
-    "sip_devices": SipDevice(id=1, account_id=2, username="alice@example.com", active=False, codecs=""),
+    "sip_devices": SipDevice(
+        id=1,
+        account_id=2,
+        username="alice@example.com",
+        active=False,
+        codecs="",
+        password='p<&>"\n ☎',
+        caller_id_name="Ann ünïcødé",
+        caller_id_number="",
+        context="public",
+    ),
     "ip_map": IpMapEntry(id=3, account_id=2, cidr="2001:db8::/32", tech_prefix="#99", active=True),
     "caller_ids": CallerId(id=4, account_id=2, number="+441234", active=False),
     "forced_caller_ids": ForcedCallerId(account_id=2, number="", name="Ａ名前", active=True),
@@ -131,7 +141,17 @@ SAMPLES: dict[str, Any] = {
         forced_trunk_ids=(),
         description="Rest of world",
     ),
-    "gateways": Gateway(id=9, name="gw-1", active=False),
+    "gateways": Gateway(
+        id=9,
+        name="gw-1",
+        active=False,
+        sip_profile="carriers",
+        proxy="[2001:db8::1]:5061",
+        username="u",
+        password="s3cr=t&",
+        register=True,
+        params=("expire-seconds=600", "ping=30"),
+    ),
     "trunks": Trunk(
         id=10,
         name="carrier",
@@ -269,7 +289,7 @@ def test_codec_rejects_bad_input() -> None:
         encode_entity(object())
     with pytest.raises(CodecError):
         encode_entity(dataclasses.replace(SAMPLES["accounts"], kind="nonsense"))
-    with pytest.raises(CodecError, match="expected 3 values"):
+    with pytest.raises(CodecError, match="expected 9 values"):
         decode_entity(Gateway, b'[1,"gw"]')
     good = encode_entity(SAMPLES["gateways"])
     with pytest.raises(CodecError, match="not json"):
@@ -308,7 +328,7 @@ def test_publish_then_read(client: redis.Redis, key_prefix: str) -> None:
     assert back == expected
     meta = client.hgetall(f"{key_prefix}snapshot:{version}:meta")
     assert meta[b"count:accounts"] == b"4" and meta[b"source_version"] == b"101"
-    assert meta[b"schema:gateways"] == b"id,name,active"
+    assert meta[b"schema:gateways"] == b"id,name,active,sip_profile,proxy,username,password,register,params"
     for name in ENTITY_TYPES:
         assert client.hlen(f"{key_prefix}snapshot:{version}:{name}") == len(getattr(data, name))
     assert client.hget(f"{key_prefix}snapshot:{version}:speed_dials", "1:2") is not None
@@ -597,7 +617,7 @@ def test_apply_changes_refusals(client: redis.Redis, key_prefix: str) -> None:
     client.hset(f"{key_prefix}snapshot:{v2}:meta", "schema:gateways", "id,name")
     with pytest.raises(SchemaMismatch):
         apply_changes(client, key_prefix, v2, [SAMPLES["gateways"]], [])
-    client.hset(f"{key_prefix}snapshot:{v2}:meta", "schema:gateways", "id,name,active")
+    client.hset(f"{key_prefix}snapshot:{v2}:meta", "schema:gateways", ",".join(schema(Gateway)))
     assert read_snapshot(client, key_prefix) == as_version(sample_catalog(2), v2)  # nothing applied
 
 

@@ -26,6 +26,7 @@ fast as the hand-written ones it replaces.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,15 @@ Links = dict[int, list[int]]
 
 def _utc(value: datetime | None) -> datetime | None:
     return None if value is None else value.astimezone(UTC)
+
+
+def _gateway_params(text: str) -> tuple[str, ...]:
+    """The gateways.params JSON object as sorted "name=value" strings (scalars as JSON writes them)."""
+    params = json.loads(text)
+    return tuple(
+        f"{name}={value if isinstance(value, str) else json.dumps(value)}"
+        for name, value in sorted(params.items())
+    )
 
 
 # --- the link tables: parent id -> child ids, in the order the model keeps ------------------
@@ -97,6 +107,7 @@ class _Col:
 # Names the conversions may use.
 _CONVERT: dict[str, Any] = {
     "_utc": _utc,
+    "_gateway_params": _gateway_params,
     "_KINDS": {k.value: k for k in AccountKind},
     "_POOLS": {p.value: p for p in CliPool},
     "_DESTINATIONS": {d.value: d for d in DidDestinationType},
@@ -172,7 +183,16 @@ _SPECS: tuple[_Table, ...] = (
         ),
         order="id",
     ),
-    _Table("gateways", "gateways", (_c("id", _I8), _c("name", _T), _c("active", _B)), order="id"),
+    _Table(
+        "gateways",
+        "gateways",
+        (
+            _c("id", _I8), _c("name", _T), _c("active", _B), _c("sip_profile", _T), _c("proxy", _T),
+            _c("username", _T), _c("password", _T), _c("register", _B),
+            _c("params", _T, sql="params::text", convert="_gateway_params({})"),
+        ),
+        order="id",
+    ),
     _Table(
         "trunks",
         "trunks",
@@ -214,7 +234,10 @@ _SPECS: tuple[_Table, ...] = (
     _Table(
         "sip_devices",
         "sip_devices",
-        (_c("id", _I8), _c("account_id", _I8), _c("username", _T), _c("active", _B), _c("codecs", _T)),
+        (
+            _c("id", _I8), _c("account_id", _I8), _c("username", _T), _c("active", _B), _c("codecs", _T),
+            _c("password", _T), _c("caller_id_name", _T), _c("caller_id_number", _T), _c("context", _T),
+        ),
         order="id",
     ),
     _Table(
