@@ -94,6 +94,8 @@ def _model_options(parser: argparse.ArgumentParser, model: Any, skip: Sequence[s
         text = info.description or ""
         if info.default is not None and not callable(info.default_factory) and str(info.default) != "":
             text = f"{text} (default {info.default})".strip()
+        if name in SECRET_OPTIONS:
+            text = f"{text} ('-': read it from stdin, or a prompt; never on the command line)".strip()
         kwargs["help"] = text or None
         if _is_bool(info.annotation):
             kwargs.update(nargs="?", const="true", metavar="BOOL")
@@ -102,11 +104,28 @@ def _model_options(parser: argparse.ArgumentParser, model: Any, skip: Sequence[s
         parser.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
+# Options whose value "-" means: read it from stdin (or a prompt on a terminal), so that the
+# secret never shows in `ps` or the shell history.
+SECRET_OPTIONS = ("password", "pin", "sip_password", "voicemail_password")
+
+
 def _values(args: argparse.Namespace, model: Any) -> dict[str, Any]:
     values = {name: getattr(args, f"f_{name}") for name in model.model_fields if hasattr(args, f"f_{name}")}
     for name in getattr(args, "clear", None) or ():
         values[name.replace("-", "_")] = None
+    for name in SECRET_OPTIONS:
+        if values.get(name) == "-":
+            values[name] = _read_secret(name)
     return values
+
+
+def _read_secret(name: str) -> str:
+    """One secret from a prompt (a terminal) or one line of stdin (a pipe), in SECRET_OPTIONS order."""
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass(f"{name.replace('_', ' ')}: ")
+    return sys.stdin.readline().rstrip("\r\n")
 
 
 def _json_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -15,13 +15,15 @@ Prepaid balances are the same in both conventions.
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
-from collections.abc import Iterable, Iterator, Mapping
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, TextIO
+from typing import IO, Annotated, Any, TextIO
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -59,7 +61,8 @@ def _adapter(name: str) -> TypeAdapter[Any]:
     if name == "entity_type":
         return TypeAdapter(s.EntityType)
     info = s.CustomerCreate.model_fields[name]
-    return TypeAdapter(Annotated[info.annotation, info])
+    annotated: Any = Annotated[info.annotation, info]  # a type built at run time
+    return TypeAdapter(annotated)
 
 
 @dataclass
@@ -71,12 +74,16 @@ class ImportPlan:
     defaults: dict[str, Any] = field(default_factory=dict)
     convention: str | None = None
     header_width: int = 0
+    header: list[str] = field(default_factory=list)
 
     def record(self, cells: list[str]) -> tuple[dict[str, Any], str | None]:
         """The field values of one row, or a problem that fails the row before validation."""
         if len(cells) > self.header_width:
             return {}, f"the row has {len(cells)} cells, the header {self.header_width}"
         values: dict[str, Any] = {}
+        for index, cell in enumerate(cells):
+            if "\x00" in cell:
+                return {}, f"column {self.header[index]!r} holds a NUL byte (0x00): no field may contain one"
         for column, cell in zip(self.columns, cells, strict=False):
             if column is not None and cell.strip():
                 text = cell.strip()
@@ -116,7 +123,7 @@ def build_plan(header: list[str], options: s.ImportOptions) -> ImportPlan:
     for key in mapping:
         if key not in seen:
             problems.append(FieldError(f"mapping.{key}", "no such column in the file"))
-    convention = options.balance_convention
+    convention: str | None = options.balance_convention
     columns: list[str | None] = []
     names: dict[str, str] = {}
     for h in cleaned:
@@ -175,42 +182,188 @@ def build_plan(header: list[str], options: s.ImportOptions) -> ImportPlan:
     if problems:
         raise ValidationFailed(problems)
     return ImportPlan(columns=columns, names=names, defaults=defaults, convention=convention,
-                      header_width=len(header))  # fmt: skip
+                      header_width=len(header), header=cleaned)  # fmt: skip
 
 
-def read_rows(stream: TextIO) -> Iterator[tuple[int, list[str]]]:
-    """(row number, cells) for every record; the header is row 1. Streams: nothing is kept."""
-    yield from enumerate(csv.reader(stream), start=1)
+# A quoted cell may hold line breaks (RFC 4180), but a quote left open must not swallow the rest
+# of the file: a record may span at most this many physical lines, else its first line is reported
+# as an unclosed quote and reading starts again on the next line.
+MAX_RECORD_LINES = 20
+# A longer physical line is reported and skipped (memory stays bounded whatever the file holds).
+MAX_LINE_BYTES = 1 << 16
+
+Line = tuple[int, str | None, str | None]  # (line number, text with its line break, or a problem)
+Row = tuple[int, list[str] | None, str | None]  # (first line number, cells, or a problem)
+
+
+def _byte_lines(raw: IO[bytes]) -> Iterator[Line]:
+    """Physical lines of a byte stream, each decoded on its own: a bad byte fails one line only."""
+    number = 0
+    while True:
+        data = raw.readline(MAX_LINE_BYTES + 1)
+        if not data:
+            return
+        number += 1
+        if len(data) > MAX_LINE_BYTES and not data.endswith(b"\n"):
+            while data and not data.endswith(b"\n"):  # skip to the end of the line, bounded reads
+                data = raw.readline(MAX_LINE_BYTES + 1)
+            yield number, None, f"the line is longer than {MAX_LINE_BYTES} bytes"
+            continue
+        if number == 1 and data.startswith(b"\xef\xbb\xbf"):
+            data = data[3:]  # the UTF-8 byte-order mark spreadsheets write
+        try:
+            yield number, data.decode("utf-8"), None
+        except UnicodeDecodeError as exc:
+            where = f"byte 0x{data[exc.start]:02X} at byte {exc.start + 1}"
+            yield number, None, f"the line is not UTF-8 text ({where})"
+
+
+def _text_lines(stream: IO[str]) -> Iterator[Line]:
+    for number, text in enumerate(stream, start=1):
+        if number == 1:
+            text = text.removeprefix("\ufeff")
+        if len(text) > MAX_LINE_BYTES:
+            yield number, None, f"the line is longer than {MAX_LINE_BYTES} characters"
+        else:
+            yield number, text, None
+
+
+def physical_lines(stream: IO[Any]) -> Iterator[Line]:
+    """The stream's lines, read as bytes when it has them (a text file's buffer, an upload).
+
+    A text stream must not have been read from yet: its bytes are read directly.
+    """
+    raw = getattr(stream, "buffer", None)
+    if raw is not None:
+        return _byte_lines(raw)
+    if isinstance(stream.read(0), bytes):
+        return _byte_lines(stream)
+    return _text_lines(stream)
+
+
+_UNCLOSED = "a quoted cell opened on this line is not closed (an unbalanced '\"')"
+
+
+def _parse(first: str, more: Iterator[str]) -> tuple[list[str], int]:
+    """One CSV record starting with the line `first`, and the lines it used.
+
+    csv.Error if it is not one; when the error shows past the first line, the first line opened
+    a quote that never closed properly, and the message says so.
+    """
+    lines = itertools.chain([first], itertools.islice(more, MAX_RECORD_LINES - 1))
+    reader = csv.reader(lines, strict=True)
+    try:
+        cells = next(reader)
+    except csv.Error as exc:
+        if reader.line_num > 1 or "unexpected end of data" in str(exc):
+            raise csv.Error(_UNCLOSED) from None
+        raise
+    return cells, reader.line_num
+
+
+def _is_row(text: str, width: int) -> bool:
+    """Whether the line, read alone, is a whole record of `width` cells."""
+    try:
+        return len(next(csv.reader([text], strict=True))) == width
+    except csv.Error:
+        return False
+
+
+def read_rows(stream: IO[Any], width: Callable[[], int | None] = lambda: None) -> Iterator[Row]:
+    """(first line number, cells, problem) for every record; the header is line 1.
+
+    Every non-blank physical line is accounted for: it is (part of) a record, or a problem is
+    reported for it and reading goes on with the next line. `width` gives the header's number of
+    cells once known: a record spanning several lines with another count is an unclosed quote,
+    not a record, and so is one that takes a line that is a whole row by itself. Streams: at
+    most MAX_RECORD_LINES lines are held.
+    """
+    pending: collections.deque[Line] = collections.deque()
+    source = physical_lines(stream)
+
+    def _swallowed(cells: list[str], used: int, expected: int) -> bool:
+        """Whether a record over `used` lines is a stray quote eating rows, not a cell with breaks:
+        it has the wrong number of cells, or a line it took is a whole row by itself."""
+        if len(cells) != expected:
+            return True
+        return any(_is_row(pending[i][1] or "", expected) for i in range(1, used))
+
+    def following() -> Iterator[str]:
+        """The lines after the current one, read ahead as the parser asks for them."""
+        index = 1
+        while True:
+            while len(pending) <= index:
+                nxt = next(source, None)
+                if nxt is None:
+                    return
+                pending.append(nxt)
+            text = pending[index][1]
+            if text is None:
+                return  # a broken line ends the lookahead: it is reported on its own
+            yield text
+            index += 1
+
+    while True:
+        if not pending:
+            nxt = next(source, None)
+            if nxt is None:
+                return
+            pending.append(nxt)
+        number, text, problem = pending[0]
+        if text is None:
+            pending.popleft()
+            yield number, None, problem
+            continue
+        if not text.strip():
+            pending.popleft()
+            continue  # a blank line is not a record
+        try:
+            cells, used = _parse(text, following())
+        except csv.Error as exc:
+            pending.popleft()
+            yield number, None, f"not valid CSV: {exc}; the next line is read as a new row"
+            continue
+        expected = width()
+        if used > 1 and expected is not None and _swallowed(cells, used, expected):
+            pending.popleft()  # the open quote took other rows: refuse only this line
+            yield number, None, f"not valid CSV: {_UNCLOSED}; the next line is read as a new row"
+            continue
+        for _ in range(used):
+            pending.popleft()
+        yield number, cells, None
 
 
 Record = tuple[int, dict[str, Any], str | None]  # (row number, field values, problem)
 
 
-def records(stream: TextIO, options: s.ImportOptions) -> tuple[ImportPlan, Iterator[Record]]:
-    """The plan (checked now, from the header) and a lazy iterator of (row, values, problem)."""
-    rows = read_rows(stream)
+def records(stream: IO[Any], options: s.ImportOptions) -> tuple[ImportPlan, Iterator[Record]]:
+    """The plan (checked now, from the header) and a lazy iterator of (row, values, problem).
+
+    Rows are numbered by the physical line they start on; every line after the header gives a
+    record or a problem, never nothing (blank lines aside).
+    """
+    plan: ImportPlan | None = None
+    rows = read_rows(stream, lambda: None if plan is None else plan.header_width)
     try:
-        _, header = next(rows)
+        number, header, problem = next(rows)
     except StopIteration:
         raise ValidationFailed.one("file", "is empty: the first line must be a header") from None
-    except csv.Error as exc:
-        raise ValidationFailed.one("file", f"is not valid CSV: {exc}") from None
-    except UnicodeDecodeError:
-        raise ValidationFailed.one("file", "is not UTF-8 text") from None
+    if header is None:
+        if problem and "UTF-8" in problem:
+            raise ValidationFailed.one("file", "is not UTF-8 text") from None
+        raise ValidationFailed.one("file", f"line {number}: {problem}")
+    if number != 1:
+        raise ValidationFailed.one("file", "the first line must be a header naming the columns")
     plan = build_plan(header, options)
+    checked = plan
 
     def generate() -> Iterator[Record]:
-        number = 1
-        try:
-            for number, cells in rows:
-                if not any(c.strip() for c in cells):
-                    continue  # a blank line is not a record
-                values, problem = plan.record(cells)
-                yield number, values, problem
-        except csv.Error as exc:
-            yield number + 1, {}, f"not valid CSV from here on: {exc}"
-        except UnicodeDecodeError:
-            yield number + 1, {}, "not UTF-8 text from here on"
+        for number, cells, problem in rows:
+            if cells is None:
+                yield number, {}, problem
+                continue
+            values, problem = checked.record(cells)
+            yield number, values, problem
 
     return plan, generate()
 
@@ -259,7 +412,7 @@ def export_lines(rows: Iterable[s.CustomerRow], convention: str = "held", batch:
     writer.writerow(export_header(convention))
     pending = 0
     for row in rows:
-        balance = row.balance
+        balance: Decimal = row.balance
         if convention == "astpp" and row.account_type == "postpaid":
             balance = -balance
         writer.writerow([_cell(key, balance if key == "balance" else getattr(row, key))

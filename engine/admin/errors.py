@@ -52,3 +52,7 @@ class Forbidden(AdminError, status=403, code="forbidden"):
 
 class Unauthorized(AdminError, status=401, code="unauthorized"):
     """The request carries no valid API token."""
+
+
+class Conflict(ValidationFailed, status=409, code="conflict"):
+    """The data is already claimed elsewhere (identification data of another tenant, a taken name)."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-from engine.db.fixtures import hash_secret
+from engine.db.hashing import SCRYPT_N, hash_secret
 
 _RNG = secrets.SystemRandom()
 
@@ -27,7 +27,7 @@ _RNG = secrets.SystemRandom()
 DENSE_LIMIT = 2_000_000
 # pg_advisory_xact_lock key held while numbers are generated and inserted.
 NUMBERS_LOCK_KEY = 0x63676E756D626572  # "cgnumber"
-PASSWORD_SCRYPT_N = 2**14  # the fixture loader's factor: one rule for passwords everywhere
+PASSWORD_SCRYPT_N = SCRYPT_N  # the fixture loader's factor: one rule for passwords everywhere
 
 
 class NotEnoughNumbers(Exception):

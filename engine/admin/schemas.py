@@ -45,7 +45,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from engine.admin.errors import FieldError, ValidationFailed
-from engine.db import fixtures as fx
+from engine.db import fields as fx
 
 # --------------------------------------------------------------------------- field types
 #
@@ -60,7 +60,7 @@ def _check(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def check(value: Any) -> Any:
         try:
             return conv(value)
-        except fx._Invalid as exc:
+        except fx.Invalid as exc:
             raise PydanticCustomError("invalid", str(exc)) from None
 
     return check
@@ -96,39 +96,39 @@ _MONEY_PATTERN = r"^-?[0-9]{1,14}(\.[0-9]{1,6})?$"
 _MONEY_SCHEMA = {"type": "string", "pattern": _MONEY_PATTERN, "description": "decimal, e.g. 10.50"}
 _MONEY_OUT = PlainSerializer(format_money, return_type=str, when_used="json")
 
-AccountNumber = Annotated[str, _valid(fx._digits(max_len=20)), _doc(20, pattern="^[0-9]{1,20}$")]
+AccountNumber = Annotated[str, _valid(fx.digits(max_len=20)), _doc(20, pattern="^[0-9]{1,20}$")]
 # Digit strings: numbers, DIDs, prefixes, caller IDs (E.164 has at most 15 digits; room for prefixes).
-Digits = Annotated[str, _len(40), _valid(fx._digits()), _doc(40, pattern="^[0-9]+$")]
-DigitsOrEmpty = Annotated[str, _len(40), _valid(fx._digits(empty=True)), _doc(40, pattern="^[0-9]*$")]
-Name = Annotated[str, _len(100), _valid(fx._NAME), _doc(100, minLength=1)]
-Email = Annotated[str, _len(254), _valid(fx._EMAIL), _doc(254, format="email")]
-Phone = Annotated[str, _len(40), _valid(fx._PHONE), _doc(40, pattern="^[0-9 +()-]*$")]
-Currency = Annotated[str, _CAP, _valid(fx._CURRENCY), _doc(3, pattern="^[A-Z]{3}$")]
-Country = Annotated[str, _CAP, _valid(fx._COUNTRY), _doc(2, pattern="^[A-Z]{2}$")]
-Language = Annotated[str, _CAP, _valid(fx._LANGUAGE), _doc(5, pattern="^[a-z]{2}(-[A-Z]{2})?$")]
+Digits = Annotated[str, _len(40), _valid(fx.digits()), _doc(40, pattern="^[0-9]+$")]
+DigitsOrEmpty = Annotated[str, _len(40), _valid(fx.digits(empty=True)), _doc(40, pattern="^[0-9]*$")]
+Name = Annotated[str, _len(100), _valid(fx.NAME), _doc(100, minLength=1)]
+Email = Annotated[str, _len(254), _valid(fx.EMAIL), _doc(254, format="email")]
+Phone = Annotated[str, _len(40), _valid(fx.PHONE), _doc(40, pattern="^[0-9 +()-]*$")]
+Currency = Annotated[str, _CAP, _valid(fx.CURRENCY), _doc(3, pattern="^[A-Z]{3}$")]
+Country = Annotated[str, _CAP, _valid(fx.COUNTRY), _doc(2, pattern="^[A-Z]{2}$")]
+Language = Annotated[str, _CAP, _valid(fx.LANGUAGE), _doc(5, pattern="^[a-z]{2}(-[A-Z]{2})?$")]
 Timezone = Annotated[
-    str, _len(64), _valid(fx._timezone), _doc(64, description="IANA time zone, e.g. Europe/London")
+    str, _len(64), _valid(fx.timezone), _doc(64, description="IANA time zone, e.g. Europe/London")
 ]
-Codecs = Annotated[str, _len(500), _valid(fx._CODECS), _doc(500, description="comma list, e.g. PCMA,PCMU")]
+Codecs = Annotated[str, _len(500), _valid(fx.CODECS), _doc(500, description="comma list, e.g. PCMA,PCMU")]
 SipUser = Annotated[
-    str, _len(64), _valid(fx._SIP_USER), _doc(64, pattern="^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    str, _len(64), _valid(fx.SIP_USER), _doc(64, pattern="^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ]
 Cidr = Annotated[
-    str, _len(50), _valid(fx._cidr), _doc(50, description="a network (203.0.113.0/28) or an address")
+    str, _len(50), _valid(fx.cidr), _doc(50, description="a network (203.0.113.0/28) or an address")
 ]
 
 
 def _secret(minimum: int, what: str) -> Callable[[Any], str]:
     def conv(value: Any) -> str:  # never echoes the value
         if not isinstance(value, str) or len(value) < minimum or any(c.isspace() for c in value):
-            raise fx._Invalid(f"must be {what}")
+            raise fx.Invalid(f"must be {what}")
         return value
 
     return conv
 
 
 Password = Annotated[
-    str, _len(128), _valid(fx._account_password), _doc(128, minLength=8, format="password", writeOnly=True)
+    str, _len(128), _valid(fx.account_password), _doc(128, minLength=8, format="password", writeOnly=True)
 ]
 SipPassword = Annotated[
     str,
@@ -138,41 +138,47 @@ SipPassword = Annotated[
 ]
 Pin = Annotated[
     str,
-    _valid(fx._pattern(r"[0-9]{4,20}", "a PIN of 4 to 20 digits")),
+    _valid(fx.secret_pattern(r"[0-9]{4,20}", "a PIN of 4 to 20 digits")),
     _doc(20, pattern="^[0-9]{4,20}$", format="password", writeOnly=True),
+]
+VoicemailPassword = Annotated[
+    str,
+    _CAP,
+    _valid(fx.secret_pattern(r"[0-9]{0,20}", "a voicemail password of at most 20 digits")),
+    _doc(20, pattern="^[0-9]{0,20}$", format="password", writeOnly=True),
 ]
 SpeedDialKey = Annotated[
     str,
     _CAP,
-    _valid(fx._pattern(r"[0-9]{1,3}", "a speed-dial key of 1 to 3 digits")),
+    _valid(fx.pattern(r"[0-9]{1,3}", "a speed-dial key of 1 to 3 digits")),
     _doc(3, pattern="^[0-9]{1,3}$"),
 ]
 
 # Free text, by size: names and short labels; addresses and descriptions; notes.
-Text100 = Annotated[str, _len(100), _valid(fx._text(100)), _doc(100)]
-Text200 = Annotated[str, _len(200), _valid(fx._text(200)), _doc(200)]
-Text500 = Annotated[str, _len(500), _valid(fx._text(500)), _doc(500)]
-InvoiceNote = Annotated[str, _len(110), _valid(fx._text(110)), _doc(110)]  # ASTPP's limit
+Text100 = Annotated[str, _len(100), _valid(fx.text(100)), _doc(100)]
+Text200 = Annotated[str, _len(200), _valid(fx.text(200)), _doc(200)]
+Text500 = Annotated[str, _len(500), _valid(fx.text(500)), _doc(500)]
+InvoiceNote = Annotated[str, _len(110), _valid(fx.text(110)), _doc(110)]  # ASTPP's limit
 # A search filter's text (matched, never stored).
 FilterText = Annotated[str, _len(200)]
 
 
 def _required_text(value: Any) -> str:
-    text = fx._text()(value)
+    text = fx.text()(value)
     if not text.strip():
-        raise fx._Invalid("must not be empty")
+        raise fx.Invalid("must not be empty")
     return text
 
 
 RequiredText = Annotated[str, _len(100), _valid(_required_text), _doc(100, minLength=1)]
 Money = Annotated[  # >= 0, at most numeric(20,6)
     Decimal,
-    BeforeValidator(_check(fx._decimal(minimum=Decimal(0)))),
+    BeforeValidator(_check(fx.decimal(minimum=Decimal(0)))),
     _MONEY_OUT,
     WithJsonSchema({**_MONEY_SCHEMA, "pattern": _MONEY_PATTERN.replace("^-?", "^")}),
 ]
 SignedMoney = Annotated[
-    Decimal, BeforeValidator(_check(fx._decimal(minimum=None))), _MONEY_OUT, WithJsonSchema(_MONEY_SCHEMA)
+    Decimal, BeforeValidator(_check(fx.decimal(minimum=None))), _MONEY_OUT, WithJsonSchema(_MONEY_SCHEMA)
 ]
 # A sum of money columns (totals, balance + credit limit): exact, any size, never refused.
 MoneySum = Annotated[
@@ -184,7 +190,7 @@ MoneySum = Annotated[
 ]
 Timestamp = Annotated[
     datetime,
-    BeforeValidator(_check(fx._timestamp)),
+    BeforeValidator(_check(fx.timestamp)),
     WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -704,7 +710,7 @@ class SipDeviceCreate(_In):
     caller_id_number: DigitsOrEmpty = ""
     context: Name = "default"
     voicemail_enabled: bool = False
-    voicemail_password: DigitsOrEmpty = ""
+    voicemail_password: VoicemailPassword = ""
 
 
 if not TYPE_CHECKING:

@@ -39,18 +39,12 @@ Semantics:
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import ipaddress
 import json
 import os
 import re
-import zoneinfo
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, ClassVar
@@ -59,6 +53,10 @@ import psycopg
 import yaml
 from psycopg import errors, sql
 from psycopg.types.json import Jsonb
+
+from engine.db import fields
+from engine.db.hashing import hash_secret, verify_secret
+from engine.rules.text import is_sip_uri, show
 
 __all__ = ["FixtureError", "LoadReport", "hash_secret", "load_document", "load_file", "verify_secret"]
 
@@ -100,51 +98,7 @@ class LoadReport:
         return "; ".join(parts) or "empty document"
 
 
-# --------------------------------------------------------------------------- secrets
-
-_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 2**14, 8, 1
-
-
-def hash_secret(secret: str, *, n: int = _SCRYPT_N) -> str:
-    """A salted scrypt hash: ``scrypt$N$r$p$<salt>$<hash>`` (base64).
-
-    `n` (a power of two) is the work factor; verify_secret reads it back from the hash.
-    """
-    salt = os.urandom(16)
-    digest = hashlib.scrypt(secret.encode(), salt=salt, n=n, r=_SCRYPT_R, p=_SCRYPT_P, dklen=32)
-    b64 = base64.b64encode
-    return f"scrypt${n}${_SCRYPT_R}${_SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
-
-
-def verify_secret(secret: str, stored: str | None) -> bool:
-    """Whether `secret` matches a hash made by hash_secret (False for anything else)."""
-    if not stored:
-        return False
-    try:
-        scheme, n, r, p, salt, digest = stored.split("$")
-        if scheme != "scrypt":
-            return False
-        expected = base64.b64decode(digest)
-        actual = hashlib.scrypt(
-            secret.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p), dklen=len(expected)
-        )
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(actual, expected)
-
-
 # --------------------------------------------------------------------------- files
-
-
-class _SourceInt(int):
-    """An int read from YAML that remembers how it was written ("0044" stays "0044")."""
-
-    text: str
-
-    def __new__(cls, value: int, text: str) -> _SourceInt:
-        obj = super().__new__(cls, value)
-        obj.text = text
-        return obj
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -152,7 +106,7 @@ class _YamlLoader(yaml.SafeLoader):
 
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
-    return _SourceInt(loader.construct_yaml_int(node), node.value)
+    return fields.SourceInt(loader.construct_yaml_int(node), node.value)
 
 
 def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
@@ -187,216 +141,6 @@ def load_file(conn: psycopg.Connection[Any], path: str | os.PathLike[str]) -> Lo
     return load_document(conn, doc)
 
 
-# --------------------------------------------------------------------------- field converters
-
-
-class _Invalid(Exception):
-    pass
-
-
-def _text_of(value: Any) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, _SourceInt):
-        return value.text
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return None
-
-
-def _text(max_len: int | None = None) -> Callable[[Any], str]:
-    def conv(value: Any) -> str:
-        text = _text_of(value)
-        if text is None:
-            raise _Invalid(f"must be a string, not {type(value).__name__}")
-        if max_len is not None and len(text) > max_len:
-            raise _Invalid(f"longer than {max_len} characters")
-        return text
-
-    return conv
-
-
-def _pattern(regex: str, what: str) -> Callable[[Any], str]:
-    compiled = re.compile(regex)
-
-    def conv(value: Any) -> str:
-        text = _text_of(value)
-        if text is None:
-            raise _Invalid(f"must be {what}, not {type(value).__name__}")
-        if not compiled.fullmatch(text):
-            raise _Invalid(f"{text!r} is not {what}")
-        return text
-
-    return conv
-
-
-def _digits(*, empty: bool = False, max_len: int | None = None) -> Callable[[Any], str]:
-    what = "a string of digits" + (" (may be empty)" if empty else "")
-    quant = "*" if empty else "+"
-    conv = _pattern(f"[0-9]{quant}", what)
-    if max_len is None:
-        return conv
-
-    def limited(value: Any) -> str:
-        text = conv(value)
-        if len(text) > max_len:
-            raise _Invalid(f"{text!r} has more than {max_len} digits")
-        return text
-
-    return limited
-
-
-_NAME = _pattern(r"\S(?:.*\S)?", "a non-empty name without surrounding spaces")
-_SOFIA_NAME = _pattern(r"[A-Za-z0-9][A-Za-z0-9._-]*", "a gateway name of letters, digits, '.', '_', '-'")
-_SIP_USER = _pattern(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", "a SIP username (letters, digits, '.', '_', '-')")
-_EMAIL = _pattern(r"[^@\s]+@[^@\s]+\.[^@\s]+", "an e-mail address")
-_PHONE = _pattern(r"[0-9 +()-]*", "a phone number")
-_PREPEND = _pattern(r"[0-9+#*]*", "digits, '+', '#' or '*'")
-_CURRENCY = _pattern(r"[A-Z]{3}", "an ISO 4217 currency code such as 'USD'")
-_COUNTRY = _pattern(r"[A-Z]{2}", "an ISO 3166 country code such as 'GB'")
-_LANGUAGE = _pattern(r"[a-z]{2}(?:-[A-Z]{2})?", "a language tag such as 'en' or 'en-GB'")
-_CODECS = _pattern(
-    r"(?:[A-Za-z0-9][A-Za-z0-9@._-]*(?:,[A-Za-z0-9][A-Za-z0-9@._-]*)*)?", "a comma list of codecs"
-)
-
-
-def _account_password(value: Any) -> str:
-    """ASTPP's rule (at least 8 characters, letters and digits); never echoes the value."""
-    text = _text_of(value)
-    if text is None or not re.fullmatch(r"(?=.*[A-Za-z])(?=.*[0-9]).{8,}", text):
-        raise _Invalid("must be a password of at least 8 characters with letters and digits")
-    return text
-
-
-_RULE = r"(?:\*|[0-9+#]+)/(?:\*|[0-9+#]*)"
-_RULES_RE = re.compile(rf"(?:{_RULE}(?:,{_RULE})*)?")
-
-
-def _rules(value: Any) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"must be a string of 'match/replace' rules, not {type(value).__name__}")
-    if not _RULES_RE.fullmatch(re.sub(r"\s", "", value)):
-        raise _Invalid(
-            f"{value!r} is not a rule set: comma-separated 'match/replace' pairs, match '*' or "
-            "digits/+/#, replace '*' or digits/+/# or empty"
-        )
-    return value
-
-
-def _decimal(*, minimum: Decimal | None = Decimal(0)) -> Callable[[Any], Decimal]:
-    def conv(value: Any) -> Decimal:
-        if isinstance(value, (bool, float)):
-            raise _Invalid(f"must be a decimal written as a string or integer, not {type(value).__name__}")
-        if isinstance(value, Decimal):
-            number = value
-        elif isinstance(value, int):
-            number = Decimal(int(value))
-        elif isinstance(value, str):
-            try:
-                number = Decimal(value.strip())
-            except InvalidOperation:
-                raise _Invalid(f"{value!r} is not a decimal number") from None
-        else:
-            raise _Invalid(f"must be a decimal number, not {type(value).__name__}")
-        if not number.is_finite():
-            raise _Invalid(f"{value!r} is not a finite decimal number")
-        if abs(number) >= Decimal(10) ** 14:
-            raise _Invalid(f"{value!r} is too large (at most 14 digits before the point)")
-        exponent = number.as_tuple().exponent
-        assert isinstance(exponent, int)
-        if exponent < -6 and number != number.quantize(Decimal("0.000001")):
-            raise _Invalid(f"{value!r} has more than 6 decimal places")
-        if minimum is not None and number < minimum:
-            raise _Invalid(f"{value!r} must be at least {minimum}")
-        return number
-
-    return conv
-
-
-def _integer(minimum: int | None = 0, maximum: int | None = None) -> Callable[[Any], int]:
-    def conv(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(f"must be an integer, not {type(value).__name__}")
-        if minimum is not None and value < minimum:
-            raise _Invalid(f"{int(value)} is below {minimum}")
-        if maximum is not None and value > maximum:
-            raise _Invalid(f"{int(value)} is above {maximum}")
-        return int(value)
-
-    return conv
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid(f"must be true or false, not {value!r}")
-    return value
-
-
-def _choice(*allowed: str) -> Callable[[Any], str]:
-    def conv(value: Any) -> str:
-        if value not in allowed:
-            raise _Invalid(f"{value!r} is not one of {', '.join(allowed)}")
-        return str(value)
-
-    return conv
-
-
-def _cidr(value: Any) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"must be a CIDR string such as '203.0.113.0/24', not {type(value).__name__}")
-    try:
-        return str(ipaddress.ip_network(value.strip(), strict=True))
-    except ValueError as exc:
-        raise _Invalid(f"{value!r} is not a valid CIDR ({exc})") from None
-
-
-def _timestamp(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        moment = value
-    elif isinstance(value, date):
-        moment = datetime.combine(value, time())
-    elif isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value.strip())
-        except ValueError:
-            raise _Invalid(f"{value!r} is not an ISO 8601 date/time") from None
-    else:
-        raise _Invalid(f"must be a date/time, not {type(value).__name__}")
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-def _timezone(value: Any) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"must be an IANA time zone name, not {type(value).__name__}")
-    try:
-        zoneinfo.ZoneInfo(value)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise _Invalid(f"{value!r} is not a known IANA time zone") from None
-    return value
-
-
-def _name_list(value: Any) -> list[str]:
-    if not isinstance(value, list):
-        raise _Invalid(f"must be a list of names, not {type(value).__name__}")
-    names = [_NAME(v) for v in value]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise _Invalid(f"lists {dupes[0]!r} twice")
-    return names
-
-
-def _params(value: Any) -> dict[str, str]:
-    if not isinstance(value, Mapping):
-        raise _Invalid(f"must be a mapping of gateway parameters, not {type(value).__name__}")
-    out = {}
-    for k, v in value.items():
-        text = "true" if v is True else "false" if v is False else _text_of(v)
-        if not isinstance(k, str) or text is None:
-            raise _Invalid(f"parameter {k!r} must map a name to a string, number or boolean")
-        out[k] = text
-    return out
-
-
 @dataclass(frozen=True, slots=True)
 class _F:
     conv: Callable[[Any], Any]
@@ -405,138 +149,138 @@ class _F:
     column: bool = True  # False: a reference or list the writer handles itself
 
 
-def _ref(conv: Callable[[Any], Any] = _NAME, *, required: bool = False, nullable: bool = False) -> _F:
+def _ref(conv: Callable[[Any], Any] = fields.NAME, *, required: bool = False, nullable: bool = False) -> _F:
     return _F(conv, required=required, nullable=nullable, column=False)
 
 
 # --------------------------------------------------------------------------- entity specs
 
 _LOCALIZATION = {
-    "name": _F(_NAME, required=True),
-    "description": _F(_text()),
-    "active": _F(_boolean),
-    "number_originate": _F(_rules),
-    "cli_originate": _F(_rules),
-    "cli_inbound": _F(_rules),
-    "number_terminate": _F(_rules),
-    "cli_terminate": _F(_rules),
+    "name": _F(fields.NAME, required=True),
+    "description": _F(fields.text()),
+    "active": _F(fields.boolean),
+    "number_originate": _F(fields.rules),
+    "cli_originate": _F(fields.rules),
+    "cli_inbound": _F(fields.rules),
+    "number_terminate": _F(fields.rules),
+    "cli_terminate": _F(fields.rules),
 }
 
 _RATE_GROUP = {
-    "name": _F(_NAME, required=True),
-    "description": _F(_text()),
-    "active": _F(_boolean),
-    "markup_percent": _F(_decimal()),
-    "routing_type": _F(_choice("lcr", "cost")),
-    "init_inc": _F(_integer()),
-    "inc": _F(_integer()),
-    "lossless": _F(_boolean),
-    "reseller": _ref(_digits(), nullable=True),
-    "trunks": _ref(_name_list),
+    "name": _F(fields.NAME, required=True),
+    "description": _F(fields.text()),
+    "active": _F(fields.boolean),
+    "markup_percent": _F(fields.decimal()),
+    "routing_type": _F(fields.choice("lcr", "cost")),
+    "init_inc": _F(fields.integer()),
+    "inc": _F(fields.integer()),
+    "lossless": _F(fields.boolean),
+    "reseller": _ref(fields.digits(), nullable=True),
+    "trunks": _ref(fields.name_list),
 }
 
 _RATE = {
-    "prefix": _F(_digits(empty=True), required=True),
-    "cost_per_minute": _F(_decimal(), required=True),
-    "connect_cost": _F(_decimal()),
-    "included_seconds": _F(_integer()),
-    "init_inc": _F(_integer()),
-    "inc": _F(_integer()),
-    "precedence": _F(_integer()),
-    "active": _F(_boolean),
-    "description": _F(_text()),
-    "forced_trunks": _ref(_name_list),
+    "prefix": _F(fields.digits(empty=True), required=True),
+    "cost_per_minute": _F(fields.decimal(), required=True),
+    "connect_cost": _F(fields.decimal()),
+    "included_seconds": _F(fields.integer()),
+    "init_inc": _F(fields.integer()),
+    "inc": _F(fields.integer()),
+    "precedence": _F(fields.integer()),
+    "active": _F(fields.boolean),
+    "description": _F(fields.text()),
+    "forced_trunks": _ref(fields.name_list),
 }
-_TOP_RATE = {**_RATE, "rate_group": _ref(), "account": _ref(_digits())}
+_TOP_RATE = {**_RATE, "rate_group": _ref(), "account": _ref(fields.digits())}
 
 _GATEWAY = {
-    "name": _F(_SOFIA_NAME, required=True),
-    "description": _F(_text()),
-    "active": _F(_boolean),
-    "sip_profile": _F(_NAME),
-    "proxy": _F(_text()),
-    "username": _F(_text()),
-    "password": _F(_text()),
-    "register": _F(_boolean),
-    "params": _F(_params),
+    "name": _F(fields.SOFIA_NAME, required=True),
+    "description": _F(fields.text()),
+    "active": _F(fields.boolean),
+    "sip_profile": _F(fields.NAME),
+    "proxy": _F(fields.text()),
+    "username": _F(fields.text()),
+    "password": _F(fields.text()),
+    "register": _F(fields.boolean),
+    "params": _F(fields.params),
 }
 
 _TRUNK = {
-    "name": _F(_NAME, required=True),
+    "name": _F(fields.NAME, required=True),
     "gateway": _ref(required=True),
-    "failover_gateways": _ref(_name_list),
-    "active": _F(_boolean),
-    "precedence": _F(_integer()),
-    "max_channels": _F(_integer()),
-    "cps": _F(_integer()),
-    "codecs": _F(_CODECS),
-    "leg_timeout": _F(_integer()),
+    "failover_gateways": _ref(fields.name_list),
+    "active": _F(fields.boolean),
+    "precedence": _F(fields.integer()),
+    "max_channels": _F(fields.integer()),
+    "cps": _F(fields.integer()),
+    "codecs": _F(fields.CODECS),
+    "leg_timeout": _F(fields.integer()),
     "localization": _ref(nullable=True),
-    "sip_cid_type": _F(_choice("none", "rpid", "pid")),
+    "sip_cid_type": _F(fields.choice("none", "rpid", "pid")),
 }
 
 _TERMINATION_RATE = {
-    "prefix": _F(_digits(empty=True), required=True),
-    "cost_per_minute": _F(_decimal(), required=True),
-    "connect_cost": _F(_decimal()),
-    "included_seconds": _F(_integer()),
-    "init_inc": _F(_integer()),
-    "inc": _F(_integer()),
-    "strip": _F(_digits(empty=True)),
-    "prepend": _F(_PREPEND),
-    "precedence": _F(_integer()),
-    "active": _F(_boolean),
-    "description": _F(_text()),
+    "prefix": _F(fields.digits(empty=True), required=True),
+    "cost_per_minute": _F(fields.decimal(), required=True),
+    "connect_cost": _F(fields.decimal()),
+    "included_seconds": _F(fields.integer()),
+    "init_inc": _F(fields.integer()),
+    "inc": _F(fields.integer()),
+    "strip": _F(fields.digits(empty=True)),
+    "prepend": _F(fields.PREPEND),
+    "precedence": _F(fields.integer()),
+    "active": _F(fields.boolean),
+    "description": _F(fields.text()),
 }
 
 _ACCOUNT = {
-    "number": _F(_digits(max_len=20), required=True),
-    "status": _F(_choice("active", "inactive")),
-    "postpaid": _F(_boolean),
-    "balance": _F(_decimal(minimum=None)),
-    "credit_limit": _F(_decimal()),
-    "currency": _F(_CURRENCY),
+    "number": _F(fields.digits(max_len=20), required=True),
+    "status": _F(fields.choice("active", "inactive")),
+    "postpaid": _F(fields.boolean),
+    "balance": _F(fields.decimal(minimum=None)),
+    "credit_limit": _F(fields.decimal()),
+    "currency": _F(fields.CURRENCY),
     "rate_group": _ref(nullable=True),
     "non_cli_rate_group": _ref(nullable=True),
-    "cli_pool": _F(_integer(0, 8)),
+    "cli_pool": _F(fields.integer(0, 8)),
     "localization": _ref(nullable=True),
-    "local_calls_allowed": _F(_boolean),
-    "local_call_cost_per_minute": _F(_decimal()),
-    "codecs": _F(_CODECS),
-    "max_channels": _F(_integer()),
-    "cps": _F(_integer()),
-    "pin": _ref(_digits(), nullable=True),
-    "password": _ref(_account_password, nullable=True),
-    "email": _F(_EMAIL, nullable=True),
-    "first_name": _F(_text()),
-    "last_name": _F(_text()),
-    "company": _F(_text()),
-    "phone": _F(_PHONE),
-    "mobile": _F(_PHONE),
-    "address_1": _F(_text()),
-    "address_2": _F(_text()),
-    "city": _F(_text()),
-    "province": _F(_text()),
-    "postal_code": _F(_text()),
-    "country": _F(_COUNTRY, nullable=True),
-    "timezone": _F(_timezone),
-    "language": _F(_LANGUAGE),
-    "notifications": _F(_boolean),
-    "is_recording": _F(_boolean),
-    "allow_ip_management": _F(_boolean),
-    "billing_schedule": _F(_choice("daily", "weekly", "monthly")),
-    "invoice_day": _F(_integer(1, 28), nullable=True),
-    "tax_number": _F(_text()),
-    "reference": _F(_text(100)),
-    "invoice_note": _F(_text()),
-    "generate_invoice": _F(_boolean),
-    "notify_enabled": _F(_boolean),
-    "notify_balance_below": _F(_decimal(minimum=None), nullable=True),
-    "notify_email": _F(_EMAIL, nullable=True),
-    "first_used": _F(_timestamp, nullable=True),
-    "expiry": _F(_timestamp, nullable=True),
-    "valid_days": _F(_integer(), nullable=True),
-    "expiry_from_first_use": _F(_boolean),
+    "local_calls_allowed": _F(fields.boolean),
+    "local_call_cost_per_minute": _F(fields.decimal()),
+    "codecs": _F(fields.CODECS),
+    "max_channels": _F(fields.integer()),
+    "cps": _F(fields.integer()),
+    "pin": _ref(fields.secret_pattern(r"[0-9]+", "a PIN of digits"), nullable=True),
+    "password": _ref(fields.account_password, nullable=True),
+    "email": _F(fields.EMAIL, nullable=True),
+    "first_name": _F(fields.text()),
+    "last_name": _F(fields.text()),
+    "company": _F(fields.text()),
+    "phone": _F(fields.PHONE),
+    "mobile": _F(fields.PHONE),
+    "address_1": _F(fields.text()),
+    "address_2": _F(fields.text()),
+    "city": _F(fields.text()),
+    "province": _F(fields.text()),
+    "postal_code": _F(fields.text()),
+    "country": _F(fields.COUNTRY, nullable=True),
+    "timezone": _F(fields.timezone),
+    "language": _F(fields.LANGUAGE),
+    "notifications": _F(fields.boolean),
+    "is_recording": _F(fields.boolean),
+    "allow_ip_management": _F(fields.boolean),
+    "billing_schedule": _F(fields.choice("daily", "weekly", "monthly")),
+    "invoice_day": _F(fields.integer(1, 28), nullable=True),
+    "tax_number": _F(fields.text()),
+    "reference": _F(fields.text(100)),
+    "invoice_note": _F(fields.text()),
+    "generate_invoice": _F(fields.boolean),
+    "notify_enabled": _F(fields.boolean),
+    "notify_balance_below": _F(fields.decimal(minimum=None), nullable=True),
+    "notify_email": _F(fields.EMAIL, nullable=True),
+    "first_used": _F(fields.timestamp, nullable=True),
+    "expiry": _F(fields.timestamp, nullable=True),
+    "valid_days": _F(fields.integer(), nullable=True),
+    "expiry_from_first_use": _F(fields.boolean),
 }
 _ACCOUNT_CHILDREN = (
     "sip_devices",
@@ -555,52 +299,60 @@ _ACCOUNT_REFS = {
 }
 
 _SIP_DEVICE = {
-    "username": _F(_SIP_USER, required=True),
-    "password": _F(_pattern(r".+", "a non-empty password"), required=True),
-    "active": _F(_boolean),
-    "codecs": _F(_CODECS),
-    "caller_id_name": _F(_text()),
-    "caller_id_number": _F(_digits(empty=True)),
-    "context": _F(_NAME),
-    "voicemail_enabled": _F(_boolean),
-    "voicemail_password": _F(_digits(empty=True)),
+    "username": _F(fields.SIP_USER, required=True),
+    "password": _F(fields.secret_pattern(r".+", "a non-empty password"), required=True),
+    "active": _F(fields.boolean),
+    "codecs": _F(fields.CODECS),
+    "caller_id_name": _F(fields.text()),
+    "caller_id_number": _F(fields.digits(empty=True)),
+    "context": _F(fields.NAME),
+    "voicemail_enabled": _F(fields.boolean),
+    "voicemail_password": _F(fields.secret_pattern(r"[0-9]*", "a voicemail password of digits")),
 }
 
 _IP_MAP = {
-    "cidr": _F(_cidr, required=True),
-    "tech_prefix": _F(_digits(empty=True)),
-    "name": _F(_text()),
-    "active": _F(_boolean),
+    "cidr": _F(fields.cidr, required=True),
+    "tech_prefix": _F(fields.digits(empty=True)),
+    "name": _F(fields.text()),
+    "active": _F(fields.boolean),
 }
 
-_CALLER_ID = {"number": _F(_digits(), required=True), "description": _F(_text()), "active": _F(_boolean)}
-_FORCED_CALLER_ID = {"number": _F(_digits(), required=True), "name": _F(_text()), "active": _F(_boolean)}
+_CALLER_ID = {
+    "number": _F(fields.digits(), required=True),
+    "description": _F(fields.text()),
+    "active": _F(fields.boolean),
+}
+_FORCED_CALLER_ID = {
+    "number": _F(fields.digits(), required=True),
+    "name": _F(fields.text()),
+    "active": _F(fields.boolean),
+}
 
 _DID = {
-    "number": _F(_digits(), required=True),
-    "description": _F(_text()),
-    "active": _F(_boolean),
-    "destination_type": _F(_choice("device", "uri", "number")),
-    "destination": _F(_text()),
-    "max_channels": _F(_integer()),
-    "cps": _F(_integer()),
-    "leg_timeout": _F(_integer()),
-    "connect_cost": _F(_decimal()),
-    "cost_per_minute": _F(_decimal()),
-    "included_seconds": _F(_integer()),
-    "init_inc": _F(_integer()),
-    "inc": _F(_integer()),
-    "setup_cost": _F(_decimal()),
-    "monthly_cost": _F(_decimal()),
-    "provider": _ref(_digits(), nullable=True),
+    "number": _F(fields.digits(), required=True),
+    "description": _F(fields.text()),
+    "active": _F(fields.boolean),
+    "destination_type": _F(fields.choice("device", "uri", "number")),
+    "destination": _F(fields.text()),
+    "max_channels": _F(fields.integer()),
+    "cps": _F(fields.integer()),
+    "leg_timeout": _F(fields.integer()),
+    "connect_cost": _F(fields.decimal()),
+    "cost_per_minute": _F(fields.decimal()),
+    "included_seconds": _F(fields.integer()),
+    "init_inc": _F(fields.integer()),
+    "inc": _F(fields.integer()),
+    "setup_cost": _F(fields.decimal()),
+    "monthly_cost": _F(fields.decimal()),
+    "provider": _ref(fields.digits(), nullable=True),
 }
-_TOP_DID = {**_DID, "account": _ref(_digits(), nullable=True)}
+_TOP_DID = {**_DID, "account": _ref(fields.digits(), nullable=True)}
 
 _SPEED_DIAL = {
-    "key": _F(_pattern(r"[0-9]{1,3}", "a speed-dial key of 1 to 3 digits"), required=True),
-    "number": _F(_digits(), required=True),
+    "key": _F(fields.pattern(r"[0-9]{1,3}", "a speed-dial key of 1 to 3 digits"), required=True),
+    "number": _F(fields.digits(), required=True),
 }
-_BLOCKED_CODE = {"prefix": _F(_digits(), required=True), "description": _F(_text())}
+_BLOCKED_CODE = {"prefix": _F(fields.digits(), required=True), "description": _F(fields.text())}
 
 # --------------------------------------------------------------------------- parsed document
 
@@ -715,7 +467,7 @@ class _Parser:
                 continue
             try:
                 out[key] = spec_field.conv(value)
-            except _Invalid as exc:
+            except fields.Invalid as exc:
                 self.problem(where, str(exc))
                 ok = False
         return out if ok else None
@@ -758,7 +510,7 @@ class _Parser:
                 owner = (
                     ("group", entry["rate_group"])
                     if "rate_group" in entry
-                    else ("account", _text_of(entry["account"]))
+                    else ("account", fields.text_of(entry["account"]))
                 )
             rate = self.rate(entry, path, _TOP_RATE, owner)
             if rate is not None:
@@ -797,6 +549,9 @@ class _Parser:
         self.unique(("did", f["number"]), f"{path}.number", f["number"])
         if f.get("destination_type") == "number" and not re.fullmatch(r"[0-9]*", f.get("destination", "")):
             self.problem(f"{path}.destination", "a 'number' destination must be digits")
+        uri = f.get("destination", "")
+        if f.get("destination_type") == "uri" and uri and not is_sip_uri(uri):  # the call path's rule
+            self.problem(f"{path}.destination", f"{show(uri)} is not a SIP URI a call can be bridged to")
         return _Item(path, f)
 
     def account(self, entry: Any, path: str, kind: str, parent: str | None, parent_path: str) -> None:
@@ -807,7 +562,7 @@ class _Parser:
         if kind == "provider":
             children += ("trunks",)
         elif parent is None:
-            spec["reseller"] = _ref(_digits(), nullable=True)
+            spec["reseller"] = _ref(fields.digits(), nullable=True)
         f = self.fields(entry, path, spec, children)
         if f is None:
             return
@@ -939,6 +694,7 @@ class _Writer:
         conflict = sql.SQL("({})").format(sql.SQL(", ").join(map(ident, key)))
         if partial:  # the predicate of a partial unique index
             conflict = sql.SQL("{} WHERE {}").format(conflict, sql.SQL(partial))
+        action: sql.Composable
         if values:
             action = sql.SQL("DO UPDATE SET {} WHERE ROW({}) IS DISTINCT FROM ROW({})").format(
                 sql.SQL(", ").join(sql.SQL("{0} = EXCLUDED.{0}").format(ident(c)) for c in values),
@@ -1058,7 +814,9 @@ class _Writer:
         if kind in ("reseller", "provider"):
             actual = self.kinds.get(name)
             if actual is None:
-                actual = self.execute(path, "SELECT kind FROM accounts WHERE id = %s", [ident]).fetchone()[0]
+                found = self.execute(path, "SELECT kind FROM accounts WHERE id = %s", [ident]).fetchone()
+                assert found is not None  # the id was just resolved
+                actual = found[0]
                 self.kinds[name] = actual
             if actual != kind:
                 raise FixtureError([f"{path}: account {name!r} is a {actual}, not a {kind}"])
@@ -1177,7 +935,7 @@ class _Writer:
 
         for g in doc.rate_groups:
             if "reseller" in g.f:
-                owner = (
+                group_owner = (
                     None
                     if g.f["reseller"] is None
                     else self.resolve("reseller", g.f["reseller"], f"{g.path}.reseller")
@@ -1187,7 +945,7 @@ class _Writer:
                     f"{g.path}.reseller",
                     "UPDATE rate_groups SET reseller_id = %s"
                     " WHERE id = %s AND reseller_id IS DISTINCT FROM %s",
-                    [owner, self.ids[("rate_group", g.f["name"])], owner],
+                    [group_owner, self.ids[("rate_group", g.f["name"])], group_owner],
                 )
 
     def ordered_accounts(self, accounts: list[_Account]) -> list[_Account]:
@@ -1295,6 +1053,7 @@ class _Writer:
         row = self.execute(
             d.path, "SELECT account_id, destination_type, destination FROM dids WHERE id = %s", [did_id]
         ).fetchone()
+        assert row is not None  # the row was just upserted
         owner, dtype, destination = row
         if dtype == "device" and destination:
             found = self.execute(

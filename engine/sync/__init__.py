@@ -18,6 +18,7 @@ import psycopg
 import redis
 
 from engine.config import Config
+from engine.db import ownership
 from engine.db.loader import load_catalog
 from engine.model import CatalogData
 from engine.state.snapshot import publish_snapshot
@@ -62,7 +63,7 @@ def publish_once(config: Config) -> tuple[int, dict[str, int]]:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         with pg.snapshot_transaction(conn) as (snapshot, _):
-            data = load_catalog(conn)
+            data, _ = ownership.enforce(load_catalog(conn), log)  # cross-tenant claims left out
     client = redis.Redis.from_url(config.redis.url)
     try:
         version, _state = publish_data(

@@ -39,6 +39,7 @@ import psycopg
 import redis
 
 from engine.config import Config
+from engine.db import ownership
 from engine.db.loader import load_catalog, load_entities
 from engine.model import ENTITY_TYPES, CatalogData
 from engine.state.codec import decode_many, encode_entity, schema
@@ -307,6 +308,8 @@ class SyncWorker:
                     reason = "bulk"
                 elif any(change.key == "*" for change in changes):
                     reason = "whole_table"
+                elif ({c.entity for c in changes} | {n for n, _ in suspects}) & ownership.CHECKED_ENTITIES:
+                    reason = "identification"  # the ownership rule looks at the whole table
             if reason:
                 full_data = load_catalog(conn)
             elif changes or suspects:
@@ -379,6 +382,8 @@ class SyncWorker:
 
     def _publish(self, data: CatalogData, snap: str, reason: str, changes: list[pg.LoggedChange]) -> CatchUp:
         started = time.monotonic()
+        data, dropped = ownership.enforce(data, log)  # cross-tenant claims never reach the engines
+        self.metrics.errors.labels("ownership").inc(dropped)
         version, state = publish_data(self.redis, self.prefix, data, pg_snapshot=snap, source=self._source)
         if state is None:
             raise StateMoved(f"version {version} was superseded right after its publish")
@@ -442,7 +447,7 @@ class SyncWorker:
             pending = pg.changes_since(conn, state.pg_snapshot, _SWEEP_PENDING_MAX + 1)
             if len(pending) > _SWEEP_PENDING_MAX or any(c.key == "*" for c in pending):
                 return 0  # a bulk change is on its way: a whole snapshot follows anyway
-            data = load_catalog(conn)
+            data, _ = ownership.drop_conflicts(load_catalog(conn))  # as published
         skip = {(c.entity, c.key) for c in pending}
         suspects = _differences(stored, data, skip)
         del stored, data

@@ -339,3 +339,23 @@ def test_refills_charges_history_report_and_audit(cli):
     bad = cli("admin", "refill", "add", n, "--amount", "abc")
     assert bad.rc == 1 and "amount: 'abc' is not a decimal number" in bad.err
     assert json.loads(cli("admin", "customer", "show", n, "--json").out)["balance"] == "10.50"
+
+
+def test_secrets_can_be_read_from_stdin_instead_of_the_command_line(cli, db_url, monkeypatch):
+    import io as _io
+
+    monkeypatch.setattr("sys.stdin", _io.StringIO("StdinPassw0rd\n4455667788\nStdinSip99x\n"))
+    created = cli(
+        "admin", "customer", "create", "--number", "6400000071", "--first-name", "In",
+        "--email", "in71@example.com", "--rate-group", "retail",
+        "--password", "-", "--pin", "-", "--sip-password", "-",
+    )  # fmt: skip
+    assert created.rc == 0, created.err
+    [(password_hash, pin_hash, sip_password)] = query(
+        db_url,
+        "SELECT a.password_hash, a.pin_hash, d.password FROM accounts a"
+        " JOIN sip_devices d ON d.account_id = a.id WHERE a.number = '6400000071'",
+    )
+    assert verify_secret("StdinPassw0rd", password_hash) and verify_secret("4455667788", pin_hash)
+    assert sip_password == "StdinSip99x"
+    assert "read it from stdin" in cli("admin", "customer", "create", "--help").out

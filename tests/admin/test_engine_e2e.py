@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from engine.config import load_config
@@ -164,3 +165,67 @@ def test_a_top_up_turns_no_sufficient_fund_into_an_accepted_call(cli, api, engin
     funded = _call_until(engine, "e2e-topup", _accepted)
     assert _accepted(funded), funded.variables
     assert funded.sip_response == (200, "OK") and funded.variables["callgate_account"] == "8800000002"
+
+
+def _ip_call(port: int, address: str, destination: str) -> Any:
+    spec = CallSpec(
+        destination=destination, network_ip=address, caller_id_number="442000000001", hold_seconds=0.2
+    )
+    result = place_call("127.0.0.1", port, spec, timeout=10)
+    assert result.error is None, result.error
+    return result
+
+
+def test_a_hijacking_ip_map_entry_never_reaches_the_engine(api, engine, sync_worker, db_url):
+    """The reported hijack, written around the service (as a fixture load or SQL would): the sync
+    leaves the newer, conflicting entry out, and the customer's calls stay the customer's."""
+    created = api.post(
+        "/customers", json=customer_body(number="8800000003", email="e2e-ip@example.com", balance="10")
+    )
+    assert created.status_code == 201, created.body
+    entry = api.post("/customers/8800000003/ip-map", json={"cidr": "198.51.100.0/24", "tech_prefix": "99"})
+    assert entry.status_code == 201, entry.body
+    owner = api.post(
+        "/customers",
+        json=customer_body(
+            number="8800000004", email="e2e-ip-r@example.com", reseller="2200000001", balance="10"
+        ),
+    )
+    if owner.status_code != 201:  # the other reseller has no rate group in the base catalogue
+        with psycopg.connect(db_url) as conn:
+            conn.execute(
+                "INSERT INTO rate_groups (name, reseller_id) SELECT 'e2e-other', id FROM accounts"
+                " WHERE number = '2200000001' ON CONFLICT DO NOTHING"
+            )
+        owner = api.post(
+            "/customers",
+            json=customer_body(
+                number="8800000004",
+                email="e2e-ip-r@example.com",
+                reseller="2200000001",
+                rate_group="e2e-other",
+            ),
+        )
+    assert owner.status_code == 201, owner.body
+    first = _call_until_ip(engine, lambda r: r.variables.get("callgate_account") == "8800000003")
+    assert first.variables.get("callgate_account") == "8800000003", first.variables
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "INSERT INTO ip_map (account_id, cidr, tech_prefix) SELECT id, '198.51.100.7/32', '99'"
+            " FROM accounts WHERE number = '8800000004'"
+        )
+        # a later, harmless change proves the sync has moved past the hijacking row
+        conn.execute("UPDATE accounts SET balance = 11 WHERE number = '8800000003'")
+    time.sleep(2.0)  # several sync rounds (milliseconds each)
+    for _ in range(5):
+        result = _ip_call(engine, "198.51.100.7", "99442071234567")
+        assert result.variables.get("callgate_account") == "8800000003", result.variables
+
+
+def _call_until_ip(port: int, wanted: Callable[[Any], bool], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = _ip_call(port, "198.51.100.7", "99442071234567")
+        if wanted(result) or time.monotonic() > deadline:
+            return result
+        time.sleep(0.2)

@@ -447,13 +447,25 @@ def test_cli_export(cli, api, tmp_path: Path):
     assert "Balance (astpp)" in stdout.out.splitlines()[0]
 
 
-def test_a_file_that_is_not_utf8_is_refused(api):
+def test_latin1_bytes_fail_their_row_and_a_latin1_header_refuses_the_file(api):
     data = {
         "file": (
-            io.BytesIO(b"Account,First Name,Email\n6900000009,J\xe9r\xf4me,j@example.com\n"),
+            io.BytesIO(
+                b"Account,First Name,Email\n6900000009,J\xe9r\xf4me,j@example.com\n"
+                b"6900000010,Jo,jo10@example.com\n"
+            ),
             "latin1.csv",
-        )
+        ),
+        "options": '{"defaults": {"rate_group": "retail"}}',
     }
     response = api.post("/customers/import", data=data, content_type="multipart/form-data")
+    assert response.status_code == 200
+    rows = [(r["row"], r["status"], r["reason"]) for r in response.body["rows"]]
+    assert rows == [
+        (2, "failed", "the line is not UTF-8 text (byte 0xE9 at byte 13)"),
+        (3, "imported", ""),
+    ]
+    header = {"file": (io.BytesIO(b"Acc\xf4unt,Email\n1,a@b.example\n"), "latin1.csv")}
+    response = api.post("/customers/import", data=header, content_type="multipart/form-data")
     assert response.status_code == 422
     assert response.body["errors"] == [{"field": "file", "message": "is not UTF-8 text"}]

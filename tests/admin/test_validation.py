@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
 
 from engine.admin import schemas as s
@@ -232,11 +233,6 @@ def test_sub_resource_rules(api, taken):
             "destination",
             "must be digits",
         ),
-        (
-            api.post(f"/customers/{n}/sip-devices", json={"username": "taken-sip"}),
-            "username",
-            "already taken",
-        ),
         (api.post(f"/customers/{n}/sip-devices", json={"password": "short"}), "password", "at least 8"),
         (api.post(f"/customers/{n}/refills", json={"amount": "0"}), "amount", "greater than 0"),
         (api.post(f"/customers/{n}/refills", json={"amount": "-5"}), "amount", "must be at least 0"),
@@ -252,12 +248,18 @@ def test_sub_resource_rules(api, taken):
         assert response.status_code == 422, (field, response.status_code, response.body)
         errors = {e["field"]: e["message"] for e in response.body["errors"]}
         assert words in errors.get(field, ""), (field, errors)
-    # uniqueness rules of the sub-resources
+    # uniqueness rules of the sub-resources: a conflict (409), not a bad field
+    taken = api.post(f"/customers/{n}/sip-devices", json={"username": "taken-sip"})
+    assert taken.status_code == 409 and taken.body["error"] == "conflict"
+    assert taken.body["errors"] == [
+        {"field": "username", "message": "taken-sip is already taken by another SIP device"}
+    ]
     assert (
         api.post(f"/customers/{n}/ip-map", json={"cidr": "10.77.0.0/16", "tech_prefix": "5"}).status_code
         == 201
     )
     dupe = api.post(f"/customers/{n}/ip-map", json={"cidr": "10.77.0.0/16", "tech_prefix": "5"})
+    assert dupe.status_code == 409
     assert dupe.body["errors"][0]["field"] == "cidr" and "already mapped" in dupe.body["errors"][0]["message"]
     assert api.post(f"/customers/{n}/caller-ids", json={"number": "4412"}).status_code == 201
     assert api.post(f"/customers/{n}/caller-ids", json={"number": "4412"}).body["errors"][0] == {
@@ -340,3 +342,67 @@ def test_admin_settings_are_checked():
     assert str(exc.value).startswith("[admin] ")
     for words in ("pin_length", "account_number_start_digit", "default_timezone"):
         assert words in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("destination", "ok"),
+    [
+        ("alice@sip.example.com", True),
+        ("sip:alice@198.51.100.9:5080;transport=tcp", True),
+        ("[2001:db8::5]", True),
+        ("", False),
+        ("alice@sip.example.com,sofia/gateway/evil/123", False),  # a second bridge target
+        ("{absolute_codec_string=PCMU}alice@host", False),  # channel variables
+        ("alice @host", False),
+        ("alice@host|other@host", False),
+    ],
+)
+def test_a_did_uri_destination_is_checked_on_save_by_the_call_paths_rule(api, taken, destination, ok):
+    from engine.rules.text import is_sip_uri
+
+    assert is_sip_uri(destination) is ok  # the rule the engine refuses a call with
+    n = "5000000001"
+    body = {"number": "442071110017", "destination_type": "uri", "destination": destination}
+    response = api.post(f"/customers/{n}/dids", json=body)
+    if ok:
+        assert response.status_code == 201, response.body
+        assert api.delete(f"/customers/{n}/dids/442071110017").status_code == 204
+        return
+    assert response.status_code == 422, response.body
+    assert response.body["errors"][0]["field"] == "destination"
+    # an edit is held to the same rule
+    assigned = api.post(f"/customers/{n}/dids", json={"number": "442071110017"})
+    assert assigned.status_code == 201, assigned.body
+    edit = api.patch(
+        f"/customers/{n}/dids/442071110017", json={"destination_type": "uri", "destination": destination}
+    )
+    assert edit.status_code == 422, edit.body
+    assert api.delete(f"/customers/{n}/dids/442071110017").status_code == 204
+
+
+def test_the_fixture_loader_checks_did_uris_and_never_echoes_a_secret(db_url):
+    from engine.db.fixtures import FixtureError, load_document
+
+    document = {
+        "dids": [
+            {"number": "449990000001", "destination_type": "uri", "destination": "a@b,sofia/gateway/x/1"}
+        ],
+        "customers": [
+            {"number": "5900000001", "pin": "12ab34"},
+            {
+                "number": "5900000002",
+                "sip_devices": [{"username": "fx-dev", "password": "x", "voicemail_password": "98x76"}],
+            },
+        ],
+    }
+    with psycopg.connect(db_url) as conn, pytest.raises(FixtureError) as caught:
+        load_document(conn, document)
+    problems = caught.value.problems
+    assert any(
+        p.startswith("dids[0].destination: 'a@b,sofia/gateway/x/1' is not a SIP URI") for p in problems
+    )
+    assert "customers[0].pin: must be a PIN of digits" in problems
+    assert (
+        "customers[1].sip_devices[0].voicemail_password: must be a voicemail password of digits" in problems
+    )
+    assert not any("12ab34" in p or "98x76" in p for p in problems)

@@ -17,8 +17,9 @@ ResponseMap = dict[str | int | HTTPStatus, type[BaseModel] | dict[Any, Any] | No
 
 # Every status any route can answer besides its success (the OpenAPI document lists them all):
 # 400 unreadable body, 401 no valid token, 403 scope or read-only token, 404 not found or out of
-# scope, 413 body too large, 422 invalid input, 503 no database connection free.
-ERROR_RESPONSES: ResponseMap = {code: s.ErrorOut for code in (400, 401, 403, 404, 413, 422, 503)}
+# scope, 409 identification data claimed by another tenant, 413 body too large, 422 invalid input,
+# 503 no database connection free.
+ERROR_RESPONSES: ResponseMap = {code: s.ErrorOut for code in (400, 401, 403, 404, 409, 413, 422, 503)}
 
 
 def blueprint(name: str) -> APIBlueprint:
