@@ -16,23 +16,19 @@ Revoked tokens stay in the set; the authoritative check refuses them.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 import time
 from dataclasses import dataclass
 
-from engine.admin.service import Actor
+from engine.admin.service import TOKEN_PREFIX, Actor, token_digest
 
 from .db import Database
 
-TOKEN_SHAPE = re.compile(r"cgt_[A-Za-z0-9_-]{43}")
+# What `callgate admin token create` makes: the prefix and secrets.token_urlsafe(32).
+TOKEN_SHAPE = re.compile(re.escape(TOKEN_PREFIX) + r"[A-Za-z0-9_-]{43}")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 REFRESH_INTERVAL = 0.05  # seconds between two refreshes of the known digests
-
-
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def bearer_token(header: str) -> str | None:

@@ -1,4 +1,4 @@
-"""API tokens: create, list, revoke, and authenticate a bearer token."""
+"""API tokens: create, list, revoke (the API checks bearer tokens in engine.admin.api.auth)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,11 @@ import hashlib
 import secrets
 from typing import Any
 
-import psycopg
 from psycopg.rows import dict_row
 
 from engine.admin import schemas as s
-from engine.admin.errors import NotFound, Unauthorized, ValidationFailed
+from engine.admin.errors import NotFound, ValidationFailed
 from engine.admin.service.base import (
-    Actor,
     ServiceBase,
     _RefCache,
     _row,
@@ -47,7 +45,7 @@ class TokensMixin(ServiceBase):
                     " read_only",
                     [
                         name,
-                        _token_digest(token),
+                        token_digest(token),
                         token[:10],
                         "reseller" if reseller_id else "admin",
                         reseller_id,
@@ -101,33 +99,10 @@ class TokensMixin(ServiceBase):
 TOKEN_PREFIX = "cgt_"
 
 
-def _token_digest(token: str) -> str:
+def token_digest(token: str) -> str:
+    """What api_tokens stores of a token (a 256-bit random secret needs no slow hash). The API
+    checks bearer tokens with it, in engine.admin.api.auth."""
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def authenticate(conn: psycopg.Connection[Any], token: str | None) -> Actor:
-    """The Actor a bearer token stands for; Unauthorized if missing, unknown, revoked or expired."""
-    if not token or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
-        raise Unauthorized("a valid API token is required (Authorization: Bearer <token>)")
-    row = conn.execute(
-        "SELECT t.id, t.name, t.reseller_id, r.number, t.last_used_at < now() - interval '1 minute'"
-        " OR t.last_used_at IS NULL FROM api_tokens t LEFT JOIN accounts r ON r.id = t.reseller_id"
-        " WHERE t.token_sha256 = %s AND t.revoked_at IS NULL"
-        " AND (t.expires_at IS NULL OR t.expires_at > now())"
-        " AND (t.reseller_id IS NULL OR (NOT r.deleted AND r.status = 'active'))",
-        [_token_digest(token)],
-    ).fetchone()
-    if row is None:
-        raise Unauthorized("a valid API token is required (Authorization: Bearer <token>)")
-    token_id, name, reseller_id, reseller_number, stale = row
-    if stale:
-        conn.execute("UPDATE api_tokens SET last_used_at = now() WHERE id = %s", [token_id])
-    return Actor(
-        name=f"token:{token_id}:{name}",
-        reseller_id=reseller_id,
-        reseller_number=reseller_number,
-        token_id=token_id,
-    )
 
 
 # --------------------------------------------------------------------------- small rules and helpers
