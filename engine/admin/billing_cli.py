@@ -1,6 +1,6 @@
 """``callgate admin cdr|statement|email ...``: accounting from the command line (issue 13).
 
-The same queries and validation as the HTTP routes (engine/admin/billing_routes.py), as the
+The same queries and validation as the HTTP routes (engine/admin/billing_views.py), as the
 CLI's actor (the admin: every account). Wired into engine/admin/cli.py with two lines:
 :func:`add_parsers` in the parser, :func:`commands` into its command table.
 """
@@ -22,7 +22,7 @@ EMAIL_COLUMNS = ("id", "created_at", "kind", "recipient", "status", "attempts", 
 
 
 def add_parsers(group: Callable[[str, str], Any], number: Any, json_flag: Any, model_options: Any) -> None:
-    from engine.admin import billing_routes as br
+    from engine.admin import billing_views as br
 
     cdr = group("cdr", "call detail records: one per call attempt, rejects included")
     model_options(json_flag(cdr.add_parser("list", help="CDRs, newest first, with the selection's totals")),
@@ -44,7 +44,7 @@ def commands(
     values: Callable[[argparse.Namespace, Any], dict[str, Any]],
     table: Callable[[list[dict[str, Any]], Any], None],
 ) -> dict[tuple[str, str], Callable[[Any, argparse.Namespace], int]]:
-    from engine.admin import billing_routes as br
+    from engine.admin import billing_views as br
     from engine.admin import schemas as s
     from engine.billing import statement as st
 

@@ -203,7 +203,7 @@ def _exercise_api(api: ScanningApi, reseller: ScanningApi) -> None:
         api.call("GET", f"/audit?per_page=100&page={page}", 200)
     reseller.call("GET", "/audit?per_page=100", 200)
     api.call("GET", "/audit?entity=sip_device&per_page=100", 200)
-    # accounting (engine/admin/billing_routes.py): CDRs, their export, the statement, the e-mail log
+    # accounting (engine/admin/api/routes/billing.py): CDRs, their export, the statement, the e-mail log
     api.call("GET", f"/cdrs?account={N1}", 200)
     reseller.call("GET", "/cdrs/export", 200)
     api.call("GET", f"/customers/{N1}/statement", 200)

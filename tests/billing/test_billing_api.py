@@ -1,4 +1,4 @@
-"""The accounting routes of the admin API (engine/admin/billing_routes.py): CDRs, their CSV export,
+"""The accounting routes of the admin API (engine/admin/api/routes/billing.py): CDRs, their CSV export,
 statements and e-mail logs, through the real Flask app, PostgreSQL and tokens; reseller scope."""
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""HTTP routes of accounting (issue 13): CDRs (list, filter, page, totals, streamed CSV), the
-statement of an account and its e-mail log. Registered on the admin API with one line
-(``app.register_api(billing_routes())``); the work is done by engine.billing.statement.
+"""Accounting's queries as the admin front ends show them (issue 13): the validated query models and
+the response models of CDRs, statements and e-mail logs, and the functions both front ends call
+(the HTTP routes in engine/admin/api/routes/billing.py, the CLI in engine/admin/billing_cli.py).
+The work is done by engine.billing.statement.
 
 Scope as in the rest of the API: the admin sees everything; a reseller sees the calls of its
 subtree only, with its own cost for each (``reseller_cost``) but never the carrier, the gateway
@@ -13,17 +14,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from flask import Response, g
-from flask_openapi3 import APIBlueprint, Tag
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.admin import schemas as s
 from engine.admin.errors import NotFound
 from engine.billing import statement as st
-
-PREFIX = "/api/v1"
-SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}]
-CSV_RESPONSE = {"description": "CSV (UTF-8)", "content": {"text/csv": {"schema": {"type": "string"}}}}
 
 CauseName = Field(None, pattern=r"^[A-Z0-9_]{1,64}$", description="a FreeSWITCH hangup cause")
 
@@ -167,14 +162,6 @@ class NumberPath(BaseModel):
     number: s.AccountNumber = Field(description="the account number")
 
 
-def _scope() -> st.Scope:
-    return st.Scope(g.actor.reseller_id)
-
-
-def _json(model: BaseModel) -> Response:
-    return Response(model.model_dump_json(exclude_none=False), mimetype="application/json")
-
-
 def cdr_page(conn: Any, scope: st.Scope, query: CdrQuery) -> CdrPageOut:
     page = st.list_cdrs(conn, scope, query.cdr_filter(), page=query.page, page_size=query.per_page)
     totals = {k: v for k, v in page.totals.items() if k in CdrTotals.model_fields}
@@ -220,72 +207,3 @@ def emails_out(conn: Any, scope: st.Scope, number: str, limit: int) -> list[Emai
     except st.NotFound as exc:
         raise NotFound(str(exc)) from None
     return [EmailOut(**{name: getattr(e, name) for name in EmailOut.model_fields}) for e in entries]
-
-
-def billing_routes() -> APIBlueprint:
-    cdrs = Tag(name="cdrs", description="call detail records: list, totals, CSV export")
-    ledger = Tag(name="statement", description="an account's statement and e-mail log")
-    api = APIBlueprint(
-        "billing", __name__, url_prefix=PREFIX, abp_security=SECURITY,
-        abp_responses={401: s.ErrorOut, 404: s.ErrorOut, 422: s.ErrorOut},
-    )  # fmt: skip
-
-    @api.get(
-        "/cdrs",
-        tags=[cdrs],
-        responses={200: CdrPageOut},
-        summary="CDRs, newest first: filters, pages, and the totals of the whole selection",
-    )
-    def list_cdrs(query: CdrQuery) -> Response:
-        scope = _scope()
-        page = cdr_page(g.conn, scope, query)
-        if scope.is_admin:
-            return _json(page)
-        # the carrier side is never shown to a reseller, not even as null
-        hidden: dict[str, Any] = {"items": {"__all__": RESELLER_HIDDEN}, "totals": {"carrier_cost", "margin"}}
-        return Response(page.model_dump_json(exclude=hidden), mimetype="application/json")
-
-    @api.get(
-        "/cdrs/export",
-        tags=[cdrs],
-        responses={200: CSV_RESPONSE},
-        summary="The selected CDRs as CSV, streamed",
-    )
-    def export_cdrs(query: CdrExportQuery) -> Response:
-        conn = g.pop("conn")  # the stream owns the connection (Flask tears the request down first)
-        scope = _scope()
-        lines = st.cdr_csv(conn, scope, query.cdr_filter())
-
-        def body() -> Any:
-            try:
-                yield from lines
-            finally:
-                conn.close()
-
-        return Response(
-            body(),
-            mimetype="text/csv",
-            headers={"Content-Disposition": 'attachment; filename="cdrs.csv"'},
-        )
-
-    @api.get(
-        "/customers/<number>/statement",
-        tags=[ledger],
-        responses={200: StatementOut},
-        summary="The account's statement: refills, charges and call debits with the running balance",
-    )
-    def account_statement(path: NumberPath, query: StatementQuery) -> Response:
-        return _json(statement_out(g.conn, _scope(), path.number, query))
-
-    @api.get(
-        "/customers/<number>/emails",
-        tags=[ledger],
-        responses={200: EmailOut},
-        summary="The account's e-mail log (low-balance alerts), newest first",
-    )
-    def account_emails(path: NumberPath, query: EmailQuery) -> Response:
-        entries = emails_out(g.conn, _scope(), path.number, query.limit)
-        body = "[" + ",".join(e.model_dump_json() for e in entries) + "]"
-        return Response(body, mimetype="application/json")
-
-    return api
