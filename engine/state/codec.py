@@ -137,6 +137,32 @@ class _DecimalCache(dict[Any, Decimal]):
 _DECIMALS = _DecimalCache()
 
 
+class _SharedValues(dict[Any, Any]):
+    """Shares equal immutable values (strings, datetimes) between decoded rows.
+
+    ``json.loads`` makes a new object for every string it reads: a million SIP devices
+    would hold a million copies of ``"default"`` (~56 bytes each), a million accounts a
+    million equal ``first_used`` datetimes (48 bytes each). Sharing them is what string
+    interning does, without making the strings immortal; bounded like the Decimal cache.
+    """
+
+    __slots__ = ("_make",)
+
+    def __init__(self, make: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, text: Any) -> Any:
+        if len(self) >= _DECIMAL_CACHE_MAX:
+            self.clear()
+        value = self[text] = self._make(text)
+        return value
+
+
+_STRINGS = _SharedValues(lambda text: text)  # the first copy read is the one shared
+_DATETIMES = _SharedValues(datetime.fromisoformat)
+
+
 # --- per-field conversions, chosen once per class from the type hints ------------------------
 
 
@@ -187,6 +213,9 @@ def _field_code(hint: Any, attr: str, item: str, env: dict[str, Any], tag: str) 
     ``env`` receives the helper objects the expressions refer to; ``tag`` makes names unique.
     """
     inner, optional = _unwrap_optional(hint)
+    if inner is str:
+        env["_strings"] = _STRINGS
+        return attr, _or_none(f"_strings[{item}]", item, optional)
     if inner in _IDENTITY_TYPES:
         return attr, item
     if inner is Decimal:
@@ -194,8 +223,8 @@ def _field_code(hint: Any, attr: str, item: str, env: dict[str, Any], tag: str) 
         dec = f"_decimals[{item}]"
         return (f"_enc_decimal({attr})" if optional else f"str({attr})"), _or_none(dec, item, optional)
     if inner is datetime:
-        env["_fromiso"], env["_enc_datetime"] = datetime.fromisoformat, _enc_datetime
-        return f"_enc_datetime({attr})", _or_none(f"_fromiso({item})", item, optional)
+        env["_datetimes"], env["_enc_datetime"] = _DATETIMES, _enc_datetime
+        return f"_enc_datetime({attr})", _or_none(f"_datetimes[{item}]", item, optional)
     if isinstance(inner, type) and issubclass(inner, enum.Enum):
         env[f"_members_{tag}"] = {member.value: member for member in inner}
         env[f"_enc_enum_{tag}"] = _enum_encoder(inner)
