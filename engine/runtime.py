@@ -23,7 +23,7 @@ from engine.authorize import CallHandler
 from engine.config import Config, rules_config
 from engine.decider import Decider
 from engine.decision import Accept
-from engine.esl.server import CallServer, listening_socket
+from engine.esl.server import LISTEN_BACKLOG, CallServer, listening_socket
 from engine.limits_runtime import (
     ReleaseBatcher,
     build_limiter,
@@ -102,6 +102,7 @@ class Engine:
             rules,
             on_end=lambda record: self.releases.release(record.request.uuid),
         )
+        self._listener = listener
         self.server = CallServer(listener, handler, max_frame_bytes=config.engine.max_frame_bytes)
         self.stopping = gevent.event.Event()
         # Set after the drain, not with `stopping`: calls ending during the drain are still released promptly.
@@ -190,6 +191,15 @@ class Engine:
             log.warning("Redis unreachable at start (%s); calls answer ENGINE_DEGRADED until it is back", exc)
 
     def start(self) -> None:
+        """Load the snapshot, start the background tasks, then accept calls.
+
+        The listener may be bound but not yet listening (``serve`` does that): it starts
+        listening only here, after the initial load, so while a big snapshot loads the
+        kernel refuses FreeSWITCH's connections (or, with SO_REUSEPORT, hands them to the
+        host's other engine processes) instead of queueing calls nobody can decide yet.
+        If the load fails (no snapshot, Redis down), the engine listens anyway and answers
+        ENGINE_DEGRADED at once until a snapshot arrives.
+        """
         self.load_initial_snapshot()
         self._start_gc_policy()
         gevent.spawn(self.snapshots.run, self.stopping, self.config.engine.snapshot_poll_interval)
@@ -200,6 +210,7 @@ class Engine:
             gevent.spawn(run_reconciler, self.limiter, self.switches, interval, self.metrics, self.stopping)
         self._events_task = gevent.spawn(self.events.run, self.stopping)
         gevent.spawn(self.releases.run, self._releases_stop)
+        self._listener.listen(LISTEN_BACKLOG)  # a no-op but for the backlog if already listening
         self.server.start()
         self.start_metrics()
 
@@ -226,11 +237,32 @@ def raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def bound_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """The call listener bound to its address but not listening yet (see :meth:`Engine.start`).
+
+    Until ``listen()`` the kernel refuses connections to it (RST), and with SO_REUSEPORT
+    it is not in the group the kernel spreads connections over.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def serve(config: Config, host: str | None = None, port: int | None = None) -> int:
     setup_logging(config.logging)
     raise_file_limit()
     settings = config.engine
-    listener = listening_socket(
+    # Bound now (a taken port fails at once), listening only once the snapshot is loaded.
+    listener = bound_socket(
         host or settings.listen_host, port or settings.listen_port, reuse_port=settings.reuse_port
     )
     engine = Engine(config, listener)

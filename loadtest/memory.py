@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -89,7 +88,8 @@ def describe(watch: dict[str, Any], memory: list[dict[str, float]]) -> str:
         return "n/a" if value is None else f"{value:.1f}{unit}"
 
     per_process = ", ".join(
-        f"RSS {fmt(m.get('rss_mb'), ' MB')} PSS {fmt(m.get('pss_mb'), ' MB')} peak {fmt(m.get('peak_rss_mb'), ' MB')}"
+        f"RSS {fmt(m.get('rss_mb'), ' MB')} PSS {fmt(m.get('pss_mb'), ' MB')} "
+        f"peak {fmt(m.get('peak_rss_mb'), ' MB')}"
         for m in memory
     )
     return (
@@ -127,7 +127,11 @@ def measure_cold_start(
         with open(workdir / f"engine.{n}.log", "w") as handle:
             running.append(
                 subprocess.Popen(
-                    [str(VENV_BIN / "callgate"), "serve"], env=env, cwd=workdir, stdout=handle, stderr=subprocess.STDOUT
+                    [str(VENV_BIN / "callgate"), "serve"],
+                    env=env,
+                    cwd=workdir,
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
                 )
             )
     watch = StartWatch(started)
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{args.accounts} accounts, {args.rates} rates, {args.procs} process(es), pid {os.getpid()} measuring")
+        print(f"{args.accounts} accounts, {args.rates} rates, {args.procs} engine process(es)")
         print(describe(result["cold_start"], result["memory"]))
         for line in result["load_log"]:
             print("  " + line)

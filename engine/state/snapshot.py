@@ -601,7 +601,8 @@ def _last_of_each_key(items: list[Any], key: Callable[[Any], Any]) -> list[Any]:
     keys = list(map(key, items))
     if all(map(operator.ne, keys, keys[1:])):
         return items
-    return [obj for obj, k, following in zip(items, keys, [*keys[1:], _NO_KEY], strict=True) if k != following]
+    following = [*keys[1:], _NO_KEY]
+    return [obj for obj, k, after in zip(items, keys, following, strict=True) if k != after]
 
 
 _NO_KEY = object()
