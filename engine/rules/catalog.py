@@ -507,8 +507,8 @@ class _ChangeIndex:
         for account in data.accounts:
             self.account_ids_by_number.link(account.number, account.id)
         self.device_keys_by_username: _Links[str, str] = _Links()
-        for device in data.sip_devices:
-            self.device_keys_by_username.link(device.username, str(device.id))
+        for key, device in self.rows["sip_devices"].items():  # the rows' key objects: not a 2nd copy
+            self.device_keys_by_username.link(device.username, key)
         self.did_ids_by_number: _Links[str, int] = _Links()
         self.did_ids_by_account: _Links[int, int] = _Links()
         for did in data.dids:
