@@ -198,6 +198,20 @@ class _SharedValues(dict[Any, Any]):
 
 _STRINGS = _SharedValues(lambda text: text)  # the first copy read is the one shared
 _DATETIMES = _SharedValues(datetime.fromisoformat)
+_INTS = _SharedValues(lambda number: number)
+# References to entities there are few of, repeated by many rows (a million rates name a
+# hundred rate groups): each row would otherwise hold its own int object (32 bytes).
+_SHARED_INT_FIELDS = frozenset(
+    {
+        "rate_group_id",
+        "non_cli_rate_group_id",
+        "reseller_id",
+        "trunk_id",
+        "gateway_id",
+        "provider_id",
+        "localization_id",
+    }
+)
 
 
 # --- per-field conversions, chosen once per class from the type hints ------------------------
@@ -244,8 +258,10 @@ def _tuple_item_type(hint: Any) -> Any | None:
     return None
 
 
-def _field_code(hint: Any, attr: str, item: str, env: dict[str, Any], tag: str) -> tuple[str, str]:
-    """(encode expression over ``attr``, decode expression over ``item``) for one field.
+def _field_code(
+    hint: Any, attr: str, item: str, env: dict[str, Any], tag: str, name: str = ""
+) -> tuple[str, str]:
+    """(encode expression over ``attr``, decode expression over ``item``) for field ``name``.
 
     ``env`` receives the helper objects the expressions refer to; ``tag`` makes names unique.
     """
@@ -253,6 +269,9 @@ def _field_code(hint: Any, attr: str, item: str, env: dict[str, Any], tag: str) 
     if inner is str:
         env["_strings"] = _STRINGS
         return attr, _or_none(f"_strings[{item}]", item, optional)
+    if inner is int and name in _SHARED_INT_FIELDS:
+        env["_ints"] = _INTS
+        return attr, _or_none(f"_ints[{item}]", item, optional)
     if inner in _IDENTITY_TYPES:
         return attr, item
     if inner is Decimal:
@@ -315,7 +334,7 @@ def _build_decoder(cls: type, stored: tuple[str, ...]) -> RowBuilder:
     lines.append("    o = _new(_cls)\n" if direct else "    return _cls(\n")
     for index, f in enumerate(dataclasses.fields(cls)):
         if f.name in position:
-            _, value = _field_code(hints[f.name], "", f"v[{position[f.name]}]", env, str(index))
+            _, value = _field_code(hints[f.name], "", f"v[{position[f.name]}]", env, str(index), f.name)
         elif f.default is not dataclasses.MISSING:  # not written by an older writer: the default applies
             env[f"_default_{index}"], value = f.default, f"_default_{index}"
         elif f.default_factory is not dataclasses.MISSING:
