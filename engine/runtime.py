@@ -46,6 +46,7 @@ log = logging.getLogger("callgate.serve")
 
 DRAIN_SECONDS = 2.0  # on SIGTERM, calls still being decided get this long to finish
 METRICS_REFRESH_SECONDS = 1.0  # multiprocess mode: how often each process refreshes its gauges
+SNAPSHOT_READ_TIMEOUT = 30.0  # seconds one bulk round trip of a snapshot read may take
 
 
 class Engine:
@@ -67,8 +68,16 @@ class Engine:
             socket_connect_timeout=config.redis.socket_timeout,
         )
         self.redis = redis.Redis(connection_pool=pool)
+        # The snapshot is read in bulk (HSCAN pages of thousands of rows per hash): on its own
+        # connections with a bulk timeout. With the hot path's per-round-trip deadline a busy
+        # host's 1M-row read timed out, so the first load failed and was retried over and over.
+        self.snapshot_redis = redis.Redis.from_url(
+            config.redis.url,
+            socket_timeout=max(config.redis.socket_timeout, SNAPSHOT_READ_TIMEOUT),
+            socket_connect_timeout=config.redis.socket_timeout,
+        )
         self.snapshots: SnapshotHolder[Catalog] = SnapshotHolder(
-            self.redis, config.redis.key_prefix, Catalog.build
+            self.snapshot_redis, config.redis.key_prefix, Catalog.build
         )
         # The per-call limits script skips redis-py's pool and wrappers (engine.state.direct).
         self.direct_redis = DirectConnections.like(
@@ -227,6 +236,7 @@ class Engine:
         self.releases.flush()  # the releases still queued: none is lost at shutdown
         self._events_task.join(timeout=1.0)  # one last flush of queued events
         self.redis.close()
+        self.snapshot_redis.close()
         self.direct_redis.close()
 
 
