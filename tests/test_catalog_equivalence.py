@@ -114,4 +114,4 @@ def test_a_row_read_twice_is_kept_once_the_last_read() -> None:
     rows = [("a", 1), ("b", 1), ("b", 2), ("c", 1)]
     assert _last_of_each_key(rows, lambda row: row[0]) == [("a", 1), ("b", 2), ("c", 1)]
     assert _last_of_each_key(rows[:2], lambda row: row[0]) == rows[:2]
-    assert Page(b"[1],[2]", 2).count == 2
+    assert Page(b"[1],[2]", 2).rows == 2

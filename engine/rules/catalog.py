@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from engine.model import (
     ENTITY_TYPES,
@@ -336,11 +336,11 @@ class Catalog:
         return problems
 
 
-def _origination_rank(rate: OriginationRate) -> tuple:
+def _origination_rank(rate: OriginationRate) -> tuple[Any, ...]:
     return (-rate.cost_per_minute, rate.precedence, rate.id)
 
 
-def _termination_rank(rate: TerminationRate) -> tuple:
+def _termination_rank(rate: TerminationRate) -> tuple[Any, ...]:
     return (rate.cost_per_minute, rate.precedence, rate.id)
 
 
@@ -595,7 +595,7 @@ class _ChangeIndex:
             ("origination_rates", _origination_rank),
             ("termination_rates", _termination_rank),
         ):
-            by_key = changes.get(name)
+            by_key = changes.get(name, {})
             if by_key:
                 for change in by_key.values():  # every removal first: two rates may swap slots
                     if change.before is not None:
@@ -744,7 +744,7 @@ class _ChangeIndex:
     def _did_pool(self, account_id: int) -> NumberPool | None:
         dids = self.catalog.dids_by_id
         rows = [dids[i] for i in self.did_ids_by_account.of(account_id)]
-        pools = _pools((d.id, d.account_id, d.number) for d in rows if d.active and d.number.strip())
+        pools = _pools((d.id, account_id, d.number) for d in rows if d.active and d.number.strip())
         return pools.get(account_id)
 
     def _rederive_ip_cells(self, cells: set[tuple[int, int, int]]) -> None:
@@ -777,6 +777,7 @@ class _ChangeIndex:
 
     def _rate_table(self, name: str, rate: Any, create: bool) -> dict[str, Any] | None:
         c = self.catalog
+        tables: Mapping[int, dict[str, Any]]
         if name == "termination_rates":
             tables, owner = c.termination_rates, rate.trunk_id
         elif rate.account_id is not None:
@@ -785,7 +786,9 @@ class _ChangeIndex:
             tables, owner = c.group_rates, rate.rate_group_id
         else:
             return None
-        return tables.setdefault(owner, {}) if create else tables.get(owner)
+        if create:
+            return cast(dict[int, dict[str, Any]], tables).setdefault(owner, {})
+        return tables.get(owner)
 
     def _unplace_rate(self, name: str, rate: Any) -> None:
         if not rate.active:
@@ -806,7 +809,9 @@ class _ChangeIndex:
         else:
             c.group_rates.pop(rate.rate_group_id, None)
 
-    def _place_rate(self, name: str, rate: Any, rank: Callable[[Any], tuple], problems: list[str]) -> None:
+    def _place_rate(
+        self, name: str, rate: Any, rank: Callable[[Any], tuple[Any, ...]], problems: list[str]
+    ) -> None:
         if not rate.active:
             return
         table = self._rate_table(name, rate, create=True)

@@ -513,7 +513,7 @@ class Page(NamedTuple):
     """Rows of one entity hash as read: their encoded values joined with commas."""
 
     joined: bytes
-    count: int
+    rows: int
 
 
 @dataclass(slots=True)
@@ -551,7 +551,7 @@ class RawSnapshot:
             fields = tuple(stored.split(",")) if stored else None
             items: list[Any] = []
             for page in self.values.get(name, []):
-                items += decode_joined(cls, page.joined, page.count, fields)
+                items += decode_joined(cls, page.joined, page.rows, fields)
             setattr(data, name, _in_key_order(name, items))
         return data
 
