@@ -65,9 +65,11 @@ class StartWatch:
             self.listening_s = time.monotonic() - self.started
 
     def saw_decision(self) -> None:
-        self.saw_listening()
+        """A decision came: the server listens too (at the latest now)."""
         if self.first_decision_s is None:
             self.first_decision_s = time.monotonic() - self.started
+        if self.listening_s is None:
+            self.listening_s = self.first_decision_s
 
     def as_dict(self) -> dict[str, float | None]:
         return {"listening_s": self.listening_s, "first_decision_s": self.first_decision_s}
