@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
 from engine.model import (
+    ENTITY_KEY_FIELDS,
     ENTITY_TYPES,
     Account,
     BlockedCode,
@@ -446,6 +447,19 @@ _KEPT = (
     "blocked_codes",
     "localizations",
 )
+# Rows whose key is one int field are kept under that int (the entity's own object), not under
+# its snapshot key string: at 891k SIP devices the key strings alone were ~50 MB.
+_INT_KEYED = frozenset(name for name, fields in ENTITY_KEY_FIELDS.items() if len(fields) == 1)
+_RowKey = int | str
+
+
+def _row_key(name: str, obj: Any) -> _RowKey:
+    if name in _INT_KEYED:
+        value: int = getattr(obj, ENTITY_KEY_FIELDS[name][0])
+        return value
+    return entity_key_of(name, obj)
+
+
 _BY_ID = ("accounts", "dids", "rate_groups", "gateways", "trunks")
 
 
@@ -500,26 +514,26 @@ class _ChangeIndex:
 
     def __init__(self, catalog: Catalog, data: CatalogData) -> None:
         self.catalog = catalog
-        self.rows: dict[str, dict[str, Any]] = {
-            name: {entity_key_of(name, obj): obj for obj in getattr(data, name)} for name in _KEPT
+        self.rows: dict[str, dict[_RowKey, Any]] = {
+            name: {_row_key(name, obj): obj for obj in getattr(data, name)} for name in _KEPT
         }
         self.account_ids_by_number: _Links[str, int] = _Links()
         for account in data.accounts:
             self.account_ids_by_number.link(account.number, account.id)
-        self.device_keys_by_username: _Links[str, str] = _Links()
+        self.device_keys_by_username: _Links[str, _RowKey] = _Links()
         for key, device in self.rows["sip_devices"].items():  # the rows' key objects: not a 2nd copy
             self.device_keys_by_username.link(device.username, key)
         self.did_ids_by_number: _Links[str, int] = _Links()
         self.did_ids_by_account: _Links[int, int] = _Links()
         for did in data.dids:
             self._link_did(did)
-        self.keys_by_account: dict[str, _Links[int, str]] = {
+        self.keys_by_account: dict[str, _Links[int, _RowKey]] = {
             name: _Links() for name in ("ip_map", "caller_ids", "speed_dials", "blocked_codes")
         }
         for name, by_account in self.keys_by_account.items():
             for key, obj in self.rows[name].items():
                 by_account.link(obj.account_id, key)
-        self.ip_cells: _Links[tuple[int, int, int], str] = _Links()
+        self.ip_cells: _Links[tuple[int, int, int], _RowKey] = _Links()
         for key, entry in self.rows["ip_map"].items():
             cell = _ip_cell(entry)
             if cell is not None:
@@ -556,8 +570,9 @@ class _ChangeIndex:
         dirty = _Dirty()
         for name, by_key in changes.items():
             store = getattr(self, f"_store_{name}")
+            as_row_key = int if name in _INT_KEYED else str
             for key, change in by_key.items():
-                store(key, change, dirty)
+                store(as_row_key(key), change, dirty)
         for gateway_id in dirty.gateways:
             dirty.trunks.update(self.trunks_by_gateway.of(gateway_id))
         for trunk_id in dirty.trunks:
@@ -571,8 +586,8 @@ class _ChangeIndex:
         for username in dirty.usernames:
             self._rederive_device(username)
         for account_id in dirty.ip_accounts:
-            for key in self.keys_by_account["ip_map"].of(account_id):
-                cell = _ip_cell(self.rows["ip_map"][key])
+            for row_key in self.keys_by_account["ip_map"].of(account_id):
+                cell = _ip_cell(self.rows["ip_map"][row_key])
                 if cell is not None:
                     dirty.ip_cells.add(cell)
         if dirty.ip_cells:
@@ -606,7 +621,7 @@ class _ChangeIndex:
 
     # phase 1, one method per entity type: store the row, note what it dirties
 
-    def _store_accounts(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_accounts(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         c, new = self.catalog, change.new
         old = c.accounts.pop(int(key), None)
         if new is not None:
@@ -621,7 +636,7 @@ class _ChangeIndex:
         if (old is not None and old.usable) != (new is not None and new.usable):
             dirty.ip_accounts.add(int(key))
 
-    def _store_sip_devices(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_sip_devices(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         old, new = self._swap_row("sip_devices", key, change.new)
         for device, add in ((old, False), (new, True)):
             if device is not None:
@@ -631,7 +646,7 @@ class _ChangeIndex:
                     self.device_keys_by_username.unlink(device.username, key)
                 dirty.usernames.add(device.username)
 
-    def _store_ip_map(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_ip_map(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         old, new = self._swap_row("ip_map", key, change.new)
         for entry, add in ((old, False), (new, True)):
             if entry is None:
@@ -644,17 +659,17 @@ class _ChangeIndex:
                     self.ip_cells.unlink(cell, key)
                 dirty.ip_cells.add(cell)
 
-    def _store_caller_ids(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_caller_ids(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         old, new = self._swap_row("caller_ids", key, change.new)
         dirty.caller_id_accounts.update(row.account_id for row in (old, new) if row is not None)
 
-    def _store_forced_caller_ids(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_forced_caller_ids(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         c = self.catalog
         _, new = self._swap_row("forced_caller_ids", key, change.new)
         account_id = int(key)
         _set_or_pop(c.forced_caller_ids, account_id, _forced_caller_ids([new] if new else []).get(account_id))
 
-    def _store_dids(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_dids(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         c, new = self.catalog, change.new
         old = c.dids_by_id.pop(int(key), None)
         if new is not None:
@@ -666,28 +681,28 @@ class _ChangeIndex:
                 if did.account_id is not None:
                     dirty.did_accounts.add(did.account_id)
 
-    def _store_speed_dials(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_speed_dials(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         old, new = self._swap_row("speed_dials", key, change.new)
         dirty.speed_dial_accounts.update(row.account_id for row in (old, new) if row is not None)
 
-    def _store_blocked_codes(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_blocked_codes(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         old, new = self._swap_row("blocked_codes", key, change.new)
         dirty.blocked_accounts.update(row.account_id for row in (old, new) if row is not None)
 
-    def _store_localizations(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_localizations(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         _, new = self._swap_row("localizations", key, change.new)
         problems: list[str] = []
         compiled = compile_localization(new, problems) if new is not None and new.active else None
         _set_or_pop(self.catalog.localizations, int(key), compiled)
 
-    def _store_rate_groups(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_rate_groups(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         _set_or_pop(self.catalog.rate_groups, int(key), change.new)
 
-    def _store_gateways(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_gateways(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         _set_or_pop(self.catalog.gateways, int(key), change.new)
         dirty.gateways.add(int(key))
 
-    def _store_trunks(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_trunks(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         c, new = self.catalog, change.new
         old = c.trunks.pop(int(key), None)
         if old is not None:
@@ -697,12 +712,12 @@ class _ChangeIndex:
             self._link_trunk(new, add=True)
         dirty.trunks.add(int(key))
 
-    def _store_origination_rates(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_origination_rates(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         pass  # placed in phase 2, from before and new
 
     _store_termination_rates = _store_origination_rates
 
-    def _swap_row(self, name: str, key: str, new: Any) -> tuple[Any, Any]:
+    def _swap_row(self, name: str, key: _RowKey, new: Any) -> tuple[Any, Any]:
         rows = self.rows[name]
         old = rows.pop(key, None)
         if new is not None:
