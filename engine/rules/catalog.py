@@ -15,6 +15,11 @@ once (a set that does not parse is left out and listed in ``problems``).
 Longest-prefix tables are ``dict[prefix, row]``: a lookup tries ``number[:n]``
 from the longest useful ``n`` down to 0, so its cost grows with the length of the
 number, not with the number of rates.
+
+(Why one module of about 900 lines: every index here is built in one pass by
+``Catalog.build`` and updated in place by the same live-sync code, and the indexes
+reference each other (an account's DIDs, its devices, its rate group's trunks). Split
+by entity, each part would need the others' private structures.)
 """
 
 from __future__ import annotations
