@@ -179,14 +179,14 @@ def serve(config: Any, host: str | None = None, port: int | None = None) -> int:
 
     import gevent
     import gevent.event
-    import redis
 
     from engine.logs import setup_logging
+    from engine.state.redisconn import redis_client
     from engine.state.watcher import SnapshotHolder
 
     setup_logging(config.logging)
     settings: FsxmlSettings = config.fsxml
-    client = redis.Redis.from_url(config.redis.url, socket_timeout=10, socket_connect_timeout=5)
+    client = redis_client(config.redis, socket_timeout=10, socket_connect_timeout=5)
     holder: SnapshotHolder[Directory] = SnapshotHolder(client, config.redis.key_prefix, Directory.build)
     app = build_app(config, holder)
     stop = gevent.event.Event()

@@ -21,6 +21,7 @@ from engine.config import Config
 from engine.db import ownership
 from engine.db.loader import load_catalog
 from engine.model import CatalogData
+from engine.state.redisconn import redis_client
 from engine.state.snapshot import publish_snapshot
 from engine.sync import pg
 from engine.sync.state import SyncState, record_publish
@@ -64,7 +65,7 @@ def publish_once(config: Config) -> tuple[int, dict[str, int]]:
         conn.read_only = True
         with pg.snapshot_transaction(conn) as (snapshot, _):
             data, _ = ownership.enforce(load_catalog(conn), log)  # cross-tenant claims left out
-    client = redis.Redis.from_url(config.redis.url)
+    client = redis_client(config.redis, socket_timeout=None)
     try:
         version, _state = publish_data(
             client, config.redis.key_prefix, data, pg_snapshot=snapshot, source=source
