@@ -10,6 +10,7 @@ The primary is killed with SIGKILL while calls arrive. What must hold (issue 17)
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,3 +141,66 @@ def test_the_engine_follows_a_failover_and_bridges_nothing_unchecked(
         f"{window:.2f}s after it; {len(degraded)} refused, "
         f"{sum(p.outcome == 'BRIDGED' for p in placed)} bridged, 0 unchecked"
     )
+
+
+def test_releases_lost_in_a_failover_are_repaired_by_one_reconciliation(
+    module_pg_url: str, module_key_prefix: str, cluster: SentinelCluster, tmp_path: Path
+) -> None:
+    """Asynchronous replication loses the primary's last writes: here, deterministically, the
+    releases of three calls that ended while the replica was frozen (SIGSTOP) and its link to the
+    primary cut (CLIENT KILL TYPE replica), so they never left the primary. After the
+    failover the new primary still counts them; one reconciliation with the switch's live
+    channels releases them, and the counters equal the live calls again."""
+    env = sentinel_environment(module_pg_url, module_key_prefix, cluster)
+    prepare_database(module_pg_url, CATALOGUE)
+    publish(env)
+    registry = f"{module_key_prefix}limits:calls"
+    primary, replica = cluster.client(cluster.primary_port), cluster.client(cluster.replica_port)
+    switch = Switch()
+    engine = EngineProcess(env).start(tmp_path / "serve.log")
+    try:
+        with InboundServer(switch, host="127.0.0.1") as inbound:
+            calls = [
+                gevent.spawn(
+                    place_call, "127.0.0.1", engine.port, spec("fifty", hold), timeout=60, switch=switch
+                )
+                for hold in (2.0, 2.0, 2.0, 25.0, 25.0)
+            ]
+            wait_until(
+                lambda: replica.zcard(registry) == 5, timeout=20, interval=0.05, what="5 calls replicated"
+            )
+            # The replica frozen and its link cut: what the primary writes from now on stays there.
+            cluster.processes[cluster.replica_port].send_signal(signal.SIGSTOP)
+            try:
+                primary.client_kill_filter(_type="replica")
+                # The three short calls end; their releases reach the primary only.
+                wait_until(lambda: primary.zcard(registry) == 2, timeout=20, interval=0.05, what="3 releases")
+                cluster.kill(cluster.primary_port)
+            finally:
+                cluster.processes[cluster.replica_port].send_signal(signal.SIGCONT)
+            wait_until(lambda: cluster.primary() == cluster.replica_port, timeout=30, interval=0.1,
+                       what="the sentinels promoting the replica")  # fmt: skip
+            live = set(switch.live_uuids())
+            counted = {m.decode() for m in replica.zrange(registry, 0, -1)}
+            assert len(counted) == 5 and live < counted, "the failover lost the three releases"
+            # The engine follows the failover (a sentinel may still name the old primary for a moment).
+            promoted = time.monotonic()
+            while (
+                after := place_call("127.0.0.1", engine.port, spec("fifty", 0.2), switch=switch)
+            ).bridged_target is None:
+                assert after.variables.get("callgate_reason") == "ENGINE_DEGRADED", after.variables
+                assert time.monotonic() - promoted < 10, "still refused 10 s after the promotion"
+                gevent.sleep(0.1)
+            result = run_cli(
+                ["reconcile", "--switch", f"127.0.0.1:{inbound.address[1]}", "--grace", "0"], env
+            )
+            assert result.returncode == 0, result.stderr
+            assert "released 3" in result.stdout, result.stdout
+            live = set(switch.live_uuids())
+            assert {m.decode() for m in replica.zrange(registry, 0, -1)} == live
+            for call in calls[:3]:
+                call.get(timeout=5)
+            for call in calls[3:]:
+                call.kill()
+    finally:
+        engine.stop()
