@@ -42,7 +42,7 @@ from engine.rules.text import show
 from engine.state.direct import DirectConnections
 from engine.state.events import EventPublisher
 from engine.state.limits import FailOpenLimiter
-from engine.state.redisconn import redis_client
+from engine.state.redisconn import describe, redis_client
 from engine.state.snapshot import SnapshotUnavailable
 from engine.state.watcher import SnapshotHolder
 
@@ -95,6 +95,7 @@ class Engine:
             blocking_timeout=config.engine.decision_deadline,
         )
         pool = self.redis.connection_pool
+        log.info("Redis: %s", describe(config.redis))
         self.snapshots: SnapshotHolder[Catalog] = SnapshotHolder(
             self.redis, config.redis.key_prefix, Catalog.build
         )
