@@ -142,11 +142,10 @@ def _sync(args: argparse.Namespace, config: Config) -> int:
 def _reconcile(args: argparse.Namespace, config: Config) -> int:
     import dataclasses
 
-    import redis
-
     from engine.limits_runtime import switch_addresses
     from engine.reconcile import reconcile
     from engine.state.limits import Limiter
+    from engine.state.redisconn import redis_client
 
     settings = config.limits
     if args.switch:
@@ -159,7 +158,7 @@ def _reconcile(args: argparse.Namespace, config: Config) -> int:
     if not switches:
         print("callgate: no switches to list (set limits.switches or pass --switch)", file=sys.stderr)
         return EXIT_USAGE
-    client = redis.Redis.from_url(config.redis.url, socket_timeout=10)
+    client = redis_client(config.redis, socket_timeout=10)
     try:
         report = reconcile(Limiter(client, config.redis.key_prefix), switches, grace_seconds=args.grace)
     finally:

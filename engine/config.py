@@ -74,6 +74,11 @@ class RedisSettings:
     key_prefix: str = "callgate:"
     socket_timeout: float = 0.25  # the hot path's deadline for one round trip
     max_connections: int = 64  # per engine process; calls beyond it wait for a free connection
+    # Redis Sentinel (docs/high-availability.md): "host:port" of each sentinel. Set, clients ask
+    # them for the primary of service_name; url then gives only the db, user and password.
+    sentinels: tuple[str, ...] = ()
+    service_name: str = "callgate"
+    sentinel_password: str = ""  # the sentinels' own requirepass, if any
 
 
 @dataclass(frozen=True)
@@ -333,14 +338,23 @@ def load_config(
     rules_config(config.rules)  # validates trusted proxies and SIP responses at start-up
     for entry in config.limits.switches:
         parse_switch_address(entry)
+    for entry in config.redis.sentinels:
+        parse_address("redis.sentinels", entry)
+    if config.redis.sentinels and not config.redis.service_name.strip():
+        raise ConfigError("redis.service_name: required when redis.sentinels is set")
     return config
 
 
 def parse_switch_address(entry: str) -> tuple[str, int]:
     """'host:port' (or '[v6]:port') of a FreeSWITCH inbound event socket."""
+    return parse_address("limits.switches", entry)
+
+
+def parse_address(where: str, entry: str) -> tuple[str, int]:
+    """'host:port' (or '[v6]:port'); anything else is a ConfigError naming ``where``."""
     host, _, port = entry.strip().rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"limits.switches: expected 'host:port', got {entry!r}")
+        raise ConfigError(f"{where}: expected 'host:port', got {entry!r}")
     return host.strip("[]"), int(port)
 
 

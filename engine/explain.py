@@ -39,6 +39,7 @@ from engine.model import CallRequest
 from engine.rules.catalog import Catalog
 from engine.state.limits import LimitsBackend, LimitsUnavailable
 from engine.state.limits.redis import Limiter
+from engine.state.redisconn import redis_client
 from engine.state.snapshot import SnapshotUnavailable, read_snapshot
 
 EXIT_REJECTED = 3
@@ -177,7 +178,7 @@ def render_text(document: dict[str, Any]) -> str:
 
 
 def explain_call(config: Config, args: argparse.Namespace) -> int:
-    client = redis.Redis.from_url(config.redis.url, socket_connect_timeout=5, socket_timeout=30)
+    client = redis_client(config.redis, socket_connect_timeout=5, socket_timeout=30)
     try:
         data = read_snapshot(client, config.redis.key_prefix)
         catalog = Catalog.build(data)

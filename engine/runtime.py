@@ -45,6 +45,7 @@ from engine.rules.text import show
 from engine.state.direct import DirectConnections
 from engine.state.events import EventPublisher
 from engine.state.limits import FailOpenLimiter
+from engine.state.redisconn import describe, redis_client
 from engine.state.snapshot import SnapshotUnavailable
 from engine.state.watcher import SnapshotHolder
 
@@ -90,19 +91,20 @@ class Engine:
         rules = rules_config(config.rules)
         # A bounded pool: greenlets beyond max_connections wait for a connection (within the
         # decision deadline) instead of failing with "Too many connections".
-        pool = redis.BlockingConnectionPool.from_url(
-            config.redis.url,
-            max_connections=config.redis.max_connections,
-            timeout=config.engine.decision_deadline,
+        # With [redis] sentinels, connections ask the sentinels for the primary (engine.state.redisconn).
+        self.redis = redis_client(
+            config.redis,
             socket_timeout=config.redis.socket_timeout,
-            socket_connect_timeout=config.redis.socket_timeout,
+            max_connections=config.redis.max_connections,
+            blocking_timeout=config.engine.decision_deadline,
         )
-        self.redis = redis.Redis(connection_pool=pool)
+        pool = self.redis.connection_pool
+        log.info("Redis: %s", describe(config.redis))
         # The snapshot is read in bulk (HSCAN pages of thousands of rows per hash): on its own
         # connections with a bulk timeout. With the hot path's per-round-trip deadline a busy
         # host's 1M-row read timed out, so the first load failed and was retried over and over.
-        self.snapshot_redis = redis.Redis.from_url(
-            config.redis.url,
+        self.snapshot_redis = redis_client(
+            config.redis,
             socket_timeout=max(config.redis.socket_timeout, SNAPSHOT_READ_TIMEOUT),
             socket_connect_timeout=config.redis.socket_timeout,
         )

@@ -14,6 +14,7 @@ fi
 bash scripts/services.sh
 bash scripts/venv.sh
 bash scripts/tools.sh
+bash scripts/ha-tools.sh
 .venv/bin/ruff check .
 .venv/bin/mypy  # pyproject.toml [tool.mypy]: strict for esl, call, rules, decider, state
 exec .venv/bin/python -m pytest "$@"

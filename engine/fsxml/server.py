@@ -212,11 +212,12 @@ def serve(config: Any, host: str | None = None, port: int | None = None) -> int:
     import redis
 
     from engine.logs import setup_logging
+    from engine.state.redisconn import redis_client
     from engine.state.watcher import SnapshotHolder
 
     setup_logging(config.logging)
     settings: FsxmlSettings = config.fsxml
-    client = redis.Redis.from_url(config.redis.url, socket_timeout=10, socket_connect_timeout=5)
+    client = redis_client(config.redis, socket_timeout=10, socket_connect_timeout=5)
     # Carrier passwords come from PostgreSQL, read again when the holder sees a gateway change.
     passwords = GatewayPasswords(postgres_reader(config.database.url, config.database.connect_timeout))
 

@@ -8,6 +8,9 @@ timeouts and error types, minus the pool and wrappers (measured: 86 -> 38 us of 
 EVALSHA; ``loadtest/bench``).
 
 For one gevent hub: the engine process. Other users of the limits keep the plain client.
+Built from a pool (``like``), the connections follow the pool's kind: with ``[redis] sentinels``
+(engine.state.redisconn) each new connection asks the sentinels for the current primary, so a
+connection lost in a failover reconnects to the new primary on its next use.
 """
 
 from __future__ import annotations
@@ -91,6 +94,11 @@ class DirectConnections:
             raise redis.ConnectionError(f"no free Redis connection within {self._checkout_timeout:g}s")
         connection: Any = self._idle.pop() if self._idle else self._connection_class(**self._kwargs)
         try:
+            if connection._sock is None:
+                # Connect through the class's own connect(): a Sentinel-managed connection asks
+                # the sentinels for the primary there. send_packed_command's implicit connect
+                # would skip that and dial the default address (localhost:6379).
+                connection.connect()
             return exchange(connection)
         except redis.ResponseError:  # an error reply (NOSCRIPT...): the stream is in step
             raise

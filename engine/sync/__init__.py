@@ -21,6 +21,7 @@ from engine.config import Config
 from engine.db import ownership
 from engine.db.loader import load_catalog
 from engine.model import CatalogData
+from engine.state.redisconn import redis_client
 from engine.state.snapshot import publish_snapshot
 from engine.sync import pg
 from engine.sync.state import SyncState, record_publish
@@ -72,7 +73,7 @@ def publish_once(config: Config) -> tuple[int, dict[str, int]]:
         with pg.snapshot_transaction(conn) as (snapshot, _):
             # cross-tenant claims left out; SIP devices as a1-hashes for the realm, never passwords
             data, _ = ownership.enforce(load_catalog(conn, config.fsxml.domain), log)
-    client = redis.Redis.from_url(config.redis.url)
+    client = redis_client(config.redis, socket_timeout=None)
     try:
         version, _state = publish_data(
             client,

@@ -18,6 +18,7 @@ import redis
 
 from engine.config import Config
 from engine.state.keys import events_stream, sync_journal_key, sync_leader_key
+from engine.state.redisconn import redis_client
 from engine.state.snapshot import current_stamp
 from engine.sync import pg
 from engine.sync.persist import GROUP
@@ -31,7 +32,7 @@ def _age(now_ms: int, then_ms: int) -> float | None:
 def sync_status(config: Config) -> dict[str, Any]:
     """The status as a dictionary (see ``render``); raises on an unreachable Redis or PostgreSQL."""
     prefix = config.redis.key_prefix
-    client = redis.Redis.from_url(config.redis.url, socket_timeout=10, socket_connect_timeout=5)
+    client = redis_client(config.redis, socket_timeout=10, socket_connect_timeout=5)
     try:
         state = read_state(client, prefix)
         stamp = current_stamp(client, prefix)

@@ -46,6 +46,7 @@ from engine.db.loader import load_catalog, load_entities
 from engine.model import ENTITY_TYPES, CatalogData
 from engine.state.codec import decode_many, encode_entity, schema
 from engine.state.keys import entity_hash_key, meta_key
+from engine.state.redisconn import redis_client
 from engine.state.snapshot import SchemaMismatch, current_version, entity_key
 from engine.sync import pg, publish_data
 from engine.sync.cdrs import CdrWriter
@@ -90,7 +91,7 @@ class SyncWorker:
         self.sip_realm = config.fsxml.domain
         self.metrics = metrics or SyncMetrics()
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self.redis = redis.Redis.from_url(config.redis.url, socket_timeout=30, socket_connect_timeout=5)
+        self.redis = redis_client(config.redis, socket_timeout=30, socket_connect_timeout=5)
         self.lease = LeaderLease(self.redis, self.prefix, self.worker_id, self.settings.lease_seconds)
         self.caught_up = threading.Event()  # set by the first catch-up after each (re)connection
         self.failures = 0
@@ -167,7 +168,7 @@ class SyncWorker:
 
     def _write_cdrs(self, stop: threading.Event) -> None:
         """CDRs, call debits and balances (engine.sync.cdrs), and the low-balance mailer after each batch."""
-        client = redis.Redis.from_url(self.config.redis.url, socket_timeout=30, socket_connect_timeout=5)
+        client = redis_client(self.config.redis, socket_timeout=30, socket_connect_timeout=5)
         metrics = BillingMetrics(self.metrics.registry)
         smtp = SmtpSettings.from_config(self.config.smtp)  # [smtp], CALLGATE_SMTP_* overrides
         mailer = Mailer(smtp, metrics=metrics) if smtp is not None else None
@@ -190,7 +191,7 @@ class SyncWorker:
             client.close()
 
     def _persist_events(self, stop: threading.Event) -> None:
-        client = redis.Redis.from_url(self.config.redis.url, socket_timeout=30, socket_connect_timeout=5)
+        client = redis_client(self.config.redis, socket_timeout=30, socket_connect_timeout=5)
         persister = EventPersister(
             client,
             self.prefix,
