@@ -46,7 +46,7 @@ def copy_checkout(dest: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.memcheck", description=__doc__.split("\n\n")[0])
     parser.add_argument("--fuzz-seconds", type=float, default=60.0)
-    parser.add_argument("--pytest-args", default="-q -x -p no:cacheprovider")
+    parser.add_argument("--pytest-args", default="-q -x -p no:cacheprovider --timeout=3600")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="callgate-asan-") as tmp:
         work = Path(tmp)
