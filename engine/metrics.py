@@ -80,6 +80,7 @@ DEGRADED_CAUSES = (
     "limits_unavailable",  # Redis did not answer the limits script (fail closed)
     "deadline",  # engine.decision_deadline passed
     "overload",  # over engine.max_connections
+    "shed",  # load shedding before deciding: event-loop lag or backlog over its bound (engine.shedding)
     "internal_error",  # the decision raised
     OTHER,
 )
@@ -98,6 +99,7 @@ _DEGRADED_DETAILS = (
     ("limits unavailable", "limits_unavailable"),
     ("decision deadline", "deadline"),
     ("over engine.max_connections", "overload"),
+    ("load shed", "shed"),
     ("internal error", "internal_error"),
 )
 

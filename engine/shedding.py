@@ -13,10 +13,11 @@ Two signals, both cheap to read on every call:
   is the larger of the last measurement and how overdue the next wake-up already is (a stale
   "all is well" is never read during a stall). Above ``max_lag``: shed.
 * **backlog**: the calls of this process that have arrived (their greenlet runs) and have not
-  had their decision written yet. Above ``max_backlog``: shed.
+  reached their decision yet, counted by the caller. Above ``max_backlog``: shed.
 
 Either limit at 0 turns that signal off. Pure logic with an injected clock; the greenlet that
-feeds the lag is :meth:`LoadShedder.run_lag_monitor`.
+feeds the lag is :meth:`LoadShedder.run_lag_monitor`, which runs while calls are up (an idle
+process has no lag to measure, and a test's handler leaves no greenlet behind).
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ class LoadShedder:
         self.max_backlog = max_backlog
         self.interval = interval
         self._clock = clock
-        self.backlog = 0
         self.shed = 0  # calls refused so far (the metrics count them by cause as well)
         self._last_lag = 0.0
         self._next_wake = clock() + interval
@@ -58,26 +58,22 @@ class LoadShedder:
         """Seconds the event loop is behind now (never less than the overdue wake-up)."""
         return max(self._last_lag, self._clock() - self._next_wake)
 
-    def run_lag_monitor(self, sleep: Callable[[float], None]) -> None:
-        """Loop forever: sleep ``interval`` (gevent.sleep), then :meth:`tick`."""
+    def run_lag_monitor(self, sleep: Callable[[float], None], busy: Callable[[], bool]) -> None:
+        """Sleep ``interval`` (gevent.sleep) and :meth:`tick`, as long as ``busy()`` says so."""
+        self._last_lag = 0.0
         self._next_wake = self._clock() + self.interval
-        while True:
+        while busy():
             sleep(self.interval)
             self.tick()
 
     # ------------------------------------------------------------------ the calls
 
-    def arrived(self) -> None:
-        """A call's greenlet started (before its channel data is read)."""
-        self.backlog += 1
+    def verdict(self, backlog: int) -> str | None:
+        """None to decide the call; otherwise why it is shed (the ENGINE_DEGRADED detail).
 
-    def decided(self) -> None:
-        """The call's decision (or its shedding) was written: it leaves the backlog."""
-        self.backlog -= 1
-
-    def verdict(self) -> str | None:
-        """None to decide the call; otherwise why it is shed (the ENGINE_DEGRADED detail)."""
-        if self.max_backlog and self.backlog > self.max_backlog:
+        ``backlog``: calls of the process waiting for their decision, this one excluded.
+        """
+        if self.max_backlog and backlog > self.max_backlog:
             self.shed += 1
             return SHED_BACKLOG
         if self.max_lag and self.lag() > self.max_lag:

@@ -21,21 +21,16 @@ class Clock:
 def test_quiet_process_decides_every_call() -> None:
     clock = Clock()
     shedder = LoadShedder(max_lag=0.02, max_backlog=3, interval=0.005, clock=clock)
-    for _ in range(3):
-        shedder.arrived()
     clock.now += 0.005
     shedder.tick()
     assert shedder.lag() == 0.0
-    assert shedder.verdict() is None and shedder.shed == 0
+    assert shedder.verdict(3) is None and shedder.shed == 0
 
 
 def test_backlog_over_the_bound_is_shed_and_recovers() -> None:
     shedder = LoadShedder(max_lag=0, max_backlog=2, clock=Clock())
-    for _ in range(3):
-        shedder.arrived()
-    assert shedder.verdict() == SHED_BACKLOG
-    shedder.decided()
-    assert shedder.verdict() is None  # 2 waiting: at the bound, not over it
+    assert shedder.verdict(3) == SHED_BACKLOG
+    assert shedder.verdict(2) is None  # at the bound, not over it
     assert shedder.shed == 1
 
 
@@ -45,10 +40,10 @@ def test_late_wake_up_is_lag() -> None:
     clock.now += 0.005 + 0.03  # the monitor woke 30 ms late
     shedder.tick()
     assert shedder.lag() == pytest.approx(0.03)
-    assert shedder.verdict() == SHED_LAG
+    assert shedder.verdict(0) == SHED_LAG
     clock.now += 0.005  # the next wake-up is on time: the lag is gone
     shedder.tick()
-    assert shedder.verdict() is None
+    assert shedder.verdict(0) is None
 
 
 def test_an_overdue_monitor_counts_as_lag_before_it_runs() -> None:
@@ -58,31 +53,33 @@ def test_an_overdue_monitor_counts_as_lag_before_it_runs() -> None:
     clock.now += 0.005
     shedder.tick()
     clock.now += 0.004
-    assert shedder.verdict() is None  # not due yet
+    assert shedder.verdict(0) is None  # not due yet
     clock.now += 0.050
     assert shedder.lag() == pytest.approx(0.049)
-    assert shedder.verdict() == SHED_LAG
+    assert shedder.verdict(0) == SHED_LAG
 
 
 def test_zero_limits_turn_shedding_off() -> None:
     clock = Clock()
     shedder = LoadShedder(max_lag=0, max_backlog=0, clock=clock)
-    for _ in range(10_000):
-        shedder.arrived()
     clock.now += 60
-    assert shedder.verdict() is None
+    assert shedder.verdict(10_000) is None
 
 
 def test_lag_monitor_sees_a_busy_hub() -> None:
     shedder = LoadShedder(max_lag=0.1, max_backlog=0, interval=0.005)  # generous: the machine is shared
-    monitor = gevent.spawn(shedder.run_lag_monitor, gevent.sleep)
+    busy = [True]
+    monitor = gevent.spawn(shedder.run_lag_monitor, gevent.sleep, lambda: busy[0])
     try:
         gevent.sleep(0.05)
-        assert shedder.verdict() is None
+        assert shedder.verdict(0) is None
         time.sleep(0.3)  # blocks the hub, as a CPU-bound backlog does
         assert shedder.lag() >= 0.25
-        assert shedder.verdict() == SHED_LAG
+        assert shedder.verdict(0) == SHED_LAG
         gevent.sleep(0.05)  # the monitor runs again: the hub is free
         assert shedder.lag() < 0.1
+        busy[0] = False  # no call up: the monitor stops by itself
+        monitor.join(1.0)
+        assert monitor.dead
     finally:
         monitor.kill()
