@@ -46,8 +46,15 @@ class EngineSettings:
     max_frame_bytes: int = 1048576
     gc_young_threshold: int = 5000  # engine.gcpolicy; 0 = CPython's defaults
     gc_full_interval: float = 300.0  # seconds between full collections (with gc_young_threshold > 0)
+    # Load shedding before deciding (engine.shedding): ENGINE_DEGRADED at once when the event
+    # loop is this many seconds behind, or when more calls than this wait for their decision
+    # in the process; 0 turns either off.
+    shed_loop_lag: float = 0.025
+    shed_backlog: int = 1000
 
     def __post_init__(self) -> None:
+        if self.shed_loop_lag < 0 or self.shed_backlog < 0:
+            raise ConfigError("engine.shed_loop_lag and engine.shed_backlog must be >= 0 (0 = off)")
         if self.gc_young_threshold < 0:
             raise ConfigError(f"engine.gc_young_threshold must be >= 0, not {self.gc_young_threshold}")
         if self.gc_full_interval <= 0:
