@@ -58,10 +58,17 @@ class LoadShedder:
         """Seconds the event loop is behind now (never less than the overdue wake-up)."""
         return max(self._last_lag, self._clock() - self._next_wake)
 
-    def run_lag_monitor(self, sleep: Callable[[float], None], busy: Callable[[], bool]) -> None:
-        """Sleep ``interval`` (gevent.sleep) and :meth:`tick`, as long as ``busy()`` says so."""
+    def restart(self) -> None:
+        """A monitor is about to be started: the lag is measured from now (an idle process
+        had no monitor running, so the last wake-up time is stale)."""
         self._last_lag = 0.0
         self._next_wake = self._clock() + self.interval
+
+    def run_lag_monitor(self, sleep: Callable[[float], None], busy: Callable[[], bool]) -> None:
+        """Sleep ``interval`` (gevent.sleep) and :meth:`tick`, as long as ``busy()`` says so.
+
+        Call :meth:`restart` when spawning it, not here: the greenlet may itself start late.
+        """
         while busy():
             sleep(self.interval)
             self.tick()

@@ -69,6 +69,7 @@ def test_zero_limits_turn_shedding_off() -> None:
 def test_lag_monitor_sees_a_busy_hub() -> None:
     shedder = LoadShedder(max_lag=0.1, max_backlog=0, interval=0.005)  # generous: the machine is shared
     busy = [True]
+    shedder.restart()
     monitor = gevent.spawn(shedder.run_lag_monitor, gevent.sleep, lambda: busy[0])
     try:
         gevent.sleep(0.05)
@@ -83,3 +84,14 @@ def test_lag_monitor_sees_a_busy_hub() -> None:
         assert monitor.dead
     finally:
         monitor.kill()
+
+
+def test_restart_forgets_the_stale_wake_up_of_an_idle_process() -> None:
+    clock = Clock()
+    shedder = LoadShedder(max_lag=0.02, max_backlog=0, interval=0.005, clock=clock)
+    clock.now += 3600  # no call for an hour: no monitor ran
+    assert shedder.verdict(0) == SHED_LAG
+    shedder.restart()
+    assert shedder.verdict(0) is None
+    clock.now += 0.03  # the new monitor has not run yet, 30 ms later: that is lag
+    assert shedder.verdict(0) == SHED_LAG
