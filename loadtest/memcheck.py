@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -46,7 +47,12 @@ def copy_checkout(dest: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.memcheck", description=__doc__.split("\n\n")[0])
     parser.add_argument("--fuzz-seconds", type=float, default=60.0)
-    parser.add_argument("--pytest-args", default="-q -x -p no:cacheprovider --timeout=3600")
+    # The every-split comparison of the captures (~150k parses of up to 94 KiB by both parsers)
+    # takes hours under ASan; the random splits and the fuzz loop cover the compiled paths.
+    parser.add_argument(
+        "--pytest-args",
+        default="-q -x -p no:cacheprovider --timeout=3600 -k 'not every_split_of_the_captures'",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="callgate-asan-") as tmp:
         work = Path(tmp)
@@ -57,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         built = list((work / "engine" / "esl").glob("_speedups*.so"))
         assert built, "the sanitized extension was not built"
+        assert b"__asan_report" in built[0].read_bytes(), "the extension was built without ASan"
         run_env = dict(
             os.environ,
             LD_PRELOAD=libasan(),
@@ -74,7 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             str(work),
         ]
         subprocess.run(check, cwd=work, env=run_env, check=True)
-        pytest = [sys.executable, "-m", "pytest", "tests/test_esl_protocol.py", *args.pytest_args.split()]
+        pytest = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/test_esl_protocol.py",
+            *shlex.split(args.pytest_args),
+        ]
         subprocess.run(pytest, cwd=work, env=run_env, check=True)
         if args.fuzz_seconds > 0:
             fuzz = [sys.executable, "-m", "loadtest.fuzz_esl", "--seconds", str(args.fuzz_seconds)]
