@@ -40,6 +40,7 @@ typedef struct {
     Py_ssize_t body_start;
     Py_ssize_t body_len;
     PyObject *error;        /* the ProtocolError that made the parser unusable, or NULL */
+    int feeding;            /* inside feed(): Python code it calls must not re-enter it */
 } Parser;
 
 static int
@@ -341,6 +342,10 @@ Parser_feed(Parser *self, PyObject *data)
             PyUnicode_FromFormat("parser unusable after an earlier error: %S", self->error));
         return NULL;
     }
+    if (self->feeding) { /* e.g. from a __del__ run by the collector while a frame is made */
+        PyErr_SetString(PyExc_RuntimeError, "EslParser.feed() re-entered");
+        return NULL;
+    }
     Py_buffer view;
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -349,10 +354,12 @@ Parser_feed(Parser *self, PyObject *data)
         PyBuffer_Release(&view);
         return NULL;
     }
+    self->feeding = 1;
     const char *p;
     Py_ssize_t n;
     if (self->len > 0) {
         if (reserve(self, self->len + view.len) < 0) {
+            self->feeding = 0;
             PyBuffer_Release(&view);
             Py_DECREF(frames);
             return NULL;
@@ -368,6 +375,7 @@ Parser_feed(Parser *self, PyObject *data)
     }
     Py_ssize_t start = 0;
     int status = cut_frames(self, p, n, frames, &start);
+    self->feeding = 0;
     if (status < 0) {
         PyObject *type, *value, *traceback;
         PyErr_Fetch(&type, &value, &traceback);
