@@ -1313,8 +1313,31 @@ def test_compiled_parser_refuses_non_bytes_and_takes_any_buffer() -> None:
 
 
 def random_value(rng: random.Random) -> str:
-    pieces = ["%", "%2", "%2B", "%2b", "%0A", "%E2%82%AC", "%E2%82", "%FF", "%zz", "%%41", "a", " ", "+",
-              "_undef_", "€", "\u00e9", "%C3", "%c3%a9", "\ud800", "%00", "x%4", "%4x", "%"]
+    pieces = [
+        "%",
+        "%2",
+        "%2B",
+        "%2b",
+        "%0A",
+        "%E2%82%AC",
+        "%E2%82",
+        "%FF",
+        "%zz",
+        "%%41",
+        "a",
+        " ",
+        "+",
+        "_undef_",
+        "€",
+        "\u00e9",
+        "%C3",
+        "%c3%a9",
+        "\ud800",
+        "%00",
+        "x%4",
+        "%4x",
+        "%",
+    ]
     return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
 
 
@@ -1338,3 +1361,32 @@ def test_active_implementation_is_reported() -> None:
         assert EslParser is COMPILED and protocol.decode_value is _speedups.decode_value
     else:
         assert status["implementation"] == "python" and "not built" in status["reason"]
+
+
+@needs_compiled
+def test_compiled_feed_cannot_be_re_entered_while_it_makes_a_frame() -> None:
+    """Python code the parser calls (here the frame factory) must not move its buffer."""
+    assert COMPILED is not None
+    parser = COMPILED()
+    parser.feed(b"Content-Type: api/response\nContent-Length: 4\n\nab")  # 'cd' still due: buffered
+    seen: list[str] = []
+    original = protocol._frame
+
+    def factory(headers: object, body: bytes, content_type: str) -> Frame:
+        try:
+            parser.feed(b"more")
+        except RuntimeError as exc:
+            seen.append(str(exc))
+        return original(headers, body, content_type)  # type: ignore[arg-type]
+
+    _speedups.setup(
+        factory, ProtocolError, protocol._bad_line, protocol._content_length, protocol._py_decode_value
+    )
+    try:
+        [frame] = parser.feed(b"cd")
+    finally:
+        _speedups.setup(
+            original, ProtocolError, protocol._bad_line, protocol._content_length, protocol._py_decode_value
+        )
+    assert frame.body == b"abcd" and seen == ["EslParser.feed() re-entered"]
+    assert parser.buffered == 0 and parser.feed(b"Content-Type: x\n\n")[0].content_type == "x"
