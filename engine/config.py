@@ -52,7 +52,7 @@ class EngineSettings:
     # Load shedding before deciding (engine.shedding): ENGINE_DEGRADED at once when the event
     # loop is this many seconds behind, or when more calls than this wait for their decision
     # in the process; 0 turns either off.
-    shed_loop_lag: float = 0.025
+    shed_loop_lag: float = 0.1
     shed_backlog: int = 1000
 
     def __post_init__(self) -> None:
