@@ -49,6 +49,11 @@ class EngineSettings:
     # Source networks FreeSWITCH connects from (CIDRs); a connection from elsewhere is closed at
     # accept. Empty: any source (then firewall the port: see docs/call-session.md).
     allowed_networks: tuple[str, ...] = ()
+    # Load shedding before deciding (engine.shedding): ENGINE_DEGRADED at once when the event
+    # loop is this many seconds behind, or when more calls than this wait for their decision
+    # in the process; 0 turns either off.
+    shed_loop_lag: float = 0.1
+    shed_backlog: int = 1000
 
     def __post_init__(self) -> None:
         for cidr in self.allowed_networks:
@@ -56,6 +61,8 @@ class EngineSettings:
                 ipaddress.ip_network(cidr.strip(), strict=False)
             except ValueError as exc:
                 raise ConfigError(f"engine.allowed_networks: {cidr!r} is not an IP network") from exc
+        if self.shed_loop_lag < 0 or self.shed_backlog < 0:
+            raise ConfigError("engine.shed_loop_lag and engine.shed_backlog must be >= 0 (0 = off)")
         if self.gc_young_threshold < 0:
             raise ConfigError(f"engine.gc_young_threshold must be >= 0, not {self.gc_young_threshold}")
         if self.gc_full_interval <= 0:

@@ -694,6 +694,10 @@ def report(
         "latency": summarize(r.latency for r in decided),
         "latency_accepted": summarize(accepted),
         "latency_rejected": summarize(rejected),
+        # Beyond saturation the engine sheds (ENGINE_DEGRADED at once): the calls it decided
+        # and the ones it shed, apart.
+        "latency_not_degraded": summarize(r.latency for r in decided if r.outcome != "ENGINE_DEGRADED"),
+        "latency_degraded": summarize(r.latency for r in decided if r.outcome == "ENGINE_DEGRADED"),
         "outcomes": dict(outcomes.most_common()),
         "outcomes_by_class": {k: dict(v.most_common()) for k, v in sorted(by_class.items())},
         "driver_lag_p99_ms": (lags[min(len(lags) - 1, math.ceil(0.99 * len(lags)) - 1)] * 1000)

@@ -165,10 +165,47 @@ def run(
     if profiler:
         out = io.StringIO()
         stats = pstats.Stats(profiler, stream=out)
+        result["by_part_us"] = by_part(stats, calls)
         stats.sort_stats("tottime").print_stats(35)
         stats.sort_stats("cumulative").print_stats(45)
         result["profile"] = out.getvalue()
     return result
+
+
+# Where each function's own time (tottime) goes, by the part of a call it belongs to (issue 18's
+# list); first match wins. The switch model (loadtest/) is this harness's own cost.
+PARTS = (
+    ("framing and decoding (engine.esl)", ("engine/esl/", "_speedups")),
+    ("channel data -> CallRequest", ("engine/call/channel.py",)),
+    ("rules", ("engine/rules/", "engine/decider.py")),
+    (
+        "limits client (redis-py, the script's arguments)",
+        ("engine/state/", "redis/", "engine/limits_runtime"),
+    ),
+    ("rendering", ("engine/call/render.py",)),
+    ("metrics and decision log", ("engine/metrics.py", "prometheus_client", "logging/", "engine/logs.py")),
+    ("call session and driver", ("engine/call/", "engine/shedding.py", "engine/billing/")),
+    ("switch model (harness)", ("loadtest/",)),
+    ("gevent, sockets, the rest", ("",)),
+)
+
+
+def by_part(stats: pstats.Stats, calls: int) -> dict[str, float]:
+    """Microseconds per call of each part (cProfile's tottime; the profiler's own overhead
+    inflates small Python functions, so read these as shares)."""
+    totals = dict.fromkeys((name for name, _ in PARTS), 0.0)
+
+    def part(key: tuple[str, int, str]) -> str:
+        where = f"{key[0]}:{key[2]}"
+        return next(name for name, needles in PARTS if any(needle in where for needle in needles))
+
+    for key, row in stats.stats.items():  # type: ignore[attr-defined]
+        if key[0] == "~" and row[4]:  # a built-in: its time belongs to whoever called it
+            for caller, from_caller in row[4].items():
+                totals[part(caller)] += from_caller[2]
+        else:
+            totals[part(key)] += row[2]
+    return {name: round(seconds / calls * 1e6, 1) for name, seconds in totals.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

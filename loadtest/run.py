@@ -1,6 +1,7 @@
 """One load-test run: datasets, servers, driver, probes; a table on stdout and a JSON file.
 
-    python -m loadtest.run --scenario ratio          # floor vs greenswitch vs callgate
+    python -m loadtest.run --scenario ratio          # floor vs greenswitch vs callgate (compiled, Python)
+    python -m loadtest.run --scenario targets        # saturation, 70 % of it with 10k held, overload
     python -m loadtest.run --scenario latency        # 1,000 CPS offered, 10,000 calls held
     python -m loadtest.run --scenario scale          # 1k -> 1M accounts, 10k -> 1M rates
     python -m loadtest.run --scenario cores          # 1 vs 2 engine processes on one port
@@ -327,6 +328,7 @@ class Context:
     quick: bool
     quiet_wait: float = 0.0
     patched: str = ""  # also measure the engine with these loadtest.patched_engine patches
+    no_greenswitch: bool = False  # ratio: leave the greenswitch baseline out (saves a third)
     attempts: int = 3
     noise_limit: float = 0.25
     results: dict[str, Any] = field(default_factory=dict)
@@ -494,7 +496,11 @@ def scenario_ratio(ctx: Context, scale: Scale) -> dict[str, Any]:
         ServerSpec("floor", "floor"),
         ServerSpec("greenswitch", "greenswitch"),
         ServerSpec("callgate", "callgate"),
+        # The same engine on its pure-Python ESL parser (the fallback without a C compiler).
+        ServerSpec("callgate-py", "callgate", env={"CALLGATE_NO_SPEEDUPS": "1"}),
     ]
+    if ctx.no_greenswitch:
+        servers = [s for s in servers if s.kind != "greenswitch"]
     if ctx.patched:
         servers.append(ServerSpec("callgate+P", "callgate-patched", patches=ctx.patched))
     saturation = LoadConfig(
@@ -523,6 +529,8 @@ def _ratios(summary: dict[str, Any], by_name: dict[str, Any], equal_by: dict[str
     at the equal offered load (baseline CPU / engine CPU: above 1 the engine is cheaper)."""
     value_engine, basis_engine = throughput(by_name[engine])
     for base in ("floor", "greenswitch"):
+        if base not in by_name:
+            continue
         value, basis = throughput(by_name[base])
         entry: dict[str, Any] = {
             "throughput_ratio": value_engine / value if value else None,
@@ -583,6 +591,88 @@ def scenario_latency(
             )
         )
     return {"runs": runs, "summary": {"hold_seconds": hold}}
+
+
+def scenario_targets(
+    ctx: Context, scale: Scale, held: int = 10_000, fraction: float = 0.7, overload: float = 1.5
+) -> dict[str, Any]:
+    """Issue 18's latency targets for one process (pinned), realistic mix, in one run:
+    its saturation (closed loop, hold 0); ``fraction`` of that offered open loop with ``held``
+    calls up (target: p99 < 2 ms); ``overload`` times it, hold 0 (target: p99 of the calls not
+    shed < 50 ms, the rest shed fast). Then the same overload point with shedding off."""
+    seconds = 8.0 if ctx.quick else 20.0
+    spec = ServerSpec("callgate", "callgate")
+    saturation = measure(
+        ctx,
+        spec,
+        scale,
+        LoadConfig(
+            target=("127.0.0.1", 0),
+            concurrency=32,
+            duration=seconds + 3,
+            warmup=3.0,
+            mix=dict(DEFAULT_MIX),
+            procs=1,
+        ),
+        label="targets: saturation",
+    )
+    top = saturation["achieved_cps"]
+    mix = dict(DEFAULT_MIX)
+    cps = round(fraction * top)
+    hold = held_hold_seconds(cps, held, mix)
+    warm = hold + 5.0
+    held_run = measure(
+        ctx,
+        spec,
+        scale,
+        LoadConfig(
+            target=("127.0.0.1", 0),
+            cps=float(cps),
+            duration=warm + seconds,
+            warmup=warm,
+            mix=mix,
+            hold=hold,
+            procs=2,
+            drain=hold + 10,
+            timeout=10.0,
+        ),
+        label=f"targets: {fraction:.0%} of saturation, {held} held",
+    )
+    over = LoadConfig(
+        target=("127.0.0.1", 0),
+        cps=float(round(overload * top)),
+        duration=seconds + 3,
+        warmup=3.0,
+        mix=mix,
+        procs=2,
+        timeout=10.0,
+    )
+    shed_run = measure(ctx, spec, scale, over, label=f"targets: {overload:.0%} of saturation")
+    no_shed = ServerSpec(
+        "callgate (no shedding)",
+        "callgate",
+        env={"CALLGATE_ENGINE__SHED_LOOP_LAG": "0", "CALLGATE_ENGINE__SHED_BACKLOG": "0"},
+    )
+    unshed_run = measure(ctx, no_shed, scale, over, label=f"targets: {overload:.0%} of saturation")
+
+    def p99(run: dict[str, Any], key: str = "latency") -> float:
+        return run[key].get("p99_ms", NAN)
+
+    return {
+        "runs": [saturation, held_run, shed_run, unshed_run],
+        "summary": {
+            "saturation_cps": top,
+            "held_point_cps": cps,
+            "held_point_p99_ms": p99(held_run),
+            "overload_cps": over.cps,
+            "overload_p99_not_shed_ms": p99(shed_run, "latency_not_degraded"),
+            "overload_p99_shed_ms": p99(shed_run, "latency_degraded"),
+            "overload_shed_share": shed_run["degraded"] / max(1, shed_run["decided"]),
+            "overload_authorized_cps": shed_run["authorized_cps"],
+            "no_shedding_p99_ms": p99(unshed_run),
+            "no_shedding_degraded_share": unshed_run["degraded"] / max(1, unshed_run["decided"]),
+        },
+    }
 
 
 def scenario_scale(ctx: Context, cps: float = 100.0) -> dict[str, Any]:
@@ -788,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scenario",
         action="append",
-        choices=("smoke", "ratio", "latency", "sweep", "scale", "cores", "phases", "all"),
+        choices=("smoke", "ratio", "targets", "latency", "sweep", "scale", "cores", "phases", "all"),
         default=[],
     )
     parser.add_argument("--json", default="loadtest-results.json", help="where to write the full results")
@@ -819,7 +909,10 @@ def main(argv: list[str] | None = None) -> int:
         help="before each measurement wait up to this many seconds for other load to stop (0: never)",
     )
     parser.add_argument("--cps", type=float, default=1000.0, help="latency scenario: offered CPS")
-    parser.add_argument("--held", type=int, default=10_000, help="latency scenario: calls held up")
+    parser.add_argument("--held", type=int, default=10_000, help="latency/targets scenario: calls held up")
+    parser.add_argument(
+        "--no-greenswitch", action="store_true", help="ratio: leave the greenswitch baseline out"
+    )
     parser.add_argument(
         "--dataset",
         choices=("default", "small", "million"),
@@ -859,6 +952,7 @@ def main(argv: list[str] | None = None) -> int:
             args.patched,
             attempts=args.attempts,
             noise_limit=args.noise_limit,
+            no_greenswitch=args.no_greenswitch,
         )
         results: dict[str, Any] = {}
         for name in scenarios:
@@ -866,6 +960,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = scenario_smoke(ctx)
             elif name == "ratio":
                 results[name] = scenario_ratio(ctx, scale)
+            elif name == "targets":
+                results[name] = scenario_targets(ctx, scale, held=args.held)
             elif name == "latency":
                 results[name] = scenario_latency(ctx, scale, args.cps, args.held)
                 if args.patched:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite, exactly as CI runs it: services, virtualenv, lint, types, tests.
+# The test suite, exactly as CI runs it: services, virtualenv, lint, types, tests (twice: see below).
 #   bash scripts/test.sh [pytest args]          everything (.ci/run calls exactly this)
 #   bash scripts/test.sh --fast [pytest args]   the developer loop: no server started, no lint,
 #                                               only the tests marked neither e2e nor slow
@@ -17,4 +17,9 @@ bash scripts/tools.sh
 bash scripts/ha-tools.sh
 .venv/bin/ruff check .
 .venv/bin/mypy  # pyproject.toml [tool.mypy]: strict for esl, call, rules, decider, state
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"
+# The whole suite again on the pure-Python ESL parser, the fallback a machine without a C
+# compiler runs (engine/esl/_speedups.c is optional; docs/performance.md). The first pass ran
+# the compiled one (tests/test_speedups_build.py fails if the set-up command did not build it).
+echo "== the same suite on the pure-Python parser (CALLGATE_NO_SPEEDUPS=1) =="
+CALLGATE_NO_SPEEDUPS=1 exec .venv/bin/python -m pytest "$@"

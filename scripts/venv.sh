@@ -13,3 +13,11 @@ if [ ! -x .venv/bin/python ]; then
   }
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# setup.py builds the compiled ESL framer (engine/esl/_speedups.c) with the machine's C compiler;
+# the build is optional, so say so when it fell back to the pure-Python parser, and why.
+.venv/bin/python - <<'PY' >&2
+from engine.esl.protocol import speedups_status
+status = speedups_status()
+if status["implementation"] != "compiled" and "forced" not in status["reason"]:
+    print(f"note: callgate runs its pure-Python ESL parser: {status['reason']}")
+PY

@@ -71,10 +71,15 @@ SLOW_TESTS = frozenset(
 FOREIGN_ENVIRONMENT = ("CALLGATE_", "PROMETHEUS_MULTIPROC_DIR")
 
 
+# Not a deployment setting: which ESL parser runs (scripts/test.sh runs the suite once more
+# with CALLGATE_NO_SPEEDUPS=1, and the engine processes tests start must inherit it).
+KEPT_ENVIRONMENT = ("CALLGATE_TEST_", "CALLGATE_NO_SPEEDUPS")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Forget the deployment settings of the shell running pytest (CALLGATE_TEST_* stay)."""
     for name in list(os.environ):
-        if name.startswith(FOREIGN_ENVIRONMENT) and not name.startswith("CALLGATE_TEST_"):
+        if name.startswith(FOREIGN_ENVIRONMENT) and not name.startswith(KEPT_ENVIRONMENT):
             del os.environ[name]
 
 

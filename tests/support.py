@@ -60,8 +60,14 @@ def engine_environment(
     # Nothing of the shell's deployment settings (tests/conftest.py removes them too).
     foreign = ("CALLGATE_", "PROMETHEUS_MULTIPROC_DIR")
     env = {name: value for name, value in os.environ.items() if not name.startswith(foreign)}
+    if "CALLGATE_NO_SPEEDUPS" in os.environ:  # the suite's fallback pass (scripts/test.sh)
+        env["CALLGATE_NO_SPEEDUPS"] = os.environ["CALLGATE_NO_SPEEDUPS"]
     env.update(
         CALLGATE_CONFIG=str(ROOT / "config" / "callgate.toml"),
+        # Load shedding answers ENGINE_DEGRADED when the hub lags: tests of behaviour on a
+        # shared, busy machine turn it off (tests/call/test_shedding_driver.py tests it).
+        CALLGATE_ENGINE__SHED_LOOP_LAG="0",
+        CALLGATE_ENGINE__SHED_BACKLOG="0",
         CALLGATE_DATABASE_URL=database_url,
         CALLGATE_REDIS_URL=redis_url,
         CALLGATE_REDIS__KEY_PREFIX=key_prefix,

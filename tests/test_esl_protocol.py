@@ -14,11 +14,13 @@ from types import MappingProxyType
 
 import pytest
 
+from engine.esl import protocol
 from engine.esl.protocol import (
     MAX_HEADER_ARG_BYTES,
     EslParser,
     Frame,
     ProtocolError,
+    PyEslParser,
     command,
     decode_value,
     encode_value,
@@ -1023,6 +1025,16 @@ class ReferenceParser:
 Outcome = tuple[str, list[tuple[list[tuple[str, str]], bytes, str]], int]
 
 
+try:  # the compiled twin, when built, is compared even when the Python parser is forced
+    from engine.esl import _speedups
+
+    COMPILED: type[EslParser] | None = _speedups.EslParser
+except ImportError:
+    COMPILED = None
+# Every implementation the differential tests compare with the reference and with each other.
+IMPLEMENTATIONS: list[type[EslParser]] = [PyEslParser] + ([COMPILED] if COMPILED else [])
+
+
 def outcomes(parser: EslParser | ReferenceParser, chunks: Iterable[bytes]) -> list[Outcome]:
     """Per feed: the frames (header items in order, body, content type) or the error, and `buffered`."""
     out: list[Outcome] = []
@@ -1042,7 +1054,9 @@ def outcomes(parser: EslParser | ReferenceParser, chunks: Iterable[bytes]) -> li
 def assert_same_as_reference(data: bytes, cuts: Iterable[int], **limits: int) -> None:
     points = sorted({c for c in cuts if 0 < c < len(data)})
     chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
-    assert outcomes(EslParser(**limits), chunks) == outcomes(ReferenceParser(**limits), chunks)
+    expected = outcomes(ReferenceParser(**limits), chunks)
+    for implementation in IMPLEMENTATIONS:  # each against the reference, hence each other
+        assert outcomes(implementation(**limits), chunks) == expected, implementation
 
 
 def random_cuts(rng: random.Random, size: int, count: int) -> list[int]:
@@ -1217,3 +1231,162 @@ def reference_event(body: bytes) -> dict[str, str]:
             raise ProtocolError(f"event body has {len(rest)} bytes, its Content-Length says {length}")
         event["_body"] = rest[:length].decode("utf-8", errors="replace")
     return event
+
+
+# --------------------------------------------------------------------------- compiled vs Python
+
+needs_compiled = pytest.mark.skipif(COMPILED is None, reason="engine.esl._speedups is not built")
+FORCED_PYTHON = protocol.os.environ.get(protocol.NO_SPEEDUPS_ENV, "") not in ("", "0")
+
+
+def same_outcomes(data: bytes, chunks_at: Iterable[int], **limits: int) -> None:
+    """The compiled and the Python parser agree (frames, errors, `buffered` after each feed)."""
+    assert COMPILED is not None
+    points = sorted({c for c in chunks_at if 0 < c < len(data)})
+    chunks = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    assert outcomes(COMPILED(**limits), chunks) == outcomes(PyEslParser(**limits), chunks)
+
+
+@needs_compiled
+@pytest.mark.slow
+@pytest.mark.skipif(FORCED_PYTHON, reason="deterministic: the default run already compared the two")
+@pytest.mark.parametrize("name", CAPTURES)
+def test_compiled_matches_python_at_every_split_of_the_captures(name: str) -> None:
+    """~150k splits (about 30 s): the captures are FreeSWITCH's real output."""
+    data = fs_stream(name)
+    for cut in range(len(data) + 1):
+        same_outcomes(data, [cut])
+    same_outcomes(data, range(len(data)))  # byte by byte
+
+
+@needs_compiled
+def test_compiled_matches_python_at_every_header_and_body_limit() -> None:
+    data = fs_stream("bridged_call_wire.txt")
+    for limit in [*range(0, 200, 7), *range(6000, 7000, 13)]:
+        same_outcomes(data, [], max_header_bytes=limit)
+        same_outcomes(data, random_cuts(random.Random(limit), len(data), 20), max_header_bytes=limit)
+    for limit in range(0, 2500, 11):
+        same_outcomes(data, [], max_body_bytes=limit)
+        same_outcomes(data, [1500, 9000], max_body_bytes=limit)
+
+
+@needs_compiled
+@pytest.mark.parametrize("seed", range(300))
+def test_compiled_matches_python_on_random_frame_streams(seed: int) -> None:
+    """Frame-shaped streams built from real frames, damaged at random, cut at random."""
+    rng = random.Random(10_000 + seed)
+    frames = [f for f in re.split(rb"(?<=\n\n)", fs_stream("respond_403_wire.txt")) if f]
+    parts = [rng.choice(frames) for _ in range(rng.randint(1, 12))]
+    data = bytearray(b"".join(parts))
+    for _ in range(rng.choice([0, 0, 1, 3])):  # flip, drop or insert a byte
+        at = rng.randrange(len(data))
+        choice = rng.choice([b"\n", b"\r", b":", b" ", b"\xff", b"9", b""])
+        data[at : at + rng.choice([0, 1])] = choice
+    tight = {"max_header_bytes": rng.randint(10, 3000), "max_body_bytes": rng.randint(0, 900)}
+    limits = rng.choice([{}, tight])
+    same_outcomes(bytes(data), [], **limits)
+    same_outcomes(bytes(data), random_cuts(rng, len(data), rng.randint(1, 60)), **limits)
+
+
+@needs_compiled
+def test_compiled_keeps_frames_and_the_error_like_python() -> None:
+    good = b"Content-Type: command/reply\nReply-Text: +OK\n\n"
+    for implementation in IMPLEMENTATIONS:
+        parser = implementation()
+        with pytest.raises(ProtocolError) as info:
+            parser.feed(good + good[:10])
+            parser.feed(good[10:] + b"bad\n\n")
+        assert info.value.frames == parse_all(good)
+        with pytest.raises(ProtocolError, match="unusable after an earlier error: header line"):
+            parser.feed(good)
+
+
+@needs_compiled
+def test_compiled_parser_refuses_non_bytes_and_takes_any_buffer() -> None:
+    assert COMPILED is not None
+    with pytest.raises(TypeError):
+        COMPILED().feed("Content-Type: x\n\n")  # type: ignore[arg-type]
+    data = b"Content-Type: api/response\nContent-Length: 2\n\nok"
+    for chunk in (bytearray(data), memoryview(data), data):
+        [frame] = COMPILED().feed(chunk)
+        assert type(frame.body) is bytes and frame == parse_all(data)[0]
+
+
+def random_value(rng: random.Random) -> str:
+    pieces = [
+        "%",
+        "%2",
+        "%2B",
+        "%2b",
+        "%0A",
+        "%E2%82%AC",
+        "%E2%82",
+        "%FF",
+        "%zz",
+        "%%41",
+        "a",
+        " ",
+        "+",
+        "_undef_",
+        "€",
+        "\u00e9",
+        "%C3",
+        "%c3%a9",
+        "\ud800",
+        "%00",
+        "x%4",
+        "%4x",
+        "%",
+    ]
+    return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+
+
+@needs_compiled
+@pytest.mark.parametrize("seed", range(20))
+def test_compiled_decode_value_matches_python(seed: int) -> None:
+    rng = random.Random(seed)
+    values = ["", "_undef_", "_undef_x", "%", "%4", "%41", "a" * 300 + "%41" * 100]
+    values += [random_value(rng) for _ in range(500)]
+    for value in values:
+        assert _speedups.decode_value(value) == protocol._py_decode_value(value), value
+
+
+def test_active_implementation_is_reported() -> None:
+    status = protocol.speedups_status()
+    if FORCED_PYTHON:
+        assert status["implementation"] == "python" and "forced" in status["reason"]
+        assert EslParser is PyEslParser and protocol.decode_value is protocol._py_decode_value
+    elif COMPILED is not None:
+        assert status["implementation"] == "compiled"
+        assert EslParser is COMPILED and protocol.decode_value is _speedups.decode_value
+    else:
+        assert status["implementation"] == "python" and "not built" in status["reason"]
+
+
+@needs_compiled
+def test_compiled_feed_cannot_be_re_entered_while_it_makes_a_frame() -> None:
+    """Python code the parser calls (here the frame factory) must not move its buffer."""
+    assert COMPILED is not None
+    parser = COMPILED()
+    parser.feed(b"Content-Type: api/response\nContent-Length: 4\n\nab")  # 'cd' still due: buffered
+    seen: list[str] = []
+    original = protocol._frame
+
+    def factory(headers: object, body: bytes, content_type: str) -> Frame:
+        try:
+            parser.feed(b"more")
+        except RuntimeError as exc:
+            seen.append(str(exc))
+        return original(headers, body, content_type)  # type: ignore[arg-type]
+
+    _speedups.setup(
+        factory, ProtocolError, protocol._bad_line, protocol._content_length, protocol._py_decode_value
+    )
+    try:
+        [frame] = parser.feed(b"cd")
+    finally:
+        _speedups.setup(
+            original, ProtocolError, protocol._bad_line, protocol._content_length, protocol._py_decode_value
+        )
+    assert frame.body == b"abcd" and seen == ["EslParser.feed() re-entered"]
+    assert parser.buffered == 0 and parser.feed(b"Content-Type: x\n\n")[0].content_type == "x"

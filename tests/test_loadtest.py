@@ -396,6 +396,8 @@ def test_callgate_under_the_driver(redis_url: str, key_prefix: str, library: dri
         CALLGATE_ENGINE__LISTEN_PORT=str(port),
         CALLGATE_METRICS__LISTEN_PORT="0",
         CALLGATE_LOGGING__DECISION_LEVEL="DEBUG",
+        # The driver's classification is under test, not latency: no load shedding on a busy machine.
+        CALLGATE_ENGINE__SHED_LOOP_LAG="0",
     )
     env.pop("CALLGATE_CONFIG", None)
     proc = subprocess.Popen(

@@ -40,6 +40,7 @@ from engine.metrics import EngineMetrics
 from engine.model import CallRequest
 from engine.rules.config import RulesConfig
 from engine.rules.text import show
+from engine.shedding import LoadShedder
 
 __all__ = ["CallHandler", "CallRecord", "call_request"]
 
@@ -145,22 +146,40 @@ class CallHandler:
         self._on_bill = on_bill  # called once per decided call: accounting (engine.billing.live)
         self._decision_level = logging.getLevelName(config.logging.decision_level)
         self._in_flight = 0
+        # Load shedding (engine.shedding): the greenlets of the calls not decided yet, and the
+        # event-loop lag monitor, which runs while calls are up.
+        self._shedder = LoadShedder(max_lag=engine.shed_loop_lag, max_backlog=engine.shed_backlog)
+        self._undecided: set[object] = set()
+        self._lag_monitor: gevent.Greenlet | None = None
 
     def __call__(self, conn: EslConnection, peer: tuple[object, ...]) -> None:
         self._metrics.active_calls.inc()
         self._in_flight += 1
+        me = gevent.getcurrent()
+        self._undecided.add(me)
+        if self._shedder.max_lag and (self._lag_monitor is None or self._lag_monitor.dead):
+            self._shedder.restart()
+            self._lag_monitor = gevent.spawn(self._shedder.run_lag_monitor, gevent.sleep, self._busy)
         try:
             _Call(self, conn, peer).run()
         finally:
+            self._undecided.discard(me)
             self._in_flight -= 1
             self._metrics.active_calls.dec()
+
+    def _busy(self) -> bool:
+        return self._in_flight > 0
 
     # What _Call needs of the handler --------------------------------------------------------
 
     def decide(self, request: CallRequest) -> tuple[Decision, bool]:
         """(decision, whether the limits may hold slots for the call)."""
+        self._undecided.discard(gevent.getcurrent())
         if self._in_flight > self._config.engine.max_connections:
             return Reject(Reason.ENGINE_DEGRADED, detail="over engine.max_connections"), False
+        shed = self._shedder.verdict(len(self._undecided))
+        if shed is not None:  # saturated: refuse before the rules and the limits cost anything
+            return Reject(Reason.ENGINE_DEGRADED, detail=shed), False
         return self._decide_within_deadline(request)
 
     def _decide_within_deadline(self, request: CallRequest) -> tuple[Decision, bool]:

@@ -18,6 +18,7 @@ skipped (FreeSWITCH's reader does the same); the first of two same-named headers
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,10 +26,13 @@ from types import MappingProxyType
 from urllib.parse import unquote
 
 __all__ = [
+    "IMPLEMENTATION",
     "MAX_HEADER_ARG_BYTES",
+    "NO_SPEEDUPS_ENV",
     "EslParser",
     "Frame",
     "ProtocolError",
+    "PyEslParser",
     "check_variable_name",
     "command",
     "decode_value",
@@ -37,6 +41,7 @@ __all__ = [
     "sendmsg_execute",
     "sendmsg_hangup",
     "set_variable",
+    "speedups_status",
 ]
 
 UNDEF = "_undef_"
@@ -259,8 +264,11 @@ def _skip_blank_lines(buf: bytes | bytearray, start: int) -> int:
     return blanks.end() if blanks else start
 
 
-class EslParser:
-    """Incremental frame parser for the FreeSWITCH -> client direction.
+class PyEslParser:
+    """Incremental frame parser for the FreeSWITCH -> client direction (pure Python).
+
+    The specification of the framer: ``engine/esl/_speedups.c`` is its compiled twin, and
+    ``EslParser`` names whichever of the two is active (see the end of this module).
 
     Bytes that do not complete a frame are kept in one bytearray; the search for the end
     of a header block resumes where the previous ``feed()`` stopped, so buffering is linear
@@ -434,3 +442,43 @@ def set_variable(name: str, value: str, *, uuid: str | None = None, event_lock: 
     """``sendmsg`` executing ``set name=value`` on the channel."""
     check_variable_name(name)
     return sendmsg_execute("set", f"{name}={value}", uuid=uuid, event_lock=event_lock)
+
+
+# --------------------------------------------------------------------------- compiled twin
+
+# Set to any non-empty value other than "0" to run on the pure-Python parser even when the
+# extension is built (CI runs the whole suite once that way: scripts/test.sh).
+NO_SPEEDUPS_ENV = "CALLGATE_NO_SPEEDUPS"
+
+
+def _load_speedups() -> tuple[str, str]:
+    """Which implementation is active, and why: ("compiled"|"python", reason).
+
+    A built extension is always set up (the differential tests compare it with the Python
+    parser even when the Python one is forced); it replaces the Python names unless forced off.
+    """
+    try:
+        from engine.esl import _speedups
+    except ImportError as exc:
+        return "python", f"engine.esl._speedups is not built ({exc}); run: bash scripts/venv.sh"
+    _speedups.setup(_frame, ProtocolError, _bad_line, _content_length, _py_decode_value)
+    if os.environ.get(NO_SPEEDUPS_ENV, "") not in ("", "0"):
+        return "python", f"forced by {NO_SPEEDUPS_ENV}={os.environ[NO_SPEEDUPS_ENV]}"
+    global EslParser, decode_value
+    EslParser = _speedups.EslParser  # type: ignore[assignment]
+    decode_value = _speedups.decode_value
+    return "compiled", "engine.esl._speedups loaded"
+
+
+_py_decode_value = decode_value
+EslParser = PyEslParser
+IMPLEMENTATION, _REASON = _load_speedups()
+
+
+def speedups_status() -> dict[str, str]:
+    """The active framer and value decoder ("compiled" or "python") and why (a diagnostic)."""
+    return {"implementation": IMPLEMENTATION, "reason": _REASON}
+
+
+if __name__ == "__main__":  # python -m engine.esl.protocol: which parser this install runs
+    print(speedups_status())

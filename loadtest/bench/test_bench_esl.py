@@ -5,10 +5,21 @@ from __future__ import annotations
 import pytest
 
 from engine.call.channel import call_request
-from engine.esl.protocol import EslParser, parse_event_body
+from engine.esl.protocol import EslParser, PyEslParser, parse_event_body
 from loadtest.driver import _Call, split_frames
 
 MYEVENTS = _Call.MYEVENTS
+
+try:
+    from engine.esl._speedups import EslParser as CompiledParser
+except ImportError:
+    CompiledParser = None  # type: ignore[assignment,misc]
+# Both implementations side by side (round 2: the compiled framer against its Python twin).
+PARSERS = pytest.mark.parametrize(
+    "parser_class",
+    [pytest.param(PyEslParser, id="python")]
+    + ([pytest.param(CompiledParser, id="compiled")] if CompiledParser else []),
+)
 
 pytestmark = pytest.mark.benchmark(group="esl")
 
@@ -32,11 +43,20 @@ def _accepted_call_events(fs_library) -> bytes:
     )
 
 
-def test_parse_connect_reply_frame(benchmark, fs_library) -> None:
+@PARSERS
+def test_parse_connect_reply_frame(benchmark, fs_library, parser_class) -> None:
     """CHANNEL_DATA (~6 KiB, 165 headers) -> one Frame (outer headers split, not decoded)."""
     data = _connect_reply(fs_library)
-    frames = benchmark(lambda: EslParser().feed(data))
+    frames = benchmark(lambda: parser_class().feed(data))
     assert len(frames) == 1
+
+
+@PARSERS
+def test_connect_reply_to_call_request(benchmark, fs_library, parser_class) -> None:
+    """What the engine does with it: frame, then CallRequest (only the headers used decoded)."""
+    data = _connect_reply(fs_library)
+    request = benchmark(lambda: call_request(parser_class().feed(data)[0].headers))
+    assert request.sip_auth_username == "u1000020"
 
 
 def test_channel_data_to_call_request(benchmark, fs_library) -> None:
@@ -46,13 +66,14 @@ def test_channel_data_to_call_request(benchmark, fs_library) -> None:
     assert request.sip_auth_username == "u1000020"
 
 
-def test_frame_accepted_call_event_stream(benchmark, fs_library) -> None:
+@PARSERS
+def test_frame_accepted_call_event_stream(benchmark, fs_library, parser_class) -> None:
     """Cut ~200 KiB of replies and events (one accepted call) into frames, 64 KiB reads."""
     data = _accepted_call_events(fs_library)
     chunks = [data[i : i + 65536] for i in range(0, len(data), 65536)]
 
     def run() -> int:
-        parser = EslParser()
+        parser = parser_class()
         return sum(len(parser.feed(chunk)) for chunk in chunks)
 
     assert benchmark(run) == 11 + 1 + 18 + 4 + 9
