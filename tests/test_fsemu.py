@@ -680,8 +680,10 @@ def test_linger_with_seconds_closes_after_them() -> None:
         linger = conn.read_frame()
         assert linger.get("Linger-Time") == "1"
         t0 = time.monotonic()
-        rest = conn.read_to_eof(timeout=3)
-        assert 0.9 < time.monotonic() - t0 < 2.5
+        rest = conn.read_to_eof(timeout=15)
+        # It waits the linger out, then closes by itself (the upper bound only says "not never":
+        # a loaded CI machine can delay the close by seconds).
+        assert 0.9 < time.monotonic() - t0 < 15
         assert [f.get("Content-Disposition") for f in rest] == ["disconnect"]
 
     result, conn = run_scripted(script, CallSpec(destination="1"))
