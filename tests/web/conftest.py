@@ -128,3 +128,16 @@ def live_server(web_config: Config) -> Iterator[str]:
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
     thread.join(10)
+
+
+@pytest.fixture(autouse=True)
+def fresh_throttle(request: pytest.FixtureRequest) -> None:
+    """Each Flask-client test starts with no failed sign-ins counted (the app is per module)."""
+    if "web_app" in request.fixturenames:
+        from engine.web.auth import Throttle
+
+        app = request.getfixturevalue("web_app")
+        web = app.extensions["callgate"]["web"]
+        app.extensions["callgate"]["throttle"] = Throttle(
+            web.login_max_failures, web.login_max_failures_per_source, web.login_window_seconds
+        )
