@@ -4,7 +4,7 @@
 # Installs it with apt-get when running as root and it is missing; otherwise says so and returns 0:
 # the browser tests then skip with the reason (tests/web/conftest.py).
 set -euo pipefail
-BROWSER=${CALLGATE_CHROMIUM:-/usr/bin/chromium}
+BROWSER=${CALLGATE_TEST_CHROMIUM:-/usr/bin/chromium}
 [ -x "$BROWSER" ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   echo "installing Debian's chromium for the browser tests" >&2

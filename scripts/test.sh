@@ -14,5 +14,6 @@ fi
 bash scripts/services.sh
 bash scripts/venv.sh
 bash scripts/tools.sh
+bash scripts/browser.sh
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

@@ -37,7 +37,7 @@ from engine.web.jobs import Jobs
 log = logging.getLogger("callgate.web")
 
 # Pages anyone may open; the rest need a signed-in user.
-PUBLIC_ENDPOINTS = frozenset({"web.login", "static"})
+PUBLIC_ENDPOINTS = frozenset({"web.login", "web.favicon", "static"})
 # The only POSTs a read-only user may make.
 READ_ONLY_POSTS = frozenset({"web.logout"})
 

@@ -114,6 +114,13 @@ def login() -> Any:
     return redirect(_safe_next(request.form.get("next")))
 
 
+@blueprint.route("/favicon.ico")
+def favicon() -> Any:
+    """No icon (pages say so too): answered here so that a browser's guess never lands on the sign-in
+    page, whose answer would replace the session's CSRF token under a form being filled in."""
+    return Response(status=204, headers={"Cache-Control": "max-age=86400"})
+
+
 @blueprint.route("/logout", methods=["POST"])
 def logout() -> Any:
     session.clear()

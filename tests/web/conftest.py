@@ -24,6 +24,7 @@ from tests.admin.conftest import config, db_url, env, service, service_for  # no
 
 ROOT_PASSWORD = "root-password-123"
 VIEWER_PASSWORD = "viewer-password-123"
+LOCKED_PASSWORD = "locked-password-123"  # the user the throttling tests lock out
 RESELLER_PASSWORD = "Reseller-pass-1"
 ACME, ACME_SUB, OTHER = "2100000001", "2100000002", "2200000001"
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -35,6 +36,7 @@ def web_settings(**overrides: Any) -> WebSettings:
         "users": {
             "root": "admin:" + hash_secret(ROOT_PASSWORD, n=2**10),
             "viewer": "readonly:" + hash_secret(VIEWER_PASSWORD, n=2**10),
+            "locked": "admin:" + hash_secret(LOCKED_PASSWORD, n=2**10),
         },
         "login_window_seconds": 600,
     }

@@ -465,7 +465,7 @@ def test_explain_shows_the_engines_decision(admin: Browser, web_config: Any) -> 
     _create(admin, "5565000001", create_sip_device="yes", sip_username="expl5565")
     publish_once(web_config)
     page = admin.text(admin.get("/customers/5565000001/explain?dest=442071234567&sip_user=expl5565"))
-    assert "<h4>Steps</h4>" in page
-    assert "Accepted" in page or "Rejected" in page
-    # a zero balance prepaid customer: the engine refuses for funds
-    assert "Rejected" in page and "identify" in page.lower()
+    # a prepaid customer with nothing on its balance: identified by its device, refused for funds
+    assert "Rejected: NO_SUFFICIENT_FUND" in page
+    assert "<strong>identify</strong>: account found via SIP device expl5565" in page
+    assert "SIP 402" in page
