@@ -1,4 +1,4 @@
-""""Why was this call rejected?": `callgate explain` for one account, from its page.
+""" "Why was this call rejected?": `callgate explain` for one account, from its page.
 
 The call is identified only by the account's own data (one of its SIP devices, or an address
 inside one of its IP-map networks), and the answer is shown only when the engine identifies the

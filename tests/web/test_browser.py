@@ -252,7 +252,8 @@ def test_read_only_user_cannot_change_anything(page: Any) -> None:
     # a write forced through the page's own form is refused by the server
     page.evaluate(
         "(() => { const f = document.querySelector('form.account-form');"
-        " const b = document.createElement('button'); b.type = 'submit'; b.id = 'force'; f.appendChild(b); })()"
+        " const b = document.createElement('button'); b.type = 'submit'; b.id = 'force';"
+        " f.appendChild(b); })()"
     )
     page.get_by_label("Company").fill("Changed")
     with page.expect_navigation():
