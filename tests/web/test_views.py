@@ -551,3 +551,44 @@ def test_explain_shows_the_engines_decision(admin: Browser, web_config: Any) -> 
     assert "Rejected: NO_SUFFICIENT_FUND" in page
     assert "<strong>identify</strong>: account found via SIP device expl5565" in page
     assert "SIP 402" in page
+
+
+def test_long_work_never_blocks_the_page(admin: Browser, db_url: str) -> None:
+    """A mass create of 10,000 runs while the grid and the progress answer; prints the numbers
+    quoted in docs/web-admin.md (run with -s)."""
+    import time
+
+    admin.get("/customers/mass-create")
+    started = time.monotonic()
+    response = admin.post(
+        "/customers/mass-create",
+        {"count": "10000", "prefix": "78", "account_length": "10", "rate_group": "retail", "generate_pin": "yes"},
+    )
+    assert response.status_code == 303
+    job_id = response.headers["Location"].rsplit("/", 1)[-1]
+    answered_while_running, slowest = 0, 0.0
+    progress_seen: set[int] = set()
+    while True:
+        before = time.monotonic()
+        grid = admin.get("/customers?per_page=100")
+        status = admin.get(f"/jobs/{job_id}.json").get_json()
+        slowest = max(slowest, time.monotonic() - before)
+        assert grid.status_code == 200
+        if status["state"] != "running":
+            break
+        answered_while_running += 1
+        progress_seen.add(status["done"])
+        assert time.monotonic() - started < 600, "the mass create did not finish"
+        time.sleep(0.2)
+    assert status["state"] == "done", status
+    assert answered_while_running >= 1  # the pages answered while the job ran
+    assert len(progress_seen) >= 2 or answered_while_running == 1  # progress moved between polls
+    print(
+        f"\nmass create of 10,000: {time.monotonic() - started:.1f} s; {answered_while_running} grid+progress"
+        f" answers while it ran, slowest pair {slowest * 1000:.0f} ms"
+    )
+    assert query(db_url, "SELECT count(*) FROM accounts WHERE number LIKE %s AND NOT deleted", ["78%"]) == [
+        (10000,)
+    ]
+    first = admin.text(admin.get(f"/jobs/{job_id}"))
+    assert first.count("<tr><td><a href=") == 10000  # every generated PIN, once
