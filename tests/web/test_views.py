@@ -592,3 +592,30 @@ def test_long_work_never_blocks_the_page(admin: Browser, db_url: str) -> None:
     ]
     first = admin.text(admin.get(f"/jobs/{job_id}"))
     assert first.count("<tr><td><a href=") == 10000  # every generated PIN, once
+
+
+def test_a_session_ends_when_the_reseller_cannot_sign_in_any_more(browser_for: Make, db_url: str) -> None:
+    from engine.db.hashing import hash_secret
+
+    sub = browser_for(ACME_SUB, RESELLER_PASSWORD)
+    assert sub.get("/customers").status_code == 200
+    query(db_url, "UPDATE accounts SET password_hash = %s WHERE number = %s RETURNING id",
+          [hash_secret("Another-pass-2", n=2**10), ACME_SUB])  # fmt: skip
+    assert sub.get("/customers").status_code == 302  # a new password ends the old sessions
+    again = browser_for(ACME_SUB, "Another-pass-2")
+    query(db_url, "UPDATE accounts SET status = 'inactive' WHERE number = %s RETURNING id", [ACME_SUB])
+    try:
+        assert again.get("/customers").status_code == 302  # so does deactivation
+    finally:
+        query(db_url, "UPDATE accounts SET status = 'active', password_hash = %s WHERE number = %s RETURNING id",
+              [hash_secret(RESELLER_PASSWORD, n=2**10), ACME_SUB])  # fmt: skip
+
+
+def test_pages_are_hardened_and_odd_urls_are_not_found(admin: Browser) -> None:
+    response = admin.get("/customers")
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+    assert response.headers["Cache-Control"] == "no-store"
+    for path in ("/customers/12ab", "/customers/" + "9" * 40, "/customers/5551000000/nope", "/jobs/unknown"):
+        assert admin.get(path).status_code == 404, path
+    assert admin.get("/favicon.ico").status_code == 204
