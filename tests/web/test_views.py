@@ -562,7 +562,13 @@ def test_long_work_never_blocks_the_page(admin: Browser, db_url: str) -> None:
     started = time.monotonic()
     response = admin.post(
         "/customers/mass-create",
-        {"count": "10000", "prefix": "78", "account_length": "10", "rate_group": "retail", "generate_pin": "yes"},
+        {
+            "count": "10000",
+            "prefix": "78",
+            "account_length": "10",
+            "rate_group": "retail",
+            "generate_pin": "yes",
+        },
     )
     assert response.status_code == 303
     job_id = response.headers["Location"].rsplit("/", 1)[-1]
@@ -599,16 +605,22 @@ def test_a_session_ends_when_the_reseller_cannot_sign_in_any_more(browser_for: M
 
     sub = browser_for(ACME_SUB, RESELLER_PASSWORD)
     assert sub.get("/customers").status_code == 200
-    query(db_url, "UPDATE accounts SET password_hash = %s WHERE number = %s RETURNING id",
-          [hash_secret("Another-pass-2", n=2**10), ACME_SUB])  # fmt: skip
+    query(
+        db_url,
+        "UPDATE accounts SET password_hash = %s WHERE number = %s RETURNING id",
+        [hash_secret("Another-pass-2", n=2**10), ACME_SUB],
+    )
     assert sub.get("/customers").status_code == 302  # a new password ends the old sessions
     again = browser_for(ACME_SUB, "Another-pass-2")
     query(db_url, "UPDATE accounts SET status = 'inactive' WHERE number = %s RETURNING id", [ACME_SUB])
     try:
         assert again.get("/customers").status_code == 302  # so does deactivation
     finally:
-        query(db_url, "UPDATE accounts SET status = 'active', password_hash = %s WHERE number = %s RETURNING id",
-              [hash_secret(RESELLER_PASSWORD, n=2**10), ACME_SUB])  # fmt: skip
+        query(
+            db_url,
+            "UPDATE accounts SET status = 'active', password_hash = %s WHERE number = %s RETURNING id",
+            [hash_secret(RESELLER_PASSWORD, n=2**10), ACME_SUB],
+        )
 
 
 def test_pages_are_hardened_and_odd_urls_are_not_found(admin: Browser) -> None:
