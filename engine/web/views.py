@@ -31,7 +31,7 @@ from engine.admin import csvio
 from engine.admin import schemas as s
 from engine.admin.errors import FieldError, NotFound, ValidationFailed
 from engine.admin.service import AdminService
-from engine.web import auth, forms, tabs
+from engine.web import auth, billing, forms, tabs
 from engine.web.app import db, ext, new_csrf_token, page_error, service
 from engine.web.jobs import Busy, Job
 
@@ -467,7 +467,7 @@ def account_tab(number: str, tab: str) -> Any:
         return _list_tab(number, tabs.LIST_BY_SLUG[tab])
     if tab in tabs.SINGLE_BY_SLUG:
         return _single_tab(number, tabs.SINGLE_BY_SLUG[tab])
-    pages = {"refills": _refills_tab, "charges": _charges_tab, "cdrs": _billing_tab, "emails": _billing_tab,
+    pages = {"refills": _refills_tab, "charges": _charges_tab, "cdrs": _cdrs_tab, "emails": _emails_tab,
              "audit": _audit_tab, "explain": _explain_tab}  # fmt: skip
     if tab not in pages:
         abort(404)
@@ -597,7 +597,12 @@ def _money_tab(number: str, tab: str, kind: str | None, model: type[s._In], erro
     context = _tab_context(number, tab, svc)
     query, problem = _ledger_query(request.args, kind)
     ledger = svc.ledger(number, query) if query is not None else None
-    return _render("money_tab.html", status, ledger=ledger, problem=problem,
+    full_statement = None
+    if kind is None and billing.AVAILABLE and query is not None:  # calls included
+        full_statement = _billing_call(
+            lambda: billing.statement(db(), _user().reseller_id, number, query.since, query.until)
+        )
+    return _render("money_tab.html", status, ledger=ledger, problem=problem, full_statement=full_statement,
                    controls=forms.controls(model, values, errors),
                    other_errors=forms.unplaced_errors(model, errors),
                    statement=kind is None, **context)  # fmt: skip
@@ -628,10 +633,62 @@ def money_post(number: str, tab: str) -> Any:
     return redirect(url_for("web.account_tab", number=number, tab=tab, done="saved"), code=303)
 
 
-def _billing_tab(number: str, tab: str) -> Any:
+def _cdrs_tab(number: str, tab: str) -> Any:
     svc = service()
     context = _tab_context(number, tab, svc)
-    return _render("billing_tab.html", **context)
+    if not billing.AVAILABLE:
+        return _render("billing_tab.html", **context)
+    found, form = billing.cdr_filter(number, request.args)
+    page = None
+    if found is not None:
+        page = _billing_call(lambda: billing.list_cdrs(db(), _user().reseller_id, found,
+                                                       _int(request.args.get("page"), 1)))  # fmt: skip
+    last_page = max(1, -(-page.total // page.page_size)) if page else 1
+    return _render("cdrs_tab.html", 422 if form.problem else 200, cdrs=page, form=form, last_page=last_page,
+                   columns=billing.columns(_user().reseller_id), directions=billing.DIRECTIONS,
+                   **context)  # fmt: skip
+
+
+@blueprint.route("/customers/<number>/cdrs.csv")
+def cdrs_csv(number: str) -> Any:
+    number = _number(number)
+    service().get_account(number)  # scope first
+    if not billing.AVAILABLE:
+        abort(404)
+    found, form = billing.cdr_filter(number, request.args)
+    if found is None:
+        return page_error(422, form.problem)
+    conn, reseller_id = _connect(), _user().reseller_id
+
+    def lines() -> Iterator[str]:
+        try:
+            yield from billing.cdr_csv(conn, reseller_id, found)
+        finally:
+            conn.close()
+
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return Response(
+        stream_with_context(lines()),
+        mimetype="text/csv",
+        headers={"Content-Disposition": f'attachment; filename="cdrs-{number}-{stamp}.csv"'},
+    )
+
+
+def _emails_tab(number: str, tab: str) -> Any:
+    svc = service()
+    context = _tab_context(number, tab, svc)
+    if not billing.AVAILABLE:
+        return _render("billing_tab.html", **context)
+    emails = _billing_call(lambda: billing.email_log(db(), _user().reseller_id, number))
+    return _render("emails_tab.html", emails=emails, **context)
+
+
+def _billing_call(call: Any) -> Any:
+    """An accounting service call; its "not found" is the admin's (a 404 page)."""
+    try:
+        return call()
+    except billing.not_found_type() as exc:
+        raise NotFound(str(exc)) from None
 
 
 def _audit_tab(number: str, tab: str) -> Any:
