@@ -140,8 +140,9 @@ class Throttle:
     whether the password is right or not); a successful sign-in clears the name's failures, not the
     source's."""
 
-    def __init__(self, per_name: int, per_source: int, window: float) -> None:
+    def __init__(self, per_name: int, per_source: int, window: float, max_keys: int = 100_000) -> None:
         self.limits = {"name": per_name, "source": per_source}
+        self.max_keys = max_keys
         self.window = window
         self._failures: dict[tuple[str, str], deque[float]] = defaultdict(deque)
         self._lock = threading.Lock()
@@ -168,8 +169,20 @@ class Throttle:
     def failed(self, name: str, source: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         with self._lock:
+            if len(self._failures) >= self.max_keys:
+                self._forget_old(now)
             for key in (("name", name.lower()), ("source", source)):
                 self._recent(key, now).append(now)
+
+    def _forget_old(self, now: float) -> None:
+        """Bound the memory a flood of made-up names costs: drop keys with no failure left in the
+        window, then (still full) the keys whose last failure is oldest."""
+        for key in [k for k, times in self._failures.items() if not times or times[-1] <= now - self.window]:
+            del self._failures[key]
+        if len(self._failures) >= self.max_keys:
+            by_age = sorted(self._failures, key=lambda k: self._failures[k][-1])
+            for key in by_age[: len(by_age) - self.max_keys // 2]:
+                del self._failures[key]
 
     def succeeded(self, name: str) -> None:
         with self._lock:

@@ -631,3 +631,87 @@ def test_pages_are_hardened_and_odd_urls_are_not_found(admin: Browser) -> None:
     for path in ("/customers/12ab", "/customers/" + "9" * 40, "/customers/5551000000/nope", "/jobs/unknown"):
         assert admin.get(path).status_code == 404, path
     assert admin.get("/favicon.ico").status_code == 204
+
+
+def test_throttle_memory_is_bounded() -> None:
+    throttle = Throttle(3, 1000, 60, max_keys=100)
+    for n in range(1000):
+        throttle.failed(f"made-up-{n}", "10.0.0.1", now=float(n) / 100)
+    assert len(throttle._failures) <= 100
+    assert throttle.retry_after("10.0.0.1", "10.0.0.1", now=10.0) > 0  # the source's count survives
+
+
+def test_hash_password_command_prints_a_users_entry(
+    capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    from engine.cli import main
+    from engine.config import WebSettings
+    from engine.db.hashing import verify_secret
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("a-long-staff-password\n"))
+    assert main(["web", "hash-password", "alice", "--role", "readonly"]) == 0
+    line = capsys.readouterr().out.strip()
+    name, _, value = line.partition(" = ")
+    role, _, stored = value.strip('"').partition(":")
+    assert (name, role) == ("alice", "readonly") and verify_secret("a-long-staff-password", stored)
+    assert WebSettings(users={name: value.strip('"')}).users[name].startswith("readonly:")
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert main(["web", "hash-password", "bob"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"secret_key": "short"}, "secret_key must be at least 32"),
+        ({"users": {"1234": "admin:scrypt$x"}}, "not a user name"),
+        ({"users": {"alice": "owner:scrypt$x"}}, "expected '<admin|readonly>:<scrypt hash>'"),
+        ({"cookie_secure": "sometimes"}, "cookie_secure"),
+        ({"max_jobs": 0}, "max_jobs"),
+    ],
+)
+def test_bad_web_settings_are_refused_at_start(settings: dict[str, Any], message: str) -> None:
+    from engine.config import ConfigError, WebSettings
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        WebSettings(**settings)
+
+
+def test_a_reseller_listed_read_only_changes_nothing(web_config: Any, db_url: str) -> None:
+    import dataclasses
+
+    from engine.web.app import create_app
+    from tests.web.conftest import web_settings
+
+    app = create_app(dataclasses.replace(web_config, web=web_settings(readonly_resellers=(ACME,))))
+    browser = Browser(app.test_client())
+    assert browser.login(ACME, RESELLER_PASSWORD).status_code == 302
+    page = browser.text(browser.get("/customers"))
+    assert "reseller 2100000001, read-only" in page and "Create customer" not in page
+    refused = browser.post("/customers/mass-create", {"count": "1", "prefix": "7", "account_length": "8"})
+    assert refused.status_code == 403
+
+
+def test_a_session_ends_after_session_minutes(admin: Browser, monkeypatch: Any) -> None:
+    import time as clock
+
+    assert admin.get("/customers").status_code == 200
+    later = clock.time() + 481 * 60
+    monkeypatch.setattr("engine.web.app.time.time", lambda: later)
+    assert admin.get("/customers").status_code == 302
+
+
+def test_an_upload_larger_than_the_limit_gets_a_page(web_config: Any) -> None:
+    import dataclasses
+
+    from engine.web.app import create_app
+    from tests.web.conftest import ROOT_PASSWORD, web_settings
+
+    app = create_app(dataclasses.replace(web_config, web=web_settings(max_upload_mb=1)))
+    browser = Browser(app.test_client())
+    browser.login("root", ROOT_PASSWORD)
+    browser.get("/customers/import")
+    big = io.BytesIO(b"Account,First Name,Email,Rate Group\n" + b"1,a,b@c.de,retail\n" * 70000)
+    response = browser.post(
+        "/customers/import", {"file": (big, "big.csv")}, content_type="multipart/form-data"
+    )
+    assert response.status_code == 413 and "larger than this server accepts" in browser.text(response)
