@@ -390,7 +390,7 @@ def test_read_only_users_change_nothing(browser_for: Make, db_url: str) -> None:
     assert "Create customer" not in page and "Delete selected" not in page and "Export CSV" in page
     viewer.get("/customers/new")  # a page, but nothing can be sent from it
     before = query(db_url, "SELECT count(*) FROM audit_log")
-    for path, form in [
+    writes: list[tuple[str, dict[str, Any]]] = [
         (
             "/customers/new",
             {"number": "5561000001", "first_name": "X", "email": "r@example.com", "rate_group": "retail"},
@@ -401,7 +401,8 @@ def test_read_only_users_change_nothing(browser_for: Make, db_url: str) -> None:
             "/customers/mass-create",
             {"count": "1", "prefix": "7", "account_length": "8", "rate_group": "retail"},
         ),
-    ]:
+    ]
+    for path, form in writes:
         response = viewer.post(path, form)
         assert response.status_code == 403 and "read-only" in viewer.text(response), path
     assert query(db_url, "SELECT count(*) FROM audit_log") == before
