@@ -124,8 +124,14 @@ def controls(
     values: Mapping[str, Any] | None = None,
     errors: Iterable[FieldError] = (),
     only: Sequence[str] | None = None,
+    *,
+    editing: bool = False,
 ) -> list[Control]:
-    """One control per field of `model` (or of `only`, in that order) with values and errors."""
+    """One control per field of `model` (or of `only`, in that order) with values and errors.
+
+    `editing`: an edit form of an existing row, whose update model makes every field optional
+    only so that a field can be left out: a select then offers no empty choice for a field that
+    has a value (choosing it would only be refused as null)."""
     values = values or {}
     by_field: dict[str, str] = {}
     for error in errors:
@@ -137,6 +143,10 @@ def controls(
         if info is None:
             continue
         inner, nullable = _unwrap(info.annotation)
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        value = values.get(name, default)
+        if editing and value not in (None, ""):
+            nullable = False
         kind, options = "text", []
         if inner is bool:
             kind = "select"
@@ -149,8 +159,6 @@ def controls(
             kind = "number"
         if name in SECRET_FIELDS:
             kind = "password"
-        default = None if info.is_required() else info.get_default(call_default_factory=True)
-        value = values.get(name, default)
         out.append(
             Control(
                 name=name,
@@ -171,14 +179,16 @@ def sections(
     values: Mapping[str, Any],
     errors: Iterable[FieldError],
     layout: Sequence[tuple[str, Sequence[str]]] = CUSTOMER_SECTIONS,
+    *,
+    editing: bool = False,
 ) -> list[tuple[str, list[Control]]]:
     """The customer form's controls in ASTPP's sections; fields no section names come last."""
     errors = list(errors)
     placed = {name for _, names in layout for name in names}
     rest = [name for name in model.model_fields if name not in placed]
-    groups = [(title, controls(model, values, errors, names)) for title, names in layout]
+    groups = [(title, controls(model, values, errors, names, editing=editing)) for title, names in layout]
     if rest:
-        groups.append(("Other", controls(model, values, errors, rest)))
+        groups.append(("Other", controls(model, values, errors, rest, editing=editing)))
     return [(title, group) for title, group in groups if group]
 
 

@@ -447,7 +447,7 @@ def account(number: str) -> Any:
         422 if errors else 200,
         title=f"Account {number}",
         account=current,
-        sections=forms.sections(model, values, errors),
+        sections=forms.sections(model, values, errors, editing=True),
         other_errors=forms.unplaced_errors(model, errors),
         action=url_for("web.account", number=number),
         button="Save",
@@ -534,7 +534,7 @@ def tab_edit(number: str, tab: str, key: str) -> Any:
         else:
             return redirect(url_for("web.account_tab", number=number, tab=tab, done="saved"), code=303)
     return _render("edit_row.html", 422 if errors else 200, tab=spec, key=key,
-                   controls=forms.controls(spec.update_model, values, errors),
+                   controls=forms.controls(spec.update_model, values, errors, editing=True),
                    other_errors=forms.unplaced_errors(spec.update_model, errors), **context)  # fmt: skip
 
 
