@@ -39,15 +39,23 @@ class EngineSettings:
     reuse_port: bool = False  # SO_REUSEPORT: several processes on one port
     connect_timeout: float = 2.0  # FreeSWITCH's reply to `connect`
     decision_deadline: float = 0.5  # channel data in -> decision written
-    reply_timeout: float = 2.0  # waiting for each +OK
+    reply_timeout: float = 2.0  # replies still missing after this are logged; the call is still followed
     hangup_timeout: float = 14400.0  # socket kept this long at most waiting for CHANNEL_HANGUP_COMPLETE
     snapshot_max_age: float = 5.0  # refuse to decide on a snapshot not confirmed for this long
     snapshot_poll_interval: float = 1.0
     max_frame_bytes: int = 1048576
     gc_young_threshold: int = 5000  # engine.gcpolicy; 0 = CPython's defaults
     gc_full_interval: float = 300.0  # seconds between full collections (with gc_young_threshold > 0)
+    # Source networks FreeSWITCH connects from (CIDRs); a connection from elsewhere is closed at
+    # accept. Empty: any source (then firewall the port: see docs/call-session.md).
+    allowed_networks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        for cidr in self.allowed_networks:
+            try:
+                ipaddress.ip_network(cidr.strip(), strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"engine.allowed_networks: {cidr!r} is not an IP network") from exc
         if self.gc_young_threshold < 0:
             raise ConfigError(f"engine.gc_young_threshold must be >= 0, not {self.gc_young_threshold}")
         if self.gc_full_interval <= 0:
@@ -137,7 +145,7 @@ class AdminSettings:
 
     # `callgate api`: where the JSON HTTP API listens
     listen_host: str = "127.0.0.1"
-    listen_port: int = 8085
+    listen_port: int = 8089  # never an engine port (8084, 8086 in dialplan/callgate.xml)
     # generated account numbers (ASTPP's card_length / starting_digit)
     account_number_length: int = 10
     account_number_start_digit: str = ""  # digits every generated number starts with; "" = any of 1-9

@@ -52,6 +52,8 @@ def limit_reason(result: LimitResult) -> Reason | None:
     """The reject reason of a refused limits result (None when admitted)."""
     if result.admitted:
         return None
+    if result.funds_level is not None:
+        return Reason.NO_SUFFICIENT_FUND  # open calls hold the rest of the funds (engine.state.funds)
     if result.level is None:
         return Reason.TERMINATION_RATE_NOT_FOUND  # every candidate trunk is full (§6)
     return Reason.CPS_LIMIT if result.kind is LimitKind.CPS else Reason.CONCURRENT_LIMIT

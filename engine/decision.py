@@ -1,10 +1,14 @@
-"""What a call decision is: the rules' output, read by the socket shell and by `explain`."""
+"""What a call decision is: the rules' output, read by the socket shell and by `explain`.
+
+Structured only: no FreeSWITCH syntax lives here (engine.call.render writes it).
+"""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import NamedTuple
 
 
 class Reason(enum.StrEnum):
@@ -69,6 +73,47 @@ class RatedLevel:
     max_duration: int  # seconds this level can afford (capped)
 
 
+# Legs are NamedTuples, not frozen dataclasses: a call builds one per gateway of every
+# route, and a NamedTuple is built in a fraction of the time (measured: 0.3 vs 1.6 us).
+
+
+class LegCallerId(NamedTuple):
+    """The caller ID one leg presents when it differs from the call's."""
+
+    number: str
+    name: str
+
+
+class GatewayLeg(NamedTuple):
+    """Dial ``number`` through the carrier gateway named ``gateway``."""
+
+    gateway: str
+    number: str
+    timeout: int  # seconds the leg may ring before the next one is tried
+    codecs: tuple[str, ...] = ()  # offered codecs, in order; () leaves the switch's default
+    caller_id: LegCallerId | None = None  # None: the call's own caller ID
+
+
+class DeviceLeg(NamedTuple):
+    """Ring the on-net SIP device ``username`` registered in directory ``domain``."""
+
+    username: str
+    domain: str
+    timeout: int
+
+
+class UriLeg(NamedTuple):
+    """Send the call to a SIP URI through the switch's SIP profile ``profile``."""
+
+    profile: str
+    uri: str
+    timeout: int
+
+
+OnNetLeg = DeviceLeg | UriLeg
+Leg = GatewayLeg | DeviceLeg | UriLeg
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     trunk_id: int
@@ -79,7 +124,7 @@ class Route:
     number: str  # destination as sent to the carrier (after trunk/provider/rate rules)
     caller_id_number: str
     caller_id_name: str
-    targets: tuple[str, ...]  # one dial target per gateway: primary first, then failovers
+    targets: tuple[GatewayLeg, ...]  # one leg per gateway: primary first, then failovers
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +139,7 @@ class Accept:
     levels: tuple[RatedLevel, ...]  # one per chain member (empty for free local/inbound legs)
     max_duration: int  # seconds; the minimum over the chain
     routes: tuple[Route, ...]
-    bridge_targets: tuple[str, ...] = ()  # local/inbound device or URI legs when not routed via trunks
+    bridge_targets: tuple[OnNetLeg, ...] = ()  # local/inbound device or URI legs when not routed via trunks
     did_id: int | None = None
     steps: tuple[Step, ...] = ()
     caller_id_changed: bool = False  # the rules rewrote the caller ID: set effective_caller_id_*
@@ -107,10 +152,11 @@ class Accept:
     callee_account_id: int | None = None
 
     @property
-    def dial_string(self) -> str:
-        """Sequential failover across every route's gateways (decision-rules §6)."""
-        targets = [t for route in self.routes for t in route.targets] or list(self.bridge_targets)
-        return "|".join(targets)
+    def legs(self) -> tuple[Leg, ...]:
+        """Every leg in dialling order: each route's gateways (sequential failover,
+        decision-rules §6), else the on-net legs. Rendered by engine.call.render."""
+        legs: tuple[Leg, ...] = tuple(leg for route in self.routes for leg in route.targets)
+        return legs or self.bridge_targets
 
 
 @dataclass(frozen=True, slots=True)

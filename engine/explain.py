@@ -19,12 +19,12 @@ from typing import Any
 
 import redis
 
+from engine.call.render import channel_variables, dial_string, reject_variables
 from engine.config import Config, rules_config
 from engine.decider import Decider
 from engine.decision import Accept, Decision
 from engine.model import CallRequest
 from engine.rules.catalog import Catalog
-from engine.rules.variables import channel_variables, reject_variables
 from engine.state.limits import LimitsBackend, LimitsUnavailable
 from engine.state.limits.redis import Limiter
 from engine.state.snapshot import SnapshotUnavailable, read_snapshot
@@ -85,7 +85,7 @@ def decision_document(decision: Decision, config: Config, snapshot_version: int)
     document["result"] = "accept" if isinstance(decision, Accept) else "reject"
     document["snapshot_version"] = snapshot_version
     if isinstance(decision, Accept):
-        document["dial_string"] = decision.dial_string
+        document["dial_string"] = dial_string(decision)
         document["variables"] = dict(channel_variables(decision))
     else:
         code, text = rules_config(config.rules).sip_response(decision.reason)

@@ -83,7 +83,7 @@ DEGRADED_CAUSES = (
     "internal_error",  # the decision raised
     OTHER,
 )
-SOCKET_ERROR_KINDS = ("protocol", "timeout", "gone")
+SOCKET_ERROR_KINDS = ("protocol", "timeout", "gone", "late_replies", "refused")
 LIMIT_LEVELS = tuple(level.value for level in LevelKind)
 LIMIT_KINDS = tuple(kind.value for kind in LimitKind)
 FAIL_OPEN_OUTCOMES = ("admitted", "refused")
@@ -91,7 +91,7 @@ SNAPSHOT_UPDATE_KINDS = ("full", "change")
 # Redis round trips, by what they are for.
 REDIS_OPERATIONS = ("limits", "release", "snapshot", "reconcile", "resync", "ping")
 
-# Prefixes of the ENGINE_DEGRADED details written by engine.decider and engine.authorize.
+# Prefixes of the ENGINE_DEGRADED details written by engine.decider and engine.call.driver.
 _DEGRADED_DETAILS = (
     ("no snapshot", "no_snapshot"),
     ("snapshot unconfirmed", "stale_snapshot"),

@@ -76,6 +76,9 @@ class Account:
     max_channels: int = 0  # 0 = unlimited
     cps: int = 0  # 0 = unlimited
     codecs: str = ""  # comma list used when the trunk has none; "" = FreeSWITCH default
+    # The call debits PostgreSQL has applied to ``balance`` (same row version): what Redis
+    # settled beyond this is not in ``balance`` yet (engine.billing.funds).
+    calls_debited: Decimal = Decimal(0)
 
     @property
     def usable(self) -> bool:

@@ -16,12 +16,8 @@ Safety rules:
   Redis), since a switch listed a moment before the admission cannot show them yet.
   Switches are listed before the registry is read, for the same reason.
 
-The inbound-socket client here is deliberately small: connect, ``auth``,
-``api show channels as delim |``, ``exit``, one overall deadline. It uses the standard
-``socket`` module, which is cooperative once gevent has monkey-patched the process (the
-engine does), and the engine's own sans-I/O parser. greenswitch's ``InboundESL`` was not
-used because it has no deadline on command replies (``send`` waits forever when a
-reply never comes) and spawns reader greenlets per connection.
+The switches are listed with ``api show channels as delim |`` through the small
+inbound-socket client of engine.esl.inbound (one overall deadline per switch).
 
 ``show channels`` output (mod_commands): a header line of column names joined by the
 delimiter (``uuid`` first), one line per channel, an empty line and ``N total.``; with
@@ -33,14 +29,11 @@ one-character delimiter. A value holding a newline can split a row in two; the e
 
 from __future__ import annotations
 
-import contextlib
 import re
-import socket
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from engine.esl.protocol import EslParser, Frame, ProtocolError, command
+from engine.esl.inbound import InboundError, api
 from engine.state.limits import LimitsBackend, LimitsUnavailable
 
 __all__ = [
@@ -52,7 +45,7 @@ __all__ = [
     "reconcile",
 ]
 
-SHOW_CHANNELS = "api show channels as delim |"
+SHOW_CHANNELS = "show channels as delim |"
 MAX_REPLY_BYTES = 256 * 1024 * 1024  # ~100k channels at ~1 KiB a row, with room to spare
 
 _TOTAL = re.compile(r"^(\d+) total\.$")
@@ -88,84 +81,20 @@ class ReconcileReport:
 # --------------------------------------------------------------------------- ESL client
 
 
-class _Inbound:
-    def __init__(self, sock: socket.socket, deadline: float, where: str) -> None:
-        self._sock = sock
-        self._deadline = deadline
-        self._where = where
-        self._parser = EslParser(max_body_bytes=MAX_REPLY_BYTES)
-        self._frames: list[Frame] = []
-
-    def send(self, data: bytes) -> None:
-        try:
-            self._sock.sendall(data)
-        except OSError as exc:
-            raise SwitchUnavailable(f"{self._where}: send failed: {exc}") from exc
-
-    def frame(self) -> Frame:
-        while not self._frames:
-            remaining = self._deadline - time.monotonic()
-            if remaining <= 0:
-                raise SwitchUnavailable(f"{self._where}: no reply before the deadline")
-            self._sock.settimeout(remaining)
-            try:
-                data = self._sock.recv(262144)
-            except TimeoutError as exc:
-                raise SwitchUnavailable(f"{self._where}: no reply before the deadline") from exc
-            except OSError as exc:
-                raise SwitchUnavailable(f"{self._where}: receive failed: {exc}") from exc
-            if not data:
-                raise SwitchUnavailable(f"{self._where}: connection closed by the switch")
-            try:
-                self._frames += self._parser.feed(data)
-            except ProtocolError as exc:
-                raise SwitchUnavailable(f"{self._where}: not ESL: {exc}") from exc
-        frame = self._frames.pop(0)
-        if frame.content_type in ("text/disconnect-notice", "text/rude-rejection"):
-            text = frame.body.decode("utf-8", "replace").strip()
-            raise SwitchUnavailable(f"{self._where}: switch refused or closed: {text[:120]}")
-        return frame
-
-    def reply(self, content_type: str) -> Frame:
-        """The next frame of ``content_type``, skipping events and log lines."""
-        while True:
-            frame = self.frame()
-            if frame.content_type == content_type:
-                return frame
-
-
 def list_live_channels(
     host: str, port: int = 8021, password: str = "ClueCon", timeout: float = 5.0
 ) -> set[str]:
     """The uuids of every channel FreeSWITCH at ``host:port`` has up (inbound socket).
 
     Raises SwitchUnavailable on any failure; ``timeout`` bounds the whole exchange."""
-    where = f"{host}:{port}"
-    deadline = time.monotonic() + timeout
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:
-        raise SwitchUnavailable(f"{where}: connect failed: {exc}") from exc
-    with sock:
-        client = _Inbound(sock, deadline, where)
-        greeting = client.frame()
-        if greeting.content_type != "auth/request":
-            raise SwitchUnavailable(f"{where}: expected auth/request, got {greeting.content_type!r}")
-        try:
-            client.send(command(f"auth {password}"))
-        except ValueError as exc:
-            raise SwitchUnavailable(f"{where}: unusable password") from exc
-        answer = client.reply("command/reply")
-        if not answer.reply_ok():
-            raise SwitchUnavailable(f"{where}: auth refused: {answer.reply_text}")
-        client.send(command(SHOW_CHANNELS))
-        body = client.reply("api/response").body.decode("utf-8", "replace")
-        with contextlib.suppress(SwitchUnavailable):
-            client.send(command("exit"))
+        body = api(host, port, password, SHOW_CHANNELS, timeout=timeout, max_reply_bytes=MAX_REPLY_BYTES)
+    except InboundError as exc:
+        raise SwitchUnavailable(str(exc)) from exc
     try:
         return parse_show_channels(body)
     except ValueError as exc:
-        raise SwitchUnavailable(f"{where}: {exc}") from exc
+        raise SwitchUnavailable(f"{host}:{port}: {exc}") from exc
 
 
 def parse_show_channels(text: str) -> set[str]:

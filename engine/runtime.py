@@ -11,6 +11,8 @@ import os
 import resource
 import signal
 import socket
+import time
+from collections.abc import Callable
 from datetime import datetime
 
 import gevent
@@ -19,11 +21,11 @@ import redis
 from gevent.pywsgi import WSGIServer
 
 from engine import gcpolicy
-from engine.authorize import CallHandler
+from engine.call.driver import CallHandler, CallRecord
 from engine.config import Config, rules_config
 from engine.decider import Decider
 from engine.decision import Accept
-from engine.esl.server import CallServer, listening_socket
+from engine.esl.server import CallServer, listening_socket, parse_networks
 from engine.limits_runtime import (
     ReleaseBatcher,
     build_limiter,
@@ -36,6 +38,7 @@ from engine.logs import setup_logging
 from engine.metrics import EngineMetrics, wsgi_app
 from engine.rules.catalog import Catalog
 from engine.rules.gate import first_uses
+from engine.rules.text import show
 from engine.state.direct import DirectConnections
 from engine.state.events import EventPublisher
 from engine.state.limits import FailOpenLimiter
@@ -44,8 +47,32 @@ from engine.state.watcher import SnapshotHolder
 
 log = logging.getLogger("callgate.serve")
 
+REFUSED_LOG_INTERVAL = 10.0  # at most one log line this often about refused connections
 DRAIN_SECONDS = 2.0  # on SIGTERM, calls still being decided get this long to finish
 METRICS_REFRESH_SECONDS = 1.0  # multiprocess mode: how often each process refreshes its gauges
+
+
+class RefusalLog:
+    """Logs refused connections at most once per ``interval`` seconds, with the count since
+    (a scan or a misconfigured switch must not flood the log)."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._next = 0.0
+        self._suppressed = 0
+
+    def note(self, source: str) -> bool:
+        """Count one refusal; True when it was logged."""
+        now = self._clock()
+        if now < self._next:
+            self._suppressed += 1
+            return False
+        more = f" (and {self._suppressed} more refused since the last report)" if self._suppressed else ""
+        log.warning("refused a connection from %s: not in engine.allowed_networks%s", show(source, 64), more)
+        self._suppressed = 0
+        self._next = now + self._interval
+        return True
 
 
 class Engine:
@@ -100,12 +127,28 @@ class Engine:
             decider,
             self.metrics,
             rules,
-            on_end=lambda record: self.releases.release(record.request.uuid),
+            on_end=self._release_call,
         )
-        self.server = CallServer(listener, handler, max_frame_bytes=config.engine.max_frame_bytes)
+        self.refusals = RefusalLog(REFUSED_LOG_INTERVAL)
+        self.server = CallServer(
+            listener,
+            handler,
+            max_frame_bytes=config.engine.max_frame_bytes,
+            allowed=parse_networks(config.engine.allowed_networks),
+            on_refused=self._refused,
+        )
         self.stopping = gevent.event.Event()
         # Set after the drain, not with `stopping`: calls ending during the drain are still released promptly.
         self._releases_stop = gevent.event.Event()
+
+    def _release_call(self, record: CallRecord) -> None:
+        if record.request is not None:
+            self.releases.release(record.request.uuid)
+
+    def _refused(self, peer: tuple[object, ...]) -> None:
+        """A connection from outside engine.allowed_networks, closed at accept."""
+        self.metrics.socket_error("refused")
+        self.refusals.note(str(peer[0]) if peer else "-")
 
     def _record_first_uses(self, accept: Accept, catalog: Catalog, now: datetime) -> None:
         self.events.first_uses(first_uses(accept, catalog, now))
@@ -219,6 +262,18 @@ class Engine:
         self.direct_redis.close()
 
 
+def warn_about_settings(config: Config) -> None:
+    """Settings that work but are known to fail some calls on a real switch."""
+    if config.rules.local_domain.startswith("${"):
+        log.warning(
+            "rules.local_domain is %s: FreeSWITCH expands it per call, and calls without it (from a "
+            "carrier to a DID that rings a SIP device) fail with 480; set the directory domain",
+            config.rules.local_domain,
+        )
+    if not config.engine.allowed_networks:
+        log.info("engine.allowed_networks is empty: any source may connect; firewall the engine port")
+
+
 def raise_file_limit() -> None:
     """Every call up holds a socket: take the hard limit of file descriptors."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -233,6 +288,7 @@ def serve(config: Config, host: str | None = None, port: int | None = None) -> i
     listener = listening_socket(
         host or settings.listen_host, port or settings.listen_port, reuse_port=settings.reuse_port
     )
+    warn_about_settings(config)
     engine = Engine(config, listener)
     engine.start()
     log.info("callgate listening on %s:%s", *listener.getsockname()[:2])

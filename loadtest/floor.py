@@ -21,7 +21,7 @@ import argparse
 import socket
 import sys
 
-from engine.esl.commands import bridge_batch, respond_batch
+from engine.call.render import bridge_batch, respond_batch
 
 READ_SIZE = 65536
 LISTEN_BACKLOG = 4096  # as engine.esl.server

@@ -27,7 +27,8 @@ import sys
 import gevent
 import gevent.event
 
-from engine.esl.commands import UNREAD_EVENTS, multiset_argument
+from engine.call.render import UNREAD_EVENTS
+from engine.esl.commands import multiset_argument
 from loadtest.floor import DIAL_STRING, VARIABLES
 
 HANGUP_TIMEOUT = 4 * 3600.0  # as engine.hangup_timeout

@@ -285,8 +285,9 @@ class LabCall:
 
     @property
     def outcome(self) -> str:
-        if self.callgate.get("callgate_reason"):
-            return self.callgate["callgate_reason"]
+        reason = self.callgate.get("callgate_reason", "")
+        if reason and reason != "ACCEPTED":  # accepted calls carry ACCEPTED (ROUTES_FAILED if all failed)
+            return reason
         if self.answered or self.callgate.get("callgate_account"):
             return "accept"
         if self.job_result.startswith("-ERR"):

@@ -9,10 +9,11 @@ adds a "callgate+P" server, and the ``phases`` scenario runs the engine with ``t
 
 The proposals measured here earlier were adopted and now live in the engine:
 
-* ``lazy-events``: ``engine/authorize.py`` reads an event's few headers one by one (``Frame.event_header``).
-* ``lazy-channel-data``: ``engine/esl/channel.py`` decodes only the CHANNEL_DATA headers it uses.
-* ``multiset``: ``engine/esl/commands.py`` sets a decision's variables with one ``multiset``.
-* ``nixevent``: ``engine/esl/commands.py`` sends ``nixevent`` for the events the engine never reads.
+* ``lazy-events``: ``engine/call/session.py`` reads an event's few headers one by one
+  (``Frame.event_header``).
+* ``lazy-channel-data``: ``engine/call/channel.py`` decodes only the CHANNEL_DATA headers it uses.
+* ``multiset``: ``engine/call/render.py`` sets a decision's variables with one ``multiset``.
+* ``nixevent``: ``engine/call/render.py`` sends ``nixevent`` for the events the engine never reads.
 * ``batch-release``: ``engine.limits_runtime.ReleaseBatcher`` releases slots in pipelined batches.
 
 What remains are the instrumentation patches below, plus whatever proposal is being
@@ -47,10 +48,10 @@ PATCHES = ("timing", "yappi", "gc-log")
 
 # Patches that were adopted into the engine, and where they live: asking for one is an error.
 ADOPTED = {
-    "lazy-events": "engine/authorize.py",
-    "lazy-channel-data": "engine/esl/channel.py",
-    "multiset": "engine/esl/commands.py",
-    "nixevent": "engine/esl/commands.py",
+    "lazy-events": "engine/call/session.py",
+    "lazy-channel-data": "engine/call/channel.py",
+    "multiset": "engine/call/render.py",
+    "nixevent": "engine/call/render.py",
     "batch-release": "engine.limits_runtime.ReleaseBatcher",
 }
 
@@ -78,7 +79,8 @@ def timing_document(rows: Sequence[Sequence[float]], acquires: Sequence[Sequence
 
 
 def patch_timing() -> None:
-    from engine import authorize
+    from engine.call import driver as authorize
+    from engine.call import session as call_session
     from engine.esl import connection
 
     rows: list[tuple[float, float, float, float, float]] = []
@@ -86,7 +88,7 @@ def patch_timing() -> None:
     wall = time.time
     original_send = connection.EslConnection.send
     original_read = connection.EslConnection.read_frame
-    original_request = authorize.call_request
+    original_request = call_session.call_request
     original_decide = authorize.CallHandler._decide_within_deadline
 
     def send(self, data: bytes) -> None:
@@ -114,11 +116,12 @@ def patch_timing() -> None:
             conn._t.append(clock())
         return request
 
-    def decide(self, record) -> None:
+    def decide(self, request):
         conn = getattr(authorize, "_current_conn", None)
-        original_decide(self, record)
+        outcome = original_decide(self, request)
         if conn is not None and len(conn.__dict__.get("_t", ())) == 3:
             conn._t.append(clock())
+        return outcome
 
     from engine.state import limits
 
@@ -135,7 +138,7 @@ def patch_timing() -> None:
     limits.Limiter.acquire = acquire
     connection.EslConnection.send = send
     connection.EslConnection.read_frame = read_frame
-    authorize.call_request = call_request
+    call_session.call_request = call_request
     authorize.CallHandler._decide_within_deadline = decide
 
     def dump() -> None:

@@ -62,6 +62,8 @@ SLOW_TESTS = frozenset(
         "tests/test_loadtest.py::test_lab_driver_against_an_emulated_inbound_socket",
         "tests/test_loadtest.py::test_open_loop_run_against_the_floor",
         "tests/test_metrics.py::test_multiprocess_totals_survive_a_killed_and_a_restarted_process",
+        "tests/billing/test_cdr_writer.py::test_kill_9_mid_burst_then_restart_loses_and_doubles_nothing",
+        "tests/billing/test_settler.py::test_redis_away_then_back_nothing_lost",
     }
 )
 # The environment a developer's shell may carry that would point a test (or a process it

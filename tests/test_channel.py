@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.esl.channel import call_request
+from engine.call.channel import call_request
 from engine.esl.protocol import EslParser, encode_value
 
 CAPTURE = Path(__file__).parent / "fixtures" / "connect_reply_raw.txt"

@@ -34,3 +34,27 @@ def test_a_parked_call_nobody_decides_ends_with_a_503_cause() -> None:
     steps = actions()
     park_timeout = steps.index(("set", "park_timeout=10:NETWORK_OUT_OF_ORDER"))
     assert park_timeout < [app for app, _ in steps].index("socket")
+
+
+def test_no_other_callgate_service_listens_on_an_engine_port() -> None:
+    """Issue 14 item 4: the second engine address was the admin API's default port; a service
+    that accepts the socket but never speaks ESL holds the caller ~35 s."""
+    from engine.config import Config
+
+    [data] = [data for app, data in actions() if app == "socket"]
+    engine_ports = {int(host.rpartition(":")[2]) for host in data.split()[0].split("|")}
+    config = Config()
+    assert config.engine.listen_port in engine_ports
+    others = {
+        config.admin.listen_port,
+        config.metrics.listen_port,
+        config.sync.metrics_port,
+        config.fsxml.listen_port,
+    }
+    assert not engine_ports & others
+
+
+def test_the_reason_the_dialplan_records_is_the_one_the_engine_replaces() -> None:
+    from engine.call.render import ENGINE_UNREACHABLE, REASON_VARIABLE
+
+    assert ("set", f"{REASON_VARIABLE}={ENGINE_UNREACHABLE}") in actions()

@@ -13,7 +13,7 @@ from pathlib import Path
 import gevent
 import pytest
 
-from engine.esl.commands import FOLLOWED_EVENTS
+from engine.call.render import FOLLOWED_EVENTS
 from loadtest.fsemu import CallSpec, place_call
 from tests.support import EngineProcess, engine_environment, prepare_database, publish, run_cli
 
@@ -188,7 +188,8 @@ def assert_bridged(
     }
     for name, value in expected.items():
         assert result.variables.get(name) == value, (name, result.variables)
-    assert "callgate_reason" not in result.variables
+    assert result.variables["callgate_reason"] == "ACCEPTED"
+    assert result.channel_variables["callgate_reason"] == "ACCEPTED"  # what the CDR records
     assert result.executed[-1] == ("bridge", dial_string)
     assert result.sip_response == (200, "OK")
     assert result.engine_closed
@@ -364,7 +365,7 @@ def test_peer_that_never_answers_connect_is_dropped_after_the_deadline(engine: E
         assert good.executed[-1][0] == "bridge"
         assert silent.recv(64) == b""  # the engine closed it
         assert time.monotonic() - started < 3
-    assert "no frame within 0.5s" in engine.log()
+    assert "no channel data within 0.5s" in engine.log()
 
 
 def test_unknown_config_key_is_a_clear_error(environment, tmp_path: Path) -> None:
@@ -404,9 +405,12 @@ def test_when_every_route_fails_the_engine_hangs_the_parked_call_up(engine: Engi
         answering_targets=lambda target: "USER_BUSY",
     )
     # One sendmsg per executed app, plus the engine's `call-command: hangup` after the failed bridge,
-    # with the bridge's own failure cause (FreeSWITCH answers USER_BUSY as 486).
+    # with the bridge's own failure cause (FreeSWITCH answers USER_BUSY as 486); just before it,
+    # the engine records ROUTES_FAILED (issue 14 item 2), which the CDR then carries.
     assert result.commands.count("sendmsg") == len(result.executed) + 1
-    assert result.executed[-1][0] == "bridge"
+    assert [app for app, _ in result.executed] == ["multiset", "bridge", "set"]
+    assert result.executed[-1] == ("set", "callgate_reason=ROUTES_FAILED")
+    assert result.channel_variables["callgate_reason"] == "ROUTES_FAILED"
     assert (result.hangup_cause, result.sip_response) == ("USER_BUSY", (486, "Busy Here"))
     assert len(result.attempted_targets) == 3  # every gateway of every route was tried
     assert result.engine_closed

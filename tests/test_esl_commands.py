@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.esl.commands import (
-    FOLLOWED_EVENTS,
-    MULTISET_DELIMITERS,
-    MULTISET_MAX_VARIABLES,
-    UNREAD_EVENTS,
-    assignments,
-    bridge_batch,
-    respond_batch,
-)
+from engine.call.render import FOLLOWED_EVENTS, UNREAD_EVENTS, bridge_batch, respond_batch
+from engine.esl.commands import MULTISET_DELIMITERS, MULTISET_MAX_VARIABLES, MYEVENTS_TYPES, assignments
 from loadtest.fsemu.outbound import MYEVENTS
 from loadtest.fsemu.wire import CommandParser
 
@@ -77,6 +70,7 @@ def test_a_bad_variable_name_is_refused_even_inside_a_multiset() -> None:
 
 
 def test_nixevent_drops_exactly_what_myevents_adds_and_callgate_never_reads() -> None:
+    assert set(MYEVENTS_TYPES) == MYEVENTS  # the library's list is the emulator's (FreeSWITCH's)
     assert set(UNREAD_EVENTS) | set(FOLLOWED_EVENTS) == MYEVENTS
     assert not set(UNREAD_EVENTS) & set(FOLLOWED_EVENTS)
 

@@ -932,3 +932,59 @@ def test_cli_call_prints_the_result_as_json() -> None:
     assert seen[0]["Caller-Username"] == "1001" and seen[0]["Caller-Caller-ID-Number"] == "123"
     assert seen[0]["variable_sip_network_ip"] == "10.0.0.5"
     assert conns[0].error is None
+
+
+def test_late_replies_while_the_queued_bridge_runs() -> None:
+    """Issue 14: a saturated switch replies late, but already runs what it queued; an engine
+    that gives up and closes leaves the call bridged and beyond its control."""
+
+    def script(conn: EngineConn) -> None:
+        conn.connect()
+        conn.send(b"myevents\n\nlinger\n\n" + execute("set", "a=1") + execute("bridge", "sofia/gateway/gw/1"))
+        with pytest.raises(TimeoutError):  # no reply within 0.2 s: the engine gives up and closes
+            conn.read_frame(timeout=0.2)
+
+    result, _ = run_scripted(script, CallSpec(destination="1", late_replies=0.5, hold_seconds=0.3))
+    assert result.bridged_target == "sofia/gateway/gw/1" and result.answered
+    assert result.uncontrolled and result.closed_by == "engine"
+
+
+def test_late_replies_arrive_in_order_after_the_delay() -> None:
+    def script(conn: EngineConn) -> None:
+        conn.connect()
+        started = time.monotonic()
+        conn.send(b"myevents\n\nlinger\n\n" + execute("set", "a=1"))
+        first = conn.read_frame(timeout=3)
+        assert first is not None and first.get("Reply-Text") == "+OK Events Enabled"
+        assert time.monotonic() - started >= 0.25
+        conn.send(hangup("NORMAL_CLEARING"))
+        conn.read_until_event("CHANNEL_HANGUP_COMPLETE")
+
+    result, _ = run_scripted(script, CallSpec(destination="1", late_replies=0.3))
+    assert result.replies[1:4] == ["+OK Events Enabled", "+OK will linger", "+OK"]
+    assert result.channel_variables["a"] == "1"
+
+
+def test_a_caller_who_hangs_up_before_the_channel_data() -> None:
+    def script(conn: EngineConn) -> None:
+        conn.send(b"connect\n\n")
+        frames = conn.read_to_eof(timeout=2)
+        assert [f.ctype for f in frames] == ["text/disconnect-notice"]
+
+    result, _ = run_scripted(script, CallSpec(destination="1", abandon_before_connect=True))
+    assert result.commands == ["connect"] and result.executed == []
+    assert result.hangup_cause == "ORIGINATOR_CANCEL"
+
+
+def test_cdr_variables_drop_what_was_set_empty() -> None:
+    def script(conn: EngineConn) -> None:
+        conn.connect()
+        conn.send(
+            b"myevents\n\nlinger\n\n" + execute("multiset", "^^|x=1|y=|z=3") + hangup("NORMAL_CLEARING")
+        )
+        conn.read_until_event("CHANNEL_HANGUP_COMPLETE")
+
+    result, _ = run_scripted(script, CallSpec(destination="1", extra_variables={"y": "dialplan"}))
+    assert result.variables["y"] == ""  # what was sent
+    assert "y" not in result.channel_variables  # FreeSWITCH unset it
+    assert (result.channel_variables["x"], result.channel_variables["z"]) == ("1", "3")

@@ -20,7 +20,7 @@ import redis
 
 from engine.config import Config
 from engine.decider import Decider, apply_limits, limit_reason
-from engine.decision import Accept, Direction, Reason, Reject, Route
+from engine.decision import Accept, Direction, GatewayLeg, Reason, Reject, Route
 from engine.explain import explain_request
 from engine.limits_runtime import ReleaseBatcher
 from engine.model import Account, AccountKind, Did, Trunk
@@ -83,7 +83,7 @@ def route(trunk_id: int) -> Route:
         number="15551234567",
         caller_id_number="100",
         caller_id_name="",
-        targets=(f"sofia/gateway/gw{trunk_id}/15551234567",),
+        targets=(GatewayLeg(f"gw{trunk_id}", "15551234567", 60),),
     )
 
 
@@ -282,7 +282,7 @@ def test_full_trunks_are_skipped_and_the_call_counted_on_the_first_with_room(cli
     decision = apply_limits(acc, second)
     assert isinstance(decision, Accept)
     assert [r.trunk_id for r in decision.routes] == [11, 12]
-    assert decision.dial_string == "sofia/gateway/gw11/15551234567|sofia/gateway/gw12/15551234567"
+    assert [leg.gateway for leg in decision.legs] == ["gw11", "gw12"]
     third = limiter.acquire("c3", plan, 60)
     assert (third.counted_trunk_id, third.trunk_ids) == (12, (12,))
     fourth = limiter.acquire("c4", plan, 60)

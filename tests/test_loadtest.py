@@ -28,9 +28,9 @@ import gevent
 import pytest
 import redis
 
+from engine.call.channel import call_request
+from engine.call.render import FOLLOWED_EVENTS
 from engine.decision import Accept
-from engine.esl.channel import call_request
-from engine.esl.commands import FOLLOWED_EVENTS
 from engine.esl.protocol import EslParser
 from engine.model import CallRequest
 from engine.rules import Catalog, DecisionContext, RulesConfig, decide

@@ -110,6 +110,16 @@ def sync_metric_names() -> set[str]:
     return names
 
 
+def billing_metric_names() -> set[str]:
+    """Accounting's metrics (engine.billing.metrics), served by the sync worker, described in docs/."""
+    from engine.billing.metrics import BillingMetrics
+
+    names = set()
+    for family in text_string_to_metric_families(generate_latest(BillingMetrics().registry).decode()):
+        names.add(family.name + ("_total" if family.type == "counter" else ""))
+    return names
+
+
 def promql_metric_names(expr: str) -> set[str]:
     names = set(re.findall(r"(?<![\w:])(callgate_[a-z0-9_]+)(?![\w:])", expr))  # not recording rules
     return {
@@ -227,7 +237,7 @@ def test_degraded_cause_is_read_from_the_engine_s_own_details() -> None:
     assert degraded_cause(stale(call()).detail) == "stale_snapshot"
     down = Decider(_Source(True, 0.1, catalog), RulesConfig(), max_age=5, limiter=_DownLimiter())
     assert degraded_cause(down(call()).detail) == "limits_unavailable"
-    # Written by engine.authorize.CallHandler.
+    # Written by engine.call.driver.CallHandler.
     assert degraded_cause("decision deadline exceeded") == "deadline"
     assert degraded_cause("over engine.max_connections") == "overload"
     assert degraded_cause("internal error") == "internal_error"
@@ -609,7 +619,7 @@ def test_alert_rules_cover_the_required_alerts_and_name_real_metrics() -> None:
         "CallgateReconcilerRemovingCalls",
     }
     assert required <= set(alerts)
-    known = engine_metric_names() | sync_metric_names()
+    known = engine_metric_names() | sync_metric_names() | billing_metric_names()
     recorded = {rule["record"] for rule in rules if "record" in rule}
     for rule in rules:
         unknown = promql_metric_names(rule["expr"]) - known
@@ -638,6 +648,8 @@ HEALTHY_SERIES = {
     'callgate_sync_lag_seconds_bucket{job="callgate-sync",instance="s1",le="+Inf"}': "0+10x180",
     'callgate_sync_leader{job="callgate-sync",instance="s1"}': "1x180",
     'callgate_sync_last_apply_timestamp_seconds{job="callgate-sync",instance="s1"}': "0+60x180",
+    'callgate_cdr_backlog{job="callgate-sync",instance="s1"}': "0x180",
+    'callgate_cdr_lag_seconds{job="callgate-sync",instance="s1"}': "0x180",
 }
 # Two healthy hours, then the engine stops answering, rejects jump from 10% to 60%, decisions
 # slow down, calls are answered ENGINE_DEGRADED, the reconciler releases many calls, the sync lags.
@@ -656,6 +668,8 @@ TROUBLE_SERIES = {
     'callgate_sync_lag_seconds_bucket{job="callgate-sync",instance="s1",le="+Inf"}': "0+10x120 1200+10x30",
     'callgate_sync_leader{job="callgate-sync",instance="s1"}': "1x120 0x30",
     'callgate_sync_last_apply_timestamp_seconds{job="callgate-sync",instance="s1"}': "0+60x120 7200x30",
+    'callgate_cdr_backlog{job="callgate-sync",instance="s1"}': "0x120 0+2000x30",
+    'callgate_cdr_lag_seconds{job="callgate-sync",instance="s1"}': "0x120 0+60x30",
 }
 ENGINE = {"job": "callgate", "instance": "e1"}
 # alert -> (its labels besides severity, the summary rendered for TROUBLE_SERIES at 135m)
@@ -681,6 +695,11 @@ EXPECTED_ALERTS = {
     ),
     "CallgateSyncStalled": ({"job": "callgate-sync"}, "The sync worker has not reached Redis for 15m 0s"),
     "CallgateSyncLagHigh": ({"job": "callgate-sync"}, "PostgreSQL changes take 29.71s (p99) to reach Redis"),
+    "CallgateCdrBacklogGrowing": (
+        {"job": "callgate-sync"},
+        "28k CDRs wait for PostgreSQL and the backlog keeps growing",
+    ),
+    "CallgateCdrLagHigh": ({"job": "callgate-sync"}, "The oldest CDR not yet in PostgreSQL ended 14m 0s ago"),
 }
 
 

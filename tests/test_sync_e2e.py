@@ -196,7 +196,8 @@ def call(engine: EngineProcess, **spec: Any) -> Any:
 
 
 def outcome(result: Any) -> str:
-    return result.variables.get("callgate_reason") or "ACCEPT"
+    reason = result.variables.get("callgate_reason", "ACCEPTED")  # accepted calls say ACCEPTED
+    return "ACCEPT" if reason == "ACCEPTED" else reason
 
 
 def first_outcome_within(engine: EngineProcess, expected: str, timeout: float, **spec: Any) -> float:

@@ -227,7 +227,7 @@ _SPECS: tuple[_Table, ...] = (
             _c("expiry_from_first_use", _B), _c("non_cli_rate_group_id", _I8),
             _c("cli_pool", "int2", convert="_POOLS[{}]"), _c("localization_id", _I8),
             _c("local_calls_allowed", _B), _c("local_call_cost_per_minute", _N),
-            _c("max_channels", _I4), _c("cps", _I4), _c("codecs", _T),
+            _c("max_channels", _I4), _c("cps", _I4), _c("codecs", _T), _c("calls_debited", _N),
         ),
         order="id",
     ),

@@ -1,10 +1,7 @@
-"""A decision as the bytes of one pipelined write (observed to work on FreeSWITCH 1.10).
+"""Building blocks of a pipelined write: channel variables as ``multiset``/``set`` commands.
 
-The write is shaped to keep FreeSWITCH's output small, because reading it is most of
-an engine's work per call: ``nixevent`` drops the channel events callgate never reads
-(each carries every channel variable, ~4 KiB) and the variables travel in one
-``multiset`` (one reply and one CHANNEL_EXECUTE_COMPLETE instead of one per ``set``).
-Both ``linger`` and ``nixevent`` need the socket's ``full`` flag (dialplan/callgate.xml).
+Generic event-socket knowledge (observed on FreeSWITCH 1.10); what callgate writes for a
+call is assembled in engine.call.render.
 """
 
 from __future__ import annotations
@@ -12,13 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from engine.esl.protocol import check_variable_name, command, sendmsg_execute, set_variable
+from engine.esl.protocol import check_variable_name, sendmsg_execute, set_variable
 
-#: The events callgate reads once it has answered (engine.authorize).
-FOLLOWED_EVENTS = ("CHANNEL_EXECUTE_COMPLETE", "CHANNEL_HANGUP_COMPLETE")
-
-#: What ``myevents`` subscribes to on FreeSWITCH 1.10 (mod_event_socket.c), less FOLLOWED_EVENTS.
-UNREAD_EVENTS = (
+#: What ``myevents`` subscribes an outbound socket to on FreeSWITCH 1.10 (mod_event_socket.c).
+MYEVENTS_TYPES = (
     "CHANNEL_ANSWER",
     "CHANNEL_APPLICATION",
     "CHANNEL_BRIDGE",
@@ -26,7 +20,9 @@ UNREAD_EVENTS = (
     "CHANNEL_DATA",
     "CHANNEL_DESTROY",
     "CHANNEL_EXECUTE",
+    "CHANNEL_EXECUTE_COMPLETE",
     "CHANNEL_HANGUP",
+    "CHANNEL_HANGUP_COMPLETE",
     "CHANNEL_ORIGINATE",
     "CHANNEL_UUID",
     "CHANNEL_OUTGOING",
@@ -55,15 +51,6 @@ class Batch:
     replies_expected: int  # one command/reply per command
 
 
-def _batch(commands: list[bytes]) -> Batch:
-    return Batch(b"".join(commands), len(commands))
-
-
-def _preamble() -> list[bytes]:
-    # myevents: CHANNEL_HANGUP_COMPLETE reaches us; linger: it is delivered before FreeSWITCH closes.
-    return [command("myevents"), command("nixevent " + " ".join(UNREAD_EVENTS)), command("linger")]
-
-
 def multiset_argument(variables: Sequence[tuple[str, str]]) -> str | None:
     """``multiset``'s argument for ``variables`` (``^^<c>name=value<c>...``), or None when
     every candidate separator occurs in a name or value."""
@@ -86,11 +73,3 @@ def assignments(variables: Iterable[tuple[str, str]]) -> list[bytes]:
     if None in arguments:
         return [set_variable(name, value) for name, value in items]
     return [sendmsg_execute("multiset", argument) for argument in arguments if argument is not None]
-
-
-def bridge_batch(variables: Iterable[tuple[str, str]], dial_string: str) -> Batch:
-    return _batch([*_preamble(), *assignments(variables), sendmsg_execute("bridge", dial_string)])
-
-
-def respond_batch(variables: Iterable[tuple[str, str]], code: int, text: str) -> Batch:
-    return _batch([*_preamble(), *assignments(variables), sendmsg_execute("respond", f"{code} {text}")])

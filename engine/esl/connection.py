@@ -1,4 +1,4 @@
-"""One outbound-socket connection: the sans-I/O parser driven by a gevent socket, with deadlines."""
+"""One event-socket connection: the sans-I/O parser driven by a (gevent) socket, with deadlines."""
 
 from __future__ import annotations
 
@@ -14,11 +14,16 @@ READ_SIZE = 65536
 
 
 class PeerGone(Exception):
-    """FreeSWITCH closed the connection."""
+    """The peer closed the connection. ``clean``: an orderly end of stream, so every byte
+    the peer wrote has been read; False for a reset or a failed write."""
+
+    def __init__(self, message: str, *, clean: bool = False) -> None:
+        super().__init__(message)
+        self.clean = clean
 
 
 class PeerTimeout(Exception):
-    """FreeSWITCH did not send what we waited for before the deadline."""
+    """The peer did not send what we waited for before the deadline."""
 
 
 class EslConnection:
@@ -57,7 +62,7 @@ class EslConnection:
         except OSError as exc:
             raise PeerGone(str(exc)) from exc
         if not data:
-            raise PeerGone("connection closed by FreeSWITCH")
+            raise PeerGone("connection closed by the peer", clean=True)
         self._frames.extend(self._parser.feed(data))
 
     def close(self) -> None:

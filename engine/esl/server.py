@@ -3,13 +3,18 @@
 gevent's StreamServer accepts as soon as the listening socket is readable (no
 polling interval), and every accepted socket gets TCP_NODELAY so the decision's
 single write leaves at once.
+
+An optional allow-list of source networks is enforced at accept: a connection from
+elsewhere is closed at once, before a byte is read or written, and reported to
+``on_refused`` (anyone who can reach the port could otherwise hold calls' resources).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from gevent.server import StreamServer
 
@@ -17,8 +22,33 @@ from engine.esl.connection import EslConnection
 
 log = logging.getLogger("callgate.server")
 
-Handler = Callable[[EslConnection, tuple], None]
+Handler = Callable[[EslConnection, tuple[object, ...]], None]
+RefusedHook = Callable[[tuple[object, ...]], None]
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 LISTEN_BACKLOG = 4096
+
+
+def parse_networks(cidrs: Iterable[str]) -> tuple[IpNetwork, ...]:
+    """CIDRs (a bare address means one host) as networks; ValueError names a bad one."""
+    networks = []
+    for cidr in cidrs:
+        try:
+            networks.append(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError as exc:
+            raise ValueError(f"{cidr!r} is not an IP network") from exc
+    return tuple(networks)
+
+
+def peer_allowed(peer: tuple[object, ...], networks: tuple[IpNetwork, ...]) -> bool:
+    """Whether the peer's address is in one of ``networks`` (an IPv4 peer seen on an IPv6
+    socket as ::ffff:a.b.c.d counts as its IPv4 address)."""
+    try:
+        address = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+    except (ValueError, IndexError):
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -34,12 +64,27 @@ def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socke
 
 
 class CallServer:
-    def __init__(self, listener: socket.socket, handler: Handler, *, max_frame_bytes: int = 1048576) -> None:
+    def __init__(
+        self,
+        listener: socket.socket,
+        handler: Handler,
+        *,
+        max_frame_bytes: int = 1048576,
+        allowed: tuple[IpNetwork, ...] = (),
+        on_refused: RefusedHook | None = None,
+    ) -> None:
         self._handler = handler
         self._max_frame_bytes = max_frame_bytes
+        self._allowed = allowed  # empty: every source may connect
+        self._on_refused = on_refused
         self._server = StreamServer(listener, self._accept)
 
-    def _accept(self, sock: socket.socket, peer: tuple) -> None:
+    def _accept(self, sock: socket.socket, peer: tuple[object, ...]) -> None:
+        if self._allowed and not peer_allowed(peer, self._allowed):
+            sock.close()
+            if self._on_refused is not None:
+                self._on_refused(peer)
+            return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = EslConnection(sock, self._max_frame_bytes)
         try:

@@ -5,7 +5,6 @@ from engine.rules.config import RulesConfig
 from engine.rules.decide import NUMBER_HANDLING, CallState, DecisionContext, decide
 from engine.rules.gate import FirstUse, first_use, first_uses
 from engine.rules.localization import CompiledRules, LocalizationError, parse_rules, validate_rules
-from engine.rules.variables import channel_variables, reject_variables
 
 __all__ = [
     "NUMBER_HANDLING",
@@ -16,11 +15,9 @@ __all__ = [
     "FirstUse",
     "LocalizationError",
     "RulesConfig",
-    "channel_variables",
     "decide",
     "first_use",
     "first_uses",
     "parse_rules",
-    "reject_variables",
     "validate_rules",
 ]

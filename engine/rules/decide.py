@@ -12,7 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from engine.decision import Accept, Decision, Direction, RatedLevel, Reason, Reject, Step
+from engine.decision import (
+    Accept,
+    Decision,
+    DeviceLeg,
+    Direction,
+    OnNetLeg,
+    RatedLevel,
+    Reason,
+    Reject,
+    Step,
+    UriLeg,
+)
 from engine.model import Account, CallRequest
 from engine.rules.call import CallState, DecisionContext, NumberStep
 from engine.rules.catalog import Catalog
@@ -179,7 +190,7 @@ def _on_net(call: CallState, catalog: Catalog, ctx: DecisionContext, trail: list
         callee = call.account.id
     target = _on_net_target(call, config)
     if trail is not None:
-        trail.append(Step("routing", f"bridge {target}"))
+        trail.append(Step("routing", f"bridge to {describe_leg(target)}"))
         trail.append(Step("decision", f"accepted: {call.direction} call, at most {max_duration}s"))
     return Accept(
         direction=call.direction,
@@ -201,15 +212,21 @@ def _on_net(call: CallState, catalog: Catalog, ctx: DecisionContext, trail: list
     )
 
 
-def _on_net_target(call: CallState, config: RulesConfig) -> str:
-    """`[leg_timeout=T]user/<username>@<domain>` for a device (the directory finds where it
-    is registered), `[leg_timeout=T]sofia/<profile>/<uri>` for a DID's SIP URI."""
-    head = f"[leg_timeout={config.default_leg_timeout}]"
+def _on_net_target(call: CallState, config: RulesConfig) -> OnNetLeg:
+    """A device leg (the directory finds where the device is registered), or a leg to the
+    DID's SIP URI through the configured profile."""
+    timeout = config.default_leg_timeout
     device = call.callee_device
     if device is not None:
-        return f"{head}user/{device.username}@{config.local_domain}"
+        return DeviceLeg(device.username, config.local_domain, timeout)
     assert call.did is not None
-    return f"{head}sofia/{config.uri_profile}/{call.did.destination.strip()}"
+    return UriLeg(config.uri_profile, call.did.destination.strip(), timeout)
+
+
+def describe_leg(leg: OnNetLeg) -> str:
+    if isinstance(leg, DeviceLeg):
+        return f"device {leg.username}@{leg.domain}, ringing up to {leg.timeout}s"
+    return f"SIP URI {leg.uri} via profile {leg.profile}, ringing up to {leg.timeout}s"
 
 
 def _did_price(call: CallState, seconds: int) -> str:

@@ -44,7 +44,7 @@ def resolve_direction(
         return None
     callee = catalog.accounts.get(device.account_id)
     unusable = _callee_problem(device, callee, destination)
-    if unusable is not None:
+    if unusable is not None or callee is None:
         if trail is not None:
             trail.append(Step("direction", f"outbound: SIP device {show(destination)} {unusable}"))
         return None

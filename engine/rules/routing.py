@@ -8,9 +8,9 @@ customer's rules left it; then each route rewrites it for its own carrier: the
 trunk's localization, then the provider's (its terminate-side rule sets, applied
 once when both name the same localization), then the termination rate's
 strip/prepend. The caller ID goes through the same localizations' caller-ID rules.
-A route whose caller ID ends up different from the call's presented one carries it
-as per-leg `origination_caller_id_*` variables in each of its dial targets (FreeSWITCH
-takes those per leg, over the A-leg's `effective_caller_id_*`).
+A route whose caller ID ends up different from the call's presented one carries it on
+each of its legs (engine.call.render sends it as that leg's own caller ID, which the
+switch presents over the call's).
 """
 
 from __future__ import annotations
@@ -18,16 +18,19 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
+from decimal import Decimal
 
-from engine.decision import Route
+from engine.decision import GatewayLeg, LegCallerId, Route
 from engine.model import RoutingType, TerminationRate, Trunk
 from engine.rules.catalog import Catalog, longest_prefix
 from engine.rules.config import RulesConfig
 from engine.rules.localization import CompiledLocalization, CompiledRules
 from engine.rules.rating import Rating
-from engine.rules.text import leg_value, plain_decimal
+from engine.rules.text import plain_decimal
 
 _NO_RATES: dict[str, TerminationRate] = {}
+# Routes sort by cost or by prefix length first, then cost, precedences and trunk id.
+OrderKey = tuple[Decimal | int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,36 +56,18 @@ def strip_prepend(number: str, strip: str, prepend: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)  # a pure memo: a snapshot holds few distinct codec lists
-def codec_option(codecs: str) -> str:
-    """`,absolute_codec_string=^^:A:B` for a comma list, '' for none (FreeSWITCH's default).
-
-    Inside `[...]` a comma separates variables, so the list uses FreeSWITCH's
-    `^^:` custom-delimiter form."""
-    names = [name.strip() for name in codecs.split(",")]
-    names = [name for name in names if name]
-    if not names:
-        return ""
-    return ",absolute_codec_string=^^:" + ":".join(names)
+def codec_names(codecs: str) -> tuple[str, ...]:
+    """A comma list of codec names as a tuple, blanks dropped ('' -> (): the switch's default)."""
+    return tuple(name for name in (item.strip() for item in codecs.split(",")) if name)
 
 
-def caller_id_option(caller_id: CallerId | None) -> str:
-    """`,origination_caller_id_number=N,origination_caller_id_name=M` for a leg that presents
-    its own caller ID ('' for none); the values cannot break out of the `[...]` block."""
-    if caller_id is None:
-        return ""
-    option = ",origination_caller_id_number=" + leg_value(caller_id.number)
-    name = leg_value(caller_id.name)
-    return option + (",origination_caller_id_name=" + name if name else "")
-
-
-def dial_targets(
+def gateway_legs(
     gateways: Iterable[str], number: str, leg_timeout: int, codecs: str, caller_id: CallerId | None = None
-) -> tuple[str, ...]:
-    """`[leg_timeout=T,origination_caller_id_*=..,absolute_codec_string=C]sofia/gateway/<gateway>/<number>`
-    per gateway (the caller-ID variables only when the leg presents its own)."""
-    head = f"[leg_timeout={leg_timeout}{caller_id_option(caller_id)}{codec_option(codecs)}]sofia/gateway/"
-    tail = "/" + number
-    return tuple(head + gateway + tail for gateway in gateways)
+) -> tuple[GatewayLeg, ...]:
+    """One leg per gateway, in order (the caller ID only when the leg presents its own)."""
+    names = codec_names(codecs)
+    leg_caller_id = None if caller_id is None else LegCallerId(caller_id.number, caller_id.name)
+    return tuple(GatewayLeg(gateway, number, leg_timeout, names, leg_caller_id) for gateway in gateways)
 
 
 def carrier_localizations(trunk: Trunk, catalog: Catalog) -> tuple[tuple[str, CompiledLocalization], ...]:
@@ -159,7 +144,7 @@ def plan_routes(
     is, every per-route rewrite of the number or caller ID (before -> after, by which rule)."""
     lossless = rating.group.lossless
     ceiling = rating.level.cost_per_minute
-    found: list[tuple[tuple, Route]] = []
+    found: list[tuple[OrderKey, Route]] = []
     for trunk_id in candidate_trunk_ids(rating):
         trunk = catalog.trunks.get(trunk_id)
         if trunk is None or not _usable(trunk, catalog):
@@ -204,7 +189,7 @@ def plan_routes(
             number=number,
             caller_id_number=cli,
             caller_id_name=caller_id.name,
-            targets=dial_targets(gateways, number, leg_timeout, codecs, leg_caller_id),
+            targets=gateway_legs(gateways, number, leg_timeout, codecs, leg_caller_id),
         )
         found.append((_order_key(rating.group.routing_type, rate, trunk), route))
     found.sort(key=lambda item: item[0])
@@ -224,7 +209,7 @@ def describe_routes(routes: Iterable[Route], catalog: Catalog) -> list[str]:
     return lines
 
 
-def _order_key(routing_type: RoutingType, rate: TerminationRate, trunk: Trunk) -> tuple:
+def _order_key(routing_type: RoutingType, rate: TerminationRate, trunk: Trunk) -> OrderKey:
     if routing_type is RoutingType.COST:
         return (rate.cost_per_minute, rate.precedence, trunk.precedence, trunk.id)
     return (-len(rate.prefix), rate.cost_per_minute, rate.precedence, trunk.precedence, trunk.id)

@@ -22,6 +22,11 @@ P limits:calls            zset      engine.state.limits: every counted call -> d
 P limits:call:{uuid}      hash      engine.state.limits: what one call holds
 P limits:ch:{group}:{id}  zset      engine.state.limits: live calls of a subject
 P limits:cps:{group}:{id} zset      engine.state.limits: admissions of a subject (CPS log)
+P funds:acct:{id}         hash      engine.state.funds: spent, reserved of an account
+P funds:res:{id}          zset      engine.state.funds: open reservations -> deadline
+P funds:amt:{id}          hash      engine.state.funds: what each open call reserved
+P funds:call:{uuid}       hash      engine.state.funds: granted seconds, settled flag
+P cdrs                    stream    engine.state.funds -> engine.sync.cdrs: the CDRs
 ========================  ========  =====================================================
 
 Pure functions of strings; nothing here talks to Redis.
@@ -31,8 +36,14 @@ from __future__ import annotations
 
 __all__ = [
     "SNAPSHOT_NAMESPACE",
+    "cdr_stream",
     "entity_hash_key",
     "events_stream",
+    "funds_account_key",
+    "funds_account_pattern",
+    "funds_amounts_key",
+    "funds_call_key",
+    "funds_reservations_key",
     "limits_call_key",
     "limits_channels_key",
     "limits_cps_key",
@@ -128,3 +139,36 @@ def limits_channels_key(prefix: str, group: str, subject_id: int) -> str:
 
 def limits_cps_key(prefix: str, group: str, subject_id: int) -> str:
     return f"{prefix}limits:cps:{group}:{subject_id}"
+
+
+# --- funds reservations and the CDR stream (engine.state.funds, engine.billing) ---------------
+
+
+def funds_account_key(prefix: str, account_id: int) -> str:
+    """hash: spent, reserved (micro-units) of one account."""
+    return f"{prefix}funds:acct:{account_id}"
+
+
+def funds_account_pattern(prefix: str) -> str:
+    """SCAN pattern of every account's funds hash (the metrics' totals)."""
+    return f"{prefix}funds:acct:*"
+
+
+def funds_reservations_key(prefix: str, account_id: int) -> str:
+    """zset: open reservations of one account, call uuid -> deadline (ms)."""
+    return f"{prefix}funds:res:{account_id}"
+
+
+def funds_amounts_key(prefix: str, account_id: int) -> str:
+    """hash: call uuid -> micro-units it reserved on this account."""
+    return f"{prefix}funds:amt:{account_id}"
+
+
+def funds_call_key(prefix: str, call_uuid: str) -> str:
+    """hash: d (granted seconds), st ('1' once settled): a call's idempotency record."""
+    return f"{prefix}funds:call:{call_uuid}"
+
+
+def cdr_stream(prefix: str) -> str:
+    """stream: one entry per settled call, its CDR for PostgreSQL (engine.sync.cdrs)."""
+    return f"{prefix}cdrs"

@@ -38,6 +38,8 @@ from typing import Any
 import psycopg
 import redis
 
+from engine.billing.alerts import Mailer, SmtpSettings
+from engine.billing.metrics import BillingMetrics
 from engine.config import Config
 from engine.db import ownership
 from engine.db.loader import load_catalog, load_entities
@@ -46,6 +48,7 @@ from engine.state.codec import decode_many, encode_entity, schema
 from engine.state.keys import entity_hash_key, meta_key
 from engine.state.snapshot import current_version, entity_key
 from engine.sync import pg, publish_data
+from engine.sync.cdrs import CdrWriter
 from engine.sync.metrics import SyncMetrics, serve_metrics
 from engine.sync.persist import EventPersister
 from engine.sync.state import LeaderLease, StateMoved, SyncState, apply_batch, read_position, read_state
@@ -110,6 +113,7 @@ class SyncWorker:
         helpers = [
             threading.Thread(target=self._keep_lease, args=(stop,), name="sync-lease", daemon=True),
             threading.Thread(target=self._persist_events, args=(stop,), name="sync-events", daemon=True),
+            threading.Thread(target=self._write_cdrs, args=(stop,), name="sync-cdrs", daemon=True),
         ]
         for thread in helpers:
             thread.start()
@@ -158,6 +162,30 @@ class SyncWorker:
             self.metrics.leader.set(1 if held else 0)
             # the holder renews at a third of the lease; the others try often, to take over at once
             stop.wait(self.lease.lease_ms / 1000 / 3 if held and failures == 0 else _LEASE_POLL)
+
+    def _write_cdrs(self, stop: threading.Event) -> None:
+        """CDRs, call debits and balances (engine.sync.cdrs), and the low-balance mailer after each batch."""
+        client = redis.Redis.from_url(self.config.redis.url, socket_timeout=30, socket_connect_timeout=5)
+        metrics = BillingMetrics(self.metrics.registry)
+        smtp = SmtpSettings.from_env()
+        mailer = Mailer(smtp, metrics=metrics) if smtp is not None else None
+        writer = CdrWriter(
+            client,
+            self.prefix,
+            lambda: psycopg.connect(
+                self.config.database.url,
+                connect_timeout=max(1, int(self.config.database.connect_timeout)),
+                application_name="callgate-sync-cdrs",
+            ),
+            self.worker_id,
+            metrics=metrics,
+            after_commit=mailer.send_pending if mailer is not None else None,
+            backoff_max=self.settings.reconnect_max_delay,
+        )
+        try:
+            writer.run(stop)
+        finally:
+            client.close()
 
     def _persist_events(self, stop: threading.Event) -> None:
         client = redis.Redis.from_url(self.config.redis.url, socket_timeout=30, socket_connect_timeout=5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.esl.channel import call_request
+from engine.call.channel import call_request
 from engine.esl.protocol import EslParser, parse_event_body
 from loadtest.driver import _Call, split_frames
 

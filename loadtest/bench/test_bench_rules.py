@@ -6,14 +6,13 @@ import itertools
 
 import pytest
 
+from engine.call.render import accept_batch
 from engine.decision import Accept
-from engine.esl.commands import bridge_batch
 from engine.model import CallRequest
 from engine.rules import decide
 from engine.rules.identify import identify
 from engine.rules.rating import find_rate, rate_level
 from engine.rules.routing import CallerId, plan_routes
-from engine.rules.variables import channel_variables
 from loadtest.bench.conftest import HUGE_ACCOUNTS, LARGE, SMALL, plans
 
 
@@ -112,5 +111,6 @@ def test_decide_accepted_call(benchmark, which, small_catalog, large_catalog, ct
 def test_render_bridge_batch(benchmark, large_catalog, ctx):
     """Decision -> the bytes of the pipelined write (preamble, one multiset, bridge over 10 targets)."""
     decision = decide(next(_requests(LARGE)), large_catalog, ctx)
-    batch = benchmark(lambda: bridge_batch(channel_variables(decision), decision.dial_string))
+    assert isinstance(decision, Accept)
+    batch = benchmark(lambda: accept_batch(decision))
     assert batch.replies_expected == 5  # myevents, nixevent, linger, multiset, bridge

@@ -355,6 +355,11 @@ class CallSpec:
     linger_notice_before_hangup: bool = False  # linger notice before CHANNEL_HANGUP (seen in respond_403)
     # --- misbehaviour for tests ---------------------------------------------------------
     stall_after_connect: bool = False  # after the connect reply, FreeSWITCH never writes again
+    # A saturated switch (issue 14): the replies to the decision's commands are written this
+    # many seconds after they arrived, while the queued messages (multiset, bridge) already run.
+    late_replies: float = 0.0
+    # The caller hung up while FreeSWITCH connected: a disconnect notice instead of the channel data.
+    abandon_before_connect: bool = False
     raw_channel_data: bytes | None = None  # sent instead of the CHANNEL_DATA reply to connect
 
 
@@ -379,6 +384,9 @@ class CallResult:
     replies: list[str] = field(default_factory=list)  # Reply-Text of every command reply, in order
     answered: bool = False
     billsec: int = 0
+    # The channel's variables as CHANNEL_HANGUP_COMPLETE carries them (what the CDR records);
+    # a variable set to an empty value is absent, as on FreeSWITCH.
+    channel_variables: dict[str, str] = field(default_factory=dict)
     duration: float = 0.0  # wall time of place_call
 
 
@@ -1377,6 +1385,9 @@ class Channel(EslConnection):
         if first:
             return  # FreeSWITCH parses the first packet without sending its reply
         if reply:
+            late = t_recv + self.spec.late_replies - time.monotonic()
+            if late > 0:  # a saturated switch: the commands already run, the reply comes late
+                gevent.sleep(late)
             self._reply(reply)
 
     def _note_decision(self, cmd: wire.Command, t_recv: float) -> None:
@@ -1417,6 +1428,13 @@ class Channel(EslConnection):
 
     def _connect(self) -> None:
         self.result.connected = True
+        if self.spec.abandon_before_connect:
+            # The channel hung up before the listener answered `connect`: the listener ends,
+            # writing its disconnect notice, and closes.
+            self.replies.append("<disconnect>")
+            self.request_hangup("ORIGINATOR_CANCEL", "recv_cancel")
+            self.running = False
+            return
         if self.spec.raw_channel_data is not None:
             self.replies.append("<raw>")
             self._send(self.spec.raw_channel_data)
@@ -1878,6 +1896,7 @@ class Channel(EslConnection):
         if self._disposition in ("send_bye", "send_refuse", "send_cancel"):
             self._set_var("sip_hangup_disposition", self._disposition)
         self._fire("CHANNEL_HANGUP_COMPLETE")
+        self.result.channel_variables = dict(self.variables)
         self._complete = True
         self.result.billsec = int(self.variables.get("billsec", "0") or 0)
         self._wake.set()

@@ -76,7 +76,7 @@ def test_demo_creates_the_named_database_and_prints_a_call_that_is_accepted(redi
         assert f"127.0.0.1:{env['CALLGATE_ENGINE__LISTEN_PORT']}" in argv  # the port in use
         first = _call(argv, env)
         assert "callgate_account=1000000001" in first and "200 OK" in first, first
-        assert "callgate_reason" not in first
+        assert "callgate_reason=ACCEPTED" in first  # every outcome names its reason (issue 14)
         # the sync worker carries an admin change to the engine
         changed = subprocess.run(
             [".venv/bin/callgate", "admin", "customer", "update", "1000000001", "--status", "inactive"],

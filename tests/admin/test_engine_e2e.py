@@ -106,7 +106,7 @@ def _call(port: int, username: str) -> Any:
 
 
 def _accepted(result: Any) -> bool:
-    return "callgate_reason" not in result.variables and result.executed[-1][0] == "bridge"
+    return result.variables.get("callgate_reason") == "ACCEPTED" and result.executed[-1][0] == "bridge"
 
 
 def _call_until(port: int, username: str, wanted: Callable[[Any], bool], timeout: float = 10.0) -> Any:

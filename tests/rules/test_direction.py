@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 
+from engine.call.render import channel_variables, dial_string
 from engine.decision import Accept, Direction, Reason, Reject, Step
 from engine.model import CallRequest, CliPool
 from engine.model import DidDestinationType as To
-from engine.rules import channel_variables, first_uses
+from engine.rules import first_uses
+from tests.call.rendering import targets
 from tests.rules.builders import NOW, World, call, run
 
 D = Decimal
@@ -72,8 +74,8 @@ def test_did_to_a_device() -> None:
     assert (decision.caller_account_id, decision.callee_account_id) == (world.provider.id, world.owner.id)
     assert decision.destination == "442000000001"
     assert decision.routes == () and decision.levels == ()
-    assert decision.bridge_targets == ("[leg_timeout=60]user/bob@${domain_name}",)
-    assert decision.dial_string == "[leg_timeout=60]user/bob@${domain_name}"
+    assert targets(decision.bridge_targets) == ("[leg_timeout=60]user/bob@${domain_name}",)
+    assert dial_string(decision) == "[leg_timeout=60]user/bob@${domain_name}"
     assert decision.max_duration == 6000
     assert (decision.caller_id_number, decision.caller_id_name, decision.caller_id_changed) == (
         "447700900123",
@@ -86,7 +88,7 @@ def test_did_device_domain_and_leg_timeout_are_configured() -> None:
     world = DidWorld()
     world.did()
     decision = accepted(world, from_carrier(), local_domain="pbx.example.com", default_leg_timeout=25)
-    assert decision.dial_string == "[leg_timeout=25]user/bob@pbx.example.com"
+    assert dial_string(decision) == "[leg_timeout=25]user/bob@pbx.example.com"
 
 
 def test_did_to_a_uri() -> None:
@@ -95,9 +97,9 @@ def test_did_to_a_uri() -> None:
     decision = accepted(world, from_carrier())
     assert decision.direction is Direction.INBOUND
     assert (
-        decision.dial_string == "[leg_timeout=60]sofia/external/sip:1234@sip.example.com:5080;transport=tcp"
+        dial_string(decision) == "[leg_timeout=60]sofia/external/sip:1234@sip.example.com:5080;transport=tcp"
     )
-    assert accepted(world, from_carrier(), uri_profile="carriers").dial_string.startswith(
+    assert dial_string(accepted(world, from_carrier(), uri_profile="carriers")).startswith(
         "[leg_timeout=60]sofia/carriers/sip:1234@"
     )
 
@@ -115,7 +117,7 @@ def test_did_to_a_number_is_an_outbound_call_of_the_owner() -> None:
     assert [level.account_id for level in decision.levels] == [world.owner.id]
     assert decision.levels[0].rate_id == world.gold_44.id
     assert decision.max_duration == 1500  # 5.00 at 0.20/min
-    assert decision.dial_string == "[leg_timeout=60]sofia/gateway/gw-a/442071234567"
+    assert dial_string(decision) == "[leg_timeout=60]sofia/gateway/gw-a/442071234567"
     assert decision.caller_account_id == world.provider.id
 
 
@@ -330,7 +332,7 @@ def test_inbound_explanation() -> None:
         Step("direction", "inbound: DID 442000000001 of account 2001, to SIP device bob"),
         Step("gate", "account 2001 active, prepaid, available 5"),
         Step("rating", "DID 442000000001 is free to its owner, affords 6000s"),
-        Step("routing", "bridge [leg_timeout=60]user/bob@${domain_name}"),
+        Step("routing", "bridge to device bob@${domain_name}, ringing up to 60s"),
         Step("decision", "accepted: inbound call, at most 6000s"),
     )
 
@@ -347,7 +349,7 @@ def test_local_call_to_an_on_net_user() -> None:
     assert decision.did_id is None
     assert decision.levels == () and decision.routes == ()
     assert decision.max_duration == 6000
-    assert decision.dial_string == "[leg_timeout=60]user/bob@${domain_name}"
+    assert dial_string(decision) == "[leg_timeout=60]user/bob@${domain_name}"
     assert dict(channel_variables(decision))["callgate_direction"] == "local"
 
 
@@ -392,7 +394,7 @@ def test_local_calls_not_allowed_go_outbound() -> None:
     world.b.update(world.customer, local_calls_allowed=False)
     decision = accepted(world, call("2071234567"), explain=True)
     assert decision.direction is Direction.OUTBOUND
-    assert decision.dial_string == "[leg_timeout=60]sofia/gateway/gw-a/2071234567"
+    assert dial_string(decision) == "[leg_timeout=60]sofia/gateway/gw-a/2071234567"
     assert (
         Step(
             "direction",
@@ -438,7 +440,7 @@ def test_local_call_skips_destination_rules_and_blocks_but_localizes_the_caller_
     world.b.blocked(world.customer, "2")
     decision = accepted(world, call("2071234567"))
     assert decision.direction is Direction.LOCAL
-    assert decision.bridge_targets == ("[leg_timeout=60]user/2071234567@${domain_name}",)
+    assert targets(decision.bridge_targets) == ("[leg_timeout=60]user/2071234567@${domain_name}",)
     assert decision.caller_id_number == "441001"
 
 

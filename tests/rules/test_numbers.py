@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
+from engine.call.render import channel_variables
 from engine.decision import Accept, Direction, Reason, Reject, Step
 from engine.model import CliPool
-from engine.rules import Catalog, CompiledRules, DecisionContext, channel_variables, decide
+from engine.rules import Catalog, CompiledRules, DecisionContext, decide
+from tests.call.rendering import targets
 from tests.rules.builders import NOW, World, call, run
 from tests.rules.test_decide import shuffled
 
@@ -107,7 +109,7 @@ def test_speed_dial_to_an_on_net_user_is_a_local_call() -> None:
     world.b.speed_dial(world.customer, "2", "bob")  # the database only stores digits; the rules do not care
     decision = accepted(world, call("2"))
     assert decision.direction is Direction.LOCAL
-    assert decision.bridge_targets == ("[leg_timeout=60]user/bob@${domain_name}",)
+    assert targets(decision.bridge_targets) == ("[leg_timeout=60]user/bob@${domain_name}",)
 
 
 # -- 4.2 localization ---------------------------------------------------------------
@@ -127,7 +129,7 @@ def test_destination_is_localized_before_rating_and_routing() -> None:
         decision = accepted(world, call(dialled))
         assert decision.destination == "442071234567"
         assert decision.levels[0].rate_id == world.rate_44.id
-        assert decision.routes[0].targets == ("[leg_timeout=60]sofia/gateway/gw-a/442071234567",)
+        assert targets(decision.routes[0].targets) == ("[leg_timeout=60]sofia/gateway/gw-a/442071234567",)
 
 
 def test_every_rewrite_is_explained_with_its_rule() -> None:
@@ -166,7 +168,9 @@ def test_caller_id_is_localized_and_presented() -> None:
     assert (decision.caller_id_number, decision.caller_id_name) == ("442079999999", "Alice")
     assert decision.caller_id_changed is True
     assert decision.routes[0].caller_id_number == "442079999999"
-    assert decision.routes[0].targets == ("[leg_timeout=60]sofia/gateway/gw-a/442071234567",)  # A-leg sets it
+    assert targets(decision.routes[0].targets) == (
+        "[leg_timeout=60]sofia/gateway/gw-a/442071234567",
+    )  # A-leg sets it
     variables = dict(channel_variables(decision))
     assert variables["effective_caller_id_number"] == "442079999999"
     assert variables["effective_caller_id_name"] == "Alice"

@@ -6,8 +6,9 @@ from decimal import Decimal
 
 import pytest
 
+from engine.call.render import channel_variables
 from engine.decision import Accept, Reason, Reject
-from engine.rules import RulesConfig, channel_variables
+from engine.rules import RulesConfig
 from engine.rules.rating import Rating, affordable_seconds, find_rate, rate_level, with_markup
 from engine.rules.refusal import Refusal
 from tests.rules.builders import World, run

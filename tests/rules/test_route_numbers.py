@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.decision import Accept, Reason, Reject, Step
+from engine.call.render import channel_variables, dial_string, dial_target
+from engine.decision import Accept, GatewayLeg, LegCallerId, Reason, Reject, Step
 from engine.model import DidDestinationType
-from engine.rules import channel_variables
-from engine.rules.routing import CallerId, caller_id_option
+from tests.call.rendering import targets
 from tests.rules.builders import World, call, run
 
 
@@ -44,7 +44,7 @@ def test_trunk_then_provider_then_strip_prepend() -> None:
     decision = accepted(world, explain=True)
     # the A-leg presents the customer's localized caller ID; carrier-a its own rewrite of it
     assert decision.caller_id_number == "442080000001"
-    assert decision.dial_string == (
+    assert dial_string(decision) == (
         "[leg_timeout=60,origination_caller_id_number=+02080000001,origination_caller_id_name=Alice]"
         "sofia/gateway/gw-a/9#442071234567"
         "|[leg_timeout=60]sofia/gateway/gw-b/442071234567"
@@ -92,7 +92,7 @@ def test_same_localization_on_trunk_and_provider_applies_once() -> None:
 def test_provider_localization_alone() -> None:
     world = World()
     world.b.update(world.provider, localization_id=world.b.localization("P", number_terminate="44/0044").id)
-    assert accepted(world).dial_string == "[leg_timeout=60]sofia/gateway/gw-a/00442071234567"
+    assert dial_string(accepted(world)) == "[leg_timeout=60]sofia/gateway/gw-a/00442071234567"
 
 
 def test_inactive_carrier_localizations_are_not_applied() -> None:
@@ -100,7 +100,7 @@ def test_inactive_carrier_localizations_are_not_applied() -> None:
     off = world.b.localization("off", number_terminate="*/9", cli_terminate="*/9", active=False)
     world.b.update(world.carrier_a, localization_id=off.id)
     world.b.update(world.provider, localization_id=off.id)
-    assert accepted(world).dial_string == "[leg_timeout=60]sofia/gateway/gw-a/442071234567"
+    assert dial_string(accepted(world)) == "[leg_timeout=60]sofia/gateway/gw-a/442071234567"
 
 
 def test_customer_originate_rules_are_not_carrier_rules() -> None:
@@ -118,13 +118,13 @@ def test_per_leg_caller_id_on_every_gateway_of_the_route() -> None:
     world.b.update(world.provider_2, localization_id=world.b.localization("P-2", cli_terminate="*/00").id)
     decision = accepted(world)
     assert decision.caller_id_changed is False
-    assert decision.routes[1].targets == (
+    assert targets(decision.routes[1].targets) == (
         "[leg_timeout=60,origination_caller_id_number=001001,origination_caller_id_name=Alice,"
         "absolute_codec_string=^^:PCMA]sofia/gateway/gw-b/442071234567",
         "[leg_timeout=60,origination_caller_id_number=001001,origination_caller_id_name=Alice,"
         "absolute_codec_string=^^:PCMA]sofia/gateway/gw-c/442071234567",
     )
-    assert decision.routes[0].targets == ("[leg_timeout=60]sofia/gateway/gw-a/442071234567",)
+    assert targets(decision.routes[0].targets) == ("[leg_timeout=60]sofia/gateway/gw-a/442071234567",)
 
 
 def test_per_leg_values_cannot_break_the_dial_string() -> None:
@@ -132,22 +132,27 @@ def test_per_leg_values_cannot_break_the_dial_string() -> None:
     world.b.forced_caller_id(world.customer, "442080000000", "Evil, Inc]|sofia/gateway/x/1 ${system(id)} 'q'")
     world.b.update(world.carrier_a, localization_id=world.b.localization("T", cli_terminate="44/0").id)
     decision = accepted(world)
-    (target,) = decision.routes[0].targets
+    (target,) = targets(decision.routes[0].targets)
     assert target == (
         "[leg_timeout=60,origination_caller_id_number=02080000000,"
         "origination_caller_id_name=Evil Incsofia/gateway/x/1 system(id) q]sofia/gateway/gw-a/442071234567"
     )
-    assert decision.dial_string.count("|") == 0
+    assert dial_string(decision).count("|") == 0
     head = target[: target.index("]") + 1]
     assert head.count("[") == 1 and head.count(",") == 2
 
 
-def test_caller_id_option() -> None:
-    assert caller_id_option(None) == ""
-    assert caller_id_option(CallerId("+4420", "")) == ",origination_caller_id_number=+4420"
+def test_leg_caller_id_rendering() -> None:
+    def leg(caller_id: LegCallerId | None) -> str:
+        return dial_target(GatewayLeg("gw", "1", 5, (), caller_id))
+
+    assert leg(None) == "[leg_timeout=5]sofia/gateway/gw/1"
     assert (
-        caller_id_option(CallerId("1,2", "a|b"))
-        == ",origination_caller_id_number=12,origination_caller_id_name=ab"
+        leg(LegCallerId("+4420", ""))
+        == "[leg_timeout=5,origination_caller_id_number=+4420]sofia/gateway/gw/1"
+    )
+    assert leg(LegCallerId("1,2", "a|b")) == (
+        "[leg_timeout=5,origination_caller_id_number=12,origination_caller_id_name=ab]sofia/gateway/gw/1"
     )
 
 
@@ -174,7 +179,7 @@ def test_no_route_left_after_the_rewrites() -> None:
 def test_call_without_carrier_rules_is_unchanged() -> None:
     decision = accepted(World(), explain=True)
     assert not any("localization" in step.outcome for step in decision.steps)
-    assert decision.dial_string == "[leg_timeout=60]sofia/gateway/gw-a/442071234567"
+    assert dial_string(decision) == "[leg_timeout=60]sofia/gateway/gw-a/442071234567"
 
 
 def test_forwarded_did_gets_the_carrier_rules_too() -> None:
@@ -184,4 +189,4 @@ def test_forwarded_did_gets_the_carrier_rules_too() -> None:
     world.b.ip("198.51.100.0/24", world.provider)
     world.b.update(world.carrier_a, localization_id=world.b.localization("T", number_terminate="*/00").id)
     decision = accepted(world, call("442000000001", sip_auth_username="", network_ip="198.51.100.1"))
-    assert decision.dial_string == "[leg_timeout=60]sofia/gateway/gw-a/00442071234567"
+    assert dial_string(decision) == "[leg_timeout=60]sofia/gateway/gw-a/00442071234567"

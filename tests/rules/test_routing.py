@@ -6,9 +6,11 @@ from decimal import Decimal
 
 import pytest
 
-from engine.decision import Accept
+from engine.call.render import codec_option, dial_string, dial_target
+from engine.decision import Accept, GatewayLeg
 from engine.model import RoutingType
-from engine.rules.routing import codec_option, strip_prepend
+from engine.rules.routing import codec_names, strip_prepend
+from tests.call.rendering import targets
 from tests.rules.builders import World, call, run
 
 D = Decimal
@@ -112,10 +114,11 @@ def test_failover_gateways_follow_the_primary() -> None:
     gw_b, gw_c, gw_off = b.gateway("gw-b"), b.gateway("gw-c"), b.gateway("gw-off", active=False)
     b.update(world.carrier_a, failover_gateway_ids=(gw_off.id, gw_b.id, world.gw_a.id, gw_c.id))
     route = accepted(world).routes[0]
+    # The rules return structured legs; engine.call.render writes the dial string.
     assert route.targets == (
-        "[leg_timeout=60]sofia/gateway/gw-a/442071234567",
-        "[leg_timeout=60]sofia/gateway/gw-b/442071234567",
-        "[leg_timeout=60]sofia/gateway/gw-c/442071234567",
+        GatewayLeg("gw-a", "442071234567", 60),
+        GatewayLeg("gw-b", "442071234567", 60),
+        GatewayLeg("gw-c", "442071234567", 60),
     )
 
 
@@ -124,7 +127,7 @@ def test_inactive_primary_leaves_the_failovers() -> None:
     gw_b = world.b.gateway("gw-b")
     world.b.update(world.carrier_a, failover_gateway_ids=(gw_b.id,))
     world.b.update(world.gw_a, active=False)
-    assert accepted(world).routes[0].targets == ("[leg_timeout=60]sofia/gateway/gw-b/442071234567",)
+    assert targets(accepted(world).routes[0].targets) == ("[leg_timeout=60]sofia/gateway/gw-b/442071234567",)
 
 
 def test_exact_dial_string_bytes(three: World) -> None:
@@ -135,7 +138,7 @@ def test_exact_dial_string_bytes(three: World) -> None:
     b.update(three.term_a, strip="44", prepend="0044")
     b.update(three.alice, codecs="OPUS,PCMU")
     decision = accepted(three)
-    assert decision.dial_string == (
+    assert dial_string(decision) == (
         "[leg_timeout=30,absolute_codec_string=^^:PCMU:PCMA]sofia/gateway/gw-b/442071234567"
         "|[leg_timeout=30,absolute_codec_string=^^:PCMU:PCMA]sofia/gateway/gw-d/442071234567"
         "|[leg_timeout=60,absolute_codec_string=^^:G729]sofia/gateway/gw-c/442071234567"
@@ -159,7 +162,7 @@ def test_codecs_from_trunk_then_device_then_account(
     world.b.update(world.carrier_a, codecs=trunk)
     world.b.update(world.alice, codecs=device)
     world.b.update(world.customer, codecs=account)
-    target = accepted(world).routes[0].targets[0]
+    target = dial_target(accepted(world).routes[0].targets[0])
     assert target == f"[leg_timeout=60{expected}]sofia/gateway/gw-a/442071234567"
 
 
@@ -169,11 +172,15 @@ def test_ip_map_caller_uses_the_account_codecs() -> None:
     world.b.ip("203.0.113.0/24", world.customer)
     decision = run(world.catalog(), call(sip_auth_username="", network_ip="203.0.113.1"))
     assert isinstance(decision, Accept)
-    assert decision.routes[0].targets[0].startswith("[leg_timeout=60,absolute_codec_string=^^:PCMA]")
+    assert dial_target(decision.routes[0].targets[0]).startswith(
+        "[leg_timeout=60,absolute_codec_string=^^:PCMA]"
+    )
 
 
 def test_configured_default_leg_timeout() -> None:
-    assert accepted(World(), default_leg_timeout=25).routes[0].targets[0].startswith("[leg_timeout=25]")
+    assert dial_target(accepted(World(), default_leg_timeout=25).routes[0].targets[0]).startswith(
+        "[leg_timeout=25]"
+    )
 
 
 @pytest.mark.parametrize(
@@ -199,6 +206,8 @@ def test_route_carries_number_caller_id_and_provider(three: World) -> None:
     assert route.trunk_id == three.carrier_a.id
 
 
-def test_codec_option_ignores_empty_items() -> None:
-    assert codec_option(" ,PCMU,,") == ",absolute_codec_string=^^:PCMU"
-    assert codec_option("") == ""
+def test_codec_names_ignore_empty_items() -> None:
+    assert codec_names(" ,PCMU,,") == ("PCMU",)
+    assert codec_names("") == ()
+    assert codec_option(codec_names(" ,PCMU,,")) == ",absolute_codec_string=^^:PCMU"
+    assert codec_option(()) == ""

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from engine.decision import Accept
+from engine.state.funds import FundsRequest
 from engine.state.limits.plan import LevelUsage, LimitPlan, LimitResult, LimitsCatalog
 
 __all__ = ["LimitsAmbiguous", "LimitsBackend", "LimitsUnavailable"]
@@ -29,8 +30,11 @@ class LimitsBackend(Protocol):
         """The plan of an accepted call (engine.state.limits.plan.plan_for)."""
         ...
 
-    def acquire(self, call_uuid: str, plan: LimitPlan, hold_seconds: int) -> LimitResult:
-        """Check and take every limit of ``plan`` for the call (idempotent per uuid).
+    def acquire(
+        self, call_uuid: str, plan: LimitPlan, hold_seconds: int, funds: FundsRequest | None = None
+    ) -> LimitResult:
+        """Check and take every limit of ``plan`` for the call (idempotent per uuid), and its
+        funds reservation in the same step when ``funds`` is given (engine.state.funds).
         Raises :class:`LimitsAmbiguous` when the slots may have been taken."""
         ...
 

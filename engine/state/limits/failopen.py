@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from engine.decision import Accept
+from engine.state.funds import FundsRequest
 from engine.state.limits.backend import LimitsAmbiguous, LimitsUnavailable
 from engine.state.limits.plan import (
     WINDOW_MS,
@@ -126,7 +127,16 @@ class FailOpenLimiter:
 
     # -- hot path --------------------------------------------------------------
 
-    def acquire(self, call_uuid: str, plan: LimitPlan, hold_seconds: int) -> LimitResult:
+    def acquire(
+        self, call_uuid: str, plan: LimitPlan, hold_seconds: int, funds: FundsRequest | None = None
+    ) -> LimitResult:
+        if funds is not None:
+            # Funds are never approximated locally (decision-rules §9: fail-open is for limits
+            # only): Redis unreachable raises, and the call is answered ENGINE_DEGRADED.
+            result = self.limiter.acquire(call_uuid, plan, hold_seconds, funds)
+            if result.admitted and not result.duplicate:
+                self._record(call_uuid, plan, result, hold_seconds, local=False)
+            return result
         if not plan.limited:
             return LimitResult(admitted=True, trunk_ids=plan.trunk_ids)
         if not self.degraded:

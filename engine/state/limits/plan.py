@@ -138,16 +138,24 @@ class LimitResult:
     kind: LimitKind | None = None
     degraded: bool = False  # decided by the fail-open local approximation
     duplicate: bool = False  # this uuid was already admitted; that admission is returned
+    # With a funds reservation (engine.state.funds): the seconds every chain level can pay
+    # (admitted), or the 0-based chain position that cannot pay (refused, nothing taken).
+    granted_seconds: int | None = None
+    funds_level: int | None = None
 
     @property
     def detail(self) -> str:
         skipped = ", ".join(f"trunk {s.trunk_id} ({s.kind})" for s in self.skipped)
+        if self.funds_level is not None:
+            return f"chain level {self.funds_level} cannot pay one minute from its available funds"
         if self.admitted:
             text = "within limits"
             if self.counted_trunk_id is not None:
                 text += f", counted on trunk {self.counted_trunk_id}"
             if skipped:
                 text += f"; skipped full {skipped}"
+            if self.granted_seconds is not None:
+                text += f"; funds reserved for {self.granted_seconds}s"
             return text + (" [local approximation: Redis unreachable]" if self.degraded else "")
         if self.level is None:
             return f"every candidate trunk is at its limit: {skipped}"

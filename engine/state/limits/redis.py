@@ -52,6 +52,7 @@ import redis
 from engine.decision import Accept
 from engine.state import keys as key_names
 from engine.state.direct import DirectConnections
+from engine.state.funds import FUNDS_LUA, FundsRequest
 from engine.state.limits.backend import LimitsAmbiguous, LimitsUnavailable
 from engine.state.limits.plan import (
     WINDOW_MS,
@@ -99,16 +100,21 @@ end
 """
 
 # KEYS: registry, call record, then per subject (levels first, then limited trunks):
-#   channel zset, cps zset.
+#   channel zset, cps zset; then, for a funds reservation (engine.state.funds), 3 per
+#   paying chain level.
 # ARGV: now_ms or '', hold_ms, uuid, n_levels, n_trunks, window_ms, slack_ms,
 #   fallback ('1': an unlimited trunk exists, so the call has a route even if every
 #   limited trunk is full), then per level: max_channels, cps; per trunk: max_channels,
-#   cps, candidate ('1' when no unlimited trunk precedes it), trunk id.
-# Returns {1, chosen trunk index or 0, skipped...} admitted; {0, level index, kind} a
-#   level is full; {2, 0, skipped...} no trunk has room; {3, trunk id or ''} already
-#   admitted. skipped = pairs (trunk index, kind); kind 1 = channels, 2 = cps.
+#   cps, candidate ('1' when no unlimited trunk precedes it), trunk id; then (optional)
+#   n_funds, cap seconds, margin ms, keep ms, and 8 per funds level (FUNDS_LUA).
+# Returns {1, chosen trunk index or 0, granted seconds or -1, skipped...} admitted;
+#   {0, level index, kind} a level is full; {2, 0, -1, skipped...} no trunk has room;
+#   {3, trunk id or '', granted seconds or ''} already admitted; {4, funds level index}
+#   that chain level cannot pay (nothing taken). skipped = pairs (trunk index, kind);
+#   kind 1 = channels, 2 = cps.
 _ACQUIRE = (
     _LUA_COMMON
+    + FUNDS_LUA
     + """
 local now = clock_ms(ARGV[1])
 local hold = tonumber(ARGV[2])
@@ -119,8 +125,11 @@ local window = tonumber(ARGV[6])
 local slack = tonumber(ARGV[7])
 local reg, rec = KEYS[1], KEYS[2]
 
-local prior = redis.call('HMGET', rec, 'at', 'trunk')
-if prior[1] then return {3, prior[2] or ''} end
+local prior = redis.call('HMGET', rec, 'at', 'trunk', 'fd')
+if prior[1] then return {3, prior[2] or '', prior[3] or ''} end
+local fa = 9 + 2 * nlev + 4 * ntr  -- ARGV index of n_funds (absent: no reservation)
+local nf = tonumber(ARGV[fa] or '0')
+local fk = 3 + 2 * (nlev + ntr)  -- KEYS index of the first funds key
 
 local function arg_at(i)
   if i <= nlev then return 9 + 2 * (i - 1) end
@@ -159,7 +168,12 @@ for j = 1, ntr do
   end
 end
 if ntr > 0 and chosen == 0 and ARGV[8] ~= '1' then
-  return {2, 0, unpack(skipped)}
+  return {2, 0, -1, unpack(skipped)}
+end
+local granted = -1
+if nf > 0 then
+  granted = funds_check(fk, fa + 3, nf, now, tonumber(ARGV[fa + 1]))
+  if granted < 0 then return {4, -granted} end
 end
 
 local deadline = now + hold
@@ -190,12 +204,18 @@ if chosen > 0 then
     fields[#fields + 1] = KEYS[1 + 2 * i]
   end
 end
+if nf > 0 then
+  funds_take(fk, fa + 3, nf, uuid, granted, now + granted * 1000 + tonumber(ARGV[fa + 2]),
+    tonumber(ARGV[fa + 3]))
+  fields[#fields + 1] = 'fd'
+  fields[#fields + 1] = granted
+end
 redis.call('HSET', rec, unpack(fields))
 redis.call('PEXPIRE', rec, keep)
 redis.call('ZREMRANGEBYSCORE', reg, '-inf', now)
 redis.call('ZADD', reg, deadline, uuid)
 extend(reg, keep)
-return {1, chosen, unpack(skipped)}
+return {1, chosen, granted, unpack(skipped)}
 """
 )
 
@@ -406,8 +426,11 @@ class Limiter:
 
     # -- the hot path ----------------------------------------------------------
 
-    def acquire(self, call_uuid: str, plan: LimitPlan, hold_seconds: int) -> LimitResult:
-        """Check and take every limit of ``plan`` for ``call_uuid`` in one round trip."""
+    def acquire(
+        self, call_uuid: str, plan: LimitPlan, hold_seconds: int, funds: FundsRequest | None = None
+    ) -> LimitResult:
+        """Check and take every limit of ``plan`` for ``call_uuid`` in one round trip, and the
+        call's funds reservation with them when ``funds`` is given (engine.state.funds)."""
         levels = [s for s in plan.levels if s.limited]
         trunks: list[tuple[Subject, bool]] = []
         fallback = False
@@ -416,7 +439,7 @@ class Limiter:
                 trunks.append((trunk, not fallback))
             else:
                 fallback = True
-        if not levels and not trunks:
+        if not levels and not trunks and funds is None:
             return LimitResult(admitted=True, trunk_ids=plan.trunk_ids)
         hold_ms = self.hold_ms(hold_seconds)
         keys = [self.registry_key, self.call_key(call_uuid)]
@@ -436,6 +459,9 @@ class Limiter:
         for t, candidate in trunks:
             keys += (self.channels_key(t), self.cps_key(t))
             args += (t.max_channels, t.cps, "1" if candidate else "0", t.id)
+        if funds is not None:
+            keys += funds.keys(self.prefix)
+            args += (len(funds.levels), funds.cap_seconds, funds.margin_ms, funds.keep_ms, *funds.args())
         with self.timer("limits"):
             reply = _ACQUIRE_SCRIPT(self.client, keys, args, self.direct)
         return self._result(reply, plan, levels, [t for t, _ in trunks])
@@ -445,6 +471,8 @@ class Limiter:
         reply: list[Any], plan: LimitPlan, levels: list[Subject], trunks: list[Subject]
     ) -> LimitResult:
         status = int(reply[0])
+        if status == 4:
+            return LimitResult(admitted=False, funds_level=int(reply[1]) - 1)
         if status == 0:
             subject = levels[int(reply[1]) - 1]
             return LimitResult(
@@ -456,8 +484,15 @@ class Limiter:
             order = plan.trunk_ids
             if counted is not None and counted in order:
                 order = (counted, *(t for t in order if t != counted))
-            return LimitResult(admitted=True, trunk_ids=order, counted_trunk_id=counted, duplicate=True)
-        pairs = reply[2:]
+            granted_text = _text(reply[2]) if len(reply) > 2 else ""
+            return LimitResult(
+                admitted=True,
+                trunk_ids=order,
+                counted_trunk_id=counted,
+                duplicate=True,
+                granted_seconds=int(granted_text) if granted_text else None,
+            )
+        pairs = reply[3:]
         skipped = tuple(
             SkippedTrunk(trunks[int(pairs[n]) - 1].id, _KIND_CODES[int(pairs[n + 1])])
             for n in range(0, len(pairs), 2)
@@ -466,11 +501,13 @@ class Limiter:
             return LimitResult(admitted=False, skipped=skipped)
         full = {s.trunk_id for s in skipped}
         chosen = int(reply[1])
+        granted = int(reply[2])
         return LimitResult(
             admitted=True,
             trunk_ids=tuple(t for t in plan.trunk_ids if t not in full),
             counted_trunk_id=trunks[chosen - 1].id if chosen else None,
             skipped=skipped,
+            granted_seconds=granted if granted >= 0 else None,
         )
 
     def release(self, call_uuid: str) -> bool:

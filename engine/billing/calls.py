@@ -1,0 +1,103 @@
+"""What the call session hands to accounting: pure glue from a decision and its hangup to Redis calls.
+
+At the decision (after the rules accepted the call)::
+
+    pricing = pricing_for(accept, catalog)            # frozen prices, kept with the call
+    levels = funds_levels(pricing, catalog)           # -> Funds.reserve (or the limits script)
+
+At CHANNEL_HANGUP_COMPLETE::
+
+    item, rated = call_settlement(headers, accept, pricing, catalog)
+    funds.settle_many([item, ...])                    # batched with other hangups
+
+A refused call is recorded with :func:`reject_settlement` (no reservation, no debit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from decimal import Decimal
+
+from engine.billing.cdr import answered_cdr, rejected_cdr
+from engine.billing.funds import FundsLevel, Settlement
+from engine.billing.hangup import CallEnd, parse_hangup
+from engine.billing.rating import CallPricing, RatedCall, rate_call
+from engine.decision import Accept
+from engine.rules.catalog import Catalog
+
+_ZERO = Decimal(0)
+
+
+def _recorded(catalog: Catalog, account_id: int) -> tuple[Decimal, Decimal]:
+    """(available credit, calls_debited) of an account in this snapshot."""
+    account = catalog.accounts.get(account_id)
+    if account is None:
+        return _ZERO, _ZERO
+    return account.available_credit, account.calls_debited
+
+
+def funds_levels(pricing: CallPricing, catalog: Catalog) -> list[FundsLevel]:
+    """One FundsLevel per chain member that pays for the call, at the price it pays."""
+    levels = []
+    for level in pricing.levels:
+        base, recorded = _recorded(catalog, level.account_id)
+        levels.append(FundsLevel(level.account_id, base, recorded, level.tariff))
+    return levels
+
+
+def call_settlement(
+    headers: Mapping[str, str],
+    accept: Accept,
+    pricing: CallPricing,
+    catalog: Catalog,
+    *,
+    decided_at: datetime | None = None,
+) -> tuple[Settlement, RatedCall, CallEnd]:
+    """Rate an accepted call from its decoded CHANNEL_HANGUP_COMPLETE and build its settlement.
+
+    ``catalog`` is the snapshot at hangup: only its ``calls_debited`` is read (to initialise
+    Redis's spent counter after a Redis restart); the prices are the ones frozen in ``pricing``.
+    """
+    end = parse_hangup(headers)
+    rated = rate_call(pricing, end.billsec, end.carried_leg)
+    record = answered_cdr(
+        end,
+        pricing,
+        rated,
+        account_id=accept.account_id,
+        account_number=accept.account_number,
+        chain=accept.chain,
+        direction=str(accept.direction),
+        caller_id_name=accept.caller_id_name,
+        translated=accept.destination,
+        fallback_start=decided_at,
+    )
+    debits = tuple((d.account_id, _recorded(catalog, d.account_id)[1], d.amount) for d in rated.debits)
+    return Settlement(end.uuid, debits, record), rated, end
+
+
+def reject_settlement(
+    uuid: str,
+    at: datetime,
+    *,
+    reason: str,
+    sip_code: int,
+    account_id: int | None = None,
+    account_number: str = "",
+    caller_id_number: str = "",
+    caller_id_name: str = "",
+    dialled: str = "",
+) -> Settlement:
+    record = rejected_cdr(
+        uuid,
+        at,
+        reason=reason,
+        sip_code=sip_code,
+        account_id=account_id,
+        account_number=account_number,
+        caller_id_number=caller_id_number,
+        caller_id_name=caller_id_name,
+        dialled=dialled,
+    )
+    return Settlement(uuid, (), record)

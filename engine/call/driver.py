@@ -1,0 +1,297 @@
+"""The thin gevent driver of a call: socket, deadlines, metrics and logs around CallSession.
+
+Everything the call's conversation decides (what to send, when a deadline matters, when to
+release the call's limit slots, when it is over) lives in engine.call.session; this module
+only carries the actions out. Deadlines cost one gevent timer at a time: the earliest armed
+one, re-armed only when it changes (a timer per read costs more than the read).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gevent
+
+from engine.call.channel import call_request
+from engine.call.session import (
+    Action,
+    Arm,
+    CallSession,
+    Deadline,
+    Decide,
+    Disarm,
+    Finish,
+    Outcome,
+    Phase,
+    Release,
+    Send,
+    SessionSettings,
+    Warn,
+)
+from engine.config import Config
+from engine.decision import Accept, Decision, Reason, Reject
+from engine.esl.connection import EslConnection, PeerGone
+from engine.esl.protocol import ProtocolError
+from engine.metrics import EngineMetrics
+from engine.model import CallRequest
+from engine.rules.config import RulesConfig
+from engine.rules.text import show
+
+__all__ = ["CallHandler", "CallRecord", "call_request"]
+
+log = logging.getLogger("callgate.call")
+_DONE = Phase.DONE
+decision_log = logging.getLogger("callgate.decision")
+
+#: Socket-error metric kind per way a call's connection was dropped (none for a normal end).
+_DROP_KINDS = {
+    Outcome.ABANDONED: "gone",
+    Outcome.GONE: "gone",
+    Outcome.TIMEOUT: "timeout",
+    Outcome.PROTOCOL: "protocol",
+}
+
+
+@dataclass
+class CallRecord:
+    """What the engine knows of one call when it ends (given to the end hook)."""
+
+    peer: tuple[object, ...]
+    request: CallRequest | None = None
+    decision: Decision | None = None
+    hangup_cause: str = ""
+
+
+DecideFn = Callable[[CallRequest], Decision]
+EndHook = Callable[[CallRecord], None]
+
+
+class _Expired(Exception):
+    """Raised into the call's greenlet by its deadline timer."""
+
+    def __init__(self, deadline: Deadline) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+
+class CallHandler:
+    def __init__(
+        self,
+        config: Config,
+        decide: DecideFn,
+        metrics: EngineMetrics,
+        rules: RulesConfig,
+        on_end: EndHook | None = None,
+    ) -> None:
+        self._config = config
+        engine = config.engine
+        self._settings = SessionSettings(
+            connect_timeout=engine.connect_timeout,
+            reply_timeout=engine.reply_timeout,
+            hangup_timeout=engine.hangup_timeout,
+        )
+        self._sip_response = rules.sip_response
+        self._decide = decide
+        self._metrics = metrics
+        self._on_end = on_end  # called when the call's counted slots are to be released
+        self._decision_level = logging.getLevelName(config.logging.decision_level)
+        self._in_flight = 0
+
+    def __call__(self, conn: EslConnection, peer: tuple[object, ...]) -> None:
+        self._metrics.active_calls.inc()
+        self._in_flight += 1
+        try:
+            _Call(self, conn, peer).run()
+        finally:
+            self._in_flight -= 1
+            self._metrics.active_calls.dec()
+
+    # What _Call needs of the handler --------------------------------------------------------
+
+    def decide(self, request: CallRequest) -> tuple[Decision, bool]:
+        """(decision, whether the limits may hold slots for the call)."""
+        if self._in_flight > self._config.engine.max_connections:
+            return Reject(Reason.ENGINE_DEGRADED, detail="over engine.max_connections"), False
+        return self._decide_within_deadline(request)
+
+    def _decide_within_deadline(self, request: CallRequest) -> tuple[Decision, bool]:
+        try:
+            with gevent.Timeout(self._config.engine.decision_deadline):
+                decision = self._decide(request)
+            return decision, isinstance(decision, Accept)
+        except gevent.Timeout:
+            # The limits script may have run before the deadline: release whatever it took.
+            return Reject(Reason.ENGINE_DEGRADED, detail="decision deadline exceeded"), True
+        except Exception:
+            log.exception("uuid=%s decision failed; answering ENGINE_DEGRADED", request.uuid)
+            return Reject(Reason.ENGINE_DEGRADED, detail="internal error"), True
+
+    def observe(self, request: CallRequest, decision: Decision, seconds: float) -> None:
+        if isinstance(decision, Accept):
+            result, reason, account, detail = "accept", "", decision.account_number, ""
+        else:
+            result, reason = "reject", decision.reason.value
+            account, detail = str(decision.account_id or ""), decision.detail
+        self._metrics.observe_decision(result, reason, seconds, detail=detail)
+        if decision_log.isEnabledFor(self._decision_level):
+            decision_log.log(
+                self._decision_level,
+                "uuid=%s result=%s reason=%s account=%s destination=%s latency_ms=%.3f",
+                request.uuid,
+                result,
+                reason or "-",
+                account or "-",
+                show(request.destination, 64),
+                seconds * 1000,
+                extra={
+                    "uuid": request.uuid,
+                    "result": result,
+                    "reason": reason,
+                    "account": account,
+                    "latency_ms": round(seconds * 1000, 3),
+                },
+            )
+
+
+class _Call:
+    """One connection: runs the session's actions until it finishes."""
+
+    __slots__ = ("_conn", "_deadlines", "_handler", "_peer", "_session", "_timer", "_timer_for")
+
+    def __init__(self, handler: CallHandler, conn: EslConnection, peer: tuple[object, ...]) -> None:
+        self._handler = handler
+        self._conn = conn
+        self._peer = peer
+        self._session = CallSession(handler._settings, handler._sip_response)
+        self._deadlines: dict[Deadline, float] = {}  # armed deadline -> monotonic time
+        self._timer: gevent.Timeout | None = None
+        self._timer_for: Deadline | None = None
+
+    def run(self) -> None:
+        session = self._session
+        conn = self._conn
+        try:
+            self._apply(session.start())
+            while session.phase is not _DONE:
+                # One frame in, its actions out (inlined: this loop runs for every frame).
+                try:
+                    actions = session.frame(conn.read_frame(None))
+                except _Expired as expired:
+                    actions = self._expired(expired)
+                except PeerGone as exc:
+                    actions = session.peer_gone(str(exc), clean=exc.clean)
+                except ProtocolError as exc:
+                    actions = session.protocol_error(str(exc))
+                if actions:
+                    self._apply(actions)
+        finally:
+            if self._timer is not None:
+                self._timer.close()
+
+    def _expired(self, expired: _Expired) -> list[Action]:
+        self._timer = self._timer_for = None  # it fired: nothing to close
+        self._deadlines.pop(expired.deadline, None)
+        actions = self._session.expired(expired.deadline)
+        self._rearm()
+        return actions
+
+    def _apply(self, actions: list[Action]) -> None:
+        queue = list(actions)  # actions may add more (a failed write, a decision): the loop sees them
+        for action in queue:
+            if isinstance(action, Send):
+                try:
+                    self._conn.send(action.data)
+                except PeerGone as exc:
+                    queue.extend(self._session.peer_gone(str(exc), clean=False))
+                except _Expired as expired:  # a write blocked past a deadline: FreeSWITCH reads nothing
+                    queue.extend(self._expired(expired))
+            elif isinstance(action, Arm):
+                self._arm(action.deadline, action.seconds)
+            elif isinstance(action, Disarm):
+                self._disarm(action.deadline)
+            elif isinstance(action, Decide):
+                queue.extend(self._decide(action.request))
+            elif isinstance(action, Release):
+                self._release()
+            elif isinstance(action, Finish):
+                self._finish(action)
+            else:
+                self._warn(action)
+
+    def _decide(self, request: CallRequest) -> list[Action]:
+        started = time.perf_counter()
+        decision, holds_slots = self._handler.decide(request)
+        actions = self._session.decided(decision, holds_slots=holds_slots)
+        # The decision is written by the first action: observe it once it has left.
+        self._apply(actions[:1])
+        self._handler.observe(request, decision, time.perf_counter() - started)
+        return actions[1:]
+
+    def _warn(self, warning: Warn) -> None:
+        if warning.kind == "late_replies":
+            self._handler._metrics.socket_error("late_replies")
+        log.warning("uuid=%s %s", self._uuid(), warning.message)
+
+    def _arm(self, deadline: Deadline, seconds: float) -> None:
+        when = time.monotonic() + seconds
+        self._deadlines[deadline] = when
+        current = self._timer_for
+        if current is None or current is deadline or when < self._deadlines[current]:
+            self._start_timer(deadline, seconds)
+
+    def _disarm(self, deadline: Deadline) -> None:
+        if self._deadlines.pop(deadline, None) is not None and deadline is self._timer_for:
+            self._rearm()
+
+    def _rearm(self) -> None:
+        """The timer for the earliest deadline still armed (none when none is)."""
+        deadlines = self._deadlines
+        if not deadlines:
+            self._stop_timer()
+            return
+        earliest = min(deadlines, key=deadlines.__getitem__)
+        self._start_timer(earliest, max(0.0, deadlines[earliest] - time.monotonic()))
+
+    def _start_timer(self, deadline: Deadline, seconds: float) -> None:
+        if self._timer is not None:
+            self._timer.close()
+        self._timer_for = deadline
+        self._timer = gevent.Timeout.start_new(seconds, _Expired(deadline))
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+        self._timer_for = None
+
+    def _release(self) -> None:
+        on_end = self._handler._on_end
+        if on_end is not None:
+            session = self._session
+            on_end(CallRecord(self._peer, session.request, session.decision, session.hangup_cause))
+
+    def _finish(self, finish: Finish) -> None:
+        kind = _DROP_KINDS.get(finish.outcome)
+        if finish.outcome is Outcome.GONE and self._session.decision is not None:
+            kind = None  # FreeSWITCH may close a decided call's socket: not an error
+        if kind is not None:
+            self._handler._metrics.socket_error(kind)
+            level = logging.INFO if finish.outcome is Outcome.ABANDONED else logging.WARNING
+            log.log(level, "uuid=%s peer=%s dropped: %s", self._uuid(), self._peer_text(), finish.detail)
+        if finish.kept:
+            log.warning(
+                "uuid=%s %s while the call may be bridged: its limit slots are kept until their "
+                "deadline or the reconciler",
+                self._uuid(),
+                finish.detail,
+            )
+
+    def _uuid(self) -> str:
+        request = self._session.request
+        return request.uuid if request is not None else "-"
+
+    def _peer_text(self) -> str:
+        return ":".join(str(part) for part in self._peer[:2]) if self._peer else "-"

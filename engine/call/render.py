@@ -1,0 +1,182 @@
+"""A structured decision as FreeSWITCH commands: dial strings, channel variables, the one batch.
+
+The rules return structured legs (gateway, number, timeout, codecs, caller ID) and a
+maximum duration (engine.decision); everything FreeSWITCH-specific is written here,
+the way CGRateS' agent renders what its session decided.
+
+The write is shaped to keep FreeSWITCH's output small, because reading it is most of an
+engine's work per call: ``nixevent`` drops the channel events callgate never reads (each
+carries every channel variable, ~4 KiB) and the variables travel in one ``multiset`` (one
+reply and one CHANNEL_EXECUTE_COMPLETE instead of one per ``set``). Both ``linger`` and
+``nixevent`` need the socket's ``full`` flag (dialplan/callgate.xml).
+
+Values are never empty: an empty value in ``set``/``multiset`` UNSETS the variable on
+FreeSWITCH, so a variable without a value is left out (docs/call-session.md lists them).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from engine.decision import Accept, DeviceLeg, Direction, GatewayLeg, Leg, Reject
+from engine.esl.commands import MYEVENTS_TYPES, Batch, assignments
+from engine.esl.protocol import command, sendmsg_execute, sendmsg_hangup
+from engine.rules.text import plain_decimal, safe_text
+
+#: The events callgate reads once it has answered (engine.call.session).
+FOLLOWED_EVENTS = ("CHANNEL_EXECUTE_COMPLETE", "CHANNEL_HANGUP_COMPLETE")
+
+#: What ``myevents`` subscribes to, less FOLLOWED_EVENTS: dropped with ``nixevent``.
+UNREAD_EVENTS = tuple(name for name in MYEVENTS_TYPES if name not in FOLLOWED_EVENTS)
+
+# ``callgate_reason`` on the channel (in the CDR) says how callgate left the call:
+REASON_VARIABLE = "callgate_reason"
+ENGINE_UNREACHABLE = "ENGINE_UNREACHABLE"  # set by the dialplan before `socket`; kept if no engine decides
+ACCEPTED = "ACCEPTED"  # the call was bridged, or is being tried on its routes
+ROUTES_FAILED = "ROUTES_FAILED"  # accepted, but every leg failed: callgate hung the call up
+# ... and each engine.decision.Reason for a rejected call.
+
+#: The hangup cause after a failed bridge when FreeSWITCH names none usable.
+BRIDGE_FAILED_CAUSE = "NORMAL_TEMPORARY_FAILURE"
+
+# Characters that end or restructure a `[name=value,...]` block in a dial string, or that
+# FreeSWITCH would expand: dropped from per-leg values.
+_LEG_UNSAFE = frozenset(",[]|$'\\\"{}")
+
+
+def leg_value(value: str) -> str:
+    """``value`` made safe inside a dial target's ``[...]`` variables."""
+    if value.isprintable() and not any(ch in _LEG_UNSAFE for ch in value):
+        return value
+    return "".join(ch for ch in value if ch.isprintable() and ch not in _LEG_UNSAFE)
+
+
+@functools.lru_cache(maxsize=4096)  # a pure memo: a snapshot holds few distinct codec lists
+def codec_option(codecs: tuple[str, ...]) -> str:
+    """``,absolute_codec_string=^^:A:B`` ('' for none). Inside ``[...]`` a comma separates
+    variables, so the list uses FreeSWITCH's ``^^:`` custom-delimiter form."""
+    names = [leg_value(name) for name in codecs]
+    names = [name for name in names if name]
+    return ",absolute_codec_string=^^:" + ":".join(names) if names else ""
+
+
+def _caller_id_option(leg: GatewayLeg) -> str:
+    """The leg's own caller ID as ``origination_caller_id_*`` (FreeSWITCH takes those per
+    leg, over the A-leg's ``effective_caller_id_*``); an empty value is left out."""
+    if leg.caller_id is None:
+        return ""
+    number = leg_value(leg.caller_id.number)
+    name = leg_value(leg.caller_id.name)
+    option = ",origination_caller_id_number=" + number if number else ""
+    return option + (",origination_caller_id_name=" + name if name else "")
+
+
+def _gateway_head(leg: GatewayLeg) -> str:
+    caller_id = "" if leg.caller_id is None else _caller_id_option(leg)
+    return f"[leg_timeout={leg.timeout}{caller_id}{codec_option(leg.codecs)}]sofia/gateway/"
+
+
+def dial_target(leg: Leg) -> str:
+    """One leg of a dial string, e.g. ``[leg_timeout=30]sofia/gateway/gw-a/4420...``."""
+    if isinstance(leg, GatewayLeg):
+        return f"{_gateway_head(leg)}{leg.gateway}/{leg.number}"
+    if isinstance(leg, DeviceLeg):
+        return f"[leg_timeout={leg.timeout}]user/{leg.username}@{leg.domain}"
+    return f"[leg_timeout={leg.timeout}]sofia/{leg.profile}/{leg.uri}"
+
+
+def dial_string(accept: Accept) -> str:
+    """Sequential failover across every leg (``|``), for ``bridge`` (and `callgate explain`).
+
+    The gateways of one route share everything but the gateway's name: their common head is
+    written once (the hot path renders every leg of every call)."""
+    parts: list[str] = []
+    head = ""
+    shared: tuple[object, ...] = ()  # what the current head was written from
+    for route in accept.routes:
+        for leg in route.targets:
+            if leg[1:] != shared or not head:
+                head, shared = _gateway_head(leg), leg[1:]
+            parts.append(f"{head}{leg.gateway}/{leg.number}")
+    if not parts:
+        parts = [dial_target(leg) for leg in accept.bridge_targets]
+    return "|".join(parts)
+
+
+def _rate_value(accept: Accept) -> str | None:
+    """``<prefix>:<cost per minute>`` of the customer's rate; ``local:<cost>`` for an on-net
+    call at the local-call price, ``*:<cost>`` for a catch-all (empty) prefix."""
+    if not accept.levels:
+        return None
+    customer = accept.levels[0]
+    prefix = customer.prefix or ("local" if accept.direction is Direction.LOCAL else "*")
+    return f"{prefix}:{plain_decimal(customer.cost_per_minute)}"
+
+
+def channel_variables(accept: Accept) -> list[tuple[str, str]]:
+    """The variables an accepted call carries, in order, none of them empty."""
+    pairs: list[tuple[str, str | None]] = [
+        (REASON_VARIABLE, ACCEPTED),
+        ("callgate_account", accept.account_number),
+        ("callgate_reseller_chain", ",".join(level.account_number for level in accept.levels[1:])),
+        ("callgate_rate", _rate_value(accept)),
+        ("callgate_max_duration", str(accept.max_duration)),
+        ("callgate_routes", ",".join(route.trunk_name for route in accept.routes)),
+    ]
+    if accept.caller_id_changed:
+        number = safe_text(accept.caller_id_number)
+        # An empty name would unset the variable and show the caller's original name:
+        # present the number instead, as a From without display name does.
+        pairs.append(("effective_caller_id_number", number))
+        pairs.append(("effective_caller_id_name", safe_text(accept.caller_id_name) or number))
+    pairs.append(("callgate_direction", accept.direction.value))
+    if accept.did_id is not None:
+        pairs.append(("callgate_did", str(accept.did_id)))
+    pairs.append(("continue_on_fail", "true"))
+    pairs.append(("hangup_after_bridge", "true"))
+    # FreeSWITCH matches cause names exactly (case aside): the common spelling "alloted_timeout"
+    # is no cause at all, so the CDR would not say why the call ended.
+    pairs.append(("execute_on_answer", f"sched_hangup +{accept.max_duration} ALLOTTED_TIMEOUT"))
+    clean = [(name, safe_text(value)) for name, value in pairs if value]
+    return [(name, value) for name, value in clean if value]
+
+
+def reject_variables(reject: Reject) -> list[tuple[str, str]]:
+    return [(REASON_VARIABLE, reject.reason.value)]
+
+
+def _preamble() -> list[bytes]:
+    # myevents: CHANNEL_HANGUP_COMPLETE reaches us; linger: it is delivered before FreeSWITCH closes.
+    return [command("myevents"), command("nixevent " + " ".join(UNREAD_EVENTS)), command("linger")]
+
+
+def _batch(commands: list[bytes]) -> Batch:
+    return Batch(b"".join(commands), len(commands))
+
+
+def bridge_batch(variables: list[tuple[str, str]], dial: str) -> Batch:
+    return _batch([*_preamble(), *assignments(variables), sendmsg_execute("bridge", dial)])
+
+
+def respond_batch(variables: list[tuple[str, str]], code: int, text: str) -> Batch:
+    return _batch([*_preamble(), *assignments(variables), sendmsg_execute("respond", f"{code} {text}")])
+
+
+def accept_batch(accept: Accept) -> Batch:
+    return bridge_batch(channel_variables(accept), dial_string(accept))
+
+
+def reject_batch(reject: Reject, code: int, text: str) -> Batch:
+    return respond_batch(reject_variables(reject), code, text)
+
+
+def hangup_cause(text: str) -> str:
+    """A cause FreeSWITCH reported, usable in ``hangup-cause`` (else BRIDGE_FAILED_CAUSE)."""
+    cause = text.strip().upper()
+    return cause if cause and cause.replace("_", "").isalnum() and cause.isascii() else BRIDGE_FAILED_CAUSE
+
+
+def routes_failed_batch(cause: str) -> Batch:
+    """After a bridge whose every leg failed: record ROUTES_FAILED, then hang the parked
+    call up with the bridge's own cause (it would otherwise wait for park_timeout)."""
+    return _batch([*assignments([(REASON_VARIABLE, ROUTES_FAILED)]), sendmsg_hangup(hangup_cause(cause))])

@@ -1,0 +1,173 @@
+"""Issue 14's real-switch defects, reproduced with the emulator against a real `callgate serve`.
+
+Each test makes the emulator behave as FreeSWITCH 1.10.12 did on the real switch, and
+checks what the engine does about it (docs/call-session.md).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import gevent
+import pytest
+
+from loadtest.fsemu import CallSpec, place_call
+from tests.support import EngineProcess, engine_environment, prepare_database, publish
+
+CATALOGUE = {
+    "gateways": [{"name": "gw-1"}],
+    "providers": [
+        {
+            "number": "9000000001",
+            "trunks": [
+                {
+                    "name": "carrier",
+                    "gateway": "gw-1",
+                    "termination_rates": [{"prefix": "44", "cost_per_minute": "0.001"}],
+                }
+            ],
+        }
+    ],
+    "rate_groups": [
+        {"name": "retail", "trunks": ["carrier"], "rates": [{"prefix": "44", "cost_per_minute": "0.01"}]},
+    ],
+    "customers": [
+        {
+            "number": "1000000002",
+            "email": "two@example.com",
+            "password": "Two2024xxx",
+            "balance": "100.00",
+            "rate_group": "retail",
+            "max_channels": 2,
+            "local_call_cost_per_minute": "0.001",
+            "sip_devices": [{"username": "two", "password": "Secret123x"}],
+        },
+        {
+            "number": "1000000003",
+            "email": "callee@example.com",
+            "password": "Callee2024x",
+            "balance": "1.00",
+            "rate_group": "retail",
+            "sip_devices": [{"username": "callee", "password": "Secret123x"}],
+        },
+    ],
+}
+
+# The dialplan sets this before `socket`, so it is in the channel data (dialplan/callgate.xml).
+DIALPLAN = {"callgate_reason": "ENGINE_UNREACHABLE"}
+
+
+@pytest.fixture(scope="module")
+def environment(module_pg_url: str, redis_url: str, module_key_prefix: str) -> dict[str, str]:
+    env = engine_environment(
+        module_pg_url,
+        redis_url,
+        module_key_prefix,
+        CALLGATE_ENGINE__REPLY_TIMEOUT="0.2",
+        CALLGATE_ENGINE__CONNECT_TIMEOUT="1.0",
+    )
+    prepare_database(module_pg_url, CATALOGUE)
+    publish(env)
+    return env
+
+
+@pytest.fixture(scope="module")
+def engine(environment: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+    process = EngineProcess(environment).start(tmp_path_factory.mktemp("engine") / "serve.log")
+    yield process
+    process.stop()
+
+
+def spec(**fields) -> CallSpec:
+    fields.setdefault("destination", "442071234567")
+    fields.setdefault("sip_auth_username", "two")
+    fields.setdefault("extra_variables", dict(DIALPLAN))
+    return CallSpec(**fields)
+
+
+def test_a_slow_switch_cannot_bridge_calls_past_the_limits(engine: EngineProcess) -> None:
+    """Item 1: FreeSWITCH replies after engine.reply_timeout (0.2 s) while it already runs
+    the queued bridge. 5 calls within 0.8 s from an account limited to 2 channels: before,
+    the engine gave up on each call after 0.2 s and released its slots, so all 5 connected
+    (checked against the previous engine); now it keeps the 2 it admitted counted."""
+    starts = (0.0, 0.1, 0.5, 0.6, 0.8)
+    calls = [
+        gevent.spawn_later(
+            start, place_call, "127.0.0.1", engine.port, spec(late_replies=0.6, hold_seconds=3.0), timeout=15
+        )
+        for start in starts
+    ]
+    results = [call.get(timeout=20) for call in calls]
+    assert all(result.error is None for result in results), [r.error for r in results]
+    bridged = [r for r in results if r.bridged_target is not None]
+    refused = [r for r in results if r.channel_variables.get("callgate_reason") == "CONCURRENT_LIMIT"]
+    assert (len(bridged), len(refused)) == (2, 3), [
+        r.channel_variables.get("callgate_reason") for r in results
+    ]
+    # The engine followed the slow calls to their end instead of closing early.
+    assert all(r.engine_closed and not r.uncontrolled for r in bridged)
+    assert "command replies still due after engine.reply_timeout" in engine.log()
+    # Their hangups released the slots (in the next release batch): the account can call again.
+    gevent.sleep(0.3)
+    again = place_call("127.0.0.1", engine.port, spec(hold_seconds=0.1), timeout=10)
+    assert again.channel_variables.get("callgate_reason") == "ACCEPTED", again.channel_variables
+
+
+def test_every_outcome_leaves_a_truthful_reason_in_the_cdr(engine: EngineProcess) -> None:
+    """Item 2: the dialplan's ENGINE_UNREACHABLE is replaced on every decided call."""
+    accepted = place_call("127.0.0.1", engine.port, spec(hold_seconds=0.1), timeout=10)
+    assert accepted.channel_variables["callgate_reason"] == "ACCEPTED"
+    failed = place_call(
+        "127.0.0.1", engine.port, spec(answering_targets=lambda target: "NO_ANSWER"), timeout=10
+    )
+    assert failed.channel_variables["callgate_reason"] == "ROUTES_FAILED"
+    assert failed.hangup_cause == "NO_ANSWER"
+    rejected = place_call("127.0.0.1", engine.port, spec(destination="4930123456"), timeout=10)
+    assert rejected.channel_variables["callgate_reason"] == "ORIGINATION_RATE_NOT_FOUND"
+
+
+def test_no_variable_is_sent_empty(engine: EngineProcess) -> None:
+    """Item 5: an empty multiset value unsets the variable; the on-net rate had no prefix."""
+    outbound = place_call("127.0.0.1", engine.port, spec(hold_seconds=0.1), timeout=10)
+    local = place_call("127.0.0.1", engine.port, spec(destination="callee", hold_seconds=0.1), timeout=10)
+    for result in (outbound, local):
+        assert result.error is None
+        assert result.variables and all(result.variables.values()), result.variables
+    assert "callgate_reseller_chain" not in outbound.variables  # no reseller: left out, not ""
+    assert outbound.channel_variables["callgate_routes"] == "carrier"
+    assert local.channel_variables["callgate_rate"] == "local:0.001"  # was ":0.001"
+    assert "callgate_routes" not in local.variables
+
+
+def test_a_caller_who_gives_up_before_the_channel_data_is_gone_not_garbage(engine: EngineProcess) -> None:
+    """Item 5: a disconnect notice instead of the channel data."""
+    result = place_call("127.0.0.1", engine.port, spec(abandon_before_connect=True), timeout=5)
+    assert result.commands == ["connect"] and result.executed == []
+    deadline = time.monotonic() + 10  # the engine logs it once it has read the notice
+    while "the call ended before its channel data" not in engine.log() and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    log = engine.log()
+    assert "dropped: the call ended before its channel data" in log
+    assert "malformed data" not in log
+
+
+def test_sources_outside_the_allow_list_are_closed_at_accept(environment, tmp_path: Path) -> None:
+    """Issue 15: engine.allowed_networks, enforced before a byte is exchanged."""
+    closed = EngineProcess({**environment, "CALLGATE_ENGINE__ALLOWED_NETWORKS": "192.0.2.0/24"})
+    closed.start(tmp_path / "closed.log")
+    open_ = EngineProcess({**environment, "CALLGATE_ENGINE__ALLOWED_NETWORKS": "192.0.2.0/24,127.0.0.0/8"})
+    open_.start(tmp_path / "open.log")
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", closed.port), timeout=5) as sock:
+                assert sock.recv(64) == b""  # closed at once, `connect` never sent
+        allowed = place_call("127.0.0.1", open_.port, spec(hold_seconds=0.1), timeout=10)
+        assert allowed.bridged_target is not None
+    finally:
+        closed.stop()
+        open_.stop()
+    log = closed.log()
+    # Logged once for the burst (rate-limited), counted each time in the metric.
+    assert log.count("not in engine.allowed_networks") == 1, log
