@@ -716,3 +716,64 @@ def test_an_upload_larger_than_the_limit_gets_a_page(web_config: Any) -> None:
         "/customers/import", {"file": (big, "big.csv")}, content_type="multipart/form-data"
     )
     assert response.status_code == 413 and "larger than this server accepts" in browser.text(response)
+
+
+# --------------------------------------------------------------------------- accounting tabs
+
+
+def _cdr(db_url: str, number: str, uuid: str, **values: Any) -> None:
+    row = {
+        "billsec": 0, "customer_debit": "0", "carrier_cost": "0", "margin": "0", "direction": "outbound",
+        "dialled": "442071234567", "hangup_cause": "NORMAL_CLEARING", "reject_reason": None, **values,
+    }  # fmt: skip
+    query(
+        db_url,
+        "INSERT INTO cdrs (uuid, started_at, account_id, account_number, chain, direction, dialled, billsec,"
+        " customer_debit, carrier_cost, margin, hangup_cause, reject_reason)"
+        " SELECT %s, now() - interval '1 hour', a.id, a.number, ARRAY[a.id, a.reseller_id]::bigint[], %s, %s,"
+        " %s, %s, %s, %s, %s, %s FROM accounts a WHERE a.number = %s AND NOT a.deleted RETURNING uuid",
+        [uuid, row["direction"], row["dialled"], row["billsec"], row["customer_debit"], row["carrier_cost"],
+         row["margin"], row["hangup_cause"], row["reject_reason"], number],
+    )  # fmt: skip
+
+
+def test_cdr_tab_filters_totals_and_export_in_scope(admin: Browser, browser_for: Make, db_url: str) -> None:
+    _create(admin, "5570000001", reseller=ACME, rate_group="acme-retail")
+    _cdr(
+        db_url, "5570000001", "call-a", billsec=60, customer_debit="0.50", carrier_cost="0.20", margin="0.30"
+    )
+    _cdr(db_url, "5570000001", "call-b", reject_reason="NO_SUFFICIENT_FUND", hangup_cause="CALL_REJECTED")
+    page = admin.text(admin.get("/customers/5570000001/cdrs"))
+    assert "2 calls, 1 answered, 60 s billed, customer debit 0.50 USD, carrier cost 0.20, margin 0.30" in page
+    answered = admin.text(admin.get("/customers/5570000001/cdrs?answered=yes"))
+    assert "1 call, 1 answered" in answered and "NO_SUFFICIENT_FUND" not in answered
+    rejected = admin.text(admin.get("/customers/5570000001/cdrs?rejected=yes"))
+    assert "1 call, 0 answered" in rejected and "NO_SUFFICIENT_FUND" in rejected
+    bad = admin.get("/customers/5570000001/cdrs?since=yesterday")
+    assert bad.status_code == 422 and "expected a date" in admin.text(bad)
+    export = admin.get("/customers/5570000001/cdrs.csv?answered=yes").get_data(as_text=True).splitlines()
+    assert len(export) == 2 and "carrier_cost" in export[0] and "call-a" in export[1]
+    # the reseller sees its customer's calls with its own cost, never the carrier's
+    acme = browser_for(ACME, RESELLER_PASSWORD)
+    mine = acme.text(acme.get("/customers/5570000001/cdrs"))
+    assert "2 calls, 1 answered" in mine and "margin" not in mine.lower() and "carrier" not in mine.lower()
+    header = acme.get("/customers/5570000001/cdrs.csv").get_data(as_text=True).splitlines()[0]
+    assert "carrier_cost" not in header and "reseller_cost" in header
+    other = browser_for(ACME_SUB, RESELLER_PASSWORD)
+    assert other.get("/customers/5570000001/cdrs").status_code == 404
+    assert other.get("/customers/5570000001/cdrs.csv").status_code == 404
+
+
+def test_statement_and_emails_tabs(admin: Browser, db_url: str) -> None:
+    _create(admin, "5571000001")
+    admin.get("/customers/5571000001/refills")
+    admin.post("/customers/5571000001/money/refills", {"amount": "3.00", "reference": "R-571"})
+    admin.get("/customers/5571000001/alert-threshold")
+    response = admin.post(
+        "/customers/5571000001/single/alert-threshold", {"notify_enabled": "yes", "notify_balance_below": "5"}
+    )
+    assert response.status_code == 303
+    statement = admin.text(admin.get("/customers/5571000001/charges"))
+    assert "Opening balance" in statement and "R-571" in statement and "closing 3.00 USD" in statement
+    emails = admin.text(admin.get("/customers/5571000001/emails"))
+    assert "Low balance on account 5571000001" in emails
