@@ -53,6 +53,10 @@ LABELS = {
     "voicemail_enabled": "Voicemail",
     "voicemail_password": "Voicemail password",
     "reseller": "Reseller (account number; empty = admin)",
+    "sip_code": "SIP code",
+    "billsec": "Billed (s)",
+    "started_at": "Started (UTC)",
+    "caller_id_number_cdr": "Caller ID",
 }
 
 # The customer form's sections, as ASTPP groups them.

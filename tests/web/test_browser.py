@@ -287,6 +287,48 @@ def test_why_was_this_call_rejected(page: Any, web_config: Any) -> None:
     assert page.locator("ol.steps li").count() >= 1
 
 
+def test_cdrs_filter_totals_and_export(page: Any, db_url: str) -> None:
+    from tests.web.test_views import _cdr
+
+    sign_in(page, "root", ROOT_PASSWORD)
+    create_customer(page, "6600000010", "Calls Co")
+    _cdr(
+        db_url,
+        "6600000010",
+        "b-call-1",
+        billsec=125,
+        customer_debit="0.25",
+        carrier_cost="0.10",
+        margin="0.15",
+    )
+    _cdr(
+        db_url,
+        "6600000010",
+        "b-call-2",
+        billsec=30,
+        customer_debit="0.06",
+        carrier_cost="0.02",
+        margin="0.04",
+    )
+    _cdr(db_url, "6600000010", "b-call-3", reject_reason="NO_ROUTE", hangup_cause="CALL_REJECTED")
+    go(page, "/customers/6600000010/cdrs")
+    assert (
+        "3 calls, 2 answered, 155 s billed, customer debit 0.31 USD" in page.locator("p.summary").inner_text()
+    )
+    page.get_by_label("Rejected").select_option("yes")
+    page.get_by_role("button", name="Filter").click()
+    page.wait_for_url("**rejected=yes**")
+    assert "1 call, 0 answered" in page.locator("p.summary").inner_text()
+    page.get_by_label("Rejected").select_option("")
+    page.get_by_role("button", name="Filter").click()
+    page.wait_for_url("**rejected=&**")
+    shot(page, "cdrs")
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Export CSV").click()
+    lines = Path(download.value.path()).read_text().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("uuid,")
+
+
 def test_screenshots_were_saved() -> None:
     saved = {p.stem for p in SHOTS.glob("*.png")} if SHOTS.exists() else set()
     if not shutil.which(CHROMIUM) and not os.access(CHROMIUM, os.X_OK):
