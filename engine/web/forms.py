@@ -56,7 +56,6 @@ LABELS = {
     "sip_code": "SIP code",
     "billsec": "Billed (s)",
     "started_at": "Started (UTC)",
-    "caller_id_number_cdr": "Caller ID",
 }
 
 # The customer form's sections, as ASTPP groups them.
