@@ -224,7 +224,7 @@ def delete_many() -> Any:
     if not numbers:
         return redirect(url_for("web.customers"))
     if request.form.get("confirmed") != "yes":
-        return _render("confirm_delete.html", numbers=numbers, back=request.form.get("back", ""))
+        return _render("confirm_delete.html", numbers=numbers, back=_safe_next(request.form.get("back")))
     try:
         result = service().delete_accounts(s.parse(s.DeleteRequest, {"numbers": numbers}).numbers)
     except ValidationFailed as exc:

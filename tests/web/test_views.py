@@ -416,8 +416,11 @@ def test_delete_several_with_confirmation(admin: Browser, db_url: str) -> None:
     _create(admin, "5562000001")
     _create(admin, "5562000002")
     admin.get("/customers")
-    confirm = admin.post("/customers/delete", {"numbers": ["5562000001", "5562000002"]})
+    confirm = admin.post(
+        "/customers/delete", {"numbers": ["5562000001", "5562000002"], "back": "/\\evil.example"}
+    )
     assert confirm.status_code == 200 and "Delete 2 accounts?" in admin.text(confirm)
+    assert 'href="/customers">Cancel' in admin.text(confirm)  # never back to another host
     assert query(db_url, "SELECT count(*) FROM accounts WHERE number LIKE '556200000_' AND deleted", ()) == [
         (0,)
     ]
