@@ -232,6 +232,21 @@ def delete_many() -> Any:
     return _render("deleted.html", result=result)
 
 
+@blueprint.route("/refills")
+def refill_report() -> Any:
+    """ASTPP's refill report: refills across the user's accounts, by account, reseller and period."""
+    names = ("account", "reseller", "since", "until", "page")
+    given = {k: v.strip() for k, v in request.args.items() if k in names and v.strip()}
+    report, problem = None, ""
+    try:
+        report = service().refill_report(s.parse(s.RefillQuery, {"per_page": "100", **given}))
+    except ValidationFailed as exc:
+        problem = str(exc)
+    last_page = max(1, -(-report.total // report.per_page)) if report else 1
+    return _render("refills.html", 422 if problem else 200, report=report, given=given, problem=problem,
+                   last_page=last_page)  # fmt: skip
+
+
 # --------------------------------------------------------------------------- create
 
 

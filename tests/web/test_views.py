@@ -780,3 +780,17 @@ def test_statement_and_emails_tabs(admin: Browser, db_url: str) -> None:
     assert "Opening balance" in statement and "R-571" in statement and "closing 3.00 USD" in statement
     emails = admin.text(admin.get("/customers/5571000001/emails"))
     assert "Low balance on account 5571000001" in emails
+
+
+def test_refill_report_across_accounts_in_scope(admin: Browser, browser_for: Make) -> None:
+    _create(admin, "5572000001")
+    _create(admin, "5572000002", reseller=ACME, rate_group="acme-retail")
+    for number, amount in (("5572000001", "4.00"), ("5572000002", "6.00")):
+        admin.get(f"/customers/{number}/refills")
+        admin.post(f"/customers/{number}/money/refills", {"amount": amount, "reference": f"RR-{number}"})
+    report = admin.text(admin.get("/refills?account=5572000001"))
+    assert "1 refill: 4.00 USD" in report and "RR-5572000001" in report and "RR-5572000002" not in report
+    acme = browser_for(ACME, RESELLER_PASSWORD)
+    mine = acme.text(acme.get("/refills"))
+    assert "RR-5572000002" in mine and "RR-5572000001" not in mine
+    assert acme.get("/refills?since=soon").status_code == 422
