@@ -77,6 +77,8 @@ def shot(page: Any, name: str) -> Path:
 def sign_in(page: Any, name: str, password: str) -> None:
     """With the keyboard only: the name box has the focus, Tab to the password, Enter to send."""
     go(page, "/login")
+    # the name box takes the focus by itself (autofocus); wait for it, as a person would
+    page.wait_for_function("document.activeElement && document.activeElement.id === 'username'")
     page.keyboard.type(name)
     page.keyboard.press("Tab")
     page.keyboard.type(password)
