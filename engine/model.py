@@ -96,10 +96,11 @@ class SipDevice:
     username: str
     active: bool = True
     codecs: str = ""
-    # For FreeSWITCH's directory (engine.fsxml), not for the decision. The SIP password is what
-    # PostgreSQL holds (digest auth needs it or its realm-bound MD5, and the realm is deployment
-    # configuration); engine.fsxml answers FreeSWITCH with an a1-hash, never with the password.
-    password: str = field(default="", repr=False)
+    # For FreeSWITCH's directory (engine.fsxml), not for the decision: digest auth's A1,
+    # MD5(username:realm:password), made by the loader for the realm the sync is configured
+    # with ([fsxml] domain); "" without a realm or a password. The clear password stays in
+    # PostgreSQL: the snapshot is copied into every engine process and Redis replica.
+    a1_hash: str = field(default="", repr=False)
     caller_id_name: str = ""
     caller_id_number: str = ""
     context: str = "default"
@@ -211,10 +212,11 @@ class Gateway:
     name: str  # the sofia gateway name: sofia/gateway/<name>/<number>
     active: bool = True
     # The sofia gateway definition served to FreeSWITCH (engine.fsxml), not used by the decision.
+    # The carrier password is not here: engine.fsxml reads it from PostgreSQL itself, so that
+    # no clear secret is ever in the snapshot (docs/freeswitch.md, "Credentials").
     sip_profile: str = "external"
     proxy: str = ""
     username: str = ""
-    password: str = field(default="", repr=False)
     register: bool = False
     params: tuple[str, ...] = ()  # "name=value" sofia gateway params, sorted by name
 

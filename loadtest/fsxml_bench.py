@@ -62,12 +62,16 @@ def publish_dataset(redis_url: str, prefix: str, devices: int) -> list[str]:
     """Publish a snapshot with >= ``devices`` SIP devices (with passwords); return the usernames."""
     import redis
 
+    from engine.fsxml.directory import a1_hash
     from engine.state.snapshot import publish_snapshot
     from loadtest.dataset import Scale, generate
 
     # generate() gives ~89 % of the accounts a device (the others are IP-mapped)
     data = generate(Scale(accounts=int(devices / 0.89) + 1000, rates=10_000, termination_rates=10_000))
-    data.sip_devices = [dataclasses.replace(d, password=f"pw-{d.username}-x") for d in data.sip_devices]
+    data.sip_devices = [  # as the sync publishes them: the a1-hash for the realm, never the password
+        dataclasses.replace(d, a1_hash=a1_hash(d.username, DOMAIN, f"pw-{d.username}-x"))
+        for d in data.sip_devices
+    ]
     client = redis.Redis.from_url(redis_url)
     try:
         publish_snapshot(client, prefix, data)
@@ -386,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             CALLGATE_CONFIG=str(ROOT / "config" / "callgate.toml"),
             CALLGATE_REDIS_URL=args.redis,
             CALLGATE_REDIS__KEY_PREFIX=args.prefix,
+            # no database: gateway passwords are not read (the bench asks for users only)
+            CALLGATE_DATABASE_URL="postgresql://callgate-bench@127.0.0.1:1/none",
             CALLGATE_FSXML__DOMAIN=DOMAIN,
             CALLGATE_FSXML__LISTEN_PORT=str(port),
             CALLGATE_FSXML__USERNAME=AUTH[0],

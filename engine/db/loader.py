@@ -12,6 +12,12 @@ rules check ``active``/``usable`` and no reference ever dangles.
 ``CatalogData.version`` is the highest ``change_version`` among the rows read
 (0 for an empty catalogue).
 
+No clear secret is read: a SIP device comes with its digest ``a1_hash``,
+MD5(username:realm:password), computed by PostgreSQL for the ``realm`` the caller passes
+(the sync's ``[fsxml] domain``; "" gives no hash), and a gateway without its password
+(``engine.fsxml.credentials`` reads that itself). The snapshot built from these entities
+is copied into every engine and Redis replica; the passwords stay in PostgreSQL.
+
 Single entities (the live sync, :func:`load_entities`) are read with the same
 column lists and the same row mapping, filtered by entity key
 (``engine.model.ENTITY_KEY_FIELDS``: the id, or ``account_id``, ``account_id:key``,
@@ -47,7 +53,7 @@ from engine.model import (
 )
 from engine.state.snapshot import entity_key  # the snapshot owns the key format
 
-__all__ = ["load_catalog", "load_entities"]
+__all__ = ["load_catalog", "load_entities", "load_gateway_passwords"]
 
 Row = tuple[Any, ...]
 Links = dict[int, list[int]]
@@ -115,6 +121,14 @@ _CONVERT: dict[str, Any] = {
 }
 
 _I8, _T, _B, _N, _I4 = "int8", "text", "bool", "numeric", "int4"
+
+# Digest auth's A1 for the realm given as the query parameter ``realm``; "" without a realm
+# or a password (FreeSWITCH's allow-empty-password=false then refuses the device). md5()
+# hashes the UTF-8 bytes in a UTF8 database, as FreeSWITCH does.
+_A1_HASH = (
+    "CASE WHEN password = '' OR %(realm)s::text = '' THEN ''"
+    " ELSE md5(username || ':' || %(realm)s::text || ':' || password) END"
+)
 _KEY_TYPES = {_I8: "bigint", _T: "text"}  # the by-key filter's array types
 
 
@@ -143,6 +157,11 @@ class _Table:
     def key_types(self) -> tuple[str, ...]:
         by_field = {c.field: c.type for c in self.columns}
         return tuple(_KEY_TYPES[by_field[f]] for f in self.key)
+
+    @property
+    def needs_realm(self) -> bool:
+        """Whether the SELECT takes the ``realm`` parameter (the devices' a1-hash)."""
+        return any("%(realm)s" in c.sql for c in self.columns)
 
     def select(self) -> str:
         return f"SELECT {', '.join(c.expression for c in self.columns)}, change_version FROM {self.table}"
@@ -188,7 +207,7 @@ _SPECS: tuple[_Table, ...] = (
         "gateways",
         (
             _c("id", _I8), _c("name", _T), _c("active", _B), _c("sip_profile", _T), _c("proxy", _T),
-            _c("username", _T), _c("password", _T), _c("register", _B),
+            _c("username", _T), _c("register", _B),
             _c("params", _T, sql="params::text", convert="_gateway_params({})"),
         ),
         order="id",
@@ -236,7 +255,8 @@ _SPECS: tuple[_Table, ...] = (
         "sip_devices",
         (
             _c("id", _I8), _c("account_id", _I8), _c("username", _T), _c("active", _B), _c("codecs", _T),
-            _c("password", _T), _c("caller_id_name", _T), _c("caller_id_number", _T), _c("context", _T),
+            _c("a1_hash", _T, sql=_A1_HASH), _c("caller_id_name", _T), _c("caller_id_number", _T),
+            _c("context", _T),
         ),
         order="id",
     ),
@@ -321,10 +341,13 @@ class _Reader:
         self.conn = conn
         self.version = 0
 
-    def rows(self, select: str, types: Sequence[str]) -> Iterator[tuple[Any, ...]]:
+    def rows(
+        self, select: str, types: Sequence[str], params: dict[str, Any] | None = None
+    ) -> Iterator[tuple[Any, ...]]:
         """Yield the rows of `select`, whose LAST column must be change_version (int8)."""
         version = self.version
-        with self.conn.cursor() as cur, cur.copy(f"COPY ({select}) TO STDOUT (FORMAT BINARY)") as copy:
+        statement = f"COPY ({select}) TO STDOUT (FORMAT BINARY)"
+        with self.conn.cursor() as cur, cur.copy(statement, params) as copy:
             copy.set_types([*types, "int8"])
             for row in copy.rows():
                 if row[-1] > version:
@@ -342,28 +365,30 @@ class _Reader:
         return found
 
 
-def load_catalog(conn: psycopg.Connection[Any]) -> CatalogData:
-    """Read the whole catalogue the engine decides from (see the module docstring)."""
+def load_catalog(conn: psycopg.Connection[Any], realm: str = "") -> CatalogData:
+    """Read the whole catalogue the engine decides from (see the module docstring); SIP devices
+    carry their a1-hash for ``realm``."""
     if conn.info.transaction_status != pq.TransactionStatus.IDLE:
-        return _load(conn)
+        return _load(conn, realm)
     saved = (conn.isolation_level, conn.read_only)
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
     conn.read_only = True
     try:
         with conn.transaction():
-            return _load(conn)
+            return _load(conn, realm)
     finally:
         conn.isolation_level, conn.read_only = saved
 
 
-def _load(conn: psycopg.Connection[Any]) -> CatalogData:
+def _load(conn: psycopg.Connection[Any], realm: str) -> CatalogData:
     r = _Reader(conn)
     data = CatalogData()
     for name, table in _TABLES.items():
         link = _LINKS.get(name)
         links = r.links(link) if link is not None else {}
         select = table.select() + (f" ORDER BY {table.order}" if table.order else "")
-        setattr(data, name, _MAPPERS[name](r.rows(select, table.types), links))
+        params = {"realm": realm} if table.needs_realm else None
+        setattr(data, name, _MAPPERS[name](r.rows(select, table.types, params), links))
     data.version = r.version
     return data
 
@@ -371,8 +396,11 @@ def _load(conn: psycopg.Connection[Any]) -> CatalogData:
 # --- single entities -------------------------------------------------------------------------
 
 
-def load_entities(conn: psycopg.Connection[Any], name: str, keys: Collection[str]) -> dict[str, Any]:
-    """The entities of type ``name`` with the given snapshot keys that exist, by key.
+def load_entities(
+    conn: psycopg.Connection[Any], name: str, keys: Collection[str], realm: str = ""
+) -> dict[str, Any]:
+    """The entities of type ``name`` with the given snapshot keys that exist, by key
+    (SIP devices with their a1-hash for ``realm``, as :func:`load_catalog`).
 
     Runs in the caller's transaction (use one REPEATABLE READ transaction to read a
     consistent set). A key that is absent from the result is absent from the database.
@@ -384,11 +412,14 @@ def load_entities(conn: psycopg.Connection[Any], name: str, keys: Collection[str
     if not keys:
         return {}
     columns = _key_arrays(table, keys)
+    params: dict[str, Any] = {f"key{i}": column for i, column in enumerate(columns)}
+    if table.needs_realm:
+        params["realm"] = realm
     width = len(table.key)
     if width == 1:
-        where = f" WHERE {table.key[0]} = ANY(%s::{table.key_types[0]}[])"
+        where = f" WHERE {table.key[0]} = ANY(%(key0)s::{table.key_types[0]}[])"
     else:
-        arrays = ", ".join(f"%s::{t}[]" for t in table.key_types)
+        arrays = ", ".join(f"%(key{i})s::{t}[]" for i, t in enumerate(table.key_types))
         where = f" WHERE ({', '.join(table.key)}) IN (SELECT * FROM unnest({arrays}))"
     link = _LINKS.get(name)
     links: Links = {}
@@ -402,7 +433,7 @@ def load_entities(conn: psycopg.Connection[Any], name: str, keys: Collection[str
             links = defaultdict(list)
             for parent, child in cur:
                 links[parent].append(child)
-        cur.execute(table.select() + where, columns)
+        cur.execute(table.select() + where, params)
         rows = [row[:-1] for row in cur.fetchall()]
     return {entity_key(obj): obj for obj in _MAPPERS[name](rows, links)}
 
@@ -424,3 +455,17 @@ def _key_arrays(table: _Table, keys: Collection[str]) -> list[list[Any]]:
             else:
                 array.append(part)
     return arrays
+
+
+# --- carrier passwords (engine.fsxml, never the snapshot) -------------------------------------
+
+
+def load_gateway_passwords(conn: psycopg.Connection[Any]) -> dict[int, str]:
+    """gateway id -> carrier password, for the gateways that have one.
+
+    Only ``callgate fsxml`` reads these (sofia needs them in clear to register); they are
+    kept out of :func:`load_catalog`, so that the snapshot never holds them.
+    """
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, password FROM gateways WHERE password <> ''")
+        return {int(ident): str(password) for ident, password in cur}

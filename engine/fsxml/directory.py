@@ -12,20 +12,25 @@ so an answer sees a change whole or not at all.
 * **users** of the configured domain. callgate is authoritative for that domain: a user it
   cannot serve (unknown, device inactive, account inactive or deleted) is answered with the
   domain and no such user, so FreeSWITCH refuses it (digest auth: 403; ``user/``:
-  SUBSCRIBER_ABSENT) instead of falling back to its own XML. The credential is an
-  ``a1-hash``, MD5(user:realm:password) over the realm the device used
-  (``sip_auth_realm``, else the domain); the password itself is never sent.
-  ``allow-empty-password=false`` makes a device without a password unusable.
+  SUBSCRIBER_ABSENT) instead of falling back to its own XML. The credential is the
+  device's ``a1-hash``, MD5(user:realm:password), as the snapshot carries it: made by the
+  sync for the configured domain (the realm), so a lookup whose ``sip_auth_realm`` is
+  another realm finds no user either (logged, at most once a minute). The password is in
+  neither the snapshot nor the answer. ``allow-empty-password=false`` makes a device
+  without a hash (no password, or no realm configured for the sync) unusable.
 * **gateways** (``purpose=gateways`` for the domain or ``all``, and sofia.conf from a
-  template): the active gateways of the asking profile.
+  template): the active gateways of the asking profile, with the carrier password that
+  ``engine.fsxml.credentials`` read from PostgreSQL (the snapshot has none).
 * everything else: ``not found`` (FreeSWITCH then uses its next binding or its own XML).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +53,16 @@ served by user lookups like any other."""
 
 
 _ENTITIES = ("sip_devices", "accounts", "gateways")
+_LOG_EVERY = 60.0
+
+log = logging.getLogger("callgate.fsxml")
+
+PasswordOf = Callable[[int], str]
+"""gateway id -> its carrier password ("" when it has none or it is not known)."""
+
+
+def _no_password(gateway_id: int) -> str:
+    return ""
 
 
 class Directory:
@@ -159,14 +174,18 @@ class Directory:
 
 
 def a1_hash(username: str, realm: str, password: str) -> str:
-    """HTTP digest's A1 hash, as FreeSWITCH computes it from a password (MD5, hex)."""
+    """HTTP digest's A1 hash, as FreeSWITCH computes it from a password (MD5, hex).
+
+    The snapshot's hashes are made by PostgreSQL (engine.db.loader); this is the reference
+    the tests compare them with.
+    """
     return hashlib.md5(f"{username}:{realm}:{password}".encode(), usedforsecurity=False).hexdigest()
 
 
-def user_params(device: SipDevice, realm: str) -> list[tuple[str, str]]:
+def user_params(device: SipDevice) -> list[tuple[str, str]]:
     params = [("allow-empty-password", "false")]
-    if device.password:
-        params.insert(0, ("a1-hash", a1_hash(device.username, realm, device.password)))
+    if device.a1_hash:
+        params.insert(0, ("a1-hash", device.a1_hash))
     return params
 
 
@@ -181,16 +200,19 @@ def user_variables(device: SipDevice, account: Account) -> list[tuple[str, str]]
     return variables
 
 
-def gateway_params(gateway: Gateway) -> list[tuple[str, str]]:
-    """Sofia gateway params: the free-form ones first, the columns after (sofia keeps the last)."""
+def gateway_params(gateway: Gateway, password: str = "") -> list[tuple[str, str]]:
+    """Sofia gateway params: the free-form ones first, the columns after (sofia keeps the last).
+
+    ``password`` is the gateway's carrier password, read from PostgreSQL by engine.fsxml.credentials.
+    """
     params = [tuple(item.split("=", 1)) for item in gateway.params if "=" in item]
     columns = [("register", "true" if gateway.register else "false")]
     if gateway.proxy:
         columns.append(("proxy", gateway.proxy))
     if gateway.username:
         columns.append(("username", gateway.username))
-    if gateway.password:
-        columns.append(("password", gateway.password))
+    if password:
+        columns.append(("password", password))
     return [(name, value) for name, value in params] + columns
 
 
@@ -213,9 +235,17 @@ class SofiaTemplate:
             raise ValueError(f"{path}: no <profiles>")
         return cls(root)
 
-    def render(self, gateways_of: Any) -> str:
+    def render(self, gateways_of: Any, password_of: PasswordOf = _no_password) -> str:
         """The configuration element with ``gateways_of(profile)`` rendered into each profile."""
-        return _element(self.root, "    ", gateways_of, in_profiles=False)
+        return _element(
+            self.root, "    ", lambda profile: _rendered(gateways_of(profile), password_of), False
+        )
+
+
+def _rendered(
+    gateways: Iterable[Gateway], password_of: PasswordOf
+) -> list[tuple[str, list[tuple[str, str]]]]:
+    return [(g.name, gateway_params(g, password_of(g.id))) for g in gateways]
 
 
 def _element(node: ET.Element, indent: str, gateways_of: Any, in_profiles: bool) -> str:
@@ -226,8 +256,8 @@ def _element(node: ET.Element, indent: str, gateways_of: Any, in_profiles: bool)
     added = ""
     if in_profiles and node.tag == "profile":
         rendered = [
-            render.gateway_element(g.name, gateway_params(g), indent + "    ")
-            for g in gateways_of(node.get("name", ""))
+            render.gateway_element(name, params, indent + "    ")
+            for name, params in gateways_of(node.get("name", ""))
         ]
         existing = node.find("gateways")
         if existing is None and rendered:
@@ -256,8 +286,11 @@ class Answers:
         serve_gateways: bool = True,
         sofia_template: SofiaTemplate | None = None,
         cacheable_ms: int = 0,
+        password_of: PasswordOf = _no_password,
     ) -> None:
         self.domain = domain
+        self._password_of = password_of
+        self._other_realms = [-_LOG_EVERY, 0]  # [last logged, count since]
         self._serve_gateways = serve_gateways
         self._sofia = sofia_template
         self._cacheable_ms = cacheable_ms
@@ -272,14 +305,14 @@ class Answers:
         if kind is Kind.SOFIA_CONF:
             if self._sofia is None:
                 return render.NOT_FOUND
-            return render.configuration_document(self._sofia.render(directory.gateways_of))
+            return render.configuration_document(self._sofia.render(directory.gateways_of, self._password_of))
         if not self.domain:
             return render.NOT_FOUND
         if kind is Kind.GATEWAYS:
             if not self._serve_gateways or (lookup.domain and not self._ours(lookup.domain)):
                 return render.NOT_FOUND
             gateways = [
-                render.gateway_element(g.name, gateway_params(g), "              ")
+                render.gateway_element(g.name, gateway_params(g, self._password_of(g.id)), "              ")
                 for g in directory.gateways_of(lookup.profile)
             ]
             users = [render.gateways_user_element(GATEWAYS_USER, gateways, "        ")] if gateways else []
@@ -294,17 +327,32 @@ class Answers:
         return domain.lower() == self.domain.lower()  # FreeSWITCH compares domain names ignoring case
 
     def _user(self, lookup: Lookup, directory: Directory) -> list[str]:
+        if lookup.realm and lookup.realm != self.domain:
+            self._other_realm()  # the snapshot's hashes are for the domain: no other realm can match
+            return []
         found = directory.servable(lookup.user)
         if found is None:
             return []
         device, account = found
-        realm = lookup.realm or self.domain
         return [
             render.user_element(
                 device.username,
-                user_params(device, realm),
+                user_params(device),
                 user_variables(device, account),
                 "        ",
                 self._cacheable_ms,
             )
         ]
+
+    def _other_realm(self) -> None:
+        now = time.monotonic()
+        entry = self._other_realms
+        entry[1] += 1
+        if now - entry[0] >= _LOG_EVERY:
+            log.warning(
+                "fsxml: %d digest lookup(s) with a realm other than %r: user not found"
+                " (set the profile's challenge-realm to fsxml.domain)",
+                entry[1],
+                self.domain,
+            )
+            entry[0], entry[1] = now, 0

@@ -9,7 +9,9 @@ One endpoint, ``/fsxml`` (any other path: 404), ``POST`` form (mod_xml_curl's de
 3. the snapshot must be loaded and confirmed by Redis within ``fsxml.snapshot_max_age``
    (else 503: FreeSWITCH logs the HTTP error and falls back to its own XML, where callgate's
    devices are absent, so they are refused rather than let in on stale data);
-4. the answer comes from memory (:class:`~engine.fsxml.directory.Answers`).
+4. a gateway lookup (``purpose=gateways``, ``sofia.conf``) needs the carrier passwords read
+   from PostgreSQL once (:mod:`engine.fsxml.credentials`; else 503);
+5. the answer comes from memory (:class:`~engine.fsxml.directory.Answers`).
 
 Nothing answers 500: an unexpected error is logged (without the request) and answered 503.
 Refusals are logged at most once per ``_LOG_EVERY`` seconds per source and kind, with the
@@ -25,8 +27,9 @@ from typing import Any
 
 from engine.config import FsxmlSettings
 from engine.fsxml.access import Access, Denial
+from engine.fsxml.credentials import GatewayPasswords, postgres_reader
 from engine.fsxml.directory import Answers, Directory
-from engine.fsxml.request import BadRequest, lookup, parse_form
+from engine.fsxml.request import BadRequest, Kind, lookup, parse_form
 
 log = logging.getLogger("callgate.fsxml")
 
@@ -36,6 +39,7 @@ _XML = [("Content-Type", "text/xml; charset=utf-8")]
 _TEXT = [("Content-Type", "text/plain; charset=utf-8")]
 
 StartResponse = Callable[..., Any]
+_GATEWAY_KINDS = (Kind.GATEWAYS, Kind.SOFIA_CONF)
 
 
 class SnapshotSource:
@@ -55,10 +59,17 @@ class SnapshotSource:
 class FsxmlApp:
     """The WSGI application."""
 
-    def __init__(self, settings: FsxmlSettings, answers: Answers, source: SnapshotSource) -> None:
+    def __init__(
+        self,
+        settings: FsxmlSettings,
+        answers: Answers,
+        source: SnapshotSource,
+        gateways_ready: Callable[[], bool] = lambda: True,
+    ) -> None:
         self._settings = settings
         self._answers = answers
         self._source = source
+        self._gateways_ready = gateways_ready  # the carrier passwords were read (engine.fsxml.credentials)
         self._access = Access(settings.allowed_networks, settings.username, settings.password)
         self._refusals: dict[tuple[str, str], list[float]] = {}  # (source, kind) -> [last logged, count]
         self.served = 0
@@ -102,6 +113,9 @@ class FsxmlApp:
         if directory is None:
             self._refused(remote, "no_snapshot")
             return _reply(start_response, "503 Service Unavailable", b"no current snapshot\n", _TEXT)
+        if request.kind in _GATEWAY_KINDS and not self._gateways_ready():
+            self._refused(remote, "no_gateway_credentials")
+            return _reply(start_response, "503 Service Unavailable", b"no gateway credentials\n", _TEXT)
         self.served += 1
         return _reply(start_response, "200 OK", self._answers.answer(request, directory), _XML)
 
@@ -135,8 +149,9 @@ def _reply(
     return [body]
 
 
-def build_app(config: Any, holder: Any) -> FsxmlApp:
-    """The application for ``config`` over a SnapshotHolder that builds :class:`Directory`."""
+def build_app(config: Any, holder: Any, passwords: GatewayPasswords) -> FsxmlApp:
+    """The application for ``config`` over a SnapshotHolder that builds :class:`Directory`, with
+    the gateways' carrier passwords of ``passwords``."""
     from engine.fsxml.directory import SofiaTemplate
 
     settings: FsxmlSettings = config.fsxml
@@ -146,8 +161,23 @@ def build_app(config: Any, holder: Any) -> FsxmlApp:
         serve_gateways=settings.serve_gateways,
         sofia_template=template,
         cacheable_ms=settings.cacheable_ms,
+        password_of=passwords.password_of,
     )
-    return FsxmlApp(settings, answers, SnapshotSource(holder))
+    return FsxmlApp(settings, answers, SnapshotSource(holder), lambda: passwords.loaded)
+
+
+def snapshot_realm_mismatch(client: Any, prefix: str, version: int, domain: str) -> str | None:
+    """The realm the sync made snapshot ``version``'s a1-hashes for, if it is not ``domain``.
+
+    None when they agree, or when the sync state does not describe that version (it is
+    written right after the switch; the next full load looks again).
+    """
+    from engine.sync.state import read_state
+
+    state = read_state(client, prefix)
+    if state is None or state.version != version or state.sip_realm == domain:
+        return None
+    return state.sip_realm
 
 
 def wsgi_server(address: tuple[str, int], app: Any, error_log: Any = None) -> Any:
@@ -187,10 +217,31 @@ def serve(config: Any, host: str | None = None, port: int | None = None) -> int:
     setup_logging(config.logging)
     settings: FsxmlSettings = config.fsxml
     client = redis.Redis.from_url(config.redis.url, socket_timeout=10, socket_connect_timeout=5)
-    holder: SnapshotHolder[Directory] = SnapshotHolder(client, config.redis.key_prefix, Directory.build)
-    app = build_app(config, holder)
+    # Carrier passwords come from PostgreSQL, read again when the holder sees a gateway change.
+    passwords = GatewayPasswords(postgres_reader(config.database.url, config.database.connect_timeout))
+
+    def on_swap(version: int, directory: Directory) -> None:
+        passwords.on_swap(version, directory)
+        try:
+            realm = snapshot_realm_mismatch(client, config.redis.key_prefix, version, settings.domain)
+        except redis.RedisError:
+            return  # the next full load looks again
+        if realm is not None:
+            log.error(
+                "fsxml: snapshot %d holds a1-hashes for realm %r but fsxml.domain is %r: every digest"
+                " check fails; give callgate sync and callgate fsxml the same [fsxml] domain",
+                version,
+                realm,
+                settings.domain,
+            )
+
+    holder: SnapshotHolder[Directory] = SnapshotHolder(
+        client, config.redis.key_prefix, Directory.build, on_swap=on_swap, on_change=passwords.on_change
+    )
+    app = build_app(config, holder, passwords)
     stop = gevent.event.Event()
     watcher = gevent.spawn(holder.run, stop, config.engine.snapshot_poll_interval)
+    reader = gevent.spawn(passwords.run, stop)
     address = (host or settings.listen_host, settings.listen_port if port is None else port)
     # No access log (every REGISTER asks; the refusals are logged above).
     server = wsgi_server(address, app, error_log=log)
@@ -205,5 +256,6 @@ def serve(config: Any, host: str | None = None, port: int | None = None) -> int:
     finally:
         server.stop(timeout=5)
         watcher.kill()
+        reader.kill()
         client.close()
     return 0

@@ -35,16 +35,23 @@ def entity_counts(data: CatalogData) -> dict[str, int]:
 
 
 def publish_data(
-    client: redis.Redis, prefix: str, data: CatalogData, *, pg_snapshot: str, source: str
+    client: redis.Redis, prefix: str, data: CatalogData, *, pg_snapshot: str, source: str, sip_realm: str = ""
 ) -> tuple[int, SyncState | None]:
-    """Publish ``data`` (read at ``pg_snapshot``) as a new version and record it as the sync state.
+    """Publish ``data`` (read at ``pg_snapshot``, SIP devices hashed for ``sip_realm``) as a new
+    version and record it as the sync state.
 
     The state is None if another version became current right after the switch (then
     the next catch-up publishes again).
     """
     version = publish_snapshot(client, prefix, data)
     state = record_publish(
-        client, prefix, version, pg_snapshot=pg_snapshot, source=source, change_version=data.version
+        client,
+        prefix,
+        version,
+        pg_snapshot=pg_snapshot,
+        source=source,
+        change_version=data.version,
+        sip_realm=sip_realm,
     )
     return version, state
 
@@ -63,11 +70,17 @@ def publish_once(config: Config) -> tuple[int, dict[str, int]]:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         with pg.snapshot_transaction(conn) as (snapshot, _):
-            data, _ = ownership.enforce(load_catalog(conn), log)  # cross-tenant claims left out
+            # cross-tenant claims left out; SIP devices as a1-hashes for the realm, never passwords
+            data, _ = ownership.enforce(load_catalog(conn, config.fsxml.domain), log)
     client = redis.Redis.from_url(config.redis.url)
     try:
         version, _state = publish_data(
-            client, config.redis.key_prefix, data, pg_snapshot=snapshot, source=source
+            client,
+            config.redis.key_prefix,
+            data,
+            pg_snapshot=snapshot,
+            source=source,
+            sip_realm=config.fsxml.domain,
         )
     finally:
         client.close()

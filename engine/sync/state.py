@@ -82,6 +82,9 @@ class SyncState:
     applied_at_ms: int = 0  # Redis TIME of the last write (apply, or the publish)
     change_at_ms: int = 0  # when the newest applied change was written in PostgreSQL
     published_at_ms: int = 0  # Redis TIME of the full publish of this version
+    # The digest realm the version's SIP-device a1-hashes were made for ([fsxml] domain; "" = no
+    # hashes): another configured realm needs a whole new snapshot (engine.sync.worker).
+    sip_realm: str = ""
 
     @property
     def identity(self) -> tuple[int, str, str, str]:
@@ -148,6 +151,7 @@ def record_publish(
     source: str,
     change_version: int,
     change_at_ms: int = 0,
+    sip_realm: str = "",
 ) -> SyncState | None:
     """After ``publish_snapshot`` made ``version`` current: record what it reflects.
 
@@ -174,6 +178,7 @@ def record_publish(
             applied_at_ms=now,
             change_at_ms=change_at_ms,
             published_at_ms=int(published or now),
+            sip_realm=sip_realm,
         )
         pipe.multi()
         pipe.delete(sync_state_key(prefix))
@@ -289,6 +294,7 @@ def apply_batch(
         change_version=max(change_version, expected.change_version),
         change_at_ms=max(change_at_ms, expected.change_at_ms),
         published_at_ms=expected.published_at_ms,
+        sip_realm=expected.sip_realm,
     )
     fixed = {k: v for k, v in state.to_redis().items() if k not in ("changes", "applied_at_ms")}
     spec = {

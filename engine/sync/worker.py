@@ -46,7 +46,7 @@ from engine.db.loader import load_catalog, load_entities
 from engine.model import ENTITY_TYPES, CatalogData
 from engine.state.codec import decode_many, encode_entity, schema
 from engine.state.keys import entity_hash_key, meta_key
-from engine.state.snapshot import current_version, entity_key
+from engine.state.snapshot import SchemaMismatch, current_version, entity_key
 from engine.sync import pg, publish_data
 from engine.sync.cdrs import CdrWriter
 from engine.sync.metrics import SyncMetrics, serve_metrics
@@ -86,6 +86,8 @@ class SyncWorker:
         self.config = config
         self.settings = config.sync
         self.prefix = config.redis.key_prefix
+        # SIP devices are published as a1-hashes for this realm, never with their password.
+        self.sip_realm = config.fsxml.domain
         self.metrics = metrics or SyncMetrics()
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.redis = redis.Redis.from_url(config.redis.url, socket_timeout=30, socket_connect_timeout=5)
@@ -315,6 +317,9 @@ class SyncWorker:
             except StateMoved as exc:  # another writer moved the state: recompute from it
                 self.metrics.errors.labels("conflict").inc()
                 log.info("sync state moved meanwhile (attempt %d): %s", attempt, exc)
+            except SchemaMismatch as exc:  # written by a version with other fields (an upgrade)
+                log.info("the current snapshot has other fields (%s): publishing anew", exc)
+                return self.full_resync("schema")
         raise StateMoved(f"the sync state kept moving ({_ATTEMPTS} attempts)")
 
     def _catch_up_once(self) -> CatchUp:
@@ -339,7 +344,7 @@ class SyncWorker:
                 elif ({c.entity for c in changes} | {n for n, _ in suspects}) & ownership.CHECKED_ENTITIES:
                     reason = "identification"  # the ownership rule looks at the whole table
             if reason:
-                full_data = load_catalog(conn)
+                full_data = load_catalog(conn, self.sip_realm)
             elif changes or suspects:
                 for change in changes:
                     if change.entity in ENTITY_TYPES:
@@ -348,7 +353,9 @@ class SyncWorker:
                         log.warning("change log names an unknown entity %r: ignored", change.entity)
                 for name, key in suspects:
                     keys[name].add(key)
-                found = {name: load_entities(conn, name, sorted(k)) for name, k in keys.items()}
+                found = {
+                    name: load_entities(conn, name, sorted(k), self.sip_realm) for name, k in keys.items()
+                }
         if full_data is not None:
             result = self._publish(full_data, snap, reason, changes)
             self._forget_suspects(suspects)
@@ -399,20 +406,24 @@ class SyncWorker:
             return None, "other_version"
         if state.source != self._source:
             return None, "other_database"
+        if state.sip_realm != self.sip_realm:
+            return None, "sip_realm"  # every device's a1-hash changes: a whole new snapshot
         return state, ""
 
     def full_resync(self, reason: str = "requested") -> CatchUp:
         """Publish a whole new snapshot from one PostgreSQL snapshot and record it."""
         assert self._query is not None
         with pg.snapshot_transaction(self._query) as (snap, _):
-            data = load_catalog(self._query)
+            data = load_catalog(self._query, self.sip_realm)
         return self._publish(data, snap, reason, [])
 
     def _publish(self, data: CatalogData, snap: str, reason: str, changes: list[pg.LoggedChange]) -> CatchUp:
         started = time.monotonic()
         data, dropped = ownership.enforce(data, log)  # cross-tenant claims never reach the engines
         self.metrics.errors.labels("ownership").inc(dropped)
-        version, state = publish_data(self.redis, self.prefix, data, pg_snapshot=snap, source=self._source)
+        version, state = publish_data(
+            self.redis, self.prefix, data, pg_snapshot=snap, source=self._source, sip_realm=self.sip_realm
+        )
         if state is None:
             raise StateMoved(f"version {version} was superseded right after its publish")
         self.metrics.full_resyncs.labels(reason).inc()
@@ -475,7 +486,7 @@ class SyncWorker:
             pending = pg.changes_since(conn, state.pg_snapshot, _SWEEP_PENDING_MAX + 1)
             if len(pending) > _SWEEP_PENDING_MAX or any(c.key == "*" for c in pending):
                 return 0  # a bulk change is on its way: a whole snapshot follows anyway
-            data, _ = ownership.drop_conflicts(load_catalog(conn))  # as published
+            data, _ = ownership.drop_conflicts(load_catalog(conn, self.sip_realm))  # as published
         skip = {(c.entity, c.key) for c in pending}
         suspects = _differences(stored, data, skip)
         del stored, data

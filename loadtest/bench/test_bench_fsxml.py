@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from engine.config import FsxmlSettings
-from engine.fsxml.directory import Answers, Directory
+from engine.fsxml.directory import Answers, Directory, a1_hash
 from engine.fsxml.request import lookup, parse_form
 from engine.fsxml.server import FsxmlApp
 from loadtest.dataset import Scale, generate
@@ -24,7 +24,10 @@ from loadtest.fsxml_bench import AUTH, DOMAIN, request_bytes
 @pytest.fixture(scope="module")
 def directory() -> Directory:
     data = generate(Scale(accounts=113_000, rates=10_000, groups=10, termination_rates=10_000))
-    data.sip_devices = [dataclasses.replace(d, password=f"pw-{d.username}") for d in data.sip_devices]
+    data.sip_devices = [
+        dataclasses.replace(d, a1_hash=a1_hash(d.username, DOMAIN, f"pw-{d.username}"))
+        for d in data.sip_devices
+    ]
     return Directory.build(data)
 
 

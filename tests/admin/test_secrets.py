@@ -3,12 +3,17 @@
 Accounts, providers and SIP devices are created and edited with known passwords, PINs, SIP
 passwords and voicemail passwords (and with refused ones); every API endpoint and every CLI
 command runs; then every response, every CLI output, the logs, the audit table and the
-Redis snapshot are searched for each secret. Secrets the server generates are returned once,
+Redis snapshot are searched for each secret. The snapshot is searched after a full publish and
+again after the live sync applied a changed device password and gateway password, with an
+active device of a usable account and an active gateway in it (FreeSWITCH's directory is
+served from it: devices carry their a1-hash for the configured realm, never the password;
+gateway passwords are not in it at all). Secrets the server generates are returned once,
 by the call that generates them (by design); they are not among the known secrets here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -21,7 +26,10 @@ import redis
 
 from engine.admin import cli as admin_cli
 from engine.config import load_config
+from engine.model import CatalogData
+from engine.state.snapshot import read_snapshot
 from engine.sync import publish_once
+from engine.sync.worker import SyncWorker
 from tests.admin.conftest import Api, customer_body
 
 SECRETS = {
@@ -42,10 +50,17 @@ SECRETS = {
     "refused sip password": "Sip Bad Pw 77",
     "refused voicemail password": "73819x0465",
     "refused pin 2": "56473x2910",
+    # left in place, active, so that the published snapshot holds them (see _kept_credentials)
+    "kept sip password": "SipKp5tL9mQw",
+    "kept sip password 2": "SipKn3vB7xZr",
+    "gateway password": "GwPx4Lm8Qz2s",
+    "gateway password 2": "GwRt6Yk2Hn9d",
 }
 S = SECRETS
 
 N1, N2, NP = "8700000001", "8700000002", "8700000009"  # a customer, a reseller's customer, a provider
+NK = "8700000005"  # a customer kept active to the end, with a device: its credential is published
+REALM = "sec.example.net"  # [fsxml] domain: the digest realm the snapshot's a1-hashes are made for
 
 
 def _leaks(text: str) -> list[str]:
@@ -194,6 +209,28 @@ def _exercise_api(api: ScanningApi, reseller: ScanningApi) -> None:
     api.call("DELETE", f"/customers/{N1}", 200)
 
 
+def _kept_credentials(api: ScanningApi, db_url: str) -> None:
+    """An active customer with an active device, and an active gateway with carrier credentials,
+    all still there when the snapshot is published: what FreeSWITCH's directory needs."""
+    body = customer_body(number=NK, email="sec5@example.com", sip_username="sec-kept",
+                         sip_password=S["kept sip password"], balance="5")  # fmt: skip
+    api.call("POST", "/customers", 201, json=body)
+    with psycopg.connect(db_url) as conn:  # gateways have no API route: written as an operator would
+        conn.execute(
+            "INSERT INTO gateways (name, proxy, username, password, register)"
+            " VALUES ('sec-gw', 'sip.sec-carrier.example', 'sec-trunk', %s, true)",
+            [S["gateway password"]],
+        )
+
+
+def _published(redis_url: str, prefix: str) -> CatalogData:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return read_snapshot(client, prefix)
+    finally:
+        client.close()
+
+
 def _exercise_cli(cli: Any, tmp_path: Path, outputs: list[tuple[str, str]]) -> set[tuple[str, str]]:
     ran: set[tuple[str, str]] = set()
 
@@ -312,9 +349,38 @@ def test_no_secret_in_responses_cli_logs_audit_or_redis(
     ran = _exercise_cli(cli, tmp_path, outputs)
     outputs.append(("mass.csv", (tmp_path / "mass.csv").read_text()))
     config = load_config(
-        environ={**env, "CALLGATE_REDIS_URL": redis_url, "CALLGATE_REDIS__KEY_PREFIX": module_key_prefix}
+        environ={
+            **env,
+            "CALLGATE_REDIS_URL": redis_url,
+            "CALLGATE_REDIS__KEY_PREFIX": module_key_prefix,
+            "CALLGATE_FSXML__DOMAIN": REALM,
+        }
     )
+    _kept_credentials(api, db_url)
     publish_once(config)
+    published = _published(redis_url, module_key_prefix)
+    # the scan covers credentials that are really published: an active device of a usable
+    # account (as its a1-hash for the configured realm), and an active gateway
+    kept = next(d for d in published.sip_devices if d.username == "sec-kept")
+    assert kept.active and next(a for a in published.accounts if a.id == kept.account_id).usable
+    assert kept.a1_hash == hashlib.md5(f"sec-kept:{REALM}:{S['kept sip password']}".encode()).hexdigest()
+    assert next(g for g in published.gateways if g.name == "sec-gw").active
+    redis_after_publish = _redis_text(redis_url, module_key_prefix)
+    # the live sync's path (single entities, change events, journal) carries a new password
+    api.call(
+        "PATCH", f"/customers/{NK}/sip-devices/sec-kept", 200, json={"password": S["kept sip password 2"]}
+    )
+    with psycopg.connect(db_url) as conn:
+        conn.execute("UPDATE gateways SET password = %s WHERE name = 'sec-gw'", [S["gateway password 2"]])
+    worker = SyncWorker(config, worker_id="test-secrets")
+    try:
+        worker.connect()
+        assert worker.catch_up().applied >= 2
+    finally:
+        worker.close()
+        worker.redis.close()
+    kept = next(d for d in _published(redis_url, module_key_prefix).sip_devices if d.username == "sec-kept")
+    assert kept.a1_hash == hashlib.md5(f"sec-kept:{REALM}:{S['kept sip password 2']}".encode()).hexdigest()
 
     # every route and every CLI command ran
     routes = {
@@ -341,7 +407,8 @@ def test_no_secret_in_responses_cli_logs_audit_or_redis(
         *outputs,
         ("logs", caplog.text),
         ("audit table", "\n".join(f"{a} {b} {c}" for a, b, c in audit)),
-        ("redis", _redis_text(redis_url, module_key_prefix)),
+        ("redis after the publish", redis_after_publish),
+        ("redis after the live sync", _redis_text(redis_url, module_key_prefix)),
     ]
     found = {place: _leaks(text) for place, text in places if _leaks(text)}
     assert found == {}

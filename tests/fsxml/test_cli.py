@@ -17,7 +17,9 @@ import psycopg
 import pytest
 import yaml
 
+from engine.config import load_config
 from engine.fsxml.directory import a1_hash
+from engine.sync.worker import SyncWorker
 from tests.fsxml import forms
 from tests.support import (
     CALLGATE,
@@ -72,12 +74,19 @@ def _wait_ready(process: subprocess.Popen[bytes], port: int, log_path: Path) -> 
     def answering() -> bool:
         if process.poll() is not None:
             raise RuntimeError(f"callgate fsxml exited early:\n{log_path.read_text(errors='replace')}")
-        try:
-            return post(port, forms.sip_auth("alice", DOMAIN))[0] == 200
+        try:  # the directory from the snapshot, the gateways once their passwords were read
+            return (
+                post(port, forms.sip_auth("alice", DOMAIN))[0]
+                == post(port, forms.gateways("external"))[0]
+                == 200
+            )
         except OSError:
             return False
 
-    wait_until(answering, timeout=30, what="callgate fsxml answering")
+    try:
+        wait_until(answering, timeout=30, what="callgate fsxml answering")
+    except AssertionError:
+        raise AssertionError(log_path.read_text(errors="replace")) from None
 
 
 def post(
@@ -112,6 +121,7 @@ def test_a_demo_device_and_the_demo_gateways(service: int) -> None:
     assert variables["effective_caller_id_name"] == "Alice Carter"
     assert variables["effective_caller_id_number"] == "442079460001"
     status, document = post(service, forms.gateways("external"))
+    assert status == 200, document
     gateways = {
         g.get("name"): {p.get("name"): p.get("value") for p in g.iter("param")}
         for g in ET.fromstring(document).iter("gateway")
@@ -119,6 +129,9 @@ def test_a_demo_device_and_the_demo_gateways(service: int) -> None:
     assert gateways["alpha-gw1"]["proxy"] == "sip1.alpha-telecom.example"
     assert gateways["alpha-gw1"]["caller-id-in-from"] == "true" and gateways["alpha-gw1"]["ping"] == "30"
     assert gateways["beta-gw1"]["username"] == "callgate"
+    # the carrier password, read by the service from PostgreSQL: the snapshot has none
+    assert gateways["beta-gw1"]["password"] == "beta-trunk-secret"
+    assert "password" not in gateways["alpha-gw1"]
 
 
 def test_wrong_credentials_are_refused(service: int) -> None:
@@ -148,3 +161,45 @@ def test_a_password_changed_in_postgresql_is_seen_after_the_sync(
         timeout=20,
         what="the new password reaching the directory",
     )
+
+
+def gateway_password(port: int, name: str) -> str | None:
+    document = post(port, forms.gateways("external"))[1]
+    for gateway in ET.fromstring(document).iter("gateway"):
+        if gateway.get("name") == name:
+            return next((p.get("value") for p in gateway.iter("param") if p.get("name") == "password"), None)
+    return None
+
+
+def test_the_live_sync_carries_a_new_device_password_and_a_new_gateway_password(
+    service: int, environment: dict[str, str], module_pg_url: str
+) -> None:
+    # Both are changed in PostgreSQL and applied by the live sync's in-place path (change events,
+    # not a new snapshot): the device's a1-hash is rewritten in Redis; the gateway's row is
+    # republished unchanged (it has no password), and its change event makes the service read
+    # the carrier passwords from PostgreSQL again.
+    publish(environment)
+    worker = SyncWorker(load_config(environ=environment), worker_id="test-fsxml-live")
+    try:
+        worker.connect()
+        worker.catch_up()
+        with psycopg.connect(module_pg_url, autocommit=True) as conn:
+            conn.execute("UPDATE sip_devices SET password = 'L1ve-rotated' WHERE username = 'alice'")
+            conn.execute("UPDATE gateways SET password = 'beta-R0tated' WHERE name = 'beta-gw1'")
+        result = worker.catch_up()
+        assert not result.full and result.applied == 2
+    finally:
+        worker.close()
+        worker.redis.close()
+    expected = a1_hash("alice", DOMAIN, "L1ve-rotated")
+    wait_until(
+        lambda: a1_of(post(service, forms.sip_auth("alice", DOMAIN))[1], "alice") == expected,
+        timeout=20,
+        what="the live-synced password reaching the directory",
+    )
+    wait_until(
+        lambda: gateway_password(service, "beta-gw1") == "beta-R0tated",
+        timeout=20,
+        what="the new gateway password reaching the service",
+    )
+    assert gateway_password(service, "beta-gw2") == "beta-trunk-secret"

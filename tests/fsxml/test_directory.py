@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -11,15 +10,14 @@ import pytest
 from engine.fsxml import render
 from engine.fsxml.directory import DIAL_STRING, GATEWAYS_USER, Answers, Directory, SofiaTemplate, a1_hash
 from engine.fsxml.request import lookup, parse_form
-from engine.model import SipDevice
 from tests.fsxml import forms
-from tests.fsxml.catalog import DOMAIN, HOSTILE_NAME, catalog
+from tests.fsxml.catalog import DOMAIN, GATEWAY_PASSWORDS, HOSTILE_NAME, catalog, device
+
+ANSWERS = Answers(DOMAIN, password_of=lambda ident: GATEWAY_PASSWORDS.get(ident, ""))
 
 
 def ask(body: str, directory: Directory | None = None, answers: Answers | None = None) -> bytes:
-    return (answers or Answers(DOMAIN)).answer(
-        lookup(parse_form(body)), directory or Directory.build(catalog())
-    )
+    return (answers or ANSWERS).answer(lookup(parse_form(body)), directory or Directory.build(catalog()))
 
 
 def users(document: bytes) -> dict[str, ET.Element]:
@@ -50,13 +48,30 @@ def test_an_existing_device_gets_its_a1_hash_and_variables_never_its_password() 
     assert params(domain.find("params")) == {"dial-string": DIAL_STRING}  # type: ignore[arg-type]
 
 
-def test_the_a1_hash_uses_the_realm_the_device_answered_with() -> None:
-    document = ask(forms.sip_auth("alice", DOMAIN, realm="other.realm"))
-    assert params(users(document)["alice"])["a1-hash"] == a1_hash("alice", "other.realm", "Wd3kM9pQs7Vx")
+def test_the_a1_hash_is_the_snapshots_and_another_realm_finds_no_user(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The snapshot holds the hash for the configured domain only: a device that answered the
+    # challenge with another realm (even one differing in case) can never match, so it is not found.
+    answers = Answers(DOMAIN)
+    assert users(ask(forms.sip_auth("alice", DOMAIN, realm=DOMAIN), answers=answers))
+    for realm in ("other.realm", DOMAIN.upper()):
+        document = ask(forms.sip_auth("alice", DOMAIN, realm=realm), answers=answers)
+        assert document != render.NOT_FOUND and users(document) == {}  # the domain, without the user
+    assert caplog.text.count("with a realm other than") == 1  # logged once a minute, counted
+    assert "Wd3kM9pQs7Vx" not in caplog.text
+
+
+def test_a_lookup_without_a_realm_gets_the_hash_for_the_domain() -> None:
+    user_call = forms.form(
+        "directory", "domain", "name", DOMAIN, action="user_call", user="alice", domain=DOMAIN
+    )
+    alice = users(ask(user_call))["alice"]
+    assert params(alice)["a1-hash"] == a1_hash("alice", DOMAIN, "Wd3kM9pQs7Vx")
 
 
 def test_the_domain_is_matched_without_case_and_the_user_exactly() -> None:
-    assert "alice" in users(ask(forms.sip_auth("alice", DOMAIN.upper())))
+    assert "alice" in users(ask(forms.sip_auth("alice", DOMAIN.upper(), realm=DOMAIN)))
     assert users(ask(forms.sip_auth("Alice", DOMAIN))) == {}
 
 
@@ -142,7 +157,11 @@ def test_sofia_conf_from_a_template(tmp_path: Path) -> None:
   </profiles>
 </configuration>"""
     )
-    answers = Answers(DOMAIN, sofia_template=SofiaTemplate.load(template))
+    answers = Answers(
+        DOMAIN,
+        sofia_template=SofiaTemplate.load(template),
+        password_of=lambda ident: GATEWAY_PASSWORDS.get(ident, ""),
+    )
     document = ask(forms.sofia_conf("external"), answers=answers)
     assert b"$${internal_sip_port}" in document  # the template's own variables are FreeSWITCH's to expand
     root = ET.fromstring(document)
@@ -169,14 +188,12 @@ def test_a_template_that_is_not_sofia_conf_is_refused(tmp_path: Path) -> None:
 
 def test_changes_apply_in_place() -> None:
     directory = Directory.build(catalog())
-    renamed = dataclasses.replace(catalog().sip_devices[0], username="alice2", password="N3w")
+    renamed = device(11, 1, "alice2", password="N3w")
     directory.apply_changes([renamed], [("sip_devices", "13"), ("rates", "x")])
     assert users(ask(forms.sip_auth("alice", DOMAIN), directory)) == {}
     alice2 = users(ask(forms.sip_auth("alice2", DOMAIN), directory))["alice2"]
     assert params(alice2)["a1-hash"] == a1_hash("alice2", DOMAIN, "N3w")
-    directory.apply_changes(
-        [SipDevice(30, 4, "frank", password="f")], [("accounts", "1"), ("gateways", "21")]
-    )
+    directory.apply_changes([device(30, 4, "frank", password="f")], [("accounts", "1"), ("gateways", "21")])
     assert users(ask(forms.sip_auth("alice2", DOMAIN), directory)) == {}  # its account is gone
     assert "frank" in users(ask(forms.sip_auth("frank", DOMAIN), directory))
     assert [g.name for g in directory.gateways_of("external")] == ["beta-gw1", "register-wins"]
@@ -187,7 +204,7 @@ def test_changes_apply_in_place() -> None:
 def test_a_hostile_username_is_escaped_in_the_answer() -> None:
     hostile = 'x<&"y$${z}'
     directory = Directory.build(catalog())
-    directory.apply_changes([SipDevice(40, 4, hostile, password="pw")], [])
+    directory.apply_changes([device(40, 4, hostile, password="pw")], [])
     document = ask(forms.sip_auth(hostile, DOMAIN), directory)
     assert b"$${" not in document
     assert params(users(document)[hostile])["a1-hash"] == a1_hash(hostile, DOMAIN, "pw")
@@ -196,7 +213,7 @@ def test_a_hostile_username_is_escaped_in_the_answer() -> None:
 def test_a_username_held_twice_is_served_from_the_lower_id_then_the_other() -> None:
     # the database forbids it; the index must still stay consistent if a snapshot ever had it
     directory = Directory(
-        [SipDevice(7, 4, "twin", password="seven"), SipDevice(3, 4, "twin", password="three")],
+        [device(7, 4, "twin", password="seven"), device(3, 4, "twin", password="three")],
         catalog().accounts,
     )
     assert params(users(ask(forms.sip_auth("twin", DOMAIN), directory))["twin"])["a1-hash"] == a1_hash(

@@ -25,7 +25,7 @@ from engine.fsxml.server import PATH, FsxmlApp, SnapshotSource
 from engine.state.snapshot import apply_changes, current_version, publish_snapshot
 from engine.state.watcher import SnapshotHolder
 from tests.fsxml import forms
-from tests.fsxml.catalog import DOMAIN, catalog
+from tests.fsxml.catalog import DOMAIN, catalog, device
 from tests.support import wait_until
 
 SECRET = "fs-S3cret!"
@@ -136,7 +136,8 @@ def test_a_changed_device_is_seen_by_the_next_lookup(
 ) -> None:
     app = app_for(holder)
     alice = catalog().sip_devices[0]
-    apply_changes(client, key_prefix, published, [dataclasses.replace(alice, password="Ch4nged")], [])
+    changed = device(alice.id, alice.account_id, "alice", password="Ch4nged")
+    apply_changes(client, key_prefix, published, [changed], [])
 
     def sees_new_password() -> bool:
         reply = call(app, forms.sip_auth("alice", DOMAIN), authorization=auth())
@@ -230,3 +231,17 @@ def test_no_snapshot_or_a_stale_one_is_503(client: redis.Redis, key_prefix: str,
     assert call(app, forms.sip_auth("alice", DOMAIN), authorization=auth()).status == 200
     strict = app_for(holder, dataclasses.replace(SETTINGS, snapshot_max_age=1e-9))
     assert call(strict, forms.sip_auth("alice", DOMAIN), authorization=auth()).status == 503
+
+
+def test_gateway_lookups_are_503_until_the_carrier_passwords_were_read(
+    published: int, holder: SnapshotHolder[Directory]
+) -> None:
+    # Sending a registering gateway without its password would have the carrier refuse it:
+    # FreeSWITCH gets an HTTP error instead, and falls back to its own configuration.
+    ready = False
+    app = FsxmlApp(SETTINGS, Answers(SETTINGS.domain), SnapshotSource(holder), lambda: ready)
+    assert call(app, forms.gateways("external"), authorization=auth()).status == 503
+    assert call(app, forms.sofia_conf("external"), authorization=auth()).status == 503
+    assert call(app, forms.sip_auth("alice", DOMAIN), authorization=auth()).status == 200  # users: served
+    ready = True
+    assert call(app, forms.gateways("external"), authorization=auth()).status == 200
