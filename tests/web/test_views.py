@@ -794,3 +794,19 @@ def test_refill_report_across_accounts_in_scope(admin: Browser, browser_for: Mak
     mine = acme.text(acme.get("/refills"))
     assert "RR-5572000002" in mine and "RR-5572000001" not in mine
     assert acme.get("/refills?since=soon").status_code == 422
+
+
+def test_a_reseller_creates_a_customer_in_its_own_subtree(browser_for: Make, db_url: str) -> None:
+    acme = browser_for(ACME, RESELLER_PASSWORD)
+    created = _create(acme, "5573000001", rate_group="acme-retail")
+    assert created.status_code == 200, acme.text(created)
+    owner = query(db_url, "SELECT r.number FROM accounts a JOIN accounts r ON r.id = a.reseller_id"
+                          " WHERE a.number = '5573000001' AND NOT a.deleted", ())  # fmt: skip
+    assert owner == [(ACME,)]
+    actor = query(
+        db_url, "SELECT actor FROM audit_log WHERE entity_key = '5573000001' ORDER BY id LIMIT 1", ()
+    )
+    assert actor == [(f"web:reseller:{ACME}",)]
+    assert "5573000001" in acme.text(acme.get("/customers"))
+    refused = _create(acme, "5573000002", rate_group="retail")  # the admin's rate group
+    assert refused.status_code == 422 and 'id="f-rate_group-err"' in acme.text(refused)
