@@ -264,11 +264,16 @@ def create() -> Any:
         else:
             return _render("created.html", created=created, kind=kind)
     model = s.CustomerCreate
+    sections = forms.sections(model, values, errors)
+    for _, group in sections:
+        for control in group:
+            if control.name == "reseller" and not _user().is_admin:
+                control.label = "Reseller (account number; empty = you)"
     return _render(
         "account_form.html",
         422 if errors else 200,
         title="Create provider" if kind == "provider" else "Create customer",
-        sections=forms.sections(model, values, errors),
+        sections=sections,
         other_errors=forms.unplaced_errors(model, errors),
         action=url_for("web.create", kind=kind),
         button="Create",
