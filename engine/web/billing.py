@@ -66,6 +66,8 @@ def cdr_filter(number: str, args: Mapping[str, str]) -> tuple[Any, CdrForm]:
     except ValueError as exc:
         return None, CdrForm(values, str(exc))
     if until is not None and len(values["until"].strip()) == 10:
+        if until.date() >= date.max - timedelta(days=1):
+            return None, CdrForm(values, "Until: expected a date such as 2026-12-01")
         until += timedelta(days=1)  # "until 2026-12-01" includes that day
     prefix = values["prefix"].strip()
     if prefix and not all(c.isdigit() or c in "*#+" for c in prefix):
