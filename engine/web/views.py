@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import time
@@ -36,6 +37,7 @@ from engine.web.app import db, ext, new_csrf_token, page_error, service
 from engine.web.jobs import Busy, Job
 
 blueprint = Blueprint("web", __name__)
+log = logging.getLogger("callgate.web")
 
 PER_PAGE_CHOICES = (25, 50, 100, 500)
 MAX_PAGE = 1_000_000  # beyond, OFFSET arithmetic could overflow; no grid has that many pages
@@ -100,14 +102,17 @@ def login() -> Any:
     throttle: auth.Throttle = ext()["throttle"]
     wait = throttle.retry_after(name, source)
     if wait > 0:
+        log.warning("web sign-in throttled: user %r from %s", name[:64], source)  # %r: no line breaks
         message = f"Too many failed sign-ins. Try again in {int(wait) // 60 + 1} minute(s)."
         return _render("login.html", 429, next=request.form.get("next", ""), error=message, name=name)
     user = auth.check_password(ext()["web"], db(), name, password) if name and password else None
     if user is None:
+        log.warning("web sign-in failed: user %r from %s", name[:64], source)
         throttle.failed(name, source)
         return _render("login.html", 401, next=request.form.get("next", ""),
                        error="The user name or the password is not right.", name=name)  # fmt: skip
     throttle.succeeded(name)
+    log.info("web sign-in: %s (%s) from %s", user.name, user.role, source)
     session.clear()  # a new session (and a new CSRF token) for the signed-in user
     session.permanent = True
     session.update({"u": user.name, "k": user.kind, "f": user.fingerprint, "t": time.time()})

@@ -62,6 +62,21 @@ def test_cookie_is_secure_over_tls(browser_for: Make) -> None:
     assert "Secure" in response.headers["Set-Cookie"]
 
 
+def test_failed_sign_ins_are_logged_escaped_without_the_password(
+    browser_for: Make, caplog: pytest.LogCaptureFixture
+) -> None:
+    browser = browser_for()
+    browser.get("/login")
+    with caplog.at_level("INFO", logger="callgate.web"):
+        browser.post("/login", {"username": "evil\nweb sign-in: root", "password": "guess-secret-1"})
+        browser.post("/login", {"username": "root", "password": ROOT_PASSWORD})
+    text = caplog.text
+    assert "web sign-in failed: user 'evil\\nweb sign-in: root' from" in text
+    assert "web sign-in: root (admin) from" in text
+    assert "guess-secret-1" not in text and ROOT_PASSWORD not in text
+    assert all("\n" not in r.getMessage() for r in caplog.records)
+
+
 def test_wrong_password_and_unknown_user_get_the_same_answer(browser_for: Make) -> None:
     browser = browser_for()
     browser.get("/login")
