@@ -55,6 +55,41 @@ def _request(form: Mapping[str, str], devices: Sequence[str], networks: Sequence
                        sip_auth_username=sip_user, network_ip=ip)  # fmt: skip
 
 
+_ANCESTORS = """
+WITH RECURSIVE up(id) AS (
+    SELECT reseller_id FROM accounts WHERE id = %s
+    UNION SELECT a.reseller_id FROM accounts a JOIN up ON a.id = up.id
+)
+SELECT a.id, a.number FROM accounts a JOIN up ON a.id = up.id
+"""
+
+
+def for_reseller(document: dict[str, Any], ancestors: Mapping[int, str]) -> dict[str, Any]:
+    """The document as a reseller may see it: nothing about the levels above it (`ancestors`: id ->
+    account number) or the carriers, as in the accounting module's CDRs. Steps that name a level
+    above or are about routing are left out (and counted), their limits dropped, the dial string
+    (carrier gateways) and channel variables removed."""
+    numbers = [n for n in ancestors.values() if n]
+
+    def about_above(text: str) -> bool:
+        return any(re.search(rf"\b{re.escape(n)}\b", text) for n in numbers)
+
+    shown = [s for s in document["steps"] if s["rule"] != "routing" and not about_above(s["outcome"])]
+    redacted = {
+        **document,
+        "steps": shown,
+        "hidden_steps": len(document["steps"]) - len(shown),
+        "limits": [
+            u for u in document.get("limits", []) if u["level"] != "trunk" and u["id"] not in ancestors
+        ],
+    }
+    for key in ("dial_string", "variables", "routes", "levels", "bridge_targets"):
+        redacted.pop(key, None)
+    if about_above(str(document.get("detail") or "")):
+        redacted["detail"] = "refused at a level above yours"
+    return redacted
+
+
 def explain_for_account(
     config: Config,
     conn: psycopg.Connection[Any],
@@ -62,8 +97,10 @@ def explain_for_account(
     form: Mapping[str, str],
     devices: Sequence[str],
     networks: Sequence[str],
+    reseller_id: int | None = None,
 ) -> tuple[dict[str, Any] | None, str]:
-    """(the decision document, "") or (None, why there is none)."""
+    """(the decision document, "") or (None, why there is none). `reseller_id`: the signed-in
+    reseller (None = the admin), whose view leaves out the levels above it and the carriers."""
     call = _request(form, devices, networks)
     if isinstance(call, str):
         return None, call
@@ -90,4 +127,7 @@ def explain_for_account(
         return None, "Redis is unreachable: the decision cannot be computed now."
     finally:
         client.close()
+    if reseller_id is not None:
+        ancestors = {r[0]: r[1] for r in conn.execute(_ANCESTORS, [reseller_id]).fetchall()}
+        document = for_reseller(document, ancestors)
     return document, ""

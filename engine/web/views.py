@@ -745,6 +745,8 @@ def _explain_tab(number: str, tab: str) -> Any:
     form = MultiDict(request.args)
     result, problem = None, ""
     if form.get("dest"):
-        result, problem = explain_for_account(ext()["config"], db(), number, form, devices, networks)
+        result, problem = explain_for_account(
+            ext()["config"], db(), number, form, devices, networks, _user().reseller_id
+        )
     return _render("explain_tab.html", devices=devices, networks=networks, form=form, result=result,
                    problem=problem, **context)  # fmt: skip

@@ -845,3 +845,25 @@ def test_a_reseller_creates_a_customer_in_its_own_subtree(browser_for: Make, db_
     assert "5573000001" in acme.text(acme.get("/customers"))
     refused = _create(acme, "5573000002", rate_group="retail")  # the admin's rate group
     assert refused.status_code == 422 and 'id="f-rate_group-err"' in acme.text(refused)
+
+
+def test_explain_shows_a_reseller_nothing_above_it(
+    admin: Browser, browser_for: Make, web_config: Any
+) -> None:
+    from engine.sync import publish_once
+
+    created = _create(
+        admin, "5575000001", reseller=ACME_SUB, rate_group="sub-retail", create_sip_device="yes",
+        sip_username="expl5575",
+    )  # fmt: skip
+    assert created.status_code == 200, admin.text(created)
+    publish_once(web_config)
+    path = "/customers/5575000001/explain?dest=442071234567&sip_user=expl5575"
+    everything = admin.text(admin.get(path))
+    assert f"reseller {ACME} active" in everything  # the admin sees every level
+    sub = browser_for(ACME_SUB, RESELLER_PASSWORD)
+    page = sub.text(sub.get(path))
+    decision = page[page.index('<section class="decision') :]
+    assert ACME not in decision  # the level above the signed-in reseller
+    assert f"reseller {ACME_SUB} active" in decision  # its own level
+    assert "not shown" in decision and "sofia/" not in decision
