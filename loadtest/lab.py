@@ -236,15 +236,15 @@ def connect(host: str, port: int, password: str, client: str = "auto") -> EslCli
     :class:`PyEslConnection` ("pure")."""
     if client in ("auto", "python-esl"):
         try:
-            import ESL  # type: ignore[import-not-found]
+            import ESL  # type: ignore[import-not-found,unused-ignore]  # optional (the lab extra)
         except ImportError:
             if client == "python-esl":
                 raise
         else:
-            conn = ESL.ESLconnection(host, str(port), password)
-            if not conn.connected():
+            esl_conn: EslClient = ESL.ESLconnection(host, str(port), password)
+            if not esl_conn.connected():
                 raise ConnectionError(f"cannot log in to {host}:{port} (python-ESL)")
-            return conn
+            return esl_conn
     conn = PyEslConnection(host, port, password)
     if not conn.connected():
         raise ConnectionError(f"cannot log in to {host}:{port}")

@@ -312,11 +312,13 @@ class Answers:
             if not self._serve_gateways or (lookup.domain and not self._ours(lookup.domain)):
                 return render.NOT_FOUND
             gateways = [
-                render.gateway_element(g.name, gateway_params(g, self._password_of(g.id)), "              ")
+                render.gateway_element(g.name, gateway_params(g, self._password_of(g.id)), "                ")
                 for g in directory.gateways_of(lookup.profile)
             ]
-            users = [render.gateways_user_element(GATEWAYS_USER, gateways, "        ")] if gateways else []
-            return self._document(users)
+            if not gateways:
+                return self._document([])
+            user = render.gateways_user_element(GATEWAYS_USER, gateways, "            ")
+            return render.gateways_document(self.domain, self._domain_params, user)
         if kind is Kind.USER and self._ours(lookup.domain):
             return self._document(self._user(lookup, directory))
         if kind is Kind.DOMAIN and self._ours(lookup.domain):

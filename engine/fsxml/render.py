@@ -94,6 +94,22 @@ def directory_document(domain: str, domain_params: Sequence[tuple[str, str]], us
     return head + "".join(users).encode() + tail
 
 
+def gateways_document(domain: str, domain_params: Sequence[tuple[str, str]], user: str) -> bytes:
+    """A domain whose one user carries ``<gateways>``, where sofia reads them from a profile's
+    ``<domains>``: mod_sofia's ``parse_domain_tag`` (sofia.c) looks under ``<domain><user>`` and
+    under ``<domain><groups><group><users><user>``, never under the plain ``<users>`` the user
+    lookups use (seen on FreeSWITCH 1.10.12: there, no gateway loaded)."""
+    head = (
+        _HEAD
+        + '  <section name="directory">\n'
+        + f'    <domain name="{attr(domain)}">\n'
+        + f"      <params>\n{param_lines('param', domain_params, '        ')}      </params>\n"
+        + '      <groups>\n        <group name="callgate">\n          <users>\n'
+    )
+    tail = "          </users>\n        </group>\n      </groups>\n    </domain>\n  </section>\n" + _TAIL
+    return (head + user + tail).encode()
+
+
 def directory_frame(domain: str, domain_params: Sequence[tuple[str, str]]) -> tuple[bytes, bytes]:
     """What comes before and after the users of a domain's document (the same for every user)."""
     head = (

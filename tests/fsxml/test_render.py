@@ -75,8 +75,10 @@ def test_not_found_is_the_result_section_freeswitch_skips() -> None:
 def test_gateways_user_and_configuration_parse() -> None:
     gateway = render.gateway_element("gw-1", [("proxy", "198.51.100.1"), ("register", "false")], "")
     user = render.gateways_user_element("callgate-gateways", [gateway], "")
-    root = ET.fromstring(render.directory_document("d.example", [], [user]))
-    params = root.findall("section/domain/users/user/gateways/gateway/param")
+    root = ET.fromstring(render.gateways_document("d.example", [], user))
+    # Where mod_sofia's parse_domain_tag looks (a plain <users> is never read for gateways).
+    assert root.find("section/domain/users") is None
+    params = root.findall("section/domain/groups/group/users/user/gateways/gateway/param")
     assert [(p.get("name"), p.get("value")) for p in params] == [
         ("proxy", "198.51.100.1"),
         ("register", "false"),
