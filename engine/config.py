@@ -163,6 +163,15 @@ class AdminSettings:
     hash_threads: int = 0  # threads hashing secrets in bulk operations; 0 = one per CPU
     import_chunk_size: int = 500  # rows per import transaction
     max_page_size: int = 1000
+    # `callgate api` request bodies: every route but the CSV import, and the CSV import (spooled to
+    # disk); a bigger body is refused with 413 before it is read (docs/admin-api.md).
+    max_body_bytes: int = 1 << 20
+    max_import_bytes: int = 100 << 20
+    # `callgate api` PostgreSQL connections: at most db_pool_size; a request waits db_pool_timeout
+    # seconds for a free one (at most db_pool_max_waiting requests wait), then gets 503 + Retry-After.
+    db_pool_size: int = 10
+    db_pool_timeout: float = 2.0
+    db_pool_max_waiting: int = 50
 
     def check(self) -> None:
         """Raise engine.config.ConfigError naming every bad key."""
@@ -191,6 +200,16 @@ class AdminSettings:
             problems.append("import_chunk_size must be 1-10000")
         if not 10 <= self.max_page_size <= 100000:
             problems.append("max_page_size must be 10-100000")
+        if not 1024 <= self.max_body_bytes <= 64 << 20:
+            problems.append("max_body_bytes must be 1024 to 64 MiB")
+        if not self.max_body_bytes <= self.max_import_bytes <= 1 << 30:
+            problems.append("max_import_bytes must be max_body_bytes to 1 GiB")
+        if not 1 <= self.db_pool_size <= 1000:
+            problems.append("db_pool_size must be 1-1000")
+        if not 0 < self.db_pool_timeout <= 60:
+            problems.append("db_pool_timeout must be more than 0 and at most 60 seconds")
+        if not 0 <= self.db_pool_max_waiting <= 100000:
+            problems.append("db_pool_max_waiting must be 0 (no limit) to 100000")
         if problems:
             raise ConfigError("[admin] " + "; ".join(problems))
 

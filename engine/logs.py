@@ -5,6 +5,13 @@ named like a secret (password, secret, token, API key, PIN, the ESL `auth` comma
 the password part of a URL (``redis://:pw@host``, ``postgresql://user:pw@host``) are
 replaced by ``***`` before the line is written.
 
+Caller-supplied text cannot forge or flood a line, in either format: control characters
+(newline, carriage return, escape...), Unicode line separators and lone surrogates are
+backslash-escaped (``\\n``, ``\\x1b``, ``\\ud800``), each ``%``-argument and ``extra`` value
+is cut to ``MAX_VALUE_CHARS`` and a whole message to ``MAX_MESSAGE_CHARS``, with a marker
+saying how much was cut. In plain text, every line of a traceback is indented, so a line
+that starts at the first column is always a record of its own.
+
 The decision log (logger ``callgate.decision``, one line per call at
 ``logging.decision_level``, shown when that is at or above ``logging.level``) carries the
 fields uuid, result, reason, account and latency_ms; in JSON every ``extra=`` field of a
@@ -13,10 +20,12 @@ record is a key of its own.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,6 +51,63 @@ _STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, 
 }
 
 
+# One caller-supplied value (a %-argument, an `extra` field) and a whole message, in characters.
+MAX_VALUE_CHARS = 1024
+MAX_MESSAGE_CHARS = 8192
+MAX_EXCEPTION_CHARS = 65536
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _NAMED_ESCAPES.get(char)
+    if named:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_control(text: str) -> str:
+    """`text` with control characters, line separators and lone surrogates backslash-escaped."""
+    return _CONTROL.sub(_escape_char, text) if _CONTROL.search(text) else text
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, with a marker saying how many were cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…[{len(text) - limit} more chars]"
+
+
+def _clip_argument(value: Any) -> Any:
+    if isinstance(value, str):
+        return clip(value, MAX_VALUE_CHARS)
+    if isinstance(value, bytes | bytearray):
+        return clip(repr(bytes(value)), MAX_VALUE_CHARS)
+    return value  # numbers keep their %d/%f formatting; other objects are cut with the message
+
+
+def safe_message(record: logging.LogRecord) -> str:
+    """The record's message with every argument cut, then control characters escaped and the whole
+    cut: one physical line of bounded length whatever the caller supplied."""
+    args = record.args
+    message: str
+    if args:
+        clipped: Any
+        if isinstance(args, Mapping):
+            clipped = {key: _clip_argument(value) for key, value in args.items()}
+        else:
+            clipped = tuple(_clip_argument(value) for value in args)
+        try:
+            message = str(record.msg) % clipped
+        except (TypeError, ValueError, KeyError):
+            message = record.getMessage()
+    else:
+        message = str(record.msg)
+    return escape_control(clip(message, MAX_MESSAGE_CHARS))
+
+
 def mask_secrets(text: str) -> str:
     text = SECRET_PATTERN.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
     text = URL_PASSWORD_PATTERN.sub(lambda m: f"{m.group(1)}{MASK}@", text)
@@ -52,17 +118,17 @@ def mask_secrets(text: str) -> str:
 def _field_value(name: str, value: Any) -> Any:
     if SECRET_FIELD.search(name):
         return MASK
-    if isinstance(value, str):
-        return mask_secrets(value)
     if value is None or isinstance(value, bool | int | float):
         return value
-    return mask_secrets(str(value))
+    return mask_secrets(
+        escape_control(clip(value if isinstance(value, str) else str(value), MAX_VALUE_CHARS))
+    )
 
 
 def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
     """The structured fields a caller passed with ``extra=``, secrets masked."""
     return {
-        name: _field_value(name, value)
+        escape_control(clip(name, 100)): _field_value(name, value)
         for name, value in vars(record).items()
         if name not in _STANDARD_ATTRIBUTES and not name.startswith("_")
     }
@@ -77,20 +143,38 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "pid": record.process,
-            "message": mask_secrets(record.getMessage()),
+            "message": mask_secrets(safe_message(record)),
         }
         for name, value in extra_fields(record).items():
             entry.setdefault(name, value)
         if record.exc_info:
-            entry["exception"] = mask_secrets(self.formatException(record.exc_info))
+            entry["exception"] = mask_secrets(
+                clip(self.formatException(record.exc_info), MAX_EXCEPTION_CHARS)
+            )
         if record.stack_info:
-            entry["stack"] = mask_secrets(self.formatStack(record.stack_info))
+            entry["stack"] = mask_secrets(clip(self.formatStack(record.stack_info), MAX_EXCEPTION_CHARS))
         return json.dumps(entry, separators=(",", ":"), default=str)
 
 
+def _indented(text: str) -> str:
+    """A multi-line block (traceback, stack) cut and indented: no line of it starts a record."""
+    lines = clip(text, MAX_EXCEPTION_CHARS).splitlines()
+    return "\n".join("  " + escape_control(line) for line in lines)
+
+
 class MaskingFormatter(logging.Formatter):
+    """Plain text: one line per record (caller text escaped and cut), tracebacks indented below it."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return mask_secrets(super().format(record))
+        safe = copy.copy(record)
+        safe.msg, safe.args = safe_message(record), None
+        return mask_secrets(super().format(safe))
+
+    def formatException(self, ei: Any) -> str:
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
 
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"

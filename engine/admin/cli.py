@@ -166,6 +166,7 @@ def build_admin_parser() -> argparse.ArgumentParser:
     p = _json_flag(tokens.add_parser("create", help="create an API token"))
     p.add_argument("--name", required=True)
     p.add_argument("--reseller", help="a reseller token (sees only that reseller's subtree); default admin")
+    p.add_argument("--read-only", action="store_true", help="reads only: every write is refused (403)")
     p.add_argument("--expires-days", type=int)
     _json_flag(tokens.add_parser("list", help="list API tokens"))
     p = tokens.add_parser("revoke", help="revoke an API token")
@@ -465,7 +466,7 @@ def _printing(group: str, action: str, call: Callable[[Any, argparse.Namespace],
 
 @_command("token", "create")
 def _token_create(svc: Any, args: argparse.Namespace) -> int:
-    row, token = svc.create_token(args.name, args.reseller, args.expires_days)
+    row, token = svc.create_token(args.name, args.reseller, args.expires_days, args.read_only)
     if args.json:
         print(json.dumps({**_dump(row), "token": token}, indent=2, default=str))
     else:
@@ -475,8 +476,8 @@ def _token_create(svc: Any, args: argparse.Namespace) -> int:
 
 
 _printing("token", "list", lambda svc, a: svc.list_tokens(),
-          ("id", "name", "token_hint", "scope", "reseller", "created_at", "expires_at", "last_used_at",
-           "revoked_at"))  # fmt: skip
+          ("id", "name", "token_hint", "scope", "read_only", "reseller", "created_at", "expires_at",
+           "last_used_at", "revoked_at"))  # fmt: skip
 
 
 @_command("token", "revoke")

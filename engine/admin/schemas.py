@@ -8,15 +8,26 @@ fields or need the database (uniqueness, ownership, scope) live in
 Money: a ``Decimal`` everywhere. JSON output writes it as a string ("12.50");
 input takes a string, an integer, or a JSON number read exactly (the API parses
 JSON numbers as ``Decimal``, never as binary floats); at most 6 decimal places
-and 14 integer digits (the database's numeric(20,6)).
+and 14 integer digits (the database's numeric(20,6)). Sums of money (totals, available
+credit) are exact decimals of any size (`MoneySum`).
+
+Every request model refuses unknown fields, text PostgreSQL cannot store (NUL, lone
+surrogates), nesting beyond 32 levels and objects of more than 1,000 fields (`_In`); every
+text field has a maximum length, which the OpenAPI document states.
+
+Why one module of about 1,000 lines: it is declarations with almost no logic, the catalogue
+of what the API and the CLI accept, read top to bottom, and the OpenAPI document is generated
+from it. Split by resource, it would become a field-types module and half a dozen short lists
+of models that all import it; the admin service imports the models as ``schemas.X``.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -25,9 +36,11 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    StringConstraints,
     ValidationError,
     WithJsonSchema,
     create_model,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -35,6 +48,10 @@ from engine.admin.errors import FieldError, ValidationFailed
 from engine.db import fields as fx
 
 # --------------------------------------------------------------------------- field types
+#
+# Every text field has a maximum length (checked before any pattern, so an oversized value is
+# refused without being scanned or echoed), and no text anywhere in a request may hold a NUL
+# byte or a lone UTF-16 surrogate (PostgreSQL cannot store either): see `_In`.
 
 
 def _check(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -49,34 +66,56 @@ def _check(conv: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return check
 
 
-def _string(conv: Callable[[Any], Any], schema: dict[str, Any]) -> Any:
-    return Annotated[str, AfterValidator(_check(conv)), WithJsonSchema({"type": "string", **schema})]
+def _valid(conv: Callable[[Any], Any]) -> AfterValidator:
+    return AfterValidator(_check(conv))
 
 
-def _format_money(value: Decimal) -> str:
+def _doc(max_len: int, **schema: Any) -> WithJsonSchema:
+    return WithJsonSchema({"type": "string", "maxLength": max_len, **schema})
+
+
+def _len(max_len: int) -> StringConstraints:
+    return StringConstraints(max_length=max_len)
+
+
+# For a pattern that bounds the length itself: a cheap cap far above it, so a wrong value gets the
+# pattern's words and a huge one is refused before the pattern runs.
+_CAP = _len(100)
+
+
+def format_money(value: Decimal) -> str:
     """Exact, without exponent; at least 2 decimals, trailing zeros beyond them dropped."""
     if value == value.quantize(Decimal("0.01")):
         return f"{value:.2f}"
     return format(value.normalize(), "f")
 
 
+_format_money = format_money  # the name csvio uses
+
 _MONEY_PATTERN = r"^-?[0-9]{1,14}(\.[0-9]{1,6})?$"
+_MONEY_SCHEMA = {"type": "string", "pattern": _MONEY_PATTERN, "description": "decimal, e.g. 10.50"}
+_MONEY_OUT = PlainSerializer(format_money, return_type=str, when_used="json")
 
-
-def _money(minimum: Decimal | None) -> Any:
-    schema: dict[str, Any] = {
-        "type": "string",
-        "pattern": _MONEY_PATTERN,
-        "description": "decimal, e.g. 10.50",
-    }
-    if minimum is not None:
-        schema["pattern"] = _MONEY_PATTERN.replace("^-?", "^")
-    return Annotated[
-        Decimal,
-        BeforeValidator(_check(fx.decimal(minimum=minimum))),
-        PlainSerializer(_format_money, return_type=str, when_used="json"),
-        WithJsonSchema(schema),
-    ]
+AccountNumber = Annotated[str, _valid(fx.digits(max_len=20)), _doc(20, pattern="^[0-9]{1,20}$")]
+# Digit strings: numbers, DIDs, prefixes, caller IDs (E.164 has at most 15 digits; room for prefixes).
+Digits = Annotated[str, _len(40), _valid(fx.digits()), _doc(40, pattern="^[0-9]+$")]
+DigitsOrEmpty = Annotated[str, _len(40), _valid(fx.digits(empty=True)), _doc(40, pattern="^[0-9]*$")]
+Name = Annotated[str, _len(100), _valid(fx.NAME), _doc(100, minLength=1)]
+Email = Annotated[str, _len(254), _valid(fx.EMAIL), _doc(254, format="email")]
+Phone = Annotated[str, _len(40), _valid(fx.PHONE), _doc(40, pattern="^[0-9 +()-]*$")]
+Currency = Annotated[str, _CAP, _valid(fx.CURRENCY), _doc(3, pattern="^[A-Z]{3}$")]
+Country = Annotated[str, _CAP, _valid(fx.COUNTRY), _doc(2, pattern="^[A-Z]{2}$")]
+Language = Annotated[str, _CAP, _valid(fx.LANGUAGE), _doc(5, pattern="^[a-z]{2}(-[A-Z]{2})?$")]
+Timezone = Annotated[
+    str, _len(64), _valid(fx.timezone), _doc(64, description="IANA time zone, e.g. Europe/London")
+]
+Codecs = Annotated[str, _len(500), _valid(fx.CODECS), _doc(500, description="comma list, e.g. PCMA,PCMU")]
+SipUser = Annotated[
+    str, _len(64), _valid(fx.SIP_USER), _doc(64, pattern="^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+]
+Cidr = Annotated[
+    str, _len(50), _valid(fx.cidr), _doc(50, description="a network (203.0.113.0/28) or an address")
+]
 
 
 def _secret(minimum: int, what: str) -> Callable[[Any], str]:
@@ -88,40 +127,40 @@ def _secret(minimum: int, what: str) -> Callable[[Any], str]:
     return conv
 
 
-AccountNumber = _string(fx.digits(max_len=20), {"pattern": "^[0-9]{1,20}$"})
-Digits = _string(fx.digits(), {"pattern": "^[0-9]+$"})
-DigitsOrEmpty = _string(fx.digits(empty=True), {"pattern": "^[0-9]*$"})
-Name = _string(fx.NAME, {"minLength": 1})
-Email = _string(fx.EMAIL, {"format": "email"})
-Phone = _string(fx.PHONE, {"pattern": "^[0-9 +()-]*$"})
-Currency = _string(fx.CURRENCY, {"pattern": "^[A-Z]{3}$"})
-Country = _string(fx.COUNTRY, {"pattern": "^[A-Z]{2}$"})
-Language = _string(fx.LANGUAGE, {"pattern": "^[a-z]{2}(-[A-Z]{2})?$"})
-Timezone = _string(fx.timezone, {"description": "IANA time zone, e.g. Europe/London"})
-Codecs = _string(fx.CODECS, {"description": "comma list, e.g. PCMA,PCMU"})
-SipUser = _string(fx.SIP_USER, {"pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"})
-Cidr = _string(fx.cidr, {"description": "a network (203.0.113.0/28) or an address"})
-Password = _string(fx.account_password, {"minLength": 8, "format": "password", "writeOnly": True})
-SipPassword = _string(
-    _secret(8, "a SIP password of at least 8 characters without spaces"),
-    {"minLength": 8, "format": "password", "writeOnly": True},
-)
-Pin = _string(
-    fx.secret_pattern(r"[0-9]{4,20}", "a PIN of 4 to 20 digits"),
-    {"pattern": "^[0-9]{4,20}$", "format": "password", "writeOnly": True},
-)
-VoicemailPassword = _string(
-    fx.secret_pattern(r"[0-9]{0,20}", "a voicemail password of at most 20 digits"),
-    {"pattern": "^[0-9]{0,20}$", "format": "password", "writeOnly": True},
-)
-SpeedDialKey = _string(
-    fx.pattern(r"[0-9]{1,3}", "a speed-dial key of 1 to 3 digits"), {"pattern": "^[0-9]{1,3}$"}
-)
+Password = Annotated[
+    str, _len(128), _valid(fx.account_password), _doc(128, minLength=8, format="password", writeOnly=True)
+]
+SipPassword = Annotated[
+    str,
+    _len(128),
+    _valid(_secret(8, "a SIP password of at least 8 characters without spaces")),
+    _doc(128, minLength=8, format="password", writeOnly=True),
+]
+Pin = Annotated[
+    str,
+    _valid(fx.secret_pattern(r"[0-9]{4,20}", "a PIN of 4 to 20 digits")),
+    _doc(20, pattern="^[0-9]{4,20}$", format="password", writeOnly=True),
+]
+VoicemailPassword = Annotated[
+    str,
+    _CAP,
+    _valid(fx.secret_pattern(r"[0-9]{0,20}", "a voicemail password of at most 20 digits")),
+    _doc(20, pattern="^[0-9]{0,20}$", format="password", writeOnly=True),
+]
+SpeedDialKey = Annotated[
+    str,
+    _CAP,
+    _valid(fx.pattern(r"[0-9]{1,3}", "a speed-dial key of 1 to 3 digits")),
+    _doc(3, pattern="^[0-9]{1,3}$"),
+]
 
-
-def Text(max_len: int | None = None) -> Any:
-    schema: dict[str, Any] = {} if max_len is None else {"maxLength": max_len}
-    return _string(fx.text(max_len), schema)
+# Free text, by size: names and short labels; addresses and descriptions; notes.
+Text100 = Annotated[str, _len(100), _valid(fx.text(100)), _doc(100)]
+Text200 = Annotated[str, _len(200), _valid(fx.text(200)), _doc(200)]
+Text500 = Annotated[str, _len(500), _valid(fx.text(500)), _doc(500)]
+InvoiceNote = Annotated[str, _len(110), _valid(fx.text(110)), _doc(110)]  # ASTPP's limit
+# A search filter's text (matched, never stored).
+FilterText = Annotated[str, _len(200)]
 
 
 def _required_text(value: Any) -> str:
@@ -131,15 +170,36 @@ def _required_text(value: Any) -> str:
     return text
 
 
-RequiredText = _string(_required_text, {"minLength": 1})
-Money = _money(Decimal(0))  # >= 0
-SignedMoney = _money(None)
+RequiredText = Annotated[str, _len(100), _valid(_required_text), _doc(100, minLength=1)]
+Money = Annotated[  # >= 0, at most numeric(20,6)
+    Decimal,
+    BeforeValidator(_check(fx.decimal(minimum=Decimal(0)))),
+    _MONEY_OUT,
+    WithJsonSchema({**_MONEY_SCHEMA, "pattern": _MONEY_PATTERN.replace("^-?", "^")}),
+]
+SignedMoney = Annotated[
+    Decimal, BeforeValidator(_check(fx.decimal(minimum=None))), _MONEY_OUT, WithJsonSchema(_MONEY_SCHEMA)
+]
+# A sum of money columns (totals, balance + credit limit): exact, any size, never refused.
+MoneySum = Annotated[
+    Decimal,
+    _MONEY_OUT,
+    WithJsonSchema(
+        {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$", "description": "decimal sum, any size"}
+    ),
+]
 Timestamp = Annotated[
     datetime,
     BeforeValidator(_check(fx.timestamp)),
     WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
+# Days of validity: at most 100 years, so "now + days" is always a date.
+ValidDays = Annotated[int, Field(ge=0, le=36500)]
+# A page number: far beyond any table, and OFFSET = (page - 1) * per_page stays a bigint.
+Page = Annotated[int, Field(ge=1, le=10_000_000)]
+# per_page: the OpenAPI document states [admin] max_page_size as the maximum (the service checks it).
+PerPage = Annotated[int, Field(ge=1, le=100000)]
 
 Status = Literal["active", "inactive"]
 AccountType = Literal["prepaid", "postpaid"]
@@ -149,8 +209,63 @@ DestinationType = Literal["device", "uri", "number"]
 BalanceConvention = Literal["held", "astpp"]
 
 
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+# No request nests deeper than this, or has more fields in one object (the largest form has
+# about 70); beyond, it is refused before any validation, so no one pays for 10,000 errors.
+MAX_DEPTH = 32
+MAX_KEYS = 1000
+
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "contains a NUL byte"
+    if _SURROGATE.search(text):
+        return "contains a lone UTF-16 surrogate (not valid Unicode)"
+    return None
+
+
+def _shown(path: list[str]) -> str:
+    return ".".join(p.encode("unicode_escape").decode("ascii")[:60] for p in path) or "the request"
+
+
+def check_text_tree(value: Any, max_depth: int = MAX_DEPTH) -> None:
+    """ValueError naming where `value` (decoded JSON, a form or query) holds a text PostgreSQL
+    cannot store (NUL, a lone surrogate) or nests deeper than `max_depth`."""
+    stack: list[tuple[Any, list[str]]] = [(value, [])]
+    while stack:
+        item, path = stack.pop()
+        if len(path) > max_depth:
+            raise ValueError(f"{_shown(path[:3])}...: nested deeper than {max_depth} levels")
+        if isinstance(item, str):
+            problem = _text_problem(item)
+            if problem:
+                raise ValueError(f"{_shown(path)}: {problem}")
+        elif isinstance(item, dict):
+            if len(item) > MAX_KEYS:
+                raise ValueError(f"{_shown(path)}: more than {MAX_KEYS} fields")
+            for key, child in item.items():
+                key_text = str(key)
+                problem = _text_problem(key_text)
+                if problem:
+                    raise ValueError(f"{_shown(path)}: a field name {problem}")
+                stack.append((child, [*path, key_text]))
+        elif isinstance(item, list | tuple):
+            stack.extend((child, [*path, str(i)]) for i, child in enumerate(item))
+
+
 class _In(BaseModel):
+    """A request: unknown fields refused, and no text that PostgreSQL cannot store."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable_text(cls, data: Any) -> Any:
+        try:
+            check_text_tree(data)
+        except ValueError as exc:
+            raise PydanticCustomError("invalid_text", str(exc)) from None
+        return data
 
 
 class _Out(BaseModel):
@@ -160,8 +275,19 @@ class _Out(BaseModel):
 # --------------------------------------------------------------------------- accounts
 
 
+def _email_required(schema: dict[str, Any]) -> None:
+    """The document says what the service enforces: a new account always has an e-mail. (The model
+    itself takes none, for accounts loaded without one by the fixture loader.)"""
+    email = schema["properties"]["email"]
+    email.update(next(o for o in email.pop("anyOf") if o.get("type") != "null"))
+    email.pop("default", None)
+    schema["required"] = sorted({*schema.get("required", []), "email"})
+
+
 class CustomerCreate(_In):
     """ASTPP's customer form. Omitted fields take the defaults shown (or [admin]'s)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_email_required)
 
     # -- panel access
     reseller: AccountNumber | None = Field(None, description="owning reseller's account number; none = admin")
@@ -180,7 +306,9 @@ class CustomerCreate(_In):
         None, description="the SIP device's password; generated if omitted"
     )
     status: Status = "active"
-    valid_days: Count | None = Field(None, description="days of validity: expiry = now (or first use) + days")
+    valid_days: ValidDays | None = Field(
+        None, description="days of validity: expiry = now (or first use) + days"
+    )
     expiry: Timestamp | None = Field(None, description="none = never expires")
     expiry_from_first_use: bool = False
     # -- account settings
@@ -199,15 +327,15 @@ class CustomerCreate(_In):
     notify_email: Email | None = None
     # -- profile
     first_name: RequiredText
-    last_name: Text() = ""
-    company: Text() = ""
+    last_name: Text100 = ""
+    company: Text200 = ""
     phone: Phone = ""
     mobile: Phone = ""
-    address_1: Text() = ""
-    address_2: Text() = ""
-    city: Text() = ""
-    province: Text() = ""
-    postal_code: Text() = ""
+    address_1: Text200 = ""
+    address_2: Text200 = ""
+    city: Text100 = ""
+    province: Text100 = ""
+    postal_code: Text100 = ""
     country: Country | None = None
     timezone: Timezone | None = Field(None, description="IANA name; default [admin] default_timezone")
     language: Language = "en"
@@ -221,10 +349,10 @@ class CustomerCreate(_In):
     cli_pool: int = Field(0, ge=0, le=8, description="caller-ID rule 0-8 (decision-rules 4.4)")
     billing_schedule: BillingSchedule = "monthly"
     invoice_day: int | None = Field(None, description="weekly 1-7, monthly 1-28 (default 1), daily none")
-    tax_number: Text() = ""
+    tax_number: Text100 = ""
     generate_invoice: bool = True
-    invoice_note: Text(110) = ""
-    reference: Text(100) = ""
+    invoice_note: InvoiceNote = ""
+    reference: Text100 = ""
 
 
 # Immutable once created (ASTPP: number, account type and balance; balance moves by refills/charges).
@@ -240,23 +368,65 @@ _NOT_UPDATABLE = (
 )
 
 
-def _optional_copy(model: type[BaseModel], name: str, exclude: tuple[str, ...], doc: str) -> type[BaseModel]:
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+# An update field that may be omitted but not sent as null (the document says so: no default null).
+_OMITTABLE: Any = Field(None, json_schema_extra=_no_default)
+
+
+def _nullable(annotation: Any) -> bool:
+    return type(None) in get_args(annotation)
+
+
+# Nullable in the create model, but an edit may not clear it (the service refuses).
+_NEVER_CLEARED = ("email",)
+
+
+def _not_cleared(value: Any) -> Any:
+    if value is None:
+        raise PydanticCustomError("required", "required")
+    return value
+
+
+def _update_model(
+    model: type[BaseModel], name: str, exclude: tuple[str, ...], doc: str, *, null_clears: bool
+) -> type[BaseModel]:
+    """`model` with every field optional: omitted = unchanged. With `null_clears`, a field that is
+    nullable in `model` takes null (clears it); otherwise null is refused, as the service does."""
     fields: dict[str, Any] = {}
     for field_name, info in model.model_fields.items():
         if field_name in exclude:
             continue
-        fields[field_name] = (info.rebuild_annotation() | None, Field(None, description=info.description))
+        annotation = info.rebuild_annotation()
+        if null_clears and _nullable(annotation) and field_name not in _NEVER_CLEARED:
+            fields[field_name] = (annotation, Field(None, description=info.description))
+            continue
+        if _nullable(annotation):
+            annotation = next(a for a in get_args(annotation) if a is not type(None))
+        if field_name in _NEVER_CLEARED:
+            annotation = Annotated[annotation, BeforeValidator(_not_cleared)]
+        omitted = Field(None, description=info.description, json_schema_extra=_no_default)
+        fields[field_name] = (annotation, omitted)
     created = create_model(name, __base__=_In, __doc__=doc, **fields)
     created.__module__ = __name__
     return created
 
 
-CustomerUpdate = _optional_copy(
-    CustomerCreate,
-    "CustomerUpdate",
-    _NOT_UPDATABLE,
-    "Profile and settings edit: only the fields given change (null clears an optional one).",
-)
+if TYPE_CHECKING:  # built at run time from the create models; to mypy, any request model
+    CustomerUpdate = _In
+    SipDeviceUpdate = _In
+    IpMapUpdate = _In
+    CallerIdUpdate = _In
+else:
+    CustomerUpdate = _update_model(
+        CustomerCreate,
+        "CustomerUpdate",
+        _NOT_UPDATABLE,
+        "Profile and settings edit: only the fields given change (null clears an optional one).",
+        null_clears=True,
+    )
 
 
 class AccountOut(_Out):
@@ -302,7 +472,7 @@ class AccountOut(_Out):
     account_type: AccountType
     balance: SignedMoney = Field(description="held by the customer; negative = debt")
     credit_limit: SignedMoney
-    available: SignedMoney = Field(description="balance + credit limit")
+    available: MoneySum = Field(description="balance + credit limit")
     rate_group: str | None
     non_cli_rate_group: str | None
     cli_pool: int
@@ -373,27 +543,32 @@ SORT_KEYS = (
     "status",
     "billing_schedule",
 )
-SortKey = Literal[tuple(k for key in SORT_KEYS for k in (key, f"-{key}"))]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # a Literal built at run time from SORT_KEYS; mypy sees the plain string
+    SortKey = str
+else:
+    SortKey = Literal[tuple(k for key in SORT_KEYS for k in (key, f"-{key}"))]
 
 
 class CustomerFilter(_In):
     """Search the grid: a text filter takes an operator (default `contains`; `begins` for number)."""
 
-    number: str | None = None
+    number: FilterText | None = None
     number_op: StringOp | None = None
-    first_name: str | None = None
+    first_name: FilterText | None = None
     first_name_op: StringOp | None = None
-    last_name: str | None = None
+    last_name: FilterText | None = None
     last_name_op: StringOp | None = None
-    company: str | None = None
+    company: FilterText | None = None
     company_op: StringOp | None = None
-    email: str | None = None
+    email: FilterText | None = None
     email_op: StringOp | None = None
-    rate_group: str | None = None
+    rate_group: FilterText | None = None
     rate_group_op: StringOp | None = None
-    localization: str | None = None
+    localization: FilterText | None = None
     localization_op: StringOp | None = None
-    reseller: str | None = Field(None, description="reseller account number; 'admin' = owned by the admin")
+    reseller: FilterText | None = Field(
+        None, description="reseller account number; 'admin' = owned by the admin"
+    )
     reseller_op: StringOp | None = None
     balance_min: SignedMoney | None = None
     balance_max: SignedMoney | None = None
@@ -411,12 +586,12 @@ class CustomerFilter(_In):
     entity_type: EntityType | None = None
     status: Status | None = None
     billing_schedule: BillingSchedule | None = None
-    sort: SortKey = Field("-number", description="a column, '-' first for descending")  # type: ignore[valid-type]
+    sort: SortKey = Field("-number", description="a column, '-' first for descending")
 
 
 class CustomerQuery(CustomerFilter):
-    page: int = Field(1, ge=1)
-    per_page: int = Field(50, ge=1, le=100000)
+    page: Page = 1
+    per_page: PerPage = 50
 
 
 class ExportQuery(CustomerFilter):
@@ -453,7 +628,7 @@ class MassCreate(_In):
     prefix: Digits = Field(description="every number starts with it")
     account_length: int = Field(ge=1, le=20, description="digits in each number, prefix included")
     generate_pin: bool | None = Field(None, description="default [admin] generate_pin")
-    valid_days: Count | None = None
+    valid_days: ValidDays | None = None
     currency: Currency | None = None
     country: Country | None = None
     timezone: Timezone | None = None
@@ -531,16 +706,21 @@ class SipDeviceCreate(_In):
     password: SipPassword | None = Field(None, description="generated when omitted (shown once)")
     active: bool = True
     codecs: Codecs = ""
-    caller_id_name: Text() = ""
+    caller_id_name: Text100 = ""
     caller_id_number: DigitsOrEmpty = ""
     context: Name = "default"
     voicemail_enabled: bool = False
     voicemail_password: VoicemailPassword = ""
 
 
-SipDeviceUpdate = _optional_copy(
-    SipDeviceCreate, "SipDeviceUpdate", ("username",), "Only the fields given change."
-)
+if not TYPE_CHECKING:
+    SipDeviceUpdate = _update_model(
+        SipDeviceCreate,
+        "SipDeviceUpdate",
+        ("username",),
+        "Only the fields given change (null is refused).",
+        null_clears=False,
+    )
 
 
 class SipDeviceOut(_Out):
@@ -561,11 +741,14 @@ class SipDeviceCreated(_Out):
 class IpMapCreate(_In):
     cidr: Cidr = Field(description="a network, or one address (stored as /32 or /128)")
     tech_prefix: DigitsOrEmpty = Field("", description="stripped from the dialled number")
-    name: Text() = ""
+    name: Text100 = ""
     active: bool = True
 
 
-IpMapUpdate = _optional_copy(IpMapCreate, "IpMapUpdate", (), "Only the fields given change.")
+if not TYPE_CHECKING:
+    IpMapUpdate = _update_model(
+        IpMapCreate, "IpMapUpdate", (), "Only the fields given change (null is refused).", null_clears=False
+    )
 
 
 class IpMapOut(_Out):
@@ -578,13 +761,18 @@ class IpMapOut(_Out):
 
 class CallerIdCreate(_In):
     number: Digits
-    description: Text() = ""
+    description: Text200 = ""
     active: bool = True
 
 
-CallerIdUpdate = _optional_copy(
-    CallerIdCreate, "CallerIdUpdate", ("number",), "Only the fields given change."
-)
+if not TYPE_CHECKING:
+    CallerIdUpdate = _update_model(
+        CallerIdCreate,
+        "CallerIdUpdate",
+        ("number",),
+        "Only the fields given change (null is refused).",
+        null_clears=False,
+    )
 
 
 class CallerIdOut(_Out):
@@ -595,7 +783,7 @@ class CallerIdOut(_Out):
 
 class ForcedCallerIdIn(_In):
     number: Digits
-    name: Text() = ""
+    name: Text100 = ""
     active: bool = True
 
 
@@ -608,13 +796,13 @@ class ForcedCallerIdOut(_Out):
 class DidAssign(_In):
     number: Digits = Field(description="a DID that exists and is not assigned")
     destination_type: DestinationType = "device"
-    destination: Text() = Field("", description="device: a SIP username of the account; number: digits")
+    destination: Text200 = Field("", description="device: a SIP username of the account; number: digits")
 
 
 class DidUpdate(_In):
-    destination_type: DestinationType | None = None
-    destination: Text() | None = None
-    active: bool | None = None
+    destination_type: DestinationType = _OMITTABLE
+    destination: Text200 = _OMITTABLE
+    active: bool = _OMITTABLE
 
 
 class DidOut(_Out):
@@ -640,7 +828,7 @@ class SpeedDialOut(_Out):
 
 class BlockedCodeCreate(_In):
     prefix: Digits
-    description: Text() = ""
+    description: Text200 = ""
 
 
 class BlockedCodeOut(_Out):
@@ -651,9 +839,9 @@ class BlockedCodeOut(_Out):
 class AlertThreshold(_In):
     """Low-balance notification: alert when the available credit drops to `notify_balance_below`."""
 
-    notify_enabled: bool | None = None
-    notify_balance_below: SignedMoney | None = None
-    notify_email: Email | None = None
+    notify_enabled: bool = _OMITTABLE
+    notify_balance_below: SignedMoney | None = Field(None, description="null clears it")
+    notify_email: Email | None = Field(None, description="null clears it")
 
 
 class AlertThresholdOut(_Out):
@@ -673,15 +861,15 @@ class TrunkOut(_Out):
 
 class RefillIn(_In):
     amount: Money = Field(description="credited to the customer; > 0")
-    description: Text(500) = ""
-    reference: Text(200) = Field("", description="receipt or payment reference")
-    method: Text(100) = Field("manual", description="how it was paid: cash, bank transfer, card...")
+    description: Text500 = ""
+    reference: Text200 = Field("", description="receipt or payment reference")
+    method: Text100 = Field("manual", description="how it was paid: cash, bank transfer, card...")
 
 
 class ChargeIn(_In):
     amount: Money = Field(description="debited from the customer; > 0")
-    description: Text(500) = ""
-    reference: Text(200) = ""
+    description: Text500 = ""
+    reference: Text200 = ""
 
 
 class LedgerEntryOut(_Out):
@@ -702,8 +890,8 @@ class LedgerQuery(_In):
     since: Timestamp | None = None
     until: Timestamp | None = None
     kind: Literal["initial", "refill", "charge"] | None = None
-    page: int = Field(1, ge=1)
-    per_page: int = Field(50, ge=1, le=100000)
+    page: Page = 1
+    per_page: PerPage = 50
 
 
 class RefillQuery(_In):
@@ -711,14 +899,14 @@ class RefillQuery(_In):
     reseller: AccountNumber | None = Field(None, description="refills of this reseller's subtree")
     since: Timestamp | None = None
     until: Timestamp | None = None
-    page: int = Field(1, ge=1)
-    per_page: int = Field(50, ge=1, le=100000)
+    page: Page = 1
+    per_page: PerPage = 50
 
 
 class CurrencyTotal(_Out):
     currency: str
     count: int
-    amount: SignedMoney
+    amount: MoneySum = Field(description="the exact sum; it may exceed the per-entry limit")
 
 
 class LedgerPage(_Out):
@@ -731,12 +919,12 @@ class LedgerPage(_Out):
 
 class AuditQuery(_In):
     account: AccountNumber | None = None
-    action: str | None = None
-    entity: str | None = None
+    action: FilterText | None = None
+    entity: FilterText | None = None
     since: Timestamp | None = None
     until: Timestamp | None = None
-    page: int = Field(1, ge=1)
-    per_page: int = Field(50, ge=1, le=100000)
+    page: Page = 1
+    per_page: PerPage = 50
 
 
 def _money_strings(value: Any) -> Any:
@@ -800,6 +988,8 @@ def field_errors(exc: ValidationError, names: Mapping[str, str] | None = None) -
         if names and loc and loc[0] in names:
             field = ".".join([names[loc[0]], *loc[1:]])
         message = _PYDANTIC_MESSAGES.get(error["type"]) or error["msg"]
+        if error["type"] == "string_too_long":  # the fixture loader's words
+            message = f"longer than {error.get('ctx', {}).get('max_length')} characters"
         out.append(FieldError(field, message))
     return out
 

@@ -4,6 +4,11 @@ token, the Flask test client of the API, the CLI run in-process, and the service
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +18,13 @@ import psycopg
 import pytest
 
 from engine.admin import cli as admin_cli
-from engine.admin.api import create_app
+from engine.admin.api import create_app, shutdown
 from engine.admin.service import Actor, AdminService
 from engine.admin.settings import AdminSettings
 from engine.config import load_config
 from engine.db.fixtures import load_document
 from engine.db.migrate import migrate
+from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -171,8 +177,10 @@ class Api:
 
 
 @pytest.fixture(scope="module")
-def app(config: Any) -> Any:
-    return create_app(config)
+def app(config: Any) -> Iterator[Any]:
+    application = create_app(config)
+    yield application
+    shutdown(application)
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +224,41 @@ def customer_body(**overrides: Any) -> dict[str, Any]:
     if "email" not in body:
         body["email"] = f"c{overrides.get('number', id(body))}@example.com"
     return body
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def api_server(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """`callgate api` (gevent) on a free port: (its base URL, its log file)."""
+    port = _free_port()
+    log = tmp_path / "api.log"
+    code = "import sys; from engine.admin.cli import main; sys.exit(main(sys.argv[1:]))"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("CALLGATE_")} | env
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", code, "api", "--port", str(port)],
+            cwd=ROOT,
+            env=environment,
+            stdout=out,
+            stderr=out,
+        )
+
+    def listening() -> bool:
+        assert process.poll() is None, log.read_text()
+        return "listening on" in log.read_text()
+
+    wait_until(listening, timeout=20, interval=0.05, what="callgate api listening")
+    try:
+        yield f"http://127.0.0.1:{port}/api/v1", log
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

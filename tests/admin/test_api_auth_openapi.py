@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from openapi_spec_validator import validate
-
-from tests.admin.conftest import ROOT
-from tests.support import wait_until
 
 # a value for each path parameter, so every route can be called
 SAMPLE = {
@@ -133,43 +124,6 @@ def test_a_reseller_token_stops_working_when_its_reseller_is_deleted_or_inactive
     with __import__("psycopg").connect(db_url) as conn:
         conn.execute("UPDATE accounts SET status = 'inactive' WHERE number = '2300000001'")
     assert api.as_token(token).get("/customers").status_code == 401
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def api_server(env, tmp_path: Path):
-    port = _free_port()
-    log = tmp_path / "api.log"
-    code = "import sys; from engine.admin.cli import main; sys.exit(main(sys.argv[1:]))"
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("CALLGATE_")} | env
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-c", code, "api", "--port", str(port)],
-            cwd=ROOT,
-            env=environment,
-            stdout=out,
-            stderr=out,
-        )
-
-    def listening() -> bool:
-        assert process.poll() is None, log.read_text()
-        return "listening on" in log.read_text()
-
-    wait_until(listening, timeout=20, interval=0.05, what="callgate api listening")
-    try:
-        yield f"http://127.0.0.1:{port}/api/v1", log
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_callgate_api_serves_on_gevent(api_server, admin_token):

@@ -42,9 +42,9 @@ from engine.admin.service.dids import DidsMixin
 from engine.admin.service.extras import ExtrasMixin
 from engine.admin.service.grid import GridMixin
 from engine.admin.service.ipmap import IpMapMixin
-from engine.admin.service.tokens import TOKEN_PREFIX, TokensMixin, authenticate
+from engine.admin.service.tokens import TOKEN_PREFIX, TokensMixin, token_digest
 
-__all__ = ["ACCOUNT_KINDS", "TOKEN_PREFIX", "Actor", "AdminService", "NoProgress", "Progress", "authenticate"]
+__all__ = ["ACCOUNT_KINDS", "TOKEN_PREFIX", "Actor", "AdminService", "NoProgress", "Progress", "token_digest"]
 
 
 class AdminService(

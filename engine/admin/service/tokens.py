@@ -1,4 +1,4 @@
-"""API tokens: create, list, revoke, and authenticate a bearer token."""
+"""API tokens: create, list, revoke (the API checks bearer tokens in engine.admin.api.auth)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,11 @@ import hashlib
 import secrets
 from typing import Any
 
-import psycopg
 from psycopg.rows import dict_row
 
 from engine.admin import schemas as s
-from engine.admin.errors import NotFound, Unauthorized, ValidationFailed
+from engine.admin.errors import NotFound, ValidationFailed
 from engine.admin.service.base import (
-    Actor,
     ServiceBase,
     _RefCache,
     _row,
@@ -23,9 +21,10 @@ class TokensMixin(ServiceBase):
     """API tokens."""
 
     def create_token(
-        self, name: str, reseller: str | None = None, expires_days: int | None = None
+        self, name: str, reseller: str | None = None, expires_days: int | None = None, read_only: bool = False
     ) -> tuple[dict[str, Any], str]:
-        """A new API token (admin scope, or one reseller's subtree); the token is returned once."""
+        """A new API token (admin scope, or one reseller's subtree; read-only: every write refused);
+        the token is returned once."""
         self._require_admin("creating an API token")
         name = s.parse(_TokenName, {"name": name}).name
         if expires_days is not None and expires_days <= 0:
@@ -40,16 +39,19 @@ class TokensMixin(ServiceBase):
             with self.conn.cursor(row_factory=dict_row) as cur:
                 row = cur.execute(
                     "INSERT INTO api_tokens (name, token_sha256, token_hint, scope, reseller_id, created_by,"
-                    " expires_at) VALUES (%s, %s, %s, %s, %s, %s, now() + %s * interval '1 day')"
-                    " RETURNING id, name, token_hint, scope, reseller_id, created_at, created_by, expires_at",
+                    " expires_at, read_only)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, now() + %s * interval '1 day', %s)"
+                    " RETURNING id, name, token_hint, scope, reseller_id, created_at, created_by, expires_at,"
+                    " read_only",
                     [
                         name,
-                        _token_digest(token),
+                        token_digest(token),
                         token[:10],
                         "reseller" if reseller_id else "admin",
                         reseller_id,
                         self.actor.name,
                         expires_days,
+                        read_only,
                     ],
                 ).fetchone()
             row = _row(row)
@@ -68,7 +70,7 @@ class TokensMixin(ServiceBase):
         self._require_admin("listing API tokens")
         with self.conn.cursor(row_factory=dict_row) as cur:
             return cur.execute(
-                "SELECT t.id, t.name, t.token_hint, t.scope, r.number AS reseller, t.created_at,"
+                "SELECT t.id, t.name, t.token_hint, t.scope, t.read_only, r.number AS reseller, t.created_at,"
                 " t.created_by, t.expires_at, t.last_used_at, t.revoked_at FROM api_tokens t"
                 " LEFT JOIN accounts r ON r.id = t.reseller_id ORDER BY t.id"
             ).fetchall()
@@ -97,33 +99,10 @@ class TokensMixin(ServiceBase):
 TOKEN_PREFIX = "cgt_"
 
 
-def _token_digest(token: str) -> str:
+def token_digest(token: str) -> str:
+    """What api_tokens stores of a token (a 256-bit random secret needs no slow hash). The API
+    checks bearer tokens with it, in engine.admin.api.auth."""
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def authenticate(conn: psycopg.Connection[Any], token: str | None) -> Actor:
-    """The Actor a bearer token stands for; Unauthorized if missing, unknown, revoked or expired."""
-    if not token or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
-        raise Unauthorized("a valid API token is required (Authorization: Bearer <token>)")
-    row = conn.execute(
-        "SELECT t.id, t.name, t.reseller_id, r.number, t.last_used_at < now() - interval '1 minute'"
-        " OR t.last_used_at IS NULL FROM api_tokens t LEFT JOIN accounts r ON r.id = t.reseller_id"
-        " WHERE t.token_sha256 = %s AND t.revoked_at IS NULL"
-        " AND (t.expires_at IS NULL OR t.expires_at > now())"
-        " AND (t.reseller_id IS NULL OR (NOT r.deleted AND r.status = 'active'))",
-        [_token_digest(token)],
-    ).fetchone()
-    if row is None:
-        raise Unauthorized("a valid API token is required (Authorization: Bearer <token>)")
-    token_id, name, reseller_id, reseller_number, stale = row
-    if stale:
-        conn.execute("UPDATE api_tokens SET last_used_at = now() WHERE id = %s", [token_id])
-    return Actor(
-        name=f"token:{token_id}:{name}",
-        reseller_id=reseller_id,
-        reseller_number=reseller_number,
-        token_id=token_id,
-    )
 
 
 # --------------------------------------------------------------------------- small rules and helpers
