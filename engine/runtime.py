@@ -25,7 +25,7 @@ from engine.call.driver import CallHandler, CallRecord
 from engine.config import Config, rules_config
 from engine.decider import Decider
 from engine.decision import Accept
-from engine.esl.server import CallServer, listening_socket, parse_networks
+from engine.esl.server import LISTEN_BACKLOG, CallServer, listening_socket, parse_networks
 from engine.limits_runtime import (
     ReleaseBatcher,
     build_limiter,
@@ -50,6 +50,7 @@ log = logging.getLogger("callgate.serve")
 REFUSED_LOG_INTERVAL = 10.0  # at most one log line this often about refused connections
 DRAIN_SECONDS = 2.0  # on SIGTERM, calls still being decided get this long to finish
 METRICS_REFRESH_SECONDS = 1.0  # multiprocess mode: how often each process refreshes its gauges
+SNAPSHOT_READ_TIMEOUT = 30.0  # seconds one bulk round trip of a snapshot read may take
 
 
 class RefusalLog:
@@ -94,8 +95,16 @@ class Engine:
             socket_connect_timeout=config.redis.socket_timeout,
         )
         self.redis = redis.Redis(connection_pool=pool)
+        # The snapshot is read in bulk (HSCAN pages of thousands of rows per hash): on its own
+        # connections with a bulk timeout. With the hot path's per-round-trip deadline a busy
+        # host's 1M-row read timed out, so the first load failed and was retried over and over.
+        self.snapshot_redis = redis.Redis.from_url(
+            config.redis.url,
+            socket_timeout=max(config.redis.socket_timeout, SNAPSHOT_READ_TIMEOUT),
+            socket_connect_timeout=config.redis.socket_timeout,
+        )
         self.snapshots: SnapshotHolder[Catalog] = SnapshotHolder(
-            self.redis, config.redis.key_prefix, Catalog.build
+            self.snapshot_redis, config.redis.key_prefix, Catalog.build
         )
         # The per-call limits script skips redis-py's pool and wrappers (engine.state.direct).
         self.direct_redis = DirectConnections.like(
@@ -137,6 +146,7 @@ class Engine:
             allowed=parse_networks(config.engine.allowed_networks),
             on_refused=self._refused,
         )
+        self._listener = listener
         self.stopping = gevent.event.Event()
         # Set after the drain, not with `stopping`: calls ending during the drain are still released promptly.
         self._releases_stop = gevent.event.Event()
@@ -233,6 +243,15 @@ class Engine:
             log.warning("Redis unreachable at start (%s); calls answer ENGINE_DEGRADED until it is back", exc)
 
     def start(self) -> None:
+        """Load the snapshot, start the background tasks, then accept calls.
+
+        The listener may be bound but not yet listening (``serve`` does that): it starts
+        listening only here, after the initial load, so while a big snapshot loads the
+        kernel refuses FreeSWITCH's connections (or, with SO_REUSEPORT, hands them to the
+        host's other engine processes) instead of queueing calls nobody can decide yet.
+        If the load fails (no snapshot, Redis down), the engine listens anyway and answers
+        ENGINE_DEGRADED at once until a snapshot arrives.
+        """
         self.load_initial_snapshot()
         self._start_gc_policy()
         gevent.spawn(self.snapshots.run, self.stopping, self.config.engine.snapshot_poll_interval)
@@ -243,6 +262,7 @@ class Engine:
             gevent.spawn(run_reconciler, self.limiter, self.switches, interval, self.metrics, self.stopping)
         self._events_task = gevent.spawn(self.events.run, self.stopping)
         gevent.spawn(self.releases.run, self._releases_stop)
+        self._listener.listen(LISTEN_BACKLOG)  # a no-op but for the backlog if already listening
         self.server.start()
         self.start_metrics()
 
@@ -259,6 +279,7 @@ class Engine:
         self.releases.flush()  # the releases still queued: none is lost at shutdown
         self._events_task.join(timeout=1.0)  # one last flush of queued events
         self.redis.close()
+        self.snapshot_redis.close()
         self.direct_redis.close()
 
 
@@ -281,11 +302,32 @@ def raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def bound_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """The call listener bound to its address but not listening yet (see :meth:`Engine.start`).
+
+    Until ``listen()`` the kernel refuses connections to it (RST), and with SO_REUSEPORT
+    it is not in the group the kernel spreads connections over.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def serve(config: Config, host: str | None = None, port: int | None = None) -> int:
     setup_logging(config.logging)
     raise_file_limit()
     settings = config.engine
-    listener = listening_socket(
+    # Bound now (a taken port fails at once), listening only once the snapshot is loaded.
+    listener = bound_socket(
         host or settings.listen_host, port or settings.listen_port, reuse_port=settings.reuse_port
     )
     warn_about_settings(config)

@@ -46,6 +46,8 @@ from typing import Any
 from loadtest import child_env, probes
 from loadtest.dataset import ACCEPT_ONLY, ACCEPTED_CLASSES, DEFAULT_MIX, Scale, ensure_published
 from loadtest.driver import FsLibrary, LoadConfig, drive
+from loadtest.memory import StartWatch, process_memory
+from loadtest.memory import describe as describe_memory
 from loadtest.stats import percentile
 
 VENV_BIN = Path(sys.executable).parent
@@ -161,6 +163,7 @@ class RunningServer:
     port: int
     procs: list[subprocess.Popen] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
+    watch: StartWatch | None = None  # cold start: start -> listening -> first decision
 
     @property
     def pids(self) -> list[int]:
@@ -215,6 +218,7 @@ def server(
         cmd = [python, "-m", "loadtest.patched_engine", "--patches", spec.patches]
     else:
         raise ValueError(spec.kind)
+    running.watch = StartWatch(time.monotonic())
     try:
         for n in range(spec.procs):
             path = workdir / f"{spec.name.replace(' ', '_')}.{n}.log"
@@ -256,7 +260,11 @@ def _wait_ready(running: RunningServer, lib: FsLibrary, scale: Scale, timeout: f
                     f"{running.spec.name} exited ({proc.returncode}):\n{path.read_text()[-3000:]}"
                 )
         last = probe_call(("127.0.0.1", running.port), lib, plan=probe_plan(scale))
+        if running.watch is not None and not last.startswith("error"):
+            running.watch.saw_listening()
         if last == "accept":
+            if running.watch is not None:
+                running.watch.saw_decision()
             ok_in_a_row += 1
             if ok_in_a_row >= 4 * len(running.procs):  # SO_REUSEPORT spreads probes over processes
                 return
@@ -419,6 +427,8 @@ def measure(
 
                     result["profile_top"] = top_table(summarize_collapsed(raw.read_text()), 30)
             result["foreign_cpu_cores_before"] = idle
+            result["memory"] = [process_memory(pid) for pid in srv.pids]  # after the run: warm
+            result["cold_start"] = srv.watch.as_dict() if srv.watch is not None else {}
             attempts.append(result)
             foreign = result.get("foreign_cpu_cores", 0.0)
             if foreign <= ctx.noise_limit:
@@ -439,6 +449,7 @@ def measure(
         f"server {result.get('server_cpu_per_call_us', NAN):.0f} us CPU/call, "
         f"foreign {result.get('foreign_cpu_cores', NAN):.2f} cores"
     )
+    log("     " + describe_memory(result.get("cold_start", {}), result.get("memory", [])))
     return result
 
 
@@ -593,6 +604,9 @@ def scenario_scale(ctx: Context, cps: float = 100.0) -> dict[str, Any]:
 
     keys = ("p50", "p99", "p99.9", "cpu_us")
     medians = {r["dataset"]: {k: median(r, k) for k in keys} for r in runs}
+    for r in runs:  # one server per dataset: its cold start and its memory once warm
+        medians[r["dataset"]]["cold_start"] = r.get("cold_start", {})
+        medians[r["dataset"]]["memory"] = r.get("memory", [])
     base = medians[runs[0]["dataset"]]
     growth = {
         name: {f"{k}_growth_pct": 100 * (m[k] / base[k] - 1) for k in keys if base[k] and m[k] == m[k]}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite, exactly as CI runs it: services, virtualenv, lint, tests.
+# The test suite, exactly as CI runs it: services, virtualenv, lint, types, tests.
 #   bash scripts/test.sh [pytest args]          everything (.ci/run calls exactly this)
 #   bash scripts/test.sh --fast [pytest args]   the developer loop: no server started, no lint,
 #                                               only the tests marked neither e2e nor slow
@@ -16,4 +16,5 @@ bash scripts/venv.sh
 bash scripts/tools.sh
 bash scripts/browser.sh
 .venv/bin/ruff check .
+.venv/bin/mypy  # pyproject.toml [tool.mypy]: strict for esl, call, rules, decider, state
 exec .venv/bin/python -m pytest "$@"

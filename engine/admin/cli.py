@@ -14,6 +14,10 @@ models, so the CLI and the API accept exactly the same fields.
 
 Exit codes: 0 done; 1 refused (validation, not found, some import rows failed);
 2 usage.
+
+(Why one module of about 600 lines: it is the command table and one small handler per
+command, each a call into the service layer; the business rules are all in
+``engine.admin.service``.)
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """Declarative fixture documents -> PostgreSQL, idempotently.
 
+(Why one module of about 1,100 lines: it is one ordered walk over the document, section
+by section, where each section's upsert needs the ids the earlier ones wrote; the field
+validators it shares with the admin service are in ``engine.db.fields``.)
+
 A document (YAML or JSON, see ``config/demo.yaml``) has these top-level sections,
 all optional::
 

@@ -15,6 +15,11 @@ once (a set that does not parse is left out and listed in ``problems``).
 Longest-prefix tables are ``dict[prefix, row]``: a lookup tries ``number[:n]``
 from the longest useful ``n`` down to 0, so its cost grows with the length of the
 number, not with the number of rates.
+
+(Why one module of about 900 lines: every index here is built in one pass by
+``Catalog.build`` and updated in place by the same live-sync code, and the indexes
+reference each other (an account's DIDs, its devices, its rate group's trunks). Split
+by entity, each part would need the others' private structures.)
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from engine.model import (
+    ENTITY_KEY_FIELDS,
     ENTITY_TYPES,
     Account,
     BlockedCode,
@@ -336,11 +342,11 @@ class Catalog:
         return problems
 
 
-def _origination_rank(rate: OriginationRate) -> tuple:
+def _origination_rank(rate: OriginationRate) -> tuple[Any, ...]:
     return (-rate.cost_per_minute, rate.precedence, rate.id)
 
 
-def _termination_rank(rate: TerminationRate) -> tuple:
+def _termination_rank(rate: TerminationRate) -> tuple[Any, ...]:
     return (rate.cost_per_minute, rate.precedence, rate.id)
 
 
@@ -446,6 +452,19 @@ _KEPT = (
     "blocked_codes",
     "localizations",
 )
+# Rows whose key is one int field are kept under that int (the entity's own object), not under
+# its snapshot key string: at 891k SIP devices the key strings alone were ~50 MB.
+_INT_KEYED = frozenset(name for name, fields in ENTITY_KEY_FIELDS.items() if len(fields) == 1)
+_RowKey = int | str
+
+
+def _row_key(name: str, obj: Any) -> _RowKey:
+    if name in _INT_KEYED:
+        value: int = getattr(obj, ENTITY_KEY_FIELDS[name][0])
+        return value
+    return entity_key_of(name, obj)
+
+
 _BY_ID = ("accounts", "dids", "rate_groups", "gateways", "trunks")
 
 
@@ -500,31 +519,31 @@ class _ChangeIndex:
 
     def __init__(self, catalog: Catalog, data: CatalogData) -> None:
         self.catalog = catalog
-        self.rows: dict[str, dict[str, Any]] = {
-            name: {entity_key_of(name, obj): obj for obj in getattr(data, name)} for name in _KEPT
+        self.rows: dict[str, dict[_RowKey, Any]] = {
+            name: {_row_key(name, obj): obj for obj in getattr(data, name)} for name in _KEPT
         }
-        self.account_ids_by_number: dict[str, set[int]] = {}
+        self.account_ids_by_number: _Links[str, int] = _Links()
         for account in data.accounts:
-            self.account_ids_by_number.setdefault(account.number, set()).add(account.id)
-        self.device_keys_by_username: dict[str, set[str]] = {}
-        for device in data.sip_devices:
-            self.device_keys_by_username.setdefault(device.username, set()).add(str(device.id))
-        self.did_ids_by_number: dict[str, set[int]] = {}
-        self.did_ids_by_account: dict[int, set[int]] = {}
+            self.account_ids_by_number.link(account.number, account.id)
+        self.device_keys_by_username: _Links[str, _RowKey] = _Links()
+        for key, device in self.rows["sip_devices"].items():  # the rows' key objects: not a 2nd copy
+            self.device_keys_by_username.link(device.username, key)
+        self.did_ids_by_number: _Links[str, int] = _Links()
+        self.did_ids_by_account: _Links[int, int] = _Links()
         for did in data.dids:
             self._link_did(did)
-        self.keys_by_account: dict[str, dict[int, set[str]]] = {
-            name: {} for name in ("ip_map", "caller_ids", "speed_dials", "blocked_codes")
+        self.keys_by_account: dict[str, _Links[int, _RowKey]] = {
+            name: _Links() for name in ("ip_map", "caller_ids", "speed_dials", "blocked_codes")
         }
         for name, by_account in self.keys_by_account.items():
             for key, obj in self.rows[name].items():
-                by_account.setdefault(obj.account_id, set()).add(key)
-        self.ip_cells: dict[tuple[int, int, int], set[str]] = {}
+                by_account.link(obj.account_id, key)
+        self.ip_cells: _Links[tuple[int, int, int], _RowKey] = _Links()
         for key, entry in self.rows["ip_map"].items():
             cell = _ip_cell(entry)
             if cell is not None:
-                self.ip_cells.setdefault(cell, set()).add(key)
-        self.trunks_by_gateway: dict[int, set[int]] = {}
+                self.ip_cells.link(cell, key)
+        self.trunks_by_gateway: _Links[int, int] = _Links()
         for trunk in data.trunks:
             self._link_trunk(trunk, add=True)
 
@@ -532,21 +551,21 @@ class _ChangeIndex:
 
     def _link_did(self, did: Did, add: bool = True) -> None:
         number = did.number.strip()
-        pairs: list[tuple[dict[Any, set[int]], Any]] = [(self.did_ids_by_number, number)]
+        pairs: list[tuple[_Links[Any, int], Any]] = [(self.did_ids_by_number, number)]
         if did.account_id is not None:
             pairs.append((self.did_ids_by_account, did.account_id))
         for table, slot in pairs:
             if add:
-                table.setdefault(slot, set()).add(did.id)
+                table.link(slot, did.id)
             else:
-                _discard(table, slot, did.id)
+                table.unlink(slot, did.id)
 
     def _link_trunk(self, trunk: Trunk, add: bool) -> None:
         for gateway_id in (trunk.gateway_id, *trunk.failover_gateway_ids):
             if add:
-                self.trunks_by_gateway.setdefault(gateway_id, set()).add(trunk.id)
+                self.trunks_by_gateway.link(gateway_id, trunk.id)
             else:
-                _discard(self.trunks_by_gateway, gateway_id, trunk.id)
+                self.trunks_by_gateway.unlink(gateway_id, trunk.id)
 
     # -- applying ---------------------------------------------------------------
 
@@ -556,10 +575,11 @@ class _ChangeIndex:
         dirty = _Dirty()
         for name, by_key in changes.items():
             store = getattr(self, f"_store_{name}")
+            as_row_key = int if name in _INT_KEYED else str
             for key, change in by_key.items():
-                store(key, change, dirty)
+                store(as_row_key(key), change, dirty)
         for gateway_id in dirty.gateways:
-            dirty.trunks.update(self.trunks_by_gateway.get(gateway_id, ()))
+            dirty.trunks.update(self.trunks_by_gateway.of(gateway_id))
         for trunk_id in dirty.trunks:
             trunk = c.trunks.get(trunk_id)
             if trunk is None:
@@ -571,8 +591,8 @@ class _ChangeIndex:
         for username in dirty.usernames:
             self._rederive_device(username)
         for account_id in dirty.ip_accounts:
-            for key in self.keys_by_account["ip_map"].get(account_id, ()):
-                cell = _ip_cell(self.rows["ip_map"][key])
+            for row_key in self.keys_by_account["ip_map"].of(account_id):
+                cell = _ip_cell(self.rows["ip_map"][row_key])
                 if cell is not None:
                     dirty.ip_cells.add(cell)
         if dirty.ip_cells:
@@ -595,7 +615,7 @@ class _ChangeIndex:
             ("origination_rates", _origination_rank),
             ("termination_rates", _termination_rank),
         ):
-            by_key = changes.get(name)
+            by_key = changes.get(name, {})
             if by_key:
                 for change in by_key.values():  # every removal first: two rates may swap slots
                     if change.before is not None:
@@ -606,7 +626,7 @@ class _ChangeIndex:
 
     # phase 1, one method per entity type: store the row, note what it dirties
 
-    def _store_accounts(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_accounts(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         c, new = self.catalog, change.new
         old = c.accounts.pop(int(key), None)
         if new is not None:
@@ -614,24 +634,24 @@ class _ChangeIndex:
         for account, add in ((old, False), (new, True)):
             if account is not None:
                 if add:
-                    self.account_ids_by_number.setdefault(account.number, set()).add(account.id)
+                    self.account_ids_by_number.link(account.number, account.id)
                 else:
-                    _discard(self.account_ids_by_number, account.number, account.id)
+                    self.account_ids_by_number.unlink(account.number, account.id)
                 dirty.account_numbers.add(account.number)
         if (old is not None and old.usable) != (new is not None and new.usable):
             dirty.ip_accounts.add(int(key))
 
-    def _store_sip_devices(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_sip_devices(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         old, new = self._swap_row("sip_devices", key, change.new)
         for device, add in ((old, False), (new, True)):
             if device is not None:
                 if add:
-                    self.device_keys_by_username.setdefault(device.username, set()).add(key)
+                    self.device_keys_by_username.link(device.username, key)
                 else:
-                    _discard(self.device_keys_by_username, device.username, key)
+                    self.device_keys_by_username.unlink(device.username, key)
                 dirty.usernames.add(device.username)
 
-    def _store_ip_map(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_ip_map(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         old, new = self._swap_row("ip_map", key, change.new)
         for entry, add in ((old, False), (new, True)):
             if entry is None:
@@ -639,22 +659,22 @@ class _ChangeIndex:
             cell = _ip_cell(entry)
             if cell is not None:
                 if add:
-                    self.ip_cells.setdefault(cell, set()).add(key)
+                    self.ip_cells.link(cell, key)
                 else:
-                    _discard(self.ip_cells, cell, key)
+                    self.ip_cells.unlink(cell, key)
                 dirty.ip_cells.add(cell)
 
-    def _store_caller_ids(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_caller_ids(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         old, new = self._swap_row("caller_ids", key, change.new)
         dirty.caller_id_accounts.update(row.account_id for row in (old, new) if row is not None)
 
-    def _store_forced_caller_ids(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_forced_caller_ids(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         c = self.catalog
         _, new = self._swap_row("forced_caller_ids", key, change.new)
         account_id = int(key)
         _set_or_pop(c.forced_caller_ids, account_id, _forced_caller_ids([new] if new else []).get(account_id))
 
-    def _store_dids(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_dids(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         c, new = self.catalog, change.new
         old = c.dids_by_id.pop(int(key), None)
         if new is not None:
@@ -666,28 +686,28 @@ class _ChangeIndex:
                 if did.account_id is not None:
                     dirty.did_accounts.add(did.account_id)
 
-    def _store_speed_dials(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_speed_dials(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         old, new = self._swap_row("speed_dials", key, change.new)
         dirty.speed_dial_accounts.update(row.account_id for row in (old, new) if row is not None)
 
-    def _store_blocked_codes(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_blocked_codes(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         old, new = self._swap_row("blocked_codes", key, change.new)
         dirty.blocked_accounts.update(row.account_id for row in (old, new) if row is not None)
 
-    def _store_localizations(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_localizations(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         _, new = self._swap_row("localizations", key, change.new)
         problems: list[str] = []
         compiled = compile_localization(new, problems) if new is not None and new.active else None
         _set_or_pop(self.catalog.localizations, int(key), compiled)
 
-    def _store_rate_groups(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_rate_groups(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         _set_or_pop(self.catalog.rate_groups, int(key), change.new)
 
-    def _store_gateways(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_gateways(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         _set_or_pop(self.catalog.gateways, int(key), change.new)
         dirty.gateways.add(int(key))
 
-    def _store_trunks(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_trunks(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         c, new = self.catalog, change.new
         old = c.trunks.pop(int(key), None)
         if old is not None:
@@ -697,12 +717,12 @@ class _ChangeIndex:
             self._link_trunk(new, add=True)
         dirty.trunks.add(int(key))
 
-    def _store_origination_rates(self, key: str, change: _Change, dirty: _Dirty) -> None:
+    def _store_origination_rates(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         pass  # placed in phase 2, from before and new
 
     _store_termination_rates = _store_origination_rates
 
-    def _swap_row(self, name: str, key: str, new: Any) -> tuple[Any, Any]:
+    def _swap_row(self, name: str, key: _RowKey, new: Any) -> tuple[Any, Any]:
         rows = self.rows[name]
         old = rows.pop(key, None)
         if new is not None:
@@ -710,30 +730,30 @@ class _ChangeIndex:
         by_account = self.keys_by_account.get(name)
         if by_account is not None:
             if old is not None:
-                _discard(by_account, old.account_id, key)
+                by_account.unlink(old.account_id, key)
             if new is not None:
-                by_account.setdefault(new.account_id, set()).add(key)
+                by_account.link(new.account_id, key)
         return old, new
 
     def _account_rows(self, name: str, account_id: int) -> list[Any]:
         rows = self.rows[name]
-        return [rows[key] for key in self.keys_by_account[name].get(account_id, ())]
+        return [rows[key] for key in self.keys_by_account[name].of(account_id)]
 
     # phase 2: re-derive as build does, from the candidates only
 
     def _rederive_account_number(self, number: str) -> None:
         c = self.catalog
-        candidates = [c.accounts[i] for i in self.account_ids_by_number.get(number, ())]
+        candidates = [c.accounts[i] for i in self.account_ids_by_number.of(number)]
         _set_or_pop(c.accounts_by_number, number, _accounts_by_number(candidates).get(number))
 
     def _rederive_device(self, username: str) -> None:
         rows = self.rows["sip_devices"]
-        candidates = [rows[key] for key in self.device_keys_by_username.get(username, ())]
+        candidates = [rows[key] for key in self.device_keys_by_username.of(username)]
         _set_or_pop(self.catalog.devices, username, _devices_by_username(candidates).get(username))
 
     def _rederive_did_number(self, number: str, problems: list[str]) -> None:
         c = self.catalog
-        candidates = [c.dids_by_id[i] for i in self.did_ids_by_number.get(number, ())]
+        candidates = [c.dids_by_id[i] for i in self.did_ids_by_number.of(number)]
         _set_or_pop(c.dids, number, _dids_by_number(candidates, problems).get(number))
 
     def _caller_id_pool(self, account_id: int) -> NumberPool | None:
@@ -743,8 +763,8 @@ class _ChangeIndex:
 
     def _did_pool(self, account_id: int) -> NumberPool | None:
         dids = self.catalog.dids_by_id
-        rows = [dids[i] for i in self.did_ids_by_account.get(account_id, ())]
-        pools = _pools((d.id, d.account_id, d.number) for d in rows if d.active and d.number.strip())
+        rows = [dids[i] for i in self.did_ids_by_account.of(account_id)]
+        pools = _pools((d.id, account_id, d.number) for d in rows if d.active and d.number.strip())
         return pools.get(account_id)
 
     def _rederive_ip_cells(self, cells: set[tuple[int, int, int]]) -> None:
@@ -757,7 +777,7 @@ class _ChangeIndex:
             buckets = {prefixlen: (mask, dict(table)) for prefixlen, mask, table in c._ip_buckets[version]}
             for _, prefixlen, address in mine:
                 matches = []
-                for key in self.ip_cells.get((version, prefixlen, address), ()):
+                for key in self.ip_cells.of((version, prefixlen, address)):
                     entry = rows[key]
                     account = c.accounts.get(entry.account_id)
                     if entry.active and account is not None and account.usable:
@@ -777,6 +797,7 @@ class _ChangeIndex:
 
     def _rate_table(self, name: str, rate: Any, create: bool) -> dict[str, Any] | None:
         c = self.catalog
+        tables: Mapping[int, dict[str, Any]]
         if name == "termination_rates":
             tables, owner = c.termination_rates, rate.trunk_id
         elif rate.account_id is not None:
@@ -785,7 +806,9 @@ class _ChangeIndex:
             tables, owner = c.group_rates, rate.rate_group_id
         else:
             return None
-        return tables.setdefault(owner, {}) if create else tables.get(owner)
+        if create:
+            return cast(dict[int, dict[str, Any]], tables).setdefault(owner, {})
+        return tables.get(owner)
 
     def _unplace_rate(self, name: str, rate: Any) -> None:
         if not rate.active:
@@ -806,7 +829,9 @@ class _ChangeIndex:
         else:
             c.group_rates.pop(rate.rate_group_id, None)
 
-    def _place_rate(self, name: str, rate: Any, rank: Callable[[Any], tuple], problems: list[str]) -> None:
+    def _place_rate(
+        self, name: str, rate: Any, rank: Callable[[Any], tuple[Any, ...]], problems: list[str]
+    ) -> None:
         if not rate.active:
             return
         table = self._rate_table(name, rate, create=True)
@@ -841,12 +866,52 @@ class _Dirty:
     trunks: set[int] = field(default_factory=set)
 
 
-def _discard(table: dict[Any, set[Any]], slot: Any, item: Any) -> None:
-    members = table.get(slot)
-    if members is not None:
-        members.discard(item)
-        if not members:
-            del table[slot]
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _Many(set[Any]):
+    """Two or more items linked to one slot (a plain set would be ambiguous with a set item)."""
+
+    __slots__ = ()
+
+
+class _Links(dict[K, Any], Generic[K, V]):
+    """slot -> the items linked to it, for the reverse links of :class:`_ChangeIndex`.
+
+    Almost every slot (an account number, a device username, an IP cell) has exactly
+    one item: it is held as itself, not in a one-item set (a set costs ~216 bytes; at a
+    million accounts and devices the sets alone were ~400 MB). Two or more go in a set.
+    """
+
+    def link(self, slot: K, item: V) -> None:
+        held = self.get(slot, _ABSENT)
+        if held is _ABSENT:
+            self[slot] = item
+        elif type(held) is _Many:
+            held.add(item)
+        elif held != item:
+            self[slot] = _Many((held, item))
+
+    def unlink(self, slot: K, item: V) -> None:
+        held = self.get(slot, _ABSENT)
+        if type(held) is _Many:
+            held.discard(item)
+            if len(held) == 1:
+                self[slot] = next(iter(held))
+        elif held is not _ABSENT and held == item:
+            del self[slot]
+
+    def of(self, slot: K) -> tuple[V, ...]:
+        held = self.get(slot, _ABSENT)
+        if held is _ABSENT:
+            return ()
+        if type(held) is _Many:
+            return tuple(held)
+        return (held,)
+
+
+_ABSENT: Any = object()
 
 
 def _set_or_pop(table: dict[Any, Any], key: Any, value: Any) -> None:

@@ -40,6 +40,7 @@ from engine.model import ENTITY_TYPES
 __all__ = [
     "CodecError",
     "decode_entity",
+    "decode_joined",
     "decode_many",
     "encode_entity",
     "schema",
@@ -99,6 +100,42 @@ def decode_many(
     return [decode_entity(cls, value, stored_fields) for value in values]  # pinpoints the bad row
 
 
+def decode_joined(
+    cls: type, joined: bytes, count: int, stored_fields: tuple[str, ...] | None = None
+) -> list[Any]:
+    """Decode ``count`` encoded ``cls`` entities stored as one comma-joined blob.
+
+    The snapshot reader keeps each page of rows this way (one allocation instead of one
+    bytes object per row; see ``engine.state.snapshot``). A bad row is pinpointed by
+    reading the rows one by one.
+    """
+    build = _row_builder(cls, stored_fields)
+    try:
+        rows = json.loads(b"[" + joined + b"]")
+        if len(rows) == count:
+            return [build(row) for row in rows]
+    except _DECODE_ERRORS:
+        pass
+    return [decode_entity(cls, row, stored_fields) for row in _split_rows(joined)]
+
+
+def _split_rows(joined: bytes) -> list[bytes]:
+    """The rows of a comma-joined blob, each as its own bytes (for error reports)."""
+    text = joined.decode("utf-8", "replace")
+    decoder = json.JSONDecoder()
+    rows: list[bytes] = []
+    position = 0
+    while position < len(text):
+        try:
+            _, end = decoder.raw_decode(text, position)
+        except ValueError:  # the rest is not JSON: hand it over whole, decode_entity says why
+            rows.append(text[position:].encode())
+            break
+        rows.append(text[position:end].encode())
+        position = end + 1  # the comma
+    return rows
+
+
 def schema(cls: type) -> tuple[str, ...]:
     """The field names of ``cls`` in encoding order."""
     return _schema(cls)
@@ -135,6 +172,46 @@ class _DecimalCache(dict[Any, Decimal]):
 
 
 _DECIMALS = _DecimalCache()
+
+
+class _SharedValues(dict[Any, Any]):
+    """Shares equal immutable values (strings, datetimes) between decoded rows.
+
+    ``json.loads`` makes a new object for every string it reads: a million SIP devices
+    would hold a million copies of ``"default"`` (~56 bytes each), a million accounts a
+    million equal ``first_used`` datetimes (48 bytes each). Sharing them is what string
+    interning does, without making the strings immortal; bounded like the Decimal cache.
+    """
+
+    __slots__ = ("_make",)
+
+    def __init__(self, make: Callable[[Any], Any]) -> None:
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, text: Any) -> Any:
+        if len(self) >= _DECIMAL_CACHE_MAX:
+            self.clear()
+        value = self[text] = self._make(text)
+        return value
+
+
+_STRINGS = _SharedValues(lambda text: text)  # the first copy read is the one shared
+_DATETIMES = _SharedValues(datetime.fromisoformat)
+_INTS = _SharedValues(lambda number: number)
+# References to entities there are few of, repeated by many rows (a million rates name a
+# hundred rate groups): each row would otherwise hold its own int object (32 bytes).
+_SHARED_INT_FIELDS = frozenset(
+    {
+        "rate_group_id",
+        "non_cli_rate_group_id",
+        "reseller_id",
+        "trunk_id",
+        "gateway_id",
+        "provider_id",
+        "localization_id",
+    }
+)
 
 
 # --- per-field conversions, chosen once per class from the type hints ------------------------
@@ -181,12 +258,20 @@ def _tuple_item_type(hint: Any) -> Any | None:
     return None
 
 
-def _field_code(hint: Any, attr: str, item: str, env: dict[str, Any], tag: str) -> tuple[str, str]:
-    """(encode expression over ``attr``, decode expression over ``item``) for one field.
+def _field_code(
+    hint: Any, attr: str, item: str, env: dict[str, Any], tag: str, name: str = ""
+) -> tuple[str, str]:
+    """(encode expression over ``attr``, decode expression over ``item``) for field ``name``.
 
     ``env`` receives the helper objects the expressions refer to; ``tag`` makes names unique.
     """
     inner, optional = _unwrap_optional(hint)
+    if inner is str:
+        env["_strings"] = _STRINGS
+        return attr, _or_none(f"_strings[{item}]", item, optional)
+    if inner is int and name in _SHARED_INT_FIELDS:
+        env["_ints"] = _INTS
+        return attr, _or_none(f"_ints[{item}]", item, optional)
     if inner in _IDENTITY_TYPES:
         return attr, item
     if inner is Decimal:
@@ -194,8 +279,8 @@ def _field_code(hint: Any, attr: str, item: str, env: dict[str, Any], tag: str) 
         dec = f"_decimals[{item}]"
         return (f"_enc_decimal({attr})" if optional else f"str({attr})"), _or_none(dec, item, optional)
     if inner is datetime:
-        env["_fromiso"], env["_enc_datetime"] = datetime.fromisoformat, _enc_datetime
-        return f"_enc_datetime({attr})", _or_none(f"_fromiso({item})", item, optional)
+        env["_datetimes"], env["_enc_datetime"] = _DATETIMES, _enc_datetime
+        return f"_enc_datetime({attr})", _or_none(f"_datetimes[{item}]", item, optional)
     if isinstance(inner, type) and issubclass(inner, enum.Enum):
         env[f"_members_{tag}"] = {member.value: member for member in inner}
         env[f"_enc_enum_{tag}"] = _enum_encoder(inner)
@@ -249,7 +334,7 @@ def _build_decoder(cls: type, stored: tuple[str, ...]) -> RowBuilder:
     lines.append("    o = _new(_cls)\n" if direct else "    return _cls(\n")
     for index, f in enumerate(dataclasses.fields(cls)):
         if f.name in position:
-            _, value = _field_code(hints[f.name], "", f"v[{position[f.name]}]", env, str(index))
+            _, value = _field_code(hints[f.name], "", f"v[{position[f.name]}]", env, str(index), f.name)
         elif f.default is not dataclasses.MISSING:  # not written by an older writer: the default applies
             env[f"_default_{index}"], value = f.default, f"_default_{index}"
         elif f.default_factory is not dataclasses.MISSING:

@@ -33,6 +33,7 @@ from a snapshot unconfirmed for longer than its configured bound (``confirmed_ag
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
@@ -90,6 +91,31 @@ def offload_to_threadpool(fn: Callable[[], R]) -> R:
         result: R = get_hub().threadpool.apply(fn)
         return result
     return fn()
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to call, nothing to gain
+        return None
+    trim.argtypes = [ctypes.c_size_t]  # type: ignore[attr-defined]
+    return trim
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``), after a full load.
+
+    A load frees a lot at once: the raw snapshot pages, the decoder's temporaries (in the
+    thread pool's own malloc arenas) and the previous catalogue. glibc keeps such memory
+    for reuse, so the process's RSS would stay at the load's peak (old and new catalogue
+    together) until the next load. Blocks for milliseconds: run it off the hub thread (ctypes
+    releases the GIL meanwhile).
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class SnapshotHolder(Generic[T]):
@@ -234,6 +260,9 @@ class SnapshotHolder(Generic[T]):
             fetched - started,
             self.loaded_at - fetched,
         )
+        # Freed by now: the previous catalogue (unless a call still holds it), and the raw pages.
+        raw.values.clear()
+        self._offload(release_free_memory)
         if self._on_swap is not None:
             self._on_swap(raw.version, value)
 

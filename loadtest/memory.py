@@ -1,0 +1,205 @@
+"""Memory and cold start of engine processes: a benchmark, never an assert.
+
+    python -m loadtest.memory --prefix cgscale1m: --accounts 1000000 --rates 1000000 [--procs 2]
+
+starts ``callgate serve`` (``--procs`` processes on one port, SO_REUSEPORT) against a
+dataset already published under ``--prefix`` (``python -m loadtest.dataset --prefix ...``
+with the same ``--accounts``/``--rates``: the probe call needs its layout), and prints,
+per process:
+
+- **cold start**: seconds from the process start to *listening* (a TCP connect succeeds)
+  and to the *first decision* (a probe call of an ordinary customer is bridged);
+- **memory** once it decides: RSS (``VmRSS``) and PSS (``Pss`` of ``smaps_rollup``, which
+  splits pages shared between processes fairly among them), and the peak RSS (``VmHWM``).
+
+``loadtest.run``'s scale scenario records the same figures for every server it starts
+(:func:`process_memory`, :class:`StartWatch`), beside the latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loadtest import child_env
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def process_memory(pid: int) -> dict[str, float]:
+    """RSS, peak RSS and PSS of ``pid`` in MiB (Linux /proc); empty if the process is gone."""
+    result: dict[str, float] = {}
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    name = "rss_mb" if line.startswith("VmRSS") else "peak_rss_mb"
+                    result[name] = int(line.split()[1]) / 1024
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    result["pss_mb"] = int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return result
+
+
+@dataclass
+class StartWatch:
+    """Cold-start times of servers started at ``started`` (``time.monotonic()``)."""
+
+    started: float
+    listening_s: float | None = None
+    first_decision_s: float | None = None
+
+    def saw_listening(self) -> None:
+        if self.listening_s is None:
+            self.listening_s = time.monotonic() - self.started
+
+    def saw_decision(self) -> None:
+        """A decision came: the server listens too (at the latest now)."""
+        if self.first_decision_s is None:
+            self.first_decision_s = time.monotonic() - self.started
+        if self.listening_s is None:
+            self.listening_s = self.first_decision_s
+
+    def as_dict(self) -> dict[str, float | None]:
+        return {"listening_s": self.listening_s, "first_decision_s": self.first_decision_s}
+
+
+def is_listening(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def describe(watch: dict[str, Any], memory: list[dict[str, float]]) -> str:
+    """One line: cold start and memory per process."""
+
+    def fmt(value: float | None, unit: str) -> str:
+        return "n/a" if value is None else f"{value:.1f}{unit}"
+
+    per_process = ", ".join(
+        f"RSS {fmt(m.get('rss_mb'), ' MB')} PSS {fmt(m.get('pss_mb'), ' MB')} "
+        f"peak {fmt(m.get('peak_rss_mb'), ' MB')}"
+        for m in memory
+    )
+    return (
+        f"cold start: listening {fmt(watch.get('listening_s'), ' s')}, "
+        f"first decision {fmt(watch.get('first_decision_s'), ' s')}; memory per process: {per_process}"
+    )
+
+
+def measure_cold_start(
+    redis_url: str, prefix: str, accounts: int, rates: int, procs: int, timeout: float = 600.0
+) -> dict[str, Any]:
+    """Start ``procs`` engine processes on a free port, time them, measure them, stop them."""
+    from loadtest.dataset import Scale
+    from loadtest.driver import record_library
+    from loadtest.run import free_port, probe_call, probe_plan
+
+    scale = Scale(accounts=accounts, rates=rates)
+    lib = record_library()
+    plan = probe_plan(scale)
+    port = free_port()
+    env = child_env()
+    env.update(
+        CALLGATE_REDIS_URL=redis_url,
+        CALLGATE_REDIS__KEY_PREFIX=prefix,
+        CALLGATE_ENGINE__LISTEN_PORT=str(port),
+        CALLGATE_ENGINE__REUSE_PORT="true" if procs > 1 else "false",
+        CALLGATE_METRICS__LISTEN_PORT="0",
+        CALLGATE_LOGGING__LEVEL="INFO",
+    )
+    env.pop("CALLGATE_CONFIG", None)
+    workdir = Path(tempfile.mkdtemp(prefix="cgmemory-"))
+    started = time.monotonic()
+    running = []
+    for n in range(procs):
+        with open(workdir / f"engine.{n}.log", "w") as handle:
+            running.append(
+                subprocess.Popen(
+                    [str(VENV_BIN / "callgate"), "serve"],
+                    env=env,
+                    cwd=workdir,
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    watch = StartWatch(started)
+    try:
+        deadline = started + timeout
+        accepted = 0
+        while time.monotonic() < deadline and accepted < 4 * procs:
+            for proc in running:
+                if proc.poll() is not None:
+                    log = (workdir / f"engine.{running.index(proc)}.log").read_text()[-3000:]
+                    raise RuntimeError(f"engine exited ({proc.returncode}):\n{log}")
+            if watch.listening_s is None:
+                if is_listening(port):
+                    watch.saw_listening()
+                else:
+                    time.sleep(0.05)
+                    continue
+            outcome = probe_call(("127.0.0.1", port), lib, plan=plan)
+            if outcome == "accept":
+                watch.saw_decision()
+                accepted += 1
+            else:
+                time.sleep(0.05)
+        time.sleep(1.0)  # let the post-load garbage settle before reading memory
+        memory = [process_memory(proc.pid) for proc in running]
+    finally:
+        for proc in running:
+            proc.terminate()
+        for proc in running:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    logs = [(workdir / f"engine.{n}.log").read_text() for n in range(procs)]
+    loaded = [line for text in logs for line in text.splitlines() if "loaded (changes" in line]
+    return {
+        "prefix": prefix,
+        "accounts": accounts,
+        "rates": rates,
+        "procs": procs,
+        "cold_start": watch.as_dict(),
+        "memory": memory,
+        "load_log": loaded,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--prefix", required=True, help="where loadtest.dataset published the dataset")
+    parser.add_argument("--accounts", type=int, required=True)
+    parser.add_argument("--rates", type=int, required=True)
+    parser.add_argument("--procs", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    result = measure_cold_start(args.redis, args.prefix, args.accounts, args.rates, args.procs)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{args.accounts} accounts, {args.rates} rates, {args.procs} engine process(es)")
+        print(describe(result["cold_start"], result["memory"]))
+        for line in result["load_log"]:
+            print("  " + line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
