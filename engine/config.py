@@ -321,6 +321,35 @@ class FsxmlSettings:
 
 
 @dataclass(frozen=True)
+class SmtpConfig:
+    """`[smtp]`: the server the low-balance e-mails go through (engine.billing.alerts; docs/accounting.md).
+
+    Also settable as CALLGATE_SMTP_HOST, _PORT, _FROM, _USER, _PASSWORD, _STARTTLS (or the
+    generic CALLGATE_SMTP__<KEY>). The password is never shown (repr) nor logged."""
+
+    host: str = ""  # "" = no e-mail is sent (they stay pending in the e-mail log)
+    port: int = 25
+    sender: str = "callgate@localhost"  # the From address
+    username: str = ""
+    password: str = field(default="", repr=False)
+    starttls: bool = False
+    timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if not 0 < self.port < 65536:
+            problems.append("port must be 1-65535")
+        if self.timeout <= 0:
+            problems.append("timeout must be > 0")
+        if self.host and "@" not in self.sender:
+            problems.append(f"sender {self.sender!r} is not an e-mail address")
+        if self.password and not self.username:
+            problems.append("a password needs a username")
+        if problems:
+            raise ConfigError("[smtp] " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
 class Config:
     engine: EngineSettings = field(default_factory=EngineSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -333,9 +362,20 @@ class Config:
     admin: AdminSettings = field(default_factory=AdminSettings)
     fsxml: FsxmlSettings = field(default_factory=FsxmlSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
 
 
-ENV_SHORTCUTS = {"CALLGATE_DATABASE_URL": ("database", "url"), "CALLGATE_REDIS_URL": ("redis", "url")}
+ENV_SHORTCUTS = {
+    "CALLGATE_DATABASE_URL": ("database", "url"),
+    "CALLGATE_REDIS_URL": ("redis", "url"),
+    # the accounting helper's first names for the SMTP settings, still honoured
+    "CALLGATE_SMTP_HOST": ("smtp", "host"),
+    "CALLGATE_SMTP_PORT": ("smtp", "port"),
+    "CALLGATE_SMTP_FROM": ("smtp", "sender"),
+    "CALLGATE_SMTP_USER": ("smtp", "username"),
+    "CALLGATE_SMTP_PASSWORD": ("smtp", "password"),
+    "CALLGATE_SMTP_STARTTLS": ("smtp", "starttls"),
+}
 DEFAULT_PATH = Path("config/callgate.toml")
 
 

@@ -11,6 +11,13 @@ What a limit refusal means for the call is decided here (:func:`limit_reason`,
 CPS_LIMIT; every candidate trunk full is TERMINATION_RATE_NOT_FOUND ("no route
 left", decision-rules §6).
 
+With ``funds`` (accounting, issue 13) the limits step also reserves the call's funds, in the
+same script and round trip (engine.billing.live.reservation_for): every chain level at the
+price it pays, for the duration the rules allow. The admitted call gets the duration the
+reservation covers (``max_duration``, rendered into ``sched_hangup +N``), so no set of
+concurrent calls can cost more than an account's available funds; a level that cannot pay
+is NO_SUFFICIENT_FUND (nothing taken).
+
 ``explain=True`` runs the same steps without taking anything: the limits are
 *peeked* (the same rule over the same counts, nothing written), so ``callgate
 explain`` answers what the engine would answer.
@@ -24,6 +31,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
+from engine.billing.funds import Funds
+from engine.billing.live import priced, reservation_for
 from engine.decision import Accept, Decision, Reason, Reject, Step
 from engine.model import CallRequest
 from engine.rules.catalog import Catalog
@@ -89,6 +98,7 @@ class Decider:
         on_limit_result: LimitObserver | None = None,
         on_accept: AcceptObserver | None = None,
         release_later: ReleaseLater | None = None,
+        funds: Funds | None = None,
         rng: random.Random | None = None,
         wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -99,6 +109,7 @@ class Decider:
         self._on_limit_result = on_limit_result
         self._on_accept = on_accept
         self._release_later = release_later
+        self._funds = funds
         self._rng = rng or random.Random()
         self._wallclock = wallclock
 
@@ -116,15 +127,22 @@ class Decider:
             if explain:
                 decision = self._peek_limits(self._limiter, decision, catalog)
             else:
-                decision = self._take_limits(self._limiter, request.uuid, decision, catalog)
+                decision = self._take_limits(self._limiter, request.uuid, decision, catalog, now)
         if isinstance(decision, Accept) and self._on_accept is not None and not explain:
             self._on_accept(decision, catalog, now)
         return decision
 
-    def _take_limits(self, limiter: LimitsBackend, uuid: str, accept: Accept, catalog: Catalog) -> Decision:
+    def _take_limits(
+        self, limiter: LimitsBackend, uuid: str, accept: Accept, catalog: Catalog, now: datetime
+    ) -> Decision:
         plan = limiter.subjects_for(accept, catalog)
+        funds = self._funds
+        pricing, reservation = reservation_for(funds, accept, catalog) if funds is not None else (None, None)
         try:
-            result = limiter.acquire(uuid, plan, accept.max_duration)
+            if reservation is None:
+                result = limiter.acquire(uuid, plan, accept.max_duration)
+            else:
+                result = limiter.acquire(uuid, plan, accept.max_duration, reservation)
         except LimitsUnavailable as exc:
             if isinstance(exc, LimitsAmbiguous) and self._release_later is not None:
                 self._release_later(uuid)  # the script may have run: free what it took
@@ -133,7 +151,10 @@ class Decider:
             )
         if self._on_limit_result is not None:
             self._on_limit_result(result)
-        return apply_limits(accept, result)
+        decision = apply_limits(accept, result)
+        if pricing is not None and isinstance(decision, Accept):
+            return priced(decision, pricing, result.granted_seconds, catalog, now)
+        return decision
 
     @staticmethod
     def _peek_limits(limiter: LimitsBackend, accept: Accept, catalog: Catalog) -> Decision:

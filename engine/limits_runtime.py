@@ -221,9 +221,10 @@ def run_reconciler(
     interval: float,
     metrics: EngineMetrics,
     stop: gevent.event.Event,
+    release_funds: Callable[[list[str]], object] | None = None,
 ) -> None:
     while not stop.wait(interval):
-        report = reconcile(limiter, switches)
+        report = reconcile(limiter, switches, release_funds=release_funds)
         log_report(report)
         metrics.reconciler_removals.inc(len(report.released))
 

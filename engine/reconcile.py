@@ -137,8 +137,14 @@ def reconcile(
     *,
     grace_seconds: float = 5,
     lister: Callable[[SwitchAddress], set[str]] | None = None,
+    release_funds: Callable[[list[str]], object] | None = None,
 ) -> ReconcileReport:
-    """Release counted calls that no switch lists; do nothing unless every switch answered."""
+    """Release counted calls that no switch lists; do nothing unless every switch answered.
+
+    ``release_funds`` (engine.billing.funds.Funds.release_calls): the funds reservations of the
+    calls released are given back too (every reserved call is in the limits registry), without
+    a debit and without a CDR: a call whose hangup was never seen is not billed
+    (docs/accounting.md). A failure there is reported, the slots stay released."""
     if not switches:
         return ReconcileReport(ran=False, switches=0, errors=("no switches configured",))
     list_one = lister or (lambda s: list_live_channels(s.host, s.port, s.password, s.timeout))
@@ -159,6 +165,12 @@ def reconcile(
         return ReconcileReport(
             ran=False, switches=len(switches), live_channels=len(live), errors=(f"redis: {exc}",)
         )
+    funds_errors: tuple[str, ...] = ()
+    if released and release_funds is not None:
+        try:
+            release_funds(list(released))
+        except Exception as exc:  # FundsUnavailable: they expire at their own deadline
+            funds_errors = (f"funds: {exc}",)
     return ReconcileReport(
         ran=True,
         switches=len(switches),
@@ -167,5 +179,5 @@ def reconcile(
         orphans=len(orphans),
         released=tuple(released),
         kept=len(orphans) - len(released),
-        errors=(),
+        errors=funds_errors,
     )

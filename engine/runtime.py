@@ -21,6 +21,9 @@ import redis
 from gevent.pywsgi import WSGIServer
 
 from engine import gcpolicy
+from engine.billing.funds import Funds
+from engine.billing.live import LiveBilling
+from engine.billing.settler import Settler
 from engine.call.driver import CallHandler, CallRecord
 from engine.config import Config, rules_config
 from engine.decider import Decider
@@ -122,6 +125,12 @@ class Engine:
         )
         # Call ends only queue their release; one greenlet releases them in pipelined batches.
         self.releases = ReleaseBatcher(self.limiter)
+        # Accounting (docs/accounting.md): funds reserved with the limits, settled at hangup in batches.
+        self.funds = Funds(self.redis, config.redis.key_prefix, margin_seconds=config.limits.margin_seconds)
+        self.settler = Settler(
+            self.funds, registry=None if self.metrics.multiprocess else self.metrics.registry
+        )
+        self.billing = LiveBilling(self.settler, lambda: self.snapshots.current[1], rules.sip_response)
         decider = Decider(
             self.snapshots,
             rules,
@@ -130,6 +139,7 @@ class Engine:
             on_limit_result=limit_result_observer(self.metrics),
             on_accept=self._record_first_uses,
             release_later=self.releases.release,  # an acquire that timed out may have taken slots
+            funds=self.funds,
         )
         handler = CallHandler(
             config,
@@ -137,6 +147,7 @@ class Engine:
             self.metrics,
             rules,
             on_end=self._release_call,
+            on_bill=self._bill_call,
         )
         self.refusals = RefusalLog(REFUSED_LOG_INTERVAL)
         self.server = CallServer(
@@ -154,6 +165,9 @@ class Engine:
     def _release_call(self, record: CallRecord) -> None:
         if record.request is not None:
             self.releases.release(record.request.uuid)
+
+    def _bill_call(self, record: CallRecord, may_hold_funds: bool) -> None:
+        self.billing.bill(record.request, record.decision, record.hangup, may_hold_funds=may_hold_funds)
 
     def _refused(self, peer: tuple[object, ...]) -> None:
         """A connection from outside engine.allowed_networks, closed at accept."""
@@ -259,9 +273,13 @@ class Engine:
             gevent.spawn(run_resync, self.limiter, self.stopping)
         if self.switches:
             interval = self.config.limits.reconcile_interval
-            gevent.spawn(run_reconciler, self.limiter, self.switches, interval, self.metrics, self.stopping)
+            gevent.spawn(
+                run_reconciler, self.limiter, self.switches, interval, self.metrics, self.stopping,
+                self.funds.release_calls,  # the reservations of the calls released
+            )  # fmt: skip
         self._events_task = gevent.spawn(self.events.run, self.stopping)
         gevent.spawn(self.releases.run, self._releases_stop)
+        self._settler_task = gevent.spawn(self.settler.run, self._releases_stop)
         self._listener.listen(LISTEN_BACKLOG)  # a no-op but for the backlog if already listening
         self.server.start()
         self.start_metrics()
@@ -277,6 +295,7 @@ class Engine:
         self.server.stop(timeout=DRAIN_SECONDS)
         self._releases_stop.set()
         self.releases.flush()  # the releases still queued: none is lost at shutdown
+        self._settler_task.join(timeout=5.0)  # settles what is queued (one attempt), then returns
         self._events_task.join(timeout=1.0)  # one last flush of queued events
         self.redis.close()
         self.snapshot_redis.close()

@@ -96,7 +96,9 @@ CATALOGUE = {
             "number": "1000000001",
             "email": "alice@example.com",
             "password": ACCOUNT_PASSWORD,
-            "balance": "10.00",
+            # funds for the concurrent calls of the multi-process test: each call reserves its whole
+            # duration (call_max_length, 100 min at 0.01 = 1.00) until its hangup is settled (issue 13)
+            "balance": "1000.00",
             "rate_group": "retail",
             "sip_devices": [{"username": "alice", "password": SIP_PASSWORD}],
         },

@@ -28,6 +28,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from engine.admin import billing_cli
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -307,6 +309,8 @@ def build_admin_parser() -> argparse.ArgumentParser:
     _model_options(p, s.ChargeIn)
     p = _json_flag(number(charge.add_parser("history", help="every balance change of an account")))
     _model_options(p, s.LedgerQuery)
+
+    billing_cli.add_parsers(group, number, _json_flag, _model_options)  # cdr, statement, email
     return root
 
 
@@ -444,6 +448,7 @@ def _parse(model_name: str, args: argparse.Namespace) -> Any:
 
 Command = Callable[[Any, argparse.Namespace], int]
 _COMMANDS: dict[tuple[str, str], Command] = {}
+_COMMANDS.update(billing_cli.commands(lambda a, m: _values(a, m), lambda r, c: _table(r, c)))
 
 
 def _command(group: str, action: str) -> Callable[[Command], Command]:

@@ -110,9 +110,7 @@ Timezone = Annotated[
     str, _len(64), _valid(fx.timezone), _doc(64, description="IANA time zone, e.g. Europe/London")
 ]
 Codecs = Annotated[str, _len(500), _valid(fx.CODECS), _doc(500, description="comma list, e.g. PCMA,PCMU")]
-SipUser = Annotated[
-    str, _len(64), _valid(fx.SIP_USER), _doc(64, pattern="^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-]
+SipUser = Annotated[str, _len(64), _valid(fx.SIP_USER), _doc(64, pattern="^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 Cidr = Annotated[
     str, _len(50), _valid(fx.cidr), _doc(50, description="a network (203.0.113.0/28) or an address")
 ]

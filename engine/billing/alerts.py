@@ -19,14 +19,17 @@ import logging
 import os
 import smtplib
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from engine.billing.metrics import BillingMetrics
+
+if TYPE_CHECKING:
+    from engine.config import SmtpConfig
 
 log = logging.getLogger("callgate.billing.alerts")
 
@@ -37,9 +40,24 @@ class SmtpSettings:
     port: int = 25
     sender: str = "callgate@localhost"
     username: str = ""
-    password: str = ""  # never logged
+    password: str = field(default="", repr=False)  # never logged nor shown
     starttls: bool = False
     timeout: float = 10.0
+
+    @classmethod
+    def from_config(cls, config: SmtpConfig) -> SmtpSettings | None:
+        """The ``[smtp]`` section (engine.config, environment overrides applied); None = no e-mail."""
+        if not config.host:
+            return None
+        return cls(
+            host=config.host,
+            port=config.port,
+            sender=config.sender,
+            username=config.username,
+            password=config.password,
+            starttls=config.starttls,
+            timeout=config.timeout,
+        )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> SmtpSettings | None:

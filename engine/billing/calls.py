@@ -88,7 +88,10 @@ def reject_settlement(
     caller_id_number: str = "",
     caller_id_name: str = "",
     dialled: str = "",
+    chain: tuple[int, ...] = (),
 ) -> Settlement:
+    """A refused call's CDR (no debit). ``chain``: the account and its resellers, so that each
+    reseller sees its customers' refused calls."""
     record = rejected_cdr(
         uuid,
         at,
@@ -100,4 +103,6 @@ def reject_settlement(
         caller_id_name=caller_id_name,
         dialled=dialled,
     )
+    if chain:
+        record["chain"] = list(chain)
     return Settlement(uuid, (), record)

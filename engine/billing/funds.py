@@ -308,6 +308,32 @@ class Funds:
         keys = [call_key(self._prefix, uuid), *self._level_keys(account_ids)]
         _RELEASE_SCRIPT.run(self._client, keys, [uuid])
 
+    def release_calls(self, call_uuids: Sequence[str], *, count: int = 1000) -> list[str]:
+        """Release the reservations of these calls on whatever accounts hold them, no debit (the
+        reconciler's orphans: calls no switch knows, whose hangup was never seen). A SCAN of the
+        accounts' funds hashes: O(accounts with funds state), for a periodic job, never a call.
+        Returns the uuids that held a reservation."""
+        wanted = list(dict.fromkeys(call_uuids))
+        if not wanted:
+            return []
+        prefix = funds_account_key(self._prefix, 0)[:-1]
+        found: dict[str, list[int]] = {}
+        try:
+            accounts = [
+                int(_text(k)[len(prefix) :])
+                for k in self._client.scan_iter(match=funds_account_pattern(self._prefix), count=count)
+            ]
+            for account_id in accounts:
+                scores = self._client.zmscore(reservations_key(self._prefix, account_id), wanted)
+                for uuid, score in zip(wanted, scores, strict=True):
+                    if score is not None:
+                        found.setdefault(uuid, []).append(account_id)
+        except redis.exceptions.RedisError as exc:
+            raise FundsUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        for uuid, account_ids in found.items():
+            self.release(uuid, account_ids)
+        return list(found)
+
     def _settle_call(self, item: Settlement) -> tuple[list[str], list[Any]]:
         keys = [
             call_key(self._prefix, item.uuid),

@@ -6,7 +6,15 @@ No socket, no clock, no gevent: the driver (engine.call.driver) feeds it what ha
 :meth:`~CallSession.protocol_error`) and carries out the actions each returns, in order:
 :class:`Send` bytes, :class:`Arm`/:class:`Disarm` a deadline, :class:`Decide` the call,
 :class:`Warn` (log and count, the call goes on), :class:`Release` the call's counted
-limit slots, :class:`Finish` (close the socket; nothing more will come).
+limit slots, :class:`Bill` (hand the call to accounting: its hangup facts, or the
+reject), :class:`Finish` (close the socket; nothing more will come).
+
+Billing (issue 13): each decided call is billed exactly once per session: a rejected call
+as soon as its answer is written (one CDR row per attempt), an accepted call on its
+CHANNEL_HANGUP_COMPLETE (rated, debited, its funds reservation released). An accepted
+call whose hangup is never seen (deadline, reset, garbage, disconnect without the event)
+is not billed here: its reservation holds its funds until the reservation's deadline in
+Redis (docs/accounting.md, "Failure modes").
 
 The phases::
 
@@ -101,15 +109,29 @@ class Release:
 
 
 @dataclass(frozen=True, slots=True)
+class Bill:
+    """Hand the call to accounting. ``hangup``: the CHANNEL_HANGUP_COMPLETE of an accepted
+    call (decoded by the driver: rated and settled); None: a rejected call (a CDR of the
+    attempt, nothing debited)."""
+
+    hangup: Frame | None
+    # A rejected call whose decision may have taken a funds reservation (a late or failed
+    # decision): the record releases it.
+    may_hold_funds: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Finish:
     outcome: Outcome
     detail: str
     kept: bool = False  # counted slots deliberately left to their Redis deadline / the reconciler
 
 
-Action = Send | Arm | Disarm | Decide | Warn | Release | Finish
+Action = Send | Arm | Disarm | Decide | Warn | Release | Bill | Finish
 
 _RELEASE = Release()
+_BILL_REJECT = Bill(None)
+_BILL_LATE_REJECT = Bill(None, may_hold_funds=True)
 _DISARM_REPLIES = Disarm(Deadline.REPLIES)
 # "Nothing to do", shared: the driver never modifies the lists it is given.
 _NOTHING: list[Action] = []
@@ -178,7 +200,9 @@ class CallSession:
             batch = reject_batch(decision, code, text)
             self.phase = Phase.ANSWERING
             # A respond never bridges: whatever a late or abandoned decision took goes back now.
-            release = [_RELEASE] if holds_slots else []
+            # A respond never bridges: whatever a late or abandoned decision took goes back now,
+            # and the attempt is recorded once its answer is written.
+            release = [_RELEASE, _BILL_LATE_REJECT] if holds_slots else [_BILL_REJECT]
             self.holds_slots = False
         self.replies_pending = self._batch_replies = batch.replies_expected
         return [
@@ -266,7 +290,7 @@ class CallSession:
         name = frame.event_name
         if name == "CHANNEL_HANGUP_COMPLETE":
             self.hangup_cause = frame.event_header("Hangup-Cause") or ""
-            return self._finish(Outcome.ENDED, self.hangup_cause, call_over=True)
+            return self._finish(Outcome.ENDED, self.hangup_cause, call_over=True, hangup=frame)
         if name == "CHANNEL_EXECUTE_COMPLETE" and self._bridge_failed(frame):
             return self._hang_up_failed_call(frame)
         return _NOTHING
@@ -296,12 +320,17 @@ class CallSession:
         self.replies_pending += batch.replies_expected
         return actions
 
-    def _finish(self, outcome: Outcome, detail: str, *, call_over: bool = False) -> list[Action]:
+    def _finish(
+        self, outcome: Outcome, detail: str, *, call_over: bool = False, hangup: Frame | None = None
+    ) -> list[Action]:
         """The end. ``call_over``: FreeSWITCH showed that the channel is gone or was never
-        bridged; an accepted call's slots are released only then, else kept (see module doc)."""
+        bridged; an accepted call's slots are released only then, else kept (see module doc).
+        ``hangup``: the CHANNEL_HANGUP_COMPLETE that ended it (an accepted call is billed on it)."""
         self.phase = Phase.DONE
         if not self.holds_slots:
             return [Finish(outcome, detail)]
         if call_over:
+            if hangup is not None:
+                return [Bill(hangup), _RELEASE, Finish(outcome, detail)]
             return [_RELEASE, Finish(outcome, detail)]
         return [Finish(outcome, detail, kept=True)]

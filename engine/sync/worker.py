@@ -169,7 +169,7 @@ class SyncWorker:
         """CDRs, call debits and balances (engine.sync.cdrs), and the low-balance mailer after each batch."""
         client = redis.Redis.from_url(self.config.redis.url, socket_timeout=30, socket_connect_timeout=5)
         metrics = BillingMetrics(self.metrics.registry)
-        smtp = SmtpSettings.from_env()
+        smtp = SmtpSettings.from_config(self.config.smtp)  # [smtp], CALLGATE_SMTP_* overrides
         mailer = Mailer(smtp, metrics=metrics) if smtp is not None else None
         writer = CdrWriter(
             client,

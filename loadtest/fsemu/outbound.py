@@ -361,6 +361,7 @@ class CallSpec:
     # The caller hung up while FreeSWITCH connected: a disconnect notice instead of the channel data.
     abandon_before_connect: bool = False
     raw_channel_data: bytes | None = None  # sent instead of the CHANNEL_DATA reply to connect
+    duplicate_hangup_complete: bool = False  # CHANNEL_HANGUP_COMPLETE delivered twice (billing test)
 
 
 @dataclass
@@ -662,6 +663,15 @@ def _target_dest_host(target: str, default_host: str) -> tuple[str, str]:
     user, _, host = rest.partition("@")
     host = host.split(":")[0].split(";")[0] if host else default_host
     return user or rest, host
+
+
+def originated_legs(legs: list[tuple[str, str]]) -> str:
+    """variable_originated_legs as FreeSWITCH 1.10 writes it: ``uuid;Outbound Call;number`` for
+    one leg, ``ARRAY::a|:b`` for several (answered_gateway_failover_wire.txt)."""
+    entries = [f"{uuid};Outbound Call;{number}" for uuid, number in legs]
+    if len(entries) == 1:
+        return entries[0]
+    return "ARRAY::" + "|:".join(entries)
 
 
 def gateways_answering(names: Iterable[str]) -> Callable[[str], bool]:
@@ -1735,6 +1745,9 @@ class Channel(EslConnection):
         fail_cause = "NO_ROUTE_DESTINATION"
         causes: list[str] = []
         answers = self.spec.answering_targets
+        # Every leg tried, (uuid, destination) in dial-string order: FreeSWITCH lists them in
+        # variable_originated_legs, and last_bridge_to names the one that answered.
+        tried: list[tuple[str, str]] = []
         for group in groups:
             winner = None
             for target in group:
@@ -1745,13 +1758,15 @@ class Channel(EslConnection):
                         winner = target
                     continue
                 fail_cause = self._leg_failure(verdict)
-                causes.append(f"{uuid4()};{fail_cause}")
+                leg_uuid = str(uuid4())
+                tried.append((leg_uuid, _target_dest_host(target, self.switch.sip_ip)[0]))
+                causes.append(f"{leg_uuid};{fail_cause}")
             if winner is None:
                 if self._wait(self.spec.failed_leg_seconds):
                     self._hangup_now(self._pending.cause, self._pending.disposition)  # type: ignore[union-attr]
                     return "_none_"
                 continue
-            return self._bridge_to(winner)
+            return self._bridge_to(winner, tried)
         # every target failed
         self._apply(
             "bridge_failed",
@@ -1782,7 +1797,7 @@ class Channel(EslConnection):
             return str2cause(verdict, default=self.spec.failed_leg_cause)
         return str2cause(self.spec.failed_leg_cause)
 
-    def _bridge_to(self, target: str) -> str:
+    def _bridge_to(self, target: str, tried: list[tuple[str, str]] | None = None) -> str:
         other_dest, other_host = _target_dest_host(target, self.switch.sip_ip)
         b_uuid = str(uuid4())
         b_created = _now_us()
@@ -1792,6 +1807,7 @@ class Channel(EslConnection):
             "other_dest": other_dest,
             "other_host": other_host,
             "other_channel_name": target,
+            "originated_legs": originated_legs([*(tried or ()), (b_uuid, other_dest)]),
         }
         # the B leg rings
         self._apply("bridge_progress", **extra)
@@ -1896,6 +1912,8 @@ class Channel(EslConnection):
         if self._disposition in ("send_bye", "send_refuse", "send_cancel"):
             self._set_var("sip_hangup_disposition", self._disposition)
         self._fire("CHANNEL_HANGUP_COMPLETE")
+        if self.spec.duplicate_hangup_complete:
+            self._fire("CHANNEL_HANGUP_COMPLETE")
         self.result.channel_variables = dict(self.variables)
         self._complete = True
         self.result.billsec = int(self.variables.get("billsec", "0") or 0)

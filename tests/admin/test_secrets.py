@@ -203,6 +203,11 @@ def _exercise_api(api: ScanningApi, reseller: ScanningApi) -> None:
         api.call("GET", f"/audit?per_page=100&page={page}", 200)
     reseller.call("GET", "/audit?per_page=100", 200)
     api.call("GET", "/audit?entity=sip_device&per_page=100", 200)
+    # accounting (engine/admin/api/routes/billing.py): CDRs, their export, the statement, the e-mail log
+    api.call("GET", f"/cdrs?account={N1}", 200)
+    reseller.call("GET", "/cdrs/export", 200)
+    api.call("GET", f"/customers/{N1}/statement", 200)
+    api.call("GET", f"/customers/{N1}/emails", 200)
     # deletions carry the removed children in the audit images
     api.call("DELETE", f"/customers/{N1}/sip-devices/sec-dev1", 204)
     api.call("POST", "/customers/delete", 200, json={"numbers": ["8700000011"]})
@@ -303,6 +308,10 @@ def _exercise_cli(cli: Any, tmp_path: Path, outputs: list[tuple[str, str]]) -> s
     run("charge", "history", n)
     run("audit", "list", "--per-page", "200")
     run("audit", "list", "--per-page", "200", "--json")
+    run("cdr", "list", "--account", n, "--json")
+    run("cdr", "export", "--output", str(tmp_path / "cdrs.csv"))
+    run("statement", "show", n)
+    run("email", "list", n, "--json")
     created = run("token", "create", "--name", "sec-cli", "--json")
     run("token", "list")
     run("token", "revoke", str(json.loads(created.out)["id"]))

@@ -15,6 +15,7 @@ from engine.call.render import accept_batch, reject_batch, routes_failed_batch
 from engine.call.session import (
     CONNECT,
     Arm,
+    Bill,
     CallSession,
     Deadline,
     Decide,
@@ -202,10 +203,11 @@ def test_reject_writes_respond_and_releases_at_once_what_a_late_decision_took() 
     session = deciding()
     actions = session.decided(REJECT, holds_slots=True)
     assert actions[0] == Send(reject_batch(REJECT, 402, "Payment Required").payload)
-    assert actions[1] == Release()
+    assert actions[1:3] == [Release(), Bill(None, may_hold_funds=True)]  # released, then recorded
     assert session.phase is Phase.ANSWERING and not session.holds_slots
     plain = deciding()
-    assert Release() not in plain.decided(REJECT, holds_slots=False)
+    plain_actions = plain.decided(REJECT, holds_slots=False)
+    assert Release() not in plain_actions and plain_actions.count(Bill(None)) == 1
 
 
 def test_configured_sip_response_is_used() -> None:
@@ -242,7 +244,8 @@ def test_late_replies_warn_and_keep_the_call_counted() -> None:
     assert "5 command replies still due" in warning.message
     assert session.phase is Phase.COMMITTED and not session.done
     acknowledged(session)
-    assert session.frame(hangup_complete()) == [Release(), Finish(Outcome.ENDED, "NORMAL_CLEARING")]
+    end = hangup_complete()
+    assert session.frame(end) == [Bill(end), Release(), Finish(Outcome.ENDED, "NORMAL_CLEARING")]
 
 
 # ------------------------------------------------------------------ following the call
@@ -252,10 +255,8 @@ def test_hangup_complete_ends_an_accepted_call_and_releases_it() -> None:
     session = acknowledged(committed())
     assert session.frame(event("CHANNEL_EXECUTE_COMPLETE", Application="multiset")) == []
     assert session.frame(bridge_complete("answered")) == []
-    assert session.frame(hangup_complete("NORMAL_CLEARING")) == [
-        Release(),
-        Finish(Outcome.ENDED, "NORMAL_CLEARING"),
-    ]
+    end = hangup_complete("NORMAL_CLEARING")
+    assert session.frame(end) == [Bill(end), Release(), Finish(Outcome.ENDED, "NORMAL_CLEARING")]
     assert session.hangup_cause == "NORMAL_CLEARING" and session.done
     with pytest.raises(RuntimeError):
         session.frame(reply())  # the driver stops reading once the session is done
@@ -266,10 +267,8 @@ def test_linger_notice_does_not_end_the_call_a_disconnect_notice_does() -> None:
     session = acknowledged(committed())
     assert session.frame(LINGER) == []
     assert session.frame(bridge_complete("hangup", "ORIGINATOR_CANCEL")) == []  # nothing to hang up
-    assert session.frame(hangup_complete("ORIGINATOR_CANCEL")) == [
-        Release(),
-        Finish(Outcome.ENDED, "ORIGINATOR_CANCEL"),
-    ]
+    end = hangup_complete("ORIGINATOR_CANCEL")
+    assert session.frame(end) == [Bill(end), Release(), Finish(Outcome.ENDED, "ORIGINATOR_CANCEL")]
     other = acknowledged(committed())
     assert other.frame(DISCONNECT) == [Release(), Finish(Outcome.ENDED, "FreeSWITCH disconnected")]
 
@@ -294,7 +293,7 @@ def test_failed_bridge_records_routes_failed_then_hangs_up_with_its_cause() -> N
     assert session.frame(bridge_complete("ringing", "USER_BUSY")) == []  # only once
     session.frame(reply())
     assert session.frame(reply()) == [Disarm(Deadline.REPLIES)]
-    assert session.frame(hangup_complete("USER_BUSY"))[0] == Release()
+    assert session.frame(hangup_complete("USER_BUSY"))[1] == Release()
 
 
 def test_failed_bridge_before_the_replies_are_in_adds_to_the_pending_count() -> None:
@@ -377,3 +376,55 @@ def test_nothing_happens_after_the_end() -> None:
     assert session.expired(Deadline.REPLIES) == []
     assert session.peer_gone("closed", clean=True) == []
     assert session.protocol_error("x") == []
+
+
+# ------------------------------------------------------------------ billing (issue 13)
+
+
+def bills(actions: list[object]) -> list[Bill]:
+    return [action for action in actions if isinstance(action, Bill)]
+
+
+def test_an_accepted_call_is_billed_once_on_its_hangup_complete_before_its_release() -> None:
+    session = acknowledged(committed())
+    end = hangup_complete()
+    actions = session.frame(end)
+    assert bills(actions) == [Bill(end)] and actions.index(Bill(end)) < actions.index(Release())
+    # a second CHANNEL_HANGUP_COMPLETE is never read: the session is over (the settle script
+    # is idempotent per uuid for a duplicate that reaches another session)
+    with pytest.raises(RuntimeError):
+        session.frame(hangup_complete())
+    assert session.peer_gone("closed", clean=True) == [] and session.expired(Deadline.HANGUP) == []
+
+
+def test_a_rejected_call_is_billed_once_at_its_answer_never_at_its_hangup() -> None:
+    session = deciding()
+    actions = session.decided(REJECT, holds_slots=False)
+    assert bills(actions) == [Bill(None)]
+    assert isinstance(actions[0], Send)  # the answer is written before the attempt is recorded
+    acknowledged(session)
+    assert bills(session.frame(hangup_complete("CALL_REJECTED"))) == []
+
+
+def test_an_accepted_call_that_ends_without_its_hangup_event_is_not_billed() -> None:
+    """No facts to rate: its reservation is left to its Redis deadline (docs/accounting.md)."""
+    ends = [
+        lambda s: s.frame(DISCONNECT),
+        lambda s: s.expired(Deadline.HANGUP),
+        lambda s: s.peer_gone("reset", clean=False),
+        lambda s: s.peer_gone("closed", clean=True),
+        lambda s: s.protocol_error("x"),
+    ]
+    for end in ends:
+        session = acknowledged(committed())
+        assert bills(end(session)) == []
+    unacknowledged = committed()
+    assert bills(unacknowledged.peer_gone("closed", clean=True)) == []
+
+
+def test_a_failed_bridge_is_billed_on_the_hangup_that_follows() -> None:
+    session = acknowledged(committed())
+    session.frame(bridge_complete("ringing", "USER_BUSY"))
+    acknowledged(session)
+    end = hangup_complete("USER_BUSY")
+    assert bills(session.frame(end)) == [Bill(end)]

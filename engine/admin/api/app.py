@@ -28,7 +28,7 @@ from .http import (
     unstorable,
     validation_error,
 )
-from .routes import ERROR_RESPONSES, account, balance, customers, subresources
+from .routes import ERROR_RESPONSES, account, balance, billing, customers, subresources
 
 log = logging.getLogger("callgate.admin.api")
 
@@ -70,7 +70,7 @@ def create_app(config: Any, settings: AdminSettings | None = None) -> OpenAPI:
     def openapi_document() -> Response:
         return Response(json.dumps(_document(app, settings)), mimetype="application/json")
 
-    for module in (customers, account, subresources, balance):
+    for module in (customers, account, subresources, balance, billing):
         app.register_api(module.routes())
     return app
 
