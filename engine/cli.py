@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     fsxml.add_argument("--host", help="override fsxml.listen_host")
     fsxml.add_argument("--port", type=int, help="override fsxml.listen_port")
     admin_cli.register(commands)
+    from engine.web.server import register as register_web  # light: imports no Flask
+
+    register_web(commands)
     return parser
 
 
@@ -79,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fsxml": _fsxml,
         "admin": admin_cli.handle,
         "api": admin_cli.handle,
+        "web": _web,
     }[args.command]
     try:
         return handler(args, config)
@@ -193,6 +197,12 @@ def _fsxml(args: argparse.Namespace, config: Config) -> int:
     except ValueError as exc:  # an unreadable fsxml.sofia_template
         print(f"callgate: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _web(args: argparse.Namespace, config: Config) -> int:
+    from engine.web.server import handle
+
+    return handle(args, config)
 
 
 def _explain(args: argparse.Namespace, config: Config) -> int:

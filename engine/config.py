@@ -230,6 +230,61 @@ class AdminSettings:
         return self.hash_threads or max(1, os.cpu_count() or 1)
 
 
+WEB_ROLES = ("admin", "readonly")
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """`callgate web`: the browser admin (engine.web; docs/web-admin.md)."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8088
+    # Signs the session cookie. "" = a random key made at start: sessions end when the process does.
+    secret_key: str = field(default="", repr=False)
+    # The cookie's Secure flag: "auto" = when the request came over TLS, "always", "never".
+    cookie_secure: str = "auto"
+    session_minutes: int = 480  # a session ends this long after sign-in
+    # Staff who are not accounts: name = "<role>:<scrypt hash>" (`callgate web hash-password`),
+    # role admin (everything) or readonly (reads everything, changes nothing). Resellers sign in
+    # with their account number and account password instead.
+    users: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # Reseller accounts that sign in read-only (support staff of a reseller).
+    readonly_resellers: tuple[str, ...] = ()
+    # Failed sign-ins allowed per user name and per source address within the window.
+    login_max_failures: int = 5
+    login_max_failures_per_source: int = 20
+    login_window_seconds: int = 900
+    max_jobs: int = 2  # mass creates and imports running at once; more are refused
+    max_upload_mb: int = 200  # the largest CSV an import accepts
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if not 0 <= self.listen_port <= 65535:
+            problems.append("listen_port must be 0-65535")
+        if self.secret_key and len(self.secret_key) < 32:
+            problems.append("secret_key must be at least 32 characters (or empty: random at start)")
+        if self.cookie_secure not in ("auto", "always", "never"):
+            problems.append("cookie_secure must be auto, always or never")
+        if not 1 <= self.session_minutes <= 7 * 24 * 60:
+            problems.append("session_minutes must be 1-10080")
+        for name, entry in self.users.items():
+            role, _, digest = entry.partition(":")
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._@-]{0,63}", name) or name.isdigit():
+                problems.append(f"users: {name!r} is not a user name (a letter first; not all digits)")
+            elif role not in WEB_ROLES or not digest.startswith("scrypt$"):
+                problems.append(f"users.{name}: expected '<admin|readonly>:<scrypt hash>'")
+        if not (self.login_max_failures >= 1 and self.login_max_failures_per_source >= 1):
+            problems.append("login_max_failures and login_max_failures_per_source must be >= 1")
+        if self.login_window_seconds < 1:
+            problems.append("login_window_seconds must be >= 1")
+        if not 1 <= self.max_jobs <= 16:
+            problems.append("max_jobs must be 1-16")
+        if not 1 <= self.max_upload_mb <= 4096:
+            problems.append("max_upload_mb must be 1-4096")
+        if problems:
+            raise ConfigError("[web] " + "; ".join(problems))
+
+
 @dataclass(frozen=True)
 class FsxmlSettings:
     """`callgate fsxml`: FreeSWITCH's directory and sofia gateways over mod_xml_curl (docs/freeswitch.md)."""
@@ -318,6 +373,7 @@ class Config:
     sync: SyncSettings = field(default_factory=SyncSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     fsxml: FsxmlSettings = field(default_factory=FsxmlSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
 
 

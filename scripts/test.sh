@@ -15,6 +15,7 @@ bash scripts/services.sh
 bash scripts/venv.sh
 bash scripts/tools.sh
 bash scripts/ha-tools.sh
+bash scripts/browser.sh
 .venv/bin/ruff check .
 .venv/bin/mypy  # pyproject.toml [tool.mypy]: strict for esl, call, rules, decider, state
 .venv/bin/python -m pytest "$@"
