@@ -1282,3 +1282,29 @@ def test_each_loader_table_spec_fills_every_field_of_its_entity() -> None:
         assert set(ENTITY_KEY_FIELDS[name]) <= {c.field for c in table.columns}, name
         assert len(table.types) == len(table.columns)
         assert table.select().startswith("SELECT ") and table.select().endswith(f"FROM {table.table}")
+
+
+# =========================================================================== the ledger
+
+
+def test_balances_a_document_sets_are_ledger_entries(fresh_pg_url: str) -> None:
+    # The ledger equation (docs/accounting.md) must hold for loaded accounts too: an opening
+    # balance is an 'initial' entry, and a document that later sets another balance records
+    # the difference as a refill or a charge. Loading the same document again records nothing.
+    migrate(fresh_pg_url)
+    doc = {"customers": [{"number": "7100000001", "balance": "12.50"}, {"number": "7100000002"}]}
+    with psycopg.connect(fresh_pg_url) as conn:
+        load_document(conn, doc)
+        load_document(conn, doc)
+        assert conn.execute("SELECT count(*) FROM ledger_mismatches").fetchone() == (0,)
+        entries = "SELECT kind, amount, balance_after FROM balance_changes ORDER BY id"
+        assert conn.execute(entries).fetchall() == [("initial", Decimal("12.5"), Decimal("12.5"))]
+        for balance, kind, amount in (("20", "refill", "7.5"), ("5.25", "charge", "-14.75")):
+            load_document(conn, {"customers": [{"number": "7100000001", "balance": balance}]})
+            assert conn.execute(entries).fetchall()[-1] == (kind, Decimal(amount), Decimal(balance))
+        assert conn.execute("SELECT count(*) FROM ledger_mismatches").fetchone() == (0,)
+
+
+def test_the_demo_catalogue_balances_to_the_cent(demo_url: str) -> None:
+    with psycopg.connect(demo_url) as conn:
+        assert conn.execute("SELECT number FROM ledger_mismatches").fetchall() == []

@@ -1003,9 +1003,34 @@ class _Writer:
                 else:
                     values[f"{key}_hash"] = hash_secret(secret)
         values.update(f)
+        before = self._balance_of(a.path, number) if "balance" in values else None
         account_id = self.upsert("accounts", a.path, {"number": number}, values, partial="NOT deleted")
         self.ids[("account", number)] = account_id
+        if "balance" in values:
+            self._record_balance_set(a.path, account_id, before)
         self.kinds[number] = a.kind
+
+    def _balance_of(self, path: str, number: str) -> Decimal | None:
+        row = self.execute(
+            path, "SELECT balance FROM accounts WHERE number = %s AND NOT deleted", [number]
+        ).fetchone()
+        return None if row is None else Decimal(row[0])
+
+    def _record_balance_set(self, path: str, account_id: int, before: Decimal | None) -> None:
+        """A balance a document sets is a ledger entry like any other: the opening balance of a
+        new account ('initial'), or the difference it makes on an existing one (a refill or a
+        charge), so the ledger equation (docs/accounting.md) holds for loaded accounts too."""
+        self.execute(
+            path,
+            "INSERT INTO balance_changes"
+            " (account_id, kind, amount, balance_after, currency, description, actor)"
+            " SELECT id, CASE WHEN %s::numeric IS NULL THEN 'initial'"
+            "                 WHEN balance > %s THEN 'refill' ELSE 'charge' END,"
+            "        balance - coalesce(%s, 0), balance, currency,"
+            "        'balance set by a fixture document', 'fixtures'"
+            "   FROM accounts WHERE id = %s AND balance <> coalesce(%s, 0)",
+            [before, before, before, account_id, before],
+        )
 
     def trunk(self, t: _Trunk) -> None:
         f = dict(t.f)
