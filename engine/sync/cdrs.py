@@ -41,6 +41,7 @@ import redis
 from engine.billing.cdr import CDR_COLUMNS, DEBIT_COLUMNS, BadCdr, CdrRows, cdr_rows
 from engine.billing.funds import Funds, cdr_stream
 from engine.billing.metrics import BillingMetrics
+from engine.sync.streams import claim_stale, ensure_group
 
 log = logging.getLogger("callgate.sync.cdrs")
 
@@ -228,11 +229,7 @@ class CdrWriter:
     def _ensure_group(self) -> None:
         if self._group_ready:
             return
-        try:
-            self._client.xgroup_create(self._stream, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        ensure_group(self._client, self._stream, GROUP)
         self._group_ready = True
 
     def _claim_stale(self) -> list[tuple[Any, dict[Any, Any]]]:
@@ -240,15 +237,14 @@ class CdrWriter:
         if now < self._next_claim:
             return []
         self._next_claim = now + _CLAIM_EVERY
-        reply = self._client.xautoclaim(
+        return claim_stale(
+            self._client,
             self._stream,
             GROUP,
             self._consumer,
-            min_idle_time=self._claim_idle_ms,
-            start_id="0-0",
+            min_idle_ms=self._claim_idle_ms,
             count=self._batch,
         )
-        return [(entry_id, fields) for entry_id, fields in reply[1] if fields is not None]
 
     def _read(self, block_ms: int) -> list[tuple[Any, dict[Any, Any]]]:
         """This consumer's own unacknowledged entries first (after a failure: retry them at once,

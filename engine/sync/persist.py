@@ -33,6 +33,7 @@ from psycopg.types.json import Jsonb
 
 from engine.state.keys import events_stream
 from engine.sync.metrics import SyncMetrics
+from engine.sync.streams import claim_stale, ensure_group
 
 log = logging.getLogger("callgate.sync.events")
 
@@ -152,11 +153,7 @@ class EventPersister:
     def _ensure_group(self) -> None:
         if self._group_ready:
             return
-        try:
-            self._client.xgroup_create(self._stream, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        ensure_group(self._client, self._stream, GROUP)
         self._group_ready = True
 
     def _claim_stale(self) -> list[tuple[Any, dict[Any, Any]]]:
@@ -164,15 +161,9 @@ class EventPersister:
         if now < self._next_claim:
             return []
         self._next_claim = now + _CLAIM_EVERY
-        reply = self._client.xautoclaim(
-            self._stream,
-            GROUP,
-            self._consumer,
-            min_idle_time=CLAIM_IDLE_MS,
-            start_id="0-0",
-            count=self._batch,
+        return claim_stale(
+            self._client, self._stream, GROUP, self._consumer, min_idle_ms=CLAIM_IDLE_MS, count=self._batch
         )
-        return [(entry_id, fields) for entry_id, fields in reply[1] if fields is not None]
 
     def _read(self, block_ms: int) -> list[tuple[Any, dict[Any, Any]]]:
         try:
