@@ -331,8 +331,10 @@ def test_cdrs_filter_totals_and_export(page: Any, db_url: str) -> None:
     assert len(lines) == 4 and lines[0].startswith("uuid,")
 
 
+@pytest.mark.e2e  # it checks what the browser scenarios above (e2e) saved in this run
 def test_screenshots_were_saved() -> None:
     saved = {p.stem for p in SHOTS.glob("*.png")} if SHOTS.exists() else set()
     if not shutil.which(CHROMIUM) and not os.access(CHROMIUM, os.X_OK):
         pytest.skip("no browser, no screenshots")
+    pytest.importorskip("playwright", reason="Playwright is not installed: no scenario ran")
     assert {"grid", "edit-page", "import-report", "explain"} <= saved
