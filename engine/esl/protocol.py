@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import unquote
@@ -31,8 +31,10 @@ __all__ = [
     "NO_SPEEDUPS_ENV",
     "EslParser",
     "Frame",
+    "HeaderPicker",
     "ProtocolError",
     "PyEslParser",
+    "PyHeaderPicker",
     "check_variable_name",
     "command",
     "decode_value",
@@ -59,6 +61,7 @@ _TO_ENCODE = re.compile(rb"%[0-9A-F]{2}|[^!$'()*,\-./0-9A-Z_a-z~]")
 _ESCAPES = {bytes([b]): b"%%%02X" % b for b in range(256)}
 _NAME_FORBIDDEN = re.compile(r"[\s:\x00-\x1f\x7f]")
 _CAUSE = re.compile(r"[A-Za-z0-9_]+")
+_PICKABLE_NAME = re.compile(r"[!-9;-~]{1,255}")  # printable ASCII but ':' and space
 
 
 class ProtocolError(Exception):
@@ -167,6 +170,58 @@ def parse_event_body(body: bytes) -> dict[str, str]:
             raise ProtocolError(f"event body has {len(rest)} bytes, its Content-Length says {length}")
         event["_body"] = rest[:length].decode("utf-8", errors="replace")
     return event
+
+
+class PyHeaderPicker:
+    """A few named headers of serialized events, found without splitting the whole block.
+
+    ``HeaderPicker(names).pick(body)`` -> ``{name: decoded value}`` for each of ``names``
+    present in the header block of ``body`` (a ``text/event-plain`` body), in the order of
+    ``names``. A CHANNEL_HANGUP_COMPLETE carries ~280 headers of which a consumer reads a
+    few dozen: splitting them all costs ~140 us in Python; this costs a search per name
+    (compiled: one pass over the block, objects made only for the names picked).
+
+    The rules, the same as :meth:`Frame.event` for a well-formed body: the header block
+    ends at the first blank line (``\n\n`` or ``\n\r\n``); a header is a line
+    ``Name: value`` whose name ends at its first ``": "``; a line loses one trailing CR; the
+    first of two same-named headers wins; values are decoded by :func:`decode_value`. Lines
+    that are not headers are skipped instead of raising: a consumer picking fields (billing)
+    wants what is there. A name is 1-255 printable ASCII characters without ':' or space.
+    """
+
+    __slots__ = ("_needles", "names")
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names: tuple[str, ...] = tuple(dict.fromkeys(_check_header_name(name) for name in names))
+        self._needles = tuple((name, f"{name}: ".encode()) for name in self.names)
+
+    def pick(self, body: bytes) -> dict[str, str]:
+        end = _BLOCK_END.search(body)
+        head = bytes(body if end is None else body[: end.start()])
+        found: dict[str, str] = {}
+        for name, needle in self._needles:
+            # Measured: finding "Name: " and checking the byte before is twice as fast as
+            # finding "\nName: " (a needle starting with a newline matches at every line).
+            at = head.find(needle)
+            while at > 0 and head[at - 1] != 10:  # inside a line: not a header name
+                at = head.find(needle, at + 1)
+            if at < 0:
+                continue
+            start = at + len(needle)
+            stop = head.find(b"\n", start)
+            raw = head[start : len(head) if stop < 0 else stop]
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            found[name] = decode_value(raw.decode("utf-8", errors="replace"))
+        return found
+
+
+def _check_header_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"header names are str, not {type(name).__name__}")
+    if not _PICKABLE_NAME.fullmatch(name):
+        raise ValueError(f"invalid header name: {name!r}")
+    return name
 
 
 # --------------------------------------------------------------------------- frames
@@ -464,19 +519,21 @@ def _load_speedups() -> tuple[str, str]:
     _speedups.setup(_frame, ProtocolError, _bad_line, _content_length, _py_decode_value)
     if os.environ.get(NO_SPEEDUPS_ENV, "") not in ("", "0"):
         return "python", f"forced by {NO_SPEEDUPS_ENV}={os.environ[NO_SPEEDUPS_ENV]}"
-    global EslParser, decode_value
+    global EslParser, HeaderPicker, decode_value
     EslParser = _speedups.EslParser  # type: ignore[assignment]
+    HeaderPicker = _speedups.HeaderPicker  # type: ignore[assignment]
     decode_value = _speedups.decode_value
     return "compiled", "engine.esl._speedups loaded"
 
 
 _py_decode_value = decode_value
 EslParser = PyEslParser
+HeaderPicker = PyHeaderPicker
 IMPLEMENTATION, _REASON = _load_speedups()
 
 
 def speedups_status() -> dict[str, str]:
-    """The active framer and value decoder ("compiled" or "python") and why (a diagnostic)."""
+    """The active framer, header picker and value decoder ("compiled" or "python") and why."""
     return {"implementation": IMPLEMENTATION, "reason": _REASON}
 
 
