@@ -24,7 +24,7 @@ from gevent.lock import BoundedSemaphore
 try:  # a dependency of callgate; guarded so that a missing wheel costs speed, not the engine
     from hiredis import pack_command as _hiredis_pack
 except ImportError:  # pragma: no cover - hiredis is installed wherever callgate is
-    _hiredis_pack = None
+    _hiredis_pack = None  # type: ignore[assignment]
 
 __all__ = ["DirectConnections"]
 
