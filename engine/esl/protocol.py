@@ -18,6 +18,7 @@ skipped (FreeSWITCH's reader does the same); the first of two same-named headers
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -263,26 +264,13 @@ class Frame:
     def event_header(self, name: str) -> str | None:
         """One decoded header of an event frame, found without parsing the whole body.
 
-        The first occurrence counts (as in :meth:`event`); None when absent. A header line
-        cannot be faked by a value: values are percent-encoded, so they hold no newline.
+        The first occurrence in the header block counts (as in :meth:`event`); None when
+        absent. A header line cannot be faked by a value: values are percent-encoded, so
+        they hold no newline. ``name`` is a header name :class:`HeaderPicker` accepts.
         """
         if self.content_type != "text/event-plain":
             return None
-        body = self.body
-        needle = name.encode() + b": "
-        if body.startswith(needle):
-            start = len(needle)
-        else:
-            found = body.find(b"\n" + needle)
-            if found < 0:
-                return None
-            start = found + 1 + len(needle)
-        headers_end = body.find(b"\n\n")
-        if 0 <= headers_end < start:
-            return None  # past the headers: inside the event's own body
-        end = body.find(b"\n", start)
-        raw = body[start : end if end >= 0 else len(body)].decode("utf-8", errors="replace")
-        return decode_value(raw.removesuffix("\r"))
+        return _one_header(name).pick(self.body).get(name)
 
     def reply_ok(self) -> bool:
         return self.content_type == "command/reply" and self.reply_text.startswith("+OK")
@@ -296,6 +284,12 @@ class Frame:
     def channel_data(self) -> dict[str, str]:
         """The outer headers with each value decoded: the channel data of a connect reply."""
         return {name: decode_value(value) for name, value in self.headers.items()}
+
+
+@functools.lru_cache(maxsize=64)  # the few names the session reads, each picker built once
+def _one_header(name: str) -> PyHeaderPicker:
+    picker: PyHeaderPicker = HeaderPicker((name,))
+    return picker
 
 
 # The parser makes many frames: it fills the slots directly, skipping the frozen dataclass's
