@@ -631,23 +631,6 @@ Picker_init(Picker *self, PyObject *args, PyObject *kwargs)
     return 0;
 }
 
-/* Where the header block of p[0:n] ends: the first \n followed by \n or \r\n (n if none). */
-static Py_ssize_t
-header_block_end(const char *p, Py_ssize_t n)
-{
-    Py_ssize_t pos = 0;
-    while (pos < n) {
-        const char *nl = memchr(p + pos, '\n', (size_t)(n - pos));
-        if (nl == NULL)
-            break;
-        Py_ssize_t i = nl - p;
-        if ((i + 1 < n && p[i + 1] == '\n') || (i + 2 < n && p[i + 1] == '\r' && p[i + 2] == '\n'))
-            return i;
-        pos = i + 1;
-    }
-    return n;
-}
-
 static PyObject *
 Picker_pick(Picker *self, PyObject *data)
 {
@@ -670,12 +653,16 @@ Picker_pick(Picker *self, PyObject *data)
     for (Py_ssize_t j = 0; j < count; j++)
         spans[2 * j] = -1;
     const char *p = view.buf;
-    Py_ssize_t n = header_block_end(p, view.len);
+    Py_ssize_t n = view.len;
     Py_ssize_t missing = count;
     Py_ssize_t line = 0;
     while (line < n && missing > 0) {
         const char *nl = memchr(p + line, '\n', (size_t)(n - line));
         Py_ssize_t stop = nl ? nl - p : n;
+        /* The block ends at a blank line (or a lone CR) that a newline ends and one precedes:
+         * the first match of the Python twin's \n\r?\n. */
+        if (nl != NULL && line > 0 && (stop == line || (stop == line + 1 && p[line] == '\r')))
+            break;
         const char *colon = memchr(p + line, ':', (size_t)(stop - line));
         if (colon != NULL && colon + 1 < p + stop && colon[1] == ' ') {
             Py_ssize_t length = colon - (p + line);
