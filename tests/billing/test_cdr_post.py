@@ -1,0 +1,346 @@
+"""FreeSWITCH's CDR post as the billing backstop (engine.fsxml.cdrpost), over real HTTP and a real Redis.
+
+`callgate fsxml`'s WSGI application is served by gevent's server on loopback; the emulator's
+mod_json_cdr (loadtest.fsemu.json_cdr) posts to it exactly as FreeSWITCH 1.10.12 does
+(`?uuid=`, basic auth, retries, err-log-dir). The engine's side is the engine's own code
+(LiveBilling.settlement + Funds.settle) on the same hangup facts, so "whoever settles first
+bills once, the same amounts" is checked on the very Redis records. The whole path with
+engine processes, kill -9 and PostgreSQL is in test_cdr_backstop_e2e.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from gevent import socket as gsocket
+from gevent.pywsgi import WSGIServer
+
+from engine.billing.funds import Funds
+from engine.billing.live import LiveBilling, PricedAccept
+from engine.billing.ticket import TICKET_VARIABLE, ticket_value
+from engine.config import FsxmlSettings
+from engine.decision import DEFAULT_SIP_RESPONSES
+from engine.fsxml.cdrpost import CdrReceiver
+from engine.fsxml.directory import Answers, Directory
+from engine.fsxml.server import FsxmlApp
+from engine.model import CallRequest
+from engine.rules.catalog import Catalog
+from engine.state.keys import cdr_stream
+from loadtest.fsemu.json_cdr import (
+    CdrSettings,
+    b_leg_document,
+    json_text,
+    post_cdr,
+    replay_file,
+    switch_url_encode,
+)
+from tests.billing.test_ticket import priced_accept
+from tests.fsxml.test_jsoncdr import emulated
+from tests.rules.builders import World
+
+D = Decimal
+SECRET = "cdr-S3cret!"
+CRED = f"freeswitch:{SECRET}"
+
+
+class _Directory:
+    def __init__(self, catalog: Catalog | None) -> None:
+        self.catalog = catalog
+
+    def __call__(self) -> Directory | None:
+        if self.catalog is None:
+            return None
+        return Directory(accounts=self.catalog.accounts.values())
+
+
+class Service:
+    """The fsxml application with its /cdr endpoint on a loopback port."""
+
+    def __init__(
+        self, funds: Funds, catalog: Catalog | None, allowed: tuple[str, ...] = ("127.0.0.1/32",)
+    ) -> None:
+        settings = FsxmlSettings(
+            allowed_networks=allowed, username="freeswitch", password=SECRET, max_body_bytes=65536
+        )
+        self.snapshot = _Directory(catalog)
+        self.receiver = CdrReceiver(funds, self.snapshot)
+        app = FsxmlApp(settings, Answers(""), None, cdr=self.receiver)  # type: ignore[arg-type]
+        self.server = WSGIServer(("127.0.0.1", 0), app, log=None)
+        self.server.start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/cdr"
+
+    def settings(self, **kwargs: Any) -> CdrSettings:
+        return CdrSettings(**{"urls": [self.url], "cred": CRED, "timeout": 5.0, **kwargs})
+
+    def stop(self) -> None:
+        self.server.stop(timeout=1)
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+@pytest.fixture
+def decided(world: World) -> PricedAccept:
+    return priced_accept(world)
+
+
+@pytest.fixture
+def funds(client: redis.Redis, key_prefix: str) -> Funds:
+    return Funds(client, key_prefix)
+
+
+@pytest.fixture
+def service(funds: Funds, world: World, decided: PricedAccept) -> Iterator[Service]:
+    running = Service(funds, world.catalog())
+    yield running
+    running.stop()
+
+
+def a_leg(
+    decided: PricedAccept, uuid: str, capture: str = "answered_gateway_failover_wire.txt", **changes: str
+):
+    """The A-leg's JSON CDR of a call the engine decided (its ticket on the channel), and its event."""
+    document, event = emulated(capture)
+    event = {**event, "Unique-ID": uuid, "variable_uuid": uuid}
+    variables = {name[9:]: value for name, value in event.items() if name.startswith("variable_")}
+    variables[TICKET_VARIABLE] = ticket_value(decided) or ""
+    variables.update(changes)
+    for name, value in changes.items():
+        event[f"variable_{name}"] = value
+    event[f"variable_{TICKET_VARIABLE}"] = variables[TICKET_VARIABLE]
+    document["variables"] = {name: switch_url_encode(value) for name, value in variables.items() if value}
+    document["callflow"][0]["caller_profile"]["uuid"] = uuid
+    return document, event
+
+
+def engine_settles(
+    decided: PricedAccept, world: World, funds: Funds, event: dict[str, str]
+) -> tuple[bool, Any]:
+    """What the engine does at CHANNEL_HANGUP_COMPLETE (LiveBilling.settlement, then the settle script)."""
+    catalog = world.catalog()
+    billing = LiveBilling(None, lambda: catalog, DEFAULT_SIP_RESPONSES.__getitem__)  # type: ignore[arg-type]
+    item = billing.settlement(
+        CallRequest(uuid=event["Unique-ID"], destination="442071234567"), decided, event
+    )
+    assert item is not None
+    return funds.settle(item), item
+
+
+def stream(client: redis.Redis, key_prefix: str) -> list[dict[str, Any]]:
+    return [json.loads(fields[b"cdr"]) for _, fields in client.xrange(cdr_stream(key_prefix))]
+
+
+def test_the_post_first_bills_and_the_engines_later_hangup_is_a_no_op_with_the_same_amounts(
+    service: Service, decided: PricedAccept, world: World, funds: Funds, client: redis.Redis, key_prefix: str
+) -> None:
+    document, event = a_leg(decided, "post-first")
+    reserved_before = funds.account(world.customer.id)
+    result = post_cdr(document, service.settings())
+    assert result.statuses == [200] and result.backup is None
+    assert service.receiver.counts == {"billed": 1}
+    (record,) = stream(client, key_prefix)
+    settled_now, engine_item = engine_settles(decided, world, funds, event)
+    assert settled_now is False  # the engine's own settle finds the call settled
+    assert engine_item.cdr == record  # ... and would have written exactly this CDR
+    assert record["uuid"] == "post-first" and record["billsec"] == 3
+    debits = {a: D(amount) for a, _level, amount in record["debits"]}
+    assert debits == {d[0]: d[2] for d in engine_item.debits} and sum(debits.values()) > 0
+    after = funds.account(world.customer.id)
+    assert after.spent == (reserved_before.spent or 0) + debits[world.customer.id]
+    assert len(stream(client, key_prefix)) == 1
+
+
+def test_a_post_after_the_engines_settle_and_a_duplicate_post_change_nothing(
+    service: Service, decided: PricedAccept, world: World, funds: Funds, client: redis.Redis, key_prefix: str
+) -> None:
+    document, event = a_leg(decided, "engine-first")
+    settled_now, _ = engine_settles(decided, world, funds, event)
+    assert settled_now
+    spent = funds.account(world.customer.id).spent
+    assert post_cdr(document, service.settings()).statuses == [200]
+    assert post_cdr(document, service.settings(encode="base64")).statuses == [200]
+    assert service.receiver.counts == {"duplicate": 2}
+    assert funds.account(world.customer.id).spent == spent
+    assert len(stream(client, key_prefix)) == 1
+
+
+def test_legs_and_calls_with_nothing_to_bill_are_acknowledged_and_ignored(
+    service: Service,
+    decided: PricedAccept,
+    client: redis.Redis,
+    key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    document, _ = a_leg(decided, "ignored-a")
+    b_leg = b_leg_document(document, "ignored-b", "gw-b", billsec="3")
+    rejected, _ = a_leg(decided, "ignored-r", "caller_cancels_wire.txt", callgate_reason="NO_SUFFICIENT_FUND")
+    del rejected["variables"][TICKET_VARIABLE]
+    undecided, _ = a_leg(decided, "ignored-u", callgate_reason="ENGINE_UNREACHABLE")
+    del undecided["variables"][TICKET_VARIABLE]
+    foreign, _ = a_leg(decided, "ignored-f")
+    for name in (TICKET_VARIABLE, "callgate_reason"):
+        foreign["variables"].pop(name, None)
+    with caplog.at_level(logging.WARNING, "callgate.fsxml.cdr"):
+        for doc in (b_leg, rejected, undecided, foreign):
+            assert post_cdr(doc, service.settings()).statuses == [200]
+    assert service.receiver.counts == {
+        "ignored_b_leg": 1,
+        "ignored_rejected": 1,
+        "ignored_no_decision": 1,
+        "ignored_not_callgate": 1,
+    }
+    assert stream(client, key_prefix) == []
+    # answered calls callgate never priced are named in the log (the cancelled reject was not answered)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "'ignored-u'" in logged and "'ignored-f'" in logged and "ignored-r" not in logged
+
+
+def test_hostile_and_malformed_posts_get_4xx_and_bill_nothing(
+    service: Service,
+    decided: PricedAccept,
+    client: redis.Redis,
+    key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    document, _ = a_leg(decided, "hostile\n<x>")
+    forged, _ = a_leg(decided, "forged")
+    ticket = forged["variables"][TICKET_VARIABLE]
+    forged["variables"][TICKET_VARIABLE] = ticket[:-8] + "AAAAAAAA"  # tampered: no longer a ticket
+    negative, _ = a_leg(decided, "negative")
+    raw = json.loads(base64.urlsafe_b64decode(ticket[2:] + "=" * (-len(ticket[2:]) % 4)))
+    raw[8][0][4] = "-100"  # a credit instead of a debit
+    negative["variables"][TICKET_VARIABLE] = (
+        "1." + base64.urlsafe_b64encode(json.dumps(raw).encode()).rstrip(b"=").decode()
+    )
+    cases = [
+        (forged, "false", 400),
+        (negative, "false", 400),
+        (document, "false", 400),  # the uuid cannot be logged raw: not a usable uuid
+    ]
+    with caplog.at_level(logging.WARNING):
+        for doc, encode, status in cases:
+            assert post_cdr(doc, service.settings(encode=encode)).statuses == [status]
+        good, _ = a_leg(decided, "mismatch")
+        assert _raw_post(service, json_text(good).encode(), "application/json", "?uuid=other") == 400
+        assert _raw_post(service, b"{not json", "application/json") == 400
+        assert _raw_post(service, b"<cdr/>", "text/xml") == 415
+        assert _raw_post(service, b"{}" * 40_000, "application/json") == 413
+        assert _raw_post(service, b"", "application/json", method="GET") == 405
+        assert post_cdr(good, service.settings(cred="freeswitch:wrong")).statuses == [401]
+    assert stream(client, key_prefix) == []
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert SECRET not in logged and "wrong" not in logged
+    assert "\n<x>" not in logged  # caller-supplied text only escaped
+
+
+def _raw_post(service: Service, body: bytes, content_type: str, query: str = "", method: str = "POST") -> int:
+    """One request on a gevent socket (the server runs in this process's hub)."""
+    auth = base64.b64encode(CRED.encode()).decode()
+    head = (
+        f"{method} /cdr{query} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+        f"Authorization: Basic {auth}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    sock = gsocket.create_connection(("127.0.0.1", service.server.server_port), timeout=5)
+    try:
+        sock.sendall(head.encode() + body)
+        reply = sock.recv(4096)
+    finally:
+        sock.close()
+    return int(reply.split()[1])
+
+
+def test_a_source_outside_the_allow_list_is_refused(
+    funds: Funds, world: World, decided: PricedAccept
+) -> None:
+    other = Service(funds, world.catalog(), allowed=("10.0.0.0/8",))
+    try:
+        document, _ = a_leg(decided, "outsider")
+        assert post_cdr(document, other.settings()).statuses == [403]
+    finally:
+        other.stop()
+
+
+@pytest.mark.parametrize(
+    ("changes", "billsec", "note"),
+    [
+        ({"billsec": "abc"}, 3, "billsec not an integer"),  # recomputed from the epochs
+        ({"billsec": "-5"}, 0, "billsec negative"),
+        (
+            {"answer_uepoch": "1796562999000000", "answer_epoch": "1796562999"},
+            3,
+            "answer time after end time",
+        ),
+    ],
+)
+def test_bad_hangup_facts_follow_the_engines_rules(
+    service: Service,
+    decided: PricedAccept,
+    world: World,
+    funds: Funds,
+    client: redis.Redis,
+    key_prefix: str,
+    changes: dict[str, str],
+    billsec: int,
+    note: str,
+) -> None:
+    document, event = a_leg(decided, "bad-" + note.replace(" ", "-"), **changes)
+    assert post_cdr(document, service.settings()).statuses == [200]
+    (record,) = stream(client, key_prefix)
+    assert record["billsec"] == billsec
+    assert any(n.startswith(note) for n in record["notes"]), record["notes"]
+    settled_now, engine_item = engine_settles(decided, world, funds, event)
+    assert not settled_now and engine_item.cdr == record
+
+
+def test_redis_away_answers_503_then_freeswitch_retries_backs_up_and_the_replay_bills(
+    client: redis.Redis, key_prefix: str, world: World, decided: PricedAccept, tmp_path: Path
+) -> None:
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    away = Service(Funds(dead, key_prefix), world.catalog())
+    document, _ = a_leg(decided, "redis-away")
+    try:
+        result = post_cdr(document, away.settings(retries=1, delay=0.05, err_log_dir=str(tmp_path)))
+        assert result.statuses == [503, 503]
+        assert result.backup == tmp_path / "redis-away.cdr.json"
+        assert stream(client, key_prefix) == []
+    finally:
+        away.stop()
+    # The snapshot not loaded yet: 503 too.
+    cold = Service(Funds(client, key_prefix), None)
+    try:
+        assert post_cdr(document, cold.settings()).statuses == [503]
+    finally:
+        cold.stop()
+    back = Service(Funds(client, key_prefix), world.catalog())
+    try:
+        assert replay_file(result.backup, back.settings()) == 200
+        assert replay_file(result.backup, back.settings()) == 200  # a second replay: already billed
+        assert back.receiver.counts == {"billed": 1, "duplicate": 1}
+    finally:
+        back.stop()
+    (record,) = stream(client, key_prefix)
+    assert record["uuid"] == "redis-away"
+
+
+def test_the_endpoint_dead_leaves_the_cdr_in_the_err_log_dir_in_each_encoding(
+    decided: PricedAccept, tmp_path: Path, service: Service, client: redis.Redis, key_prefix: str
+) -> None:
+    for encode in ("false", "base64"):
+        document, _ = a_leg(decided, f"dead-{encode}")
+        settings = CdrSettings(
+            urls=["http://127.0.0.1:1/cdr"], cred=CRED, encode=encode, err_log_dir=str(tmp_path)
+        )
+        result = post_cdr(document, settings)
+        assert result.statuses == [0] and result.backup is not None
+        assert replay_file(result.backup, service.settings(encode=encode)) == 200
+    assert sorted(r["uuid"] for r in stream(client, key_prefix)) == ["dead-base64", "dead-false"]
