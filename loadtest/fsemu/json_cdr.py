@@ -50,6 +50,7 @@ __all__ = [
     "json_text",
     "post_cdr",
     "replay_file",
+    "settings_from_conf",
     "switch_url_encode",
 ]
 
@@ -270,6 +271,34 @@ class CdrSettings:
     timeout: float = 0.0  # CURLOPT_TIMEOUT seconds; 0 = none (FreeSWITCH's default)
     disable_100_continue: bool = False
     err_log_dir: str = ""
+
+
+def settings_from_conf(path: str | Path, **overrides: Any) -> CdrSettings:
+    """The settings of a json_cdr.conf.xml, read as mod_json_cdr's load function reads them
+    (``url`` and ``err-log-dir`` may repeat; unknown params ignored), then ``overrides``."""
+    import xml.etree.ElementTree as ET
+
+    values: dict[str, Any] = {"urls": []}
+    for param in ET.parse(path).getroot().iter("param"):
+        name, value = (param.get("name") or "").lower(), param.get("value") or ""
+        if name == "url" and value:
+            values["urls"].append(value)
+        elif name == "cred" and value:
+            values["cred"] = value
+        elif name == "encode" and value:
+            values["encode"] = value
+        elif name in ("retries", "timeout") and value:
+            values[name] = int(value)
+        elif name == "delay" and value:
+            values["delay"] = float(int(value))
+        elif name == "disable-100-continue":
+            values["disable_100_continue"] = value.lower() in ("true", "yes", "on", "1")
+        elif name == "err-log-dir" and "err_log_dir" not in values:
+            values["err_log_dir"] = value
+    if values.get("retries") and not values.get("delay"):
+        values["delay"] = 5.0  # "Retries set but delay 0 setting to 5 seconds"
+    values.update(overrides)
+    return CdrSettings(**values)
 
 
 def cdr_body(text: str, encode: str) -> tuple[str | None, bytes, str]:

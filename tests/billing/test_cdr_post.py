@@ -40,11 +40,13 @@ from loadtest.fsemu.json_cdr import (
     json_text,
     post_cdr,
     replay_file,
+    settings_from_conf,
     switch_url_encode,
 )
 from tests.billing.test_ticket import priced_accept
 from tests.fsxml.test_jsoncdr import emulated
 from tests.rules.builders import World
+from tests.support import ROOT
 
 D = Decimal
 SECRET = "cdr-S3cret!"
@@ -344,3 +346,21 @@ def test_the_endpoint_dead_leaves_the_cdr_in_the_err_log_dir_in_each_encoding(
         assert result.statuses == [0] and result.backup is not None
         assert replay_file(result.backup, service.settings(encode=encode)) == 200
     assert sorted(r["uuid"] for r in stream(client, key_prefix)) == ["dead-base64", "dead-false"]
+
+
+def test_the_shipped_json_cdr_conf_posts_what_callgate_bills(
+    service: Service, decided: PricedAccept, client: redis.Redis, key_prefix: str, tmp_path: Path
+) -> None:
+    shipped = settings_from_conf(ROOT / "config" / "freeswitch" / "json_cdr.conf.xml")
+    assert shipped.encode == "false" and not shipped.disable_100_continue and shipped.cred
+    assert (shipped.retries, shipped.delay, shipped.timeout) == (2, 1.0, 3)
+    assert shipped.err_log_dir.startswith("/") and shipped.urls == ["http://127.0.0.1:8087/cdr"]
+    document, _ = a_leg(decided, "shipped-conf")
+    here = settings_from_conf(
+        ROOT / "config" / "freeswitch" / "json_cdr.conf.xml",
+        urls=[service.url],
+        cred=CRED,
+        err_log_dir=str(tmp_path),
+    )
+    assert post_cdr(document, here).statuses == [200]
+    assert [r["uuid"] for r in stream(client, key_prefix)] == ["shipped-conf"]
