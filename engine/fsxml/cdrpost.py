@@ -25,6 +25,9 @@ Outcomes (HTTP status; FreeSWITCH retries on anything but 2xx, then writes the C
   document's; 415: another content type (each logged, caller text escaped);
 * 503: no current snapshot (the accounts' ``calls_debited``), or Redis unreachable: the debit
   is not queued, so FreeSWITCH must retry.
+
+After a settle (new or repeated) the call's limit slots are released too (idempotent, best
+effort): a call whose engine died frees its concurrent-call slots at its real hangup.
 """
 
 from __future__ import annotations
@@ -91,10 +94,14 @@ class CdrReceiver:
         funds: Settles,
         accounts: Callable[[], Accounts | None],
         *,
+        release_limits: Callable[[str], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._funds = funds
         self._accounts = accounts  # None while no current snapshot
+        # The call is over: its concurrent-call slots can go now rather than wait for the
+        # reconciler when its engine died (idempotent: the engine's own release is a no-op).
+        self._release_limits = release_limits
         self._clock = clock
         self._logged: dict[str, float] = {}
         self.counts: dict[str, int] = {}
@@ -157,6 +164,7 @@ class CdrReceiver:
                 show(str(exc), 120),
             )
             return _outcome(503, "not queued, retry\n", "unavailable")
+        self._release(post.uuid)
         if not fresh:
             return _outcome(200, "already billed\n", "duplicate")
         # Not an anomaly by itself: the post often arrives before the engine's batched settle.
@@ -165,6 +173,21 @@ class CdrReceiver:
         if notes:
             log.warning("uuid=%s billed with notes: %s", show(post.uuid, 64), show("; ".join(notes), 400))
         return _outcome(200, "billed\n", "billed")
+
+    def _release(self, uuid: str) -> None:
+        """Best effort: a failure leaves the slots to the reconciler, and never fails the post
+        (the debit is queued; a retry would not help the limits)."""
+        if self._release_limits is None:
+            return
+        try:
+            self._release_limits(uuid)
+        except Exception as exc:  # LimitsUnavailable, or anything redis-py raises
+            self._warn(
+                "limits",
+                "cdr post uuid=%s: limit slots not released: %s",
+                show(uuid, 64),
+                show(str(exc), 120),
+            )
 
     def _ignored(self, post: CdrPost) -> Outcome:
         kind = _ignored_kind(post)

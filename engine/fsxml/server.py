@@ -172,7 +172,9 @@ def _reply(
     return [body]
 
 
-def build_app(config: Any, holder: Any, passwords: GatewayPasswords, funds: Any = None) -> FsxmlApp:
+def build_app(
+    config: Any, holder: Any, passwords: GatewayPasswords, funds: Any = None, release_limits: Any = None
+) -> FsxmlApp:
     """The application for ``config`` over a SnapshotHolder that builds :class:`Directory`, with
     the gateways' carrier passwords of ``passwords``; with ``funds`` (engine.billing.funds.Funds)
     it also takes FreeSWITCH's CDR posts at ``/cdr``."""
@@ -190,7 +192,9 @@ def build_app(config: Any, holder: Any, passwords: GatewayPasswords, funds: Any 
     source = SnapshotSource(holder)
     cdr = None
     if funds is not None:
-        cdr = CdrReceiver(funds, lambda: source.directory(settings.snapshot_max_age))
+        cdr = CdrReceiver(
+            funds, lambda: source.directory(settings.snapshot_max_age), release_limits=release_limits
+        )
     return FsxmlApp(settings, answers, source, lambda: passwords.loaded, cdr)
 
 
@@ -268,9 +272,11 @@ def serve(config: Any, host: str | None = None, port: int | None = None) -> int:
         client, config.redis.key_prefix, Directory.build, on_swap=on_swap, on_change=passwords.on_change
     )
     from engine.billing.funds import Funds
+    from engine.state.limits import Limiter
 
     funds = Funds(client, config.redis.key_prefix, margin_seconds=config.limits.margin_seconds)
-    app = build_app(config, holder, passwords, funds)
+    limiter = Limiter(client, config.redis.key_prefix, margin_seconds=config.limits.margin_seconds)
+    app = build_app(config, holder, passwords, funds, limiter.release)
     stop = gevent.event.Event()
     watcher = gevent.spawn(holder.run, stop, config.engine.snapshot_poll_interval)
     reader = gevent.spawn(passwords.run, stop)

@@ -21,6 +21,7 @@ import redis
 
 from engine.billing.funds import Funds
 from engine.state.keys import funds_call_key
+from engine.state.limits import Limiter
 from engine.sync.cdrs import CdrWriter
 from loadtest.fsemu import CallSpec, Switch, place_call
 from loadtest.fsemu.json_cdr import CdrSettings, cdr_document, post_cdr
@@ -182,6 +183,8 @@ def test_engine_killed_with_an_answered_call_up_is_billed_once_from_freeswitchs_
     # The engine never settled the call: its reservation still holds the funds.
     assert client.hget(funds_call_key(prefix, spec.uuid), "st") is None
     assert funds.account(account_id(db, RESOLD)).reserved > 0
+    limiter = Limiter(client, prefix)
+    assert spec.uuid in limiter.counted_calls()  # and its concurrent-call slot
 
     posted = post_cdr(cdr_document(result, spec, switch), settings(fsxml))
     assert posted.delivered, posted.statuses
@@ -190,6 +193,7 @@ def test_engine_killed_with_an_answered_call_up_is_billed_once_from_freeswitchs_
     assert balance(db, RESOLD) == customer_before - customer_debit
     assert balance(db, RESELLER) == reseller_before - reseller_debit
     assert funds.account(account_id(db, RESOLD)).reserved == 0  # the settle released the reservation
+    assert spec.uuid not in limiter.counted_calls()  # the post released the slot too
 
     # FreeSWITCH posting again (a retry whose 200 was lost, a replay of the err-log-dir): no-op.
     assert post_cdr(cdr_document(result, spec, switch), settings(fsxml)).statuses == [200]

@@ -67,13 +67,17 @@ class Service:
     """The fsxml application with its /cdr endpoint on a loopback port."""
 
     def __init__(
-        self, funds: Funds, catalog: Catalog | None, allowed: tuple[str, ...] = ("127.0.0.1/32",)
+        self,
+        funds: Funds,
+        catalog: Catalog | None,
+        allowed: tuple[str, ...] = ("127.0.0.1/32",),
+        release_limits: Any = None,
     ) -> None:
         settings = FsxmlSettings(
             allowed_networks=allowed, username="freeswitch", password=SECRET, max_body_bytes=65536
         )
         self.snapshot = _Directory(catalog)
-        self.receiver = CdrReceiver(funds, self.snapshot)
+        self.receiver = CdrReceiver(funds, self.snapshot, release_limits=release_limits)
         app = FsxmlApp(settings, Answers(""), None, cdr=self.receiver)  # type: ignore[arg-type]
         self.server = WSGIServer(("127.0.0.1", 0), app, log=None)
         self.server.start()
@@ -364,3 +368,28 @@ def test_the_shipped_json_cdr_conf_posts_what_callgate_bills(
     )
     assert post_cdr(document, here).statuses == [200]
     assert [r["uuid"] for r in stream(client, key_prefix)] == ["shipped-conf"]
+
+
+def test_a_settled_post_releases_the_calls_limit_slots_and_a_failed_release_does_not_fail_it(
+    funds: Funds, world: World, decided: PricedAccept, client: redis.Redis, key_prefix: str
+) -> None:
+    released: list[str] = []
+    service = Service(funds, world.catalog(), release_limits=released.append)
+    try:
+        document, _ = a_leg(decided, "slots")
+        assert post_cdr(document, service.settings()).statuses == [200]
+        assert post_cdr(document, service.settings()).statuses == [200]  # already billed: released again
+        assert released == ["slots", "slots"]
+    finally:
+        service.stop()
+
+    def broken(uuid: str) -> None:
+        raise redis.exceptions.ConnectionError("limits Redis away")
+
+    service = Service(funds, world.catalog(), release_limits=broken)
+    try:
+        document, _ = a_leg(decided, "slots-broken")
+        assert post_cdr(document, service.settings()).statuses == [200]  # the debit is queued
+        assert service.receiver.counts == {"billed": 1}
+    finally:
+        service.stop()
