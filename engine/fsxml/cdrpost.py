@@ -20,7 +20,8 @@ Outcomes (HTTP status; FreeSWITCH retries on anything but 2xx, then writes the C
 * 200 ``billed``: settled now; 200 ``already billed``: the engine (or an earlier post) did;
 * 200 ``ignored``: nothing to bill: a B-leg, a call callgate refused (the engine records the
   attempt itself), a call that never got a decision (``callgate_reason=ENGINE_UNREACHABLE``),
-  a channel that never went through callgate; an answered call among those is logged;
+  a call accepted without a ticket (decided without accounting), a channel that never went
+  through callgate; an answered call among those is logged;
 * 400: not a CDR, no channel uuid, a ticket that does not decode, ``?uuid=`` not the
   document's; 415: another content type (each logged, caller text escaped);
 * 503: no current snapshot (the accounts' ``calls_debited``), or Redis unreachable: the debit
@@ -83,6 +84,8 @@ def _ignored_kind(post: CdrPost) -> str:
         return "ignored_not_callgate"
     if reason == "ENGINE_UNREACHABLE":
         return "ignored_no_decision"
+    if reason in ("ACCEPTED", "ROUTES_FAILED"):
+        return "ignored_no_ticket"  # decided without accounting (or by an engine without tickets)
     return "ignored_rejected"
 
 

@@ -25,7 +25,8 @@ from gevent.pywsgi import WSGIServer
 
 from engine.billing.funds import Funds
 from engine.billing.live import LiveBilling, PricedAccept
-from engine.billing.ticket import TICKET_VARIABLE, ticket_value
+from engine.billing.rating import CallPricing, LevelPrice, RoutePrice, Tariff
+from engine.billing.ticket import TICKET_VARIABLE, BillingTicket, encode_ticket, ticket_value
 from engine.config import FsxmlSettings
 from engine.decision import DEFAULT_SIP_RESPONSES
 from engine.fsxml.cdrpost import CdrReceiver
@@ -393,3 +394,104 @@ def test_a_settled_post_releases_the_calls_limit_slots_and_a_failed_release_does
         assert service.receiver.counts == {"billed": 1}
     finally:
         service.stop()
+
+
+# --------------------------------------------------------------------------- real posts
+
+REAL = Path(__file__).resolve().parent / "json_cdr_lab"
+
+
+def real_post(prefix: str) -> tuple[dict[str, str], bytes]:
+    """(headers, body) of a request recorded from the lab's FreeSWITCH 1.10.12."""
+    (path,) = REAL.glob(f"{prefix}-*.http")
+    head, _, body = path.read_bytes().partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    headers["Target"] = lines[0].split()[1]
+    return headers, body
+
+
+def replay_real(service: Service, headers: dict[str, str], body: bytes) -> int:
+    """The recorded request as FreeSWITCH sent it (its target, type, agent), plus our credentials."""
+    auth = base64.b64encode(CRED.encode()).decode()
+    head = (
+        f"POST {headers['Target']} HTTP/1.1\r\nHost: x\r\nUser-Agent: {headers['User-Agent']}\r\n"
+        "Accept: */*\r\n"
+        f"Content-Type: {headers['Content-Type']}\r\nAuthorization: Basic {auth}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    sock = gsocket.create_connection(("127.0.0.1", service.server.server_port), timeout=5)
+    try:
+        sock.sendall(head.encode() + body)
+        return int(sock.recv(4096).split()[1])
+    finally:
+        sock.close()
+
+
+def test_real_posts_without_a_ticket_are_read_and_ignored_for_what_they_are(
+    service: Service, client: redis.Redis, key_prefix: str
+) -> None:
+    expected = {
+        "001": "ignored_no_ticket",  # recorded before the engine wrote tickets
+        "005": "ignored_rejected",
+        "006": "ignored_no_ticket",
+        "015": "ignored_no_ticket",
+        "017": "ignored_no_ticket",
+        "029": "ignored_no_decision",
+        "061": "ignored_not_callgate",
+    }
+    for prefix, kind in expected.items():
+        headers, body = real_post(prefix)
+        assert headers["Content-Type"] == "application/x-www-form-urlencoded" and body[:1] == b"{"
+        assert replay_real(service, headers, body) == 200
+        assert service.receiver.counts.get(kind), (prefix, service.receiver.counts)
+    assert stream(client, key_prefix) == []
+
+
+def test_a_real_post_carrying_a_ticket_is_billed_on_the_leg_that_carried_it(
+    service: Service, client: redis.Redis, key_prefix: str, world: World
+) -> None:
+    """The real failover call (beta-gw1 failed, beta-gw2 answered, 2 s) as if its engine had written
+    its ticket: billed on beta's price, the second gateway named, the switch's own figures."""
+    headers, body = real_post("001")
+    document = json.loads(body)
+    tariff = Tariff(D("0.60"))
+    customer = world.customer
+    pricing = CallPricing(
+        (LevelPrice(customer.id, customer.number, 1, "44", tariff),),
+        (
+            RoutePrice(5, "beta", 3, "44", Tariff(D("0.30"), D("0.01")), ("beta-gw1", "beta-gw2")),
+            RoutePrice(6, "alpha", 4, "44", Tariff(D("0.24")), ("alpha-gw1", "alpha-gw2")),
+        ),
+        61,
+    )
+    ticket = BillingTicket(
+        customer.id, customer.number, (customer.id,), "outbound", "Alice", "442079460123", None, pricing
+    )
+    document["variables"][TICKET_VARIABLE] = encode_ticket(ticket)
+    assert replay_real(service, headers, json.dumps(document, separators=(",", ":")).encode()) == 200
+    (record,) = stream(client, key_prefix)
+    variables = document["variables"]
+    assert record["uuid"] == variables["uuid"] and record["billsec"] == int(variables["billsec"]) == 2
+    assert (record["trunk_name"], record["gateway"]) == ("beta", "beta-gw2")
+    assert record["customer_debit"] == "0.020000" and record["carrier_cost"] == "0.020000"
+    assert record["started_at"].startswith("2026-12-06T") and record["hangup_cause"] == "NORMAL_CLEARING"
+    assert record["dialled"] == document["callflow"][0]["caller_profile"]["destination_number"]
+    assert record["notes"] == []
+
+
+def test_the_emulators_document_has_the_real_documents_shape() -> None:
+    """Same keys at every level FreeSWITCH writes (values differ: another call, another switch)."""
+    _, body = real_post("017")
+    real = json.loads(body)
+    emulated_doc, _ = emulated("allotted_timeout_wire.txt")
+    assert list(emulated_doc) == list(real)
+    assert list(emulated_doc["channel_data"]) == list(real["channel_data"])
+    assert set(emulated_doc["callStats"]["audio"]["inbound"]) == set(real["callStats"]["audio"]["inbound"])
+    assert set(emulated_doc["callStats"]["audio"]["outbound"]) == set(real["callStats"]["audio"]["outbound"])
+    ours, theirs = emulated_doc["callflow"][0], real["callflow"][0]
+    assert list(ours) == list(theirs)
+    assert list(ours["times"]) == list(theirs["times"])
+    profile = [k for k in theirs["caller_profile"] if k != "originatee"]
+    assert [k for k in ours["caller_profile"] if k != "originatee"] == profile
+    assert list(real["app_log"]["applications"][0]) == list(emulated_doc["app_log"]["applications"][0])
