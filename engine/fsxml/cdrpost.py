@@ -107,12 +107,29 @@ class CdrReceiver:
         self._release_limits = release_limits
         self._clock = clock
         self._logged: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  # outcome kind -> posts since start
+        self._summary_at = clock()
+        self._summarised: dict[str, int] = {}
 
     def receive(self, body: bytes, content_type: str, query_uuid: str | None) -> Outcome:
         outcome = self._receive(body, content_type, query_uuid)
         self.counts[outcome.kind] = self.counts.get(outcome.kind, 0) + 1
+        self._summary()
         return outcome
+
+    def _summary(self) -> None:
+        """One INFO line a minute with what the posts did since the last one (no line per post:
+        every call posts; the service serves no metrics)."""
+        now = self._clock()
+        if now - self._summary_at < _LOG_EVERY:
+            return
+        since = {k: v - self._summarised.get(k, 0) for k, v in self.counts.items()}
+        since = {k: v for k, v in since.items() if v}
+        if since:
+            log.info(
+                "cdr posts since the last report: %s", ", ".join(f"{k} {v}" for k, v in sorted(since.items()))
+            )
+        self._summary_at, self._summarised = now, dict(self.counts)
 
     def _receive(self, body: bytes, content_type: str, query_uuid: str | None) -> Outcome:
         if media_type(content_type) not in (*CONTENT_TYPES, ""):
@@ -171,7 +188,7 @@ class CdrReceiver:
         if not fresh:
             return _outcome(200, "already billed\n", "duplicate")
         # Not an anomaly by itself: the post often arrives before the engine's batched settle.
-        log.info("uuid=%s settled from FreeSWITCH's CDR: billsec=%d", show(post.uuid, 64), rated.billsec)
+        log.debug("uuid=%s settled from FreeSWITCH's CDR: billsec=%d", show(post.uuid, 64), rated.billsec)
         notes = (*end.anomalies, *rated.notes)
         if notes:
             log.warning("uuid=%s billed with notes: %s", show(post.uuid, 64), show("; ".join(notes), 400))

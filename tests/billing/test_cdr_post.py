@@ -495,3 +495,21 @@ def test_the_emulators_document_has_the_real_documents_shape() -> None:
     profile = [k for k in theirs["caller_profile"] if k != "originatee"]
     assert [k for k in ours["caller_profile"] if k != "originatee"] == profile
     assert list(real["app_log"]["applications"][0]) == list(emulated_doc["app_log"]["applications"][0])
+
+
+def test_one_summary_line_a_minute_and_no_line_per_post(
+    funds: Funds, world: World, decided: PricedAccept, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [1000.0]
+    receiver = CdrReceiver(funds, _Directory(world.catalog()), clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, "callgate.fsxml.cdr"):
+        for i in range(3):
+            document, _ = a_leg(decided, f"summary-{i}")
+            assert receiver.receive(json_text(document).encode(), "application/json", None).kind == "billed"
+        assert receiver.receive(json_text(document).encode(), "application/json", None).kind == "duplicate"
+        assert [r for r in caplog.records if r.levelno == logging.INFO] == []
+        now[0] += 61
+        document, _ = a_leg(decided, "summary-3")
+        receiver.receive(json_text(document).encode(), "application/json", None)
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert line == "cdr posts since the last report: billed 4, duplicate 1"
