@@ -23,7 +23,8 @@ Outcomes (HTTP status; FreeSWITCH retries on anything but 2xx, then writes the C
   a call accepted without a ticket (decided without accounting), a channel that never went
   through callgate; an answered call among those is logged;
 * 400: not a CDR, no channel uuid, a ticket that does not decode, ``?uuid=`` not the
-  document's; 415: another content type (each logged, caller text escaped);
+  document's, a debit over 10^9 (a forged billsec); 415: another content type (each logged,
+  caller text escaped);
 * 503: no current snapshot (the accounts' ``calls_debited``), or Redis unreachable: the debit
   is not queued, so FreeSWITCH must retry.
 
@@ -51,6 +52,7 @@ log = logging.getLogger("callgate.fsxml.cdr")
 PATH = "/cdr"
 _ZERO = Decimal(0)
 _LOG_EVERY = 60.0
+_MAX_DEBIT = Decimal(10**9)  # per call; Redis holds micro-units in 64-bit integers (9.2e12 units)
 
 
 class Settles(Protocol):
@@ -174,6 +176,13 @@ class CdrReceiver:
             return _ZERO if value is None else value
 
         item, rated, end = ticket_settlement(post.headers(), ticket, recorded)
+        if any(abs(d.amount) > _MAX_DEBIT for d in rated.debits) or rated.carrier_cost > _MAX_DEBIT:
+            # Only a forged post gets here (a billsec of centuries): Redis's 64-bit counters
+            # would refuse it and FreeSWITCH would be told to retry forever.
+            self._warn(
+                "absurd", "cdr post uuid=%s refused (400): debit over %s", show(post.uuid, 64), _MAX_DEBIT
+            )
+            return _outcome(400, "absurd debit\n", "malformed")
         try:
             fresh = self._funds.settle(item)
         except FundsUnavailable as exc:

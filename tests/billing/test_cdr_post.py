@@ -229,7 +229,9 @@ def test_hostile_and_malformed_posts_get_4xx_and_bill_nothing(
     negative["variables"][TICKET_VARIABLE] = (
         "1." + base64.urlsafe_b64encode(json.dumps(raw).encode()).rstrip(b"=").decode()
     )
+    centuries, _ = a_leg(decided, "centuries", billsec="999999999999999")
     cases = [
+        (centuries, "false", 400),  # Redis's counters would overflow: refused, not retried forever
         (forged, "false", 400),
         (negative, "false", 400),
         (document, "false", 400),  # the uuid cannot be logged raw: not a usable uuid
