@@ -120,10 +120,11 @@ def test_invalid_utf8_in_a_value_does_not_cost_the_call_its_billing() -> None:
 def test_real_posts_recorded_on_the_lab_switch_are_read() -> None:
     """tests/fixtures/json_cdr (lab14's recordings: a whole HTTP request, or the body alone).
     tests/billing/json_cdr_lab holds a copy of some, always tested (test_cdr_post.py)."""
-    files = sorted(p for p in LAB_FIXTURES.rglob("*") if p.is_file() and p.suffix in (".http", ".json"))
-    assert files
-    for path in files:
-        data = path.read_bytes()
+    posts = [p.read_bytes() for p in sorted(LAB_FIXTURES.rglob("*")) if p.is_file()]
+    posts = [data for data in posts if data.startswith((b"POST ", b"{"))]
+    if not posts:
+        pytest.skip("no recorded request or JSON document in tests/fixtures/json_cdr")
+    for data in posts:
         kind = "application/json"
         if data.startswith(b"POST "):
             head, _, data = data.partition(b"\r\n\r\n")
