@@ -190,31 +190,67 @@ class PyHeaderPicker:
     wants what is there. A name is 1-255 printable ASCII characters without ':' or space.
     """
 
-    __slots__ = ("_needles", "names")
+    __slots__ = ("_keys", "_prefixes", "names")
 
     def __init__(self, names: Iterable[str]) -> None:
         self.names: tuple[str, ...] = tuple(dict.fromkeys(_check_header_name(name) for name in names))
-        self._needles = tuple((name, f"{name}: ".encode()) for name in self.names)
+        self._keys = tuple((name, name.encode()) for name in self.names)
+        self._prefixes = tuple(f"{name}: ".encode() for name in self.names)
 
     def pick(self, body: bytes) -> dict[str, str]:
-        end = _BLOCK_END.search(body)
-        head = bytes(body if end is None else body[: end.start()])
+        body = bytes(body)
+        if len(self._keys) <= _FIND_AT_MOST:
+            return self._find_each(body)
+        return self._split(body)
+
+    def _find_each(self, body: bytes) -> dict[str, str]:
+        """A few names: a ``bytes.find`` each (C), no Python loop over the lines."""
         found: dict[str, str] = {}
-        for name, needle in self._needles:
-            # Measured: finding "Name: " and checking the byte before is twice as fast as
-            # finding "\nName: " (a needle starting with a newline matches at every line).
-            at = head.find(needle)
-            while at > 0 and head[at - 1] != 10:  # inside a line: not a header name
-                at = head.find(needle, at + 1)
-            if at < 0:
+        for (name, _key), prefix in zip(self._keys, self._prefixes, strict=True):
+            at = body.find(prefix)
+            while at > 0 and body[at - 1] != 10:  # inside a line, not at its start
+                at = body.find(prefix, at + 1)
+            if at < 0 or (at > 0 and _block_ended(body, at)):
                 continue
-            start = at + len(needle)
-            stop = head.find(b"\n", start)
-            raw = head[start : len(head) if stop < 0 else stop]
-            if raw.endswith(b"\r"):
-                raw = raw[:-1]
-            found[name] = decode_value(raw.decode("utf-8", errors="replace"))
+            start = at + len(prefix)
+            stop = body.find(b"\n", start)
+            found[name] = _decoded(body[start : len(body) if stop < 0 else stop])
         return found
+
+    def _split(self, body: bytes) -> dict[str, str]:
+        """Many names: one split, a ``startswith`` over all the prefixes per line (C), Python
+        only for the lines kept. A name holds no ':', so "Name: " at a line's start is the
+        line's first ": "."""
+        lines = body.split(b"\n")
+        last = len(lines) - 1  # the text after the last newline: never a terminator
+        prefixes = self._prefixes
+        raw: dict[bytes, bytes] = {}
+        for index, line in enumerate(lines):
+            if line.startswith(prefixes):
+                name, _sep, value = line.partition(b": ")
+                if name not in raw:
+                    raw[name] = value
+            elif (not line or line == b"\r") and 0 < index < last:
+                break  # the blank line that ends the header block
+        found: dict[str, str] = {}
+        for name, key in self._keys:
+            value = raw.get(key)
+            if value is not None:
+                found[name] = _decoded(value)
+        return found
+
+
+# Up to this many names, a search per name costs less than splitting the block (callgrind).
+_FIND_AT_MOST = 3
+
+
+def _block_ended(body: bytes, at: int) -> bool:
+    """Whether the header block ends before ``at`` (a blank line, ``\n\n`` or ``\n\r\n``)."""
+    return body.find(b"\n\n", 0, at) >= 0 or body.find(b"\n\r\n", 0, at) >= 0
+
+
+def _decoded(raw: bytes) -> str:
+    return decode_value(raw.removesuffix(b"\r").decode("utf-8", errors="replace"))
 
 
 def _check_header_name(name: object) -> str:
