@@ -227,16 +227,16 @@ class PyHeaderPicker:
         raw: dict[bytes, bytes] = {}
         for index, line in enumerate(lines):
             if line.startswith(prefixes):
-                name, _sep, value = line.partition(b": ")
-                if name not in raw:
-                    raw[name] = value
+                key, _sep, value = line.partition(b": ")
+                if key not in raw:
+                    raw[key] = value
             elif (not line or line == b"\r") and 0 < index < last:
                 break  # the blank line that ends the header block
         found: dict[str, str] = {}
-        for name, key in self._keys:
-            value = raw.get(key)
-            if value is not None:
-                found[name] = _decoded(value)
+        for name, wanted in self._keys:
+            kept = raw.get(wanted)
+            if kept is not None:
+                found[name] = _decoded(kept)
         return found
 
 
