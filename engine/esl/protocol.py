@@ -218,29 +218,26 @@ class PyHeaderPicker:
         return found
 
     def _split(self, body: bytes) -> dict[str, str]:
-        """Many names: one split, a ``startswith`` over all the prefixes per line (C), Python
-        only for the lines kept. A name holds no ':', so "Name: " at a line's start is the
-        line's first ": "."""
-        lines = body.split(b"\n")
-        last = len(lines) - 1  # the text after the last newline: never a terminator
-        prefixes = self._prefixes
-        raw: dict[bytes, bytes] = {}
-        for index, line in enumerate(lines):
-            if line.startswith(prefixes):
-                key, _sep, value = line.partition(b": ")
-                if key not in raw:
-                    raw[key] = value
-            elif (not line or line == b"\r") and 0 < index < last:
-                break  # the blank line that ends the header block
+        """Many names: cut the header block once, then a ``bytes.find`` per name in it."""
+        end = _BLOCK_END.search(body)
+        head = body if end is None else body[: end.start()]
         found: dict[str, str] = {}
-        for name, wanted in self._keys:
-            kept = raw.get(wanted)
-            if kept is not None:
-                found[name] = _decoded(kept)
+        for (name, _key), prefix in zip(self._keys, self._prefixes, strict=True):
+            # Measured: finding "Name: " and checking the byte before it costs half as much as
+            # finding "\nName: " (a needle led by a newline matches at every line).
+            at = head.find(prefix)
+            while at > 0 and head[at - 1] != 10:  # inside a line, not at its start
+                at = head.find(prefix, at + 1)
+            if at < 0:
+                continue
+            start = at + len(prefix)
+            stop = head.find(b"\n", start)
+            found[name] = _decoded(head[start : len(head) if stop < 0 else stop])
         return found
 
 
-# Up to this many names, a search per name costs less than splitting the block (callgrind).
+# Up to this many names a search per name in the whole body costs less than cutting the
+# header block first (a regex pass over the body: callgrind).
 _FIND_AT_MOST = 3
 
 
