@@ -306,11 +306,15 @@ class FsxmlSettings:
     cacheable_ms: int = 0  # FreeSWITCH may cache each user answer this long; 0 = ask every time
     snapshot_max_age: float = 60.0  # answer 503 once Redis has not confirmed the snapshot this long
     max_body_bytes: int = 262144  # a user_call lookup carries the call's variables
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9186  # Prometheus /metrics of `callgate fsxml`; 0 disables
 
     def __post_init__(self) -> None:
         problems: list[str] = []
         if not 0 <= self.listen_port <= 65535:
             problems.append("listen_port must be 0-65535")
+        if not 0 <= self.metrics_port <= 65535:
+            problems.append("metrics_port must be 0-65535")
         if self.domain and not _SIP_DOMAIN.match(self.domain):
             problems.append(f"domain {self.domain!r} is not a host name")
         for network in self.allowed_networks:

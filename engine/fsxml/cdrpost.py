@@ -121,7 +121,7 @@ class CdrReceiver:
 
     def _summary(self) -> None:
         """One INFO line a minute with what the posts did since the last one (no line per post:
-        every call posts; the service serves no metrics)."""
+        every call posts; Prometheus counts them, engine.fsxml.metrics)."""
         now = self._clock()
         if now - self._summary_at < _LOG_EVERY:
             return

@@ -79,8 +79,8 @@ class Service:
         )
         self.snapshot = _Directory(catalog)
         self.receiver = CdrReceiver(funds, self.snapshot, release_limits=release_limits)
-        app = FsxmlApp(settings, Answers(""), None, cdr=self.receiver)  # type: ignore[arg-type]
-        self.server = WSGIServer(("127.0.0.1", 0), app, log=None)
+        self.app = FsxmlApp(settings, Answers(""), None, cdr=self.receiver)  # type: ignore[arg-type]
+        self.server = WSGIServer(("127.0.0.1", 0), self.app, log=None)
         self.server.start()
         self.url = f"http://127.0.0.1:{self.server.server_port}/cdr"
 
@@ -515,3 +515,68 @@ def test_one_summary_line_a_minute_and_no_line_per_post(
         receiver.receive(json_text(document).encode(), "application/json", None)
     (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert line == "cdr posts since the last report: billed 4, duplicate 1"
+
+
+def cdr_posts_counted(service: Service) -> dict[str, float]:
+    registry = service.app.metrics.registry
+    return {
+        outcome: registry.get_sample_value("callgate_fsxml_cdr_posts_total", {"outcome": outcome}) or 0.0
+        for outcome in ("billed", "already_billed", "ignored", "malformed", "refused", "unavailable", "other")
+    }
+
+
+def test_cdr_posts_are_counted_by_outcome_for_prometheus(
+    service: Service,
+    decided: PricedAccept,
+    client: redis.Redis,
+    key_prefix: str,
+    world: World,
+    tmp_path: Path,
+) -> None:
+    document, _ = a_leg(decided, "counted")
+    assert post_cdr(document, service.settings()).statuses == [200]
+    assert post_cdr(document, service.settings()).statuses == [200]
+    b_leg = b_leg_document(document, "counted-b", "gw-b", billsec="3")
+    assert post_cdr(b_leg, service.settings()).statuses == [200]
+    assert _raw_post(service, b"{not json", "application/json") == 400
+    assert post_cdr(document, service.settings(cred="freeswitch:wrong")).statuses == [401]
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    away = Service(Funds(dead, key_prefix), world.catalog())
+    try:
+        other, _ = a_leg(decided, "counted-away")
+        assert post_cdr(other, away.settings()).statuses == [503]
+        assert cdr_posts_counted(away)["unavailable"] == 1
+    finally:
+        away.stop()
+    assert cdr_posts_counted(service) == {
+        "billed": 1,
+        "already_billed": 1,
+        "ignored": 1,
+        "malformed": 1,
+        "refused": 1,
+        "unavailable": 0,
+        "other": 0,
+    }
+    count = service.app.metrics.registry.get_sample_value(
+        "callgate_fsxml_request_duration_seconds_count", {"endpoint": "cdr"}
+    )
+    assert count == 5
+
+
+def test_the_fsxml_metrics_pass_promtool_check_metrics(service: Service, decided: PricedAccept) -> None:
+    import shutil
+    import subprocess
+
+    from prometheus_client import generate_latest
+
+    from tests.test_metrics import promtool_binary
+
+    document, _ = a_leg(decided, "linted")
+    assert post_cdr(document, service.settings()).statuses == [200]
+    text = generate_latest(service.app.metrics.registry).decode()
+    promtool = shutil.which("promtool") or promtool_binary()
+    run = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert not [line for line in (run.stdout + run.stderr).splitlines() if "callgate_" in line], run.stdout
