@@ -662,8 +662,8 @@ HEALTHY_SERIES = {
     'callgate_cdr_backlog{job="callgate-sync",instance="s1"}': "0x180",
     'callgate_cdr_lag_seconds{job="callgate-sync",instance="s1"}': "0x180",
     # one 503 (a Redis blip) retried and billed: no alert
-    f"callgate_fsxml_cdr_posts_total{{{X1},outcome=\"unavailable\"}}": "0x90 1x90",
-    f"callgate_fsxml_cdr_posts_total{{{X1},outcome=\"billed\"}}": "0+30x180",
+    f'callgate_fsxml_cdr_posts_total{{{X1},outcome="unavailable"}}': "0x90 1x90",
+    f'callgate_fsxml_cdr_posts_total{{{X1},outcome="billed"}}': "0+30x180",
 }
 # Two healthy hours, then the engine stops answering, rejects jump from 10% to 60%, decisions
 # slow down, calls are answered ENGINE_DEGRADED, the reconciler releases many calls, the sync lags.
@@ -684,7 +684,7 @@ TROUBLE_SERIES = {
     'callgate_sync_last_apply_timestamp_seconds{job="callgate-sync",instance="s1"}': "0+60x120 7200x30",
     'callgate_cdr_backlog{job="callgate-sync",instance="s1"}': "0x120 0+2000x30",
     'callgate_cdr_lag_seconds{job="callgate-sync",instance="s1"}': "0x120 0+60x30",
-    f"callgate_fsxml_cdr_posts_total{{{X1},outcome=\"unavailable\"}}": "0x120 0+6x30",
+    f'callgate_fsxml_cdr_posts_total{{{X1},outcome="unavailable"}}': "0x120 0+6x30",
 }
 ENGINE = {"job": "callgate", "instance": "e1"}
 # alert -> (its labels besides severity, the summary rendered for TROUBLE_SERIES at 135m)

@@ -114,7 +114,9 @@ def _rate_value(accept: Accept) -> str | None:
     return f"{prefix}:{plain_decimal(customer.cost_per_minute)}"
 
 
-def channel_variables(accept: Accept) -> list[tuple[str, str]]:
+def channel_variables(
+    accept: Accept, ticket_key: bytes | None = None, uuid: str = ""
+) -> list[tuple[str, str]]:
     """The variables an accepted call carries, in order, none of them empty."""
     pairs: list[tuple[str, str | None]] = [
         (REASON_VARIABLE, ACCEPTED),
@@ -135,7 +137,8 @@ def channel_variables(accept: Accept) -> list[tuple[str, str]]:
         pairs.append(("callgate_did", str(accept.did_id)))
     # What FreeSWITCH's own CDR is billed on when the engine never sees the hangup
     # (engine.billing.ticket; docs/accounting.md, "FreeSWITCH's CDR as the backstop").
-    pairs.append((TICKET_VARIABLE, ticket_value(accept)))
+    # Signed for this call's uuid when [billing] ticket_keys is set.
+    pairs.append((TICKET_VARIABLE, ticket_value(accept, ticket_key, uuid)))
     pairs.append(("continue_on_fail", "true"))
     pairs.append(("hangup_after_bridge", "true"))
     # FreeSWITCH matches cause names exactly (case aside): the common spelling "alloted_timeout"
@@ -166,8 +169,8 @@ def respond_batch(variables: list[tuple[str, str]], code: int, text: str) -> Bat
     return _batch([*_preamble(), *assignments(variables), sendmsg_execute("respond", f"{code} {text}")])
 
 
-def accept_batch(accept: Accept) -> Batch:
-    return bridge_batch(channel_variables(accept), dial_string(accept))
+def accept_batch(accept: Accept, ticket_key: bytes | None = None, uuid: str = "") -> Batch:
+    return bridge_batch(channel_variables(accept, ticket_key, uuid), dial_string(accept))
 
 
 def reject_batch(reject: Reject, code: int, text: str) -> Batch:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.call.channel import call_request
 from engine.call.render import accept_batch, reject_batch, routes_failed_batch
@@ -142,6 +142,7 @@ class SessionSettings:
     connect_timeout: float = 2.0
     reply_timeout: float = 2.0
     hangup_timeout: float = 14400.0
+    ticket_key: bytes | None = field(default=None, repr=False)  # signs callgate_bill ([billing] ticket_keys)
 
 
 SipResponse = Callable[[Reason], tuple[int, str]]
@@ -191,7 +192,8 @@ class CallSession:
         self.decision = decision
         settings = self._settings
         if isinstance(decision, Accept):
-            batch = accept_batch(decision)
+            uuid = self.request.uuid if self.request is not None else ""
+            batch = accept_batch(decision, settings.ticket_key, uuid)
             self.phase = Phase.COMMITTED
             self.holds_slots = True
             release: list[Action] = []

@@ -42,6 +42,7 @@ CDR_OUTCOMES = (
     "ignored",
     "malformed",  # 400 / 415 / 413 / 405: FreeSWITCH keeps it in its err-log-dir, never billed
     "refused",  # 403 / 401: a source or credentials the endpoint does not accept
+    "bad_signature",  # a ticket whose signature does not verify ([billing] ticket_keys; 400)
     "unavailable",  # 503: not billed yet, FreeSWITCH retries then writes its err-log-dir
 )
 ENDPOINTS = ("fsxml", "cdr", OTHER)
@@ -51,7 +52,12 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 # CdrReceiver's outcome kinds -> the label (ignored_* collapse into one value).
-_CDR_KIND = {"billed": "billed", "duplicate": "already_billed", "malformed": "malformed"}
+_CDR_KIND = {
+    "billed": "billed",
+    "duplicate": "already_billed",
+    "malformed": "malformed",
+    "bad_signature": "bad_signature",
+}
 
 
 def cdr_outcome(kind: str) -> str:

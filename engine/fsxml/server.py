@@ -238,8 +238,13 @@ def build_app(
     source = SnapshotSource(holder)
     cdr = None
     if funds is not None:
+        from engine.billing.ticket import ticket_keys
+
         cdr = CdrReceiver(
-            funds, lambda: source.directory(settings.snapshot_max_age), release_limits=release_limits
+            funds,
+            lambda: source.directory(settings.snapshot_max_age),
+            release_limits=release_limits,
+            ticket_keys=ticket_keys(config.billing.ticket_keys),
         )
     return FsxmlApp(settings, answers, source, lambda: passwords.loaded, cdr, metrics)
 
@@ -318,6 +323,7 @@ def serve(config: Any, host: str | None = None, port: int | None = None) -> int:
         client, config.redis.key_prefix, Directory.build, on_swap=on_swap, on_change=passwords.on_change
     )
     from engine.billing.funds import Funds
+    from engine.billing.ticket import log_ticket_signing
     from engine.fsxml.metrics import serve_metrics
     from engine.state.limits import Limiter
 
@@ -335,6 +341,7 @@ def serve(config: Any, host: str | None = None, port: int | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
     print(f"callgate fsxml listening on http://{address[0]}:{server.server_port}{PATH}", flush=True)
+    log_ticket_signing(log, config.billing.ticket_keys, "the CDR endpoint accepts")
     if not settings.domain:
         log.warning("fsxml.domain is empty: no directory is served (every user lookup is 'not found')")
     try:

@@ -73,12 +73,15 @@ class Service:
         catalog: Catalog | None,
         allowed: tuple[str, ...] = ("127.0.0.1/32",),
         release_limits: Any = None,
+        ticket_keys: tuple[bytes, ...] = (),
     ) -> None:
         settings = FsxmlSettings(
             allowed_networks=allowed, username="freeswitch", password=SECRET, max_body_bytes=65536
         )
         self.snapshot = _Directory(catalog)
-        self.receiver = CdrReceiver(funds, self.snapshot, release_limits=release_limits)
+        self.receiver = CdrReceiver(
+            funds, self.snapshot, release_limits=release_limits, ticket_keys=ticket_keys
+        )
         self.app = FsxmlApp(settings, Answers(""), None, cdr=self.receiver)  # type: ignore[arg-type]
         self.server = WSGIServer(("127.0.0.1", 0), self.app, log=None)
         self.server.start()
@@ -580,3 +583,50 @@ def test_the_fsxml_metrics_pass_promtool_check_metrics(service: Service, decided
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert not [line for line in (run.stdout + run.stderr).splitlines() if "callgate_" in line], run.stdout
+
+
+TICKET_KEY = "t" * 40
+OLD_TICKET_KEY = "o" * 40
+
+
+def test_with_ticket_keys_only_a_ticket_signed_for_the_cdrs_own_call_bills(
+    funds: Funds,
+    world: World,
+    decided: PricedAccept,
+    client: redis.Redis,
+    key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    new, old = TICKET_KEY.encode(), OLD_TICKET_KEY.encode()
+    signing = Service(funds, world.catalog(), ticket_keys=(new, old))  # rotating: both accepted
+    try:
+        signed = ticket_value(decided, new, "signed")
+        by_old_key = ticket_value(decided, old, "old-key")
+        good = [a_leg(decided, "signed", **{TICKET_VARIABLE: signed})[0]]
+        good.append(a_leg(decided, "old-key", **{TICKET_VARIABLE: by_old_key})[0])
+        forged = [
+            a_leg(decided, "copied", **{TICKET_VARIABLE: signed})[0],  # another call's genuine ticket
+            a_leg(decided, "unsigned")[0],  # what anyone can write
+            a_leg(decided, "other-key", **{TICKET_VARIABLE: ticket_value(decided, b"x" * 40, "other-key")})[
+                0
+            ],
+        ]
+        with caplog.at_level(logging.DEBUG):
+            assert [post_cdr(d, signing.settings()).statuses for d in good] == [[200], [200]]
+            assert [post_cdr(d, signing.settings()).statuses for d in forged] == [[400]] * 3
+        assert signing.receiver.counts == {"billed": 2, "bad_signature": 3}
+        registry = signing.app.metrics.registry
+        assert registry.get_sample_value("callgate_fsxml_cdr_posts_total", {"outcome": "bad_signature"}) == 3
+        assert sorted(r["uuid"] for r in stream(client, key_prefix)) == ["old-key", "signed"]
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert "signature" in logged and TICKET_KEY not in logged and OLD_TICKET_KEY not in logged
+        # Without keys the endpoint does not check: a signed ticket bills like an unsigned one.
+        unchecked = Service(funds, world.catalog())
+        try:
+            late = a_leg(decided, "unchecked", **{TICKET_VARIABLE: ticket_value(decided, new, "x")})[0]
+            assert post_cdr(late, unchecked.settings()).statuses == [200]
+            assert unchecked.receiver.counts == {"billed": 1}
+        finally:
+            unchecked.stop()
+    finally:
+        signing.stop()
