@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
-from engine.billing.calls import ticket_settlement
+from engine.billing.calls import MAX_DEBIT, over_max_debit, ticket_settlement
 from engine.billing.funds import FundsUnavailable, Settlement
 from engine.billing.ticket import TICKET_VARIABLE, BadSignature, BadTicket, decode_ticket, verify_ticket
 from engine.fsxml.jsoncdr import CONTENT_TYPES, CdrPost, MalformedCdr, media_type, read_post
@@ -53,7 +53,6 @@ log = logging.getLogger("callgate.fsxml.cdr")
 PATH = "/cdr"
 _ZERO = Decimal(0)
 _LOG_EVERY = 60.0
-_MAX_DEBIT = Decimal(10**9)  # per call; Redis holds micro-units in 64-bit integers (9.2e12 units)
 
 
 class Settles(Protocol):
@@ -191,11 +190,11 @@ class CdrReceiver:
             return _ZERO if value is None else value
 
         item, rated, end = ticket_settlement(post.headers(), ticket, recorded)
-        if any(abs(d.amount) > _MAX_DEBIT for d in rated.debits) or rated.carrier_cost > _MAX_DEBIT:
+        if over_max_debit(rated):
             # Only a forged post gets here (a billsec of centuries): Redis's 64-bit counters
             # would refuse it and FreeSWITCH would be told to retry forever.
             self._warn(
-                "absurd", "cdr post uuid=%s refused (400): debit over %s", show(post.uuid, 64), _MAX_DEBIT
+                "absurd", "cdr post uuid=%s refused (400): debit over %s", show(post.uuid, 64), MAX_DEBIT
             )
             return _outcome(400, "absurd debit\n", "malformed")
         try:

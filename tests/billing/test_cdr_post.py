@@ -630,3 +630,38 @@ def test_with_ticket_keys_only_a_ticket_signed_for_the_cdrs_own_call_bills(
             unchecked.stop()
     finally:
         signing.stop()
+
+
+def test_the_engines_hangup_refuses_a_debit_over_the_cap_and_the_calls_batched_with_it_settle(
+    decided: PricedAccept,
+    world: World,
+    funds: Funds,
+    client: redis.Redis,
+    key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """FreeSWITCH reporting a billsec of centuries to the engine: the settle script would fail on
+    Redis's 64-bit counters and the settler would retry its whole batch forever."""
+    import threading
+
+    from engine.billing.settler import Settler
+
+    catalog = world.catalog()
+    settler = Settler(funds)
+    billing = LiveBilling(settler, lambda: catalog, DEFAULT_SIP_RESPONSES.__getitem__)
+    _, absurd = a_leg(decided, "centuries", billsec="999999999999999")
+    _, normal = a_leg(decided, "normal")
+    spent = funds.account(world.customer.id).spent or D(0)
+    with caplog.at_level(logging.ERROR, "callgate.billing"):
+        for event in (absurd, normal):
+            request = CallRequest(uuid=event["Unique-ID"], destination="442071234567")
+            billing.bill(request, decided, event)
+    assert settler.pending == 1  # the absurd call was never queued
+    stop = threading.Event()
+    stop.set()
+    settler.run(stop)  # drains what is queued, one attempt
+    assert settler.settled == 1 and settler.failures == 0
+    assert [r["uuid"] for r in stream(client, key_prefix)] == ["normal"]
+    assert funds.account(world.customer.id).spent == spent + D(stream(client, key_prefix)[0]["debits"][0][2])
+    [line] = [r.getMessage() for r in caplog.records if "centuries" in r.getMessage()]
+    assert "not billed: debit over 1000000000" in line and '"uuid": "centuries"' in line
