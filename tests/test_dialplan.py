@@ -58,3 +58,28 @@ def test_the_reason_the_dialplan_records_is_the_one_the_engine_replaces() -> Non
     from engine.call.render import ENGINE_UNREACHABLE, REASON_VARIABLE
 
     assert ("set", f"{REASON_VARIABLE}={ENGINE_UNREACHABLE}") in actions()
+
+
+def guard_seconds() -> int:
+    """N of the frozen-engine guard, `sched_hangup +N NETWORK_OUT_OF_ORDER`."""
+    [data] = [data for app, data in actions() if app == "sched_hangup"]
+    when, cause = data.split()
+    assert cause == "NETWORK_OUT_OF_ORDER"  # 503 to the caller (mod_sofia hangup_cause_to_sip)
+    assert when.startswith("+") and when[1:].isdigit()  # relative, whole seconds (atol)
+    return int(when[1:])
+
+
+def test_a_frozen_engine_is_bounded_by_a_guard_set_before_the_socket() -> None:
+    apps = [app for app, _ in actions()]
+    assert apps.index("sched_hangup") < apps.index("socket")
+    assert guard_seconds() < 10  # far below the ~35 s a frozen engine cost without it
+
+
+def test_the_guard_leaves_the_engine_time_to_decide() -> None:
+    """The engine cancels the guard with its decision; the slowest decision it still writes comes
+    engine.connect_timeout + engine.decision_deadline after FreeSWITCH connects, and the guard
+    must not cut that off (docs/real-switch-lab.md, "Frozen engine")."""
+    from engine.config import Config
+
+    engine = Config().engine
+    assert guard_seconds() >= engine.connect_timeout + engine.decision_deadline + 1.0
