@@ -30,10 +30,11 @@ def test_without_an_engine_the_call_is_rejected_never_bridged() -> None:
     assert "bridge" not in apps
 
 
-def test_a_parked_call_nobody_decides_ends_with_a_503_cause() -> None:
-    steps = actions()
-    park_timeout = steps.index(("set", "park_timeout=10:NETWORK_OUT_OF_ORDER"))
-    assert park_timeout < [app for app, _ in steps].index("socket")
+def test_no_park_timeout_cuts_a_long_ringing_call() -> None:
+    """On the real switch a park timeout fired when a bridge that rang longer than it failed:
+    the caller got NETWORK_OUT_OF_ORDER (503) instead of the bridge's cause. The guard bounds a
+    frozen engine instead (tests/call/test_switch_defects_e2e.py reproduces both)."""
+    assert not [data for app, data in actions() if data.startswith("park_timeout")]
 
 
 def test_no_other_callgate_service_listens_on_an_engine_port() -> None:

@@ -371,6 +371,10 @@ class CallSpec:
     # away without deciding), e.g. "respond 503 Service Unavailable". "": nothing follows
     # `socket`, the channel hangs up NORMAL_CLEARING.
     after_socket: str = ""
+    # `park_timeout` as the dialplan sets it before `socket` ("<seconds>[:<cause>]", "": none).
+    # switch_ivr_park reads it once when the park starts and checks it after every turn of its
+    # loop, including right after a bridge it ran returns.
+    park_timeout: str = ""
 
 
 @dataclass
@@ -572,10 +576,8 @@ class Switch:
     def _sched_del(self, arg: str) -> str:
         """mod_commands' sched_del: a task id or a group (a channel's scheduled hangups are
         filed under its UUID); the reply counts the tasks deleted, 0 included."""
-        if not arg:
-            return "-ERR Invalid syntax\n"
-        count = 0
-        if not arg.isdigit():  # task ids are not emulated: none matches
+        count = 0  # no argument: FreeSWITCH 1.10.12 answers "+OK Deleted: 0" too
+        if arg and not arg.isdigit():  # task ids are not emulated: none matches
             for ch in list(self.channels.values()):
                 if ch.uuid == arg:
                     count += ch.delete_scheduled()
@@ -1102,6 +1104,8 @@ class Channel(EslConnection):
         self._t_connect = 0.0
         self._t_start = time.monotonic()
         self._after_socket_run = False
+        self._park_expires: float | None = None
+        self._park_timeout_cause = "NORMAL_CLEARING"
         self._last_bridge_sip: int | None = None
         self._socket_app_uuid = str(uuid4())
         self._enc_static: templates.Encoded | None = None
@@ -1561,6 +1565,7 @@ class Channel(EslConnection):
                     done.set()
                 if self._hungup:
                     break
+                self._check_park_timeout()
                 continue
             if not self.controlled:
                 # the socket is gone: park returns and the dialplan goes on after `socket`
@@ -1577,7 +1582,9 @@ class Channel(EslConnection):
                 continue
             self._kick.clear()
             if self._pending is None and not self._msgs and self.controlled:
-                self._kick.wait()
+                expires = self._park_expires
+                self._kick.wait(None if expires is None else max(0.0, expires - time.monotonic()))
+                self._check_park_timeout()
         if self._sync_done is not None:  # a sync sendmsg that will never run
             self._sync_done.set()
         self._finish_hangup()
@@ -1588,7 +1595,18 @@ class Channel(EslConnection):
 
     def _park(self) -> None:
         self._park_emitted = True
+        timeout, _, cause = self.spec.park_timeout.partition(":")
+        if timeout.strip():
+            self._park_expires = time.monotonic() + float(timeout)
+            self._park_timeout_cause = str2cause(cause or None, default="NORMAL_CLEARING")
         self._fire("CHANNEL_PARK")
+
+    def _check_park_timeout(self) -> None:
+        """switch_ivr_park: past park_timeout, the parked channel hangs up with its cause, even
+        when a bridge the park ran has just failed and the engine's own hang-up is on its way."""
+        expires = self._park_expires
+        if expires is not None and time.monotonic() >= expires and not self._hungup:
+            self.request_hangup(self._park_timeout_cause, self._local_disposition())
 
     def _process(self, cmd: wire.Command) -> None:
         cc = (cmd.header("call-command") or "").lower()

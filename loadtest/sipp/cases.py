@@ -214,6 +214,19 @@ def lab_cases(max_duration: float, pdd_calls: int) -> list[Case]:
             fx.DEAD_PREFIX + "0001",
             _one("503", max_final_ms=5000),
         ),
+        # The "Caution" of docs/real-switch-lab.md: the dialplan's park_timeout (10 s) against a
+        # bridge that rings longer (the lab trunks' leg_timeout is 30 s) and then fails. callgate's
+        # own hang-up must give the caller the bridge's cause, with ROUTES_FAILED in the CDR.
+        Case(
+            "ring-timeout",
+            "failover",
+            "gateway rings past the park timeout, leg times out: the bridge's cause, not park's",
+            LAB,
+            fx.RING_PREFIX + "0002",
+            _one("480", "ROUTES_FAILED", max_final_ms=40000),
+            slow=True,
+            wait_seconds=60,
+        ),
         Case(
             "max-duration",
             "duration",

@@ -278,3 +278,39 @@ def test_the_max_duration_hangup_survives_the_guard_cancel(environment, tmp_path
     assert result.commands[1] == f"api sched_del {result.uuid}"
     assert result.hangup_cause == "ALLOTTED_TIMEOUT", (result.hangup_cause, result.error)
     assert 1 <= result.billsec <= 3
+
+
+def shipped_park_timeout() -> str:
+    """The `park_timeout` dialplan/callgate.xml sets before `socket` ("" when none)."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(Path(__file__).resolve().parents[2] / "dialplan" / "callgate.xml").getroot()
+    values = [a.get("data", "") for a in root.iter("action") if a.get("data", "").startswith("park_timeout=")]
+    return values[0].partition("=")[2] if values else ""
+
+
+def ringing_then_failing(park_timeout: str) -> CallSpec:
+    # Every leg rings 1.5 s and then fails NO_ANSWER (480 to the caller).
+    return guarded(
+        park_timeout=park_timeout,
+        answering_targets=lambda target: "NO_ANSWER",
+        failed_leg_seconds=1.5,
+    )
+
+
+def test_a_park_timeout_cuts_a_long_failed_bridge_as_the_real_switch_did(engine: EngineProcess) -> None:
+    """Reproduces the real switch (docs/real-switch-lab.md, "ring-timeout"): with park_timeout=10
+    a route that rang until its 30 s leg timeout got the caller 503 NETWORK_OUT_OF_ORDER instead
+    of the bridge's cause. Here: 1 s against 1.5 s of ringing."""
+    result = place_call("127.0.0.1", engine.port, ringing_then_failing("1:NETWORK_OUT_OF_ORDER"), timeout=10)
+    assert result.hangup_cause == "NETWORK_OUT_OF_ORDER" and result.sip_response == (
+        503,
+        "Service Unavailable",
+    )
+
+
+def test_the_shipped_dialplan_lets_a_long_failed_bridge_keep_its_cause(engine: EngineProcess) -> None:
+    result = place_call("127.0.0.1", engine.port, ringing_then_failing(shipped_park_timeout()), timeout=10)
+    assert result.error is None
+    assert result.hangup_cause == "NO_ANSWER" and result.sip_response == (480, "Temporarily Unavailable")
+    assert result.channel_variables["callgate_reason"] == "ROUTES_FAILED"
