@@ -303,10 +303,8 @@ def test_a_park_timeout_cuts_a_long_failed_bridge_as_the_real_switch_did(engine:
     a route that rang until its 30 s leg timeout got the caller 503 NETWORK_OUT_OF_ORDER instead
     of the bridge's cause. Here: 1 s against 1.5 s of ringing."""
     result = place_call("127.0.0.1", engine.port, ringing_then_failing("1:NETWORK_OUT_OF_ORDER"), timeout=10)
-    assert result.hangup_cause == "NETWORK_OUT_OF_ORDER" and result.sip_response == (
-        503,
-        "Service Unavailable",
-    )
+    assert result.hangup_cause == "NETWORK_OUT_OF_ORDER"
+    assert result.sip_response == (503, "Service Unavailable")
 
 
 def test_the_shipped_dialplan_lets_a_long_failed_bridge_keep_its_cause(engine: EngineProcess) -> None:
