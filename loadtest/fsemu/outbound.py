@@ -1105,6 +1105,7 @@ class Channel(EslConnection):
         self._t_start = time.monotonic()
         self._after_socket_run = False
         self._park_expires: float | None = None
+        self._orphan_park = False  # parked after the socket had already closed (no decision)
         self._park_timeout_cause = "NORMAL_CLEARING"
         self._last_bridge_sip: int | None = None
         self._socket_app_uuid = str(uuid4())
@@ -1568,6 +1569,20 @@ class Channel(EslConnection):
                 self._check_park_timeout()
                 continue
             if not self.controlled:
+                if spec.after_socket and self.async_mode and self.connected and not self._park_emitted:
+                    # The socket closed before any decision was queued. On the real switch the
+                    # `socket` app usually entered switch_ivr_park only after the listener had
+                    # ended, and the park set CF_CONTROLLED again itself: the call stayed parked
+                    # until the guard (3 of 4 tries; the 4th got the dialplan's 503 at once).
+                    self._park()
+                    self._orphan_park = True
+                if self._orphan_park and not self._hungup:
+                    self._kick.clear()
+                    if self._pending is None:
+                        expires = self._park_expires
+                        self._kick.wait(None if expires is None else max(0.0, expires - time.monotonic()))
+                        self._check_park_timeout()
+                    continue
                 # the socket is gone: park returns and the dialplan goes on after `socket`
                 if not self._hungup and self.connected:
                     self.result.uncontrolled = True
