@@ -203,5 +203,5 @@ def hangup_cause(text: str) -> str:
 
 def routes_failed_batch(cause: str) -> Batch:
     """After a bridge whose every leg failed: record ROUTES_FAILED, then hang the parked
-    call up with the bridge's own cause (it would otherwise wait for park_timeout)."""
+    call up with the bridge's own cause (it would otherwise stay parked)."""
     return _batch([*assignments([(REASON_VARIABLE, ROUTES_FAILED)]), sendmsg_hangup(hangup_cause(cause))])

@@ -311,7 +311,7 @@ class CallSession:
         )
 
     def _hang_up_failed_call(self, frame: Frame) -> list[Action]:
-        # Every leg failed and the call is parked (it would wait for park_timeout): record
+        # Every leg failed and the call is parked (nothing else ends the park): record
         # ROUTES_FAILED and hang up with the bridge's own cause.
         self._routes_failed = True
         cause = frame.event_header("variable_originate_disposition") or ""
