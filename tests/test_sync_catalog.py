@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import engine.rules.catalog as catalog_module
 from engine.model import (
     ENTITY_TYPES,
     Account,
@@ -34,7 +35,6 @@ from engine.model import (
     TerminationRate,
     Trunk,
 )
-import engine.rules.catalog as catalog_module
 from engine.rules.catalog import Catalog
 from engine.state.snapshot import entity_key
 

@@ -13,7 +13,7 @@ microseconds; a decision touches a handful of entities.
   an offset array. Live changes go to an **overlay** (key -> new entity, or deleted) that
   every lookup consults first; a full snapshot switch builds a new table.
 * A table may carry **secondary indexes** (accounts by number, devices by username): the
-  ``hash()`` of the field value per record, sorted, with the record positions; a lookup
+  a stable hash (CRC-32) of the field value per record, sorted, with the record positions; a lookup
   bisects the hash, decodes the few records found and compares the value.
   :class:`RankedView` serves "number -> the account that owns it" from it, choosing among
   the candidates at lookup time with the same rule ``Catalog.build`` used, so live changes
@@ -23,8 +23,9 @@ microseconds; a decision touches a handful of entities.
   tells how much to shorten), instead of one lookup per prefix length.
 
 Pure: no I/O, nothing of Redis or the codec (the rules layer imports only the model).
-``hash()`` of a string differs between processes (``PYTHONHASHSEED``): the indexes are
-built and read in one process.
+Every part of a table is a buffer (the records, and ``array``s of keys, offsets and index
+hashes) or a list of strings, so a table pickles with its buffers out of band (protocol 5)
+and loads back over a memory-mapped file without copying them (``engine.state.image``).
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import marshal
+import pickle
 import types
 import typing
+import zlib
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
@@ -131,6 +134,7 @@ class RecordCodec:
             "def decode(b):\n    t = _loads(b)\n    o = _new(_cls)\n" + "".join(decode) + "    return o\n"
         )
         exec(source, env)  # generated once per class, like dataclasses' __init__
+        self.cls = cls
         self.encode: Callable[[Any], bytes] = env["encode"]
         self.decode: Callable[[bytes], Any] = env["decode"]
 
@@ -148,17 +152,46 @@ def record_codec(cls: type) -> RecordCodec:
 # --- tables --------------------------------------------------------------------------------
 
 
+def text_hash(value: str) -> int:
+    """The hash a secondary index keeps: the same in every process (``hash()`` is not), so
+    that a table can be written once and mapped by other processes (engine.state.image)."""
+    return zlib.crc32(value.encode())
+
+
 class _Index:
-    """A secondary index: ``hash(field value)`` per record, sorted, with the record positions."""
+    """A secondary index: the :func:`text_hash` of a string field per record, sorted, with the
+    record positions (``array``, or ``memoryview`` when mapped from an image file)."""
 
     __slots__ = ("getter", "hashes", "overlay", "positions")
 
-    def __init__(self, getter: Callable[[Any], Any], values: Iterable[Any]) -> None:
+    def __init__(self, getter: Callable[[Any], str], values: Iterable[str]) -> None:
         self.getter = getter
-        pairs = sorted((hash(value), position) for position, value in enumerate(values))
-        self.hashes = array("q", [h for h, _ in pairs])
-        self.positions = array("q", [p for _, p in pairs])
+        pairs = sorted((text_hash(value), position) for position, value in enumerate(values))
+        self.hashes: Sequence[int] = array("q", [h for h, _ in pairs])
+        self.positions: Sequence[int] = array("q", [p for _, p in pairs])
         self.overlay: dict[Any, set[Any]] = {}  # field value -> keys whose overlay entity has it
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild_index, (self.getter, _buffer(self.hashes), _buffer(self.positions), self.overlay)
+
+
+def _buffer(values: Sequence[int]) -> pickle.PickleBuffer:
+    """An int array (or a mapped view of one) as a pickle buffer: out of band with protocol 5."""
+    return pickle.PickleBuffer(values)  # type: ignore[arg-type]  # array and memoryview are buffers
+
+
+def _int_view(data: Any) -> Sequence[int]:
+    """The 64-bit ints of a buffer (bytes in band, a view of the mapped file out of band), not copied."""
+    return memoryview(data).cast("B").cast("q")
+
+
+def _rebuild_index(
+    getter: Callable[[Any], str], hashes: Any, positions: Any, overlay: dict[Any, set[Any]]
+) -> _Index:
+    index = _Index.__new__(_Index)
+    index.getter, index.hashes, index.positions = getter, _int_view(hashes), _int_view(positions)
+    index.overlay = overlay
+    return index
 
 
 class PackedTable(MutableMapping[K, E], Generic[K, E]):
@@ -184,9 +217,9 @@ class PackedTable(MutableMapping[K, E], Generic[K, E]):
         for chunk in chunks:
             total += len(chunk)
             offsets.append(total)
-        self._records = b"".join(chunks)
+        self._records: Any = b"".join(chunks)  # bytes, or a view of a mapped image file
         del chunks
-        self._offsets = offsets
+        self._offsets: Sequence[int] = offsets
         self._indexes: dict[str, _Index] = {
             name: _Index(getter, (getter(entity) for _, entity in ordered))
             for name, getter in (indexes or {}).items()
@@ -196,6 +229,21 @@ class PackedTable(MutableMapping[K, E], Generic[K, E]):
         self._keys: Any = array("q", keys) if int_keys else keys
         self._overlay: dict[K, Any] = {}
         self._size = len(keys)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled with the records, offsets and int keys as buffers (out of band with protocol 5,
+        so ``engine.state.image`` maps them from its file instead of copying them)."""
+        keys = _buffer(self._keys) if not isinstance(self._keys, list) else self._keys
+        records = pickle.PickleBuffer(self._records)
+        return _rebuild_table, (
+            self._codec.cls,
+            records,
+            _buffer(self._offsets),
+            keys,
+            self._indexes,
+            self._overlay,
+            self._size,
+        )
 
     # -- base records ------------------------------------------------------------------
 
@@ -213,7 +261,7 @@ class PackedTable(MutableMapping[K, E], Generic[K, E]):
 
     # -- mapping ---------------------------------------------------------------------------
 
-    def get(self, key: K, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: K, default: Any = None) -> Any:
         overlay = self._overlay
         if overlay:
             held = overlay.get(key, _ABSENT)
@@ -299,7 +347,7 @@ class PackedTable(MutableMapping[K, E], Generic[K, E]):
         index = self._indexes[name]
         getter, overlay, found = index.getter, self._overlay, []
         hashes, positions = index.hashes, index.positions
-        wanted = hash(value)
+        wanted = text_hash(value)
         at = bisect_left(hashes, wanted)
         while at < len(hashes) and hashes[at] == wanted:
             position = positions[at]
@@ -362,6 +410,24 @@ class PackedTable(MutableMapping[K, E], Generic[K, E]):
             above = floor - 1
 
 
+def _rebuild_table(
+    cls: type,
+    records: Any,
+    offsets: Any,
+    keys: Any,
+    indexes: dict[str, _Index],
+    overlay: dict[Any, Any],
+    size: int,
+) -> PackedTable[Any, Any]:
+    table: PackedTable[Any, Any] = PackedTable.__new__(PackedTable)
+    table._codec = record_codec(cls)
+    table._records = records  # bytes, or a read-only view of the mapped file
+    table._offsets = _int_view(offsets)
+    table._keys = keys if isinstance(keys, list) else _int_view(keys)
+    table._indexes, table._overlay, table._size = indexes, overlay, size
+    return table
+
+
 def _first(pair: tuple[Any, Any]) -> Any:
     return pair[0]
 
@@ -379,7 +445,7 @@ class RankedView(Mapping[Any, E], Generic[E]):
     def __init__(self, table: PackedTable[Any, E], index: str, choose: Callable[[list[E]], E | None]) -> None:
         self._table, self._index, self._choose = table, index, choose
 
-    def get(self, value: Any, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, value: Any, default: Any = None) -> Any:
         candidates = self._table.having(self._index, value)
         if not candidates:
             return default
