@@ -197,7 +197,16 @@ def _rebuild_index(
 class PackedTable(MutableMapping[K, E], Generic[K, E]):
     """key -> entity over packed records, with an overlay for live changes (module docstring)."""
 
-    __slots__ = ("_codec", "_indexes", "_keys", "_offsets", "_overlay", "_records", "_size")
+    __slots__ = (
+        "_cache",
+        "_codec",
+        "_indexes",
+        "_keys",
+        "_offsets",
+        "_overlay",
+        "_records",
+        "_size",
+    )
 
     def __init__(
         self,
@@ -229,6 +238,7 @@ class PackedTable(MutableMapping[K, E], Generic[K, E]):
         self._keys: Any = array("q", keys) if int_keys else keys
         self._overlay: dict[K, Any] = {}
         self._size = len(keys)
+        self._cache = _Recent(self._size)
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled with the records, offsets and int keys as buffers (out of band with protocol 5,
@@ -248,8 +258,15 @@ class PackedTable(MutableMapping[K, E], Generic[K, E]):
     # -- base records ------------------------------------------------------------------
 
     def _decode_at(self, position: int) -> E:
-        offsets = self._offsets
-        entity: E = self._codec.decode(self._records[offsets[position] : offsets[position + 1]])
+        key = self._keys[position]
+        cache = self._cache
+        entity: E | None = cache.young.get(key)
+        if entity is None:
+            entity = cache.old.get(key)
+            if entity is None:
+                offsets = self._offsets
+                entity = self._codec.decode(self._records[offsets[position] : offsets[position + 1]])
+            cache.add(key, entity)
         return entity
 
     def _position(self, key: K) -> int:
@@ -267,6 +284,9 @@ class PackedTable(MutableMapping[K, E], Generic[K, E]):
             held = overlay.get(key, _ABSENT)
             if held is not _ABSENT:
                 return default if held is _DELETED else held
+        cached = self._cache.young.get(key)  # a base record read recently (not overlaid: see above)
+        if cached is not None:
+            return cached
         try:
             position = self._position(key)
         except TypeError:  # a key of another type (an int table asked for a str) is absent
@@ -425,7 +445,33 @@ def _rebuild_table(
     table._offsets = _int_view(offsets)
     table._keys = keys if isinstance(keys, list) else _int_view(keys)
     table._indexes, table._overlay, table._size = indexes, overlay, size
+    table._cache = _Recent(size)
     return table
+
+
+class _Recent:
+    """The recently decoded base records of a table (key -> entity), two generations.
+
+    A decision reads some records again and again (the providers of the trunks, the
+    termination rates of popular prefixes, a busy account). The records are immutable
+    (changes go to the overlay, looked up first), so a cached entity never goes stale.
+    Bounded: when ``young`` is full it becomes ``old`` and the previous ``old`` is dropped;
+    a hit in ``old`` moves back to ``young``, so what is read often stays (an approximate
+    LRU at the cost of a dict lookup or two). One eighth of the table, 1,024 to 8,192
+    entities per generation.
+    """
+
+    __slots__ = ("limit", "old", "young")
+
+    def __init__(self, size: int) -> None:
+        self.limit = max(1024, min(8192, size // 8))
+        self.young: dict[Any, Any] = {}
+        self.old: dict[Any, Any] = {}
+
+    def add(self, key: Any, entity: Any) -> None:
+        if len(self.young) >= self.limit:
+            self.old, self.young = self.young, {}
+        self.young[key] = entity
 
 
 def _first(pair: tuple[Any, Any]) -> Any:
