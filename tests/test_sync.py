@@ -505,9 +505,19 @@ def test_restart_maps_the_image_and_catches_up_from_the_journal(
         images = ImageStore(tmp_path, prefix, fingerprint)
         return SnapshotHolder(client, prefix, Catalog.build, subscribe=False, images=images)
 
+    def image_changes() -> int:
+        stamp = current_stamp(client, prefix)
+        assert stamp is not None
+        loaded = ImageStore(tmp_path, prefix, fingerprint).load(stamp)
+        assert loaded is not None
+        return loaded.stamp.changes
+
     first = holder()
-    first.refresh()  # built from Redis, image written
-    assert isinstance(first.current[1].accounts._records, bytes) and len(list(tmp_path.glob("*.img"))) == 1
+    first.refresh()  # built from Redis, image written, and served mapped from the image
+    assert (
+        isinstance(first.current[1].accounts._records, memoryview) and len(list(tmp_path.glob("*.img"))) == 1
+    )
+    assert image_changes() == 0
     db.execute("UPDATE accounts SET balance = 30 WHERE number = '1000000001'")
     worker.catch_up()
     restarted = holder()
@@ -516,12 +526,13 @@ def test_restart_maps_the_image_and_catches_up_from_the_journal(
     assert isinstance(catalog.accounts._records, memoryview)  # mapped, not decoded
     assert catalog.accounts_by_number["1000000001"].balance == Decimal(30)  # from the journal
     assert restarted.stamp == current_stamp(client, prefix) and restarted.confirmed_age() < 5
+    assert image_changes() == 0  # mapped, not rebuilt
     db.execute("UPDATE accounts SET balance = 31 WHERE number = '1000000001'")
     worker.catch_up()
     client.delete(sync_journal_key(prefix))  # the changes since the image are lost
     again = holder()
     assert again.refresh() is True
-    assert isinstance(again.current[1].accounts._records, bytes)  # loaded from Redis
+    assert image_changes() == 2  # loaded from Redis and written again
     assert again.current[1].accounts_by_number["1000000001"].balance == Decimal(31)
 
 

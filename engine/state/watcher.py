@@ -282,9 +282,14 @@ class SnapshotHolder(Generic[T]):
         else:
             with gc_paused(freeze=True):
                 built = self._build_tracked(raw.decode())
-        if self._images is not None and built[1]:
-            # Written before the catalogue is shared: from then on live changes alter it.
-            self._images.write(raw.stamp, (built[0], schemas))
+        if self._images is not None and built[1] and self._images.write(raw.stamp, (built[0], schemas)):
+            # Written before the catalogue is shared (from then on live changes alter it), then
+            # served from the file like every other process of the host: the pages are shared,
+            # and the private copy just built is freed.
+            mapped = self._images.load(raw.stamp)
+            if mapped is not None:
+                value: T = mapped.value[0]
+                return value, True
         return built
 
     def _load_image(self, images: ImageStore) -> bool:
