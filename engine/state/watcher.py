@@ -318,7 +318,12 @@ class SnapshotHolder(Generic[T]):
         previous = (self._state, self._stamp, self._schemas, self._incremental)
         self._state, self._stamp, self._schemas = (stamp.version, value), loaded.stamp, schemas
         self._incremental = True
-        if loaded.stamp.changes < stamp.changes and not self._catch_up_from_journal(stamp.changes):
+        try:
+            caught_up = loaded.stamp.changes == stamp.changes or self._catch_up_from_journal(stamp.changes)
+        except BaseException:  # Redis failed meanwhile: hold what was held before, as after any failure
+            self._state, self._stamp, self._schemas, self._incremental = previous
+            raise
+        if not caught_up:
             self._state, self._stamp, self._schemas, self._incremental = previous
             return False
         self.loaded_at = time.monotonic()
