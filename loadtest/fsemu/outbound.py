@@ -324,6 +324,7 @@ def sip_phrase(code: int) -> str:
 def dialstatus(cause: str) -> str:
     return _DIALSTATUS.get(cause, "CHANUNAVAIL")
 
+
 # ---------------------------------------------------------------------------
 # call description and result
 # ---------------------------------------------------------------------------
@@ -410,12 +411,43 @@ class CallResult:
 # ---------------------------------------------------------------------------
 
 SHOW_CHANNELS_COLUMNS = (
-    "uuid", "direction", "created", "created_epoch", "name", "state", "cid_name", "cid_num",
-    "ip_addr", "dest", "application", "application_data", "dialplan", "context", "read_codec",
-    "read_rate", "read_bit_rate", "write_codec", "write_rate", "write_bit_rate", "secure",
-    "hostname", "presence_id", "presence_data", "accountcode", "callstate", "callee_name",
-    "callee_num", "callee_direction", "call_uuid", "sent_callee_name", "sent_callee_num",
-    "initial_cid_name", "initial_cid_num", "initial_ip_addr", "initial_dest", "initial_dialplan",
+    "uuid",
+    "direction",
+    "created",
+    "created_epoch",
+    "name",
+    "state",
+    "cid_name",
+    "cid_num",
+    "ip_addr",
+    "dest",
+    "application",
+    "application_data",
+    "dialplan",
+    "context",
+    "read_codec",
+    "read_rate",
+    "read_bit_rate",
+    "write_codec",
+    "write_rate",
+    "write_bit_rate",
+    "secure",
+    "hostname",
+    "presence_id",
+    "presence_data",
+    "accountcode",
+    "callstate",
+    "callee_name",
+    "callee_num",
+    "callee_direction",
+    "call_uuid",
+    "sent_callee_name",
+    "sent_callee_num",
+    "initial_cid_name",
+    "initial_cid_num",
+    "initial_ip_addr",
+    "initial_dest",
+    "initial_dialplan",
     "initial_context",
 )
 
