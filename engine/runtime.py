@@ -321,6 +321,9 @@ def warn_about_settings(config: Config) -> None:
         )
     if not config.engine.allowed_networks:
         log.info("engine.allowed_networks is empty: any source may connect; firewall the engine port")
+    from engine.billing.ticket import log_ticket_signing
+
+    log_ticket_signing(log, config.billing.ticket_keys, "the engine writes")
 
 
 def raise_file_limit() -> None:
