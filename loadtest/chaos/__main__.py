@@ -6,8 +6,11 @@ monkey.patch_all()  # subprocesses, sockets and sleeps cooperate: the in-process
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+import gevent  # noqa: E402
 
 from loadtest.chaos.run import FAULTS, FULL, SHORT, markdown, run  # noqa: E402
 
@@ -19,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault", action="append", choices=sorted(FAULTS), help="only these (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the processes' logs (path printed)")
     args = parser.parse_args(argv)
+    # SIGTERM (a CI timeout): unwind, so that every server of the run is stopped by its teardown.
+    main_greenlet = gevent.getcurrent()
+    gevent.signal_handler(signal.SIGTERM, lambda: main_greenlet.throw(SystemExit(143)))
     logging.basicConfig(
         level=logging.INFO if "CHAOS_DEBUG" in __import__("os").environ else logging.WARNING,
         format="%(asctime)s %(name)s %(message)s",

@@ -26,7 +26,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from loadtest.chaos.proxy import DelayProxy, free_port
+from loadtest.chaos.proxy import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CALLGATE = [sys.executable, "-m", "engine.cli"]
@@ -122,17 +122,26 @@ class PgCluster:
 class DataNode:
     """One redis-server with AOF everysec, reached by everyone through its delaying proxy."""
 
-    def __init__(self, directory: Path, name: str) -> None:
+    def __init__(self, directory: Path, name: str, slow_delay: float) -> None:
         self.name = name
         self.dir = directory / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()  # the server itself; only the run's own checks use it directly
-        self.proxy = DelayProxy(self.port).start()
+        self.public_port = free_port()  # its proxy's: everyone else's
+        self.proxy = subprocess.Popen(
+            [sys.executable, "-m", "loadtest.chaos.proxy", "--listen", str(self.public_port),
+             "--to", str(self.port), "--delay", str(slow_delay)],
+            cwd=ROOT,
+        )  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
 
-    @property
-    def public_port(self) -> int:
-        return self.proxy.port
+    def slow(self, on: bool) -> None:
+        self.proxy.send_signal(signal.SIGUSR1 if on else signal.SIGUSR2)
+
+    def stop_proxy(self) -> None:
+        if self.proxy.poll() is None:
+            self.proxy.terminate()
+            self.proxy.wait(timeout=10)
 
     def start(self, replica_of: DataNode | None = None) -> None:
         command = [
@@ -145,6 +154,7 @@ class DataNode:
         log = (self.dir / "redis.log").open("ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: answers(self.port), 15, f"redis {self.name} answering")
+        wait_for(lambda: answers(self.public_port), 15, f"redis {self.name} answering through its proxy")
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -166,10 +176,10 @@ class DataNode:
 
 
 class RedisHa:
-    def __init__(self, directory: Path, *, down_after_ms: int = 1000) -> None:
+    def __init__(self, directory: Path, *, slow_delay: float, down_after_ms: int = 1000) -> None:
         self.dir = directory
         self.down_after_ms = down_after_ms
-        self.nodes = [DataNode(directory, "redis-a"), DataNode(directory, "redis-b")]
+        self.nodes = [DataNode(directory, "redis-a", slow_delay), DataNode(directory, "redis-b", slow_delay)]
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinels: list[subprocess.Popen[bytes]] = []
 
@@ -240,9 +250,10 @@ class RedisHa:
     def other(self, node: DataNode) -> DataNode:
         return self.nodes[1] if node is self.nodes[0] else self.nodes[0]
 
-    def set_delay(self, seconds: float) -> None:
+    def slow(self, on: bool) -> None:
+        """Every data node's proxy adds its delay (``slow_delay``) each way, or none."""
         for node in self.nodes:
-            node.proxy.delay = seconds
+            node.slow(on)
 
     def stop(self) -> None:
         for process in self.sentinels:
@@ -251,7 +262,7 @@ class RedisHa:
                 process.wait()
         for node in self.nodes:
             node.kill()
-            node.proxy.stop()
+            node.stop_proxy()
 
 
 # --------------------------------------------------------------------------- callgate processes

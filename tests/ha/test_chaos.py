@@ -15,9 +15,12 @@ tested without any process, so the detector is shown to fail when it should.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -58,16 +61,34 @@ def test_the_accounting_reports_a_bridge_no_registry_held_and_the_refusal_window
     assert result.unbilled_answered == 1  # "before" has no CDR
 
 
+def run_chaos(out: Path, timeout: float = 540) -> subprocess.CompletedProcess[str]:
+    """The run in a session of its own: if it overruns, SIGTERM lets it tear its processes down,
+    and whatever is left of its group is killed, so no server outlives the test."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loadtest.chaos", "--short", "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # the run is bounded by its own timings (~3 minutes on a busy 2-core machine)
 def test_the_short_chaos_run_bridges_nothing_unchecked_and_keeps_the_ledger_exact(tmp_path: Path) -> None:
     for program in ("redis-server", "initdb", "pg_ctl"):
         if shutil.which(program) is None:
             pytest.skip(f"{program} is not installed")
-    done = subprocess.run(
-        [sys.executable, "-m", "loadtest.chaos", "--short", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    done = run_chaos(tmp_path)
     report_path = tmp_path / "chaos.json"
     assert report_path.exists(), done.stdout[-3000:] + done.stderr[-5000:]
     data = json.loads(report_path.read_text())
