@@ -247,6 +247,18 @@ class RedisHa:
             return node
         return None
 
+    def describe(self) -> str:
+        """Each data node's replication state, for a report that something did not settle."""
+        parts = []
+        for node in self.nodes:
+            try:
+                info = node.client(0.5).info("replication")
+                parts.append(f"{node.name}: {info.get('role')} link {info.get('master_link_status', '-')}")
+            except redis.RedisError as exc:
+                parts.append(f"{node.name}: {type(exc).__name__}")
+        named = self.named_primary()
+        return "; ".join(parts) + f"; the sentinels name {named.name if named else 'none'}"
+
     def other(self, node: DataNode) -> DataNode:
         return self.nodes[1] if node is self.nodes[0] else self.nodes[0]
 
