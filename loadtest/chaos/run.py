@@ -357,6 +357,12 @@ class Chaos:
             "ledger_exact": final.ledger_exact,
             "ledger_detail": final.ledger_detail,
             "spent_over_recorded": final.spent_over_recorded,
+            "unattributed_refusals": [
+                (round(r.started, 2), r.outcome)
+                for r in records
+                if r.outcome in WRONG
+                and not any(f.injected_at <= r.started < f.window_end for f in self.results)
+            ],
             "prepaid_refused_no_funds": sum(
                 r.outcome == "NO_SUFFICIENT_FUND" for r in records if r.user in ("pre1", "pre2")
             ),

@@ -83,7 +83,7 @@ def run_chaos(out: Path, timeout: float = 540) -> subprocess.CompletedProcess[st
 
 @pytest.mark.e2e
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # the run is bounded by its own timings (~3 minutes on a busy 2-core machine)
+@pytest.mark.timeout(600)  # the run is bounded by its own timings (3-4 minutes on a busy 2-core machine)
 def test_the_short_chaos_run_bridges_nothing_unchecked_and_keeps_the_ledger_exact(tmp_path: Path) -> None:
     for program in ("redis-server", "initdb", "pg_ctl"):
         if shutil.which(program) is None:
