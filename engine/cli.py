@@ -160,6 +160,7 @@ def _sync(args: argparse.Namespace, config: Config) -> int:
 def _reconcile(args: argparse.Namespace, config: Config) -> int:
     import dataclasses
 
+    from engine.billing.funds import Funds
     from engine.limits_runtime import switch_addresses
     from engine.reconcile import reconcile
     from engine.state.limits import Limiter
@@ -177,8 +178,17 @@ def _reconcile(args: argparse.Namespace, config: Config) -> int:
         print("callgate: no switches to list (set limits.switches or pass --switch)", file=sys.stderr)
         return EXIT_USAGE
     client = redis_client(config.redis, socket_timeout=10)
+    funds = Funds(client, config.redis.key_prefix)
     try:
-        report = reconcile(Limiter(client, config.redis.key_prefix), switches, grace_seconds=args.grace)
+        # The reservations of the calls released go back too, as in the engine's own reconciler:
+        # without it a run from the command line freed the slots and left the funds locked.
+        report = reconcile(
+            Limiter(client, config.redis.key_prefix),
+            switches,
+            grace_seconds=args.grace,
+            release_funds=funds.release_calls,
+            reserved_calls=funds.reserved_calls,
+        )
     finally:
         client.close()
     if not report.ran:
@@ -186,8 +196,11 @@ def _reconcile(args: argparse.Namespace, config: Config) -> int:
         return EXIT_FAILURE
     print(
         f"{report.counted} counted calls, {report.live_channels} live channels on "
-        f"{report.switches} switch(es); released {len(report.released)}, kept {report.kept} recent"
+        f"{report.switches} switch(es); released {len(report.released)}, kept {report.kept} recent; "
+        f"{len(report.funds_only)} reservations of calls neither live nor counted given back"
     )
+    for error in report.errors:  # the slots were released; a funds failure is only reported
+        print(f"callgate: {error}", file=sys.stderr)
     return 0
 
 

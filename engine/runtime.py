@@ -285,6 +285,7 @@ class Engine:
             gevent.spawn(
                 run_reconciler, self.limiter, self.switches, interval, self.metrics, self.stopping,
                 self.funds.release_calls,  # the reservations of the calls released
+                self.funds.reserved_calls,  # and of calls neither live nor counted
             )  # fmt: skip
         self._events_task = gevent.spawn(self.events.run, self.stopping)
         gevent.spawn(self.releases.run, self._releases_stop)
