@@ -357,11 +357,32 @@ def test_lean_driver_and_emulator_reach_the_same_decisions(library: driver.FsLib
         assert (outcome, error) == ("accept", None)
 
 
-def test_driver_reports_refused_connections(library: driver.FsLibrary) -> None:
-    latency, _outcome, error = driver.place(
+def test_driver_counts_a_refused_connection_as_shed_with_its_time_to_refusal(
+    library: driver.FsLibrary,
+) -> None:
+    """A saturated engine stops listening: the refusal is an answer (FreeSWITCH tries its next
+    engine), not an error; its latency is connect() -> ECONNREFUSED."""
+    latency, outcome, error = driver.place(
         ("127.0.0.1", _free_port()), CallPlan("accept", "44"), library, timeout=1
     )
-    assert latency is None and error.startswith("connect")
+    assert outcome == driver.REFUSED and error is None
+    assert latency is not None and latency >= 0
+
+
+def test_report_separates_refused_from_decided_and_counts_both_as_shed() -> None:
+    config = driver.LoadConfig(target=("127.0.0.1", 1), cps=10, duration=3, warmup=0)
+    records = [
+        driver.CallRecord("accept", 0.1, 0.0, 0.002, "accept", None, 0.2),
+        driver.CallRecord("accept", 0.2, 0.0, 0.004, "ENGINE_DEGRADED", None, 0.3),
+        driver.CallRecord("accept", 0.3, 0.0, 0.0001, driver.REFUSED, None, 0.3),
+        driver.CallRecord("accept", 0.4, 0.0, 0.0003, driver.REFUSED, None, 0.4),
+    ]
+    result = driver.report(records, config)
+    assert result["decided"] == 2 and result["degraded"] == 1 and result["errors"] == 0
+    assert result["refused"] == 2 and result["shed"] == 3
+    assert result["latency_refused"]["count"] == 2 and result["latency_shed"]["count"] == 3
+    assert result["latency"]["count"] == 2  # the decisions only
+    assert result["latency_not_degraded"]["max_ms"] == pytest.approx(2.0)
 
 
 def test_open_loop_run_against_the_floor(library: driver.FsLibrary) -> None:
