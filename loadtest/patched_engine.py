@@ -31,6 +31,13 @@ a paragraph here, and remove it once the engine adopts it.
 ``gc-log``
     no behaviour change: records the duration of every cyclic-GC collection by generation
     and writes a summary to ``$CALLGATE_GC_OUT`` at exit.
+``hub-lag``
+    no behaviour change but one more greenlet: a greenlet asks to wake every millisecond and
+    records each wake-up later than 2 ms (wall time, lateness), and every cyclic-GC
+    collection (wall time, generation, duration); writes them to ``$CALLGATE_LAG_OUT`` at
+    exit, with a histogram of the lateness and how many late wake-ups a collection explains.
+    This is how to tell a periodic pause (a collection, a timer's work) from CPU shared with
+    other processes (late wake-ups spread at random, no collection under them).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-PATCHES = ("timing", "yappi", "gc-log")
+PATCHES = ("timing", "yappi", "gc-log", "hub-lag")
 
 # Patches that were adopted into the engine, and where they live: asking for one is an error.
 ADOPTED = {
@@ -208,7 +215,72 @@ def patch_gc_log() -> None:
     atexit.register(dump)
 
 
+def lag_document(
+    late: Sequence[tuple[float, float]], collections: Sequence[tuple[float, int, float]]
+) -> dict[str, Any]:
+    """What the ``hub-lag`` patch writes: ``late`` (wall time of the wake-up, seconds late) and
+    ``collections`` (wall time at its end, generation, seconds); a late wake-up is explained by
+    a collection that ended inside its lateness window."""
+    edges = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+    histogram = {f">{int(edge * 1000)}ms": sum(lag > edge for _w, lag in late) for edge in edges}
+    explained = 0
+    for woke, lag in late:
+        if any(woke - lag - 0.001 <= end <= woke for end, _g, _d in collections):
+            explained += 1
+    return {
+        "late_wakeups": histogram,
+        "explained_by_gc": explained,
+        "collections": {
+            f"gen{g}": {
+                "count": sum(1 for _e, gen, _d in collections if gen == g),
+                "max_ms": round(max((d for _e, gen, d in collections if gen == g), default=0.0) * 1000, 3),
+            }
+            for g in (0, 1, 2)
+        },
+        "worst": [[round(w, 4), round(lag * 1000, 3)] for w, lag in sorted(late, key=lambda x: -x[1])[:30]],
+        "samples": [[round(w, 4), round(lag * 1000, 3)] for w, lag in late],
+    }
+
+
+def patch_hub_lag() -> None:
+    import gc
+
+    import gevent
+
+    late: list[tuple[float, float]] = []
+    collections: list[tuple[float, int, float]] = []
+    started: dict[str, float] = {}
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        elif "t" in started:
+            collections.append((time.time(), info["generation"], time.perf_counter() - started.pop("t")))
+
+    gc.callbacks.append(callback)
+
+    def watch() -> None:
+        interval = 0.001
+        while True:
+            due = time.perf_counter() + interval
+            gevent.sleep(interval)
+            lateness = time.perf_counter() - due
+            if lateness > 0.002:
+                late.append((time.time(), lateness))
+
+    gevent.spawn(watch)
+
+    def dump() -> None:
+        path = os.environ.get("CALLGATE_LAG_OUT")
+        if path:
+            with open(path, "w") as handle:
+                json.dump(lag_document(late, collections), handle)
+
+    atexit.register(dump)
+
+
 _APPLY = {
+    "hub-lag": patch_hub_lag,
     "timing": patch_timing,
     "yappi": patch_yappi,
     "gc-log": patch_gc_log,

@@ -612,9 +612,20 @@ def scenario_targets(
         "CALLGATE_ENGINE__SHED_ACCEPT_WAIT": str(shed_bound),
     }
     spec = ServerSpec("callgate", "callgate", env=bounds)
+    no_shed = ServerSpec(
+        "callgate (no shedding)",
+        "callgate",
+        env={
+            "CALLGATE_ENGINE__SHED_LOOP_LAG": "0",
+            "CALLGATE_ENGINE__SHED_BACKLOG": "0",
+            "CALLGATE_ENGINE__SHED_ACCEPT_WAIT": "0",
+        },
+    )
+    # Saturation is the capacity to decide: without shedding (a closed loop against a shedding
+    # engine would measure how fast the driver can be refused).
     saturation = measure(
         ctx,
-        spec,
+        no_shed,
         scale,
         LoadConfig(
             target=("127.0.0.1", 0),
@@ -670,15 +681,6 @@ def scenario_targets(
         },
     )
     after_data_run = measure(ctx, after_data, scale, over, label=f"targets: {overload:.0%} of saturation")
-    no_shed = ServerSpec(
-        "callgate (no shedding)",
-        "callgate",
-        env={
-            "CALLGATE_ENGINE__SHED_LOOP_LAG": "0",
-            "CALLGATE_ENGINE__SHED_BACKLOG": "0",
-            "CALLGATE_ENGINE__SHED_ACCEPT_WAIT": "0",
-        },
-    )
     unshed_run = measure(ctx, no_shed, scale, over, label=f"targets: {overload:.0%} of saturation")
 
     def p99(run: dict[str, Any], key: str = "latency") -> float:

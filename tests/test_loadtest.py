@@ -641,7 +641,7 @@ def test_profile_summary_of_collapsed_stacks() -> None:
 def test_patched_engine_offers_only_the_instrumentation() -> None:
     from loadtest import patched_engine
 
-    assert patched_engine.PATCHES == ("timing", "yappi", "gc-log")
+    assert patched_engine.PATCHES == ("timing", "yappi", "gc-log", "hub-lag")
     assert set(patched_engine.PATCHES) == set(patched_engine._APPLY)
     assert not set(patched_engine.PATCHES) & set(patched_engine.ADOPTED)
     for name in (*patched_engine.PATCHES, *patched_engine.ADOPTED):
@@ -654,6 +654,18 @@ def test_patched_engine_refuses_an_adopted_patch(name: str) -> None:
 
     with pytest.raises(SystemExit, match=rf"patch '{name}' was adopted: it is part of the engine now"):
         patched_engine.apply([name])
+
+
+def test_hub_lag_document_tells_collections_from_other_pauses() -> None:
+    from loadtest.patched_engine import lag_document
+
+    late = [(100.010, 0.008), (200.030, 0.030), (300.003, 0.003)]
+    collections = [(100.005, 2, 0.004), (250.0, 0, 0.001)]  # the first lies inside the first pause
+    out = lag_document(late, collections)
+    assert out["explained_by_gc"] == 1
+    assert out["late_wakeups"][">2ms"] == 3 and out["late_wakeups"][">25ms"] == 1
+    assert out["collections"]["gen2"] == {"count": 1, "max_ms": 4.0}
+    assert out["worst"][0] == [200.03, 30.0]
 
 
 def test_patched_engine_refuses_an_unknown_patch_before_applying_any(monkeypatch) -> None:
