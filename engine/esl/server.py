@@ -101,6 +101,7 @@ class CallServer:
         self._address = listener.getsockname()
         self._server = _TimedStreamServer(listener, self._accept)
         self.listening = True
+        self._stopped = False
 
     def _accept(self, sock: socket.socket, peer: tuple[object, ...], accepted_at: float) -> None:
         if self._allowed and not peer_allowed(peer, self._allowed):
@@ -129,7 +130,7 @@ class CallServer:
         so the kernel gives new connections to the host's other engine processes. The socket
         keeps its port (bound explicitly) and its file descriptor.
         """
-        if not self.listening:
+        if not self.listening or self._stopped:
             return 0
         self._server.stop_accepting()
         taken = 0
@@ -145,7 +146,7 @@ class CallServer:
 
     def listen_again(self) -> None:
         """Listen (and accept) again after :meth:`stop_listening`."""
-        if self.listening:
+        if self.listening or self._stopped:  # stopped: the socket is closed for good
             return
         try:
             # A port the kernel chose (bound to port 0: tests) is released by the shutdown; an
@@ -162,4 +163,5 @@ class CallServer:
         self._server.serve_forever()
 
     def stop(self, timeout: float | None = None) -> None:
+        self._stopped = True
         self._server.stop(timeout=timeout)

@@ -180,3 +180,14 @@ def test_why_not_a_small_backlog_a_full_accept_queue_drops_the_syn() -> None:
             late.close()
             for sock in held:
                 sock.close()
+
+
+def test_a_stopped_server_never_listens_again() -> None:
+    """At shutdown the lag monitor may still run (calls draining): no listen() on a closed socket."""
+    listener = listening_socket("127.0.0.1", 0)
+    server = CallServer(listener, lambda conn, peer, accepted_at: None)
+    server.start()
+    server.stop_listening()
+    server.stop(timeout=1)
+    server.listen_again()  # a no-op, not an error
+    assert not server.listening and server.stop_listening() == 0
