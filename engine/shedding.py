@@ -129,7 +129,8 @@ class ListenGate:
     *and* the pause has lasted ``min_pause`` seconds: without the gap between the two levels
     and the minimum pause, the first calls of a resumed listener would push it over again
     within a tick, and the listener would flap every few milliseconds. A bound at 0 takes no
-    part (both at 0: never stops).
+    part (both at 0: never stops). A call shed for its wait since accept stops the listener as
+    well (:meth:`overflowing`): that wait is the queue in front of the calls, measured directly.
     """
 
     def __init__(
@@ -184,6 +185,18 @@ class ListenGate:
             self.paused_seconds += self.last_pause
             return RESUME
         return None
+
+    def overflowing(self) -> str | None:
+        """A call was shed because it waited past its bound since accept: the queue in front of
+        the calls is too long whatever the lag reads. :data:`PAUSE` unless already paused."""
+        if self.paused or not self.enabled:
+            return None
+        now = self._clock()
+        self.paused = True
+        self.pauses += 1
+        self._since = now
+        self._not_before = now + self.min_pause
+        return PAUSE
 
     def resume_failed_pause(self) -> None:
         """The listener could not be stopped: count the process as listening again."""

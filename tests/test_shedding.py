@@ -172,3 +172,15 @@ def test_failed_listener_changes_are_undone() -> None:
     assert g.update(0.0, 0) is None
     clock.now += 0.05
     assert g.update(0.0, 0) == RESUME and g.last_pause == pytest.approx(0.1)
+
+
+def test_a_call_shed_for_its_wait_stops_the_listener_until_the_signals_recover() -> None:
+    clock = Clock()
+    g = gate(clock)
+    assert g.overflowing() == PAUSE and g.pauses == 1
+    assert g.overflowing() is None  # already stopped
+    clock.now += 0.01
+    assert g.update(0.0, 0) is None  # the minimum pause holds
+    clock.now += 0.04
+    assert g.update(0.0, 0) == RESUME
+    assert gate(clock, lag=0, backlog=0).overflowing() is None  # listener stops turned off

@@ -41,7 +41,7 @@ from engine.metrics import EngineMetrics
 from engine.model import CallRequest
 from engine.rules.config import RulesConfig
 from engine.rules.text import show
-from engine.shedding import PAUSE, RESUME, ListenGate, LoadShedder
+from engine.shedding import PAUSE, RESUME, SHED_WAIT, ListenGate, LoadShedder
 
 __all__ = ["CallHandler", "CallRecord", "call_request"]
 
@@ -204,8 +204,13 @@ class CallHandler:
         listener = self._listener
         if listener is None or not self._gate.enabled:
             return
+        self._change_listener(self._gate.update(self._shedder.lag(), len(self._undecided)))
+
+    def _change_listener(self, change: str | None, why: str = "") -> None:
+        listener = self._listener
+        if listener is None or change is None:
+            return
         lag, backlog = self._shedder.lag(), len(self._undecided)
-        change = self._gate.update(lag, backlog)
         if change == PAUSE:
             try:
                 taken = listener.stop_listening()
@@ -215,9 +220,10 @@ class CallHandler:
                 return
             self._metrics.listener_stopped()
             log.warning(
-                "saturated: stopped listening (event loop %.0f ms behind, %d calls waiting for "
+                "saturated: stopped listening (%sevent loop %.0f ms behind, %d calls waiting for "
                 "their decision; %d queued connections taken first); new connections are refused "
                 "until it recovers",
+                why,
                 lag * 1000,
                 backlog,
                 taken,
@@ -249,6 +255,9 @@ class CallHandler:
         waited = 0.0 if accepted_at is None else time.monotonic() - accepted_at
         shed = self._shedder.verdict(len(self._undecided), waited)
         if shed is not None:  # saturated: refuse before the rules and the limits cost anything
+            if shed == SHED_WAIT and self._listener is not None:
+                why = f"a call waited {waited * 1000:.0f} ms since its accept, "
+                self._change_listener(self._gate.overflowing(), why)
             return Reject(Reason.ENGINE_DEGRADED, detail=shed), False
         return self._decide_within_deadline(request)
 

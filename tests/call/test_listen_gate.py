@@ -129,7 +129,7 @@ def test_connections_queued_in_the_kernel_are_taken_before_the_listener_stops() 
 
 
 def test_a_call_that_waited_too_long_since_accept_is_answered_engine_degraded() -> None:
-    engine = Engine(shed_loop_lag="0", shed_backlog="0", shed_accept_wait="0.2")
+    engine = Engine(shed_loop_lag="1", shed_backlog="0", shed_accept_wait="0.2")
     try:
         waiting = stdsocket.create_connection(engine.address, timeout=5)  # accepted, not served yet
         gevent.sleep(0.05)  # the accept happens; the call's greenlet writes `connect`
@@ -142,6 +142,9 @@ def test_a_call_that_waited_too_long_since_accept_is_answered_engine_degraded() 
         assert engine.decided == []  # refused before the rules and the limits ran
         registry = engine.metrics.registry
         assert registry.get_sample_value("callgate_degraded_decisions_total", {"cause": "shed"}) == 1
+        # That wait is the queue in front of the calls: the listener stopped for it as well.
+        assert registry.get_sample_value("callgate_listener_stops_total") == 1
+        engine.wait_listening(True)
         with gsocket.create_connection(engine.address, timeout=5) as fresh:
             assert b"DESTINATION_BLOCKED" in play_call(fresh)
     finally:
