@@ -33,11 +33,12 @@ a paragraph here, and remove it once the engine adopts it.
     and writes a summary to ``$CALLGATE_GC_OUT`` at exit.
 ``hub-lag``
     no behaviour change but one more greenlet: a greenlet asks to wake every millisecond and
-    records each wake-up later than 2 ms (wall time, lateness), and every cyclic-GC
-    collection (wall time, generation, duration); writes them to ``$CALLGATE_LAG_OUT`` at
-    exit, with a histogram of the lateness and how many late wake-ups a collection explains.
-    This is how to tell a periodic pause (a collection, a timer's work) from CPU shared with
-    other processes (late wake-ups spread at random, no collection under them).
+    records each wake-up later than 2 ms (wall time, lateness, and the share of the wait the
+    engine's own thread was on the CPU), and every cyclic-GC collection (wall and CPU time);
+    writes them to ``$CALLGATE_LAG_OUT`` at exit, with a histogram of the lateness and how
+    many late wake-ups a collection explains. This tells the engine's own pauses (a
+    collection, a long callback: the thread was on the CPU the whole wait) from CPU shared
+    with other processes (the thread was waiting for a CPU).
 """
 
 from __future__ import annotations
@@ -216,29 +217,47 @@ def patch_gc_log() -> None:
 
 
 def lag_document(
-    late: Sequence[tuple[float, float]], collections: Sequence[tuple[float, int, float]]
+    late: Sequence[tuple[float, float, float]], collections: Sequence[tuple[float, int, float, float]]
 ) -> dict[str, Any]:
-    """What the ``hub-lag`` patch writes: ``late`` (wall time of the wake-up, seconds late) and
-    ``collections`` (wall time at its end, generation, seconds); a late wake-up is explained by
-    a collection that ended inside its lateness window."""
+    """What the ``hub-lag`` patch writes. ``late``: per late wake-up, its wall time, how late it
+    was, and the share of that wait the process's own thread spent on the CPU (near 1: the hub
+    was busy running the engine's own work; near 0: the process was waiting for a CPU other
+    processes held). ``collections``: per cyclic-GC collection, its wall time at the end, its
+    generation, its wall seconds and its CPU seconds. A late wake-up is explained by a
+    collection that ended inside its lateness window."""
     edges = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-    histogram = {f">{int(edge * 1000)}ms": sum(lag > edge for _w, lag in late) for edge in edges}
-    explained = 0
-    for woke, lag in late:
-        if any(woke - lag - 0.001 <= end <= woke for end, _g, _d in collections):
-            explained += 1
+
+    def explained(woke: float, lag: float) -> bool:
+        return any(woke - lag - 0.001 <= end <= woke for end, _g, _w, _c in collections)
+
+    buckets: dict[str, Any] = {}
+    for edge in edges:
+        inside = [(w, lag, share) for w, lag, share in late if lag > edge]
+        shares = sorted(share for _w, _l, share in inside)
+        buckets[f">{int(edge * 1000)}ms"] = {
+            "count": len(inside),
+            "explained_by_gc": sum(explained(w, lag) for w, lag, _s in inside),
+            "median_own_cpu_share": round(shares[len(shares) // 2], 3) if shares else None,
+        }
     return {
-        "late_wakeups": histogram,
-        "explained_by_gc": explained,
+        "late_wakeups": buckets,
         "collections": {
             f"gen{g}": {
-                "count": sum(1 for _e, gen, _d in collections if gen == g),
-                "max_ms": round(max((d for _e, gen, d in collections if gen == g), default=0.0) * 1000, 3),
+                "count": sum(1 for _e, gen, _w, _c in collections if gen == g),
+                "max_wall_ms": round(
+                    max((w for _e, gen, w, _c in collections if gen == g), default=0.0) * 1000, 3
+                ),
+                "max_cpu_ms": round(
+                    max((c for _e, gen, _w, c in collections if gen == g), default=0.0) * 1000, 3
+                ),
             }
             for g in (0, 1, 2)
         },
-        "worst": [[round(w, 4), round(lag * 1000, 3)] for w, lag in sorted(late, key=lambda x: -x[1])[:30]],
-        "samples": [[round(w, 4), round(lag * 1000, 3)] for w, lag in late],
+        "worst": [
+            [round(w, 4), round(lag * 1000, 3), round(share, 3)]
+            for w, lag, share in sorted(late, key=lambda x: -x[1])[:30]
+        ],
+        "samples": [[round(w, 4), round(lag * 1000, 3), round(share, 3)] for w, lag, share in late],
     }
 
 
@@ -247,26 +266,30 @@ def patch_hub_lag() -> None:
 
     import gevent
 
-    late: list[tuple[float, float]] = []
-    collections: list[tuple[float, int, float]] = []
+    late: list[tuple[float, float, float]] = []
+    collections: list[tuple[float, int, float, float]] = []
     started: dict[str, float] = {}
 
     def callback(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            started["t"] = time.perf_counter()
+            started["t"], started["cpu"] = time.perf_counter(), time.thread_time()
         elif "t" in started:
-            collections.append((time.time(), info["generation"], time.perf_counter() - started.pop("t")))
+            wall = time.perf_counter() - started.pop("t")
+            cpu = time.thread_time() - started.pop("cpu")
+            collections.append((time.time(), info["generation"], wall, cpu))
 
     gc.callbacks.append(callback)
 
     def watch() -> None:
         interval = 0.001
         while True:
-            due = time.perf_counter() + interval
+            began, cpu = time.perf_counter(), time.thread_time()
             gevent.sleep(interval)
-            lateness = time.perf_counter() - due
+            now = time.perf_counter()
+            lateness = now - began - interval
             if lateness > 0.002:
-                late.append((time.time(), lateness))
+                share = (time.thread_time() - cpu) / max(1e-9, now - began)
+                late.append((time.time(), lateness, min(1.0, share)))
 
     gevent.spawn(watch)
 

@@ -659,13 +659,16 @@ def test_patched_engine_refuses_an_adopted_patch(name: str) -> None:
 def test_hub_lag_document_tells_collections_from_other_pauses() -> None:
     from loadtest.patched_engine import lag_document
 
-    late = [(100.010, 0.008), (200.030, 0.030), (300.003, 0.003)]
-    collections = [(100.005, 2, 0.004), (250.0, 0, 0.001)]  # the first lies inside the first pause
+    late = [(100.010, 0.008, 0.9), (200.030, 0.030, 0.1), (300.003, 0.003, 0.5)]
+    collections = [
+        (100.005, 2, 0.004, 0.0035),
+        (250.0, 0, 0.001, 0.0005),
+    ]  # the first: inside the first pause
     out = lag_document(late, collections)
-    assert out["explained_by_gc"] == 1
-    assert out["late_wakeups"][">2ms"] == 3 and out["late_wakeups"][">25ms"] == 1
-    assert out["collections"]["gen2"] == {"count": 1, "max_ms": 4.0}
-    assert out["worst"][0] == [200.03, 30.0]
+    assert out["late_wakeups"][">2ms"] == {"count": 3, "explained_by_gc": 1, "median_own_cpu_share": 0.5}
+    assert out["late_wakeups"][">25ms"] == {"count": 1, "explained_by_gc": 0, "median_own_cpu_share": 0.1}
+    assert out["collections"]["gen2"] == {"count": 1, "max_wall_ms": 4.0, "max_cpu_ms": 3.5}
+    assert out["worst"][0] == [200.03, 30.0, 0.1]
 
 
 def test_patched_engine_refuses_an_unknown_patch_before_applying_any(monkeypatch) -> None:
