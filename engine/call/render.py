@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 
+from engine.billing.ticket import TICKET_VARIABLE, ticket_value
 from engine.decision import Accept, DeviceLeg, Direction, GatewayLeg, Leg, Reject
 from engine.esl.commands import MYEVENTS_TYPES, Batch, assignments
 from engine.esl.protocol import command, sendmsg_execute, sendmsg_hangup
@@ -132,6 +133,9 @@ def channel_variables(accept: Accept) -> list[tuple[str, str]]:
     pairs.append(("callgate_direction", accept.direction.value))
     if accept.did_id is not None:
         pairs.append(("callgate_did", str(accept.did_id)))
+    # What FreeSWITCH's own CDR is billed on when the engine never sees the hangup
+    # (engine.billing.ticket; docs/accounting.md, "FreeSWITCH's CDR as the backstop").
+    pairs.append((TICKET_VARIABLE, ticket_value(accept)))
     pairs.append(("continue_on_fail", "true"))
     pairs.append(("hangup_after_bridge", "true"))
     # FreeSWITCH matches cause names exactly (case aside): the common spelling "alloted_timeout"
