@@ -225,6 +225,8 @@ def lag_document(
     processes held). ``collections``: per cyclic-GC collection, its wall time at the end, its
     generation, its wall seconds and its CPU seconds. A late wake-up is explained by a
     collection that ended inside its lateness window."""
+    from loadtest.stats import summarize
+
     edges = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
     def explained(woke: float, lag: float) -> bool:
@@ -250,6 +252,7 @@ def lag_document(
                 "max_cpu_ms": round(
                     max((c for _e, gen, _w, c in collections if gen == g), default=0.0) * 1000, 3
                 ),
+                "cpu_ms": summarize(c for _e, gen, _w, c in collections if gen == g),
             }
             for g in (0, 1, 2)
         },
