@@ -16,6 +16,7 @@ from typing import Protocol
 
 import gevent
 
+from engine.billing.ticket import ticket_keys
 from engine.call.channel import call_request
 from engine.call.session import (
     Action,
@@ -147,6 +148,7 @@ class CallHandler:
             connect_timeout=engine.connect_timeout,
             reply_timeout=engine.reply_timeout,
             hangup_timeout=engine.hangup_timeout,
+            ticket_key=next(iter(ticket_keys(config.billing.ticket_keys)), None),
         )
         self._sip_response = rules.sip_response
         self._decide = decide
