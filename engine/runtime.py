@@ -20,6 +20,8 @@ import gevent.event
 import redis
 from gevent.pywsgi import WSGIServer
 
+import engine.model
+import engine.rules
 from engine import gcpolicy
 from engine.billing.funds import Funds
 from engine.billing.live import LiveBilling
@@ -44,6 +46,7 @@ from engine.rules.gate import first_uses
 from engine.rules.text import show
 from engine.state.direct import DirectConnections
 from engine.state.events import EventPublisher
+from engine.state.image import ImageStore, code_fingerprint
 from engine.state.limits import FailOpenLimiter
 from engine.state.redisconn import describe, redis_client
 from engine.state.snapshot import SnapshotUnavailable
@@ -108,8 +111,12 @@ class Engine:
             socket_timeout=max(config.redis.socket_timeout, SNAPSHOT_READ_TIMEOUT),
             socket_connect_timeout=config.redis.socket_timeout,
         )
+        images = None
+        if config.engine.snapshot_image_dir:
+            fingerprint = code_fingerprint([engine.model, engine.rules])
+            images = ImageStore(config.engine.snapshot_image_dir, config.redis.key_prefix, fingerprint)
         self.snapshots: SnapshotHolder[Catalog] = SnapshotHolder(
-            self.snapshot_redis, config.redis.key_prefix, Catalog.build
+            self.snapshot_redis, config.redis.key_prefix, Catalog.build, images=images
         )
         # The per-call limits script skips redis-py's pool and wrappers (engine.state.direct).
         self.direct_redis = DirectConnections.like(
@@ -159,6 +166,7 @@ class Engine:
             allowed=parse_networks(config.engine.allowed_networks),
             on_refused=self._refused,
         )
+        handler.attach_listener(self.server)  # stops listening while saturated (engine.shedding)
         self._listener = listener
         self.stopping = gevent.event.Event()
         # Set after the drain, not with `stopping`: calls ending during the drain are still released promptly.
@@ -278,12 +286,14 @@ class Engine:
             gevent.spawn(
                 run_reconciler, self.limiter, self.switches, interval, self.metrics, self.stopping,
                 self.funds.release_calls,  # the reservations of the calls released
+                self.funds.reserved_calls,  # and of calls neither live nor counted
             )  # fmt: skip
         self._events_task = gevent.spawn(self.events.run, self.stopping)
         gevent.spawn(self.releases.run, self._releases_stop)
         self._settler_task = gevent.spawn(self.settler.run, self._releases_stop)
         self._listener.listen(LISTEN_BACKLOG)  # a no-op but for the backlog if already listening
         self.server.start()
+        self.metrics.set_listening(True)
         self.start_metrics()
 
     def _start_gc_policy(self) -> None:
@@ -314,6 +324,9 @@ def warn_about_settings(config: Config) -> None:
         )
     if not config.engine.allowed_networks:
         log.info("engine.allowed_networks is empty: any source may connect; firewall the engine port")
+    from engine.billing.ticket import log_ticket_signing
+
+    log_ticket_signing(log, config.billing.ticket_keys, "the engine writes")
 
 
 def raise_file_limit() -> None:
