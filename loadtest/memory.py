@@ -39,14 +39,26 @@ from loadtest import child_env
 VENV_BIN = Path(sys.executable).parent
 
 
+# /proc/<pid>/status fields read: RSS is the process's own memory (anonymous: the heap, the
+# built entities) plus the pages of files it touched, a mapped catalogue image's included
+# (shared memory of a tmpfs: one copy per host, shared by every process mapping it).
+_STATUS_FIELDS = {
+    "VmRSS": "rss_mb",
+    "VmHWM": "peak_rss_mb",
+    "RssAnon": "anon_mb",
+    "RssShmem": "shmem_mb",
+}
+
+
 def process_memory(pid: int) -> dict[str, float]:
-    """RSS, peak RSS and PSS of ``pid`` in MiB (Linux /proc); empty if the process is gone."""
+    """RSS, peak RSS, PSS, and RSS's anonymous and shared-memory parts of ``pid`` in MiB
+    (Linux /proc); empty if the process is gone."""
     result: dict[str, float] = {}
     try:
         with open(f"/proc/{pid}/status") as handle:
             for line in handle:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    name = "rss_mb" if line.startswith("VmRSS") else "peak_rss_mb"
+                name = _STATUS_FIELDS.get(line.split(":", 1)[0])
+                if name:
                     result[name] = int(line.split()[1]) / 1024
         with open(f"/proc/{pid}/smaps_rollup") as handle:
             for line in handle:
@@ -95,7 +107,8 @@ def describe(watch: dict[str, Any], memory: list[dict[str, float]]) -> str:
         return "n/a" if value is None else f"{value:.1f}{unit}"
 
     per_process = ", ".join(
-        f"RSS {fmt(m.get('rss_mb'), ' MB')} PSS {fmt(m.get('pss_mb'), ' MB')} "
+        f"RSS {fmt(m.get('rss_mb'), ' MB')} (anonymous {fmt(m.get('anon_mb'), ' MB')}, "
+        f"shared memory {fmt(m.get('shmem_mb'), ' MB')}) PSS {fmt(m.get('pss_mb'), ' MB')} "
         f"peak {fmt(m.get('peak_rss_mb'), ' MB')}"
         for m in memory
     )
