@@ -78,8 +78,18 @@ class CallServer:
         self._allowed = allowed  # empty: every source may connect
         self._on_refused = on_refused
         self._server = StreamServer(listener, self._accept)
+        # Connection greenlets alive (each runs _accept to its end): the greenlet gauge's share
+        # of the calls, counted here rather than by walking the garbage collector's objects.
+        self.connections = 0
 
     def _accept(self, sock: socket.socket, peer: tuple[object, ...]) -> None:
+        self.connections += 1
+        try:
+            self._serve(sock, peer)
+        finally:
+            self.connections -= 1
+
+    def _serve(self, sock: socket.socket, peer: tuple[object, ...]) -> None:
         if self._allowed and not peer_allowed(peer, self._allowed):
             sock.close()
             if self._on_refused is not None:
