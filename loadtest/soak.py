@@ -2,6 +2,7 @@
 
     python -m loadtest.soak --minutes 30            # the documented run (docs/high-availability.md)
     python -m loadtest.soak --minutes 2 --warmup-minutes 0.5 --plot ''   # a quick look
+    python -m loadtest.soak --from-json loadtest/results/X-soak.json --json X.json   # judge again
 
 What runs (every part a real process on loopback, as in :mod:`loadtest.run`): a private
 ``redis-server``, the generated dataset (:mod:`loadtest.dataset`) published into it, one
@@ -23,7 +24,9 @@ machine's load average is recorded with each sample: the machine is shared.
 
 The verdict (:func:`assess`): after ``--warmup-minutes`` (the calls up reach their steady
 count after one hold time; the allocator and the caches settle over the first minutes), a
-least-squares slope per hour of each of RSS, file descriptors and greenlets. A series is
+least-squares slope per hour of each of RSS, file descriptors and greenlets, at a constant
+number of calls up (:func:`trend`: each series is fitted on time and calls up together, since
+the calls up dip whenever the shared machine starves the driver). A series is
 ``flat`` when its slope is within its tolerance (:data:`TOLERANCES`: a share of its median
 per hour, with an absolute floor), else ``growing``. The JSON goes to ``--json``, the plot
 (matplotlib, the ``bench`` extra) to ``--plot``; the exit status is 1 if a series grows.
@@ -140,6 +143,31 @@ def slope_per_hour(points: Sequence[tuple[float, float]]) -> float:
     return sum((t - mean_t) * (v - mean_v) for t, v in points) / spread * 3600.0
 
 
+def trend(points: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
+    """Least squares of value = a + b * t + c * calls over (seconds, calls up, value) points:
+    (b per hour, c per call). The time slope at a constant number of calls up: on a shared
+    machine the driver falls behind now and then and the calls up dip, which moves every series
+    with them; that is load, not a leak. Without spread in the calls (or too few points) it is
+    the plain slope over time, c = 0."""
+    n = len(points)
+    if n < 3:
+        return slope_per_hour([(t, v) for t, _, v in points]), 0.0
+    mean_t = sum(t for t, _, _ in points) / n
+    mean_c = sum(c for _, c, _ in points) / n
+    mean_v = sum(v for _, _, v in points) / n
+    stt = sum((t - mean_t) ** 2 for t, _, _ in points)
+    scc = sum((c - mean_c) ** 2 for _, c, _ in points)
+    stc = sum((t - mean_t) * (c - mean_c) for t, c, _ in points)
+    stv = sum((t - mean_t) * (v - mean_v) for t, _, v in points)
+    scv = sum((c - mean_c) * (v - mean_v) for _, c, v in points)
+    det = stt * scc - stc * stc
+    if stt == 0:
+        return 0.0, 0.0
+    if scc == 0 or det <= 1e-9 * stt * scc:
+        return stv / stt * 3600.0, 0.0
+    return (stv * scc - scv * stc) / det * 3600.0, (scv * stt - stv * stc) / det
+
+
 def median(values: Sequence[float]) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -153,10 +181,11 @@ def assess(
     warmup_seconds: float,
     tolerances: Mapping[str, Tolerance] = TOLERANCES,
 ) -> dict[str, Any]:
-    """The verdict per series over the samples at ``t >= warmup_seconds``: slope per hour,
-    median, the allowed slope, growth over the judged span, and ``flat`` or ``growing``
-    (a falling series is flat: nothing accumulates). ``verdict`` is ``flat`` only when every
-    series is; ``too short`` when fewer than 3 samples are past the warm-up."""
+    """The verdict per series over the samples at ``t >= warmup_seconds``: the slope per hour
+    at constant calls up (:func:`trend`; samples without ``calls_up`` count as constant), the
+    plain slope, median, the allowed slope, growth over the judged span, and ``flat`` or
+    ``growing`` (a falling series is flat: nothing accumulates). ``verdict`` is ``flat`` only
+    when every series is; ``too short`` when fewer than 3 samples are past the warm-up."""
     judged = [s for s in samples if s["t"] >= warmup_seconds]
     out: dict[str, Any] = {"warmup_seconds": warmup_seconds, "samples_judged": len(judged), "series": {}}
     if len(judged) < 3:
@@ -165,17 +194,24 @@ def assess(
     span = judged[-1]["t"] - judged[0]["t"]
     verdicts = []
     for name, tolerance in tolerances.items():
-        points = [(s["t"], float(s[name])) for s in judged if s.get(name) is not None]
-        slope = slope_per_hour(points)
-        middle = median([v for _, v in points])
+        points = [
+            (s["t"], float(s.get("calls_up") or 0.0), float(s[name]))
+            for s in judged
+            if s.get(name) is not None
+        ]
+        values = [v for _, _, v in points]
+        slope, per_call = trend(points)
+        middle = median(values)
         limit = tolerance.limit(middle)
         state = "growing" if slope > limit else "flat"
         verdicts.append(state)
         out["series"][name] = {
             "slope_per_hour": slope,
+            "per_call_up": per_call,
+            "plain_slope_per_hour": slope_per_hour([(t, v) for t, _, v in points]),
             "median": middle,
-            "min": min((v for _, v in points), default=math.nan),
-            "max": max((v for _, v in points), default=math.nan),
+            "min": min(values, default=math.nan),
+            "max": max(values, default=math.nan),
             "allowed_slope_per_hour": limit,
             "growth_over_span": slope * span / 3600.0,
             "verdict": state,
@@ -190,8 +226,9 @@ def describe(assessment: Mapping[str, Any]) -> str:
     lines = []
     for name, row in assessment.get("series", {}).items():
         lines.append(
-            f"{name:10s} median {row['median']:10.1f}  slope {row['slope_per_hour']:+9.2f}/h "
-            f"(allowed {row['allowed_slope_per_hour']:.2f}/h)  -> {row['verdict']}"
+            f"{name:10s} median {row['median']:9.1f}  slope {row['slope_per_hour']:+9.2f}/h at constant "
+            f"calls up (plain {row['plain_slope_per_hour']:+.2f}/h, "
+            f"allowed {row['allowed_slope_per_hour']:.2f}/h)  -> {row['verdict']}"
         )
     lines.append(f"verdict: {assessment['verdict']} (after {assessment['warmup_seconds']:.0f}s warm-up)")
     return "\n".join(lines)
@@ -275,7 +312,7 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
                     [mean_v + row["slope_per_hour"] * (t - mean_t) / 3600.0 for t in ends],
                     color="red",
                     lw=1,
-                    label=f"fit {row['slope_per_hour']:+.1f}/h ({row['verdict']})",
+                    label=f"trend at constant calls up {row['slope_per_hour']:+.1f}/h ({row['verdict']})",
                 )
         ax.axvspan(0, warm, color="0.9", zorder=0)
         ax.set_ylabel(titles[name])
@@ -417,8 +454,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--plot", default=str(RESULTS / f"{day}-soak.png"), help="where the PNG goes ('' for none)"
     )
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        help="judge and plot the samples of an earlier run (with --warmup-minutes) instead of running",
+    )
     args = parser.parse_args(argv)
-    result = run(args)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        result["assessment"] = assess(result["samples"], args.warmup_minutes * 60.0)
+        result["windows"] = summarize_windows(result["samples"])
+    else:
+        result = run(args)
     Path(args.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
     if args.plot:
         plot(result, Path(args.plot))

@@ -14,6 +14,7 @@ from loadtest.soak import (
     median,
     parse_scrape,
     slope_per_hour,
+    trend,
     window_quantile,
 )
 
@@ -107,3 +108,36 @@ def test_parse_scrape_reads_the_engine_s_own_exposition():
     assert scrape.active_calls == 3
     assert scrape.greenlets == 8
     assert scrape.buckets[0.0005] == 1 and scrape.buckets[0.001] == 3 and scrape.buckets[math.inf] == 4
+
+
+def test_trend_separates_time_from_the_calls_up():
+    # Each call up holds 1 fd; the calls up dip now and then (a starved driver), and late in
+    # the run more often: the plain slope sees a fall that is only load, the trend sees none.
+    points = []
+    for k in range(180):
+        t = 300.0 + 10 * k
+        calls = 2000.0 - (900.0 if k % 7 == 0 or (k > 120 and k % 3 == 0) else 0.0)
+        points.append((t, calls, 40.0 + calls))
+    slope, per_call = trend(points)
+    assert slope == pytest.approx(0.0, abs=1e-6) and per_call == pytest.approx(1.0)
+    assert slope_per_hour([(t, v) for t, _, v in points]) < -100
+    # A real leak of 30 fds per hour under the same noise is still seen, whole.
+    leaking = [(t, c, v + 30.0 * (t - 300.0) / 3600.0) for t, c, v in points]
+    assert trend(leaking)[0] == pytest.approx(30.0)
+    # Constant calls up: the plain slope.
+    flat_calls = [(t, 2000.0, v) for t, _, v in leaking]
+    assert trend(flat_calls) == (pytest.approx(slope_per_hour([(t, v) for t, _, v in flat_calls])), 0.0)
+
+
+def test_assess_judges_at_constant_calls_up():
+    samples = []
+    for k in range(180):
+        calls = 2000.0 - (900.0 if k > 90 and k % 2 else 0.0)  # the second half is noisier
+        samples.append(
+            {"t": 10.0 * k, "calls_up": calls, "rss_mib": 100 + calls / 100, "open_fds": 40 + calls,
+             "greenlets": 5 + calls}
+        )  # fmt: skip
+    verdict = assess(samples, warmup_seconds=0)
+    assert verdict["verdict"] == "flat"
+    assert verdict["series"]["open_fds"]["per_call_up"] == pytest.approx(1.0)
+    assert verdict["series"]["open_fds"]["plain_slope_per_hour"] < -100  # what the old judge saw
