@@ -85,6 +85,7 @@ class Scrape:
     """What one /metrics read tells the soak."""
 
     decisions: float = 0.0  # callgate_decisions_total, all labels
+    degraded: float = 0.0  # of which ENGINE_DEGRADED (shed, deadline...: a busy machine shows here)
     buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
     active_calls: float = 0.0
     greenlets: float = 0.0  # callgate_greenlets, all kinds
@@ -99,6 +100,8 @@ def parse_scrape(text: str) -> Scrape:
         for sample in family.samples:
             if sample.name == "callgate_decisions_total":
                 scrape.decisions += sample.value
+                if sample.labels.get("reason") == "ENGINE_DEGRADED":
+                    scrape.degraded += sample.value
             elif sample.name == "callgate_decision_duration_seconds_bucket":
                 scrape.buckets[float(sample.labels["le"])] = sample.value
             elif sample.name == "callgate_active_calls":
@@ -267,12 +270,14 @@ def sample(
         "calls_up": now.active_calls,
         "load_average": os.getloadavg()[0],
         "decisions_per_second": None,
+        "degraded_per_second": None,
         "p99_ms": None,
     }
     if previous is not None:
         before_t, before = previous
         elapsed = max(1e-9, t - before_t)
         row["decisions_per_second"] = (now.decisions - before.decisions) / elapsed
+        row["degraded_per_second"] = (now.degraded - before.degraded) / elapsed
         p99 = window_quantile(before.buckets, now.buckets, 0.99)
         row["p99_ms"] = None if p99 is None else p99 * 1000.0
     return row, now
@@ -320,6 +325,13 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     ax = axes[3]
     ax.plot(minutes, [s["decisions_per_second"] for s in samples], lw=1, label="decisions/s")
+    ax.plot(
+        minutes,
+        [s.get("degraded_per_second") for s in samples],
+        lw=0.8,
+        color="tab:red",
+        label="of which ENGINE_DEGRADED/s",
+    )
     ax.set_ylabel("decisions/s")
     twin = ax.twinx()
     twin.plot(minutes, [s["p99_ms"] for s in samples], lw=1, color="tab:orange", label="p99 (ms)")
@@ -436,7 +448,15 @@ def summarize_windows(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "p99_ms_median": median(p99s),
         "p99_ms_worst": max(p99s, default=math.nan),
         "calls_up_median": median([s["calls_up"] for s in samples]),
+        "degraded_share": degraded_share(samples),
     }
+
+
+def degraded_share(samples: Sequence[Mapping[str, Any]]) -> float | None:
+    """The share of the decisions answered ENGINE_DEGRADED over the sampled windows (None if not sampled)."""
+    windows = [s for s in samples if s.get("degraded_per_second") is not None]
+    total = sum(s["decisions_per_second"] for s in windows)
+    return sum(s["degraded_per_second"] for s in windows) / total if total else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -474,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"decisions/s median {windows['decisions_per_second_median']:.1f}, calls up median "
         f"{windows['calls_up_median']:.0f}, p99 median {windows['p99_ms_median']:.2f} ms "
-        f"(worst window {windows['p99_ms_worst']:.2f} ms); load average median "
+        f"(worst window {windows['p99_ms_worst']:.2f} ms), ENGINE_DEGRADED "
+        f"{(windows.get('degraded_share') or 0.0):.1%} of the decisions; load average median "
         f"{result['load_average']['median']:.2f} (max {result['load_average']['max']:.2f})"
     )
     return 0 if result["assessment"]["verdict"] == "flat" else 1

@@ -11,6 +11,7 @@ from engine.metrics import EngineMetrics
 from loadtest.soak import (
     Tolerance,
     assess,
+    degraded_share,
     median,
     parse_scrape,
     slope_per_hour,
@@ -101,13 +102,14 @@ def test_parse_scrape_reads_the_engine_s_own_exposition():
     for seconds in (0.0004, 0.0008, 0.003):
         metrics.observe_decision("accept", "", seconds)
     metrics.observe_decision("reject", "NO_SUFFICIENT_FUND", 0.0006)
+    metrics.observe_decision("reject", "ENGINE_DEGRADED", 0.0002, "load shed: event loop 0.2 s behind")
     metrics.active_calls.inc(3)
     metrics.set_greenlets(connections=3, background=5)
     scrape = parse_scrape(generate_latest(metrics.registry).decode())
-    assert scrape.decisions == 4
+    assert scrape.decisions == 5 and scrape.degraded == 1
     assert scrape.active_calls == 3
     assert scrape.greenlets == 8
-    assert scrape.buckets[0.0005] == 1 and scrape.buckets[0.001] == 3 and scrape.buckets[math.inf] == 4
+    assert scrape.buckets[0.0005] == 2 and scrape.buckets[0.001] == 4 and scrape.buckets[math.inf] == 5
 
 
 def test_trend_separates_time_from_the_calls_up():
@@ -141,3 +143,13 @@ def test_assess_judges_at_constant_calls_up():
     assert verdict["verdict"] == "flat"
     assert verdict["series"]["open_fds"]["per_call_up"] == pytest.approx(1.0)
     assert verdict["series"]["open_fds"]["plain_slope_per_hour"] < -100  # what the old judge saw
+
+
+def test_the_degraded_share_of_the_windows():
+    samples = [
+        {"decisions_per_second": 80.0, "degraded_per_second": 8.0},
+        {"decisions_per_second": 80.0, "degraded_per_second": 0.0},
+        {"decisions_per_second": None, "degraded_per_second": None},  # the first sample
+    ]
+    assert degraded_share(samples) == pytest.approx(0.05)
+    assert degraded_share([{"decisions_per_second": 80.0}]) is None  # an older run's samples
