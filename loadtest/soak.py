@@ -299,29 +299,39 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
     minutes = [s["t"] / 60.0 for s in samples]
     fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
     titles = {"rss_mib": "RSS (MiB)", "open_fds": "open file descriptors", "greenlets": "greenlets"}
+    judged = [s for s in samples if s["t"] >= result["assessment"]["warmup_seconds"]]
     for ax, name in zip(axes, SERIES, strict=False):
+        row = result["assessment"].get("series", {}).get(name)
         ax.plot(minutes, [s[name] for s in samples], lw=1.2, label=titles[name])
+        target = ax
+        values = [float(s[name]) for s in samples]
         if name != "rss_mib":
+            # One descriptor and one greenlet per call up: what is left beyond them is what a
+            # leak would make grow. On the right axis, with the trend drawn on it.
             ax.plot(
                 minutes, [s["calls_up"] for s in samples], lw=0.8, ls="--", color="grey", label="calls up"
             )
-        row = result["assessment"].get("series", {}).get(name)
-        if row:
-            judged = [s for s in samples if s["t"] >= result["assessment"]["warmup_seconds"]]
-            if judged:  # the least-squares line passes through the mean point
-                mean_t = sum(s["t"] for s in judged) / len(judged)
-                mean_v = sum(float(s[name]) for s in judged) / len(judged)
-                ends = [judged[0]["t"], judged[-1]["t"]]
-                ax.plot(
-                    [t / 60.0 for t in ends],
-                    [mean_v + row["slope_per_hour"] * (t - mean_t) / 3600.0 for t in ends],
-                    color="red",
-                    lw=1,
-                    label=f"trend at constant calls up {row['slope_per_hour']:+.1f}/h ({row['verdict']})",
-                )
+            ax.legend(loc="lower left", fontsize=8)
+            target = ax.twinx()
+            values = [float(s[name]) - float(s["calls_up"]) for s in samples]
+            target.plot(minutes, values, lw=1, color="tab:green", label="beyond the calls up (right axis)")
+            low, high = min(values), max(values)
+            target.set_ylim(min(0.0, low - 5), high + max(10.0, high - low))
+        if row and judged:  # the fitted line passes through the judged samples' mean point
+            first = samples.index(judged[0])
+            mean_t = sum(s["t"] for s in judged) / len(judged)
+            mean_v = sum(values[first:]) / len(judged)
+            ends = [judged[0]["t"], judged[-1]["t"]]
+            target.plot(
+                [t / 60.0 for t in ends],
+                [mean_v + row["slope_per_hour"] * (t - mean_t) / 3600.0 for t in ends],
+                color="red",
+                lw=1.2,
+                label=f"trend at constant calls up {row['slope_per_hour']:+.1f}/h ({row['verdict']})",
+            )
         ax.axvspan(0, warm, color="0.9", zorder=0)
         ax.set_ylabel(titles[name])
-        ax.legend(loc="lower right", fontsize=8)
+        target.legend(loc="lower right", fontsize=8)
         ax.grid(alpha=0.3)
     ax = axes[3]
     ax.plot(minutes, [s["decisions_per_second"] for s in samples], lw=1, label="decisions/s")
@@ -491,11 +501,12 @@ def main(argv: list[str] | None = None) -> int:
         plot(result, Path(args.plot))
     print(describe(result["assessment"]))
     windows = result["windows"]
+    degraded = windows.get("degraded_share")
+    share = "not sampled" if degraded is None else f"{degraded:.1%} of the decisions"
     print(
         f"decisions/s median {windows['decisions_per_second_median']:.1f}, calls up median "
         f"{windows['calls_up_median']:.0f}, p99 median {windows['p99_ms_median']:.2f} ms "
-        f"(worst window {windows['p99_ms_worst']:.2f} ms), ENGINE_DEGRADED "
-        f"{(windows.get('degraded_share') or 0.0):.1%} of the decisions; load average median "
+        f"(worst window {windows['p99_ms_worst']:.2f} ms), ENGINE_DEGRADED {share}; load average median "
         f"{result['load_average']['median']:.2f} (max {result['load_average']['max']:.2f})"
     )
     return 0 if result["assessment"]["verdict"] == "flat" else 1
