@@ -12,7 +12,8 @@ follow the same rules, kept here once:
   50 ms to ``retry_max``, until it goes through; new items wait in the queue meanwhile
   (``send`` must therefore be idempotent: a batch that failed half-way is sent again);
 * once ``stop`` is set, what is still queued gets one attempt; a batch that fails then is
-  handed to ``abandon`` and the loop returns. ``run`` itself never raises.
+  handed to ``abandon`` and the loop returns. Only an error outside ``retryable`` (a bug)
+  leaves ``run``.
 """
 
 from __future__ import annotations
