@@ -43,6 +43,10 @@ class EngineSettings:
     hangup_timeout: float = 14400.0  # socket kept this long at most waiting for CHANNEL_HANGUP_COMPLETE
     snapshot_max_age: float = 5.0  # refuse to decide on a snapshot not confirmed for this long
     snapshot_poll_interval: float = 1.0
+    # Catalogue images (engine.state.image): a directory where each built snapshot version is
+    # written once and mapped by every process of the host that needs it later (a restart
+    # then starts in about a second). A tmpfs such as /dev/shm/callgate; "" = no images.
+    snapshot_image_dir: str = ""
     max_frame_bytes: int = 1048576
     gc_young_threshold: int = 5000  # engine.gcpolicy; 0 = CPython's defaults
     gc_full_interval: float = 300.0  # seconds between full collections (with gc_young_threshold > 0)

@@ -21,6 +21,8 @@ import gevent.pool
 import redis
 from gevent.pywsgi import WSGIServer
 
+import engine.model
+import engine.rules
 from engine import gcpolicy
 from engine.billing.funds import Funds
 from engine.billing.live import LiveBilling
@@ -45,6 +47,7 @@ from engine.rules.gate import first_uses
 from engine.rules.text import show
 from engine.state.direct import DirectConnections
 from engine.state.events import EventPublisher
+from engine.state.image import ImageStore, code_fingerprint
 from engine.state.limits import FailOpenLimiter
 from engine.state.redisconn import describe, redis_client
 from engine.state.snapshot import SnapshotUnavailable
@@ -109,8 +112,12 @@ class Engine:
             socket_timeout=max(config.redis.socket_timeout, SNAPSHOT_READ_TIMEOUT),
             socket_connect_timeout=config.redis.socket_timeout,
         )
+        images = None
+        if config.engine.snapshot_image_dir:
+            fingerprint = code_fingerprint([engine.model, engine.rules])
+            images = ImageStore(config.engine.snapshot_image_dir, config.redis.key_prefix, fingerprint)
         self.snapshots: SnapshotHolder[Catalog] = SnapshotHolder(
-            self.snapshot_redis, config.redis.key_prefix, Catalog.build
+            self.snapshot_redis, config.redis.key_prefix, Catalog.build, images=images
         )
         # The per-call limits script skips redis-py's pool and wrappers (engine.state.direct).
         self.direct_redis = DirectConnections.like(

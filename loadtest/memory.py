@@ -101,9 +101,17 @@ def describe(watch: dict[str, Any], memory: list[dict[str, float]]) -> str:
 
 
 def measure_cold_start(
-    redis_url: str, prefix: str, accounts: int, rates: int, procs: int, timeout: float = 600.0
+    redis_url: str,
+    prefix: str,
+    accounts: int,
+    rates: int,
+    procs: int,
+    timeout: float = 600.0,
+    image_dir: str = "",
 ) -> dict[str, Any]:
-    """Start ``procs`` engine processes on a free port, time them, measure them, stop them."""
+    """Start ``procs`` engine processes on a free port, time them, measure them, stop them.
+
+    ``image_dir``: the engines' ``engine.snapshot_image_dir`` (catalogue images); "" = none."""
     from loadtest.dataset import Scale
     from loadtest.driver import record_library
     from loadtest.run import free_port, probe_call, probe_plan
@@ -120,6 +128,7 @@ def measure_cold_start(
         CALLGATE_ENGINE__REUSE_PORT="true" if procs > 1 else "false",
         CALLGATE_METRICS__LISTEN_PORT="0",
         CALLGATE_LOGGING__LEVEL="INFO",
+        CALLGATE_ENGINE__SNAPSHOT_IMAGE_DIR=image_dir,
     )
     env.pop("CALLGATE_CONFIG", None)
     workdir = Path(tempfile.mkdtemp(prefix="cgmemory-"))
@@ -169,12 +178,18 @@ def measure_cold_start(
                 proc.kill()
                 proc.wait()
     logs = [(workdir / f"engine.{n}.log").read_text() for n in range(procs)]
-    loaded = [line for text in logs for line in text.splitlines() if "loaded (changes" in line]
+    loaded = [
+        line
+        for text in logs
+        for line in text.splitlines()
+        if "loaded (changes" in line or "mapped from" in line or "image" in line
+    ]
     return {
         "prefix": prefix,
         "accounts": accounts,
         "rates": rates,
         "procs": procs,
+        "image_dir": image_dir,
         "cold_start": watch.as_dict(),
         "memory": memory,
         "load_log": loaded,
@@ -188,9 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accounts", type=int, required=True)
     parser.add_argument("--rates", type=int, required=True)
     parser.add_argument("--procs", type=int, default=1)
+    parser.add_argument(
+        "--image-dir",
+        default="",
+        help="engine.snapshot_image_dir for the engines: run twice, the first start writes the "
+        "catalogue image, the second maps it",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
-    result = measure_cold_start(args.redis, args.prefix, args.accounts, args.rates, args.procs)
+    result = measure_cold_start(
+        args.redis, args.prefix, args.accounts, args.rates, args.procs, image_dir=args.image_dir
+    )
     if args.json:
         print(json.dumps(result, indent=2))
     else:

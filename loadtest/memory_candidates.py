@@ -6,10 +6,10 @@
   ``--workers`` children that each decide ``--calls`` random calls of the load-test mix
   (reading objects writes their reference counts: copy-on-write copies those pages), and
   report each child's RSS, PSS and private memory (``smaps_rollup``).
-* ``packed``: the origination rate tables as they are (prefix -> ``OriginationRate``)
-  against prefix -> ``struct``-packed record (Decimals as indexes into a shared table,
-  built back into an ``OriginationRate`` on a hit): bytes per rate, and the time of the
-  lookup pattern of ``find_rate`` (longest prefix first) both ways.
+
+(The other candidate measured here, struct-packed rate records, became the catalogue's
+representation: ``engine.rules.packed``; its decision cost is measured by
+``loadtest.decide_bench``.)
 
 Benchmarks, never asserts. The catalogue in use is not changed by this module.
 """
@@ -21,11 +21,9 @@ import gc
 import json
 import os
 import random
-import struct
 import sys
 import time
 from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any
 
 from loadtest.memory import process_memory
@@ -38,28 +36,6 @@ def smaps_private_mb(pid: int) -> float:
             if line.startswith(("Private_Clean:", "Private_Dirty:")):
                 total += int(line.split()[1])
     return total / 1024
-
-
-def deep_size(root: Any, seen: set[int]) -> int:
-    """Bytes of ``root``'s object graph (objects in ``seen`` are not counted again)."""
-    total = 0
-    stack = [root]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen or obj is None or isinstance(obj, bool):
-            continue
-        seen.add(id(obj))
-        total += sys.getsizeof(obj)
-        if isinstance(obj, dict):
-            stack.extend(obj.keys())
-            stack.extend(obj.values())
-        elif isinstance(obj, list | tuple | set | frozenset):
-            stack.extend(obj)
-        else:
-            for cls in type(obj).__mro__:
-                for name in getattr(cls, "__slots__", ()):
-                    stack.append(getattr(obj, name, None))
-    return total
 
 
 def load(prefix: str, redis_url: str) -> Any:
@@ -121,106 +97,6 @@ def measure_fork(catalog: Any, requests: list[Any], workers: int) -> list[dict[s
     return results
 
 
-# id, cost index, connect index, included, init_inc, inc, precedence, active
-_PACKED = struct.Struct("<qIIiiiiB")
-
-
-def measure_packed(catalog: Any, requests: list[Any]) -> dict[str, float]:
-    from engine.model import OriginationRate
-
-    decimals: dict[Decimal, int] = {}
-    table_of: list[Decimal] = []
-
-    def index(value: Decimal) -> int:
-        if value not in decimals:
-            decimals[value] = len(table_of)
-            table_of.append(value)
-        return decimals[value]
-
-    packed_groups: dict[int, dict[str, bytes]] = {}
-    for group_id, table in catalog.group_rates.items():
-        packed_groups[group_id] = {
-            prefix: _PACKED.pack(
-                r.id,
-                index(r.cost_per_minute),
-                index(r.connect_cost),
-                r.included_seconds,
-                r.init_inc,
-                r.inc,
-                r.precedence,
-                r.active,
-            )
-            for prefix, r in table.items()
-        }
-    rates = sum(len(t) for t in catalog.group_rates.values())
-    shared: set[int] = set()
-    for table in catalog.group_rates.values():  # prefixes and Decimals are shared either way
-        shared.update(id(p) for p in table)
-    shared.update(id(d) for d in table_of)
-    objects = deep_size(catalog.group_rates, set(shared))
-    packed = deep_size(packed_groups, set(shared))
-
-    def unpack(group_id: int, prefix: str, raw: bytes) -> OriginationRate:
-        rid, cost, connect, included, init_inc, inc, precedence, active = _PACKED.unpack(raw)
-        return OriginationRate(
-            rid,
-            prefix,
-            table_of[cost],
-            rate_group_id=group_id,
-            connect_cost=table_of[connect],
-            included_seconds=included,
-            init_inc=init_inc,
-            inc=inc,
-            precedence=precedence,
-            active=bool(active),
-        )
-
-    longest = catalog.longest_origination_prefix
-    lookups = []
-    for request in requests:
-        device = catalog.devices.get(request.sip_auth_username)
-        account = catalog.accounts.get(device.account_id) if device else None
-        if account is not None and account.rate_group_id is not None:
-            lookups.append((account.rate_group_id, request.destination))
-
-    def with_objects() -> int:
-        found = 0
-        for group_id, destination in lookups:
-            table = catalog.group_rates.get(group_id, {})
-            for n in range(min(len(destination), longest), -1, -1):
-                if table.get(destination[:n]) is not None:
-                    found += 1
-                    break
-        return found
-
-    def with_packed() -> int:
-        found = 0
-        for group_id, destination in lookups:
-            table = packed_groups.get(group_id, {})
-            for n in range(min(len(destination), longest), -1, -1):
-                prefix = destination[:n]
-                raw = table.get(prefix)
-                if raw is not None:
-                    unpack(group_id, prefix, raw)
-                    found += 1
-                    break
-        return found
-
-    timings = {}
-    for name, fn in (("objects", with_objects), ("packed", with_packed)):
-        started = time.perf_counter()
-        for _ in range(5):
-            fn()
-        timings[name] = (time.perf_counter() - started) / (5 * max(1, len(lookups))) * 1e6
-    return {
-        "rates": rates,
-        "objects_bytes_per_rate": objects / rates,
-        "packed_bytes_per_rate": packed / rates,
-        "find_rate_us_objects": timings["objects"],
-        "find_rate_us_packed": timings["packed"],
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest.memory_candidates", description=__doc__.split("\n\n")[0]
@@ -239,12 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     parent = process_memory(os.getpid())
     print(f"loaded in {time.monotonic() - started:.1f}s: parent RSS {parent.get('rss_mb', 0):.0f} MB")
     requests = requests_for(args.accounts, args.rates, args.calls)
-    packed = measure_packed(catalog, requests)
-    print(
-        f"packed rates: {packed['objects_bytes_per_rate']:.0f} -> {packed['packed_bytes_per_rate']:.0f} "
-        f"bytes per rate; find_rate pattern {packed['find_rate_us_objects']:.2f} -> "
-        f"{packed['find_rate_us_packed']:.2f} us"
-    )
     for n, child in enumerate(measure_fork(catalog, requests, args.workers)):
         print(
             f"forked worker {n} after {args.calls} decisions: RSS {child.get('rss_mb', 0):.0f} MB, "

@@ -1,10 +1,13 @@
-"""The compact load path decides exactly as the plain one.
+"""The packed catalogue decides exactly as the plain one it replaced.
 
-Reference: ``Catalog.build`` over the generated entities as constructed in memory (no codec,
-no Redis). Under test: the same data published to Redis, read back page by page (shared
-strings and datetimes, comma-joined pages, change tracking), and then changed in place by
-live-sync changes. Thousands of random calls of the load-test mix (every call class, random
-accounts and destinations) must give equal Decisions.
+Reference (:func:`plain`): the catalogue as it was before issue 19's packed tables: plain
+dicts of the generated entities as constructed in memory (accounts and devices by id,
+number and username, every rate table a dict), no codec, no Redis. Under test: the same
+data published to Redis, read back page by page, built into packed tables (records built
+on a hit, accounts by number and devices by username chosen at lookup time), then changed
+in place by live-sync changes (the packed tables' overlays), and the same catalogue written
+to an image file and mapped back (engine.state.image). Thousands of random calls of the
+load-test mix (every call class, random accounts and destinations) must give equal Decisions.
 """
 
 from __future__ import annotations
@@ -17,11 +20,17 @@ from decimal import Decimal
 import pytest
 import redis
 
-from engine.model import CallRequest, CatalogData
-from engine.rules.catalog import Catalog
+import engine.model
+import engine.rules
+import engine.rules.catalog as catalog_module
+from engine.model import CallRequest, CatalogData, OriginationRate
+from engine.rules.catalog import Catalog, longest_prefix
 from engine.rules.config import RulesConfig
 from engine.rules.decide import DecisionContext, decide
-from engine.state.snapshot import Page, _last_of_each_key, publish_snapshot, read_snapshot
+from engine.rules.packed import PackedTable
+from engine.rules.rating import find_rate
+from engine.state.image import ImageStore, code_fingerprint
+from engine.state.snapshot import Page, SnapshotStamp, _last_of_each_key, publish_snapshot, read_snapshot
 from loadtest.dataset import CallMix, Scale, generate
 
 SCALE = Scale(accounts=3_000, rates=20_000, groups=10, trunks=10, termination_rates=4_000, seed=5)
@@ -56,6 +65,71 @@ def generated() -> CatalogData:
     return generate(SCALE)
 
 
+def plain(data: CatalogData) -> Catalog:
+    """The catalogue before packing: every large table a dict of the entities as given."""
+    saved = catalog_module.PACK_RATES_FROM
+    catalog_module.PACK_RATES_FROM = 10**12  # no rate table is packed
+    try:
+        catalog = Catalog.build(data)
+    finally:
+        catalog_module.PACK_RATES_FROM = saved
+    catalog.accounts = {a.id: a for a in data.accounts}  # type: ignore[assignment]
+    catalog.accounts_by_number = catalog_module._accounts_by_number(data.accounts)
+    catalog.sip_devices = {d.id: d for d in data.sip_devices}  # type: ignore[assignment]
+    catalog.devices = catalog_module._devices_by_username(data.sip_devices)
+    return catalog
+
+
+def test_the_packed_tables_are_in_use(generated) -> None:
+    catalog = Catalog.build(generated)
+    assert type(catalog.accounts) is PackedTable and type(catalog.sip_devices) is PackedTable
+    assert all(type(table) is PackedTable for table in catalog.group_rates.values())
+    assert any(type(table) is PackedTable for table in catalog.termination_rates.values())
+    reference = plain(generated)
+    assert catalog.accounts == reference.accounts and catalog.devices == reference.devices
+    assert catalog.accounts_by_number == reference.accounts_by_number
+    assert catalog.group_rates == reference.group_rates
+    assert catalog.termination_rates == reference.termination_rates
+
+
+def old_find_rate(catalog: Catalog, account_id: int, group_id: int, destination: str) -> object:
+    """find_rate as it was: one lookup per prefix length, the personal table first."""
+    personal = catalog.personal_rates.get(account_id, {})
+    group = catalog.group_rates.get(group_id, {})
+    for n in range(min(len(destination), catalog.longest_origination_prefix), -1, -1):
+        rate = personal.get(destination[:n]) or group.get(destination[:n])
+        if rate is not None:
+            return rate
+    return None
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_find_rate_equals_the_per_length_lookup(seed: int) -> None:
+    rng = random.Random(seed)
+    digits = "012"
+
+    def prefix() -> str:
+        return "".join(rng.choice(digits) for _ in range(rng.randrange(0, 5)))
+
+    rates = [
+        OriginationRate(n, prefix(), Decimal(rng.randrange(1, 9)), *rng.choice([(1, None), (None, 7)]))
+        for n in range(rng.randrange(1, 120))
+    ]
+    for pack_from in (1, 10**6):
+        saved, catalog_module.PACK_RATES_FROM = catalog_module.PACK_RATES_FROM, pack_from
+        try:
+            catalog = Catalog.build(CatalogData(origination_rates=rates))
+        finally:
+            catalog_module.PACK_RATES_FROM = saved
+        for _ in range(300):
+            destination = prefix() + prefix()
+            expected = old_find_rate(catalog, 7, 1, destination)
+            assert find_rate(catalog, 7, 1, destination) == expected
+            assert find_rate(catalog, 8, 1, destination) == longest_prefix(
+                catalog.group_rates.get(1, {}), destination, catalog.longest_origination_prefix
+            )
+
+
 @pytest.fixture()
 def client(redis_url: str) -> redis.Redis:
     return redis.Redis.from_url(redis_url)
@@ -66,7 +140,7 @@ def test_catalog_read_from_redis_decides_as_the_one_built_in_memory(generated, c
     data = read_snapshot(client, key_prefix, scan_count=97)  # many small pages
     compact = Catalog.build(data)
     compact.track_changes(data)
-    reference = Catalog.build(generated)
+    reference = plain(generated)
     requests = random_requests(seed=1)
     expected = decisions(reference, requests)
     assert decisions(compact, requests) == expected
@@ -75,7 +149,7 @@ def test_catalog_read_from_redis_decides_as_the_one_built_in_memory(generated, c
     assert len({getattr(d, "reason", None) for d in expected}) >= 5
 
 
-def test_live_changes_in_place_decide_as_a_fresh_build(generated, client, key_prefix) -> None:
+def test_live_changes_in_place_decide_as_a_fresh_build(generated, client, key_prefix, tmp_path) -> None:
     publish_snapshot(client, key_prefix, generated)
     data = read_snapshot(client, key_prefix)
     live = Catalog.build(data)
@@ -107,7 +181,23 @@ def test_live_changes_in_place_decide_as_a_fresh_build(generated, client, key_pr
     changed.accounts, changed.origination_rates, changed.sip_devices = accounts, rates, devices
     assert live.apply_changes(upserts, deletes, before) == []
     requests = random_requests(seed=2)
-    assert decisions(live, requests) == decisions(Catalog.build(changed), requests)
+    expected = decisions(plain(changed), requests)
+    assert decisions(live, requests) == expected
+
+    # The same catalogue written as an image (before its changes) and mapped back decides
+    # the same, and takes the same changes in its overlays.
+    store = ImageStore(tmp_path, key_prefix, code_fingerprint([engine.model, engine.rules]))
+    image = Catalog.build(data)
+    image.track_changes(data)
+    stamp = SnapshotStamp(data.version, "t", 0)
+    assert store.write(stamp, image) is not None
+    loaded = store.load(stamp)
+    assert loaded is not None and isinstance(loaded.value.accounts._records, memoryview)  # mapped
+    mapped = loaded.value
+    first = random_requests(seed=1)
+    assert decisions(mapped, first) == decisions(plain(generated), first)
+    assert mapped.apply_changes(upserts, deletes, before) == []
+    assert decisions(mapped, requests) == expected
 
 
 def test_a_row_read_twice_is_kept_once_the_last_read() -> None:

@@ -30,10 +30,11 @@ def test_without_an_engine_the_call_is_rejected_never_bridged() -> None:
     assert "bridge" not in apps
 
 
-def test_a_parked_call_nobody_decides_ends_with_a_503_cause() -> None:
-    steps = actions()
-    park_timeout = steps.index(("set", "park_timeout=10:NETWORK_OUT_OF_ORDER"))
-    assert park_timeout < [app for app, _ in steps].index("socket")
+def test_no_park_timeout_cuts_a_long_ringing_call() -> None:
+    """On the real switch a park timeout fired when a bridge that rang longer than it failed:
+    the caller got NETWORK_OUT_OF_ORDER (503) instead of the bridge's cause. The guard bounds a
+    frozen engine instead (tests/call/test_switch_defects_e2e.py reproduces both)."""
+    assert not [data for app, data in actions() if data.startswith("park_timeout")]
 
 
 def test_no_other_callgate_service_listens_on_an_engine_port() -> None:
@@ -58,3 +59,28 @@ def test_the_reason_the_dialplan_records_is_the_one_the_engine_replaces() -> Non
     from engine.call.render import ENGINE_UNREACHABLE, REASON_VARIABLE
 
     assert ("set", f"{REASON_VARIABLE}={ENGINE_UNREACHABLE}") in actions()
+
+
+def guard_seconds() -> int:
+    """N of the frozen-engine guard, `sched_hangup +N NETWORK_OUT_OF_ORDER`."""
+    [data] = [data for app, data in actions() if app == "sched_hangup"]
+    when, cause = data.split()
+    assert cause == "NETWORK_OUT_OF_ORDER"  # 503 to the caller (mod_sofia hangup_cause_to_sip)
+    assert when.startswith("+") and when[1:].isdigit()  # relative, whole seconds (atol)
+    return int(when[1:])
+
+
+def test_a_frozen_engine_is_bounded_by_a_guard_set_before_the_socket() -> None:
+    apps = [app for app, _ in actions()]
+    assert apps.index("sched_hangup") < apps.index("socket")
+    assert guard_seconds() < 10  # far below the ~35 s a frozen engine cost without it
+
+
+def test_the_guard_leaves_the_engine_time_to_decide() -> None:
+    """The engine cancels the guard with its decision; the slowest decision it still writes comes
+    engine.connect_timeout + engine.decision_deadline after FreeSWITCH connects, and the guard
+    must not cut that off (docs/real-switch-lab.md, "Frozen engine")."""
+    from engine.config import Config
+
+    engine = Config().engine
+    assert guard_seconds() >= engine.connect_timeout + engine.decision_deadline + 1.0

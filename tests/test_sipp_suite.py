@@ -183,13 +183,18 @@ def test_select_by_name_group_hooks_and_slow() -> None:
         "abandoned",
         "device-onnet",
         "device-did",
+        "ring-timeout",
     }
     why = dict((c.name, why) for c, why in skipped)
     assert why["device-did"] == "needs --register-devices" and why["abandoned"] == "needs --late-prefix"
     hooks = {"engine-down", "engine-up", "engine-freeze", "engine-thaw", "redis-down", "redis-up"}
     chosen, skipped = cs.select(all_cases, ["outage"], hooks, slow=False)
-    assert [c.name for c in chosen] == ["engine-down", "redis-down"]
-    assert [(c.name, why) for c, why in skipped] == [("engine-frozen", "slow: needs --slow")]
+    # The frozen engine costs the dialplan's 4 s guard, no longer ~35 s: not a slow case.
+    assert [c.name for c in chosen] == ["engine-down", "engine-frozen", "redis-down"]
+    assert skipped == []
+    assert why["ring-timeout"] == "slow: needs --slow"  # rings out a 30 s leg timeout
+    slow_case = cs.Case("s", "outage", "", cs.LAB, "1", cs.Expect({"503": 1}), slow=True)
+    assert cs.select([slow_case], [], set(), slow=False)[1] == [(slow_case, "slow: needs --slow")]
     chosen, _ = cs.select(all_cases, ["demo-05", "limits"], set(), slow=False)
     assert [c.name for c in chosen] == ["demo-05", "concurrent-limit", "cps-limit"]
 

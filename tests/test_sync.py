@@ -13,12 +13,15 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 import redis
 
+import engine.model
+import engine.rules
 from engine.config import Config
 from engine.db.loader import load_catalog, load_entities
 from engine.model import CatalogData, SipDevice
@@ -26,8 +29,9 @@ from engine.rules.catalog import Catalog
 from engine.rules.gate import FirstUse
 from engine.state.codec import encode_entity
 from engine.state.events import EventPublisher
+from engine.state.image import ImageStore, code_fingerprint
 from engine.state.keys import events_stream, sync_journal_key, sync_state_key
-from engine.state.snapshot import SchemaMismatch, read_snapshot
+from engine.state.snapshot import SchemaMismatch, current_stamp, read_snapshot
 from engine.state.watcher import SnapshotHolder
 from engine.sync import publish_once
 from engine.sync.persist import EventPersister
@@ -495,6 +499,49 @@ def test_holder_applies_changes_in_place_and_fills_gaps_from_the_journal(
     client.delete(sync_journal_key(prefix))  # the journal lost it: the holder loads the version whole
     assert holder.refresh() is True and holder.full_loads == 2 and holder.current[0] == version
     assert holder.current[1].accounts_by_number["1000000001"].balance == Decimal(21)
+
+
+def test_restart_maps_the_image_and_catches_up_from_the_journal(
+    worker: SyncWorker, client: redis.Redis, config: Config, db: psycopg.Connection, tmp_path: Path
+) -> None:
+    """A restarted engine maps the catalogue image its predecessor wrote, then applies the
+    changes made since from the journal; without them in the journal it loads from Redis."""
+    prefix = config.redis.key_prefix
+    fingerprint = code_fingerprint([engine.model, engine.rules])
+
+    def holder() -> SnapshotHolder[Catalog]:
+        images = ImageStore(tmp_path, prefix, fingerprint)
+        return SnapshotHolder(client, prefix, Catalog.build, subscribe=False, images=images)
+
+    def image_changes() -> int:
+        stamp = current_stamp(client, prefix)
+        assert stamp is not None
+        loaded = ImageStore(tmp_path, prefix, fingerprint).load(stamp)
+        assert loaded is not None
+        return loaded.stamp.changes
+
+    first = holder()
+    first.refresh()  # built from Redis, image written, and served mapped from the image
+    assert (
+        isinstance(first.current[1].accounts._records, memoryview) and len(list(tmp_path.glob("*.img"))) == 1
+    )
+    assert image_changes() == 0
+    db.execute("UPDATE accounts SET balance = 30 WHERE number = '1000000001'")
+    worker.catch_up()
+    restarted = holder()
+    assert restarted.refresh() is True and restarted.full_loads == 1
+    catalog = restarted.current[1]
+    assert isinstance(catalog.accounts._records, memoryview)  # mapped, not decoded
+    assert catalog.accounts_by_number["1000000001"].balance == Decimal(30)  # from the journal
+    assert restarted.stamp == current_stamp(client, prefix) and restarted.confirmed_age() < 5
+    assert image_changes() == 0  # mapped, not rebuilt
+    db.execute("UPDATE accounts SET balance = 31 WHERE number = '1000000001'")
+    worker.catch_up()
+    client.delete(sync_journal_key(prefix))  # the changes since the image are lost
+    again = holder()
+    assert again.refresh() is True
+    assert image_changes() == 2  # loaded from Redis and written again
+    assert again.current[1].accounts_by_number["1000000001"].balance == Decimal(31)
 
 
 def test_holder_follows_events_in_place(

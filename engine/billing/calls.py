@@ -15,7 +15,7 @@ A refused call is recorded with :func:`reject_settlement` (no reservation, no de
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from decimal import Decimal
 
@@ -23,6 +23,7 @@ from engine.billing.cdr import answered_cdr, rejected_cdr
 from engine.billing.funds import FundsLevel, Settlement
 from engine.billing.hangup import CallEnd, parse_hangup
 from engine.billing.rating import CallPricing, RatedCall, rate_call
+from engine.billing.ticket import BillingTicket
 from engine.decision import Accept
 from engine.rules.catalog import Catalog
 
@@ -59,21 +60,43 @@ def call_settlement(
     ``catalog`` is the snapshot at hangup: only its ``calls_debited`` is read (to initialise
     Redis's spent counter after a Redis restart); the prices are the ones frozen in ``pricing``.
     """
+    ticket = BillingTicket(
+        account_id=accept.account_id,
+        account_number=accept.account_number,
+        chain=tuple(accept.chain),
+        direction=str(accept.direction),
+        caller_id_name=accept.caller_id_name,
+        translated=accept.destination,
+        decided_at=decided_at,
+        pricing=pricing,
+    )
+    return ticket_settlement(headers, ticket, lambda account_id: _recorded(catalog, account_id)[1])
+
+
+def ticket_settlement(
+    headers: Mapping[str, str], ticket: BillingTicket, recorded: Callable[[int], Decimal]
+) -> tuple[Settlement, RatedCall, CallEnd]:
+    """The one way an accepted call is rated and settled, whoever saw its end: the engine from
+    CHANNEL_HANGUP_COMPLETE (:func:`call_settlement`), or ``callgate fsxml`` from FreeSWITCH's
+    CDR post, with the ticket the engine wrote on the channel (engine.billing.ticket). Same
+    facts in, same amounts and the same CDR out, so whichever settles first, the other is a
+    no-op. ``recorded``: the snapshot's ``calls_debited`` of an account (0 when unknown)."""
     end = parse_hangup(headers)
+    pricing = ticket.pricing
     rated = rate_call(pricing, end.billsec, end.carried_leg)
     record = answered_cdr(
         end,
         pricing,
         rated,
-        account_id=accept.account_id,
-        account_number=accept.account_number,
-        chain=accept.chain,
-        direction=str(accept.direction),
-        caller_id_name=accept.caller_id_name,
-        translated=accept.destination,
-        fallback_start=decided_at,
+        account_id=ticket.account_id,
+        account_number=ticket.account_number,
+        chain=ticket.chain,
+        direction=ticket.direction,
+        caller_id_name=ticket.caller_id_name,
+        translated=ticket.translated,
+        fallback_start=ticket.decided_at,
     )
-    debits = tuple((d.account_id, _recorded(catalog, d.account_id)[1], d.amount) for d in rated.debits)
+    debits = tuple((d.account_id, recorded(d.account_id), d.amount) for d in rated.debits)
     return Settlement(end.uuid, debits, record), rated, end
 
 

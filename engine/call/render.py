@@ -17,7 +17,9 @@ FreeSWITCH, so a variable without a value is left out (docs/call-session.md list
 from __future__ import annotations
 
 import functools
+import re
 
+from engine.billing.ticket import TICKET_VARIABLE, ticket_value
 from engine.decision import Accept, DeviceLeg, Direction, GatewayLeg, Leg, Reject
 from engine.esl.commands import MYEVENTS_TYPES, Batch, assignments
 from engine.esl.protocol import command, sendmsg_execute, sendmsg_hangup
@@ -132,6 +134,9 @@ def channel_variables(accept: Accept) -> list[tuple[str, str]]:
     pairs.append(("callgate_direction", accept.direction.value))
     if accept.did_id is not None:
         pairs.append(("callgate_did", str(accept.did_id)))
+    # What FreeSWITCH's own CDR is billed on when the engine never sees the hangup
+    # (engine.billing.ticket; docs/accounting.md, "FreeSWITCH's CDR as the backstop").
+    pairs.append((TICKET_VARIABLE, ticket_value(accept)))
     pairs.append(("continue_on_fail", "true"))
     pairs.append(("hangup_after_bridge", "true"))
     # FreeSWITCH matches cause names exactly (case aside): the common spelling "alloted_timeout"
@@ -150,24 +155,48 @@ def _preamble() -> list[bytes]:
     return [command("myevents"), command("nixevent " + " ".join(UNREAD_EVENTS)), command("linger")]
 
 
+# A channel UUID as FreeSWITCH writes it: a scheduler group name that is one command word.
+_UUID_SHAPE = re.compile(r"[0-9A-Za-z-]{1,64}")
+
+
+def guard_cancel(uuid: str | None) -> list[bytes]:
+    """``api sched_del <uuid>``: cancels the dialplan's frozen-engine guard
+    (``sched_hangup +N NETWORK_OUT_OF_ORDER`` before ``socket``, dialplan/callgate.xml).
+
+    FreeSWITCH files a channel's scheduled hangups under its UUID, and ``api`` runs at once in
+    the socket's listener thread (a ``sendmsg`` waits for the park loop), so this goes first
+    in the batch: every scheduled task of the channel is gone before the decision's messages
+    are even queued. The max-duration ``sched_hangup`` (``execute_on_answer``) is filed later,
+    at the answer, and survives it. FreeSWITCH answers ``+OK Deleted: <count>`` in an
+    ``api/response``, in order with the command replies. [] when there is no usable UUID:
+    then the guard fires and the caller gets 503 (fail closed)."""
+    if uuid is None or not _UUID_SHAPE.fullmatch(uuid):
+        return []
+    return [command("api sched_del " + uuid)]
+
+
 def _batch(commands: list[bytes]) -> Batch:
     return Batch(b"".join(commands), len(commands))
 
 
-def bridge_batch(variables: list[tuple[str, str]], dial: str) -> Batch:
-    return _batch([*_preamble(), *assignments(variables), sendmsg_execute("bridge", dial)])
+def bridge_batch(variables: list[tuple[str, str]], dial: str, *, guard_uuid: str | None = None) -> Batch:
+    commands = [*_preamble(), *assignments(variables), sendmsg_execute("bridge", dial)]
+    return _batch([*guard_cancel(guard_uuid), *commands])
 
 
-def respond_batch(variables: list[tuple[str, str]], code: int, text: str) -> Batch:
-    return _batch([*_preamble(), *assignments(variables), sendmsg_execute("respond", f"{code} {text}")])
+def respond_batch(
+    variables: list[tuple[str, str]], code: int, text: str, *, guard_uuid: str | None = None
+) -> Batch:
+    commands = [*_preamble(), *assignments(variables), sendmsg_execute("respond", f"{code} {text}")]
+    return _batch([*guard_cancel(guard_uuid), *commands])
 
 
-def accept_batch(accept: Accept) -> Batch:
-    return bridge_batch(channel_variables(accept), dial_string(accept))
+def accept_batch(accept: Accept, *, guard_uuid: str | None = None) -> Batch:
+    return bridge_batch(channel_variables(accept), dial_string(accept), guard_uuid=guard_uuid)
 
 
-def reject_batch(reject: Reject, code: int, text: str) -> Batch:
-    return respond_batch(reject_variables(reject), code, text)
+def reject_batch(reject: Reject, code: int, text: str, *, guard_uuid: str | None = None) -> Batch:
+    return respond_batch(reject_variables(reject), code, text, guard_uuid=guard_uuid)
 
 
 def hangup_cause(text: str) -> str:
@@ -178,5 +207,5 @@ def hangup_cause(text: str) -> str:
 
 def routes_failed_batch(cause: str) -> Batch:
     """After a bridge whose every leg failed: record ROUTES_FAILED, then hang the parked
-    call up with the bridge's own cause (it would otherwise wait for park_timeout)."""
+    call up with the bridge's own cause (it would otherwise stay parked)."""
     return _batch([*assignments([(REASON_VARIABLE, ROUTES_FAILED)]), sendmsg_hangup(hangup_cause(cause))])

@@ -175,7 +175,7 @@ class CallSession:
         phase = self.phase
         if phase is _COMMITTED or phase is _ANSWERING:  # the frequent case first
             kind = frame.content_type
-            if kind == "command/reply":
+            if kind == "command/reply" or kind == "api/response":  # api: the guard's sched_del
                 return self._reply(frame)
             if kind == "text/event-plain":
                 return self._event(frame)
@@ -190,16 +190,17 @@ class CallSession:
             raise RuntimeError(f"a decision is not expected while {self.phase.value}")
         self.decision = decision
         settings = self._settings
+        # The batch cancels the dialplan's frozen-engine guard (render.guard_cancel).
+        uuid = self.request.uuid if self.request is not None else None
         if isinstance(decision, Accept):
-            batch = accept_batch(decision)
+            batch = accept_batch(decision, guard_uuid=uuid)
             self.phase = Phase.COMMITTED
             self.holds_slots = True
             release: list[Action] = []
         else:
             code, text = self._sip_response(decision.reason)
-            batch = reject_batch(decision, code, text)
+            batch = reject_batch(decision, code, text, guard_uuid=uuid)
             self.phase = Phase.ANSWERING
-            # A respond never bridges: whatever a late or abandoned decision took goes back now.
             # A respond never bridges: whatever a late or abandoned decision took goes back now,
             # and the attempt is recorded once its answer is written.
             release = [_RELEASE, _BILL_LATE_REJECT] if holds_slots else [_BILL_REJECT]
@@ -278,7 +279,11 @@ class CallSession:
                 self._batch_replies -= 1
             if not self.replies_pending:
                 actions.append(Disarm(Deadline.REPLIES))
-        if not frame.reply_ok():
+        if frame.content_type == "api/response":
+            if not frame.body.startswith(b"+OK"):  # `+OK Deleted: <n>`; 0 when the dialplan has no guard
+                text = frame.body.decode("utf-8", "replace").strip()
+                actions.append(Warn("refused_command", f"FreeSWITCH refused the guard's sched_del: {text}"))
+        elif not frame.reply_ok():
             actions.append(
                 Warn("refused_command", f"FreeSWITCH refused a command: {frame.reply_text.strip()}")
             )
@@ -306,7 +311,7 @@ class CallSession:
         )
 
     def _hang_up_failed_call(self, frame: Frame) -> list[Action]:
-        # Every leg failed and the call is parked (it would wait for park_timeout): record
+        # Every leg failed and the call is parked (nothing else ends the park): record
         # ROUTES_FAILED and hang up with the bridge's own cause.
         self._routes_failed = True
         cause = frame.event_header("variable_originate_disposition") or ""

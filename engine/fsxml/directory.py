@@ -32,6 +32,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,11 @@ class Directory:
     @classmethod
     def build(cls, data: CatalogData) -> Directory:
         return cls(data.sip_devices, data.accounts, data.gateways, data.version)
+
+    def calls_debited(self, account_id: int) -> Decimal | None:
+        """The account's ``calls_debited`` in this snapshot (the CDR post's settle needs it)."""
+        account = self._accounts.get(account_id)
+        return None if account is None else account.calls_debited
 
     # --- the holder's in-place protocol --------------------------------------------------------
 

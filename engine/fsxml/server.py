@@ -1,7 +1,9 @@
 """``callgate fsxml``: the WSGI application mod_xml_curl talks to, and the gevent server around it.
 
-One endpoint, ``/fsxml`` (any other path: 404), ``POST`` form (mod_xml_curl's default) or
-``GET`` query (its ``method=GET``). In order, per request:
+Two endpoints behind the same access check: ``/cdr``, where mod_json_cdr posts FreeSWITCH's
+CDRs (engine.fsxml.cdrpost: the billing backstop), and ``/fsxml`` (any other path: 404),
+``POST`` form (mod_xml_curl's default) or ``GET`` query (its ``method=GET``). In order, per
+``/fsxml`` request:
 
 1. the source address must be in ``fsxml.allowed_networks`` (else 403), and with
    ``fsxml.username``/``password`` set, the basic-auth credentials must match (else 401);
@@ -24,9 +26,12 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import parse_qs
 
 from engine.config import FsxmlSettings
 from engine.fsxml.access import Access, Denial
+from engine.fsxml.cdrpost import PATH as CDR_PATH
+from engine.fsxml.cdrpost import CdrReceiver
 from engine.fsxml.credentials import GatewayPasswords, postgres_reader
 from engine.fsxml.directory import Answers, Directory
 from engine.fsxml.request import BadRequest, Kind, lookup, parse_form
@@ -65,8 +70,10 @@ class FsxmlApp:
         answers: Answers,
         source: SnapshotSource,
         gateways_ready: Callable[[], bool] = lambda: True,
+        cdr: CdrReceiver | None = None,
     ) -> None:
         self._settings = settings
+        self._cdr = cdr  # None: no /cdr endpoint
         self._answers = answers
         self._source = source
         self._gateways_ready = gateways_ready  # the carrier passwords were read (engine.fsxml.credentials)
@@ -91,7 +98,10 @@ class FsxmlApp:
             self._refused(remote, "credentials")
             headers = [*_TEXT, ("WWW-Authenticate", 'Basic realm="callgate fsxml"')]
             return _reply(start_response, "401 Unauthorized", b"unauthorized\n", headers)
-        if environ.get("PATH_INFO", "") != PATH:
+        path = environ.get("PATH_INFO", "")
+        if path == CDR_PATH and self._cdr is not None:
+            return self._cdr_post(environ, start_response, self._cdr)
+        if path != PATH:
             return _reply(start_response, "404 Not Found", b"not found\n", _TEXT)
         method = environ.get("REQUEST_METHOD", "")
         if method == "POST":
@@ -118,6 +128,19 @@ class FsxmlApp:
             return _reply(start_response, "503 Service Unavailable", b"no gateway credentials\n", _TEXT)
         self.served += 1
         return _reply(start_response, "200 OK", self._answers.answer(request, directory), _XML)
+
+    def _cdr_post(
+        self, environ: dict[str, Any], start_response: StartResponse, cdr: CdrReceiver
+    ) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD", "") != "POST":
+            return _reply(start_response, "405 Method Not Allowed", b"POST\n", [*_TEXT, ("Allow", "POST")])
+        body = self._body(environ)
+        if body is None:
+            self._refused(environ.get("REMOTE_ADDR", ""), "cdr_too_large")
+            return _reply(start_response, "413 Content Too Large", b"too large\n", _TEXT)
+        uuids = parse_qs(environ.get("QUERY_STRING", ""), max_num_fields=20).get("uuid")
+        outcome = cdr.receive(body, environ.get("CONTENT_TYPE", ""), uuids[0] if uuids else None)
+        return _reply(start_response, outcome.status, outcome.text.encode(), _TEXT)
 
     def _body(self, environ: dict[str, Any]) -> bytes | None:
         limit = self._settings.max_body_bytes
@@ -149,9 +172,12 @@ def _reply(
     return [body]
 
 
-def build_app(config: Any, holder: Any, passwords: GatewayPasswords) -> FsxmlApp:
+def build_app(
+    config: Any, holder: Any, passwords: GatewayPasswords, funds: Any = None, release_limits: Any = None
+) -> FsxmlApp:
     """The application for ``config`` over a SnapshotHolder that builds :class:`Directory`, with
-    the gateways' carrier passwords of ``passwords``."""
+    the gateways' carrier passwords of ``passwords``; with ``funds`` (engine.billing.funds.Funds)
+    it also takes FreeSWITCH's CDR posts at ``/cdr``."""
     from engine.fsxml.directory import SofiaTemplate
 
     settings: FsxmlSettings = config.fsxml
@@ -163,7 +189,13 @@ def build_app(config: Any, holder: Any, passwords: GatewayPasswords) -> FsxmlApp
         cacheable_ms=settings.cacheable_ms,
         password_of=passwords.password_of,
     )
-    return FsxmlApp(settings, answers, SnapshotSource(holder), lambda: passwords.loaded)
+    source = SnapshotSource(holder)
+    cdr = None
+    if funds is not None:
+        cdr = CdrReceiver(
+            funds, lambda: source.directory(settings.snapshot_max_age), release_limits=release_limits
+        )
+    return FsxmlApp(settings, answers, source, lambda: passwords.loaded, cdr)
 
 
 def snapshot_realm_mismatch(client: Any, prefix: str, version: int, domain: str) -> str | None:
@@ -239,7 +271,12 @@ def serve(config: Any, host: str | None = None, port: int | None = None) -> int:
     holder: SnapshotHolder[Directory] = SnapshotHolder(
         client, config.redis.key_prefix, Directory.build, on_swap=on_swap, on_change=passwords.on_change
     )
-    app = build_app(config, holder, passwords)
+    from engine.billing.funds import Funds
+    from engine.state.limits import Limiter
+
+    funds = Funds(client, config.redis.key_prefix, margin_seconds=config.limits.margin_seconds)
+    limiter = Limiter(client, config.redis.key_prefix, margin_seconds=config.limits.margin_seconds)
+    app = build_app(config, holder, passwords, funds, limiter.release)
     stop = gevent.event.Event()
     watcher = gevent.spawn(holder.run, stop, config.engine.snapshot_poll_interval)
     reader = gevent.spawn(passwords.run, stop)

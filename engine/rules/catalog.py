@@ -25,7 +25,7 @@ by entity, each part would need the others' private structures.)
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
@@ -49,6 +49,7 @@ from engine.model import (
     entity_key_of,
 )
 from engine.rules.localization import CompiledLocalization, compile_localization
+from engine.rules.packed import PackedTable, RankedView, packed_by_id, packed_rates
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -60,7 +61,9 @@ class IpMapMatch:
     """An active IP-map entry of a usable account, with its CIDR compiled."""
 
     entry: IpMapEntry
-    network: IpNetwork
+    # The network as ipaddress writes it ("203.0.113.0/24"), for the explanation only: an
+    # ipaddress object per entry (with, for a /32, a closure of its own) was ~1 KB at 99k entries.
+    network: str
     tech_prefix: str
 
 
@@ -98,7 +101,9 @@ def parse_ip(text: str) -> IpAddress | None:
 
 
 def longest_prefix(table: Mapping[str, Row], number: str, longest: int) -> Row | None:
-    """The row of the longest prefix of ``number`` present in ``table``."""
+    """The row of the longest prefix of ``number`` (at most ``longest`` long) in ``table``."""
+    if type(table) is PackedTable:
+        return cast(PackedTable[str, Row], table).longest_match(number, longest)
     for n in range(min(len(number), longest), -1, -1):
         row = table.get(number[:n])
         if row is not None:
@@ -130,6 +135,7 @@ class Catalog:
         "personal_rates",
         "problems",
         "rate_groups",
+        "sip_devices",
         "speed_dials",
         "termination_rates",
         "trunk_gateways",
@@ -139,16 +145,19 @@ class Catalog:
 
     def __init__(self) -> None:
         self.version = 0
-        self.accounts: dict[int, Account] = {}
-        self.accounts_by_number: dict[str, Account] = {}
-        self.devices: dict[str, SipDevice] = {}
+        # The large tables are packed (engine.rules.packed): an entity is built on each hit.
+        self.accounts: PackedTable[int, Account] = packed_by_id(Account, ())
+        self.accounts_by_number: Mapping[str, Account] = {}
+        self.sip_devices: PackedTable[int, SipDevice] = packed_by_id(SipDevice, ())
+        self.devices: Mapping[str, SipDevice] = {}  # by username
         self.rate_groups: dict[int, RateGroup] = {}
-        self.group_rates: dict[int, dict[str, OriginationRate]] = {}
-        self.personal_rates: dict[int, dict[str, OriginationRate]] = {}
+        # prefix -> rate; a table of PACK_RATES_FROM rates or more is a PackedTable
+        self.group_rates: dict[int, RateTable[OriginationRate]] = {}
+        self.personal_rates: dict[int, RateTable[OriginationRate]] = {}
         self.trunks: dict[int, Trunk] = {}
         self.gateways: dict[int, Gateway] = {}
         self.trunk_gateways: dict[int, tuple[str, ...]] = {}  # active gateway names, primary then failovers
-        self.termination_rates: dict[int, dict[str, TerminationRate]] = {}
+        self.termination_rates: dict[int, RateTable[TerminationRate]] = {}
         self.longest_origination_prefix = 0
         self.longest_termination_prefix = 0
         # §1 and §4 (number handling):
@@ -170,9 +179,10 @@ class Catalog:
         catalog = cls()
         problems: list[str] = []
         catalog.version = data.version
-        catalog.accounts = {account.id: account for account in data.accounts}
-        catalog.accounts_by_number = _accounts_by_number(data.accounts)
-        catalog.devices = _devices_by_username(data.sip_devices)
+        catalog.accounts = packed_by_id(Account, data.accounts, {"number": _number_of})
+        catalog.accounts_by_number = RankedView(catalog.accounts, "number", _owner_of_number)
+        catalog.sip_devices = packed_by_id(SipDevice, data.sip_devices, {"username": _username_of})
+        catalog.devices = RankedView(catalog.sip_devices, "username", _device_of_username)
         catalog.rate_groups = {group.id: group for group in data.rate_groups}
         catalog.trunks = {trunk.id: trunk for trunk in data.trunks}
         catalog.gateways = {gateway.id: gateway for gateway in data.gateways}
@@ -234,14 +244,16 @@ class Catalog:
 
     def _index_origination_rates(self, rates: Iterable[OriginationRate], problems: list[str]) -> None:
         longest = 0
+        personal: dict[int, dict[str, OriginationRate]] = {}
+        group: dict[int, dict[str, OriginationRate]] = {}
         for rate in rates:
             if not rate.active:
                 continue
             prefix = rate.prefix.strip()
             if rate.account_id is not None:
-                table = self.personal_rates.setdefault(rate.account_id, {})
+                table = personal.setdefault(rate.account_id, {})
             elif rate.rate_group_id is not None:
-                table = self.group_rates.setdefault(rate.rate_group_id, {})
+                table = group.setdefault(rate.rate_group_id, {})
             else:
                 problems.append(f"origination rate {rate.id}: neither rate group nor account")
                 continue
@@ -250,20 +262,24 @@ class Catalog:
             if current is None or _origination_rank(rate) < _origination_rank(current):
                 table[prefix] = rate
             longest = max(longest, len(prefix))
+        self.personal_rates = _packed_tables(OriginationRate, personal)
+        self.group_rates = _packed_tables(OriginationRate, group)
         self.longest_origination_prefix = longest
 
     def _index_termination_rates(self, rates: Iterable[TerminationRate]) -> None:
         longest = 0
+        by_trunk: dict[int, dict[str, TerminationRate]] = {}
         for rate in rates:
             if not rate.active:
                 continue
             prefix = rate.prefix.strip()
-            table = self.termination_rates.setdefault(rate.trunk_id, {})
+            table = by_trunk.setdefault(rate.trunk_id, {})
             current = table.get(prefix)
             # Two rows for one prefix on one trunk: the cheaper wins, as LCR would pick it.
             if current is None or _termination_rank(rate) < _termination_rank(current):
                 table[prefix] = rate
             longest = max(longest, len(prefix))
+        self.termination_rates = _packed_tables(TerminationRate, by_trunk)
         self.longest_termination_prefix = longest
 
     def _index_ip_map(self, entries: Iterable[IpMapEntry], problems: list[str]) -> None:
@@ -279,7 +295,7 @@ class Catalog:
             except ValueError:
                 problems.append(f"ip map entry {entry.id}: {entry.cidr!r} is not an IP network")
                 continue
-            match = IpMapMatch(entry, network, entry.tech_prefix.strip())
+            match = IpMapMatch(entry, str(network), entry.tech_prefix.strip())
             key = (network.version, network.prefixlen)
             buckets.setdefault(key, {}).setdefault(int(network.network_address), []).append(match)
         for version in (4, 6):
@@ -348,6 +364,36 @@ def _origination_rank(rate: OriginationRate) -> tuple[Any, ...]:
 
 def _termination_rank(rate: TerminationRate) -> tuple[Any, ...]:
     return (rate.cost_per_minute, rate.precedence, rate.id)
+
+
+# A rate table: a dict while small (a PackedTable object costs more than a few rates), packed
+# from this many rates on.
+PACK_RATES_FROM = 32
+RateTable = dict[str, Row] | PackedTable[str, Row]
+
+
+def _packed_tables(cls: type, tables: dict[int, dict[str, Row]]) -> dict[int, RateTable[Row]]:
+    return {
+        owner: packed_rates(cls, table) if len(table) >= PACK_RATES_FROM else table
+        for owner, table in tables.items()
+    }
+
+
+def _number_of(account: Account) -> str:
+    return account.number
+
+
+def _username_of(device: SipDevice) -> str:
+    return device.username
+
+
+def _owner_of_number(candidates: list[Account]) -> Account | None:
+    """Among the accounts with one number, the one ``build`` indexed (see ``_accounts_by_number``)."""
+    return next(iter(_accounts_by_number(candidates).values()), None)
+
+
+def _device_of_username(candidates: list[SipDevice]) -> SipDevice | None:
+    return next(iter(_devices_by_username(candidates).values()), None)
 
 
 def _accounts_by_number(accounts: Iterable[Account]) -> dict[str, Account]:
@@ -444,7 +490,6 @@ _RATE_TYPES = ("origination_rates", "termination_rates")
 # The rows kept for the derived indexes, by snapshot key (accounts, DIDs, rate groups,
 # gateways and trunks are kept by the catalog itself, all of them, by id).
 _KEPT = (
-    "sip_devices",
     "ip_map",
     "caller_ids",
     "forced_caller_ids",
@@ -522,12 +567,6 @@ class _ChangeIndex:
         self.rows: dict[str, dict[_RowKey, Any]] = {
             name: {_row_key(name, obj): obj for obj in getattr(data, name)} for name in _KEPT
         }
-        self.account_ids_by_number: _Links[str, int] = _Links()
-        for account in data.accounts:
-            self.account_ids_by_number.link(account.number, account.id)
-        self.device_keys_by_username: _Links[str, _RowKey] = _Links()
-        for key, device in self.rows["sip_devices"].items():  # the rows' key objects: not a 2nd copy
-            self.device_keys_by_username.link(device.username, key)
         self.did_ids_by_number: _Links[str, int] = _Links()
         self.did_ids_by_account: _Links[int, int] = _Links()
         for did in data.dids:
@@ -586,10 +625,6 @@ class _ChangeIndex:
                 c.trunk_gateways.pop(trunk_id, None)
             else:
                 c.trunk_gateways[trunk_id] = c._active_gateways(trunk)
-        for number in dirty.account_numbers:
-            self._rederive_account_number(number)
-        for username in dirty.usernames:
-            self._rederive_device(username)
         for account_id in dirty.ip_accounts:
             for row_key in self.keys_by_account["ip_map"].of(account_id):
                 cell = _ip_cell(self.rows["ip_map"][row_key])
@@ -630,26 +665,12 @@ class _ChangeIndex:
         c, new = self.catalog, change.new
         old = c.accounts.pop(int(key), None)
         if new is not None:
-            c.accounts[new.id] = new
-        for account, add in ((old, False), (new, True)):
-            if account is not None:
-                if add:
-                    self.account_ids_by_number.link(account.number, account.id)
-                else:
-                    self.account_ids_by_number.unlink(account.number, account.id)
-                dirty.account_numbers.add(account.number)
+            c.accounts[new.id] = new  # accounts_by_number chooses at lookup time: nothing to re-derive
         if (old is not None and old.usable) != (new is not None and new.usable):
             dirty.ip_accounts.add(int(key))
 
     def _store_sip_devices(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
-        old, new = self._swap_row("sip_devices", key, change.new)
-        for device, add in ((old, False), (new, True)):
-            if device is not None:
-                if add:
-                    self.device_keys_by_username.link(device.username, key)
-                else:
-                    self.device_keys_by_username.unlink(device.username, key)
-                dirty.usernames.add(device.username)
+        _set_or_pop(self.catalog.sip_devices, int(key), change.new)  # devices chooses at lookup time
 
     def _store_ip_map(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
         old, new = self._swap_row("ip_map", key, change.new)
@@ -741,16 +762,6 @@ class _ChangeIndex:
 
     # phase 2: re-derive as build does, from the candidates only
 
-    def _rederive_account_number(self, number: str) -> None:
-        c = self.catalog
-        candidates = [c.accounts[i] for i in self.account_ids_by_number.of(number)]
-        _set_or_pop(c.accounts_by_number, number, _accounts_by_number(candidates).get(number))
-
-    def _rederive_device(self, username: str) -> None:
-        rows = self.rows["sip_devices"]
-        candidates = [rows[key] for key in self.device_keys_by_username.of(username)]
-        _set_or_pop(self.catalog.devices, username, _devices_by_username(candidates).get(username))
-
     def _rederive_did_number(self, number: str, problems: list[str]) -> None:
         c = self.catalog
         candidates = [c.dids_by_id[i] for i in self.did_ids_by_number.of(number)]
@@ -782,7 +793,7 @@ class _ChangeIndex:
                     account = c.accounts.get(entry.account_id)
                     if entry.active and account is not None and account.usable:
                         network = ipaddress.ip_network(entry.cidr.strip(), strict=False)
-                        matches.append(IpMapMatch(entry, network, entry.tech_prefix.strip()))
+                        matches.append(IpMapMatch(entry, str(network), entry.tech_prefix.strip()))
                 mask = ((1 << width) - 1) ^ ((1 << (width - prefixlen)) - 1)
                 _, table = buckets.setdefault(prefixlen, (mask, {}))
                 if matches:
@@ -795,9 +806,9 @@ class _ChangeIndex:
                 if table
             )
 
-    def _rate_table(self, name: str, rate: Any, create: bool) -> dict[str, Any] | None:
+    def _rate_table(self, name: str, rate: Any, create: bool) -> MutableMapping[str, Any] | None:
         c = self.catalog
-        tables: Mapping[int, dict[str, Any]]
+        tables: Mapping[int, MutableMapping[str, Any]]
         if name == "termination_rates":
             tables, owner = c.termination_rates, rate.trunk_id
         elif rate.account_id is not None:
@@ -807,7 +818,7 @@ class _ChangeIndex:
         else:
             return None
         if create:
-            return cast(dict[int, dict[str, Any]], tables).setdefault(owner, {})
+            return cast(dict[int, MutableMapping[str, Any]], tables).setdefault(owner, {})
         return tables.get(owner)
 
     def _unplace_rate(self, name: str, rate: Any) -> None:
@@ -853,8 +864,6 @@ class _ChangeIndex:
 class _Dirty:
     """What phase 1 touched and phase 2 must re-derive."""
 
-    account_numbers: set[str] = field(default_factory=set)
-    usernames: set[str] = field(default_factory=set)
     ip_accounts: set[int] = field(default_factory=set)
     ip_cells: set[tuple[int, int, int]] = field(default_factory=set)
     caller_id_accounts: set[int] = field(default_factory=set)
@@ -914,7 +923,7 @@ class _Links(dict[K, Any], Generic[K, V]):
 _ABSENT: Any = object()
 
 
-def _set_or_pop(table: dict[Any, Any], key: Any, value: Any) -> None:
+def _set_or_pop(table: MutableMapping[Any, Any], key: Any, value: Any) -> None:
     if value is None:
         table.pop(key, None)
     else:

@@ -13,7 +13,7 @@ from decimal import Decimal
 
 from engine.decision import RatedLevel, Reason
 from engine.model import Account, Did, OriginationRate, RateGroup
-from engine.rules.catalog import Catalog
+from engine.rules.catalog import Catalog, longest_prefix
 from engine.rules.config import RulesConfig
 from engine.rules.gate import level_name
 from engine.rules.refusal import Refusal
@@ -57,16 +57,15 @@ def find_rate(
 ) -> OriginationRate | None:
     """Longest prefix over the group's and the account's active rates; at equal length
     the personal rate wins (ties within one table were settled at build: dearer first)."""
-    personal = catalog.personal_rates.get(account_id, _NO_RATES)
-    group = catalog.group_rates.get(rate_group_id, _NO_RATES)
-    for n in range(min(len(destination), catalog.longest_origination_prefix), -1, -1):
-        prefix = destination[:n]
-        rate = personal.get(prefix)
-        if rate is None:
-            rate = group.get(prefix)
-        if rate is not None:
-            return rate
-    return None
+    longest = catalog.longest_origination_prefix
+    group = longest_prefix(catalog.group_rates.get(rate_group_id, _NO_RATES), destination, longest)
+    personal_table = catalog.personal_rates.get(account_id)
+    if personal_table is None:
+        return group
+    personal = longest_prefix(personal_table, destination, longest)
+    if personal is None or (group is not None and len(group.prefix.strip()) > len(personal.prefix.strip())):
+        return group
+    return personal
 
 
 def with_markup(cost_per_minute: Decimal, markup_percent: Decimal) -> Decimal:

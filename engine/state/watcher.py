@@ -47,6 +47,7 @@ import redis
 
 from engine.model import ENTITY_TYPES, CatalogData
 from engine.state.codec import decode_entity, decode_many
+from engine.state.image import ImageStore
 from engine.state.keys import entity_hash_key, snapshot_events_channel, sync_journal_key
 from engine.state.snapshot import (
     DEFAULT_SCAN_COUNT,
@@ -136,6 +137,7 @@ class SnapshotHolder(Generic[T]):
         freeze_gc: bool = True,
         on_swap: Callable[[int, T], None] | None = None,
         on_change: Callable[[int, T, dict[str, set[str]]], None] | None = None,
+        images: ImageStore | None = None,
     ) -> None:
         """``build`` turns CatalogData into what ``current`` serves (``Catalog.build``).
 
@@ -149,6 +151,8 @@ class SnapshotHolder(Generic[T]):
         meanwhile and retries at once when Redis answers again after an outage.
         ``on_swap(version, value)`` is called after each full load, ``on_change(version,
         value, {entity: keys})`` after each in-place change (metrics, logging, tests).
+        ``images``: where built catalogues are written after a full load and mapped from
+        instead of loading a version again (``engine.state.image``); None = never.
         """
         self._client = client
         self._prefix = prefix
@@ -163,6 +167,7 @@ class SnapshotHolder(Generic[T]):
         self._freeze_gc = freeze_gc
         self._on_swap = on_swap
         self._on_change = on_change
+        self._images = images
         self._lock = threading.RLock()  # a gevent lock once monkey-patched
         self._state: tuple[int, T] | None = None
         self._stamp: SnapshotStamp | None = None
@@ -239,13 +244,16 @@ class SnapshotHolder(Generic[T]):
         )
 
     def _load(self) -> None:
+        if self._images is not None and self._load_image(self._images):
+            return
         started = time.monotonic()
         raw = fetch_snapshot(self._client, self._prefix, scan_count=self._scan_count)
         fetched = time.monotonic()
-        value, incremental = self._offload(lambda: self._decode_and_build(raw))
+        schemas = {name: _fields(raw.meta.get(f"schema:{name}")) for name in ENTITY_TYPES}
+        value, incremental = self._offload(lambda: self._decode_and_build(raw, schemas))
         self._state = (raw.version, value)  # one reference swap: readers see old or new, whole
         self._stamp = raw.stamp
-        self._schemas = {name: _fields(raw.meta.get(f"schema:{name}")) for name in ENTITY_TYPES}
+        self._schemas = schemas
         self._incremental = incremental
         self.loaded_at = time.monotonic()
         self.full_loads += 1
@@ -266,11 +274,74 @@ class SnapshotHolder(Generic[T]):
         if self._on_swap is not None:
             self._on_swap(raw.version, value)
 
-    def _decode_and_build(self, raw: RawSnapshot) -> tuple[T, bool]:
+    def _decode_and_build(
+        self, raw: RawSnapshot, schemas: dict[str, tuple[str, ...] | None]
+    ) -> tuple[T, bool]:
         if not self._freeze_gc:
-            return self._build_tracked(raw.decode())
-        with gc_paused(freeze=True):
-            return self._build_tracked(raw.decode())
+            built = self._build_tracked(raw.decode())
+        else:
+            with gc_paused(freeze=True):
+                built = self._build_tracked(raw.decode())
+        if self._images is not None and built[1] and self._images.write(raw.stamp, (built[0], schemas)):
+            # Written before the catalogue is shared (from then on live changes alter it), then
+            # served from the file like every other process of the host: the pages are shared,
+            # and the private copy just built is freed.
+            mapped = self._images.load(raw.stamp)
+            if mapped is not None:
+                value: T = mapped.value[0]
+                return value, True
+        return built
+
+    def _load_image(self, images: ImageStore) -> bool:
+        """Map the current version's image if there is one, then catch up with the journal.
+
+        False (nothing held changed) if there is no usable image, or if the changes made
+        since it was written are no longer all in the journal: the caller loads from Redis.
+        """
+        started = time.monotonic()
+        stamp = current_stamp(self._client, self._prefix)
+        if stamp is None:
+            return False
+
+        def load() -> Any:
+            if not self._freeze_gc:
+                return images.load(stamp)
+            with gc_paused(freeze=True):
+                return images.load(stamp)
+
+        loaded = self._offload(load)
+        if loaded is None:
+            return False
+        value, schemas = loaded.value
+        if not callable(getattr(value, "apply_changes", None)):
+            return False
+        previous = (self._state, self._stamp, self._schemas, self._incremental)
+        self._state, self._stamp, self._schemas = (stamp.version, value), loaded.stamp, schemas
+        self._incremental = True
+        try:
+            caught_up = loaded.stamp.changes == stamp.changes or self._catch_up_from_journal(stamp.changes)
+        except BaseException:  # Redis failed meanwhile: hold what was held before, as after any failure
+            self._state, self._stamp, self._schemas, self._incremental = previous
+            raise
+        if not caught_up:
+            self._state, self._stamp, self._schemas, self._incremental = previous
+            return False
+        self.loaded_at = time.monotonic()
+        self.full_loads += 1
+        self._recheck = False
+        if self._stamp == stamp:
+            self.last_confirmed = started
+        log.info(
+            "snapshot version %d mapped from %s (changes %d, %d more from the journal) in %.2fs",
+            stamp.version,
+            loaded.path,
+            loaded.stamp.changes,
+            stamp.changes - loaded.stamp.changes,
+            self.loaded_at - started,
+        )
+        if self._on_swap is not None:
+            self._on_swap(stamp.version, value)
+        return True
 
     def _build_tracked(self, data: CatalogData) -> tuple[T, bool]:
         value = self._build(data)

@@ -324,6 +324,7 @@ def sip_phrase(code: int) -> str:
 def dialstatus(cause: str) -> str:
     return _DIALSTATUS.get(cause, "CHANUNAVAIL")
 
+
 # ---------------------------------------------------------------------------
 # call description and result
 # ---------------------------------------------------------------------------
@@ -362,6 +363,19 @@ class CallSpec:
     abandon_before_connect: bool = False
     raw_channel_data: bytes | None = None  # sent instead of the CHANNEL_DATA reply to connect
     duplicate_hangup_complete: bool = False  # CHANNEL_HANGUP_COMPLETE delivered twice (billing test)
+    # --- the dialplan around `socket` (dialplan/callgate.xml) -------------------------------
+    # The frozen-engine guard: `sched_hangup +N NETWORK_OUT_OF_ORDER` before `socket`, filed
+    # under the channel's UUID (cancelled by `api sched_del <uuid>`). None: no guard.
+    # FreeSWITCH takes whole seconds; fractions are kept here to keep tests short.
+    guard_seconds: float | None = None
+    # What the dialplan runs when `socket` returns with the channel still up (the socket went
+    # away without deciding), e.g. "respond 503 Service Unavailable". "": nothing follows
+    # `socket`, the channel hangs up NORMAL_CLEARING.
+    after_socket: str = ""
+    # `park_timeout` as the dialplan sets it before `socket` ("<seconds>[:<cause>]", "": none).
+    # switch_ivr_park reads it once when the park starts and checks it after every turn of its
+    # loop, including right after a bridge it ran returns.
+    park_timeout: str = ""
 
 
 @dataclass
@@ -389,6 +403,7 @@ class CallResult:
     # a variable set to an empty value is absent, as on FreeSWITCH.
     channel_variables: dict[str, str] = field(default_factory=dict)
     duration: float = 0.0  # wall time of place_call
+    hangup_after: float | None = None  # seconds from the call's start to its CHANNEL_HANGUP
 
 
 # ---------------------------------------------------------------------------
@@ -396,12 +411,43 @@ class CallResult:
 # ---------------------------------------------------------------------------
 
 SHOW_CHANNELS_COLUMNS = (
-    "uuid", "direction", "created", "created_epoch", "name", "state", "cid_name", "cid_num",
-    "ip_addr", "dest", "application", "application_data", "dialplan", "context", "read_codec",
-    "read_rate", "read_bit_rate", "write_codec", "write_rate", "write_bit_rate", "secure",
-    "hostname", "presence_id", "presence_data", "accountcode", "callstate", "callee_name",
-    "callee_num", "callee_direction", "call_uuid", "sent_callee_name", "sent_callee_num",
-    "initial_cid_name", "initial_cid_num", "initial_ip_addr", "initial_dest", "initial_dialplan",
+    "uuid",
+    "direction",
+    "created",
+    "created_epoch",
+    "name",
+    "state",
+    "cid_name",
+    "cid_num",
+    "ip_addr",
+    "dest",
+    "application",
+    "application_data",
+    "dialplan",
+    "context",
+    "read_codec",
+    "read_rate",
+    "read_bit_rate",
+    "write_codec",
+    "write_rate",
+    "write_bit_rate",
+    "secure",
+    "hostname",
+    "presence_id",
+    "presence_data",
+    "accountcode",
+    "callstate",
+    "callee_name",
+    "callee_num",
+    "callee_direction",
+    "call_uuid",
+    "sent_callee_name",
+    "sent_callee_num",
+    "initial_cid_name",
+    "initial_cid_num",
+    "initial_ip_addr",
+    "initial_dest",
+    "initial_dialplan",
     "initial_context",
 )
 
@@ -547,6 +593,8 @@ class Switch:
             for ch in list(self.channels.values()):
                 ch.request_hangup(cause, "send_bye" if ch.answered else "send_refuse")
             return "+OK hupall\n"
+        if low == "sched_del":
+            return self._sched_del(arg)
         if low == "version":
             return "FreeSWITCH Version 1.10.12-release~64bit (fsemu)\n"
         if low == "status":
@@ -556,6 +604,16 @@ class Switch:
                 f"{len(self.channels)} session(s) - peak 0, last 5min 0\n"
             )
         return f"-ERR {cmd} Command not found!\n"
+
+    def _sched_del(self, arg: str) -> str:
+        """mod_commands' sched_del: a task id or a group (a channel's scheduled hangups are
+        filed under its UUID); the reply counts the tasks deleted, 0 included."""
+        count = 0  # no argument: FreeSWITCH 1.10.12 answers "+OK Deleted: 0" too
+        if arg and not arg.isdigit():  # task ids are not emulated: none matches
+            for ch in list(self.channels.values()):
+                if ch.uuid == arg:
+                    count += ch.delete_scheduled()
+        return f"+OK Deleted: {count}\n"
 
     def _show_channels(self, rest: str) -> str:
         rows = self.channel_rows()
@@ -747,6 +805,7 @@ class EslConnection:
         self._event_names_out: list[str | None] = []
         self._wake = gevent.event.Event()
         self._cmds: collections.deque[tuple[wire.Command, float]] = collections.deque()
+        self._reply_not_before = 0.0  # a saturated switch's late replies (CallSpec.late_replies)
         self.peer_closed = False
         self.sent_event_names: list[str] = []
         self.replies: list[str] = []
@@ -778,7 +837,13 @@ class EslConnection:
             self.peer_closed = True
             return False
 
+    def _hold_reply(self) -> None:
+        late = self._reply_not_before - time.monotonic()
+        if late > 0:  # the command already ran; its reply comes late
+            gevent.sleep(late)
+
     def _reply(self, text: str) -> None:
+        self._hold_reply()
         self.replies.append(text)
         if text.startswith("~"):
             self._send(b"Content-Type: command/reply\n" + text[1:].encode())
@@ -948,7 +1013,10 @@ class EslConnection:
         return "+OK events nixed"
 
     def _api(self, command: str) -> None:
+        # Run at once by the listener (mod_event_socket runs `api` in its own thread, while a
+        # `sendmsg` waits for the channel's park loop); the reply takes its turn with the others.
         body = self.switch.api(command) or "-ERR no reply\n"
+        self._hold_reply()
         self.replies.append("api/response")
         self._send(wire.api_response(body))
 
@@ -1066,6 +1134,11 @@ class Channel(EslConnection):
         self._linger_notice_sent = False
         self._stalled = False
         self._t_connect = 0.0
+        self._t_start = time.monotonic()
+        self._after_socket_run = False
+        self._park_expires: float | None = None
+        self._orphan_park = False  # parked after the socket had already closed (no decision)
+        self._park_timeout_cause = "NORMAL_CLEARING"
         self._last_bridge_sip: int | None = None
         self._socket_app_uuid = str(uuid4())
         self._enc_static: templates.Encoded | None = None
@@ -1382,6 +1455,8 @@ class Channel(EslConnection):
             return
         first = not self._got_first
         self._got_first = True
+        # A saturated switch: the commands already run, their replies come late.
+        self._reply_not_before = t_recv + self.spec.late_replies
         self._note_decision(cmd, t_recv)
         low = cmd.line.strip().lower()
         if low.startswith("connect"):
@@ -1395,9 +1470,6 @@ class Channel(EslConnection):
         if first:
             return  # FreeSWITCH parses the first packet without sending its reply
         if reply:
-            late = t_recv + self.spec.late_replies - time.monotonic()
-            if late > 0:  # a saturated switch: the commands already run, the reply comes late
-                gevent.sleep(late)
             self._reply(reply)
 
     def _note_decision(self, cmd: wire.Command, t_recv: float) -> None:
@@ -1526,16 +1598,40 @@ class Channel(EslConnection):
                     done.set()
                 if self._hungup:
                     break
+                self._check_park_timeout()
                 continue
             if not self.controlled:
-                # the socket is gone: park returns, the dialplan has nothing after `socket`
+                if spec.after_socket and self.async_mode and self.connected and not self._park_emitted:
+                    # The socket closed before any decision was queued. On the real switch the
+                    # `socket` app usually entered switch_ivr_park only after the listener had
+                    # ended, and the park set CF_CONTROLLED again itself: the call stayed parked
+                    # until the guard (3 of 4 tries; the 4th got the dialplan's 503 at once).
+                    self._park()
+                    self._orphan_park = True
+                if self._orphan_park and not self._hungup:
+                    self._kick.clear()
+                    if self._pending is None:
+                        expires = self._park_expires
+                        self._kick.wait(None if expires is None else max(0.0, expires - time.monotonic()))
+                        self._check_park_timeout()
+                    continue
+                # the socket is gone: park returns and the dialplan goes on after `socket`
                 if not self._hungup and self.connected:
                     self.result.uncontrolled = True
+                if spec.after_socket and not self._after_socket_run:
+                    self._after_socket_run = True
+                    app, _, arg = spec.after_socket.partition(" ")
+                    self._execute(app, arg)
+                    if self._hungup:
+                        break
+                    continue
                 self.request_hangup("NORMAL_CLEARING", self._local_disposition())
                 continue
             self._kick.clear()
             if self._pending is None and not self._msgs and self.controlled:
-                self._kick.wait()
+                expires = self._park_expires
+                self._kick.wait(None if expires is None else max(0.0, expires - time.monotonic()))
+                self._check_park_timeout()
         if self._sync_done is not None:  # a sync sendmsg that will never run
             self._sync_done.set()
         self._finish_hangup()
@@ -1546,7 +1642,18 @@ class Channel(EslConnection):
 
     def _park(self) -> None:
         self._park_emitted = True
+        timeout, _, cause = self.spec.park_timeout.partition(":")
+        if timeout.strip():
+            self._park_expires = time.monotonic() + float(timeout)
+            self._park_timeout_cause = str2cause(cause or None, default="NORMAL_CLEARING")
         self._fire("CHANNEL_PARK")
+
+    def _check_park_timeout(self) -> None:
+        """switch_ivr_park: past park_timeout, the parked channel hangs up with its cause, even
+        when a bridge the park ran has just failed and the engine's own hang-up is on its way."""
+        expires = self._park_expires
+        if expires is not None and time.monotonic() >= expires and not self._hungup:
+            self.request_hangup(self._park_timeout_cause, self._local_disposition())
 
     def _process(self, cmd: wire.Command) -> None:
         cc = (cmd.header("call-command") or "").lower()
@@ -1720,8 +1827,21 @@ class Channel(EslConnection):
                 secs = max(0.0, float(int(float(when))) - time.time())
         except ValueError:
             return
-        g = self._later(secs, self.request_hangup, cause, "send_bye")
+        g = self._later(secs, self._scheduled_hangup, cause)
         self._sched_hangups.append(g)
+
+    def _scheduled_hangup(self, cause: str) -> None:
+        """A scheduled hangup fires (sch_hangup_callback): the channel hangs up with its cause,
+        answered or not (unanswered: the caller gets the cause's SIP code, e.g. 503)."""
+        self.request_hangup(cause, self._local_disposition())
+
+    def delete_scheduled(self) -> int:
+        """``sched_del <uuid>``: cancel the channel's scheduled hangups not yet fired."""
+        live = [g for g in self._sched_hangups if not g.dead]
+        for g in live:
+            g.kill(block=False)
+        self._sched_hangups.clear()
+        return len(live)
 
     def _mark_answered(self) -> None:
         self.answered = True
@@ -1868,6 +1988,7 @@ class Channel(EslConnection):
             self._apply("bridge_hangup")
         self.hangup_cause = cause
         self.result.hangup_cause = cause
+        self.result.hangup_after = time.monotonic() - self._t_start
         self.answer_state = "hangup"
         self.state_number = 10
         if self.result.sip_response is None:
@@ -1989,6 +2110,10 @@ class Channel(EslConnection):
 
     def _run(self) -> None:
         self.switch.register(self)
+        if self.spec.guard_seconds is not None:
+            # The dialplan's `sched_hangup +N NETWORK_OUT_OF_ORDER`, run before `socket`.
+            guard = self._later(self.spec.guard_seconds, self._scheduled_hangup, "NETWORK_OUT_OF_ORDER")
+            self._sched_hangups.append(guard)
         try:
             sock = _connect_tcp(self.host, self.port, min(self.timeout, 5.0))
         except OSError as exc:

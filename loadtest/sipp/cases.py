@@ -82,6 +82,10 @@ def _one(code: str, reason: str | None = None, **kw: object) -> Expect:
 # The dialplan sets this before `socket`; a call callgate decided must not keep it (issue 14).
 UNREACHABLE = "ENGINE_UNREACHABLE"
 
+# A frozen engine costs the caller the dialplan's guard (`sched_hangup +4` in
+# dialplan/callgate.xml) plus FreeSWITCH's scheduler tick; without the guard it was ~35 s.
+FROZEN_ENGINE_MAX_MS = 6000
+
 
 def demo_cases() -> list[Case]:
     alice = _device(ALICE, "442079460001")
@@ -210,6 +214,19 @@ def lab_cases(max_duration: float, pdd_calls: int) -> list[Case]:
             fx.DEAD_PREFIX + "0001",
             _one("503", max_final_ms=5000),
         ),
+        # The "Caution" of docs/real-switch-lab.md: the dialplan's park_timeout (10 s) against a
+        # bridge that rings longer (the lab trunks' leg_timeout is 30 s) and then fails. callgate's
+        # own hang-up must give the caller the bridge's cause, with ROUTES_FAILED in the CDR.
+        Case(
+            "ring-timeout",
+            "failover",
+            "gateway rings past the park timeout, leg times out: the bridge's cause, not park's",
+            LAB,
+            fx.RING_PREFIX + "0002",
+            _one("480", "ROUTES_FAILED", max_final_ms=40000),
+            slow=True,
+            wait_seconds=60,
+        ),
         Case(
             "max-duration",
             "duration",
@@ -258,14 +275,13 @@ def lab_cases(max_duration: float, pdd_calls: int) -> list[Case]:
         Case(
             "engine-frozen",
             "outage",
-            "engine accepts the socket, never speaks: 503 after FreeSWITCH's waits",
+            "engine accepts the socket, never speaks: the dialplan's guard answers 503",
             LAB,
             ans,
-            _one("503", UNREACHABLE),
+            _one("503", UNREACHABLE, max_final_ms=FROZEN_ENGINE_MAX_MS),
             hook_before="engine-freeze",
             hook_after="engine-thaw",
-            slow=True,
-            wait_seconds=90,
+            wait_seconds=40,
         ),
         # issue 14, defect 1: FreeSWITCH slow to return the +OKs (a path that delays them, and an
         # engine whose reply_timeout is shorter): the calls must stay counted, as they connect.

@@ -70,7 +70,7 @@ ACCEPT = Accept(
     ),
 )
 REJECT = Reject(Reason.NO_SUFFICIENT_FUND, 1, "no money")
-ACCEPT_BATCH = accept_batch(ACCEPT)
+ACCEPT_BATCH = accept_batch(ACCEPT, guard_uuid=UUID)
 
 
 def frame(data: bytes) -> Frame:
@@ -84,6 +84,10 @@ def channel_data() -> Frame:
 
 def reply(text: str = "+OK") -> Frame:
     return frame(wire.command_reply(text))
+
+
+def api_response(body: str) -> Frame:
+    return frame(wire.api_response(body))
 
 
 def event(name: str, **headers: str) -> Frame:
@@ -196,13 +200,13 @@ def test_accept_writes_one_batch_and_arms_both_deadlines() -> None:
     actions = session.decided(ACCEPT, holds_slots=True)
     assert actions == [Send(ACCEPT_BATCH.payload), Arm(Deadline.REPLIES, 3.0), Arm(Deadline.HANGUP, 100.0)]
     assert session.phase is Phase.COMMITTED and session.holds_slots
-    assert session.replies_pending == 5
+    assert session.replies_pending == 6  # sched_del, myevents, nixevent, linger, multiset, bridge
 
 
 def test_reject_writes_respond_and_releases_at_once_what_a_late_decision_took() -> None:
     session = deciding()
     actions = session.decided(REJECT, holds_slots=True)
-    assert actions[0] == Send(reject_batch(REJECT, 402, "Payment Required").payload)
+    assert actions[0] == Send(reject_batch(REJECT, 402, "Payment Required", guard_uuid=UUID).payload)
     assert actions[1:3] == [Release(), Bill(None, may_hold_funds=True)]  # released, then recorded
     assert session.phase is Phase.ANSWERING and not session.holds_slots
     plain = deciding()
@@ -223,11 +227,41 @@ def test_configured_sip_response_is_used() -> None:
 
 def test_replies_are_counted_and_the_last_disarms_the_reply_deadline() -> None:
     session = committed()
+    assert session.frame(api_response("+OK Deleted: 1\n")) == []  # the guard's sched_del, first
     for _ in range(4):
         assert session.frame(reply()) == []
     assert session.frame(reply()) == [Disarm(Deadline.REPLIES)]
     assert session.replies_pending == 0
     assert session.frame(reply()) == []  # an unexpected extra reply changes nothing
+
+
+def test_both_batches_cancel_the_dialplan_guard_first() -> None:
+    """The guard's `sched_del` runs in FreeSWITCH's listener thread as soon as it is read, so
+    it leads the batch: it cannot race the bridge and its execute_on_answer sched_hangup."""
+    accepted = deciding()
+    [send, *_] = accepted.decided(ACCEPT, holds_slots=True)
+    rejected = deciding()
+    [send_reject, *_] = rejected.decided(REJECT, holds_slots=False)
+    for sent in (send, send_reject):
+        assert isinstance(sent, Send) and sent.data.startswith(f"api sched_del {UUID}\n\n".encode())
+        assert sent.data.count(b"sched_del") == 1
+
+
+@pytest.mark.parametrize("body", ["+OK Deleted: 1\n", "+OK Deleted: 0\n"])
+def test_the_guard_reply_counts_as_a_reply(body: str) -> None:
+    """0 deleted: a dialplan without a guard, or one that already fired; neither is an error."""
+    session = committed()
+    assert session.frame(api_response(body)) == []
+    assert session.replies_pending == 5
+
+
+def test_a_refused_guard_cancel_is_warned_about() -> None:
+    session = committed()
+    [warning] = session.frame(api_response("-ERR sched_del Command not found!\n"))
+    assert warning == Warn(
+        "refused_command", "FreeSWITCH refused the guard's sched_del: -ERR sched_del Command not found!"
+    )
+    assert session.replies_pending == 5
 
 
 def test_a_refused_command_is_warned_about() -> None:
@@ -241,7 +275,7 @@ def test_late_replies_warn_and_keep_the_call_counted() -> None:
     session = committed()
     [warning] = session.expired(Deadline.REPLIES)
     assert isinstance(warning, Warn) and warning.kind == "late_replies"
-    assert "5 command replies still due" in warning.message
+    assert "6 command replies still due" in warning.message
     assert session.phase is Phase.COMMITTED and not session.done
     acknowledged(session)
     end = hangup_complete()
@@ -298,7 +332,7 @@ def test_failed_bridge_records_routes_failed_then_hangs_up_with_its_cause() -> N
 
 def test_failed_bridge_before_the_replies_are_in_adds_to_the_pending_count() -> None:
     session = committed()
-    acknowledged(session, 3)
+    acknowledged(session, 4)
     actions = session.frame(bridge_complete("ringing"))
     assert Arm(Deadline.REPLIES, 3.0) not in actions  # still armed for the batch
     assert session.replies_pending == 4

@@ -171,3 +171,146 @@ def test_sources_outside_the_allow_list_are_closed_at_accept(environment, tmp_pa
     log = closed.log()
     # Logged once for the burst (rate-limited), counted each time in the metric.
     assert log.count("not in engine.allowed_networks") == 1, log
+
+
+# ------------------------------------------------------------------ item 4: the frozen-engine guard
+# dialplan/callgate.xml runs `sched_hangup +N NETWORK_OUT_OF_ORDER` before `socket` and
+# `respond 503` after it; the engine cancels the guard with `api sched_del <uuid>`. N is 1 s
+# here to keep the tests short (4 s shipped).
+GUARD = 1.0
+
+
+def guarded(**fields) -> CallSpec:
+    fields.setdefault("guard_seconds", GUARD)
+    fields.setdefault("after_socket", "respond 503 Service Unavailable")
+    return spec(**fields)
+
+
+class SilentEngine:
+    """A listener that accepts FreeSWITCH's socket and then misbehaves: never speaks (a frozen
+    engine: SIGSTOP still completes the TCP handshake), or sends `connect`, reads the channel
+    data and closes (an engine that dies after connect), or keeps it open without deciding."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self._thread = gevent.get_hub().threadpool.spawn(self._serve)
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        self.held.append(conn)
+        if self.mode == "frozen":
+            return
+        conn.sendall(b"connect\n\n")
+        conn.settimeout(5)
+        data = b""
+        while b"\n\n" not in data:  # the channel data (its reply to connect)
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        if self.mode == "dies":
+            conn.close()
+
+    def close(self) -> None:
+        self._thread.get(timeout=10)
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("mode", ["frozen", "silent after connect"])
+def test_a_frozen_engine_costs_the_caller_the_guard_not_35_seconds(mode: str) -> None:
+    """Issue 14 item 4: on the real switch the caller waited 34.5 s for a 503; the guard
+    hangs the parked call up after N s whatever the listener still waits for."""
+    engine = SilentEngine("frozen" if mode == "frozen" else "silent")
+    try:
+        result = place_call("127.0.0.1", engine.port, guarded(first_command_timeout=GUARD + 1), timeout=10)
+    finally:
+        engine.close()
+    assert result.sip_response == (503, "Service Unavailable")
+    assert result.hangup_cause == "NETWORK_OUT_OF_ORDER"
+    assert result.hangup_after is not None and GUARD <= result.hangup_after < GUARD + 0.5
+    assert result.bridged_target is None
+
+
+def test_an_engine_that_dies_after_connect_costs_the_caller_the_guard() -> None:
+    """The socket closes after the channel data, before any decision. On the real switch the
+    park usually began after the listener had ended and held the call until the guard (3.5 to
+    4 s with N = 4, in 3 of 4 tries; without the guard, and with no park_timeout, for ever)."""
+    engine = SilentEngine("dies")
+    try:
+        result = place_call("127.0.0.1", engine.port, guarded(), timeout=10)
+    finally:
+        engine.close()
+    assert result.sip_response == (503, "Service Unavailable")
+    assert result.hangup_cause == "NETWORK_OUT_OF_ORDER"
+    assert result.hangup_after is not None and GUARD <= result.hangup_after < GUARD + 0.5
+    assert result.bridged_target is None
+
+
+def test_an_answered_call_outlives_the_guard(engine: EngineProcess) -> None:
+    result = place_call("127.0.0.1", engine.port, guarded(hold_seconds=GUARD + 1.5), timeout=15)
+    assert result.error is None
+    assert result.commands[1] == f"api sched_del {result.uuid}"  # the first command after connect
+    assert result.replies[1] == "api/response"  # in its turn among the replies
+    assert result.bridged_target is not None and result.hangup_cause == "NORMAL_CLEARING"
+    assert result.billsec >= 2 and result.channel_variables["callgate_reason"] == "ACCEPTED"
+    assert result.engine_closed
+
+
+def test_a_rejected_call_keeps_its_own_answer(engine: EngineProcess) -> None:
+    result = place_call("127.0.0.1", engine.port, guarded(destination="4930123456"), timeout=10)
+    assert result.commands[1] == f"api sched_del {result.uuid}"
+    assert result.channel_variables["callgate_reason"] == "ORIGINATION_RATE_NOT_FOUND"
+    assert result.hangup_cause != "NETWORK_OUT_OF_ORDER"
+
+
+def test_the_max_duration_hangup_survives_the_guard_cancel(environment, tmp_path: Path) -> None:
+    """The engine's own `sched_hangup` (execute_on_answer, filed under the same UUID) comes at
+    the answer, after the cancel: the call still ends at its allowance."""
+    short = EngineProcess({**environment, "CALLGATE_RULES__CALL_MAX_LENGTH": "2"})
+    short.start(tmp_path / "short.log")
+    try:
+        result = place_call("127.0.0.1", short.port, guarded(hold_seconds=30), timeout=15)
+    finally:
+        short.stop()
+    assert result.commands[1] == f"api sched_del {result.uuid}"
+    assert result.hangup_cause == "ALLOTTED_TIMEOUT", (result.hangup_cause, result.error)
+    assert 1 <= result.billsec <= 3
+
+
+def shipped_park_timeout() -> str:
+    """The `park_timeout` dialplan/callgate.xml sets before `socket` ("" when none)."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(Path(__file__).resolve().parents[2] / "dialplan" / "callgate.xml").getroot()
+    values = [a.get("data", "") for a in root.iter("action") if a.get("data", "").startswith("park_timeout=")]
+    return values[0].partition("=")[2] if values else ""
+
+
+def ringing_then_failing(park_timeout: str) -> CallSpec:
+    # Every leg rings 1.5 s and then fails NO_ANSWER (480 to the caller).
+    return guarded(
+        park_timeout=park_timeout,
+        answering_targets=lambda target: "NO_ANSWER",
+        failed_leg_seconds=1.5,
+    )
+
+
+def test_a_park_timeout_cuts_a_long_failed_bridge_as_the_real_switch_did(engine: EngineProcess) -> None:
+    """Reproduces the real switch (docs/real-switch-lab.md, "ring-timeout"): with park_timeout=10
+    a route that rang until its 30 s leg timeout got the caller 503 NETWORK_OUT_OF_ORDER instead
+    of the bridge's cause. Here: 1 s against 1.5 s of ringing."""
+    result = place_call("127.0.0.1", engine.port, ringing_then_failing("1:NETWORK_OUT_OF_ORDER"), timeout=10)
+    assert result.hangup_cause == "NETWORK_OUT_OF_ORDER"
+    assert result.sip_response == (503, "Service Unavailable")
+
+
+def test_the_shipped_dialplan_lets_a_long_failed_bridge_keep_its_cause(engine: EngineProcess) -> None:
+    result = place_call("127.0.0.1", engine.port, ringing_then_failing(shipped_park_timeout()), timeout=10)
+    assert result.error is None
+    assert result.hangup_cause == "NO_ANSWER" and result.sip_response == (480, "Temporarily Unavailable")
+    assert result.channel_variables["callgate_reason"] == "ROUTES_FAILED"
