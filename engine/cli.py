@@ -1,4 +1,4 @@
-"""`callgate` command line: db migrate, load, sync, serve, explain, fsxml."""
+"""`callgate` command line: db migrate, load, sync, serve, explain, fsxml, cdr replay."""
 
 from __future__ import annotations
 
@@ -58,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fsxml.add_argument("--host", help="override fsxml.listen_host")
     fsxml.add_argument("--port", type=int, help="override fsxml.listen_port")
+    cdr = commands.add_parser("cdr", help="FreeSWITCH's CDRs (mod_json_cdr)")
+    cdr_commands = cdr.add_subparsers(dest="cdr_command", required=True)
+    replay = cdr_commands.add_parser(
+        "replay",
+        help="post the CDRs saved in FreeSWITCH's err-log-dir to callgate fsxml's /cdr; done files move"
+        " to <dir>/replayed",
+    )
+    replay.add_argument("directory", help="mod_json_cdr's err-log-dir (its <uuid>.cdr.json files)")
+    replay.add_argument(
+        "--url", help="the /cdr endpoint (default: http://<fsxml.listen_host>:<fsxml.listen_port>/cdr)"
+    )
+    replay.add_argument("--done-dir", help="where done files go (default: <directory>/replayed)")
+    replay.add_argument("--timeout", type=float, default=10.0, help="seconds per post")
     admin_cli.register(commands)
     from engine.web.server import register as register_web  # light: imports no Flask
 
@@ -80,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": _serve,
         "explain": _explain,
         "fsxml": _fsxml,
+        "cdr": _cdr,
         "admin": admin_cli.handle,
         "api": admin_cli.handle,
         "web": _web,
@@ -146,6 +160,7 @@ def _sync(args: argparse.Namespace, config: Config) -> int:
 def _reconcile(args: argparse.Namespace, config: Config) -> int:
     import dataclasses
 
+    from engine.billing.funds import Funds
     from engine.limits_runtime import switch_addresses
     from engine.reconcile import reconcile
     from engine.state.limits import Limiter
@@ -163,8 +178,17 @@ def _reconcile(args: argparse.Namespace, config: Config) -> int:
         print("callgate: no switches to list (set limits.switches or pass --switch)", file=sys.stderr)
         return EXIT_USAGE
     client = redis_client(config.redis, socket_timeout=10)
+    funds = Funds(client, config.redis.key_prefix)
     try:
-        report = reconcile(Limiter(client, config.redis.key_prefix), switches, grace_seconds=args.grace)
+        # The reservations of the calls released go back too, as in the engine's own reconciler:
+        # without it a run from the command line freed the slots and left the funds locked.
+        report = reconcile(
+            Limiter(client, config.redis.key_prefix),
+            switches,
+            grace_seconds=args.grace,
+            release_funds=funds.release_calls,
+            reserved_calls=funds.reserved_calls,
+        )
     finally:
         client.close()
     if not report.ran:
@@ -172,8 +196,11 @@ def _reconcile(args: argparse.Namespace, config: Config) -> int:
         return EXIT_FAILURE
     print(
         f"{report.counted} counted calls, {report.live_channels} live channels on "
-        f"{report.switches} switch(es); released {len(report.released)}, kept {report.kept} recent"
+        f"{report.switches} switch(es); released {len(report.released)}, kept {report.kept} recent; "
+        f"{len(report.funds_only)} reservations of calls neither live nor counted given back"
     )
+    for error in report.errors:  # the slots were released; a funds failure is only reported
+        print(f"callgate: {error}", file=sys.stderr)
     return 0
 
 
@@ -197,6 +224,33 @@ def _fsxml(args: argparse.Namespace, config: Config) -> int:
     except ValueError as exc:  # an unreadable fsxml.sofia_template
         print(f"callgate: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _cdr(args: argparse.Namespace, config: Config) -> int:
+    """``cdr replay``: one line per file, a summary, exit 1 when any file was not done (kept)."""
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    from engine.fsxml.replay import http_poster, replay_directory
+
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        print(f"callgate: {args.directory!r} is not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    settings = config.fsxml
+    host = settings.listen_host if settings.listen_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    url = args.url or f"http://{host}:{settings.listen_port}/cdr"
+    post = http_poster(url, settings.username, settings.password, args.timeout)
+    results = replay_directory(directory, post, Path(args.done_dir) if args.done_dir else None)
+    counts: dict[str, int] = {}
+    for result in results:
+        counts[result.outcome] = counts.get(result.outcome, 0) + 1
+        kept = "" if result.done else " (kept)"
+        print(f"{result.path.name}: {result.outcome}{kept}: {result.detail}")
+    summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "nothing to replay"
+    shown = urlsplit(url)._replace(netloc=urlsplit(url).netloc.rpartition("@")[2]).geturl()  # no userinfo
+    print(f"{len(results)} file(s) posted to {shown}: {summary}")
+    return EXIT_FAILURE if any(not r.done for r in results) else 0
 
 
 def _web(args: argparse.Namespace, config: Config) -> int:

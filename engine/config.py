@@ -58,6 +58,12 @@ class EngineSettings:
     # in the process; 0 turns either off.
     shed_loop_lag: float = 0.1
     shed_backlog: int = 1000
+    # ENGINE_DEGRADED at once for a call whose connection waited longer than this (seconds)
+    # between the engine's accept and its channel data; 0 = off.
+    shed_accept_wait: float = 0.2
+    # While over shed_loop_lag or shed_backlog, stop listening: the kernel refuses new
+    # connections (RST) and FreeSWITCH tries its next engine at once (docs/performance.md).
+    shed_stop_listening: bool = True
 
     def __post_init__(self) -> None:
         for cidr in self.allowed_networks:
@@ -65,8 +71,10 @@ class EngineSettings:
                 ipaddress.ip_network(cidr.strip(), strict=False)
             except ValueError as exc:
                 raise ConfigError(f"engine.allowed_networks: {cidr!r} is not an IP network") from exc
-        if self.shed_loop_lag < 0 or self.shed_backlog < 0:
-            raise ConfigError("engine.shed_loop_lag and engine.shed_backlog must be >= 0 (0 = off)")
+        if self.shed_loop_lag < 0 or self.shed_backlog < 0 or self.shed_accept_wait < 0:
+            raise ConfigError(
+                "engine.shed_loop_lag, engine.shed_backlog and engine.shed_accept_wait must be >= 0 (0 = off)"
+            )
         if self.gc_young_threshold < 0:
             raise ConfigError(f"engine.gc_young_threshold must be >= 0, not {self.gc_young_threshold}")
         if self.gc_full_interval <= 0:
@@ -310,11 +318,15 @@ class FsxmlSettings:
     cacheable_ms: int = 0  # FreeSWITCH may cache each user answer this long; 0 = ask every time
     snapshot_max_age: float = 60.0  # answer 503 once Redis has not confirmed the snapshot this long
     max_body_bytes: int = 262144  # a user_call lookup carries the call's variables
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9186  # Prometheus /metrics of `callgate fsxml`; 0 disables
 
     def __post_init__(self) -> None:
         problems: list[str] = []
         if not 0 <= self.listen_port <= 65535:
             problems.append("listen_port must be 0-65535")
+        if not 0 <= self.metrics_port <= 65535:
+            problems.append("metrics_port must be 0-65535")
         if self.domain and not _SIP_DOMAIN.match(self.domain):
             problems.append(f"domain {self.domain!r} is not a host name")
         for network in self.allowed_networks:
@@ -366,6 +378,25 @@ class SmtpConfig:
 
 
 @dataclass(frozen=True)
+class BillingSettings:
+    """`[billing]`: settings the engine and `callgate fsxml` share (docs/accounting.md)."""
+
+    # HMAC-SHA256 keys of the callgate_bill ticket (engine.billing.ticket): the engine signs
+    # with the first, `callgate fsxml` accepts any (rotation: add the new key second
+    # everywhere, then first, then drop the old). Empty: tickets unsigned and not checked.
+    ticket_keys: tuple[str, ...] = field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        # Never the keys themselves in a message.
+        if any(len(key) < 32 for key in self.ticket_keys):
+            raise ConfigError("[billing] ticket_keys: every key must be at least 32 characters")
+        if len(set(self.ticket_keys)) != len(self.ticket_keys):
+            raise ConfigError("[billing] ticket_keys: a key is listed twice")
+        if len(self.ticket_keys) > 8:
+            raise ConfigError("[billing] ticket_keys: at most 8 keys")
+
+
+@dataclass(frozen=True)
 class Config:
     engine: EngineSettings = field(default_factory=EngineSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -379,6 +410,7 @@ class Config:
     fsxml: FsxmlSettings = field(default_factory=FsxmlSettings)
     web: WebSettings = field(default_factory=WebSettings)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    billing: BillingSettings = field(default_factory=BillingSettings)
 
 
 ENV_SHORTCUTS = {
@@ -393,6 +425,10 @@ ENV_SHORTCUTS = {
     "CALLGATE_SMTP_STARTTLS": ("smtp", "starttls"),
 }
 DEFAULT_PATH = Path("config/callgate.toml")
+# Keys whose values never appear in a configuration error.
+SECRET_KEYS = frozenset(
+    {"password", "sentinel_password", "switch_password", "secret_key", "users", "ticket_keys"}
+)
 
 
 def load_config(
@@ -500,7 +536,8 @@ def _convert(where: str, hint: Any, value: Any) -> Any:
         return {str(k): str(v) for k, v in value.items()}
     if isinstance(hint, type) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+    shown = "a secret (not shown)" if where.rpartition(".")[2] in SECRET_KEYS else repr(value)
+    raise ConfigError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {shown}")
 
 
 def _convert_text(where: str, hint: Any, text: str) -> Any:

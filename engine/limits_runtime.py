@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import gevent
 import gevent.event
@@ -222,9 +222,10 @@ def run_reconciler(
     metrics: EngineMetrics,
     stop: gevent.event.Event,
     release_funds: Callable[[list[str]], object] | None = None,
+    reserved_calls: Callable[[], Iterable[str]] | None = None,
 ) -> None:
     while not stop.wait(interval):
-        report = reconcile(limiter, switches, release_funds=release_funds)
+        report = reconcile(limiter, switches, release_funds=release_funds, reserved_calls=reserved_calls)
         log_report(report)
         metrics.reconciler_removals.inc(len(report.released))
 

@@ -30,7 +30,7 @@ one-character delimiter. A value holding a newline can split a row in two; the e
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from engine.esl.inbound import InboundError, api
@@ -75,6 +75,7 @@ class ReconcileReport:
     orphans: int = 0  # counted calls no switch listed
     released: tuple[str, ...] = ()
     kept: int = 0  # orphans not released: admitted within the grace period (or released meanwhile)
+    funds_only: tuple[str, ...] = ()  # reservations of calls neither live nor counted, given back
     errors: tuple[str, ...] = ()
 
 
@@ -138,13 +139,23 @@ def reconcile(
     grace_seconds: float = 5,
     lister: Callable[[SwitchAddress], set[str]] | None = None,
     release_funds: Callable[[list[str]], object] | None = None,
+    reserved_calls: Callable[[], Iterable[str]] | None = None,
 ) -> ReconcileReport:
     """Release counted calls that no switch lists; do nothing unless every switch answered.
 
     ``release_funds`` (engine.billing.funds.Funds.release_calls): the funds reservations of the
     calls released are given back too (every reserved call is in the limits registry), without
     a debit and without a CDR: a call whose hangup was never seen is not billed
-    (docs/accounting.md). A failure there is reported, the slots stay released."""
+    (docs/accounting.md). A failure there is reported, the slots stay released.
+
+    ``reserved_calls`` (engine.billing.funds.Funds.reserved_calls): reservations of calls that are
+    neither live nor counted are given back too. An engine killed between its two hangup batches
+    (the limits release flushed, the settle not) leaves exactly that: no slot for the reconciler to
+    find, and a reservation that would hold the account's funds until its deadline (found by the
+    chaos suite). No grace is needed: a reservation is taken in the same script as the call's
+    slot, and the reservations are read before the registry, so a call admitted meanwhile is in
+    the registry read. Releasing is no debit and marks nothing settled: if the call's settle
+    comes later after all, it still debits and writes the CDR."""
     if not switches:
         return ReconcileReport(ran=False, switches=0, errors=("no switches configured",))
     list_one = lister or (lambda s: list_live_channels(s.host, s.port, s.password, s.timeout))
@@ -157,6 +168,13 @@ def reconcile(
             errors.append(f"{switch}: {exc}")
     if errors:
         return ReconcileReport(ran=False, switches=len(switches), errors=tuple(errors))
+    funds_errors: tuple[str, ...] = ()
+    reserved: set[str] = set()
+    if reserved_calls is not None and release_funds is not None:
+        try:
+            reserved = set(reserved_calls())  # before the registry: see the docstring
+        except Exception as exc:  # FundsUnavailable: the limits part still runs
+            funds_errors = (f"funds: {exc}",)
     try:
         counted = limiter.counted_calls()
         orphans = [u for u in counted if u not in live]
@@ -165,10 +183,10 @@ def reconcile(
         return ReconcileReport(
             ran=False, switches=len(switches), live_channels=len(live), errors=(f"redis: {exc}",)
         )
-    funds_errors: tuple[str, ...] = ()
-    if released and release_funds is not None:
+    unreleased_funds = sorted(reserved - live - counted.keys())
+    if (released or unreleased_funds) and release_funds is not None:
         try:
-            release_funds(list(released))
+            release_funds([*released, *unreleased_funds])
         except Exception as exc:  # FundsUnavailable: they expire at their own deadline
             funds_errors = (f"funds: {exc}",)
     return ReconcileReport(
@@ -179,5 +197,6 @@ def reconcile(
         orphans=len(orphans),
         released=tuple(released),
         kept=len(orphans) - len(released),
+        funds_only=tuple(unreleased_funds),
         errors=funds_errors,
     )

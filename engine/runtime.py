@@ -167,6 +167,7 @@ class Engine:
             allowed=parse_networks(config.engine.allowed_networks),
             on_refused=self._refused,
         )
+        handler.attach_listener(self.server)  # stops listening while saturated (engine.shedding)
         self._listener = listener
         # Every background task of the process runs in this group: its size is the
         # callgate_greenlets{kind="background"} gauge, counted without walking the heap.
@@ -290,12 +291,14 @@ class Engine:
             self.tasks.spawn(
                 run_reconciler, self.limiter, self.switches, interval, self.metrics, self.stopping,
                 self.funds.release_calls,  # the reservations of the calls released
+                self.funds.reserved_calls,  # and of calls neither live nor counted
             )  # fmt: skip
         self._events_task = self.tasks.spawn(self.events.run, self.stopping)
         self.tasks.spawn(self.releases.run, self._releases_stop)
         self._settler_task = self.tasks.spawn(self.settler.run, self._releases_stop)
         self._listener.listen(LISTEN_BACKLOG)  # a no-op but for the backlog if already listening
         self.server.start()
+        self.metrics.set_listening(True)
         self.start_metrics()
 
     def _start_gc_policy(self) -> None:
@@ -326,6 +329,9 @@ def warn_about_settings(config: Config) -> None:
         )
     if not config.engine.allowed_networks:
         log.info("engine.allowed_networks is empty: any source may connect; firewall the engine port")
+    from engine.billing.ticket import log_ticket_signing
+
+    log_ticket_signing(log, config.billing.ticket_keys, "the engine writes")
 
 
 def raise_file_limit() -> None:

@@ -51,6 +51,7 @@ def test_no_other_callgate_service_listens_on_an_engine_port() -> None:
         config.metrics.listen_port,
         config.sync.metrics_port,
         config.fsxml.listen_port,
+        config.fsxml.metrics_port,
     }
     assert not engine_ports & others
 

@@ -110,6 +110,16 @@ def sync_metric_names() -> set[str]:
     return names
 
 
+def fsxml_metric_names() -> set[str]:
+    """`callgate fsxml`'s metrics (engine.fsxml.metrics, served on [fsxml] metrics_port)."""
+    from engine.fsxml.metrics import FsxmlMetrics
+
+    names = set()
+    for family in text_string_to_metric_families(generate_latest(FsxmlMetrics().registry).decode()):
+        names.add(family.name + ("_total" if family.type == "counter" else ""))
+    return names
+
+
 def billing_metric_names() -> set[str]:
     """Accounting's metrics (engine.billing.metrics), served by the sync worker, described in docs/."""
     from engine.billing.metrics import BillingMetrics
@@ -629,7 +639,7 @@ def test_alert_rules_cover_the_required_alerts_and_name_real_metrics() -> None:
         "CallgateReconcilerRemovingCalls",
     }
     assert required <= set(alerts)
-    known = engine_metric_names() | sync_metric_names() | billing_metric_names()
+    known = engine_metric_names() | sync_metric_names() | billing_metric_names() | fsxml_metric_names()
     recorded = {rule["record"] for rule in rules if "record" in rule}
     for rule in rules:
         unknown = promql_metric_names(rule["expr"]) - known
@@ -644,6 +654,7 @@ def test_alert_rules_cover_the_required_alerts_and_name_real_metrics() -> None:
 
 
 E1 = 'job="callgate",instance="e1"'
+X1 = 'job="callgate-fsxml",instance="x1"'
 HEALTHY_SERIES = {
     f"up{{{E1}}}": "1x180",
     f"callgate_ready{{{E1}}}": "1x180",
@@ -660,6 +671,9 @@ HEALTHY_SERIES = {
     'callgate_sync_last_apply_timestamp_seconds{job="callgate-sync",instance="s1"}': "0+60x180",
     'callgate_cdr_backlog{job="callgate-sync",instance="s1"}': "0x180",
     'callgate_cdr_lag_seconds{job="callgate-sync",instance="s1"}': "0x180",
+    # one 503 (a Redis blip) retried and billed: no alert
+    f'callgate_fsxml_cdr_posts_total{{{X1},outcome="unavailable"}}': "0x90 1x90",
+    f'callgate_fsxml_cdr_posts_total{{{X1},outcome="billed"}}': "0+30x180",
 }
 # Two healthy hours, then the engine stops answering, rejects jump from 10% to 60%, decisions
 # slow down, calls are answered ENGINE_DEGRADED, the reconciler releases many calls, the sync lags.
@@ -680,6 +694,7 @@ TROUBLE_SERIES = {
     'callgate_sync_last_apply_timestamp_seconds{job="callgate-sync",instance="s1"}': "0+60x120 7200x30",
     'callgate_cdr_backlog{job="callgate-sync",instance="s1"}': "0x120 0+2000x30",
     'callgate_cdr_lag_seconds{job="callgate-sync",instance="s1"}': "0x120 0+60x30",
+    f'callgate_fsxml_cdr_posts_total{{{X1},outcome="unavailable"}}': "0x120 0+6x30",
 }
 ENGINE = {"job": "callgate", "instance": "e1"}
 # alert -> (its labels besides severity, the summary rendered for TROUBLE_SERIES at 135m)
@@ -710,6 +725,10 @@ EXPECTED_ALERTS = {
         "28k CDRs wait for PostgreSQL and the backlog keeps growing",
     ),
     "CallgateCdrLagHigh": ({"job": "callgate-sync"}, "The oldest CDR not yet in PostgreSQL ended 14m 0s ago"),
+    "CallgateCdrPostsUnavailable": (
+        {"job": "callgate-fsxml", "instance": "x1"},
+        "callgate fsxml on x1 answered 30 CDR posts 503 in 5 minutes",
+    ),
 }
 
 

@@ -28,6 +28,16 @@ from engine.decision import Accept
 from engine.rules.catalog import Catalog
 
 _ZERO = Decimal(0)
+# Per call. No real call costs this much: only a forged or broken billsec (centuries) gets
+# here, and Redis's 64-bit counters of micro-units (9.2e12 units) would refuse the settle,
+# which would then be retried forever (by the engine's settler, with every call batched
+# with it; by FreeSWITCH, for a post).
+MAX_DEBIT = Decimal(10**9)
+
+
+def over_max_debit(rated: RatedCall) -> bool:
+    """A debit or carrier cost over :data:`MAX_DEBIT`: refused and logged, never settled."""
+    return any(abs(d.amount) > MAX_DEBIT for d in rated.debits) or rated.carrier_cost > MAX_DEBIT
 
 
 def _recorded(catalog: Catalog, account_id: int) -> tuple[Decimal, Decimal]:

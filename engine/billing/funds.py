@@ -47,7 +47,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -307,6 +307,23 @@ class Funds:
     def release(self, uuid: str, account_ids: Sequence[int]) -> None:
         keys = [call_key(self._prefix, uuid), *self._level_keys(account_ids)]
         _RELEASE_SCRIPT.run(self._client, keys, [uuid])
+
+    def reserved_calls(self, *, count: int = 1000) -> set[str]:
+        """Every call holding a reservation on any account (a SCAN of the funds hashes: for the
+        reconciler, never a call)."""
+        prefix = funds_account_key(self._prefix, 0)[:-1]
+        try:
+            accounts = [
+                int(_text(k)[len(prefix) :])
+                for k in self._client.scan_iter(match=funds_account_pattern(self._prefix), count=count)
+            ]
+            members: set[str] = set()
+            for account_id in accounts:
+                listed = self._client.zrange(reservations_key(self._prefix, account_id), 0, -1)
+                members.update(_text(member) for member in cast("list[bytes]", listed))
+            return members
+        except redis.exceptions.RedisError as exc:
+            raise FundsUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     def release_calls(self, call_uuids: Sequence[str], *, count: int = 1000) -> list[str]:
         """Release the reservations of these calls on whatever accounts hold them, no debit (the

@@ -17,11 +17,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
-from engine.billing.calls import call_settlement, funds_levels, reject_settlement
+from engine.billing.calls import MAX_DEBIT, call_settlement, funds_levels, over_max_debit, reject_settlement
 from engine.billing.funds import Funds, Settlement
 from engine.billing.pricing import pricing_for, route_price
 from engine.billing.rating import CallPricing
@@ -156,6 +157,18 @@ class LiveBilling:
         else:  # decided without accounting (no limiter): priced now
             pricing, decided_at = pricing_for(decision, catalog), None
         item, rated, end = call_settlement(hangup, decision, pricing, catalog, decided_at=decided_at)
+        if over_max_debit(rated):
+            # A billsec no call reaches (FreeSWITCH's word, forged or broken): Redis would refuse
+            # the settle and the settler would retry it, and the calls batched with it, forever.
+            # Not settled: the reservation expires like a hangup never seen; the CDR is logged.
+            log.error(
+                "uuid=%s not billed: debit over %s (billsec %d); cdr=%s",
+                show(request.uuid, 64),
+                MAX_DEBIT,
+                rated.billsec,
+                json.dumps(dict(item.cdr), default=str),
+            )
+            return None
         notes = (*end.anomalies, *rated.notes)
         if notes:
             log.warning("uuid=%s billed with notes: %s", show(request.uuid, 64), show("; ".join(notes), 400))

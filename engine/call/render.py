@@ -115,7 +115,9 @@ def _rate_value(accept: Accept) -> str | None:
     return f"{prefix}:{plain_decimal(customer.cost_per_minute)}"
 
 
-def channel_variables(accept: Accept) -> list[tuple[str, str]]:
+def channel_variables(
+    accept: Accept, ticket_key: bytes | None = None, uuid: str = ""
+) -> list[tuple[str, str]]:
     """The variables an accepted call carries, in order, none of them empty."""
     pairs: list[tuple[str, str | None]] = [
         (REASON_VARIABLE, ACCEPTED),
@@ -136,7 +138,8 @@ def channel_variables(accept: Accept) -> list[tuple[str, str]]:
         pairs.append(("callgate_did", str(accept.did_id)))
     # What FreeSWITCH's own CDR is billed on when the engine never sees the hangup
     # (engine.billing.ticket; docs/accounting.md, "FreeSWITCH's CDR as the backstop").
-    pairs.append((TICKET_VARIABLE, ticket_value(accept)))
+    # Signed for this call's uuid when [billing] ticket_keys is set.
+    pairs.append((TICKET_VARIABLE, ticket_value(accept, ticket_key, uuid)))
     pairs.append(("continue_on_fail", "true"))
     pairs.append(("hangup_after_bridge", "true"))
     # FreeSWITCH matches cause names exactly (case aside): the common spelling "alloted_timeout"
@@ -191,8 +194,11 @@ def respond_batch(
     return _batch([*guard_cancel(guard_uuid), *commands])
 
 
-def accept_batch(accept: Accept, *, guard_uuid: str | None = None) -> Batch:
-    return bridge_batch(channel_variables(accept), dial_string(accept), guard_uuid=guard_uuid)
+def accept_batch(
+    accept: Accept, ticket_key: bytes | None = None, uuid: str = "", *, guard_uuid: str | None = None
+) -> Batch:
+    variables = channel_variables(accept, ticket_key, uuid)
+    return bridge_batch(variables, dial_string(accept), guard_uuid=guard_uuid)
 
 
 def reject_batch(reject: Reject, code: int, text: str, *, guard_uuid: str | None = None) -> Batch:

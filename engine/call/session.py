@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.call.channel import call_request
 from engine.call.render import accept_batch, reject_batch, routes_failed_batch
@@ -142,6 +142,7 @@ class SessionSettings:
     connect_timeout: float = 2.0
     reply_timeout: float = 2.0
     hangup_timeout: float = 14400.0
+    ticket_key: bytes | None = field(default=None, repr=False)  # signs callgate_bill ([billing] ticket_keys)
 
 
 SipResponse = Callable[[Reason], tuple[int, str]]
@@ -193,7 +194,7 @@ class CallSession:
         # The batch cancels the dialplan's frozen-engine guard (render.guard_cancel).
         uuid = self.request.uuid if self.request is not None else None
         if isinstance(decision, Accept):
-            batch = accept_batch(decision, guard_uuid=uuid)
+            batch = accept_batch(decision, settings.ticket_key, uuid or "", guard_uuid=uuid)
             self.phase = Phase.COMMITTED
             self.holds_slots = True
             release: list[Action] = []

@@ -23,8 +23,9 @@ Outcomes (HTTP status; FreeSWITCH retries on anything but 2xx, then writes the C
   a call accepted without a ticket (decided without accounting), a channel that never went
   through callgate; an answered call among those is logged;
 * 400: not a CDR, no channel uuid, a ticket that does not decode, ``?uuid=`` not the
-  document's, a debit over 10^9 (a forged billsec); 415: another content type (each logged,
-  caller text escaped);
+  document's, a debit over 10^9 (a forged billsec); with ``[billing] ticket_keys``, a ticket
+  whose signature is missing or does not verify for the CDR's uuid; 415: another content type
+  (each logged, caller text escaped);
 * 503: no current snapshot (the accounts' ``calls_debited``), or Redis unreachable: the debit
   is not queued, so FreeSWITCH must retry.
 
@@ -41,9 +42,9 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
-from engine.billing.calls import ticket_settlement
+from engine.billing.calls import MAX_DEBIT, over_max_debit, ticket_settlement
 from engine.billing.funds import FundsUnavailable, Settlement
-from engine.billing.ticket import TICKET_VARIABLE, BadTicket, decode_ticket
+from engine.billing.ticket import TICKET_VARIABLE, BadSignature, BadTicket, decode_ticket, verify_ticket
 from engine.fsxml.jsoncdr import CONTENT_TYPES, CdrPost, MalformedCdr, media_type, read_post
 from engine.rules.text import show
 
@@ -52,7 +53,6 @@ log = logging.getLogger("callgate.fsxml.cdr")
 PATH = "/cdr"
 _ZERO = Decimal(0)
 _LOG_EVERY = 60.0
-_MAX_DEBIT = Decimal(10**9)  # per call; Redis holds micro-units in 64-bit integers (9.2e12 units)
 
 
 class Settles(Protocol):
@@ -69,7 +69,7 @@ class Accounts(Protocol):
 class Outcome:
     status: str  # HTTP status line
     text: str  # the short body (never caller-supplied text)
-    kind: str  # billed, duplicate, ignored_*, malformed, unavailable
+    kind: str  # billed, duplicate, ignored_*, malformed, bad_signature, unavailable
 
 
 def _outcome(code: int, text: str, kind: str) -> Outcome:
@@ -101,8 +101,11 @@ class CdrReceiver:
         *,
         release_limits: Callable[[str], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        ticket_keys: tuple[bytes, ...] = (),
     ) -> None:
         self._funds = funds
+        # [billing] ticket_keys: a ticket bills only when one verifies it for the CDR's uuid.
+        self._ticket_keys = ticket_keys
         self._accounts = accounts  # None while no current snapshot
         # The call is over: its concurrent-call slots can go now rather than wait for the
         # reconciler when its engine died (idempotent: the engine's own release is a no-op).
@@ -121,7 +124,7 @@ class CdrReceiver:
 
     def _summary(self) -> None:
         """One INFO line a minute with what the posts did since the last one (no line per post:
-        every call posts; the service serves no metrics)."""
+        every call posts; Prometheus counts them, engine.fsxml.metrics)."""
         now = self._clock()
         if now - self._summary_at < _LOG_EVERY:
             return
@@ -154,7 +157,18 @@ class CdrReceiver:
         if not text:
             return self._ignored(post)
         try:
-            ticket = decode_ticket(text)
+            ticket = decode_ticket(verify_ticket(text, post.uuid, self._ticket_keys))
+        except BadSignature as exc:
+            # A forged or altered ticket, one copied from another call, or an engine without
+            # (or with other) keys: never billed; the engine bills the calls it saw itself.
+            self._warn(
+                "signature",
+                "cdr post uuid=%s refused (400): %s %s",
+                show(post.uuid, 64),
+                TICKET_VARIABLE,
+                str(exc),
+            )
+            return _outcome(400, "bad ticket signature\n", "bad_signature")
         except BadTicket as exc:
             self._warn(
                 "ticket",
@@ -176,11 +190,11 @@ class CdrReceiver:
             return _ZERO if value is None else value
 
         item, rated, end = ticket_settlement(post.headers(), ticket, recorded)
-        if any(abs(d.amount) > _MAX_DEBIT for d in rated.debits) or rated.carrier_cost > _MAX_DEBIT:
+        if over_max_debit(rated):
             # Only a forged post gets here (a billsec of centuries): Redis's 64-bit counters
             # would refuse it and FreeSWITCH would be told to retry forever.
             self._warn(
-                "absurd", "cdr post uuid=%s refused (400): debit over %s", show(post.uuid, 64), _MAX_DEBIT
+                "absurd", "cdr post uuid=%s refused (400): debit over %s", show(post.uuid, 64), MAX_DEBIT
             )
             return _outcome(400, "absurd debit\n", "malformed")
         try:

@@ -34,6 +34,7 @@ from engine.fsxml.cdrpost import PATH as CDR_PATH
 from engine.fsxml.cdrpost import CdrReceiver
 from engine.fsxml.credentials import GatewayPasswords, postgres_reader
 from engine.fsxml.directory import Answers, Directory
+from engine.fsxml.metrics import FsxmlMetrics, cdr_outcome
 from engine.fsxml.request import BadRequest, Kind, lookup, parse_form
 
 log = logging.getLogger("callgate.fsxml")
@@ -61,6 +62,17 @@ class SnapshotSource:
         return directory
 
 
+class _Seen:
+    """What one request was, for the metrics (filled in as the request is handled)."""
+
+    __slots__ = ("endpoint", "kind", "outcome")
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint  # fsxml, cdr, other
+        self.kind = "none"  # the lookup kind, once the form was read
+        self.outcome = "error"
+
+
 class FsxmlApp:
     """The WSGI application."""
 
@@ -71,8 +83,10 @@ class FsxmlApp:
         source: SnapshotSource,
         gateways_ready: Callable[[], bool] = lambda: True,
         cdr: CdrReceiver | None = None,
+        metrics: FsxmlMetrics | None = None,
     ) -> None:
         self._settings = settings
+        self.metrics = metrics or FsxmlMetrics()
         self._cdr = cdr  # None: no /cdr endpoint
         self._answers = answers
         self._source = source
@@ -82,56 +96,82 @@ class FsxmlApp:
         self.served = 0
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        started = time.perf_counter()
+        path = environ.get("PATH_INFO", "")
+        cdr = path == CDR_PATH and self._cdr is not None
+        seen = _Seen("cdr" if cdr else "fsxml" if path == PATH else "other")
         try:
-            return self._handle(environ, start_response)
+            return self._handle(environ, start_response, seen)
         except Exception:
             log.exception("fsxml request failed")
+            seen.outcome = "unavailable" if cdr else "error"  # a CDR answered 503 is retried
             return _reply(start_response, "503 Service Unavailable", b"unavailable\n", _TEXT)
+        finally:
+            self._count(seen, time.perf_counter() - started)
 
-    def _handle(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    def _count(self, seen: _Seen, seconds: float) -> None:
+        if seen.endpoint == "cdr":
+            self.metrics.cdr_post(seen.outcome)
+        else:
+            self.metrics.request(seen.kind, seen.outcome)
+        self.metrics.observe(seen.endpoint, seconds)
+
+    def _handle(self, environ: dict[str, Any], start_response: StartResponse, seen: _Seen) -> Iterable[bytes]:
         remote = environ.get("REMOTE_ADDR", "")
         denial = self._access.check(remote, environ.get("HTTP_AUTHORIZATION"))
+        cdr = seen.endpoint == "cdr"
         if denial is Denial.SOURCE:
+            seen.outcome = "refused" if cdr else "forbidden"
             self._refused(remote, "source")
             return _reply(start_response, "403 Forbidden", b"forbidden\n", _TEXT)
         if denial is Denial.CREDENTIALS:
+            seen.outcome = "refused" if cdr else "unauthorized"
             self._refused(remote, "credentials")
             headers = [*_TEXT, ("WWW-Authenticate", 'Basic realm="callgate fsxml"')]
             return _reply(start_response, "401 Unauthorized", b"unauthorized\n", headers)
-        path = environ.get("PATH_INFO", "")
-        if path == CDR_PATH and self._cdr is not None:
-            return self._cdr_post(environ, start_response, self._cdr)
-        if path != PATH:
+        if cdr and self._cdr is not None:
+            return self._cdr_post(environ, start_response, self._cdr, seen)
+        if seen.endpoint != "fsxml":
+            seen.outcome = "not_found"
             return _reply(start_response, "404 Not Found", b"not found\n", _TEXT)
         method = environ.get("REQUEST_METHOD", "")
         if method == "POST":
             body = self._body(environ)
             if body is None:
+                seen.outcome = "too_large"
                 return _reply(start_response, "413 Content Too Large", b"too large\n", _TEXT)
         elif method == "GET":
             body = environ.get("QUERY_STRING", "").encode("latin-1")
         else:
+            seen.outcome = "method"
             return _reply(
                 start_response, "405 Method Not Allowed", b"GET or POST\n", [*_TEXT, ("Allow", "GET, POST")]
             )
         try:
             request = lookup(parse_form(body.decode("utf-8")))
         except (BadRequest, UnicodeDecodeError):
+            seen.outcome = "malformed"
             self._refused(remote, "malformed")
             return _reply(start_response, "400 Bad Request", b"not a form\n", _TEXT)
+        seen.kind = request.kind.value
         directory = self._source.directory(self._settings.snapshot_max_age)
         if directory is None:
+            seen.outcome = "no_snapshot"
             self._refused(remote, "no_snapshot")
             return _reply(start_response, "503 Service Unavailable", b"no current snapshot\n", _TEXT)
         if request.kind in _GATEWAY_KINDS and not self._gateways_ready():
+            seen.outcome = "no_gateway_credentials"
             self._refused(remote, "no_gateway_credentials")
             return _reply(start_response, "503 Service Unavailable", b"no gateway credentials\n", _TEXT)
         self.served += 1
-        return _reply(start_response, "200 OK", self._answers.answer(request, directory), _XML)
+        answer = self._answers.answer(request, directory)
+        seen.outcome = "answered"
+        return _reply(start_response, "200 OK", answer, _XML)
 
     def _cdr_post(
-        self, environ: dict[str, Any], start_response: StartResponse, cdr: CdrReceiver
+        self, environ: dict[str, Any], start_response: StartResponse, cdr: CdrReceiver, seen: _Seen
     ) -> Iterable[bytes]:
+        seen.outcome = "malformed"  # a request FreeSWITCH's module would not send
         if environ.get("REQUEST_METHOD", "") != "POST":
             return _reply(start_response, "405 Method Not Allowed", b"POST\n", [*_TEXT, ("Allow", "POST")])
         body = self._body(environ)
@@ -140,6 +180,7 @@ class FsxmlApp:
             return _reply(start_response, "413 Content Too Large", b"too large\n", _TEXT)
         uuids = parse_qs(environ.get("QUERY_STRING", ""), max_num_fields=20).get("uuid")
         outcome = cdr.receive(body, environ.get("CONTENT_TYPE", ""), uuids[0] if uuids else None)
+        seen.outcome = cdr_outcome(outcome.kind)
         return _reply(start_response, outcome.status, outcome.text.encode(), _TEXT)
 
     def _body(self, environ: dict[str, Any]) -> bytes | None:
@@ -173,7 +214,12 @@ def _reply(
 
 
 def build_app(
-    config: Any, holder: Any, passwords: GatewayPasswords, funds: Any = None, release_limits: Any = None
+    config: Any,
+    holder: Any,
+    passwords: GatewayPasswords,
+    funds: Any = None,
+    release_limits: Any = None,
+    metrics: FsxmlMetrics | None = None,
 ) -> FsxmlApp:
     """The application for ``config`` over a SnapshotHolder that builds :class:`Directory`, with
     the gateways' carrier passwords of ``passwords``; with ``funds`` (engine.billing.funds.Funds)
@@ -192,10 +238,15 @@ def build_app(
     source = SnapshotSource(holder)
     cdr = None
     if funds is not None:
+        from engine.billing.ticket import ticket_keys
+
         cdr = CdrReceiver(
-            funds, lambda: source.directory(settings.snapshot_max_age), release_limits=release_limits
+            funds,
+            lambda: source.directory(settings.snapshot_max_age),
+            release_limits=release_limits,
+            ticket_keys=ticket_keys(config.billing.ticket_keys),
         )
-    return FsxmlApp(settings, answers, source, lambda: passwords.loaded, cdr)
+    return FsxmlApp(settings, answers, source, lambda: passwords.loaded, cdr, metrics)
 
 
 def snapshot_realm_mismatch(client: Any, prefix: str, version: int, domain: str) -> str | None:
@@ -272,11 +323,14 @@ def serve(config: Any, host: str | None = None, port: int | None = None) -> int:
         client, config.redis.key_prefix, Directory.build, on_swap=on_swap, on_change=passwords.on_change
     )
     from engine.billing.funds import Funds
+    from engine.billing.ticket import log_ticket_signing
+    from engine.fsxml.metrics import serve_metrics
     from engine.state.limits import Limiter
 
     funds = Funds(client, config.redis.key_prefix, margin_seconds=config.limits.margin_seconds)
     limiter = Limiter(client, config.redis.key_prefix, margin_seconds=config.limits.margin_seconds)
     app = build_app(config, holder, passwords, funds, limiter.release)
+    metrics_server = serve_metrics(app.metrics, settings.metrics_host, settings.metrics_port, wsgi_server)
     stop = gevent.event.Event()
     watcher = gevent.spawn(holder.run, stop, config.engine.snapshot_poll_interval)
     reader = gevent.spawn(passwords.run, stop)
@@ -287,12 +341,15 @@ def serve(config: Any, host: str | None = None, port: int | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, stop.set)
     print(f"callgate fsxml listening on http://{address[0]}:{server.server_port}{PATH}", flush=True)
+    log_ticket_signing(log, config.billing.ticket_keys, "the CDR endpoint accepts")
     if not settings.domain:
         log.warning("fsxml.domain is empty: no directory is served (every user lookup is 'not found')")
     try:
         stop.wait()
     finally:
         server.stop(timeout=5)
+        if metrics_server is not None:
+            metrics_server.stop(timeout=1)
         watcher.kill()
         reader.kill()
         client.close()

@@ -36,9 +36,11 @@ from tests.support import (
     publish,
     wait_until,
 )
+from tests.test_observability_e2e import scrape
 
 D = Decimal
 SECRET = "json-cdr-S3cret"
+TICKET_KEY = "ticket-key-" + "k" * 32  # the engines sign, fsxml verifies: the whole path signed
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,8 @@ def environment(module_pg_url: str, redis_url: str, module_key_prefix: str) -> d
         CALLGATE_FSXML__USERNAME="freeswitch",
         CALLGATE_FSXML__PASSWORD=SECRET,
         CALLGATE_FSXML__LISTEN_PORT=str(free_port()),
+        CALLGATE_FSXML__METRICS_PORT=str(free_port()),
+        CALLGATE_BILLING__TICKET_KEYS=TICKET_KEY,
     )
     prepare_database(module_pg_url, CATALOGUE)
     with psycopg.connect(module_pg_url, autocommit=True) as conn:  # the opening balances of the ledger
@@ -86,7 +90,9 @@ def fsxml(environment: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    assert SECRET not in log_path.read_text(errors="replace")
+    logged = log_path.read_text(errors="replace")
+    assert SECRET not in logged and TICKET_KEY not in logged
+    assert "tickets signed with HMAC-SHA256 (1 key(s) configured)" in logged
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +210,10 @@ def test_engine_killed_with_an_answered_call_up_is_billed_once_from_freeswitchs_
     assert balance(db, RESOLD) == customer_before - customer_debit
     assert db.execute("SELECT count(*) FROM cdr_duplicates").fetchone() == (0,)
     assert db.execute("SELECT * FROM ledger_mismatches").fetchall() == []
+    # Prometheus sees it: the signed ticket verified and billed, the repeat already billed.
+    scraped = scrape(int(environment["CALLGATE_FSXML__METRICS_PORT"]))
+    assert scraped.get("callgate_fsxml_cdr_posts_total", outcome="billed") >= 1
+    assert scraped.get("callgate_fsxml_cdr_posts_total", outcome="bad_signature") == 0
 
 
 def test_a_live_engine_and_freeswitchs_post_racing_bill_the_call_once(

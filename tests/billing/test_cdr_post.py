@@ -73,14 +73,17 @@ class Service:
         catalog: Catalog | None,
         allowed: tuple[str, ...] = ("127.0.0.1/32",),
         release_limits: Any = None,
+        ticket_keys: tuple[bytes, ...] = (),
     ) -> None:
         settings = FsxmlSettings(
             allowed_networks=allowed, username="freeswitch", password=SECRET, max_body_bytes=65536
         )
         self.snapshot = _Directory(catalog)
-        self.receiver = CdrReceiver(funds, self.snapshot, release_limits=release_limits)
-        app = FsxmlApp(settings, Answers(""), None, cdr=self.receiver)  # type: ignore[arg-type]
-        self.server = WSGIServer(("127.0.0.1", 0), app, log=None)
+        self.receiver = CdrReceiver(
+            funds, self.snapshot, release_limits=release_limits, ticket_keys=ticket_keys
+        )
+        self.app = FsxmlApp(settings, Answers(""), None, cdr=self.receiver)  # type: ignore[arg-type]
+        self.server = WSGIServer(("127.0.0.1", 0), self.app, log=None)
         self.server.start()
         self.url = f"http://127.0.0.1:{self.server.server_port}/cdr"
 
@@ -515,3 +518,150 @@ def test_one_summary_line_a_minute_and_no_line_per_post(
         receiver.receive(json_text(document).encode(), "application/json", None)
     (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert line == "cdr posts since the last report: billed 4, duplicate 1"
+
+
+def cdr_posts_counted(service: Service) -> dict[str, float]:
+    registry = service.app.metrics.registry
+    return {
+        outcome: registry.get_sample_value("callgate_fsxml_cdr_posts_total", {"outcome": outcome}) or 0.0
+        for outcome in ("billed", "already_billed", "ignored", "malformed", "refused", "unavailable", "other")
+    }
+
+
+def test_cdr_posts_are_counted_by_outcome_for_prometheus(
+    service: Service,
+    decided: PricedAccept,
+    client: redis.Redis,
+    key_prefix: str,
+    world: World,
+    tmp_path: Path,
+) -> None:
+    document, _ = a_leg(decided, "counted")
+    assert post_cdr(document, service.settings()).statuses == [200]
+    assert post_cdr(document, service.settings()).statuses == [200]
+    b_leg = b_leg_document(document, "counted-b", "gw-b", billsec="3")
+    assert post_cdr(b_leg, service.settings()).statuses == [200]
+    assert _raw_post(service, b"{not json", "application/json") == 400
+    assert post_cdr(document, service.settings(cred="freeswitch:wrong")).statuses == [401]
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    away = Service(Funds(dead, key_prefix), world.catalog())
+    try:
+        other, _ = a_leg(decided, "counted-away")
+        assert post_cdr(other, away.settings()).statuses == [503]
+        assert cdr_posts_counted(away)["unavailable"] == 1
+    finally:
+        away.stop()
+    assert cdr_posts_counted(service) == {
+        "billed": 1,
+        "already_billed": 1,
+        "ignored": 1,
+        "malformed": 1,
+        "refused": 1,
+        "unavailable": 0,
+        "other": 0,
+    }
+    count = service.app.metrics.registry.get_sample_value(
+        "callgate_fsxml_request_duration_seconds_count", {"endpoint": "cdr"}
+    )
+    assert count == 5
+
+
+def test_the_fsxml_metrics_pass_promtool_check_metrics(service: Service, decided: PricedAccept) -> None:
+    import shutil
+    import subprocess
+
+    from prometheus_client import generate_latest
+
+    from tests.test_metrics import promtool_binary
+
+    document, _ = a_leg(decided, "linted")
+    assert post_cdr(document, service.settings()).statuses == [200]
+    text = generate_latest(service.app.metrics.registry).decode()
+    promtool = shutil.which("promtool") or promtool_binary()
+    run = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert not [line for line in (run.stdout + run.stderr).splitlines() if "callgate_" in line], run.stdout
+
+
+TICKET_KEY = "t" * 40
+OLD_TICKET_KEY = "o" * 40
+
+
+def test_with_ticket_keys_only_a_ticket_signed_for_the_cdrs_own_call_bills(
+    funds: Funds,
+    world: World,
+    decided: PricedAccept,
+    client: redis.Redis,
+    key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    new, old = TICKET_KEY.encode(), OLD_TICKET_KEY.encode()
+    signing = Service(funds, world.catalog(), ticket_keys=(new, old))  # rotating: both accepted
+    try:
+        signed = ticket_value(decided, new, "signed")
+        by_old_key = ticket_value(decided, old, "old-key")
+        good = [a_leg(decided, "signed", **{TICKET_VARIABLE: signed})[0]]
+        good.append(a_leg(decided, "old-key", **{TICKET_VARIABLE: by_old_key})[0])
+        forged = [
+            a_leg(decided, "copied", **{TICKET_VARIABLE: signed})[0],  # another call's genuine ticket
+            a_leg(decided, "unsigned")[0],  # what anyone can write
+            a_leg(decided, "other-key", **{TICKET_VARIABLE: ticket_value(decided, b"x" * 40, "other-key")})[
+                0
+            ],
+        ]
+        with caplog.at_level(logging.DEBUG):
+            assert [post_cdr(d, signing.settings()).statuses for d in good] == [[200], [200]]
+            assert [post_cdr(d, signing.settings()).statuses for d in forged] == [[400]] * 3
+        assert signing.receiver.counts == {"billed": 2, "bad_signature": 3}
+        registry = signing.app.metrics.registry
+        assert registry.get_sample_value("callgate_fsxml_cdr_posts_total", {"outcome": "bad_signature"}) == 3
+        assert sorted(r["uuid"] for r in stream(client, key_prefix)) == ["old-key", "signed"]
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert "signature" in logged and TICKET_KEY not in logged and OLD_TICKET_KEY not in logged
+        # Without keys the endpoint does not check: a signed ticket bills like an unsigned one.
+        unchecked = Service(funds, world.catalog())
+        try:
+            late = a_leg(decided, "unchecked", **{TICKET_VARIABLE: ticket_value(decided, new, "x")})[0]
+            assert post_cdr(late, unchecked.settings()).statuses == [200]
+            assert unchecked.receiver.counts == {"billed": 1}
+        finally:
+            unchecked.stop()
+    finally:
+        signing.stop()
+
+
+def test_the_engines_hangup_refuses_a_debit_over_the_cap_and_the_calls_batched_with_it_settle(
+    decided: PricedAccept,
+    world: World,
+    funds: Funds,
+    client: redis.Redis,
+    key_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """FreeSWITCH reporting a billsec of centuries to the engine: the settle script would fail on
+    Redis's 64-bit counters and the settler would retry its whole batch forever."""
+    import threading
+
+    from engine.billing.settler import Settler
+
+    catalog = world.catalog()
+    settler = Settler(funds)
+    billing = LiveBilling(settler, lambda: catalog, DEFAULT_SIP_RESPONSES.__getitem__)
+    _, absurd = a_leg(decided, "centuries", billsec="999999999999999")
+    _, normal = a_leg(decided, "normal")
+    spent = funds.account(world.customer.id).spent or D(0)
+    with caplog.at_level(logging.ERROR, "callgate.billing"):
+        for event in (absurd, normal):
+            request = CallRequest(uuid=event["Unique-ID"], destination="442071234567")
+            billing.bill(request, decided, event)
+    assert settler.pending == 1  # the absurd call was never queued
+    stop = threading.Event()
+    stop.set()
+    settler.run(stop)  # drains what is queued, one attempt
+    assert settler.settled == 1 and settler.failures == 0
+    assert [r["uuid"] for r in stream(client, key_prefix)] == ["normal"]
+    assert funds.account(world.customer.id).spent == spent + D(stream(client, key_prefix)[0]["debits"][0][2])
+    [line] = [r.getMessage() for r in caplog.records if "centuries" in r.getMessage()]
+    assert "not billed: debit over 1000000000" in line and '"uuid": "centuries"' in line

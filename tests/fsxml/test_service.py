@@ -26,7 +26,7 @@ from engine.state.snapshot import apply_changes, current_version, publish_snapsh
 from engine.state.watcher import SnapshotHolder
 from tests.fsxml import forms
 from tests.fsxml.catalog import DOMAIN, catalog, device
-from tests.support import wait_until
+from tests.support import free_port, wait_until
 
 SECRET = "fs-S3cret!"
 SETTINGS = FsxmlSettings(
@@ -245,3 +245,77 @@ def test_gateway_lookups_are_503_until_the_carrier_passwords_were_read(
     assert call(app, forms.sip_auth("alice", DOMAIN), authorization=auth()).status == 200  # users: served
     ready = True
     assert call(app, forms.gateways("external"), authorization=auth()).status == 200
+
+
+def requests_counted(app: FsxmlApp) -> dict[tuple[str, str], float]:
+    return {
+        (s.labels["kind"], s.labels["outcome"]): s.value
+        for family in app.metrics.registry.collect()
+        if family.name == "callgate_fsxml_requests"
+        for s in family.samples
+        if s.name.endswith("_total") and s.value
+    }
+
+
+def test_every_lookup_is_counted_by_kind_and_outcome_with_bounded_labels(
+    published: int, holder: SnapshotHolder[Directory]
+) -> None:
+    ready = False
+    app = FsxmlApp(SETTINGS, Answers(SETTINGS.domain), SnapshotSource(holder), lambda: ready)
+    call(app, forms.sip_auth("alice", DOMAIN), authorization=auth())
+    call(app, forms.sip_auth("mallory", DOMAIN), authorization=auth())  # "not found" is an answer
+    call(app, forms.gateways("external"), authorization=auth())  # 503 until the passwords are read
+    call(app, forms.sip_auth("alice", DOMAIN), remote="192.0.2.1", authorization=auth())
+    call(app, forms.sip_auth("alice", DOMAIN), authorization=auth(password="wrong"))
+    call(app, b"\xff", authorization=auth())
+    call(app, forms.sip_auth("alice", DOMAIN), path="/secret-per-caller", authorization=auth())
+    assert requests_counted(app) == {
+        ("user", "answered"): 2,
+        ("gateways", "no_gateway_credentials"): 1,
+        ("none", "forbidden"): 1,
+        ("none", "unauthorized"): 1,
+        ("none", "malformed"): 1,
+        ("none", "not_found"): 1,
+    }
+    samples = [
+        s
+        for family in app.metrics.registry.collect()
+        if family.name == "callgate_fsxml_request_duration_seconds"
+        for s in family.samples
+        if s.name.endswith("_count")
+    ]
+    assert {s.labels["endpoint"]: s.value for s in samples if s.value} == {"fsxml": 6, "other": 1}
+    exposed = "\n".join(str(s.labels) for family in app.metrics.registry.collect() for s in family.samples)
+    assert "alice" not in exposed and "192.0.2.1" not in exposed and "secret-per-caller" not in exposed
+
+
+def test_the_metrics_endpoint_serves_prometheus_text(
+    published: int, holder: SnapshotHolder[Directory]
+) -> None:
+    import urllib.request
+
+    import gevent
+
+    from engine.fsxml.metrics import serve_metrics
+    from engine.fsxml.server import wsgi_server
+
+    app = app_for(holder)
+    call(app, forms.sip_auth("alice", DOMAIN), authorization=auth())
+    server = serve_metrics(app.metrics, "127.0.0.1", 0, wsgi_server)
+    assert server is None  # port 0: off
+    port = free_port()
+    server = serve_metrics(app.metrics, "127.0.0.1", port, wsgi_server)
+    try:
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+                return str(reply.read().decode())
+
+        # The server is gevent's (as in `callgate fsxml`); this test's process is not patched.
+        text = gevent.get_hub().threadpool.apply(scrape)
+        assert 'callgate_fsxml_requests_total{kind="user",outcome="answered"} 1.0' in text
+        assert 'callgate_fsxml_cdr_posts_total{outcome="unavailable"} 0.0' in text
+        # A taken port is logged, not fatal.
+        assert serve_metrics(app.metrics, "127.0.0.1", port, wsgi_server) is None
+    finally:
+        server.stop(timeout=1)

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import gevent
 import gevent.event
+import psycopg
 import pytest
 import redis
 
+from engine.state.keys import cdr_stream, funds_account_key, funds_reservations_key
 from loadtest.fsemu import InboundServer, Switch, place_call
 from tests.ha.sentinel import SentinelCluster
 from tests.support import EngineProcess, engine_environment, prepare_database, publish, run_cli, wait_until
@@ -202,5 +204,68 @@ def test_releases_lost_in_a_failover_are_repaired_by_one_reconciliation(
                 call.get(timeout=5)
             for call in calls[3:]:
                 call.kill()
+    finally:
+        engine.stop()
+
+
+def test_acquires_lost_in_a_failover_are_not_recounted_but_their_calls_are_billed(
+    module_pg_url: str, module_key_prefix: str, cluster: SentinelCluster, tmp_path: Path
+) -> None:
+    """The other half of asynchronous replication: two calls admitted while the replica was frozen
+    (SIGSTOP) and its link cut, so their acquires (limit slots and funds reservations) never left
+    the primary, which is then SIGKILLed. On the promoted replica the two live calls are neither
+    counted nor reserved, and a reconciliation does not re-count them (it only releases: it cannot
+    know a call's limits from ``show channels``; docs/high-availability.md). When they hang up, the
+    engine settles them on the new primary all the same: each debit and CDR is there, so the
+    ledger loses nothing; only the account's concurrency could exceed its limit by these two while
+    they lasted."""
+    env = sentinel_environment(module_pg_url, module_key_prefix, cluster)
+    prepare_database(module_pg_url, CATALOGUE)
+    publish(env)
+    registry = f"{module_key_prefix}limits:calls"
+    primary, replica = cluster.client(cluster.primary_port), cluster.client(cluster.replica_port)
+    with psycopg.connect(module_pg_url) as conn:
+        (account,) = conn.execute("SELECT id FROM accounts WHERE number = '1000000050'").fetchone()
+    switch = Switch()
+    engine = EngineProcess(env).start(tmp_path / "serve.log")
+    try:
+        with InboundServer(switch, host="127.0.0.1") as inbound:
+            cluster.processes[cluster.replica_port].send_signal(signal.SIGSTOP)
+            try:
+                primary.client_kill_filter(_type="replica")
+                calls = [
+                    gevent.spawn(
+                        place_call, "127.0.0.1", engine.port, spec("fifty", 8.0), timeout=60, switch=switch
+                    )
+                    for _ in range(2)
+                ]
+                wait_until(lambda: primary.zcard(registry) == 2, timeout=20, interval=0.05, what="2 acquires")
+                cluster.kill(cluster.primary_port)
+            finally:
+                cluster.processes[cluster.replica_port].send_signal(signal.SIGCONT)
+            wait_until(lambda: cluster.primary() == cluster.replica_port, timeout=30, interval=0.1,
+                       what="the sentinels promoting the replica")  # fmt: skip
+            live = set(switch.live_uuids())
+            assert len(live) == 2 and replica.zcard(registry) == 0, "the failover lost the two acquires"
+            assert replica.zcard(funds_reservations_key(module_key_prefix, account)) == 0
+            result = run_cli(
+                ["reconcile", "--switch", f"127.0.0.1:{inbound.address[1]}", "--grace", "0"], env
+            )
+            assert result.returncode == 0 and "released 0" in result.stdout, result.stdout + result.stderr
+            assert replica.zcard(registry) == 0  # not re-counted: the documented gap
+            for call in calls:
+                assert call.get(timeout=40).bridged_target is not None
+
+            # Billed on the new primary: one CDR entry each in the stream, and the debits in `spent`.
+            def settled() -> bool:
+                entries = replica.xrange(cdr_stream(module_key_prefix))
+                return live <= {fields[b"uuid"].decode() for _id, fields in entries}
+
+            wait_until(settled, timeout=30, interval=0.1, what="both calls settled on the new primary")
+            assert int(replica.hget(funds_account_key(module_key_prefix, account), "spent") or 0) > 0
+            result = run_cli(
+                ["reconcile", "--switch", f"127.0.0.1:{inbound.address[1]}", "--grace", "0"], env
+            )
+            assert result.returncode == 0 and replica.zcard(registry) == 0 and switch.live_uuids() == []
     finally:
         engine.stop()
