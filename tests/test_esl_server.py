@@ -53,7 +53,7 @@ def test_connection_greenlets_are_counted_while_they_run() -> None:
     release = gevent.event.Event()
     inside: list[object] = []
 
-    def handler(conn: object, peer: object) -> None:
+    def handler(conn: object, peer: object, accepted_at: float) -> None:
         inside.append(peer)
         release.wait()
 
