@@ -17,6 +17,7 @@ from datetime import datetime
 
 import gevent
 import gevent.event
+import gevent.pool
 import redis
 from gevent.pywsgi import WSGIServer
 
@@ -168,6 +169,9 @@ class Engine:
         )
         handler.attach_listener(self.server)  # stops listening while saturated (engine.shedding)
         self._listener = listener
+        # Every background task of the process runs in this group: its size is the
+        # callgate_greenlets{kind="background"} gauge, counted without walking the heap.
+        self.tasks = gevent.pool.Group()
         self.stopping = gevent.event.Event()
         # Set after the drain, not with `stopping`: calls ending during the drain are still released promptly.
         self._releases_stop = gevent.event.Event()
@@ -219,6 +223,7 @@ class Engine:
         self.metrics.count_snapshot_updates(
             full=self.snapshots.full_loads, change=self.snapshots.changes_applied
         )
+        self.metrics.set_greenlets(connections=self.server.connections, background=len(self.tasks))
 
     def _scrape(self) -> None:
         self.metrics.before_scrape()
@@ -236,7 +241,7 @@ class Engine:
         """Gauges, then the /metrics, /healthz, /readyz endpoint (shared port in multiprocess mode)."""
         self._before_scrape()
         if self.metrics.multiprocess:
-            gevent.spawn(self._refresh_metrics)
+            self.tasks.spawn(self._refresh_metrics)
         settings = self.config.metrics
         if not settings.listen_port:
             return
@@ -278,19 +283,19 @@ class Engine:
         """
         self.load_initial_snapshot()
         self._start_gc_policy()
-        gevent.spawn(self.snapshots.run, self.stopping, self.config.engine.snapshot_poll_interval)
+        self.tasks.spawn(self.snapshots.run, self.stopping, self.config.engine.snapshot_poll_interval)
         if isinstance(self.limiter, FailOpenLimiter):
-            gevent.spawn(run_resync, self.limiter, self.stopping)
+            self.tasks.spawn(run_resync, self.limiter, self.stopping)
         if self.switches:
             interval = self.config.limits.reconcile_interval
-            gevent.spawn(
+            self.tasks.spawn(
                 run_reconciler, self.limiter, self.switches, interval, self.metrics, self.stopping,
                 self.funds.release_calls,  # the reservations of the calls released
                 self.funds.reserved_calls,  # and of calls neither live nor counted
             )  # fmt: skip
-        self._events_task = gevent.spawn(self.events.run, self.stopping)
-        gevent.spawn(self.releases.run, self._releases_stop)
-        self._settler_task = gevent.spawn(self.settler.run, self._releases_stop)
+        self._events_task = self.tasks.spawn(self.events.run, self.stopping)
+        self.tasks.spawn(self.releases.run, self._releases_stop)
+        self._settler_task = self.tasks.spawn(self.settler.run, self._releases_stop)
         self._listener.listen(LISTEN_BACKLOG)  # a no-op but for the backlog if already listening
         self.server.start()
         self.metrics.set_listening(True)
@@ -300,7 +305,7 @@ class Engine:
         settings = self.config.engine
         gcpolicy.apply(settings.gc_young_threshold)
         if settings.gc_young_threshold > 0:
-            gevent.spawn(gcpolicy.run_full_collections, settings.gc_full_interval, self.stopping)
+            self.tasks.spawn(gcpolicy.run_full_collections, settings.gc_full_interval, self.stopping)
 
     def stop(self) -> None:
         self.stopping.set()
