@@ -280,6 +280,11 @@ class EngineMetrics:
         self.reconciler_removals = Counter(
             "callgate_reconciler_removals_total", "Counted calls no FreeSWITCH knew, released", registry=r
         )
+        self.reconciler_recounts = Counter(
+            "callgate_reconciler_recounts_total",
+            "Live calls the registry of counted calls lacked (acquire lost), counted again",
+            registry=r,
+        )
 
         self._initialise_series()
 
