@@ -58,6 +58,12 @@ class EngineSettings:
     # in the process; 0 turns either off.
     shed_loop_lag: float = 0.1
     shed_backlog: int = 1000
+    # ENGINE_DEGRADED at once for a call whose connection waited longer than this (seconds)
+    # between the engine's accept and its channel data; 0 = off.
+    shed_accept_wait: float = 0.2
+    # While over shed_loop_lag or shed_backlog, stop listening: the kernel refuses new
+    # connections (RST) and FreeSWITCH tries its next engine at once (docs/performance.md).
+    shed_stop_listening: bool = True
 
     def __post_init__(self) -> None:
         for cidr in self.allowed_networks:
@@ -65,8 +71,10 @@ class EngineSettings:
                 ipaddress.ip_network(cidr.strip(), strict=False)
             except ValueError as exc:
                 raise ConfigError(f"engine.allowed_networks: {cidr!r} is not an IP network") from exc
-        if self.shed_loop_lag < 0 or self.shed_backlog < 0:
-            raise ConfigError("engine.shed_loop_lag and engine.shed_backlog must be >= 0 (0 = off)")
+        if self.shed_loop_lag < 0 or self.shed_backlog < 0 or self.shed_accept_wait < 0:
+            raise ConfigError(
+                "engine.shed_loop_lag, engine.shed_backlog and engine.shed_accept_wait must be >= 0 (0 = off)"
+            )
         if self.gc_young_threshold < 0:
             raise ConfigError(f"engine.gc_young_threshold must be >= 0, not {self.gc_young_threshold}")
         if self.gc_full_interval <= 0:

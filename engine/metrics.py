@@ -80,7 +80,7 @@ DEGRADED_CAUSES = (
     "limits_unavailable",  # Redis did not answer the limits script (fail closed)
     "deadline",  # engine.decision_deadline passed
     "overload",  # over engine.max_connections
-    "shed",  # load shedding before deciding: event-loop lag or backlog over its bound (engine.shedding)
+    "shed",  # shedding before deciding: lag, backlog or wait since accept over its bound (engine.shedding)
     "internal_error",  # the decision raised
     OTHER,
 )
@@ -206,6 +206,23 @@ class EngineMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        # Load shedding at the front of the queue (engine.shedding.ListenGate).
+        self.listening = Gauge(
+            "callgate_listening",
+            "1 while the process listens for calls, 0 while saturated (connections refused)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.listener_stops = Counter(
+            "callgate_listener_stops_total",
+            "Times the process stopped listening because it was saturated",
+            registry=r,
+        )
+        self.listener_stopped_seconds = Counter(
+            "callgate_listener_stopped_seconds_total",
+            "Seconds the process did not listen because it was saturated (pauses that ended)",
+            registry=r,
+        )
         self.socket_errors = Counter(
             "callgate_socket_errors_total",
             "Outbound-socket connections dropped by the engine (peer misbehaved), by kind",
@@ -325,6 +342,17 @@ class EngineMetrics:
         self.decision_seconds.observe(seconds)
         if reason == Reason.ENGINE_DEGRADED.value:
             self.degraded_decisions.labels(degraded_cause(detail)).inc()
+
+    def set_listening(self, listening: bool) -> None:
+        self.listening.set(1 if listening else 0)
+
+    def listener_stopped(self) -> None:
+        self.listener_stops.inc()
+        self.listening.set(0)
+
+    def listener_resumed(self, seconds: float) -> None:
+        self.listener_stopped_seconds.inc(seconds)
+        self.listening.set(1)
 
     def socket_error(self, kind: str) -> None:
         self.socket_errors.labels(_bounded(kind, _SOCKET_ERROR_SET)).inc()

@@ -168,6 +168,7 @@ class Engine:
             allowed=parse_networks(config.engine.allowed_networks),
             on_refused=self._refused,
         )
+        handler.attach_listener(self.server)  # stops listening while saturated (engine.shedding)
         self._listener = listener
         self.stopping = gevent.event.Event()
         # Set after the drain, not with `stopping`: calls ending during the drain are still released promptly.
@@ -295,6 +296,7 @@ class Engine:
         self._settler_task = gevent.spawn(self.settler.run, self._releases_stop)
         self._listener.listen(LISTEN_BACKLOG)  # a no-op but for the backlog if already listening
         self.server.start()
+        self.metrics.set_listening(True)
         self.start_metrics()
 
     def _start_gc_policy(self) -> None:

@@ -366,8 +366,9 @@ class CallRecord:
     kind: str  # the mix class
     due: float  # seconds after the run's start when the call was due
     lag: float  # actual start - due
-    latency: float | None  # TCP connected -> decision frame received
-    outcome: str  # "accept", a reject reason, "respond <code>", "exit", or "" (no decision)
+    latency: float | None  # TCP connected -> decision frame received (REFUSED: connect() -> refusal)
+    # "accept", a reject reason, "respond <code>", "exit", REFUSED, or "" (no decision)
+    outcome: str
     error: str | None
     done: float  # seconds after the run's start when the call ended
 
@@ -376,6 +377,10 @@ class CallRecord:
 
 
 _NOTHING: frozenset[str] = frozenset()
+# The engine refused the connection (a saturated engine stops listening: the kernel answers the
+# SYN with a RST). FreeSWITCH then tries its next engine at once: counted as shed, with the time
+# connect() took to fail as its latency.
+REFUSED = "REFUSED"
 
 
 def _myevents() -> frozenset[str]:
@@ -524,8 +529,11 @@ def place(
     try:
         sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
         with gevent.Timeout(timeout + plan.hold, False):
+            began = clock()
             try:
                 sock.connect(address)
+            except ConnectionRefusedError:
+                return clock() - began, REFUSED, None
             except OSError as exc:
                 return None, "", f"connect: {exc.strerror or exc}"
             t0 = clock()
@@ -669,7 +677,9 @@ def report(
     """Statistics of the calls due inside the measurement window [warmup, duration)."""
     window = max(1e-9, config.duration - config.warmup)
     measured = [r for r in records if config.warmup <= r.due < config.duration]
-    decided = [r for r in measured if r.latency is not None]
+    refused = [r for r in measured if r.outcome == REFUSED]
+    decided = [r for r in measured if r.latency is not None and r.outcome != REFUSED]
+    shed = [r for r in decided if r.outcome == "ENGINE_DEGRADED"] + refused
     errors = Counter(_error_kind(r.error) for r in measured if r.error)
     outcomes = Counter(r.outcome or "(none)" for r in measured)
     by_class: dict[str, Counter[str]] = {}
@@ -698,6 +708,12 @@ def report(
         # and the ones it shed, apart.
         "latency_not_degraded": summarize(r.latency for r in decided if r.outcome != "ENGINE_DEGRADED"),
         "latency_degraded": summarize(r.latency for r in decided if r.outcome == "ENGINE_DEGRADED"),
+        # Connections the engine refused (it had stopped listening): how fast, and how many.
+        "refused": len(refused),
+        "latency_refused": summarize(r.latency for r in refused),
+        # Shed either way (ENGINE_DEGRADED or refused): the "rest shed fast" of issue 18.
+        "shed": len(shed),
+        "latency_shed": summarize(r.latency for r in shed),
         "outcomes": dict(outcomes.most_common()),
         "outcomes_by_class": {k: dict(v.most_common()) for k, v in sorted(by_class.items())},
         "driver_lag_p99_ms": (lags[min(len(lags) - 1, math.ceil(0.99 * len(lags)) - 1)] * 1000)

@@ -31,6 +31,14 @@ a paragraph here, and remove it once the engine adopts it.
 ``gc-log``
     no behaviour change: records the duration of every cyclic-GC collection by generation
     and writes a summary to ``$CALLGATE_GC_OUT`` at exit.
+``hub-lag``
+    no behaviour change but one more greenlet: a greenlet asks to wake every millisecond and
+    records each wake-up later than 2 ms (wall time, lateness, and the share of the wait the
+    engine's own thread was on the CPU), and every cyclic-GC collection (wall and CPU time);
+    writes them to ``$CALLGATE_LAG_OUT`` at exit, with a histogram of the lateness and how
+    many late wake-ups a collection explains. This tells the engine's own pauses (a
+    collection, a long callback: the thread was on the CPU the whole wait) from CPU shared
+    with other processes (the thread was waiting for a CPU).
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-PATCHES = ("timing", "yappi", "gc-log")
+PATCHES = ("timing", "yappi", "gc-log", "hub-lag")
 
 # Patches that were adopted into the engine, and where they live: asking for one is an error.
 ADOPTED = {
@@ -208,7 +216,97 @@ def patch_gc_log() -> None:
     atexit.register(dump)
 
 
+def lag_document(
+    late: Sequence[tuple[float, float, float]], collections: Sequence[tuple[float, int, float, float]]
+) -> dict[str, Any]:
+    """What the ``hub-lag`` patch writes. ``late``: per late wake-up, its wall time, how late it
+    was, and the share of that wait the process's own thread spent on the CPU (near 1: the hub
+    was busy running the engine's own work; near 0: the process was waiting for a CPU other
+    processes held). ``collections``: per cyclic-GC collection, its wall time at the end, its
+    generation, its wall seconds and its CPU seconds. A late wake-up is explained by a
+    collection that ended inside its lateness window."""
+    from loadtest.stats import summarize
+
+    edges = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+    def explained(woke: float, lag: float) -> bool:
+        return any(woke - lag - 0.001 <= end <= woke for end, _g, _w, _c in collections)
+
+    buckets: dict[str, Any] = {}
+    for edge in edges:
+        inside = [(w, lag, share) for w, lag, share in late if lag > edge]
+        shares = sorted(share for _w, _l, share in inside)
+        buckets[f">{int(edge * 1000)}ms"] = {
+            "count": len(inside),
+            "explained_by_gc": sum(explained(w, lag) for w, lag, _s in inside),
+            "median_own_cpu_share": round(shares[len(shares) // 2], 3) if shares else None,
+        }
+    return {
+        "late_wakeups": buckets,
+        "collections": {
+            f"gen{g}": {
+                "count": sum(1 for _e, gen, _w, _c in collections if gen == g),
+                "max_wall_ms": round(
+                    max((w for _e, gen, w, _c in collections if gen == g), default=0.0) * 1000, 3
+                ),
+                "max_cpu_ms": round(
+                    max((c for _e, gen, _w, c in collections if gen == g), default=0.0) * 1000, 3
+                ),
+                "cpu_ms": summarize(c for _e, gen, _w, c in collections if gen == g),
+            }
+            for g in (0, 1, 2)
+        },
+        "worst": [
+            [round(w, 4), round(lag * 1000, 3), round(share, 3)]
+            for w, lag, share in sorted(late, key=lambda x: -x[1])[:30]
+        ],
+        "samples": [[round(w, 4), round(lag * 1000, 3), round(share, 3)] for w, lag, share in late],
+    }
+
+
+def patch_hub_lag() -> None:
+    import gc
+
+    import gevent
+
+    late: list[tuple[float, float, float]] = []
+    collections: list[tuple[float, int, float, float]] = []
+    started: dict[str, float] = {}
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started["t"], started["cpu"] = time.perf_counter(), time.thread_time()
+        elif "t" in started:
+            wall = time.perf_counter() - started.pop("t")
+            cpu = time.thread_time() - started.pop("cpu")
+            collections.append((time.time(), info["generation"], wall, cpu))
+
+    gc.callbacks.append(callback)
+
+    def watch() -> None:
+        interval = 0.001
+        while True:
+            began, cpu = time.perf_counter(), time.thread_time()
+            gevent.sleep(interval)
+            now = time.perf_counter()
+            lateness = now - began - interval
+            if lateness > 0.002:
+                share = (time.thread_time() - cpu) / max(1e-9, now - began)
+                late.append((time.time(), lateness, min(1.0, share)))
+
+    gevent.spawn(watch)
+
+    def dump() -> None:
+        path = os.environ.get("CALLGATE_LAG_OUT")
+        if path:
+            with open(path, "w") as handle:
+                json.dump(lag_document(late, collections), handle)
+
+    atexit.register(dump)
+
+
 _APPLY = {
+    "hub-lag": patch_hub_lag,
     "timing": patch_timing,
     "yappi": patch_yappi,
     "gc-log": patch_gc_log,

@@ -66,6 +66,34 @@ def summaries(document: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def shedding_table(document: dict[str, Any]) -> str:
+    """The targets scenario: decided, shed (ENGINE_DEGRADED or refused) and their latencies apart."""
+    lines = [
+        "| run | server | offered CPS | decided (ENGINE_DEGRADED) | refused | p50 / p99 ms, decided "
+        "| p50 / p99 ms, not shed | p50 / p99 ms, shed (both kinds) | p99 ms, refused | CPU/call (us) "
+        "| foreign cores |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def pair(summary: dict[str, Any]) -> str:
+        return f"{_f(summary.get('p50_ms'))} / {_f(summary.get('p99_ms'))}"
+
+    for r in document["scenarios"].get("targets", {}).get("runs", []):
+        offered = (
+            f"closed x{r['config']['concurrency']}"
+            if r["config"].get("concurrency")
+            else _f(r["offered_cps"], 0)
+        )
+        lines.append(
+            f"| {r.get('label', '')} | {r['server']} | {offered} | {r['decided']} ({r['degraded']}) | "
+            f"{r.get('refused', 0)} | {pair(r.get('latency', {}))} | "
+            f"{pair(r.get('latency_not_degraded', {}))} | "
+            f"{pair(r.get('latency_shed', {}))} | {_f(r.get('latency_refused', {}).get('p99_ms'))} | "
+            f"{_f(r.get('server_cpu_per_call_us'), 0)} | {_f(r.get('foreign_cpu_cores'))} |"
+        )
+    return "\n".join(lines)
+
+
 def redis_table(document: dict[str, Any]) -> str:
     lines = [
         "| scenario | server | Redis CPU/call (us) | Redis commands per call | PostgreSQL connections |",
@@ -95,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         print(runs_table(document))
         print()
         print(summaries(document))
+        print()
+        if "targets" in document["scenarios"]:
+            print(shedding_table(document))
         print()
         print(redis_table(document))
         print()

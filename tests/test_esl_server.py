@@ -30,7 +30,7 @@ def test_a_refused_peer_is_closed_before_any_byte_and_reported() -> None:
     listener = listening_socket("127.0.0.1", 0)
     server = CallServer(
         listener,
-        lambda conn, peer: handled.append(peer),
+        lambda conn, peer, accepted_at: handled.append(peer),
         allowed=parse_networks(["192.0.2.0/24"]),
         on_refused=refused.append,
     )

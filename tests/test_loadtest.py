@@ -357,11 +357,32 @@ def test_lean_driver_and_emulator_reach_the_same_decisions(library: driver.FsLib
         assert (outcome, error) == ("accept", None)
 
 
-def test_driver_reports_refused_connections(library: driver.FsLibrary) -> None:
-    latency, _outcome, error = driver.place(
+def test_driver_counts_a_refused_connection_as_shed_with_its_time_to_refusal(
+    library: driver.FsLibrary,
+) -> None:
+    """A saturated engine stops listening: the refusal is an answer (FreeSWITCH tries its next
+    engine), not an error; its latency is connect() -> ECONNREFUSED."""
+    latency, outcome, error = driver.place(
         ("127.0.0.1", _free_port()), CallPlan("accept", "44"), library, timeout=1
     )
-    assert latency is None and error.startswith("connect")
+    assert outcome == driver.REFUSED and error is None
+    assert latency is not None and latency >= 0
+
+
+def test_report_separates_refused_from_decided_and_counts_both_as_shed() -> None:
+    config = driver.LoadConfig(target=("127.0.0.1", 1), cps=10, duration=3, warmup=0)
+    records = [
+        driver.CallRecord("accept", 0.1, 0.0, 0.002, "accept", None, 0.2),
+        driver.CallRecord("accept", 0.2, 0.0, 0.004, "ENGINE_DEGRADED", None, 0.3),
+        driver.CallRecord("accept", 0.3, 0.0, 0.0001, driver.REFUSED, None, 0.3),
+        driver.CallRecord("accept", 0.4, 0.0, 0.0003, driver.REFUSED, None, 0.4),
+    ]
+    result = driver.report(records, config)
+    assert result["decided"] == 2 and result["degraded"] == 1 and result["errors"] == 0
+    assert result["refused"] == 2 and result["shed"] == 3
+    assert result["latency_refused"]["count"] == 2 and result["latency_shed"]["count"] == 3
+    assert result["latency"]["count"] == 2  # the decisions only
+    assert result["latency_not_degraded"]["max_ms"] == pytest.approx(2.0)
 
 
 def test_open_loop_run_against_the_floor(library: driver.FsLibrary) -> None:
@@ -620,7 +641,7 @@ def test_profile_summary_of_collapsed_stacks() -> None:
 def test_patched_engine_offers_only_the_instrumentation() -> None:
     from loadtest import patched_engine
 
-    assert patched_engine.PATCHES == ("timing", "yappi", "gc-log")
+    assert patched_engine.PATCHES == ("timing", "yappi", "gc-log", "hub-lag")
     assert set(patched_engine.PATCHES) == set(patched_engine._APPLY)
     assert not set(patched_engine.PATCHES) & set(patched_engine.ADOPTED)
     for name in (*patched_engine.PATCHES, *patched_engine.ADOPTED):
@@ -633,6 +654,23 @@ def test_patched_engine_refuses_an_adopted_patch(name: str) -> None:
 
     with pytest.raises(SystemExit, match=rf"patch '{name}' was adopted: it is part of the engine now"):
         patched_engine.apply([name])
+
+
+def test_hub_lag_document_tells_collections_from_other_pauses() -> None:
+    from loadtest.patched_engine import lag_document
+
+    late = [(100.010, 0.008, 0.9), (200.030, 0.030, 0.1), (300.003, 0.003, 0.5)]
+    collections = [
+        (100.005, 2, 0.004, 0.0035),
+        (250.0, 0, 0.001, 0.0005),
+    ]  # the first: inside the first pause
+    out = lag_document(late, collections)
+    assert out["late_wakeups"][">2ms"] == {"count": 3, "explained_by_gc": 1, "median_own_cpu_share": 0.5}
+    assert out["late_wakeups"][">25ms"] == {"count": 1, "explained_by_gc": 0, "median_own_cpu_share": 0.1}
+    gen2 = out["collections"]["gen2"]
+    assert (gen2["count"], gen2["max_wall_ms"], gen2["max_cpu_ms"]) == (1, 4.0, 3.5)
+    assert gen2["cpu_ms"]["p50_ms"] == pytest.approx(3.5)
+    assert out["worst"][0] == [200.03, 30.0, 0.1]
 
 
 def test_patched_engine_refuses_an_unknown_patch_before_applying_any(monkeypatch) -> None:

@@ -7,7 +7,7 @@ import time
 import gevent
 import pytest
 
-from engine.shedding import SHED_BACKLOG, SHED_LAG, LoadShedder
+from engine.shedding import PAUSE, RESUME, SHED_BACKLOG, SHED_LAG, SHED_WAIT, ListenGate, LoadShedder
 
 
 class Clock:
@@ -95,3 +95,92 @@ def test_restart_forgets_the_stale_wake_up_of_an_idle_process() -> None:
     assert shedder.verdict(0) is None
     clock.now += 0.03  # the new monitor has not run yet, 30 ms later: that is lag
     assert shedder.verdict(0) == SHED_LAG
+
+
+# ---------------------------------------------------------------------- wait since accept
+
+
+def test_a_call_that_waited_too_long_since_accept_is_shed() -> None:
+    shedder = LoadShedder(max_lag=0, max_backlog=0, max_wait=0.05, clock=Clock())
+    assert shedder.verdict(0, waited=0.05) is None  # at the bound, not over it
+    assert shedder.verdict(0, waited=0.051) == SHED_WAIT
+    assert shedder.shed == 1
+    assert LoadShedder(max_lag=0, max_backlog=0, max_wait=0, clock=Clock()).verdict(0, waited=60) is None
+
+
+# ---------------------------------------------------------------------- the listener gate
+
+
+def gate(clock: Clock, **bounds: float) -> ListenGate:
+    return ListenGate(
+        max_lag=bounds.get("lag", 0.1),
+        max_backlog=int(bounds.get("backlog", 100)),
+        resume_fraction=0.5,
+        min_pause=0.05,
+        clock=clock,
+    )
+
+
+def test_the_gate_stops_listening_over_either_bound() -> None:
+    clock = Clock()
+    by_lag = gate(clock)
+    assert by_lag.update(0.1, 100) is None  # at the bounds: still listening
+    assert by_lag.update(0.101, 0) == PAUSE and by_lag.paused and by_lag.pauses == 1
+    by_backlog = gate(clock)
+    assert by_backlog.update(0.0, 101) == PAUSE
+    assert by_backlog.update(0.0, 500) is None  # already paused: no second change
+
+
+def test_the_gate_resumes_only_below_half_the_bounds_and_after_the_minimum_pause() -> None:
+    clock = Clock()
+    g = gate(clock)
+    assert g.update(0.2, 0) == PAUSE
+    clock.now += 0.01
+    assert g.update(0.0, 0) is None  # recovered at once, but the pause is too short: no flapping
+    clock.now += 0.04
+    assert g.update(0.06, 0) is None  # under the bound, above half of it: hysteresis holds
+    assert g.update(0.05, 51) is None  # lag down to half, backlog still above half
+    assert g.update(0.05, 50) == RESUME and not g.paused
+    assert g.last_pause == pytest.approx(0.05) and g.paused_seconds == pytest.approx(0.05)
+    assert g.update(0.09, 90) is None  # listening again: below the bounds, no new pause
+    assert g.update(0.11, 0) == PAUSE and g.pauses == 2
+
+
+def test_a_bound_at_zero_takes_no_part_and_both_at_zero_never_stop() -> None:
+    clock = Clock()
+    lag_only = gate(clock, backlog=0)
+    assert lag_only.update(0.0, 10**6) is None
+    assert lag_only.update(0.2, 10**6) == PAUSE
+    clock.now += 0.05
+    assert lag_only.update(0.01, 10**6) == RESUME  # the backlog does not hold it either
+    off = gate(clock, lag=0, backlog=0)
+    assert not off.enabled
+    assert off.update(60.0, 10**9) is None
+
+
+def test_failed_listener_changes_are_undone() -> None:
+    clock = Clock()
+    g = gate(clock)
+    assert g.update(0.2, 0) == PAUSE
+    g.resume_failed_pause()  # the socket could not stop listening: it still listens
+    assert not g.paused and g.pauses == 0
+    assert g.update(0.2, 0) == PAUSE
+    clock.now += 0.05
+    assert g.update(0.0, 0) == RESUME
+    g.retry_resume()  # listen() failed: still paused, the next try after another min_pause
+    assert g.paused and g.paused_seconds == 0.0
+    assert g.update(0.0, 0) is None
+    clock.now += 0.05
+    assert g.update(0.0, 0) == RESUME and g.last_pause == pytest.approx(0.1)
+
+
+def test_a_call_shed_for_its_wait_stops_the_listener_until_the_signals_recover() -> None:
+    clock = Clock()
+    g = gate(clock)
+    assert g.overflowing() == PAUSE and g.pauses == 1
+    assert g.overflowing() is None  # already stopped
+    clock.now += 0.01
+    assert g.update(0.0, 0) is None  # the minimum pause holds
+    clock.now += 0.04
+    assert g.update(0.0, 0) == RESUME
+    assert gate(clock, lag=0, backlog=0).overflowing() is None  # listener stops turned off

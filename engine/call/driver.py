@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import gevent
 
@@ -41,7 +42,7 @@ from engine.metrics import EngineMetrics
 from engine.model import CallRequest
 from engine.rules.config import RulesConfig
 from engine.rules.text import show
-from engine.shedding import LoadShedder
+from engine.shedding import PAUSE, RESUME, SHED_WAIT, ListenGate, LoadShedder
 
 __all__ = ["CallHandler", "CallRecord", "call_request"]
 
@@ -73,6 +74,14 @@ DecideFn = Callable[[CallRequest], Decision]
 EndHook = Callable[[CallRecord], None]
 # (the call, whether a rejected call's decision may hold a funds reservation)
 BillHook = Callable[[CallRecord, bool], None]
+
+
+class Listener(Protocol):
+    """What the handler needs of the server to stop and resume listening (engine.esl.server)."""
+
+    def stop_listening(self) -> int: ...
+
+    def listen_again(self) -> None: ...
 
 
 class _HangupHeaders(Mapping[str, str]):
@@ -150,37 +159,107 @@ class CallHandler:
         self._in_flight = 0
         # Load shedding (engine.shedding): the greenlets of the calls not decided yet, and the
         # event-loop lag monitor, which runs while calls are up.
-        self._shedder = LoadShedder(max_lag=engine.shed_loop_lag, max_backlog=engine.shed_backlog)
+        self._shedder = LoadShedder(
+            max_lag=engine.shed_loop_lag,
+            max_backlog=engine.shed_backlog,
+            max_wait=engine.shed_accept_wait,
+        )
         self._undecided: set[object] = set()
         self._lag_monitor: gevent.Greenlet | None = None
+        # Stop listening while saturated (engine.shedding.ListenGate), once a server is attached.
+        self._gate = ListenGate(
+            max_lag=engine.shed_loop_lag if engine.shed_stop_listening else 0.0,
+            max_backlog=engine.shed_backlog if engine.shed_stop_listening else 0,
+        )
+        self._listener: Listener | None = None
 
-    def __call__(self, conn: EslConnection, peer: tuple[object, ...]) -> None:
+    def attach_listener(self, listener: Listener) -> None:
+        """The server whose listening the handler stops while the process is saturated."""
+        self._listener = listener
+
+    def __call__(
+        self, conn: EslConnection, peer: tuple[object, ...], accepted_at: float | None = None
+    ) -> None:
         self._metrics.active_calls.inc()
         self._in_flight += 1
         me = gevent.getcurrent()
         self._undecided.add(me)
-        if self._shedder.max_lag and (self._lag_monitor is None or self._lag_monitor.dead):
+        if (self._shedder.max_lag or self._gate.enabled) and (
+            self._lag_monitor is None or self._lag_monitor.dead
+        ):
             self._shedder.restart()
-            self._lag_monitor = gevent.spawn(self._shedder.run_lag_monitor, gevent.sleep, self._busy)
+            self._lag_monitor = gevent.spawn(
+                self._shedder.run_lag_monitor, gevent.sleep, self._busy, self._check_listener
+            )
         try:
-            _Call(self, conn, peer).run()
+            _Call(self, conn, peer, time.monotonic() if accepted_at is None else accepted_at).run()
         finally:
             self._undecided.discard(me)
             self._in_flight -= 1
             self._metrics.active_calls.dec()
 
     def _busy(self) -> bool:
-        return self._in_flight > 0
+        return self._in_flight > 0 or self._gate.paused
+
+    def _check_listener(self) -> None:
+        """After each lag-monitor tick: stop or resume listening (engine.shedding.ListenGate)."""
+        listener = self._listener
+        if listener is None or not self._gate.enabled:
+            return
+        self._change_listener(self._gate.update(self._shedder.lag(), len(self._undecided)))
+
+    def _change_listener(self, change: str | None, why: str = "") -> None:
+        listener = self._listener
+        if listener is None or change is None:
+            return
+        lag, backlog = self._shedder.lag(), len(self._undecided)
+        if change == PAUSE:
+            try:
+                taken = listener.stop_listening()
+            except OSError:
+                log.exception("stopping the listener failed; still listening")
+                self._gate.resume_failed_pause()
+                return
+            self._metrics.listener_stopped()
+            log.warning(
+                "saturated: stopped listening (%sevent loop %.0f ms behind, %d calls waiting for "
+                "their decision; %d queued connections taken first); new connections are refused "
+                "until it recovers",
+                why,
+                lag * 1000,
+                backlog,
+                taken,
+            )
+        elif change == RESUME:
+            try:
+                listener.listen_again()
+            except OSError:
+                log.exception("listening again failed; retrying")
+                self._gate.retry_resume()
+                return
+            paused = self._gate.last_pause
+            self._metrics.listener_resumed(paused)
+            log.warning(
+                "recovered: listening again after %.3f s (event loop %.0f ms behind, %d calls waiting)",
+                paused,
+                lag * 1000,
+                backlog,
+            )
 
     # What _Call needs of the handler --------------------------------------------------------
 
-    def decide(self, request: CallRequest) -> tuple[Decision, bool]:
-        """(decision, whether the limits may hold slots for the call)."""
+    def decide(self, request: CallRequest, accepted_at: float | None = None) -> tuple[Decision, bool]:
+        """(decision, whether the limits may hold slots for the call); ``accepted_at``: the
+        monotonic time the call's connection was accepted (load shedding)."""
         self._undecided.discard(gevent.getcurrent())
         if self._in_flight > self._config.engine.max_connections:
             return Reject(Reason.ENGINE_DEGRADED, detail="over engine.max_connections"), False
-        shed = self._shedder.verdict(len(self._undecided))
+        waited = 0.0 if accepted_at is None else time.monotonic() - accepted_at
+        shed = self._shedder.verdict(len(self._undecided), waited)
         if shed is not None:  # saturated: refuse before the rules and the limits cost anything
+            if shed == SHED_WAIT and self._listener is not None:
+                why = f"a call waited {waited * 1000:.0f} ms since its accept, "
+                self._change_listener(self._gate.overflowing(), why)
             return Reject(Reason.ENGINE_DEGRADED, detail=shed), False
         return self._decide_within_deadline(request)
 
@@ -226,10 +305,22 @@ class CallHandler:
 class _Call:
     """One connection: runs the session's actions until it finishes."""
 
-    __slots__ = ("_conn", "_deadlines", "_handler", "_peer", "_session", "_timer", "_timer_for")
+    __slots__ = (
+        "_accepted_at",
+        "_conn",
+        "_deadlines",
+        "_handler",
+        "_peer",
+        "_session",
+        "_timer",
+        "_timer_for",
+    )
 
-    def __init__(self, handler: CallHandler, conn: EslConnection, peer: tuple[object, ...]) -> None:
+    def __init__(
+        self, handler: CallHandler, conn: EslConnection, peer: tuple[object, ...], accepted_at: float
+    ) -> None:
         self._handler = handler
+        self._accepted_at = accepted_at
         self._conn = conn
         self._peer = peer
         self._session = CallSession(handler._settings, handler._sip_response)
@@ -292,7 +383,7 @@ class _Call:
 
     def _decide(self, request: CallRequest) -> list[Action]:
         started = time.perf_counter()
-        decision, holds_slots = self._handler.decide(request)
+        decision, holds_slots = self._handler.decide(request, self._accepted_at)
         actions = self._session.decided(decision, holds_slots=holds_slots)
         # The decision is written by the first action: observe it once it has left.
         self._apply(actions[:1])

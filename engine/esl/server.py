@@ -7,14 +7,22 @@ single write leaves at once.
 An optional allow-list of source networks is enforced at accept: a connection from
 elsewhere is closed at once, before a byte is read or written, and reported to
 ``on_refused`` (anyone who can reach the port could otherwise hold calls' resources).
+
+Each connection is handed over with the monotonic time of its accept, so that the call can
+tell how long it waited for the CPU before its decision step (engine.shedding). While the
+process is saturated the server can stop listening (:meth:`CallServer.stop_listening`): the
+kernel then answers FreeSWITCH's SYN with a RST, and FreeSWITCH tries its next engine at once.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 from gevent.server import StreamServer
 
@@ -22,7 +30,11 @@ from engine.esl.connection import EslConnection
 
 log = logging.getLogger("callgate.server")
 
-Handler = Callable[[EslConnection, tuple[object, ...]], None]
+
+class Handler(Protocol):
+    def __call__(self, conn: EslConnection, peer: tuple[object, ...], accepted_at: float) -> None: ...
+
+
 RefusedHook = Callable[[tuple[object, ...]], None]
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 LISTEN_BACKLOG = 4096
@@ -63,6 +75,14 @@ def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socke
     return sock
 
 
+class _TimedStreamServer(StreamServer):  # type: ignore[misc]
+    """gevent's StreamServer, handing the monotonic accept time to the handler as well."""
+
+    def do_read(self) -> tuple[Any, Any, float] | None:
+        accepted = super().do_read()
+        return None if not accepted else (*accepted, time.monotonic())
+
+
 class CallServer:
     def __init__(
         self,
@@ -77,9 +97,13 @@ class CallServer:
         self._max_frame_bytes = max_frame_bytes
         self._allowed = allowed  # empty: every source may connect
         self._on_refused = on_refused
-        self._server = StreamServer(listener, self._accept)
+        self._listener = listener
+        self._address = listener.getsockname()
+        self._server = _TimedStreamServer(listener, self._accept)
+        self.listening = True
+        self._stopped = False
 
-    def _accept(self, sock: socket.socket, peer: tuple[object, ...]) -> None:
+    def _accept(self, sock: socket.socket, peer: tuple[object, ...], accepted_at: float) -> None:
         if self._allowed and not peer_allowed(peer, self._allowed):
             sock.close()
             if self._on_refused is not None:
@@ -88,15 +112,56 @@ class CallServer:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = EslConnection(sock, self._max_frame_bytes)
         try:
-            self._handler(conn, peer)
+            self._handler(conn, peer, accepted_at)
         finally:
             conn.close()
 
     def start(self) -> None:
         self._server.start()
 
+    def stop_listening(self) -> int:
+        """Refuse new connections until :meth:`listen_again`; returns how many were taken first.
+
+        The connections the kernel has already completed are accepted and handled as usual
+        first: ``shutdown()`` of a listening socket resets every connection still in its accept
+        queue, and FreeSWITCH treats a reset after a successful ``connect()`` as a silent engine
+        (the caller waits for the dialplan's park_timeout). Then the socket stops listening: a
+        SYN gets a RST (connection refused), and with SO_REUSEPORT the socket leaves the group,
+        so the kernel gives new connections to the host's other engine processes. The socket
+        keeps its port (bound explicitly) and its file descriptor.
+        """
+        if not self.listening or self._stopped:
+            return 0
+        self._server.stop_accepting()
+        taken = 0
+        while True:  # no yield between the last accept and the shutdown: nothing completes unseen
+            accepted = self._server.do_read()
+            if not accepted:
+                break
+            self._server.do_handle(*accepted)
+            taken += 1
+        self._listener.shutdown(socket.SHUT_RD)
+        self.listening = False
+        return taken
+
+    def listen_again(self) -> None:
+        """Listen (and accept) again after :meth:`stop_listening`."""
+        if self.listening or self._stopped:  # stopped: the socket is closed for good
+            return
+        try:
+            # A port the kernel chose (bound to port 0: tests) is released by the shutdown; an
+            # explicitly bound one is kept, and binding it again fails with EINVAL.
+            self._listener.bind(self._address)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+        self._listener.listen(LISTEN_BACKLOG)
+        self._server.start_accepting()
+        self.listening = True
+
     def serve_forever(self) -> None:
         self._server.serve_forever()
 
     def stop(self, timeout: float | None = None) -> None:
+        self._stopped = True
         self._server.stop(timeout=timeout)

@@ -85,7 +85,7 @@ def test_a_call_arriving_on_a_stuck_hub_is_shed_without_deciding() -> None:
 
 def test_shedding_off_decides_even_on_a_stuck_hub() -> None:
     decided: list[CallRequest] = []
-    handler = handler_with(decided, shed_loop_lag="0", shed_backlog="0")
+    handler = handler_with(decided, shed_loop_lag="0", shed_backlog="0", shed_accept_wait="0")
     assert b"DESTINATION_BLOCKED" in one_call(handler, block_hub=0.4)
     assert len(decided) == 1 and handler._lag_monitor is None
 
