@@ -78,3 +78,54 @@ def test_a_pipeline_returns_every_reply_in_order_with_errors_inline(redis_url: s
     assert isinstance(replies[1], redis.exceptions.NoScriptError)
     assert direct.execute(("GET", key)) == b"2"  # the connection stayed in step
     direct.close()
+
+
+def _redis_py_bytes(args: tuple[object, ...], **encoding: str) -> bytes:
+    connection = redis.Connection(**encoding)
+    return b"".join(connection.pack_command(*args))
+
+
+def test_plain_arguments_are_packed_to_the_same_bytes_as_redis_py() -> None:
+    """The hiredis shortcut (no per-argument encode in Python) changes no byte on the wire."""
+    import random
+
+    direct = DirectConnections(redis.Connection, {}, size=1, checkout_timeout=0.5)
+    assert direct._hiredis_pack is not None
+    rng = random.Random(7)
+    pieces: list[object] = [
+        "EVALSHA",
+        "",
+        "k:1",
+        "caf\u00e9",
+        "\u2603" * 3,
+        b"",
+        b"\x00\xff",
+        0,
+        -1,
+        2**70,
+        -(2**63),
+    ]
+    cases: list[tuple[object, ...]] = [
+        (rng.choice(["EVALSHA", "caf\u00e9", ""]), *(rng.choice(pieces) for _ in range(rng.randint(0, 60))))
+        for _ in range(300)
+    ]
+    cases += [("SCRIPT LOAD", "return 1"), ("SET", 1.5, True), ("GET", memoryview(b"k")), ("SET", "k", None)]
+    for args in cases:
+        try:
+            expected: object = _redis_py_bytes(args)
+        except redis.DataError as exc:
+            expected = exc
+        try:
+            got: object = b"".join(direct._pack(redis.Connection(), args))
+        except redis.DataError as exc:
+            got = exc
+        assert type(got) is type(expected) and str(got) == str(expected), args
+
+
+def test_another_encoding_keeps_redis_py_s_packer() -> None:
+    direct = DirectConnections(redis.Connection, {"encoding": "latin-1"}, size=1, checkout_timeout=0.5)
+    assert direct._hiredis_pack is None
+    args = ("SET", "caf\u00e9", 1)
+    assert b"".join(direct._pack(redis.Connection(encoding="latin-1"), args)) == _redis_py_bytes(
+        args, encoding="latin-1"
+    )

@@ -36,6 +36,31 @@ from datetime import UTC, datetime
 
 _ARRAY = "ARRAY::"
 
+#: Every header :func:`parse_hangup` reads (a CHANNEL_HANGUP_COMPLETE carries ~280): the engine
+#: picks only these out of the event (engine.esl.protocol.HeaderPicker) instead of splitting
+#: them all. tests/billing/test_hangup.py fails when parse_hangup reads a name not listed here.
+HANGUP_HEADERS: tuple[str, ...] = (
+    "Unique-ID",
+    "variable_uuid",
+    "Hangup-Cause",
+    "variable_hangup_cause",
+    "variable_hangup_cause_q850",
+    "variable_sip_hangup_disposition",
+    "variable_sip_term_status",
+    *(f"variable_{moment}_{unit}" for moment in ("start", "answer", "end") for unit in ("uepoch", "epoch")),
+    "variable_billsec",
+    "variable_billmsec",
+    "variable_duration",
+    "variable_originate_disposition",
+    "variable_originated_legs",
+    "variable_last_bridge_to",
+    "variable_bridge_uuid",
+    "Caller-Caller-ID-Number",
+    "Caller-Destination-Number",
+    "variable_callgate_account",
+    "variable_callgate_reason",
+)
+
 
 @dataclass(frozen=True, slots=True)
 class CallEnd:

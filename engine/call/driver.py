@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import gevent
 
+from engine.billing.hangup import HANGUP_HEADERS
 from engine.billing.ticket import ticket_keys
 from engine.call.channel import call_request
 from engine.call.session import (
@@ -37,7 +38,7 @@ from engine.call.session import (
 from engine.config import Config
 from engine.decision import Accept, Decision, Reason, Reject
 from engine.esl.connection import EslConnection, PeerGone
-from engine.esl.protocol import Frame, ProtocolError, decode_value
+from engine.esl.protocol import HeaderPicker, ProtocolError
 from engine.metrics import EngineMetrics
 from engine.model import CallRequest
 from engine.rules.config import RulesConfig
@@ -67,7 +68,7 @@ class CallRecord:
     request: CallRequest | None = None
     decision: Decision | None = None
     hangup_cause: str = ""
-    hangup: Mapping[str, str] | None = None  # the decoded CHANNEL_HANGUP_COMPLETE (billing)
+    hangup: Mapping[str, str] | None = None  # the CHANNEL_HANGUP_COMPLETE headers billing reads
 
 
 DecideFn = Callable[[CallRequest], Decision]
@@ -84,44 +85,9 @@ class Listener(Protocol):
     def listen_again(self) -> None: ...
 
 
-class _HangupHeaders(Mapping[str, str]):
-    """A CHANNEL_HANGUP_COMPLETE's headers for billing: split into lines once, each value decoded
-    only when read (billing reads about 25 of ~300; decoding them all costs ~0.5 ms per call).
-    The first of two same-named headers wins and the event's own body is not a header, as in
-    :meth:`Frame.event`."""
-
-    __slots__ = ("_frame", "_raw")
-
-    def __init__(self, frame: Frame) -> None:
-        self._frame = frame
-        self._raw: dict[str, str] | None = None
-
-    def _lines(self) -> dict[str, str]:
-        raw = self._raw
-        if raw is None:
-            body = self._frame.body
-            end = body.find(b"\n\n")
-            head = (body if end < 0 else body[:end]).decode("utf-8", errors="replace")
-            raw = {}
-            for line in head.split("\n"):
-                name, _sep, value = line.partition(": ")
-                if name not in raw:
-                    raw[name] = value.removesuffix("\r")
-            self._raw = raw
-        return raw
-
-    def __getitem__(self, name: str) -> str:
-        return decode_value(self._lines()[name])
-
-    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
-        value = self._lines().get(name)
-        return default if value is None else decode_value(value)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._frame.event())
-
-    def __len__(self) -> int:
-        return len(self._frame.event())
+# The CHANNEL_HANGUP_COMPLETE headers billing reads (~25 of ~280), picked out of the event in
+# one pass (compiled) instead of splitting and decoding the whole block: ~140 -> ~15 us per call.
+_HANGUP_FIELDS = HeaderPicker(HANGUP_HEADERS)
 
 
 class _Expired(Exception):
@@ -438,7 +404,7 @@ class _Call:
         if on_bill is None:
             return
         session = self._session
-        hangup = _HangupHeaders(bill.hangup) if bill.hangup is not None else None
+        hangup = _HANGUP_FIELDS.pick(bill.hangup.body) if bill.hangup is not None else None
         record = CallRecord(self._peer, session.request, session.decision, session.hangup_cause, hangup)
         on_bill(record, bill.may_hold_funds)
 

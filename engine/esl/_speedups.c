@@ -543,6 +543,209 @@ decode_value(PyObject *module, PyObject *raw)
     return result;
 }
 
+/* --------------------------------------------------------------------- header picker */
+
+/* HeaderPicker: protocol.py's PyHeaderPicker (the specification) in one pass over the header
+ * block: each line's name (up to its first ':', which must be followed by a space, since a
+ * picked name holds no ':') is compared with the names of the same length; Python objects
+ * are made only for the values picked. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *names;             /* tuple of str (ASCII, validated) */
+    Py_ssize_t count;
+    Py_ssize_t *lengths;         /* byte length of each name */
+    unsigned char has_length[256]; /* 1 when some name is that long */
+} Picker;
+
+static PyObject *decode_value(PyObject *module, PyObject *raw);
+
+static int
+pickable_name(PyObject *name)
+{
+    if (!PyUnicode_Check(name)) {
+        PyErr_Format(PyExc_TypeError, "header names are str, not %s", Py_TYPE(name)->tp_name);
+        return 0;
+    }
+    Py_ssize_t n = PyUnicode_GET_LENGTH(name);
+    int ok = PyUnicode_IS_ASCII(name) && n >= 1 && n <= 255;
+    const char *s = ok ? (const char *)PyUnicode_DATA(name) : NULL;
+    for (Py_ssize_t i = 0; ok && i < n; i++)
+        ok = s[i] >= '!' && s[i] <= '~' && s[i] != ':';
+    if (!ok)
+        PyErr_Format(PyExc_ValueError, "invalid header name: %R", name);
+    return ok;
+}
+
+static int
+Picker_init(Picker *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwnames[] = {"names", NULL};
+    PyObject *names;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O:HeaderPicker", kwnames, &names))
+        return -1;
+    /* dict.fromkeys(names): validated, duplicates dropped, order kept (as the Python twin). */
+    PyObject *iterator = PyObject_GetIter(names);
+    if (iterator == NULL)
+        return -1;
+    PyObject *unique = PyDict_New();
+    if (unique == NULL) {
+        Py_DECREF(iterator);
+        return -1;
+    }
+    PyObject *item;
+    while ((item = PyIter_Next(iterator)) != NULL) {
+        int ok = pickable_name(item) && PyDict_SetItem(unique, item, Py_None) == 0;
+        Py_DECREF(item);
+        if (!ok)
+            break;
+    }
+    Py_DECREF(iterator);
+    if (PyErr_Occurred()) {
+        Py_DECREF(unique);
+        return -1;
+    }
+    PyObject *keys = PyDict_Keys(unique);
+    Py_DECREF(unique);
+    if (keys == NULL)
+        return -1;
+    PyObject *tuple = PyList_AsTuple(keys);
+    Py_DECREF(keys);
+    if (tuple == NULL)
+        return -1;
+    Py_ssize_t count = PyTuple_GET_SIZE(tuple);
+    Py_ssize_t *lengths = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(count ? count : 1));
+    if (lengths == NULL) {
+        Py_DECREF(tuple);
+        PyErr_NoMemory();
+        return -1;
+    }
+    memset(self->has_length, 0, sizeof(self->has_length));
+    for (Py_ssize_t i = 0; i < count; i++) {
+        lengths[i] = PyUnicode_GET_LENGTH(PyTuple_GET_ITEM(tuple, i));
+        self->has_length[lengths[i]] = 1;
+    }
+    Py_XSETREF(self->names, tuple);
+    PyMem_Free(self->lengths);
+    self->lengths = lengths;
+    self->count = count;
+    return 0;
+}
+
+static PyObject *
+Picker_pick(Picker *self, PyObject *data)
+{
+    if (self->names == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "HeaderPicker not initialised");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t count = self->count;
+    /* value span of each name, -1 while not found */
+    Py_ssize_t small[2 * 32];
+    Py_ssize_t *spans = count <= 32 ? small : PyMem_Malloc(sizeof(Py_ssize_t) * 2 * (size_t)count);
+    PyObject *found = NULL;
+    if (spans == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < count; j++)
+        spans[2 * j] = -1;
+    const char *p = view.buf;
+    Py_ssize_t n = view.len;
+    Py_ssize_t missing = count;
+    Py_ssize_t line = 0;
+    while (line < n && missing > 0) {
+        const char *nl = memchr(p + line, '\n', (size_t)(n - line));
+        Py_ssize_t stop = nl ? nl - p : n;
+        /* The block ends at a blank line (or a lone CR) that a newline ends and one precedes:
+         * the first match of the Python twin's \n\r?\n. */
+        if (nl != NULL && line > 0 && (stop == line || (stop == line + 1 && p[line] == '\r')))
+            break;
+        const char *colon = memchr(p + line, ':', (size_t)(stop - line));
+        if (colon != NULL && colon + 1 < p + stop && colon[1] == ' ') {
+            Py_ssize_t length = colon - (p + line);
+            if (length < 256 && self->has_length[length]) {
+                for (Py_ssize_t j = 0; j < count; j++) {
+                    if (self->lengths[j] != length || spans[2 * j] >= 0)
+                        continue;
+                    PyObject *name = PyTuple_GET_ITEM(self->names, j);
+                    if (memcmp(PyUnicode_DATA(name), p + line, (size_t)length) != 0)
+                        continue;
+                    Py_ssize_t value = line + length + 2;
+                    spans[2 * j] = value;
+                    spans[2 * j + 1] = (stop > value && p[stop - 1] == '\r') ? stop - 1 : stop;
+                    missing--;
+                    break;
+                }
+            }
+        }
+        line = stop + 1;
+    }
+    found = PyDict_New();
+    if (found == NULL)
+        goto done;
+    for (Py_ssize_t j = 0; j < count; j++) {
+        if (spans[2 * j] < 0)
+            continue;
+        PyObject *raw = decode(p + spans[2 * j], spans[2 * j + 1] - spans[2 * j]);
+        PyObject *value = raw ? decode_value(NULL, raw) : NULL;
+        Py_XDECREF(raw);
+        if (value == NULL || PyDict_SetItem(found, PyTuple_GET_ITEM(self->names, j), value) < 0) {
+            Py_XDECREF(value);
+            Py_CLEAR(found);
+            goto done;
+        }
+        Py_DECREF(value);
+    }
+done:
+    if (spans != NULL && spans != small)
+        PyMem_Free(spans);
+    PyBuffer_Release(&view);
+    return found;
+}
+
+static PyObject *
+Picker_names(Picker *self, void *closure)
+{
+    if (self->names == NULL)
+        return PyTuple_New(0);
+    return Py_NewRef(self->names);
+}
+
+static void
+Picker_dealloc(Picker *self)
+{
+    Py_CLEAR(self->names);
+    PyMem_Free(self->lengths);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Picker_methods[] = {
+    {"pick", (PyCFunction)Picker_pick, METH_O,
+     "pick(body) -> {name: decoded value} of the names present in the event's header block."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Picker_getset[] = {
+    {"names", (getter)Picker_names, NULL, "The names picked, in order.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject PickerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "engine.esl._speedups.HeaderPicker",
+    .tp_doc = "A few named headers of serialized events (compiled twin of PyHeaderPicker).",
+    .tp_basicsize = sizeof(Picker),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Picker_init,
+    .tp_dealloc = (destructor)Picker_dealloc,
+    .tp_methods = Picker_methods,
+    .tp_getset = Picker_getset,
+};
+
 static PyObject *
 setup(PyObject *module, PyObject *args)
 {
@@ -577,7 +780,7 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
-    if (PyType_Ready(&ParserType) < 0)
+    if (PyType_Ready(&ParserType) < 0 || PyType_Ready(&PickerType) < 0)
         return NULL;
     str_content_length = PyUnicode_InternFromString("Content-Length");
     str_content_type = PyUnicode_InternFromString("Content-Type");
@@ -589,7 +792,8 @@ PyInit__speedups(void)
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(module, "EslParser", (PyObject *)&ParserType) < 0) {
+    if (PyModule_AddObjectRef(module, "EslParser", (PyObject *)&ParserType) < 0
+        || PyModule_AddObjectRef(module, "HeaderPicker", (PyObject *)&PickerType) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -1,6 +1,6 @@
 """Type stub of the compiled twin of engine.esl.protocol's framer (engine/esl/_speedups.c)."""
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from engine.esl.protocol import Frame
 
@@ -11,6 +11,12 @@ class EslParser:
     @property
     def _scan(self) -> int: ...
     def feed(self, data: bytes) -> list[Frame]: ...
+
+class HeaderPicker:
+    def __init__(self, names: Iterable[str]) -> None: ...
+    @property
+    def names(self) -> tuple[str, ...]: ...
+    def pick(self, body: bytes | bytearray | memoryview) -> dict[str, str]: ...
 
 def decode_value(raw: str) -> str: ...
 def setup(

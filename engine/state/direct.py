@@ -21,7 +21,17 @@ from typing import Any
 import redis
 from gevent.lock import BoundedSemaphore
 
+try:  # a dependency of callgate; guarded so that a missing wheel costs speed, not the engine
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - hiredis is installed wherever callgate is
+    _hiredis_pack = None  # type: ignore[assignment]
+
 __all__ = ["DirectConnections"]
+
+# Argument types hiredis packs exactly as redis-py's encoder does (UTF-8 text, bytes as they
+# are, ints in decimal); anything else (float, bool, None, memoryview...) goes through redis-py,
+# which raises its own errors for what Redis cannot take.
+_PLAIN_ARGS = frozenset({str, bytes, int})
 
 
 class DirectConnections:
@@ -43,6 +53,11 @@ class DirectConnections:
             raise ValueError(f"size must be >= 1, not {size}")
         self._connection_class = connection_class
         self._kwargs = dict(connection_kwargs)
+        # The limits acquire has ~50 arguments: redis-py encodes each in Python (~1 us apiece)
+        # before hiredis packs them; hiredis alone packs them in C. Only for the default
+        # encoding, where the bytes are provably the same (tests/test_direct_redis.py).
+        encoding = (self._kwargs.get("encoding", "utf-8"), self._kwargs.get("encoding_errors", "strict"))
+        self._hiredis_pack = _hiredis_pack if encoding == ("utf-8", "strict") else None
         self._slots = BoundedSemaphore(size)
         self._idle: list[redis.Connection] = []
         self._checkout_timeout = checkout_timeout
@@ -68,16 +83,34 @@ class DirectConnections:
         return replies
 
     # redis-py's Connection methods carry no annotations: connections are handled as Any.
+    def _pack(self, connection: Any, args: Sequence[Any]) -> list[bytes]:
+        """The command's bytes (as pieces): hiredis straight from the arguments when they are
+        plain, else redis-py's packer (which also splits the first argument at whitespace:
+        "SCRIPT LOAD" is two arguments, "" none; a command name of letters is left as it is)."""
+        pack = self._hiredis_pack
+        name = args[0] if args else None
+        if (
+            pack is not None
+            and type(name) is str
+            and name.isalpha()
+            and _PLAIN_ARGS.issuperset(map(type, args))
+        ):
+            return [pack(tuple(args))]
+        pieces: list[bytes] = connection.pack_command(*args)
+        return pieces
+
     def _execute(self, args: Sequence[Any]) -> Any:
         def exchange(connection: Any) -> Any:
-            connection.send_packed_command(connection.pack_command(*args), check_health=False)
+            connection.send_packed_command(self._pack(connection, args), check_health=False)
             return connection.read_response()
 
         return self._on_a_connection(exchange)
 
     def _pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         def exchange(connection: Any) -> list[Any]:
-            connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+            # One write for the whole pipeline (redis-py's pack_commands also joins small pieces).
+            packed = b"".join(piece for args in commands for piece in self._pack(connection, args))
+            connection.send_packed_command([packed], check_health=False)
             replies: list[Any] = []
             for _ in commands:
                 try:

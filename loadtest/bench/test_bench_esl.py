@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from engine.billing.hangup import HANGUP_HEADERS, parse_hangup
 from engine.call.channel import call_request
-from engine.esl.protocol import EslParser, PyEslParser, parse_event_body
+from engine.esl.protocol import EslParser, Frame, PyEslParser, PyHeaderPicker, parse_event_body
 from loadtest.driver import _Call, split_frames
 
 MYEVENTS = _Call.MYEVENTS
@@ -109,3 +110,64 @@ def test_driver_split_frames_reference(benchmark, fs_library) -> None:
     data = _accepted_call_events(fs_library)
     frames, rest = benchmark(lambda: split_frames(data))
     assert len(frames) == 43 and rest == b""
+
+
+# Round 3: the hangup side. Billing reads ~25 of CHANNEL_HANGUP_COMPLETE's ~280 headers.
+
+try:
+    from engine.esl._speedups import HeaderPicker as CompiledPicker
+except ImportError:
+    CompiledPicker = None  # type: ignore[assignment,misc]
+PICKERS = pytest.mark.parametrize(
+    "picker_class",
+    [pytest.param(PyHeaderPicker, id="python")]
+    + ([pytest.param(CompiledPicker, id="compiled")] if CompiledPicker else []),
+)
+
+
+def _hangup_complete(fs_library) -> Frame:
+    for frame in EslParser().feed(fs_library.burst("bridge_end", MYEVENTS)):
+        if frame.event_name == "CHANNEL_HANGUP_COMPLETE":
+            return frame
+    raise AssertionError("no CHANNEL_HANGUP_COMPLETE in the recorded bridge end")
+
+
+def test_hangup_split_every_header_reference(benchmark, fs_library) -> None:
+    """Before round 3: every header line split into a dict (what the driver did per call)."""
+    body = _hangup_complete(fs_library).body
+
+    def split() -> dict[str, str]:
+        head = body[: body.find(b"\n\n")].decode("utf-8", errors="replace")
+        raw: dict[str, str] = {}
+        for line in head.split("\n"):
+            name, _sep, value = line.partition(": ")
+            if name not in raw:
+                raw[name] = value.removesuffix("\r")
+        return raw
+
+    assert len(benchmark(split)) > 200
+
+
+@PICKERS
+def test_hangup_pick_billing_headers(benchmark, fs_library, picker_class) -> None:
+    """Round 3: only the headers billing reads, picked and decoded."""
+    body = _hangup_complete(fs_library).body
+    picker = picker_class(HANGUP_HEADERS)
+    picked = benchmark(lambda: picker.pick(body))
+    assert parse_hangup(picked).uuid
+
+
+@PICKERS
+def test_hangup_pick_and_parse(benchmark, fs_library, picker_class) -> None:
+    """Picked headers -> CallEnd (the billing facts), what each accepted call's hangup costs
+    before rating."""
+    body = _hangup_complete(fs_library).body
+    picker = picker_class(HANGUP_HEADERS)
+    assert benchmark(lambda: parse_hangup(picker.pick(body))).uuid
+
+
+def test_event_header_on_execute_complete(benchmark, fs_library) -> None:
+    """The session's reads of a CHANNEL_EXECUTE_COMPLETE: Application, then Answer-State."""
+    frame = EslParser().feed(fs_library.burst("execute_pair", MYEVENTS))[1]
+    got = benchmark(lambda: (frame.event_header("Application"), frame.event_header("Answer-State")))
+    assert got[0] == "set"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import ClassVar
 
 import redis
 
@@ -139,17 +140,46 @@ def test_an_accepted_call_without_its_hangup_is_not_billed() -> None:
     assert billing.settlement(CallRequest(uuid="x", destination="44"), accept, None) is None
 
 
-def test_the_drivers_lazy_hangup_headers_read_exactly_what_a_full_decode_reads() -> None:
-    from engine.billing.hangup import parse_hangup
-    from engine.call.driver import _HangupHeaders
+def test_the_picked_hangup_headers_bill_exactly_as_a_full_decode() -> None:
+    """The engine hands billing only HANGUP_HEADERS, picked out of the event (engine.call.driver)."""
+    from engine.billing.hangup import HANGUP_HEADERS, parse_hangup
+    from engine.esl.protocol import HeaderPicker, PyHeaderPicker
     from tests.billing.captures import CAPTURES, frames
 
     checked = 0
     for capture in sorted(CAPTURES.glob("*_wire.txt")):
         for frame in frames(capture.name):
             if frame.event_name == "CHANNEL_HANGUP_COMPLETE":
-                lazy = _HangupHeaders(frame)
-                assert parse_hangup(lazy) == parse_hangup(frame.event())
-                assert dict(lazy) == frame.event() and lazy.get("no-such-header") is None
+                for picker in {HeaderPicker, PyHeaderPicker}:
+                    picked = picker(HANGUP_HEADERS).pick(frame.body)
+                    assert parse_hangup(picked) == parse_hangup(frame.event())
                 checked += 1
     assert checked >= 3
+
+
+def test_parse_hangup_reads_no_header_outside_hangup_headers() -> None:
+    """A name parse_hangup reads but HANGUP_HEADERS lacks would silently read as absent."""
+    from engine.billing.hangup import HANGUP_HEADERS, parse_hangup
+    from tests.billing.captures import CAPTURES, frames
+
+    class Recording(dict[str, str]):
+        read: ClassVar[set[str]] = set()
+
+        def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+            Recording.read.add(name)
+            return super().get(name, default)
+
+        def __getitem__(self, name: str) -> str:
+            Recording.read.add(name)
+            return super().__getitem__(name)
+
+        def __contains__(self, name: object) -> bool:
+            Recording.read.add(str(name))
+            return super().__contains__(name)
+
+    parse_hangup(Recording())  # nothing present: every fallback name is read
+    for capture in sorted(CAPTURES.glob("*_wire.txt")):
+        for frame in frames(capture.name):
+            if frame.event_name == "CHANNEL_HANGUP_COMPLETE":
+                parse_hangup(Recording(frame.event()))
+    assert Recording.read and Recording.read <= set(HANGUP_HEADERS), Recording.read - set(HANGUP_HEADERS)
