@@ -308,6 +308,11 @@ class EngineMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.reconciler_recounts = Counter(
+            "callgate_reconciler_recounts_total",
+            "Live calls the registry of counted calls lacked (acquire lost), counted again",
+            registry=r,
+        )
 
         self._initialise_series()
 

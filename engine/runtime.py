@@ -27,6 +27,7 @@ from engine import gcpolicy
 from engine.billing.funds import Funds
 from engine.billing.live import LiveBilling
 from engine.billing.settler import Settler
+from engine.billing.ticket import ticket_keys
 from engine.call.driver import CallHandler, CallRecord
 from engine.config import Config, rules_config
 from engine.decider import Decider
@@ -36,6 +37,7 @@ from engine.limits_runtime import (
     ReleaseBatcher,
     build_limiter,
     limit_result_observer,
+    recounter_for,
     run_reconciler,
     run_resync,
     switch_addresses,
@@ -292,6 +294,7 @@ class Engine:
                 run_reconciler, self.limiter, self.switches, interval, self.metrics, self.stopping,
                 self.funds.release_calls,  # the reservations of the calls released
                 self.funds.reserved_calls,  # and of calls neither live nor counted
+                recounter_for(self.limiter, self.funds, ticket_keys(self.config.billing.ticket_keys)),
             )  # fmt: skip
         self._events_task = self.tasks.spawn(self.events.run, self.stopping)
         self.tasks.spawn(self.releases.run, self._releases_stop)
