@@ -51,7 +51,7 @@ class EngineSettings:
     # Bound of each packed table's cache of recently built entities, per generation (two
     # generations: at most twice this many per table). Memory against decision CPU: measured in
     # docs/performance.md ("Decision cost"); ~0.5 KB per cached account.
-    entity_cache: int = 65536
+    entity_cache: int = 16384
     gc_young_threshold: int = 5000  # engine.gcpolicy; 0 = CPython's defaults
     gc_full_interval: float = 300.0  # seconds between full collections (with gc_young_threshold > 0)
     # Source networks FreeSWITCH connects from (CIDRs); a connection from elsewhere is closed at

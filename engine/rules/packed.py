@@ -478,7 +478,7 @@ def _rebuild_table(
 # Bound of each table's recent-entity cache (:class:`_Recent`), entities per generation; set
 # from ``engine.entity_cache`` by the engine before it loads (docs/performance.md, "Decision
 # cost": the measured trade of memory against decision CPU).
-ENTITY_CACHE_DEFAULT = 65_536
+ENTITY_CACHE_DEFAULT = 16_384
 _entity_cache_max = ENTITY_CACHE_DEFAULT
 _ENTITY_CACHE_FLOOR = 1024  # small tables: at least this many (a handful of KB, no misses)
 
