@@ -661,6 +661,11 @@ def _connect_tcp(host: str, port: int, timeout: float) -> gsocket.socket:
     sock.settimeout(timeout)
     try:
         sock.connect((host, port))
+    except ConnectionResetError:
+        # Only a completed handshake can be reset: FreeSWITCH's blocking connect() succeeded and
+        # its first read fails ("Socket Error!", no next host). gevent's non-blocking connect
+        # reports the reset instead when it arrives before the connect is checked.
+        return sock
     except OSError:
         sock.close()
         raise
@@ -1601,11 +1606,14 @@ class Channel(EslConnection):
                 self._check_park_timeout()
                 continue
             if not self.controlled:
-                if spec.after_socket and self.async_mode and self.connected and not self._park_emitted:
+                if spec.after_socket and self.async_mode and not self._park_emitted:
                     # The socket closed before any decision was queued. On the real switch the
                     # `socket` app usually entered switch_ivr_park only after the listener had
                     # ended, and the park set CF_CONTROLLED again itself: the call stayed parked
                     # until the guard (3 of 4 tries; the 4th got the dialplan's 503 at once).
+                    # Whether the engine had sent `connect` or not: socket_function waits for the
+                    # listener to finish *or* connect, then parks. A connection reset at accept
+                    # (8 of 8 on the lab) and a frozen engine after the 25 s wait end up here too.
                     self._park()
                     self._orphan_park = True
                 if self._orphan_park and not self._hungup:
