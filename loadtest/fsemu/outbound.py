@@ -2125,9 +2125,17 @@ class Channel(EslConnection):
         try:
             sock = _connect_tcp(self.host, self.port, min(self.timeout, 5.0))
         except OSError as exc:
-            # "Socket Error!": the app returns, the dialplan has nothing after `socket`
+            # "Socket Error!" on every host: the app returns and the dialplan goes on after
+            # `socket` (the shipped dialplan's `respond 503`: 503 in 3 ms on the real switch
+            # with no engine listening); with nothing after it, the call is cleared (480).
             self.result.error = f"connect to {self.host}:{self.port} failed: {exc}"
             self.controlled = False
+            if self.spec.after_socket:
+                app, _, arg = self.spec.after_socket.partition(" ")
+                self._execute(app, arg)
+                if self._hungup:
+                    self._finish_hangup()
+                    return
             self._hungup = True
             self.hangup_cause = "NORMAL_CLEARING"
             self.result.hangup_cause = "NORMAL_CLEARING"

@@ -336,3 +336,16 @@ def test_the_shipped_dialplan_lets_a_long_failed_bridge_keep_its_cause(engine: E
     assert result.error is None
     assert result.hangup_cause == "NO_ANSWER" and result.sip_response == (480, "Temporarily Unavailable")
     assert result.channel_variables["callgate_reason"] == "ROUTES_FAILED"
+
+
+def test_a_refused_connection_runs_the_dialplan_after_socket_at_once() -> None:
+    """No engine listening (or one that stopped listening to shed load): FreeSWITCH's connect
+    is refused, the `socket` app returns and the dialplan's `respond 503` runs at once (the
+    lab's engine-down case: 503 in 3 ms). The guard never fires."""
+    probe = socket.create_server(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens on the port any more
+    result = place_call("127.0.0.1", port, guarded(), timeout=10)
+    assert not result.connected and result.error
+    assert result.sip_response == (503, "Service Unavailable")
+    assert result.hangup_after is not None and result.hangup_after < GUARD / 2
