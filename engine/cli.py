@@ -34,12 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--json", action="store_true", help="with --status: machine-readable output")
 
     reconcile = commands.add_parser(
-        "reconcile", help="release counted calls that no FreeSWITCH lists (limits.switches, or --switch)"
+        "reconcile",
+        help="release counted calls that no FreeSWITCH lists, re-count live ones the registry lacks"
+        " (limits.switches, or --switch)",
     )
     reconcile.add_argument(
         "--switch", action="append", default=[], help="host:port of an inbound event socket"
     )
-    reconcile.add_argument("--grace", type=float, default=5.0, help="keep calls admitted this recently")
+    reconcile.add_argument(
+        "--grace", type=float, default=5.0, help="leave calls admitted this recently (seconds) as they are"
+    )
 
     serve = commands.add_parser("serve", help="run the engine (FreeSWITCH outbound event socket)")
     serve.add_argument("--host", help="override engine.listen_host")
@@ -161,8 +165,10 @@ def _reconcile(args: argparse.Namespace, config: Config) -> int:
     import dataclasses
 
     from engine.billing.funds import Funds
+    from engine.billing.ticket import ticket_keys
     from engine.limits_runtime import switch_addresses
     from engine.reconcile import reconcile
+    from engine.recount import Recounter
     from engine.state.limits import Limiter
     from engine.state.redisconn import redis_client
 
@@ -178,16 +184,19 @@ def _reconcile(args: argparse.Namespace, config: Config) -> int:
         print("callgate: no switches to list (set limits.switches or pass --switch)", file=sys.stderr)
         return EXIT_USAGE
     client = redis_client(config.redis, socket_timeout=10)
-    funds = Funds(client, config.redis.key_prefix)
+    funds = Funds(client, config.redis.key_prefix, margin_seconds=config.limits.margin_seconds)
+    limiter = Limiter(client, config.redis.key_prefix, margin_seconds=config.limits.margin_seconds)
     try:
         # The reservations of the calls released go back too, as in the engine's own reconciler:
         # without it a run from the command line freed the slots and left the funds locked.
         report = reconcile(
-            Limiter(client, config.redis.key_prefix),
+            limiter,
             switches,
             grace_seconds=args.grace,
             release_funds=funds.release_calls,
             reserved_calls=funds.reserved_calls,
+            # and the live calls whose acquire was lost (a Redis failover) are counted again
+            recounter=Recounter(limiter, funds, ticket_keys=ticket_keys(config.billing.ticket_keys)),
         )
     finally:
         client.close()
@@ -197,7 +206,9 @@ def _reconcile(args: argparse.Namespace, config: Config) -> int:
     print(
         f"{report.counted} counted calls, {report.live_channels} live channels on "
         f"{report.switches} switch(es); released {len(report.released)}, kept {report.kept} recent; "
-        f"{len(report.funds_only)} reservations of calls neither live nor counted given back"
+        f"{len(report.funds_only)} reservations of calls neither live nor counted given back; "
+        f"recounted {len(report.recounted)} live calls the registry lacked"
+        f" ({report.unrecountable} uncounted live calls without a usable ticket)"
     )
     for error in report.errors:  # the slots were released; a funds failure is only reported
         print(f"callgate: {error}", file=sys.stderr)

@@ -11,9 +11,11 @@ import gevent.event
 import gevent.lock
 import redis
 
+from engine.billing.funds import Funds
 from engine.config import Config, LimitsSettings, parse_switch_address
 from engine.metrics import EngineMetrics
 from engine.reconcile import ReconcileReport, SwitchAddress, reconcile
+from engine.recount import Recounter
 from engine.state.direct import DirectConnections
 from engine.state.limits import FailOpenLimiter, Limiter, LimitResult, LimitsBackend, LimitsUnavailable
 
@@ -223,17 +225,38 @@ def run_reconciler(
     stop: gevent.event.Event,
     release_funds: Callable[[list[str]], object] | None = None,
     reserved_calls: Callable[[], Iterable[str]] | None = None,
+    recounter: Recounter | None = None,
 ) -> None:
     while not stop.wait(interval):
-        report = reconcile(limiter, switches, release_funds=release_funds, reserved_calls=reserved_calls)
+        report = reconcile(
+            limiter, switches, release_funds=release_funds, reserved_calls=reserved_calls, recounter=recounter
+        )
         log_report(report)
         metrics.reconciler_removals.inc(len(report.released))
+        metrics.reconciler_recounts.inc(len(report.recounted))
+
+
+def recounter_for(limiter: LimitsBackend, funds: Funds | None, ticket_keys: tuple[bytes, ...]) -> Recounter:
+    """The re-counting of lost acquires, on the Redis limiter (a fail-open wrapper's own)."""
+    redis_limiter = limiter.limiter if isinstance(limiter, FailOpenLimiter) else limiter
+    if not isinstance(redis_limiter, Limiter):
+        raise TypeError(f"cannot re-count with {type(redis_limiter).__name__}")
+    return Recounter(redis_limiter, funds, ticket_keys=ticket_keys)
 
 
 def log_report(report: ReconcileReport) -> None:
     if not report.ran:
         log.warning("reconciliation skipped: %s", "; ".join(report.errors) or "no data")
-    elif report.released:
+        return
+    if report.released:
         log.warning("reconciliation released %d counted calls no switch knows", len(report.released))
-    else:
+    if report.recounted:
+        log.warning(
+            "reconciliation re-counted %d live calls the registry lacked (acquires lost, e.g. in a "
+            "Redis failover)",
+            len(report.recounted),
+        )
+    if report.errors:
+        log.warning("reconciliation incomplete: %s", "; ".join(report.errors))
+    if not report.released and not report.recounted:
         log.info("reconciliation: %d counted calls, all live", report.counted)

@@ -89,6 +89,9 @@ LIMIT_LEVELS = tuple(level.value for level in LevelKind)
 LIMIT_KINDS = tuple(kind.value for kind in LimitKind)
 FAIL_OPEN_OUTCOMES = ("admitted", "refused")
 SNAPSHOT_UPDATE_KINDS = ("full", "change")
+# Greenlets of the engine, by what they run: one per outbound-socket connection, and the
+# process's background tasks (snapshot watcher, release batcher, settler, event publisher...).
+GREENLET_KINDS = ("connection", "background")
 # Redis round trips, by what they are for.
 REDIS_OPERATIONS = ("limits", "release", "snapshot", "reconcile", "resync", "ping")
 
@@ -297,6 +300,19 @@ class EngineMetrics:
         self.reconciler_removals = Counter(
             "callgate_reconciler_removals_total", "Counted calls no FreeSWITCH knew, released", registry=r
         )
+        self.greenlets = Gauge(
+            "callgate_greenlets",
+            "Greenlets alive: one per outbound-socket connection (connection), and the background "
+            "tasks (background); sampled at scrape time",
+            ["kind"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.reconciler_recounts = Counter(
+            "callgate_reconciler_recounts_total",
+            "Live calls the registry of counted calls lacked (acquire lost), counted again",
+            registry=r,
+        )
 
         self._initialise_series()
 
@@ -319,6 +335,8 @@ class EngineMetrics:
         for operation in REDIS_OPERATIONS:
             self.redis_errors.labels(operation)
             self.redis_latency.labels(operation)
+        for kind in GREENLET_KINDS:
+            self.greenlets.labels(kind)
         self.processes.set(1)
         self.build_info.labels(build_version(), platform.python_version()).set(1)
 
@@ -374,6 +392,11 @@ class EngineMetrics:
         self.snapshot_version.set(version if loaded else 0)
         self.snapshot_age.set(min(age, 1e9))
         self.ready.set(1 if ready else 0)
+
+    def set_greenlets(self, *, connections: int, background: int) -> None:
+        """The greenlet census (a soak watches it stay flat: loadtest/soak.py)."""
+        self.greenlets.labels("connection").set(connections)
+        self.greenlets.labels("background").set(background)
 
     def count_snapshot_updates(self, *, full: int, change: int) -> None:
         """Bring callgate_snapshot_updates_total up to the holder's own running counts."""

@@ -17,6 +17,7 @@ from datetime import datetime
 
 import gevent
 import gevent.event
+import gevent.pool
 import redis
 from gevent.pywsgi import WSGIServer
 
@@ -26,6 +27,7 @@ from engine import gcpolicy
 from engine.billing.funds import Funds
 from engine.billing.live import LiveBilling
 from engine.billing.settler import Settler
+from engine.billing.ticket import ticket_keys
 from engine.call.driver import CallHandler, CallRecord
 from engine.config import Config, rules_config
 from engine.decider import Decider
@@ -35,6 +37,7 @@ from engine.limits_runtime import (
     ReleaseBatcher,
     build_limiter,
     limit_result_observer,
+    recounter_for,
     run_reconciler,
     run_resync,
     switch_addresses,
@@ -168,6 +171,9 @@ class Engine:
         )
         handler.attach_listener(self.server)  # stops listening while saturated (engine.shedding)
         self._listener = listener
+        # Every background task of the process runs in this group: its size is the
+        # callgate_greenlets{kind="background"} gauge, counted without walking the heap.
+        self.tasks = gevent.pool.Group()
         self.stopping = gevent.event.Event()
         # Set after the drain, not with `stopping`: calls ending during the drain are still released promptly.
         self._releases_stop = gevent.event.Event()
@@ -219,6 +225,7 @@ class Engine:
         self.metrics.count_snapshot_updates(
             full=self.snapshots.full_loads, change=self.snapshots.changes_applied
         )
+        self.metrics.set_greenlets(connections=self.server.connections, background=len(self.tasks))
 
     def _scrape(self) -> None:
         self.metrics.before_scrape()
@@ -236,7 +243,7 @@ class Engine:
         """Gauges, then the /metrics, /healthz, /readyz endpoint (shared port in multiprocess mode)."""
         self._before_scrape()
         if self.metrics.multiprocess:
-            gevent.spawn(self._refresh_metrics)
+            self.tasks.spawn(self._refresh_metrics)
         settings = self.config.metrics
         if not settings.listen_port:
             return
@@ -278,19 +285,20 @@ class Engine:
         """
         self.load_initial_snapshot()
         self._start_gc_policy()
-        gevent.spawn(self.snapshots.run, self.stopping, self.config.engine.snapshot_poll_interval)
+        self.tasks.spawn(self.snapshots.run, self.stopping, self.config.engine.snapshot_poll_interval)
         if isinstance(self.limiter, FailOpenLimiter):
-            gevent.spawn(run_resync, self.limiter, self.stopping)
+            self.tasks.spawn(run_resync, self.limiter, self.stopping)
         if self.switches:
             interval = self.config.limits.reconcile_interval
-            gevent.spawn(
+            self.tasks.spawn(
                 run_reconciler, self.limiter, self.switches, interval, self.metrics, self.stopping,
                 self.funds.release_calls,  # the reservations of the calls released
                 self.funds.reserved_calls,  # and of calls neither live nor counted
+                recounter_for(self.limiter, self.funds, ticket_keys(self.config.billing.ticket_keys)),
             )  # fmt: skip
-        self._events_task = gevent.spawn(self.events.run, self.stopping)
-        gevent.spawn(self.releases.run, self._releases_stop)
-        self._settler_task = gevent.spawn(self.settler.run, self._releases_stop)
+        self._events_task = self.tasks.spawn(self.events.run, self.stopping)
+        self.tasks.spawn(self.releases.run, self._releases_stop)
+        self._settler_task = self.tasks.spawn(self.settler.run, self._releases_stop)
         self._listener.listen(LISTEN_BACKLOG)  # a no-op but for the backlog if already listening
         self.server.start()
         self.metrics.set_listening(True)
@@ -300,7 +308,7 @@ class Engine:
         settings = self.config.engine
         gcpolicy.apply(settings.gc_young_threshold)
         if settings.gc_young_threshold > 0:
-            gevent.spawn(gcpolicy.run_full_collections, settings.gc_full_interval, self.stopping)
+            self.tasks.spawn(gcpolicy.run_full_collections, settings.gc_full_interval, self.stopping)
 
     def stop(self) -> None:
         self.stopping.set()

@@ -3,9 +3,10 @@
 Per call it does exactly the protocol work callgate cannot avoid, and no more: accept
 the connection (gevent ``StreamServer``, TCP_NODELAY, the same backlog as the engine),
 send ``connect``, wait for the end of the CHANNEL_DATA block (without parsing it), write
-one fixed pipelined decision (``myevents``, ``nixevent``, ``linger``, one ``multiset`` of
-nine variables, ``bridge`` over ten targets: the commands, shape and size of callgate's
-answer for an ordinary accepted call, from ``engine.esl.commands``), then cut
+one fixed pipelined decision (the frozen-engine guard's ``api sched_del``, ``myevents``,
+``nixevent``, ``linger``, one ``multiset`` of ten variables including a signed billing ticket,
+``bridge`` over ten targets: the commands, shape and size of callgate's answer for an
+ordinary accepted call, rendered by ``engine.call.render``), then cut
 FreeSWITCH's output into frames by ``Content-Length`` until CHANNEL_HANGUP_COMPLETE (or a
 non-linger disconnect notice) and close. No Redis, no rules, no decoding of values.
 
@@ -36,7 +37,13 @@ VARIABLES = (
     ("continue_on_fail", "true"),
     ("hangup_after_bridge", "true"),
     ("execute_on_answer", "sched_hangup +6000 alloted_timeout"),
+    # callgate_bill: an ordinary call's signed ticket is ~350 characters of base64url (one
+    # chain level, five routes; engine.billing.ticket); its bytes are what FreeSWITCH reads.
+    ("callgate_bill", "1." + "A" * 300 + "." + "B" * 43),
 )
+# The guard cancel names the channel's UUID; the floor does not parse the CHANNEL_DATA block,
+# so it sends one of the same length (FreeSWITCH answers "+OK Deleted: 0" either way).
+GUARD_UUID = "00000000-0000-4000-8000-000000000000"
 _CODECS = ",absolute_codec_string=^^:PCMU:PCMA"
 DIAL_STRING = "|".join(
     f"[leg_timeout=60{_CODECS if n % 2 else ''}]sofia/gateway/gw{n:03d}{leg}/441234567890"
@@ -48,9 +55,11 @@ DIAL_STRING = "|".join(
 def decision(kind: str = "accept") -> bytes:
     """The fixed decision written for every call, in the engine's own command shapes."""
     if kind == "reject":
-        batch = respond_batch([("callgate_reason", "AUTHENTICATION_FAIL")], 403, "Forbidden")
+        batch = respond_batch(
+            [("callgate_reason", "AUTHENTICATION_FAIL")], 403, "Forbidden", guard_uuid=GUARD_UUID
+        )
     else:
-        batch = bridge_batch(VARIABLES, DIAL_STRING)
+        batch = bridge_batch(list(VARIABLES), DIAL_STRING, guard_uuid=GUARD_UUID)
     return batch.payload
 
 

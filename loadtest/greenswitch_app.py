@@ -2,7 +2,8 @@
 
 A minimal application on greenswitch's ``OutboundESLServer`` (v0.0.19), used the way its
 README shows: the server sends ``connect`` and hands the session to the application, which
-sends ``myevents``, ``nixevent`` and ``linger``, sets the floor's nine variables with one
+cancels the frozen-engine guard (``api sched_del <uuid>``, as the engine does first), sends
+``myevents``, ``nixevent`` and ``linger``, sets the floor's variables with one
 ``call_command('multiset', ...)`` (the engine's commands, engine.esl.commands) and bridges
 to the floor's ten targets, then waits for
 CHANNEL_HANGUP_COMPLETE; greenswitch then sends ``exit`` and closes.
@@ -29,7 +30,7 @@ import gevent.event
 
 from engine.call.render import UNREAD_EVENTS
 from engine.esl.commands import multiset_argument
-from loadtest.floor import DIAL_STRING, VARIABLES
+from loadtest.floor import DIAL_STRING, GUARD_UUID, VARIABLES
 
 HANGUP_TIMEOUT = 4 * 3600.0  # as engine.hangup_timeout
 
@@ -53,6 +54,7 @@ class Authorize:
         session.register_handle("CHANNEL_HANGUP_COMPLETE", self._on_hangup_complete)
         session.register_handle("DISCONNECT", self._on_disconnect)
         try:
+            session.send("api sched_del " + (session.uuid or GUARD_UUID))
             session.myevents()
             session.send("nixevent " + " ".join(UNREAD_EVENTS))
             session.linger()

@@ -66,8 +66,10 @@ def engine_environment(
         CALLGATE_CONFIG=str(ROOT / "config" / "callgate.toml"),
         # Load shedding answers ENGINE_DEGRADED when the hub lags: tests of behaviour on a
         # shared, busy machine turn it off (tests/call/test_shedding_driver.py tests it).
+        # The same for the wait since accept (0.2 s by default), which a loaded CI host exceeds.
         CALLGATE_ENGINE__SHED_LOOP_LAG="0",
         CALLGATE_ENGINE__SHED_BACKLOG="0",
+        CALLGATE_ENGINE__SHED_ACCEPT_WAIT="0",
         CALLGATE_DATABASE_URL=database_url,
         CALLGATE_REDIS_URL=redis_url,
         CALLGATE_REDIS__KEY_PREFIX=key_prefix,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import gevent
+import gevent.event
 import pytest
 from gevent import socket
 
@@ -44,6 +45,38 @@ def test_a_refused_peer_is_closed_before_any_byte_and_reported() -> None:
     finally:
         server.stop()
     assert handled == [] and refused[0][0] == "127.0.0.1"
+
+
+def test_connection_greenlets_are_counted_while_they_run() -> None:
+    """CallServer.connections (callgate_greenlets{kind="connection"}) rises with each
+    connection's greenlet and falls back to 0 when the handlers return, refused ones included."""
+    release = gevent.event.Event()
+    inside: list[object] = []
+
+    def handler(conn: object, peer: object, accepted_at: float) -> None:
+        inside.append(peer)
+        release.wait()
+
+    listener = listening_socket("127.0.0.1", 0)
+    server = CallServer(listener, handler)
+    server.start()
+    clients = []
+    try:
+        for _ in range(3):
+            clients.append(socket.create_connection(listener.getsockname(), timeout=5))
+        with gevent.Timeout(5):
+            while len(inside) < 3:
+                gevent.sleep(0.01)
+        assert server.connections == 3
+        release.set()
+        with gevent.Timeout(5):
+            while server.connections:
+                gevent.sleep(0.01)
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+    assert server.connections == 0
 
 
 def test_refusals_are_logged_at_most_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:

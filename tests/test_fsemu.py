@@ -746,13 +746,22 @@ def test_connection_refused_falls_through_the_dialplan() -> None:
 
 
 def test_stalled_switch_and_garbage_channel_data() -> None:
+    # Ordered by events, not by timers racing each other on a busy machine: the script waits
+    # until the emulator has taken `myevents`, and the emulator's own deadline is far away.
+    switch = Switch()
+
     def stalled(conn: EngineConn) -> None:
         conn.connect()
         conn.send(b"myevents\n\n")
+        (channel,) = switch.channels.values()
+        wait_until(lambda: "myevents" in channel.result.commands, what="the emulator to read myevents")
+        # A switch that answered would have written its reply before taking the next command
+        # (same greenlet, no wait in between): it would already be here, on loopback.
         with pytest.raises(TimeoutError):
             conn.read_frame(timeout=0.3)
 
-    result, _ = run_scripted(stalled, CallSpec(destination="1", stall_after_connect=True))
+    spec = CallSpec(destination="1", stall_after_connect=True)
+    result, _ = run_scripted(stalled, spec, timeout=60, switch=switch)
     assert result.commands == ["connect", "myevents"] and result.closed_by == "engine"
     assert result.replies == ["+OK\n"] and result.events == []
 
@@ -760,9 +769,10 @@ def test_stalled_switch_and_garbage_channel_data() -> None:
 
     def garbage(conn: EngineConn) -> None:
         conn.send(b"connect\n\n")
-        got.append(conn.read_block())
+        got.append(conn.read_block(timeout=60))
 
-    result, _ = run_scripted(garbage, CallSpec(destination="1", raw_channel_data=b"\x00garbage: yes\n\n"))
+    spec = CallSpec(destination="1", raw_channel_data=b"\x00garbage: yes\n\n")
+    result, _ = run_scripted(garbage, spec, timeout=60)
     assert got == [b"\x00garbage: yes\n\n"]
 
 

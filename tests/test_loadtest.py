@@ -190,13 +190,17 @@ def _emulated_call(port: int, **extra) -> object:
     return place_call("127.0.0.1", port, spec, timeout=5)
 
 
+# as the engine: the frozen-engine guard's cancel (api sched_del) first, then the decision's commands
+ENGINE_OPENING = ["connect", "api", "myevents", "nixevent", "linger"]
+
+
 def test_floor_server_answers_the_emulator() -> None:
     from loadtest.floor import DIAL_STRING, VARIABLES
 
     with floor_server() as port:
         result = _emulated_call(port)
     assert result.error is None, result.error
-    assert [c.split(" ")[0] for c in result.commands[:4]] == ["connect", "myevents", "nixevent", "linger"]
+    assert [c.split(" ")[0] for c in result.commands[:5]] == ENGINE_OPENING
     assert result.variables == dict(VARIABLES)
     assert set(result.events) <= set(FOLLOWED_EVENTS)  # the engine's subscription
     assert result.bridged_target == DIAL_STRING.split("|")[0].split("]", 1)[1]
@@ -220,7 +224,7 @@ def test_greenswitch_baseline_answers_the_emulator() -> None:
     with greenswitch_server() as port:
         result = _emulated_call(port, hold_seconds=0.05)
     assert result.error is None, result.error
-    assert [c.split(" ")[0] for c in result.commands[:4]] == ["connect", "myevents", "nixevent", "linger"]
+    assert [c.split(" ")[0] for c in result.commands[:5]] == ENGINE_OPENING
     assert result.variables == dict(VARIABLES)
     assert result.bridged_target is not None and result.sip_response == (200, "OK")
     assert "CHANNEL_HANGUP_COMPLETE" in result.events

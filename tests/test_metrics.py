@@ -312,6 +312,16 @@ def test_snapshot_gauges_and_readiness() -> None:
     assert value(metrics, "callgate_engine_processes") == 1
 
 
+def test_greenlet_census_is_set_per_kind() -> None:
+    metrics = EngineMetrics()
+    assert value(metrics, "callgate_greenlets", kind="connection") == 0  # exists before any scrape
+    metrics.set_greenlets(connections=12, background=5)
+    assert value(metrics, "callgate_greenlets", kind="connection") == 12
+    assert value(metrics, "callgate_greenlets", kind="background") == 5
+    metrics.set_greenlets(connections=0, background=5)
+    assert value(metrics, "callgate_greenlets", kind="connection") == 0
+
+
 def test_snapshot_updates_follow_the_holder_s_running_counts() -> None:
     metrics = EngineMetrics()
     metrics.count_snapshot_updates(full=1, change=0)

@@ -377,6 +377,21 @@ def test_active_calls_counts_calls_up(engine: Engine) -> None:
     wait_until(lambda: engine.scrape().get("callgate_active_calls") == 0, what="no active call")
 
 
+def test_greenlets_count_the_connections_and_the_background_tasks(engine: Engine) -> None:
+    def greenlets(kind: str) -> float:
+        return engine.scrape().get("callgate_greenlets", kind=kind)
+
+    # The snapshot watcher, the release batcher, the settler, the event publisher, the full
+    # collections (and the reconciler or fail-open resync when configured).
+    background = greenlets("background")
+    assert background >= 5
+    job = gevent.spawn(call, engine, sip_auth_username="alice", destination="442071234567", hold_seconds=1.5)
+    wait_until(lambda: greenlets("connection") == 1, what="one connection greenlet")
+    job.get(timeout=10)
+    wait_until(lambda: greenlets("connection") == 0, what="no connection greenlet")
+    assert greenlets("background") == background
+
+
 @pytest.mark.parametrize("reason", sorted(REJECTS))
 def test_each_reject_reason_moves_its_own_series(engine: Engine, reason: str) -> None:
     spec, account = REJECTS[reason]

@@ -435,15 +435,23 @@ def test_two_workers_take_turns_without_double_application(
 
 
 def test_leader_lease_is_exclusive_and_expires(new_worker: Callable[..., SyncWorker], config: Config) -> None:
-    first, second = new_worker(lease_seconds=0.3), new_worker(lease_seconds=0.3)
+    # No step depends on how fast this machine runs: the exclusive part holds a lease no stall
+    # outlasts, and the expiry is waited for (Redis dropping the key), not slept through.
+    first, second = new_worker(lease_seconds=60), new_worker(lease_seconds=60)
     assert first.lease.renew() and first.lease.held
     assert not second.lease.renew() and not second.lease.held
     assert second.lease.holder()[0] == first.worker_id
-    time.sleep(0.4)  # the leader stopped renewing
+    # The leader renews one last time, for 0.3 s, then stops renewing.
+    first.lease.lease_ms = 300
+    assert first.lease.renew()
+    wait_until(lambda: second.lease.holder() == (None, -2), what="Redis to expire the lease")
+    # Judged locally, the lease ended (2/3 of its length after the renewal was asked) no later
+    # than Redis expired it: the old leader knows it lost it before anyone else can take it.
     assert not first.lease.held
-    assert second.lease.renew()
+    assert second.lease.renew() and second.lease.held
     first.lease.release()  # a release by a non-holder does nothing
     assert second.lease.holder()[0] == second.worker_id
+    assert not first.lease.renew()  # and the old leader cannot take it back
 
 
 def test_sweep_repairs_drift(

@@ -1,4 +1,11 @@
-"""Prometheus metrics of accounting. Labels are bounded: fixed small sets, never an account or a uuid."""
+"""Prometheus metrics of accounting. Labels are bounded: fixed small sets, never an account or a uuid.
+
+The CDR writer and the low-balance mailer run in the sync worker, which creates this set on its
+own registry (``BillingMetrics(sync_metrics.registry)``, engine.sync.worker), so they are served on
+[sync] metrics_port with engine.sync.metrics. The two classes keep the same plain shape (a registry,
+then one attribute per metric) rather than a shared base: a base would save two lines each and
+hide which registry a metric lands in.
+"""
 
 from __future__ import annotations
 

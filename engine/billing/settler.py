@@ -16,20 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
-from typing import Any, Protocol
+from typing import Any
 
 from engine.billing.funds import Funds, FundsUnavailable, Settlement
+from engine.state.batches import BatchQueue, StopEvent
 
 log = logging.getLogger("callgate.billing.settler")
 
 _IDLE_WAIT = 0.2
-
-
-class StopEvent(Protocol):
-    def is_set(self) -> bool: ...
-
-    def wait(self, timeout: float | None = None) -> Any: ...
 
 
 class Settler:
@@ -43,94 +37,71 @@ class Settler:
         registry: Any = None,
     ) -> None:
         self._funds = funds
-        self._queue: queue.Queue[Settlement] = queue.Queue(maxsize=queue_size)
-        self._batch_size = batch_size
-        self._retry_max = retry_max
-        self._in_flight = 0
+        # The loop (batches, retries, the last attempt at stop) is the event publisher's too.
+        self._batches: BatchQueue[Settlement] = BatchQueue(
+            "settlements",
+            send=self._settle,
+            retryable=(FundsUnavailable,),
+            abandon=self._not_sent,
+            queue_size=queue_size,
+            batch_size=batch_size,
+            retry_max=retry_max,
+            idle_wait=_IDLE_WAIT,
+            logger=log,
+        )
         self.settled = 0  # settled now (first time)
         self.repeated = 0  # already settled (duplicate hangups)
         self.dropped = 0
-        self.failures = 0
         self._counters = _Counters(registry) if registry is not None else None
 
     # --- the call sessions' side: never blocks, never raises -----------------------------------
 
     def put(self, item: Settlement) -> bool:
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            self.dropped += 1
-            if self._counters is not None:
-                self._counters.dropped.inc()
-            log.error(
-                "settlement dropped (queue full, Redis unreachable?): uuid=%s cdr=%s",
-                json.dumps(item.uuid),
-                json.dumps(dict(item.cdr), default=str),
-            )
-            return False
-        return True
+        if self._batches.put(item):
+            return True
+        self.dropped += 1
+        if self._counters is not None:
+            self._counters.dropped.inc()
+        log.error(
+            "settlement dropped (queue full, Redis unreachable?): uuid=%s cdr=%s",
+            json.dumps(item.uuid),
+            json.dumps(dict(item.cdr), default=str),
+        )
+        return False
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize() + self._in_flight
+        return self._batches.pending
+
+    @property
+    def failures(self) -> int:
+        """Consecutive failed batches (0 once one goes through)."""
+        return self._batches.failures
 
     # --- the background loop ----------------------------------------------------------------
 
     def run(self, stop: StopEvent) -> None:
         """Settle until ``stop`` is set, then what is still queued (one attempt). Never raises."""
-        batch: list[Settlement] = []
-        delay = 0.05
-        while True:
-            stopping = stop.is_set()
-            if not batch:
-                batch = self._take(0.0 if stopping else _IDLE_WAIT)
-                self._in_flight = len(batch)
-                if not batch:
-                    if stopping:
-                        return
-                    continue
-            try:
-                results = self._funds.settle_many(batch)
-            except FundsUnavailable as exc:
-                self.failures += 1
-                if self.failures == 1:
-                    log.warning("settlements: Redis unreachable, %d waiting: %s", self.pending, exc)
-                if stopping:
-                    for item in batch:
-                        log.error(
-                            "settlement not sent at shutdown: uuid=%s cdr=%s",
-                            json.dumps(item.uuid),
-                            json.dumps(dict(item.cdr), default=str),
-                        )
-                    self.dropped += len(batch)
-                    return
-                stop.wait(delay)
-                delay = min(self._retry_max, delay * 2)
-                continue
-            if self.failures:
-                log.info("settlements: Redis reachable again after %d failures", self.failures)
-                self.failures = 0
-            fresh = sum(results)
-            self.settled += fresh
-            self.repeated += len(results) - fresh
-            if self._counters is not None:
-                self._counters.settled.inc(fresh)
-                self._counters.repeated.inc(len(results) - fresh)
-            batch, delay = [], 0.05
-            self._in_flight = 0
+        self._batches.run(stop)
 
-    def _take(self, wait: float) -> list[Settlement]:
-        try:
-            first = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-        except queue.Empty:
-            return []
-        batch = [first]
-        while len(batch) < self._batch_size:
-            try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return batch
+    def _settle(self, batch: list[Settlement]) -> None:
+        results = self._funds.settle_many(batch)
+        fresh = sum(results)
+        self.settled += fresh
+        self.repeated += len(results) - fresh
+        if self._counters is not None:
+            self._counters.settled.inc(fresh)
+            self._counters.repeated.inc(len(results) - fresh)
+
+    def _not_sent(self, batch: list[Settlement]) -> None:
+        """Redis unreachable at shutdown: each CDR logged whole, so it can be replayed."""
+        for item in batch:
+            log.error(
+                "settlement not sent at shutdown: uuid=%s cdr=%s",
+                json.dumps(item.uuid),
+                json.dumps(dict(item.cdr), default=str),
+            )
+        self.dropped += len(batch)
 
 
 class _Counters:

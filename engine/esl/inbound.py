@@ -1,4 +1,4 @@
-"""A small inbound event-socket client: connect, ``auth``, one ``api`` command, ``exit``.
+"""A small inbound event-socket client: connect, ``auth``, ``api`` command(s), ``exit``.
 
 One overall deadline bounds the whole exchange. It uses the standard ``socket`` module,
 which is cooperative once gevent has monkey-patched the process, and the sans-I/O parser.
@@ -14,7 +14,9 @@ import time
 
 from engine.esl.protocol import EslParser, Frame, ProtocolError, command
 
-__all__ = ["InboundError", "api"]
+__all__ = ["InboundError", "api", "api_many"]
+
+PIPELINE_CHUNK = 64  # api commands written before their replies are read (see api_many)
 
 MAX_REPLY_BYTES = 256 * 1024 * 1024  # e.g. ~100k channels of `show channels` at ~1 KiB a row
 
@@ -81,12 +83,30 @@ def api(
     """The body of ``api <line>``'s reply from the switch at ``host:port`` (inbound socket).
 
     Raises InboundError on any failure; ``timeout`` bounds the whole exchange."""
+    return api_many(host, port, password, [line], timeout=timeout, max_reply_bytes=max_reply_bytes)[0]
+
+
+def api_many(
+    host: str,
+    port: int,
+    password: str,
+    lines: list[str],
+    *,
+    timeout: float = 5.0,
+    max_reply_bytes: int = MAX_REPLY_BYTES,
+) -> list[str]:
+    """The reply bodies of ``api <line>`` for each line, in order, over one connection and one
+    ``auth``. Commands are written ``PIPELINE_CHUNK`` at a time, then their replies read (the
+    switch answers a connection's commands in order): one round trip per chunk, and never so
+    much unread reply that both sides block writing. Raises InboundError on any failure;
+    ``timeout`` bounds the whole exchange."""
     where = f"{host}:{port}"
     deadline = time.monotonic() + timeout
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
         raise InboundError(f"{where}: connect failed: {exc}") from exc
+    bodies: list[str] = []
     with sock:
         client = _Inbound(sock, deadline, where, max_reply_bytes)
         greeting = client.frame()
@@ -99,8 +119,13 @@ def api(
         answer = client.reply("command/reply")
         if not answer.reply_ok():
             raise InboundError(f"{where}: auth refused: {answer.reply_text}")
-        client.send(command(f"api {line}"))
-        body = client.reply("api/response").body.decode("utf-8", "replace")
+        for start in range(0, len(lines), PIPELINE_CHUNK):
+            chunk = lines[start : start + PIPELINE_CHUNK]
+            try:
+                client.send(b"".join(command(f"api {line}") for line in chunk))
+            except ValueError as exc:
+                raise InboundError(f"{where}: unusable api command: {exc}") from exc
+            bodies += [client.reply("api/response").body.decode("utf-8", "replace") for _ in chunk]
         with contextlib.suppress(InboundError):
             client.send(command("exit"))
-    return body
+    return bodies

@@ -102,8 +102,18 @@ class CallServer:
         self._server = _TimedStreamServer(listener, self._accept)
         self.listening = True
         self._stopped = False
+        # Connection greenlets alive (each runs _accept to its end): the greenlet gauge's share
+        # of the calls, counted here rather than by walking the garbage collector's objects.
+        self.connections = 0
 
     def _accept(self, sock: socket.socket, peer: tuple[object, ...], accepted_at: float) -> None:
+        self.connections += 1
+        try:
+            self._serve(sock, peer, accepted_at)
+        finally:
+            self.connections -= 1
+
+    def _serve(self, sock: socket.socket, peer: tuple[object, ...], accepted_at: float) -> None:
         if self._allowed and not peer_allowed(peer, self._allowed):
             sock.close()
             if self._on_refused is not None:

@@ -42,6 +42,8 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from datetime import datetime
 from decimal import Decimal
+from itertools import accumulate
+from operator import itemgetter
 from typing import Any, Generic, TypeVar
 
 K = TypeVar("K", int, str)
@@ -112,7 +114,7 @@ class RecordCodec:
         encode, decode = [], []
         for index, f in enumerate(fields):
             kind, enum_cls = _field_kind(hints[f.name])
-            attr, item = f"o.{f.name}", f"t[{index}]"
+            attr, item = f"o.{f.name}", f"v{index}"
             if kind == "decimal":
                 enc, dec = f"(None if {attr} is None else str({attr}))", f"_decimals[{item}]"
             elif kind == "datetime":
@@ -120,7 +122,12 @@ class RecordCodec:
             elif kind == "enum":
                 env[f"_members_{index}"] = {member.value: member for member in enum_cls}
                 env[f"_enum_{index}"] = enum_cls  # a raw value is accepted (validated) as the codec does
-                enc = f"(None if {attr} is None else _enum_{index}({attr}).value)"
+                # a member (the usual case) by one dict lookup rather than a call of the class
+                env[f"_values_{index}"] = {member: member.value for member in enum_cls}
+                enc = (
+                    f"(None if {attr} is None else _values_{index}[{attr}] if {attr} in _values_{index}"
+                    f" else _enum_{index}({attr}).value)"
+                )
                 dec = f"_members_{index}[{item}]"
             else:
                 enc, dec = attr, item
@@ -131,7 +138,9 @@ class RecordCodec:
             decode.append(f"    _set_{index}(o, {dec})\n")
         source = (
             f"def encode(o):\n    return _dumps(({', '.join(encode)},))\n"
-            "def decode(b):\n    t = _loads(b)\n    o = _new(_cls)\n" + "".join(decode) + "    return o\n"
+            # unpacking the tuple into locals: cheaper than indexing it once per field
+            f"def decode(b):\n    {''.join(f'v{i}, ' for i in range(len(fields)))}= _loads(b)\n"
+            "    o = _new(_cls)\n" + "".join(decode) + "    return o\n"
         )
         exec(source, env)  # generated once per class, like dataclasses' __init__
         self.cls = cls
@@ -166,9 +175,13 @@ class _Index:
 
     def __init__(self, getter: Callable[[Any], str], values: Iterable[str]) -> None:
         self.getter = getter
-        pairs = sorted((text_hash(value), position) for position, value in enumerate(values))
-        self.hashes: Sequence[int] = array("q", [h for h, _ in pairs])
-        self.positions: Sequence[int] = array("q", [p for _, p in pairs])
+        crc32 = zlib.crc32  # text_hash, inlined: this runs once per record of the table
+        by_position = [crc32(value.encode()) for value in values]
+        # positions ordered by hash (stable: equal hashes in position order), cheaper than
+        # sorting (hash, position) tuples
+        order = sorted(range(len(by_position)), key=by_position.__getitem__)
+        self.hashes: Sequence[int] = array("q", [by_position[p] for p in order])
+        self.positions: Sequence[int] = array("q", order)
         self.overlay: dict[Any, set[Any]] = {}  # field value -> keys whose overlay entity has it
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -217,15 +230,10 @@ class PackedTable(MutableMapping[K, E], Generic[K, E]):
     ) -> None:
         """``items``: (key, entity) pairs, each key once (the caller settles duplicates);
         ``indexes``: name -> the field getter of each secondary index."""
-        self._codec = record_codec(cls)
-        ordered = sorted(items, key=_first)
-        encode = self._codec.encode
-        chunks = [encode(entity) for _, entity in ordered]
-        offsets = array("q", [0])
-        total = 0
-        for chunk in chunks:
-            total += len(chunk)
-            offsets.append(total)
+        self._codec: RecordCodec = record_codec(cls)
+        ordered = sorted(items, key=_FIRST)
+        chunks = list(map(self._codec.encode, map(_SECOND, ordered)))
+        offsets = array("q", accumulate(map(len, chunks), initial=0))
         self._records: Any = b"".join(chunks)  # bytes, or a view of a mapped image file
         del chunks
         self._offsets: Sequence[int] = offsets
@@ -284,14 +292,24 @@ class PackedTable(MutableMapping[K, E], Generic[K, E]):
             held = overlay.get(key, _ABSENT)
             if held is not _ABSENT:
                 return default if held is _DELETED else held
-        cached = self._cache.young.get(key)  # a base record read recently (not overlaid: see above)
-        if cached is not None:
-            return cached
-        try:
-            position = self._position(key)
-        except TypeError:  # a key of another type (an int table asked for a str) is absent
-            return default
-        return default if position < 0 else self._decode_at(position)
+        # A base record read recently (not overlaid: see above). Inlined rather than through
+        # _decode_at: this is the hottest lookup of a decision.
+        cache = self._cache
+        entity = cache.young.get(key)
+        if entity is not None:
+            return entity
+        entity = cache.old.get(key)
+        if entity is None:
+            try:
+                position = self._position(key)
+            except TypeError:  # a key of another type (an int table asked for a str) is absent
+                return default
+            if position < 0:
+                return default
+            offsets = self._offsets
+            entity = self._codec.decode(self._records[offsets[position] : offsets[position + 1]])
+        cache.add(key, entity)
+        return entity
 
     def __getitem__(self, key: K) -> E:
         entity = self.get(key, _ABSENT)
@@ -474,8 +492,7 @@ class _Recent:
         self.young[key] = entity
 
 
-def _first(pair: tuple[Any, Any]) -> Any:
-    return pair[0]
+_FIRST, _SECOND = itemgetter(0), itemgetter(1)
 
 
 class RankedView(Mapping[Any, E], Generic[E]):

@@ -24,15 +24,15 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import redis
 
 from engine.rules.gate import FirstUse
+from engine.state.batches import BatchQueue, StopEvent
 from engine.state.keys import events_stream
 
 __all__ = ["EVENT_FORMAT", "EventPublisher"]
@@ -41,12 +41,6 @@ log = logging.getLogger(__name__)
 
 EVENT_FORMAT = "1"
 _IDLE_WAIT = 0.5
-
-
-class StopEvent(Protocol):
-    def is_set(self) -> bool: ...
-
-    def wait(self, timeout: float | None = None) -> Any: ...
 
 
 def _iso(moment: datetime) -> str:
@@ -77,16 +71,23 @@ class EventPublisher:
         self._client = client
         self._stream = events_stream(prefix)
         self._maxlen = maxlen
-        self._queue: queue.Queue[dict[str, str]] = queue.Queue(maxsize=queue_size)
-        self._batch_size = batch_size
+        # The loop (batches, retries, the last attempt at stop) is the settler's too.
+        self._batches: BatchQueue[dict[str, str]] = BatchQueue(
+            "events",
+            send=self._send,
+            retryable=(redis.RedisError, OSError),
+            abandon=self._forget,
+            queue_size=queue_size,
+            batch_size=batch_size,
+            retry_max=retry_max,
+            idle_wait=_IDLE_WAIT,
+            logger=log,
+        )
         self._dedupe_seconds = dedupe_seconds
-        self._retry_max = retry_max
         self._recent: dict[int, float] = {}  # account id -> when its first use was queued
-        self._in_flight = 0
         self.queued = 0
         self.published = 0
         self.dropped = 0
-        self.failures = 0
         self._counters = _Counters(registry) if registry is not None else None
 
     # --- the hot path: never blocks, never raises ----------------------------------------
@@ -142,9 +143,7 @@ class EventPublisher:
         return self._put(fields, "call_record")
 
     def _put(self, fields: dict[str, str], kind: str) -> bool:
-        try:
-            self._queue.put_nowait(fields)
-        except queue.Full:
+        if not self._batches.put(fields):
             self._drop(kind, "queue_full")
             return False
         self.queued += 1
@@ -162,67 +161,32 @@ class EventPublisher:
     @property
     def pending(self) -> int:
         """Events queued or in flight, not yet in Redis."""
-        return self._queue.qsize() + self._in_flight
+        return self._batches.pending
+
+    @property
+    def failures(self) -> int:
+        """Consecutive failed batches (0 once one goes through)."""
+        return self._batches.failures
 
     def run(self, stop_event: StopEvent) -> None:
         """XADD queued events until ``stop_event`` is set (then one last attempt). Never raises."""
-        batch: list[dict[str, str]] = []
-        delay = 0.05
-        while True:
-            stopping = stop_event.is_set()
-            if not batch:
-                batch = self._take(0.0 if stopping else _IDLE_WAIT)
-                self._in_flight = len(batch)
-                if not batch:
-                    if stopping:
-                        return
-                    continue
-            try:
-                self._send(batch)
-            except (redis.RedisError, OSError) as exc:
-                self.failures += 1
-                if self.failures == 1:
-                    log.warning("events: Redis unreachable, %d queued: %r", self.pending, exc)
-                if stopping:
-                    self._forget(batch, "stopped")
-                    return
-                stop_event.wait(delay)
-                delay = min(self._retry_max, delay * 2)
-                continue
-            if self.failures:
-                log.info("events: Redis reachable again after %d failures", self.failures)
-                self.failures = 0
-            self.published += len(batch)
-            if self._counters is not None:
-                self._counters.published.inc(len(batch))
-            batch, delay = [], 0.05
-            self._in_flight = 0
-
-    def _take(self, wait: float) -> list[dict[str, str]]:
-        try:
-            first = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-        except queue.Empty:
-            return []
-        batch = [first]
-        while len(batch) < self._batch_size:
-            try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return batch
+        self._batches.run(stop_event)
 
     def _send(self, batch: list[dict[str, str]]) -> None:
         with self._client.pipeline(transaction=False) as pipe:
             for fields in batch:
                 pipe.xadd(self._stream, dict(fields), maxlen=self._maxlen, approximate=True)  # type: ignore[arg-type]
             pipe.execute()
+        self.published += len(batch)
+        if self._counters is not None:
+            self._counters.published.inc(len(batch))
 
-    def _forget(self, batch: list[dict[str, str]], reason: str) -> None:
+    def _forget(self, batch: list[dict[str, str]]) -> None:
+        """Redis unreachable at shutdown: counted as dropped; a first use is reported again later."""
         for fields in batch:
-            self._drop(fields["type"], reason)
+            self._drop(fields["type"], "stopped")
             if fields["type"] == "first_use":
                 self._recent.pop(int(fields["account_id"]), None)
-        self._in_flight = 0
 
 
 EVENT_TYPES = ("first_use", "call_record")

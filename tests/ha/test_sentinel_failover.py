@@ -4,7 +4,8 @@ The primary is killed with SIGKILL while calls arrive. What must hold (issue 17)
 - the engine follows the failover with no restart: calls are accepted again within seconds;
 - meanwhile calls are refused ENGINE_DEGRADED, never bridged unchecked: every call bridged after
   the kill is seen in the new primary's registry of counted calls (its limits script ran there);
-- one reconciliation with the switch's live channels leaves the registry equal to them.
+- one reconciliation with the switch's live channels leaves the registry equal to them, whether
+  the failover lost releases (calls counted that have ended) or acquires (live calls uncounted).
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ import psycopg
 import pytest
 import redis
 
-from engine.state.keys import cdr_stream, funds_account_key, funds_reservations_key
+from engine.state.keys import (
+    cdr_stream,
+    funds_account_key,
+    funds_amounts_key,
+    funds_reservations_key,
+    limits_channels_key,
+)
 from loadtest.fsemu import InboundServer, Switch, place_call
 from tests.ha.sentinel import SentinelCluster
 from tests.support import EngineProcess, engine_environment, prepare_database, publish, run_cli, wait_until
@@ -208,34 +215,37 @@ def test_releases_lost_in_a_failover_are_repaired_by_one_reconciliation(
         engine.stop()
 
 
-def test_acquires_lost_in_a_failover_are_not_recounted_but_their_calls_are_billed(
+def test_acquires_lost_in_a_failover_are_recounted_by_one_reconciliation(
     module_pg_url: str, module_key_prefix: str, cluster: SentinelCluster, tmp_path: Path
 ) -> None:
-    """The other half of asynchronous replication: two calls admitted while the replica was frozen
-    (SIGSTOP) and its link cut, so their acquires (limit slots and funds reservations) never left
-    the primary, which is then SIGKILLed. On the promoted replica the two live calls are neither
-    counted nor reserved, and a reconciliation does not re-count them (it only releases: it cannot
-    know a call's limits from ``show channels``; docs/high-availability.md). When they hang up, the
-    engine settles them on the new primary all the same: each debit and CDR is there, so the
-    ledger loses nothing; only the account's concurrency could exceed its limit by these two while
-    they lasted."""
+    """The other half of asynchronous replication: two calls of the account "two" (2 channels at
+    most) admitted while the replica was frozen (SIGSTOP) and its link cut, so their acquires (limit
+    slots and funds reservations) never left the primary, which is then SIGKILLed. On the promoted
+    replica the two live calls are neither counted nor reserved. One reconciliation reads their
+    tickets on the switch and counts them again: the registry and the account's counter equal the
+    live calls, each has its reservation back, a second run changes nothing, and a third call of
+    the account is refused CONCURRENT_LIMIT. At hangup the engine settles them (debit, CDR) and
+    releases what the recount took, as for any call."""
     env = sentinel_environment(module_pg_url, module_key_prefix, cluster)
     prepare_database(module_pg_url, CATALOGUE)
     publish(env)
     registry = f"{module_key_prefix}limits:calls"
     primary, replica = cluster.client(cluster.primary_port), cluster.client(cluster.replica_port)
     with psycopg.connect(module_pg_url) as conn:
-        (account,) = conn.execute("SELECT id FROM accounts WHERE number = '1000000050'").fetchone()
+        (account,) = conn.execute("SELECT id FROM accounts WHERE number = '1000000002'").fetchone()
+    counter = limits_channels_key(module_key_prefix, "acct", account)
+    reservations = funds_reservations_key(module_key_prefix, account)
     switch = Switch()
     engine = EngineProcess(env).start(tmp_path / "serve.log")
     try:
         with InboundServer(switch, host="127.0.0.1") as inbound:
+            reconcile = ["reconcile", "--switch", f"127.0.0.1:{inbound.address[1]}", "--grace", "0"]
             cluster.processes[cluster.replica_port].send_signal(signal.SIGSTOP)
             try:
                 primary.client_kill_filter(_type="replica")
                 calls = [
                     gevent.spawn(
-                        place_call, "127.0.0.1", engine.port, spec("fifty", 8.0), timeout=60, switch=switch
+                        place_call, "127.0.0.1", engine.port, spec("two", 20.0), timeout=60, switch=switch
                     )
                     for _ in range(2)
                 ]
@@ -247,25 +257,50 @@ def test_acquires_lost_in_a_failover_are_not_recounted_but_their_calls_are_bille
                        what="the sentinels promoting the replica")  # fmt: skip
             live = set(switch.live_uuids())
             assert len(live) == 2 and replica.zcard(registry) == 0, "the failover lost the two acquires"
-            assert replica.zcard(funds_reservations_key(module_key_prefix, account)) == 0
-            result = run_cli(
-                ["reconcile", "--switch", f"127.0.0.1:{inbound.address[1]}", "--grace", "0"], env
-            )
-            assert result.returncode == 0 and "released 0" in result.stdout, result.stdout + result.stderr
-            assert replica.zcard(registry) == 0  # not re-counted: the documented gap
+            assert replica.zcard(reservations) == 0 and replica.zcard(counter) == 0
+
+            result = run_cli(reconcile, env)
+            assert result.returncode == 0 and "recounted 2 " in result.stdout, result.stdout + result.stderr
+            assert {m.decode() for m in replica.zrange(registry, 0, -1)} == live
+            assert {m.decode() for m in replica.zrange(counter, 0, -1)} == live
+            assert {m.decode() for m in replica.zrange(reservations, 0, -1)} == live
+            amounts = replica.hgetall(funds_amounts_key(module_key_prefix, account))
+            assert {k.decode() for k in amounts} == live and all(int(v) > 0 for v in amounts.values())
+            reserved = int(replica.hget(funds_account_key(module_key_prefix, account), "reserved"))
+            assert reserved == sum(int(v) for v in amounts.values())
+            again = run_cli(reconcile, env)
+            assert again.returncode == 0 and "recounted 0 " in again.stdout, again.stdout + again.stderr
+            assert replica.zcard(registry) == 2 and replica.zcard(reservations) == 2
+
+            # A third call of the account: refused (once the engine follows the failover).
+            promoted = time.monotonic()
+            while (
+                third := place_call("127.0.0.1", engine.port, spec("two", 0.2), switch=switch)
+            ).error is None:
+                reason = third.variables.get("callgate_reason")
+                if reason != "ENGINE_DEGRADED":
+                    break
+                assert time.monotonic() - promoted < 10, "still ENGINE_DEGRADED 10 s after the promotion"
+                gevent.sleep(0.1)
+            assert third.error is None and third.bridged_target is None, third
+            assert third.variables.get("callgate_reason") == "CONCURRENT_LIMIT", third.variables
+
             for call in calls:
                 assert call.get(timeout=40).bridged_target is not None
 
-            # Billed on the new primary: one CDR entry each in the stream, and the debits in `spent`.
+            # Billed on the new primary, and what the recount took released at hangup.
             def settled() -> bool:
                 entries = replica.xrange(cdr_stream(module_key_prefix))
                 return live <= {fields[b"uuid"].decode() for _id, fields in entries}
 
             wait_until(settled, timeout=30, interval=0.1, what="both calls settled on the new primary")
             assert int(replica.hget(funds_account_key(module_key_prefix, account), "spent") or 0) > 0
-            result = run_cli(
-                ["reconcile", "--switch", f"127.0.0.1:{inbound.address[1]}", "--grace", "0"], env
-            )
-            assert result.returncode == 0 and replica.zcard(registry) == 0 and switch.live_uuids() == []
+            wait_until(
+                lambda: replica.zcard(registry) == 0 and replica.zcard(counter) == 0,
+                timeout=10, interval=0.1, what="the re-counted slots released at hangup",
+            )  # fmt: skip
+            assert replica.zcard(reservations) == 0
+            assert int(replica.hget(funds_account_key(module_key_prefix, account), "reserved")) == 0
+            assert switch.live_uuids() == []
     finally:
         engine.stop()

@@ -284,6 +284,65 @@ return released
 """
 )
 
+# Re-count a call FreeSWITCH has up that the registry lacks (an acquire lost in a failover),
+# without checking any limit: the call is already up (engine.reconcile, "Re-counting").
+# KEYS: registry, call record, funds call record, then the channel zsets to count it in, then
+#   (funds) 3 per chain level (FUNDS_LUA).
+# ARGV: now_ms or '', uuid, decided_ms or '', grace_ms, hold_ms, slack_ms, n channel zsets,
+#   index in KEYS of the trunk's zset (0 = none), trunk id or '', then (optional) n_funds,
+#   granted seconds, funds margin ms, keep ms, and 8 per funds level.
+# Returns 1 re-counted; 0 already counted (the registry is the guard: two reconcilers, or a
+#   run racing an acquire, never count a call twice); 2 already settled (it has hung up);
+#   3 decided within the grace period (left to its acquire).
+_RECOUNT = (
+    _LUA_COMMON
+    + FUNDS_LUA
+    + """
+local now = clock_ms(ARGV[1])
+local reg, rec, fcall = KEYS[1], KEYS[2], KEYS[3]
+local uuid = ARGV[2]
+if redis.call('EXISTS', rec) == 1 or redis.call('ZSCORE', reg, uuid) then return 0 end
+if redis.call('HGET', fcall, 'st') == '1' then return 2 end
+local since = now
+if ARGV[3] ~= '' then
+  since = math.min(now, tonumber(ARGV[3]))
+  if now - since < tonumber(ARGV[4]) then return 3 end
+end
+local slack = tonumber(ARGV[6])
+-- counted until the acquire's own deadline (from the decision), never one already past
+local deadline = math.max(since + tonumber(ARGV[5]), now + slack)
+local keep = deadline - now + slack
+local nch = tonumber(ARGV[7])
+local fields = {'at', since, 'dl', deadline, 'trunk', ARGV[9], 'rc', now}
+for i = 4, 3 + nch do
+  redis.call('ZADD', KEYS[i], deadline, uuid)
+  extend(KEYS[i], keep)
+  fields[#fields + 1] = 'k:' .. KEYS[i]
+  fields[#fields + 1] = '1'
+end
+local ti = tonumber(ARGV[8])
+if ti > 0 then
+  fields[#fields + 1] = 'tk'
+  fields[#fields + 1] = KEYS[ti]
+end
+local nf = tonumber(ARGV[10] or '0')
+local fk = 4 + nch
+-- a reservation still held (written by the same acquire, so normally lost with it) is kept
+if nf > 0 and redis.call('HEXISTS', KEYS[fk + 2], uuid) == 0 then
+  local d = tonumber(ARGV[11])
+  local fdl = math.max(since + d * 1000 + tonumber(ARGV[12]), now + slack)
+  funds_take(fk, 13, nf, uuid, d, fdl, tonumber(ARGV[13]))  -- ARGV[14]: first level's account id
+  fields[#fields + 1] = 'fd'
+  fields[#fields + 1] = d
+end
+redis.call('HSET', rec, unpack(fields))
+redis.call('PEXPIRE', rec, keep)
+redis.call('ZADD', reg, deadline, uuid)
+extend(reg, keep)
+return 1
+"""
+)
+
 # KEYS: per subject, channel zset and cps zset. ARGV: now_ms or '', window_ms.
 # Returns per subject: live calls, admissions in the current window.
 _USAGE = (
@@ -354,6 +413,7 @@ _ACQUIRE_SCRIPT = _Script(_ACQUIRE)
 _RELEASE_SCRIPT = _Script(_RELEASE)
 _REGISTER_SCRIPT = _Script(_REGISTER)
 _RELEASE_ORPHANS_SCRIPT = _Script(_RELEASE_ORPHANS)
+_RECOUNT_SCRIPT = _Script(_RECOUNT)
 _USAGE_SCRIPT = _Script(_USAGE)
 
 
@@ -639,6 +699,44 @@ class Limiter:
             trunk_index,
         )
         _REGISTER_SCRIPT(self.client, keys, args)
+
+    def recount(
+        self,
+        call_uuid: str,
+        channel_subjects: Sequence[Subject],
+        hold_seconds: int,
+        *,
+        trunk: Subject | None = None,
+        decided_ms: int | None = None,
+        grace_seconds: float = 5,
+        funds: FundsRequest | None = None,
+    ) -> int:
+        """Count a live call the registry lacks in ``channel_subjects`` (and ``trunk``), and take
+        its funds reservation (``funds``: ``cap_seconds`` is the duration granted), without
+        checking any limit, in one script. ``hold_seconds`` as for :meth:`acquire`, from
+        ``decided_ms``. Returns what the script did: 1 re-counted, 0 already counted, 2 already
+        settled, 3 decided less than ``grace_seconds`` ago (see ``_RECOUNT``)."""
+        keys = [self.registry_key, self.call_key(call_uuid), key_names.funds_call_key(self.prefix, call_uuid)]
+        keys += list(dict.fromkeys(self.channels_key(s) for s in channel_subjects))
+        trunk_index = 0
+        if trunk is not None:
+            keys.append(self.channels_key(trunk))
+            trunk_index = len(keys)
+        args: list[Any] = [
+            self._now_arg(),
+            call_uuid,
+            "" if decided_ms is None else int(decided_ms),
+            round(grace_seconds * 1000),
+            self.hold_ms(hold_seconds),
+            self.slack_seconds * 1000,
+            len(keys) - 3,
+            trunk_index,
+            "" if trunk is None else trunk.id,
+        ]
+        if funds is not None and funds.levels:
+            keys += funds.keys(self.prefix)
+            args += (len(funds.levels), funds.cap_seconds, funds.margin_ms, funds.keep_ms, *funds.args())
+        return int(_RECOUNT_SCRIPT(self.client, keys, args))
 
     def ping(self) -> bool:
         try:
