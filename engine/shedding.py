@@ -16,9 +16,11 @@ Two signals, both cheap to read on every call:
   reached their decision yet, counted by the caller. Above ``max_backlog``: shed.
 
 * **wait since accept**: how long the call's connection waited between the engine's accept and
-  its decision step (the channel data read). Above ``max_wait``: shed. This is the one signal
-  that sees the queue *in front* of the call (greenlets waiting for the CPU after the accept);
-  the two above only see the process as a whole.
+  the first run of its greenlet (when the engine sends ``connect``). Above ``max_wait``: shed.
+  This is the one signal that sees the queue *in front* of the call (greenlets waiting for the
+  CPU after the accept); the two above only see the process as a whole. The time FreeSWITCH
+  then takes to send the channel data is not counted: on the real switch, a switch slow to
+  answer made an idle engine shed every call and stop listening for all its switches.
 
 Either limit at 0 turns that signal off. Pure logic with an injected clock; the greenlet that
 feeds the lag is :meth:`LoadShedder.run_lag_monitor`, which runs while calls are up (an idle
@@ -106,7 +108,7 @@ class LoadShedder:
         """None to decide the call; otherwise why it is shed (the ENGINE_DEGRADED detail).
 
         ``backlog``: calls of the process waiting for their decision, this one excluded.
-        ``waited``: seconds since the call's connection was accepted.
+        ``waited``: seconds the call's connection waited in the engine after its accept.
         """
         if self.max_wait and waited > self.max_wait:
             self.shed += 1

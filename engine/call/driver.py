@@ -214,17 +214,17 @@ class CallHandler:
 
     # What _Call needs of the handler --------------------------------------------------------
 
-    def decide(self, request: CallRequest, accepted_at: float | None = None) -> tuple[Decision, bool]:
-        """(decision, whether the limits may hold slots for the call); ``accepted_at``: the
-        monotonic time the call's connection was accepted (load shedding)."""
+    def decide(self, request: CallRequest, queued: float = 0.0) -> tuple[Decision, bool]:
+        """(decision, whether the limits may hold slots for the call); ``queued``: the seconds
+        the call's connection waited between the engine's accept and its greenlet's first run
+        (load shedding: the engine's own queue, not FreeSWITCH's time to send the channel data)."""
         self._undecided.discard(gevent.getcurrent())
         if self._in_flight > self._config.engine.max_connections:
             return Reject(Reason.ENGINE_DEGRADED, detail="over engine.max_connections"), False
-        waited = 0.0 if accepted_at is None else time.monotonic() - accepted_at
-        shed = self._shedder.verdict(len(self._undecided), waited)
+        shed = self._shedder.verdict(len(self._undecided), queued)
         if shed is not None:  # saturated: refuse before the rules and the limits cost anything
             if shed == SHED_WAIT and self._listener is not None:
-                why = f"a call waited {waited * 1000:.0f} ms since its accept, "
+                why = f"a call waited {queued * 1000:.0f} ms in the engine after its accept, "
                 self._change_listener(self._gate.overflowing(), why)
             return Reject(Reason.ENGINE_DEGRADED, detail=shed), False
         return self._decide_within_deadline(request)
@@ -277,6 +277,7 @@ class _Call:
         "_deadlines",
         "_handler",
         "_peer",
+        "_queued",
         "_session",
         "_timer",
         "_timer_for",
@@ -287,6 +288,7 @@ class _Call:
     ) -> None:
         self._handler = handler
         self._accepted_at = accepted_at
+        self._queued = 0.0
         self._conn = conn
         self._peer = peer
         self._session = CallSession(handler._settings, handler._sip_response)
@@ -297,6 +299,11 @@ class _Call:
     def run(self) -> None:
         session = self._session
         conn = self._conn
+        # The wait that load shedding judges ends here, when the engine first serves the call.
+        # What follows, until the channel data arrives, is FreeSWITCH's time: a slow switch must
+        # not make an idle engine shed its calls and stop listening for every switch it serves
+        # (seen on the real switch with delayed replies: docs/real-switch-lab.md).
+        self._queued = time.monotonic() - self._accepted_at
         try:
             self._apply(session.start())
             while session.phase is not _DONE:
@@ -349,7 +356,7 @@ class _Call:
 
     def _decide(self, request: CallRequest) -> list[Action]:
         started = time.perf_counter()
-        decision, holds_slots = self._handler.decide(request, self._accepted_at)
+        decision, holds_slots = self._handler.decide(request, self._queued)
         actions = self._session.decided(decision, holds_slots=holds_slots)
         # The decision is written by the first action: observe it once it has left.
         self._apply(actions[:1])

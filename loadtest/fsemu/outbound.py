@@ -661,6 +661,11 @@ def _connect_tcp(host: str, port: int, timeout: float) -> gsocket.socket:
     sock.settimeout(timeout)
     try:
         sock.connect((host, port))
+    except ConnectionResetError:
+        # Only a completed handshake can be reset: FreeSWITCH's blocking connect() succeeded and
+        # its first read fails ("Socket Error!", no next host). gevent's non-blocking connect
+        # reports the reset instead when it arrives before the connect is checked.
+        return sock
     except OSError:
         sock.close()
         raise
@@ -1601,11 +1606,14 @@ class Channel(EslConnection):
                 self._check_park_timeout()
                 continue
             if not self.controlled:
-                if spec.after_socket and self.async_mode and self.connected and not self._park_emitted:
+                if spec.after_socket and self.async_mode and not self._park_emitted:
                     # The socket closed before any decision was queued. On the real switch the
                     # `socket` app usually entered switch_ivr_park only after the listener had
                     # ended, and the park set CF_CONTROLLED again itself: the call stayed parked
                     # until the guard (3 of 4 tries; the 4th got the dialplan's 503 at once).
+                    # Whether the engine had sent `connect` or not: socket_function waits for the
+                    # listener to finish *or* connect, then parks. A connection reset at accept
+                    # (8 of 8 on the lab) and a frozen engine after the 25 s wait end up here too.
                     self._park()
                     self._orphan_park = True
                 if self._orphan_park and not self._hungup:
@@ -2117,9 +2125,17 @@ class Channel(EslConnection):
         try:
             sock = _connect_tcp(self.host, self.port, min(self.timeout, 5.0))
         except OSError as exc:
-            # "Socket Error!": the app returns, the dialplan has nothing after `socket`
+            # "Socket Error!" on every host: the app returns and the dialplan goes on after
+            # `socket` (the shipped dialplan's `respond 503`: 503 in 3 ms on the real switch
+            # with no engine listening); with nothing after it, the call is cleared (480).
             self.result.error = f"connect to {self.host}:{self.port} failed: {exc}"
             self.controlled = False
+            if self.spec.after_socket:
+                app, _, arg = self.spec.after_socket.partition(" ")
+                self._execute(app, arg)
+                if self._hungup:
+                    self._finish_hangup()
+                    return
             self._hungup = True
             self.hangup_cause = "NORMAL_CLEARING"
             self.result.hangup_cause = "NORMAL_CLEARING"

@@ -130,23 +130,48 @@ def test_connections_queued_in_the_kernel_are_taken_before_the_listener_stops() 
 
 def test_a_call_that_waited_too_long_since_accept_is_answered_engine_degraded() -> None:
     engine = Engine(shed_loop_lag="1", shed_backlog="0", shed_accept_wait="0.2")
+    serve = engine.server._handler
+
+    def starved(conn: object, peer: tuple[object, ...], accepted_at: float) -> None:
+        # A CPU-bound hub: the call's greenlet first runs 0.3 s after its accept (a blocking
+        # sleep, so nothing else runs meanwhile, as when other calls hold the CPU).
+        time.sleep(0.3)
+        serve(conn, peer, accepted_at)  # type: ignore[arg-type]
+
+    engine.server._handler = starved
     try:
-        waiting = stdsocket.create_connection(engine.address, timeout=5)  # accepted, not served yet
-        gevent.sleep(0.05)  # the accept happens; the call's greenlet writes `connect`
-        switch_side = gsocket.socket(fileno=waiting.detach())
-        assert recv_until(switch_side, b"connect\n\n") == b"connect\n\n"
-        time.sleep(0.3)  # CPU-bound hub: the channel data is read 0.3 s after the accept
-        switch_side.sendall(connect_reply())
-        assert b"ENGINE_DEGRADED" in recv_until(switch_side, b"\n\n")
-        switch_side.close()
+        with gsocket.create_connection(engine.address, timeout=5) as switch_side:
+            assert recv_until(switch_side, b"connect\n\n") == b"connect\n\n"
+            switch_side.sendall(connect_reply())
+            assert b"ENGINE_DEGRADED" in recv_until(switch_side, b"\n\n")
         assert engine.decided == []  # refused before the rules and the limits ran
         registry = engine.metrics.registry
         assert registry.get_sample_value("callgate_degraded_decisions_total", {"cause": "shed"}) == 1
         # That wait is the queue in front of the calls: the listener stopped for it as well.
         assert registry.get_sample_value("callgate_listener_stops_total") == 1
+        engine.server._handler = serve
         engine.wait_listening(True)
         with gsocket.create_connection(engine.address, timeout=5) as fresh:
             assert b"DESTINATION_BLOCKED" in play_call(fresh)
+    finally:
+        engine.close()
+
+
+def test_a_switch_slow_to_send_its_channel_data_is_not_the_engines_queue() -> None:
+    # On the real switch, FreeSWITCH's replies delayed 0.5 s made an idle engine shed every
+    # call and stop listening (docs/real-switch-lab.md): the wait after `connect` is the switch's.
+    engine = Engine(shed_loop_lag="1", shed_backlog="0", shed_accept_wait="0.2")
+    try:
+        with gsocket.create_connection(engine.address, timeout=5) as switch_side:
+            assert recv_until(switch_side, b"connect\n\n") == b"connect\n\n"
+            gevent.sleep(0.4)  # the switch takes 0.4 s to answer; the engine's hub is free
+            switch_side.sendall(connect_reply())
+            assert b"DESTINATION_BLOCKED" in recv_until(switch_side, b"\n\n")
+        assert len(engine.decided) == 1
+        registry = engine.metrics.registry
+        assert registry.get_sample_value("callgate_degraded_decisions_total", {"cause": "shed"}) == 0
+        assert registry.get_sample_value("callgate_listener_stops_total") == 0
+        assert engine.server.listening
     finally:
         engine.close()
 

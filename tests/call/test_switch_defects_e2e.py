@@ -7,6 +7,7 @@ checks what the engine does about it (docs/call-session.md).
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -203,6 +204,10 @@ class SilentEngine:
         self.held.append(conn)
         if self.mode == "frozen":
             return
+        if self.mode == "reset":  # RST at once, as a listener's shutdown() does to its queue
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+            return
         conn.sendall(b"connect\n\n")
         conn.settimeout(5)
         data = b""
@@ -249,6 +254,23 @@ def test_an_engine_that_dies_after_connect_costs_the_caller_the_guard() -> None:
     assert result.hangup_cause == "NETWORK_OUT_OF_ORDER"
     assert result.hangup_after is not None and GUARD <= result.hangup_after < GUARD + 0.5
     assert result.bridged_target is None
+
+
+def test_a_connection_reset_at_accept_costs_the_caller_the_guard() -> None:
+    """The shedding race (docs/performance.md, "Load shedding"): a connection the kernel had
+    completed when the listener shut down is reset before the engine says anything. On the real
+    switch (lab, 2026-12-06, 8 of 8 calls) FreeSWITCH logged `Socket Error!` on its first read,
+    did not try the next engine (its connect had succeeded), entered the park after the
+    listener had ended and held the call until the guard: 503 after 3.6 to 4.3 s with N = 4."""
+    engine = SilentEngine("reset")
+    try:
+        result = place_call("127.0.0.1", engine.port, guarded(), timeout=10)
+    finally:
+        engine.close()
+    assert not result.connected
+    assert result.sip_response == (503, "Service Unavailable")
+    assert result.hangup_cause == "NETWORK_OUT_OF_ORDER"
+    assert result.hangup_after is not None and GUARD <= result.hangup_after < GUARD + 0.5
 
 
 def test_an_answered_call_outlives_the_guard(engine: EngineProcess) -> None:
@@ -314,3 +336,16 @@ def test_the_shipped_dialplan_lets_a_long_failed_bridge_keep_its_cause(engine: E
     assert result.error is None
     assert result.hangup_cause == "NO_ANSWER" and result.sip_response == (480, "Temporarily Unavailable")
     assert result.channel_variables["callgate_reason"] == "ROUTES_FAILED"
+
+
+def test_a_refused_connection_runs_the_dialplan_after_socket_at_once() -> None:
+    """No engine listening (or one that stopped listening to shed load): FreeSWITCH's connect
+    is refused, the `socket` app returns and the dialplan's `respond 503` runs at once (the
+    lab's engine-down case: 503 in 3 ms). The guard never fires."""
+    probe = socket.create_server(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens on the port any more
+    result = place_call("127.0.0.1", port, guarded(), timeout=10)
+    assert not result.connected and result.error
+    assert result.sip_response == (503, "Service Unavailable")
+    assert result.hangup_after is not None and result.hangup_after < GUARD / 2
