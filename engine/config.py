@@ -48,6 +48,10 @@ class EngineSettings:
     # then starts in about a second). A tmpfs such as /dev/shm/callgate; "" = no images.
     snapshot_image_dir: str = ""
     max_frame_bytes: int = 1048576
+    # Bound of each packed table's cache of recently built entities, per generation (two
+    # generations: at most twice this many per table). Memory against decision CPU: measured in
+    # docs/performance.md ("Decision cost"); ~0.5 KB per cached account.
+    entity_cache: int = 16384
     gc_young_threshold: int = 5000  # engine.gcpolicy; 0 = CPython's defaults
     gc_full_interval: float = 300.0  # seconds between full collections (with gc_young_threshold > 0)
     # Source networks FreeSWITCH connects from (CIDRs); a connection from elsewhere is closed at
@@ -75,6 +79,8 @@ class EngineSettings:
             raise ConfigError(
                 "engine.shed_loop_lag, engine.shed_backlog and engine.shed_accept_wait must be >= 0 (0 = off)"
             )
+        if self.entity_cache < 1:
+            raise ConfigError(f"engine.entity_cache must be >= 1, not {self.entity_cache}")
         if self.gc_young_threshold < 0:
             raise ConfigError(f"engine.gc_young_threshold must be >= 0, not {self.gc_young_threshold}")
         if self.gc_full_interval <= 0:

@@ -46,6 +46,7 @@ from engine.logs import setup_logging
 from engine.metrics import EngineMetrics, wsgi_app
 from engine.rules.catalog import Catalog
 from engine.rules.gate import first_uses
+from engine.rules.packed import set_entity_cache
 from engine.rules.text import show
 from engine.state.direct import DirectConnections
 from engine.state.events import EventPublisher
@@ -114,6 +115,7 @@ class Engine:
             socket_timeout=max(config.redis.socket_timeout, SNAPSHOT_READ_TIMEOUT),
             socket_connect_timeout=config.redis.socket_timeout,
         )
+        set_entity_cache(config.engine.entity_cache)  # before any catalogue is built or mapped
         images = None
         if config.engine.snapshot_image_dir:
             fingerprint = code_fingerprint([engine.model, engine.rules])

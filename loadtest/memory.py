@@ -12,6 +12,11 @@ per process:
 - **memory** once it decides: RSS (``VmRSS``) and PSS (``Pss`` of ``smaps_rollup``, which
   splits pages shared between processes fairly among them), and the peak RSS (``VmHWM``).
 
+With ``--warm-seconds S`` the engines first decide the load test's call mix for S seconds
+(closed loop, ``--warm-concurrency`` calls at a time, many distinct callers and destinations)
+and the memory is read after that: the steady state, with the packed tables' recent-entity
+caches (``engine.entity_cache``) filled by traffic, rather than just after the load.
+
 ``loadtest.run``'s scale scenario records the same figures for every server it starts
 (:func:`process_memory`, :class:`StartWatch`), beside the latency.
 """
@@ -34,14 +39,26 @@ from loadtest import child_env
 VENV_BIN = Path(sys.executable).parent
 
 
+# /proc/<pid>/status fields read: RSS is the process's own memory (anonymous: the heap, the
+# built entities) plus the pages of files it touched, a mapped catalogue image's included
+# (shared memory of a tmpfs: one copy per host, shared by every process mapping it).
+_STATUS_FIELDS = {
+    "VmRSS": "rss_mb",
+    "VmHWM": "peak_rss_mb",
+    "RssAnon": "anon_mb",
+    "RssShmem": "shmem_mb",
+}
+
+
 def process_memory(pid: int) -> dict[str, float]:
-    """RSS, peak RSS and PSS of ``pid`` in MiB (Linux /proc); empty if the process is gone."""
+    """RSS, peak RSS, PSS, and RSS's anonymous and shared-memory parts of ``pid`` in MiB
+    (Linux /proc); empty if the process is gone."""
     result: dict[str, float] = {}
     try:
         with open(f"/proc/{pid}/status") as handle:
             for line in handle:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    name = "rss_mb" if line.startswith("VmRSS") else "peak_rss_mb"
+                name = _STATUS_FIELDS.get(line.split(":", 1)[0])
+                if name:
                     result[name] = int(line.split()[1]) / 1024
         with open(f"/proc/{pid}/smaps_rollup") as handle:
             for line in handle:
@@ -90,7 +107,8 @@ def describe(watch: dict[str, Any], memory: list[dict[str, float]]) -> str:
         return "n/a" if value is None else f"{value:.1f}{unit}"
 
     per_process = ", ".join(
-        f"RSS {fmt(m.get('rss_mb'), ' MB')} PSS {fmt(m.get('pss_mb'), ' MB')} "
+        f"RSS {fmt(m.get('rss_mb'), ' MB')} (anonymous {fmt(m.get('anon_mb'), ' MB')}, "
+        f"shared memory {fmt(m.get('shmem_mb'), ' MB')}) PSS {fmt(m.get('pss_mb'), ' MB')} "
         f"peak {fmt(m.get('peak_rss_mb'), ' MB')}"
         for m in memory
     )
@@ -108,10 +126,15 @@ def measure_cold_start(
     procs: int,
     timeout: float = 600.0,
     image_dir: str = "",
+    warm_seconds: float = 0.0,
+    warm_concurrency: int = 50,
+    entity_cache: int = 0,
 ) -> dict[str, Any]:
     """Start ``procs`` engine processes on a free port, time them, measure them, stop them.
 
-    ``image_dir``: the engines' ``engine.snapshot_image_dir`` (catalogue images); "" = none."""
+    ``image_dir``: the engines' ``engine.snapshot_image_dir`` (catalogue images); "" = none.
+    ``warm_seconds``: decide the load mix this long before reading the memory (module doc).
+    ``entity_cache``: the engines' ``engine.entity_cache``; 0 = its default."""
     from loadtest.dataset import Scale
     from loadtest.driver import record_library
     from loadtest.run import free_port, probe_call, probe_plan
@@ -130,6 +153,8 @@ def measure_cold_start(
         CALLGATE_LOGGING__LEVEL="INFO",
         CALLGATE_ENGINE__SNAPSHOT_IMAGE_DIR=image_dir,
     )
+    if entity_cache:
+        env["CALLGATE_ENGINE__ENTITY_CACHE"] = str(entity_cache)
     env.pop("CALLGATE_CONFIG", None)
     workdir = Path(tempfile.mkdtemp(prefix="cgmemory-"))
     started = time.monotonic()
@@ -168,6 +193,11 @@ def measure_cold_start(
                 time.sleep(0.05)
         time.sleep(1.0)  # let the post-load garbage settle before reading memory
         memory = [process_memory(proc.pid) for proc in running]
+        warm: dict[str, Any] = {}
+        if warm_seconds > 0:
+            warm = warm_up(port, scale, lib, warm_seconds, warm_concurrency)
+            time.sleep(1.0)
+            warm["memory"] = [process_memory(proc.pid) for proc in running]
     finally:
         for proc in running:
             proc.terminate()
@@ -193,6 +223,29 @@ def measure_cold_start(
         "cold_start": watch.as_dict(),
         "memory": memory,
         "load_log": loaded,
+        "warm": warm,
+    }
+
+
+def warm_up(port: int, scale: Any, lib: Any, seconds: float, concurrency: int) -> dict[str, Any]:
+    """Decide the load test's default mix against the engines for ``seconds`` (closed loop)."""
+    from loadtest.driver import LoadConfig, drive
+
+    config = LoadConfig(
+        target=("127.0.0.1", port),
+        concurrency=concurrency,
+        duration=seconds,
+        warmup=0.0,
+        scale=scale,
+        procs=2,
+        seed=int(time.time()),
+    )
+    result = drive(config, library=lib)
+    return {
+        "seconds": seconds,
+        "decided": result["decided"],
+        "errors": result["errors"],
+        "outcomes": result["outcomes"],
     }
 
 
@@ -209,10 +262,26 @@ def main(argv: list[str] | None = None) -> int:
         help="engine.snapshot_image_dir for the engines: run twice, the first start writes the "
         "catalogue image, the second maps it",
     )
+    parser.add_argument(
+        "--warm-seconds",
+        type=float,
+        default=0.0,
+        help="decide the load mix this long, then read the memory again (recent-entity caches filled)",
+    )
+    parser.add_argument("--warm-concurrency", type=int, default=50)
+    parser.add_argument("--entity-cache", type=int, default=0, help="engine.entity_cache (0: its default)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     result = measure_cold_start(
-        args.redis, args.prefix, args.accounts, args.rates, args.procs, image_dir=args.image_dir
+        args.redis,
+        args.prefix,
+        args.accounts,
+        args.rates,
+        args.procs,
+        image_dir=args.image_dir,
+        warm_seconds=args.warm_seconds,
+        warm_concurrency=args.warm_concurrency,
+        entity_cache=args.entity_cache,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -221,6 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(result["cold_start"], result["memory"]))
         for line in result["load_log"]:
             print("  " + line)
+        warm = result["warm"]
+        if warm:
+            print(
+                f"after deciding the load mix for {warm['seconds']:.0f} s ({warm['decided']} calls "
+                f"decided, {warm['errors']} errors): "
+                + describe(result["cold_start"], warm["memory"]).split("; ", 1)[1]
+            )
     return 0
 
 

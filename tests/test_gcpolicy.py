@@ -59,7 +59,11 @@ def test_cyclic_garbage_is_still_collected_by_the_periodic_full_collection() -> 
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("CALLGATE_ENGINE__GC_YOUNG_THRESHOLD", "-1"), ("CALLGATE_ENGINE__GC_FULL_INTERVAL", "0")],
+    [
+        ("CALLGATE_ENGINE__GC_YOUNG_THRESHOLD", "-1"),
+        ("CALLGATE_ENGINE__GC_FULL_INTERVAL", "0"),
+        ("CALLGATE_ENGINE__ENTITY_CACHE", "0"),  # engine.rules.packed's cache bound, same family
+    ],
 )
 def test_bad_settings_are_refused_at_start(variable: str, value: str) -> None:
     with pytest.raises(ConfigError, match=variable.removeprefix("CALLGATE_ENGINE__").lower()):

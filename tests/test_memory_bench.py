@@ -16,6 +16,7 @@ def test_process_memory_reads_rss_pss_and_peak_of_a_live_process() -> None:
     memory = process_memory(os.getpid())
     assert memory["rss_mb"] >= 64 and memory["peak_rss_mb"] >= memory["rss_mb"]
     assert 0 < memory["pss_mb"] <= memory["rss_mb"] + 1
+    assert memory["anon_mb"] >= 64 and memory["shmem_mb"] >= 0  # the ballast is anonymous memory
     del ballast
 
 
@@ -32,8 +33,11 @@ def test_start_watch_keeps_the_first_times_and_a_decision_implies_listening() ->
     watch.saw_listening()
     watch.saw_decision()
     assert watch.as_dict() == first
-    line = describe(first, [{"rss_mb": 10.0, "pss_mb": 5.0, "peak_rss_mb": 12.0}, {}])
-    assert "first decision 2." in line and "RSS 10.0 MB PSS 5.0 MB peak 12.0 MB" in line and "n/a" in line
+    line = describe(
+        first, [{"rss_mb": 10.0, "anon_mb": 7.0, "shmem_mb": 2.0, "pss_mb": 5.0, "peak_rss_mb": 12.0}, {}]
+    )
+    assert "first decision 2." in line and "n/a" in line
+    assert "RSS 10.0 MB (anonymous 7.0 MB, shared memory 2.0 MB) PSS 5.0 MB peak 12.0 MB" in line
 
 
 def test_is_listening_tells_a_listening_port_from_a_bound_one() -> None:

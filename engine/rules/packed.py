@@ -284,6 +284,14 @@ class PackedTable(MutableMapping[K, E], Generic[K, E]):
             return position
         return -1
 
+    def reset_cache(self) -> None:
+        """Drop the recently built entities and size the cache anew (:func:`set_entity_cache`)."""
+        self._cache = _Recent(self._size)
+
+    def cached(self) -> int:
+        """How many built entities the recent cache holds now (diagnostics, benchmarks)."""
+        return len(self._cache)
+
     # -- mapping ---------------------------------------------------------------------------
 
     def get(self, key: K, default: Any = None) -> Any:
@@ -467,6 +475,37 @@ def _rebuild_table(
     return table
 
 
+# Bound of each table's recent-entity cache (:class:`_Recent`), entities per generation; set
+# from ``engine.entity_cache`` by the engine before it loads (docs/performance.md, "Decision
+# cost": the measured trade of memory against decision CPU).
+ENTITY_CACHE_DEFAULT = 16_384
+_entity_cache_max = ENTITY_CACHE_DEFAULT
+_ENTITY_CACHE_FLOOR = 1024  # small tables: at least this many (a handful of KB, no misses)
+
+
+def recent_limit(size: int, maximum: int) -> int:
+    """Entities per generation of the recent cache of a table of ``size`` records.
+
+    A quarter of the table (two generations then hold up to half of it: the callers of an
+    hour are a fraction of the accounts), at least 1,024 so that a small table is never
+    rebuilt, and at most ``maximum``, the memory bound: a full cache of a table holds at
+    most ``2 * limit`` entities (~0.5 KB each for an account, docs/performance.md).
+    ``maximum`` below the floor wins (0 is not allowed: see ``engine.config``)."""
+    return min(maximum, max(_ENTITY_CACHE_FLOOR, size // 4))
+
+
+def set_entity_cache(maximum: int) -> None:
+    """The bound of the recent caches of tables built or mapped from now on."""
+    global _entity_cache_max
+    if maximum < 1:
+        raise ValueError(f"entity cache bound must be >= 1, not {maximum}")
+    _entity_cache_max = maximum
+
+
+def entity_cache() -> int:
+    return _entity_cache_max
+
+
 class _Recent:
     """The recently decoded base records of a table (key -> entity), two generations.
 
@@ -475,14 +514,14 @@ class _Recent:
     (changes go to the overlay, looked up first), so a cached entity never goes stale.
     Bounded: when ``young`` is full it becomes ``old`` and the previous ``old`` is dropped;
     a hit in ``old`` moves back to ``young``, so what is read often stays (an approximate
-    LRU at the cost of a dict lookup or two). One eighth of the table, 1,024 to 8,192
-    entities per generation.
+    LRU at the cost of a dict lookup or two). ``limit`` entities per generation
+    (:func:`recent_limit`).
     """
 
     __slots__ = ("limit", "old", "young")
 
     def __init__(self, size: int) -> None:
-        self.limit = max(1024, min(8192, size // 8))
+        self.limit = recent_limit(size, _entity_cache_max)
         self.young: dict[Any, Any] = {}
         self.old: dict[Any, Any] = {}
 
@@ -490,6 +529,9 @@ class _Recent:
         if len(self.young) >= self.limit:
             self.old, self.young = self.young, {}
         self.young[key] = entity
+
+    def __len__(self) -> int:
+        return len(self.young) + len(self.old)
 
 
 _FIRST, _SECOND = itemgetter(0), itemgetter(1)

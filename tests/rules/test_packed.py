@@ -20,7 +20,16 @@ from engine.model import (
     TerminationRate,
 )
 from engine.rules.catalog import longest_prefix
-from engine.rules.packed import PackedTable, RankedView, packed_by_id, packed_rates, record_codec
+from engine.rules.packed import (
+    PackedTable,
+    RankedView,
+    entity_cache,
+    packed_by_id,
+    packed_rates,
+    recent_limit,
+    record_codec,
+    set_entity_cache,
+)
 
 
 def account(id: int, number: str, **changes: object) -> Account:
@@ -128,3 +137,30 @@ def test_mixed_types_in_one_table_are_kept_apart() -> None:
     assert table.get(44) is None  # type: ignore[call-overload]
     assert table.longest_match("4412", 10) == rates["44"] and table.longest_match("4", 10) is None
     assert RoutingType.LCR == "lcr"  # (enums are stored by value)
+
+
+def test_recent_cache_bound_is_a_quarter_of_the_table_between_the_floor_and_the_setting() -> None:
+    assert recent_limit(0, 65536) == 1024  # a small table: the floor
+    assert recent_limit(4000, 65536) == 1024
+    assert recent_limit(100_000, 65536) == 25_000  # a quarter
+    assert recent_limit(100_000, 8192) == 8192  # the setting bounds it
+    assert recent_limit(1_000_000, 65536) == 65536
+    assert recent_limit(10**9, 65536) == 65536
+    assert recent_limit(100_000, 100) == 100  # a setting below the floor wins
+
+
+def test_a_table_caches_at_most_two_generations_of_its_bound() -> None:
+    previous = entity_cache()
+    set_entity_cache(16)
+    try:
+        table = packed_by_id(Account, (account(n, f"n{n}") for n in range(1, 201)))
+        for n in range(1, 201):
+            assert table[n] == account(n, f"n{n}")
+            assert table.cached() <= 2 * 16
+        assert table.cached() > 16  # both generations in use
+        table.reset_cache()
+        assert table.cached() == 0 and table[7] == account(7, "n7")
+    finally:
+        set_entity_cache(previous)
+    with pytest.raises(ValueError):
+        set_entity_cache(0)
