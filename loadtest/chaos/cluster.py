@@ -69,6 +69,18 @@ def answers(port: int) -> bool:
         return False
 
 
+def sentinels_see_everyone(sentinel_ports: list[int], service: str = SERVICE) -> bool:
+    """Every sentinel knows the two others and a replica: a failover can be voted and done."""
+    for port in sentinel_ports:
+        try:
+            state = quick_client(port).sentinel_master(service)
+        except redis.RedisError:
+            return False
+        if int(state.get("num-other-sentinels", 0)) < 2 or int(state.get("num-slaves", 0)) < 1:
+            return False
+    return True
+
+
 # --------------------------------------------------------------------------- PostgreSQL
 
 
@@ -220,14 +232,7 @@ class RedisHa:
         return info.get("role") == "slave" and info.get("master_link_status") == "up"
 
     def _sentinels_see_everyone(self) -> bool:
-        for port in self.sentinel_ports:
-            try:
-                state = quick_client(port).sentinel_master(SERVICE)
-            except redis.RedisError:
-                return False
-            if int(state.get("num-other-sentinels", 0)) < 2 or int(state.get("num-slaves", 0)) < 1:
-                return False
-        return True
+        return sentinels_see_everyone(self.sentinel_ports)
 
     def named_primary(self) -> DataNode | None:
         """The node a majority of the sentinels... (the first that answers) names primary."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from loadtest.chaos.cluster import sentinels_see_everyone
 from tests.private_redis import free_port, quick_client
 from tests.support import wait_until
 
@@ -100,14 +101,7 @@ class SentinelCluster:
         probe.close()
 
     def _sentinels_see_everyone(self) -> bool:
-        for port in self.sentinel_ports:
-            try:
-                state = quick_client(port).sentinel_master(SERVICE)
-            except redis.RedisError:
-                return False
-            if int(state.get("num-other-sentinels", 0)) < 2 or int(state.get("num-slaves", 0)) < 1:
-                return False
-        return True
+        return sentinels_see_everyone(self.sentinel_ports, SERVICE)
 
     def primary(self) -> int | None:
         """The port the sentinels name as primary (None if none answers)."""
