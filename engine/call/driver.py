@@ -272,7 +272,6 @@ class _Call:
     """One connection: runs the session's actions until it finishes."""
 
     __slots__ = (
-        "_accepted_at",
         "_conn",
         "_deadlines",
         "_handler",
@@ -287,8 +286,12 @@ class _Call:
         self, handler: CallHandler, conn: EslConnection, peer: tuple[object, ...], accepted_at: float
     ) -> None:
         self._handler = handler
-        self._accepted_at = accepted_at
-        self._queued = 0.0
+        # The wait that load shedding judges ends here: _Call is built by the connection's
+        # greenlet as it first runs, when the engine is about to send `connect`. What follows,
+        # until the channel data arrives, is FreeSWITCH's time: a slow switch must not make an
+        # idle engine shed its calls and stop listening for every switch it serves (seen on the
+        # real switch with delayed replies: docs/real-switch-lab.md).
+        self._queued = time.monotonic() - accepted_at
         self._conn = conn
         self._peer = peer
         self._session = CallSession(handler._settings, handler._sip_response)
@@ -299,11 +302,6 @@ class _Call:
     def run(self) -> None:
         session = self._session
         conn = self._conn
-        # The wait that load shedding judges ends here, when the engine first serves the call.
-        # What follows, until the channel data arrives, is FreeSWITCH's time: a slow switch must
-        # not make an idle engine shed its calls and stop listening for every switch it serves
-        # (seen on the real switch with delayed replies: docs/real-switch-lab.md).
-        self._queued = time.monotonic() - self._accepted_at
         try:
             self._apply(session.start())
             while session.phase is not _DONE:
