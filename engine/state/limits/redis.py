@@ -97,6 +97,19 @@ local function drop_holdings(rec, uuid)
   if #fields > 0 then redis.call('DEL', rec) end
   return #fields > 0
 end
+local function hold_in(fields, first, last, trunk_index, deadline, keep, uuid)
+  -- count the call in KEYS[first..last] until deadline, and list them in its record's fields
+  for i = first, last do
+    redis.call('ZADD', KEYS[i], deadline, uuid)
+    extend(KEYS[i], keep)
+    fields[#fields + 1] = 'k:' .. KEYS[i]
+    fields[#fields + 1] = '1'
+  end
+  if trunk_index > 0 then
+    fields[#fields + 1] = 'tk'
+    fields[#fields + 1] = KEYS[trunk_index]
+  end
+end
 """
 
 # KEYS: registry, call record, then per subject (levels first, then limited trunks):
@@ -244,17 +257,7 @@ drop_holdings(rec, uuid)
 local deadline = now + hold
 local keep = hold + tonumber(ARGV[4])
 local fields = {'at', now, 'dl', deadline, 'trunk', ARGV[5]}
-for i = 3, #KEYS do
-  redis.call('ZADD', KEYS[i], deadline, uuid)
-  extend(KEYS[i], keep)
-  fields[#fields + 1] = 'k:' .. KEYS[i]
-  fields[#fields + 1] = '1'
-end
-local ti = tonumber(ARGV[6])
-if ti > 0 then
-  fields[#fields + 1] = 'tk'
-  fields[#fields + 1] = KEYS[ti]
-end
+hold_in(fields, 3, #KEYS, tonumber(ARGV[6]), deadline, keep, uuid)
 redis.call('HSET', rec, unpack(fields))
 redis.call('PEXPIRE', rec, keep)
 redis.call('ZADD', reg, deadline, uuid)
@@ -314,17 +317,7 @@ local deadline = math.max(since + tonumber(ARGV[5]), now + slack)
 local keep = deadline - now + slack
 local nch = tonumber(ARGV[7])
 local fields = {'at', since, 'dl', deadline, 'trunk', ARGV[9], 'rc', now}
-for i = 4, 3 + nch do
-  redis.call('ZADD', KEYS[i], deadline, uuid)
-  extend(KEYS[i], keep)
-  fields[#fields + 1] = 'k:' .. KEYS[i]
-  fields[#fields + 1] = '1'
-end
-local ti = tonumber(ARGV[8])
-if ti > 0 then
-  fields[#fields + 1] = 'tk'
-  fields[#fields + 1] = KEYS[ti]
-end
+hold_in(fields, 4, 3 + nch, tonumber(ARGV[8]), deadline, keep, uuid)
 local nf = tonumber(ARGV[10] or '0')
 local fk = 4 + nch
 -- a reservation still held (written by the same acquire, so normally lost with it) is kept
