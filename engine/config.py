@@ -166,9 +166,14 @@ class SyncSettings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9185  # Prometheus /metrics of the worker; 0 disables
     # After each full snapshot, the leader builds its catalogue image in a child process and
-    # publishes it in Redis (engine.state.imageblob), in chunks of image_chunk_bytes.
+    # publishes it in Redis (engine.state.imageblob), in chunks of image_chunk_bytes (4 MiB less a
+    # page: with Redis' value header, each chunk fits jemalloc's 4 MiB size class, not the 5 MiB).
     publish_images: bool = True
-    image_chunk_bytes: int = 4194304
+    image_chunk_bytes: int = 4190208
+
+    def __post_init__(self) -> None:
+        if not 1 << 16 <= self.image_chunk_bytes <= 1 << 26:
+            raise ConfigError(f"sync.image_chunk_bytes must be 64 KiB to 64 MiB, not {self.image_chunk_bytes}")
 
 
 # A SIP domain as FreeSWITCH's directory names it: a host name or an IPv4 address.
