@@ -346,6 +346,14 @@ def chunk_sweep(redis_url: str, sizes_mib: list[int], total_mib: int = 256) -> l
     try:
         for size in sizes_mib:
             client.unlink(key)
+            if size == 0:  # the baseline: the prober alone for a second
+                prober = LatencyProbe(redis_url)
+                prober.start()
+                time.sleep(1.0)
+                results.append(
+                    {"chunk_mib": 0, "chunks": 0, "fetch_s": 0.0, "redis_latency_ms": prober.stop()}
+                )
+                continue
             count = max(1, total_mib // size)
             chunk = os.urandom(size << 20)
             for index in range(count):
@@ -354,18 +362,34 @@ def chunk_sweep(redis_url: str, sizes_mib: list[int], total_mib: int = 256) -> l
             prober = LatencyProbe(redis_url)
             prober.start()
             time.sleep(0.2)
+            before = _hget_stats(client)
             started = time.monotonic()
             for index in range(count):
                 client.hget(key, str(index))
             elapsed = time.monotonic() - started
+            after = _hget_stats(client)
             time.sleep(0.2)
+            calls = after[0] - before[0]
             results.append(
-                {"chunk_mib": size, "chunks": count, "fetch_s": elapsed, "redis_latency_ms": prober.stop()}
+                {
+                    "chunk_mib": size,
+                    "chunks": count,
+                    "fetch_s": elapsed,
+                    "redis_latency_ms": prober.stop(),
+                    # Redis' own time per HGET (INFO commandstats; the reply's writing is not in it)
+                    "hget_server_ms": (after[1] - before[1]) / calls / 1000 if calls else None,
+                }
             )
     finally:
         client.unlink(key)
         client.close()
     return results
+
+
+def _hget_stats(client: Any) -> tuple[int, int]:
+    """(calls, usec) of HGET so far, from INFO commandstats."""
+    stats = client.info("commandstats").get("cmdstat_hget", {})
+    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
 
 
 def warm_up(port: int, scale: Any, lib: Any, seconds: float, concurrency: int) -> dict[str, Any]:
@@ -420,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--chunk-sweep",
         default="",
-        help="MiB sizes, e.g. 1,4,16,64: only time chunked reads and Redis' latency",
+        help="MiB sizes, e.g. 0,1,4,16,64 (0: the baseline): only time chunked reads and Redis' latency",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
@@ -430,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
             lat = row["redis_latency_ms"]
             print(
                 f"chunks of {row['chunk_mib']} MiB: {row['chunks']} read in {row['fetch_s']:.2f}s; "
-                f"concurrent GET p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, max {lat['max']:.2f} ms"
+                f"concurrent GET p50 {lat['p50']:.2f} ms, p99 {lat['p99']:.2f} ms, max {lat['max']:.2f} ms; "
+                f"Redis' time per HGET {row.get('hget_server_ms') or 0:.2f} ms"
             )
         if args.json:
             print(json.dumps(sweep, indent=2))

@@ -279,3 +279,15 @@ def test_the_producer_of_a_superseded_version_does_nothing(client: redis.Redis, 
     images = ImageStore(None, key_prefix, FINGERPRINT)
     assert publish_current(client, key_prefix, Catalog.build, images, version=version - 1) is None
     assert not client.exists(image_blob_key(key_prefix, version))
+
+
+def test_the_chunk_sweep_reads_and_probes(redis_url: str) -> None:
+    """loadtest.memory --chunk-sweep: a baseline row and a row per chunk size, its key removed."""
+    from loadtest.memory import chunk_sweep
+
+    rows = chunk_sweep(redis_url, [0, 1], total_mib=2)
+    assert [(row["chunk_mib"], row["chunks"]) for row in rows] == [(0, 0), (1, 2)]
+    assert all(row["redis_latency_ms"]["samples"] > 0 for row in rows)
+    client = redis.Redis.from_url(redis_url)
+    assert not client.keys("cgmemory:chunk-sweep:*")
+    client.close()
