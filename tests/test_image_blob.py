@@ -7,6 +7,8 @@ fetch, loads the rows as before (docs/sync.md, "Catalogue images in Redis").
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -23,7 +25,7 @@ import engine.state.watcher as watcher
 from engine.model import Account, AccountKind, CatalogData, OriginationRate, RateGroup, SipDevice
 from engine.rules.catalog import Catalog
 from engine.state.image import ImageStore, code_fingerprint
-from engine.state.imageblob import publish_current, read_manifest
+from engine.state.imageblob import blob_chunks, publish_current, read_manifest
 from engine.state.keys import image_blob_key, meta_key
 from engine.state.snapshot import current_stamp, publish_snapshot
 from engine.state.watcher import SnapshotHolder
@@ -291,3 +293,30 @@ def test_the_chunk_sweep_reads_and_probes(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
     assert not client.keys("cgmemory:chunk-sweep:*")
     client.close()
+
+
+def test_the_processes_of_a_host_fetch_an_image_once(
+    client: redis.Redis, key_prefix: str, tmp_path: Path
+) -> None:
+    """With an image directory, one process fetches while the host's others wait for its file
+    (a lock file, flock); a waiter then maps that file instead of fetching again."""
+    version = publish_snapshot(client, key_prefix, data())
+    produce(client, key_prefix)
+    store = ImageStore(tmp_path, key_prefix, FINGERPRINT)
+    waiter = holder(client, key_prefix, tmp_path)
+    stamp = current_stamp(client, key_prefix)
+    assert stamp is not None
+    with store.host_lock() as waited:  # "another process" fetching
+        assert not waited
+        thread = threading.Thread(target=waiter.refresh, daemon=True)
+        thread.start()
+        time.sleep(0.3)  # lets the waiter reach the lock (not an assert on time)
+        assert not waiter.loaded
+        manifest = read_manifest(client, key_prefix, version, FINGERPRINT)
+        assert manifest is not None
+        chunks = blob_chunks(client, key_prefix, version, manifest)
+        assert store.write_chunks(stamp, chunks) is not None
+    thread.join(30)
+    assert waiter.loaded and waiter.blob_fetches == 0 and mapped(waiter.current[1])
+    with store.host_lock() as waited:  # released by the waiter
+        assert not waited

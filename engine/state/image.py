@@ -29,6 +29,8 @@ rename a complete file.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -38,6 +40,7 @@ import os
 import pickle
 import sys
 import tempfile
+import time
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -201,6 +204,48 @@ class ImageStore:
                     _remove(other)
         except OSError:
             log.debug("listing %s failed", self.directory, exc_info=True)
+
+    @contextlib.contextmanager
+    def host_lock(self, timeout: float = 120.0, poll: float = 0.05) -> Iterator[bool]:
+        """Hold this prefix's lock file in the directory (``flock``): one process of the host
+        fetches an image while the others wait for its file. Yields True if it had to wait
+        (another process held it: look for the image again), False at once otherwise.
+
+        Polls with ``time.sleep`` (cooperative once gevent patched it), never blocks in the
+        kernel. Past ``timeout``, or when the lock file cannot be opened, yields without it
+        (each process then fetches on its own, as without the lock). The kernel releases the
+        lock of a process that dies.
+        """
+        handle = None
+        waited = False
+        if self.directory is not None:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                handle = open(self.directory / f".{self._family}.lock", "a+b")  # noqa: SIM115
+            except OSError:
+                log.debug("no lock file in %s", self.directory, exc_info=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while handle is not None:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    waited = True
+                    if time.monotonic() > deadline:
+                        log.warning(
+                            "waited %.0fs for the image lock of %s: going on without it",
+                            timeout,
+                            self.directory,
+                        )
+                        handle.close()
+                        handle = None
+                        break
+                    time.sleep(poll)
+            yield waited
+        finally:
+            if handle is not None:
+                handle.close()  # releases the lock
 
     # --- reading ---------------------------------------------------------------------------------
 

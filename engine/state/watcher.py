@@ -365,6 +365,20 @@ class SnapshotHolder(Generic[T]):
         the snapshot connection); the checks and the unpickling run in the thread pool.
         Redis errors propagate (a failed load: the watcher retries).
         """
+        if images.directory is None:
+            return self._fetch_blob_unlocked(images, stamp)
+        with images.host_lock() as waited:
+            if waited:  # another process of the host fetched meanwhile: its file, if it made one
+                local = self._offload(lambda: self._map_local(images, stamp))
+                if local is not None:
+                    return cast(LoadedImage, local)
+            return self._fetch_blob_unlocked(images, stamp)
+
+    def _map_local(self, images: ImageStore, stamp: SnapshotStamp) -> LoadedImage | None:
+        with gc_paused(freeze=self._freeze_gc):
+            return images.load(stamp)
+
+    def _fetch_blob_unlocked(self, images: ImageStore, stamp: SnapshotStamp) -> LoadedImage | None:
         started = time.monotonic()
         self.blob_fetches += 1
         manifest = read_manifest(self._client, self._prefix, stamp.version, images.fingerprint)
@@ -379,12 +393,7 @@ class SnapshotHolder(Generic[T]):
                 if path is None:  # the directory is not writable: keep it in memory after all
                     return self._fetch_blob_to_memory(images, stamp, manifest, origin)
                 fetched = time.monotonic()
-
-                def mapped() -> LoadedImage | None:
-                    with gc_paused(freeze=self._freeze_gc):
-                        return images.load(stamp)
-
-                loaded: LoadedImage | None = self._offload(mapped)
+                loaded: LoadedImage | None = self._offload(lambda: self._map_local(images, stamp))
                 if loaded is None:  # the file did not check out (it is removed): logged by load
                     self.blob_failures += 1
             else:
