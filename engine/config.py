@@ -166,10 +166,10 @@ class SyncSettings:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9185  # Prometheus /metrics of the worker; 0 disables
     # After each full snapshot, the leader builds its catalogue image in a child process and
-    # publishes it in Redis (engine.state.imageblob), in chunks of image_chunk_bytes (4 MiB less a
-    # page: with Redis' value header, each chunk fits jemalloc's 4 MiB size class, not the 5 MiB).
+    # publishes it in Redis (engine.state.imageblob), in chunks of image_chunk_bytes (1 MiB less a
+    # page: with Redis' value header, each chunk fits jemalloc's 1 MiB size class, not the 1.25 MiB).
     publish_images: bool = True
-    image_chunk_bytes: int = 4190208
+    image_chunk_bytes: int = 1044480
 
     def __post_init__(self) -> None:
         if not 1 << 16 <= self.image_chunk_bytes <= 1 << 26:

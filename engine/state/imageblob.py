@@ -18,9 +18,9 @@ ignores the images of other code) it holds:
   written last: a blob is complete once its manifest names it;
 - fields ``fp:{nonce}:{n}``: chunk ``n`` (``chunk_bytes`` each, the last one shorter).
 
-Chunks bound the time one command holds Redis' single thread (a GET or HSET of 200 MB would
-stall every engine's limits script for a fraction of a second; a 4 MiB chunk costs about a
-millisecond). Every write is a Lua script that first checks that version ``v`` still exists
+Chunks bound the time one command holds Redis' single thread (one GET of a 300 MB image would
+stall every engine's limits script for a fraction of a second; a 1 MiB chunk costs Redis less
+than 0.1 ms). Every write is a Lua script that first checks that version ``v`` still exists
 with the producer's token, so a version deleted while its image was written does not get
 its hash back (nothing is left behind without an owner). A new blob of the same version and
 code (a producer run again) takes a new nonce, switches the manifest, then deletes the old
@@ -72,9 +72,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# 4 MiB less one page: a value of exactly 4 MiB plus Redis' string header takes jemalloc's 5 MiB
-# size class (25 % more memory, measured with MEMORY USAGE); this one fits the 4 MiB class.
-DEFAULT_CHUNK_BYTES = (4 << 20) - 4096
+# 1 MiB less one page. Redis' own time per HGET, measured (docs/performance.md): ~0.08 ms at 1 MiB,
+# ~0.4 ms at 4 MiB, ~8.5 ms at 8 MiB, ~90 ms at 64 MiB; the whole fetch was fastest at 1 MiB too.
+# Less a page because a value of exactly 1 MiB plus Redis' string header takes jemalloc's 1.25 MiB
+# size class (25 % more memory, measured with MEMORY USAGE); this one fits the 1 MiB class.
+DEFAULT_CHUNK_BYTES = (1 << 20) - 4096
 
 # KEYS[1] meta of the version, KEYS[2] its image hash; ARGV: token, then field, value pairs.
 # Writes only while the version exists with that token (never re-creates a deleted version's hash).
