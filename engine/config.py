@@ -173,7 +173,9 @@ class SyncSettings:
 
     def __post_init__(self) -> None:
         if not 1 << 16 <= self.image_chunk_bytes <= 1 << 26:
-            raise ConfigError(f"sync.image_chunk_bytes must be 64 KiB to 64 MiB, not {self.image_chunk_bytes}")
+            raise ConfigError(
+                f"sync.image_chunk_bytes must be 64 KiB to 64 MiB, not {self.image_chunk_bytes}"
+            )
 
 
 # A SIP domain as FreeSWITCH's directory names it: a host name or an IPv4 address.
