@@ -709,6 +709,8 @@ def test_each_full_snapshot_gets_its_catalogue_image_published(
             what="the image of the second version",
         )
         assert not client.exists(image_blob_key(prefix, first.version))  # only the current one is kept
+        db.execute("UPDATE accounts SET balance = 41 WHERE number = '1000000001'")
+        assert worker.catch_up().applied == 1  # live sync: in place, after the image was built
     finally:
         worker._stop_image_child()
         worker.close()
@@ -717,4 +719,5 @@ def test_each_full_snapshot_gets_its_catalogue_image_published(
     assert holder.refresh() and holder.blob_fetches == 1 and holder.blob_failures == 0
     catalog = holder.current[1]
     assert isinstance(catalog.accounts._records, memoryview)  # from the image, not decoded rows
-    assert catalog.accounts_by_number["1000000001"].balance == Decimal(40)
+    assert catalog.accounts_by_number["1000000001"].balance == Decimal(41)  # the journal on top
+    assert holder.stamp == current_stamp(client, prefix) and holder.stamp.changes == 1

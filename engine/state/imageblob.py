@@ -24,7 +24,8 @@ than 0.1 ms). Every write is a Lua script that first checks that version ``v`` s
 with the producer's token, so a version deleted while its image was written does not get
 its hash back (nothing is left behind without an owner). A new blob of the same version and
 code (a producer run again) takes a new nonce, switches the manifest, then deletes the old
-chunks: a reader always reads one blob's chunks or finds one missing. After publishing, the
+chunks: a reader always reads one blob's chunks or finds one missing (the chunks of a producer
+stopped mid-way are named by no manifest; they go with the version). After publishing, the
 producer deletes the images of the versions before ``v``: only the current version's blob
 is kept.
 
