@@ -1,4 +1,4 @@
-"""`callgate` command line: db migrate, load, sync, serve, explain, fsxml, cdr replay."""
+"""`callgate` command line: db migrate, load, sync, image publish, serve, explain, fsxml, cdr replay."""
 
 from __future__ import annotations
 
@@ -43,6 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconcile.add_argument(
         "--grace", type=float, default=5.0, help="leave calls admitted this recently (seconds) as they are"
+    )
+
+    image = commands.add_parser(
+        "image", help="catalogue images in Redis: engines on new hosts start from them (docs/sync.md)"
+    )
+    image_commands = image.add_subparsers(dest="image_command", required=True)
+    image_publish = image_commands.add_parser(
+        "publish", help="build the current snapshot's catalogue image and publish it in Redis"
+    )
+    image_publish.add_argument(
+        "--force", action="store_true", help="build it again even if this version has one of this code"
     )
 
     serve = commands.add_parser("serve", help="run the engine (FreeSWITCH outbound event socket)")
@@ -94,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load": _load,
         "sync": _sync,
         "reconcile": _reconcile,
+        "image": _image,
         "serve": _serve,
         "explain": _explain,
         "fsxml": _fsxml,
@@ -157,7 +169,30 @@ def _sync(args: argparse.Namespace, config: Config) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    SyncWorker(config).run(stop)
+    image_job = None
+    if config.sync.publish_images:
+        from engine.imagejob import produce_in_child
+
+        image_job = produce_in_child
+    SyncWorker(config, image_job=image_job).run(stop)
+    return 0
+
+
+def _image(args: argparse.Namespace, config: Config) -> int:
+    from engine.imagejob import publish_image
+    from engine.logs import setup_logging
+
+    setup_logging(config.logging)
+    result = publish_image(config, force=args.force)
+    if result is None:
+        print("callgate: no snapshot to build an image of (or it moved on meanwhile)", file=sys.stderr)
+        return EXIT_FAILURE
+    done = "published" if result.published else "already published (--force builds it again)"
+    print(
+        f"catalogue image of version {result.stamp.version} (changes {result.stamp.changes}) {done}: "
+        f"{result.size / 1e6:.1f} MB in {result.chunks} chunks; build {result.build_seconds:.1f}s, "
+        f"upload {result.upload_seconds:.1f}s"
+    )
     return 0
 
 

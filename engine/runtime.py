@@ -116,12 +116,19 @@ class Engine:
             socket_connect_timeout=config.redis.socket_timeout,
         )
         set_entity_cache(config.engine.entity_cache)  # before any catalogue is built or mapped
-        images = None
-        if config.engine.snapshot_image_dir:
-            fingerprint = code_fingerprint([engine.model, engine.rules])
-            images = ImageStore(config.engine.snapshot_image_dir, config.redis.key_prefix, fingerprint)
+        # Catalogue images: mapped from the image directory (when set), else fetched from the
+        # image the sync worker published in Redis (engine.state.imageblob), else built from rows.
+        images = ImageStore(
+            config.engine.snapshot_image_dir or None,
+            config.redis.key_prefix,
+            code_fingerprint([engine.model, engine.rules]),
+        )
         self.snapshots: SnapshotHolder[Catalog] = SnapshotHolder(
-            self.snapshot_redis, config.redis.key_prefix, Catalog.build, images=images
+            self.snapshot_redis,
+            config.redis.key_prefix,
+            Catalog.build,
+            images=images,
+            image_blobs=config.engine.snapshot_image_fetch,
         )
         # The per-call limits script skips redis-py's pool and wrappers (engine.state.direct).
         self.direct_redis = DirectConnections.like(

@@ -30,7 +30,7 @@ from engine.rules.gate import FirstUse
 from engine.state.codec import encode_entity
 from engine.state.events import EventPublisher
 from engine.state.image import ImageStore, code_fingerprint
-from engine.state.keys import events_stream, sync_journal_key, sync_state_key
+from engine.state.keys import events_stream, image_blob_key, sync_journal_key, sync_state_key
 from engine.state.snapshot import SchemaMismatch, current_stamp, read_snapshot
 from engine.state.watcher import SnapshotHolder
 from engine.sync import publish_once
@@ -680,3 +680,44 @@ def test_a_version_written_with_other_fields_is_not_written_into(
     with pytest.raises(SchemaMismatch):
         apply_batch(client, prefix, state, pg_snapshot=state.pg_snapshot, upserts=[alice])
     assert read_state(client, prefix) == state  # nothing written
+
+
+def test_each_full_snapshot_gets_its_catalogue_image_published(
+    config: Config, client: redis.Redis, db: psycopg.Connection
+) -> None:
+    """The leader's child process builds the image of each full snapshot it publishes; an
+    engine with no local image then starts from it (tests/test_image_blob.py: the failures)."""
+    from engine.imagejob import image_fingerprint, produce_in_child
+    from engine.state.imageblob import read_manifest
+
+    prefix = config.redis.key_prefix
+    worker = SyncWorker(config, worker_id="test-images", image_job=produce_in_child)
+    worker.connect()
+    try:
+        first = worker.catch_up()
+        assert first.full
+        wait_until(
+            lambda: read_manifest(client, prefix, first.version, image_fingerprint()) is not None,
+            timeout=60,
+            what="the image of the first version",
+        )
+        db.execute("UPDATE accounts SET balance = 40 WHERE number = '1000000001'")
+        second = worker.full_resync()
+        wait_until(
+            lambda: read_manifest(client, prefix, second.version, image_fingerprint()) is not None,
+            timeout=60,
+            what="the image of the second version",
+        )
+        assert not client.exists(image_blob_key(prefix, first.version))  # only the current one is kept
+        db.execute("UPDATE accounts SET balance = 41 WHERE number = '1000000001'")
+        assert worker.catch_up().applied == 1  # live sync: in place, after the image was built
+    finally:
+        worker._stop_image_child()
+        worker.close()
+    images = ImageStore(None, prefix, image_fingerprint())
+    holder = SnapshotHolder(client, prefix, Catalog.build, subscribe=False, images=images, image_blobs=True)
+    assert holder.refresh() and holder.blob_fetches == 1 and holder.blob_failures == 0
+    catalog = holder.current[1]
+    assert isinstance(catalog.accounts._records, memoryview)  # from the image, not decoded rows
+    assert catalog.accounts_by_number["1000000001"].balance == Decimal(41)  # the journal on top
+    assert holder.stamp == current_stamp(client, prefix) and holder.stamp.changes == 1

@@ -29,7 +29,10 @@ rename a complete file.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import mmap
@@ -37,15 +40,16 @@ import os
 import pickle
 import sys
 import tempfile
+import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
 from engine.state.snapshot import SnapshotStamp
 
-__all__ = ["FORMAT", "ImageStore", "LoadedImage", "code_fingerprint"]
+__all__ = ["FORMAT", "EncodedImage", "ImageError", "ImageStore", "LoadedImage", "code_fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -101,45 +105,27 @@ _UNUSABLE = (
 class ImageStore:
     """Images of one deployment (key prefix) in one directory."""
 
-    def __init__(self, directory: str | os.PathLike[str], prefix: str, fingerprint: str) -> None:
-        self.directory = Path(directory)
+    def __init__(self, directory: str | os.PathLike[str] | None, prefix: str, fingerprint: str) -> None:
+        """``directory`` None: no files (images are only encoded and read from memory)."""
+        self.directory = None if directory is None else Path(directory)
         self.prefix = prefix
         self.fingerprint = fingerprint
         self._family = hashlib.sha256(prefix.encode()).hexdigest()[:16]
 
     def path_of(self, version: int, token: str | None) -> Path:
-        return self.directory / f"{self._family}-{version}-{token or 'none'}.img"
+        return Path(self.directory or ".") / f"{self._family}-{version}-{token or 'none'}.img"
 
     # --- writing ---------------------------------------------------------------------------------
 
-    def write(self, stamp: SnapshotStamp, value: Any) -> Path | None:
-        """Write the image of ``value`` built at ``stamp``; remove this prefix's older images.
+    def encode(self, stamp: SnapshotStamp, value: Any) -> EncodedImage:
+        """The image of ``value`` built at ``stamp``, ready to be written out (file or Redis blob).
 
-        Never raises for I/O (disk full, no permission, ...): logs and returns None. Call it
-        before ``value`` is shared with code that changes it (right after the build).
+        The large buffers are not copied: the result refers to ``value``'s memory, so encode
+        before ``value`` is shared with code that changes it.
         """
-        path = self.path_of(stamp.version, stamp.token)
-        temporary: str | None = None
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            buffers: list[pickle.PickleBuffer] = []
-            payload = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
-            handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.directory)
-            with os.fdopen(handle, "wb") as out:
-                self._write_file(out, stamp, payload, [b.raw() for b in buffers])
-            os.replace(temporary, path)
-            temporary = None
-        except (OSError, pickle.PicklingError, TypeError, ValueError):
-            log.warning("catalogue image %s not written; engines will load from Redis", path, exc_info=True)
-            return None
-        finally:
-            if temporary is not None:
-                _remove(Path(temporary))
-        self._remove_others(path)
-        return path
-
-    def _write_file(self, out: Any, stamp: SnapshotStamp, payload: bytes, buffers: list[memoryview]) -> None:
-        pieces = [payload, *buffers]
+        buffers: list[pickle.PickleBuffer] = []
+        payload = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+        pieces: list[Any] = [payload, *(b.raw() for b in buffers)]
         parts: list[tuple[int, int]] = []
         offset = 0
         for piece in pieces:
@@ -163,19 +149,103 @@ class ImageStore:
             }
         ).encode()
         head = MAGIC + len(header).to_bytes(8, "little") + header
-        out.write(head + bytes(_aligned(len(head)) - len(head)))
-        for chunk in _body(parts, pieces):
-            out.write(chunk)
-        out.flush()
+        head += bytes(_aligned(len(head)) - len(head))
+        return EncodedImage(stamp, head, parts, pieces)
+
+    def write(self, stamp: SnapshotStamp, value: Any) -> Path | None:
+        """Write the image of ``value`` built at ``stamp``; remove this prefix's older images.
+
+        Never raises for I/O (disk full, no permission, ...): logs and returns None. Call it
+        before ``value`` is shared with code that changes it (right after the build).
+        """
+        if self.directory is None:
+            return None
+        try:
+            encoded = self.encode(stamp, value)
+        except (pickle.PicklingError, TypeError, ValueError):
+            log.warning("catalogue image of version %d not encoded", stamp.version, exc_info=True)
+            return None
+        return self.write_chunks(stamp, encoded.chunks())
+
+    def write_chunks(self, stamp: SnapshotStamp, chunks: Iterable[Any]) -> Path | None:
+        """Write an image given as its bytes in order (``EncodedImage.chunks``, a fetched blob).
+
+        Not checked here: :meth:`load` checks it like any other file. Never raises for I/O.
+        """
+        if self.directory is None:
+            return None
+        path = self.path_of(stamp.version, stamp.token)
+        temporary: str | None = None
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.directory)
+            with os.fdopen(handle, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                out.flush()
+            os.replace(temporary, path)
+            temporary = None
+        except (OSError, pickle.PicklingError, TypeError, ValueError):
+            log.warning("catalogue image %s not written; engines will load from Redis", path, exc_info=True)
+            return None
+        finally:
+            if temporary is not None:
+                _remove(Path(temporary))
+        self._remove_others(path)
+        return path
 
     def _remove_others(self, keep: Path) -> None:
         """Older versions of this prefix (a process that mapped one keeps its pages until it lets go)."""
+        if self.directory is None:
+            return
         try:
             for other in self.directory.glob(f"{self._family}-*.img"):
                 if other != keep:
                     _remove(other)
         except OSError:
             log.debug("listing %s failed", self.directory, exc_info=True)
+
+    @contextlib.contextmanager
+    def host_lock(self, timeout: float = 120.0, poll: float = 0.05) -> Iterator[bool]:
+        """Hold this prefix's lock file in the directory (``flock``): one process of the host
+        fetches an image while the others wait for its file. Yields True if it had to wait
+        (another process held it: look for the image again), False at once otherwise.
+
+        Polls with ``time.sleep`` (cooperative once gevent patched it), never blocks in the
+        kernel. Past ``timeout``, or when the lock file cannot be opened, yields without it
+        (each process then fetches on its own, as without the lock). The kernel releases the
+        lock of a process that dies.
+        """
+        handle = None
+        waited = False
+        if self.directory is not None:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                handle = open(self.directory / f".{self._family}.lock", "a+b")  # noqa: SIM115
+            except OSError:
+                log.debug("no lock file in %s", self.directory, exc_info=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while handle is not None:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    waited = True
+                    if time.monotonic() > deadline:
+                        log.warning(
+                            "waited %.0fs for the image lock of %s: going on without it",
+                            timeout,
+                            self.directory,
+                        )
+                        handle.close()
+                        handle = None
+                        break
+                    time.sleep(poll)
+            yield waited
+        finally:
+            if handle is not None:
+                handle.close()  # releases the lock
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -185,6 +255,8 @@ class ImageStore:
         None when there is none (or it is unusable: it is then removed). Never raises for a
         bad file; the caller loads from Redis.
         """
+        if self.directory is None:
+            return None
         path = self.path_of(current.version, current.token)
         if not path.exists():
             return None
@@ -194,7 +266,7 @@ class ImageStore:
             log.warning("catalogue image %s unusable (%s): removed, loading from Redis", path, exc)
             _remove(path)
             return None
-        if loaded.stamp.version != current.version or loaded.stamp.token != current.token:
+        if not _fits(loaded.stamp, current):
             log.warning("catalogue image %s holds another version: removed", path)
             _remove(path)
             return None
@@ -202,19 +274,47 @@ class ImageStore:
             return None  # newer than Redis says (Redis restored from an older copy?): not trusted
         return loaded
 
+    def load_buffer(self, buffer: bytearray | bytes, current: SnapshotStamp, origin: str) -> LoadedImage:
+        """The image held in memory (a fetched blob), checked as a file is; raises ImageError.
+
+        The large tables stay views of ``buffer`` (not copied). ``origin`` names it in logs.
+        """
+        view = memoryview(buffer)
+        try:
+            if bytes(view[: len(MAGIC)]) != MAGIC:
+                raise ImageError("not a catalogue image")
+            length = int.from_bytes(view[len(MAGIC) : len(MAGIC) + 8], "little")
+            header, body = self._header(length, bytes(view[len(MAGIC) + 8 : len(MAGIC) + 8 + length]))
+            if len(view) != body + int(header["size"]):
+                raise ImageError("truncated or extended")
+            if zlib.crc32(view[body:]) != header["crc32"]:
+                raise ImageError("CRC mismatch")
+            loaded = _unpickled(view, header, body, Path(origin))
+        except ImageError:
+            raise
+        except _UNUSABLE as exc:
+            raise ImageError(f"unreadable: {exc!r}") from exc
+        if not _fits(loaded.stamp, current) or loaded.stamp.changes > current.changes:
+            raise ImageError(f"holds {tuple(loaded.stamp)}, not {current.version} at most its changes")
+        return loaded
+
+    def _header(self, length: int, raw: bytes) -> tuple[dict[str, Any], int]:
+        """The checked header and the body's offset."""
+        if not 0 < length < 1 << 20 or len(raw) != length:
+            raise ImageError("bad header length")
+        header = json.loads(raw)
+        if header.get("format") != FORMAT or header.get("code") != self.fingerprint:
+            raise ImageError("written by other code (format or fingerprint differ)")
+        if header.get("prefix") != self.prefix:
+            raise ImageError("written for another prefix")
+        return header, _aligned(len(MAGIC) + 8 + length)
+
     def _load(self, path: Path) -> LoadedImage:
         with open(path, "rb") as handle:
             if handle.read(len(MAGIC)) != MAGIC:
                 raise ImageError("not a catalogue image")
             length = int.from_bytes(handle.read(8), "little")
-            if not 0 < length < 1 << 20:
-                raise ImageError("bad header length")
-            header = json.loads(handle.read(length))
-            if header.get("format") != FORMAT or header.get("code") != self.fingerprint:
-                raise ImageError("written by other code (format or fingerprint differ)")
-            if header.get("prefix") != self.prefix:
-                raise ImageError("written for another prefix")
-            body = _aligned(len(MAGIC) + 8 + length)
+            header, body = self._header(length, handle.read(length) if 0 < length < 1 << 20 else b"")
             size = int(header["size"])
             if os.fstat(handle.fileno()).st_size != body + size:
                 raise ImageError("truncated or extended")
@@ -227,11 +327,53 @@ class ImageStore:
             if crc != header["crc32"]:
                 raise ImageError("CRC mismatch")
             mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        view = memoryview(mapped)
-        parts = [view[body + start : body + start + length] for start, length in header["parts"]]
-        value = pickle.loads(parts[0], buffers=parts[1:])
-        stamp = SnapshotStamp(int(header["version"]), header["token"], int(header["changes"]))
-        return LoadedImage(stamp, value, path)
+        return _unpickled(memoryview(mapped), header, body, path)
+
+
+class EncodedImage(NamedTuple):
+    """An image as :meth:`ImageStore.encode` made it: ``head`` then the body's pieces."""
+
+    stamp: SnapshotStamp
+    head: bytes
+    parts: list[tuple[int, int]]
+    pieces: list[Any]
+
+    @property
+    def size(self) -> int:
+        """The whole image's length in bytes."""
+        start, length = self.parts[-1]
+        return len(self.head) + start + length
+
+    def chunks(self, size: int = 0) -> Iterator[Any]:
+        """The image's bytes in order; with ``size``, in bytes objects of exactly ``size``
+        bytes (the last one shorter)."""
+        pieces = itertools.chain([self.head], _body(self.parts, self.pieces))
+        if size <= 0:
+            yield from pieces
+            return
+        pending = bytearray()
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            while len(view):
+                take = min(size - len(pending), len(view))
+                pending += view[:take]
+                view = view[take:]
+                if len(pending) == size:
+                    yield bytes(pending)
+                    pending.clear()
+        if pending:
+            yield bytes(pending)
+
+
+def _fits(loaded: SnapshotStamp, current: SnapshotStamp) -> bool:
+    return loaded.version == current.version and loaded.token == current.token
+
+
+def _unpickled(view: memoryview, header: dict[str, Any], body: int, path: Path) -> LoadedImage:
+    parts = [view[body + start : body + start + length] for start, length in header["parts"]]
+    value = pickle.loads(parts[0], buffers=parts[1:])
+    stamp = SnapshotStamp(int(header["version"]), header["token"], int(header["changes"]))
+    return LoadedImage(stamp, value, path)
 
 
 def _body(parts: list[tuple[int, int]], pieces: list[Any]) -> Iterable[Any]:

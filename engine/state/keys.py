@@ -14,6 +14,9 @@ P snapshot:events         pub/sub   engine.state.snapshot: snapshot and change e
 P snapshot:{v}:{entity}   hash      engine.state.snapshot: one entity type of version v
 P snapshot:{v}:meta       hash      engine.state.snapshot: marks version v complete
 P snapshot:{v}:writer     string    engine.state.snapshot: publisher's lease on version v
+P snapshot:{v}:image      hash      engine.state.imageblob: version v's catalogue images,
+                                    per code fingerprint fp: field fp (manifest, JSON)
+                                    and fields fp:{nonce}:{n} (chunk n of the image)
 P sync:state              hash      engine.sync.state: what the snapshot reflects
 P sync:leader             string    engine.sync.state: the leader lease
 P sync:journal            stream    engine.sync.state: change events, for gap filling
@@ -44,6 +47,7 @@ __all__ = [
     "funds_amounts_key",
     "funds_call_key",
     "funds_reservations_key",
+    "image_blob_key",
     "limits_call_key",
     "limits_channels_key",
     "limits_cps_key",
@@ -97,6 +101,12 @@ def meta_key(prefix: str, version: int) -> str:
 
 def writer_key(prefix: str, version: int) -> str:
     return f"{prefix}snapshot:{version}:writer"
+
+
+def image_blob_key(prefix: str, version: int | str) -> str:
+    """hash: the published catalogue images of version ``version`` (engine.state.imageblob);
+    deleted with the version."""
+    return f"{prefix}snapshot:{version}:image"
 
 
 # --- the sync worker (engine.sync.state) ------------------------------------------------------

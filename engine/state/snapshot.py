@@ -28,6 +28,8 @@ Key layout (``P`` is the configured key prefix, e.g. ``callgate:``)::
                                           TIME, set by the switch)
     P snapshot:{v}:writer         string  lease (PX TTL, refreshed per batch) while a
                                           publisher writes version v
+    P snapshot:{v}:image          hash    version v's published catalogue images
+                                          (engine.state.imageblob); deleted with v
 
 Entity keys (:func:`entity_key`): declared once in ``engine.model.ENTITY_KEY_FIELDS``:
 the ``id`` where the entity has one, else its natural key (forced caller IDs by
@@ -83,6 +85,7 @@ from engine.model import ENTITY_KEY_FIELDS, ENTITY_TYPES, CatalogData, entity_ke
 from engine.state.codec import decode_joined, encode_entity, schema
 from engine.state.keys import (
     entity_hash_key,
+    image_blob_key,
     meta_key,
     next_version_key,
     pointer_key,
@@ -411,7 +414,7 @@ def _delete_versions(client: redis.Redis, prefix: str, versions: Iterable[int]) 
     with client.pipeline(transaction=True) as pipe:
         for v in versions:
             names = [entity_hash_key(prefix, v, n) for n in ENTITY_TYPES]
-            pipe.unlink(meta_key(prefix, v), writer_key(prefix, v), *names)
+            pipe.unlink(meta_key(prefix, v), writer_key(prefix, v), image_blob_key(prefix, v), *names)
             pipe.zrem(versions_key(prefix), str(v))
         pipe.execute()
 

@@ -47,8 +47,9 @@ import redis
 
 from engine.model import ENTITY_TYPES, CatalogData
 from engine.state.codec import decode_entity, decode_many
-from engine.state.image import ImageStore
-from engine.state.keys import entity_hash_key, snapshot_events_channel, sync_journal_key
+from engine.state.image import ImageError, ImageStore, LoadedImage
+from engine.state.imageblob import BlobManifest, BlobUnusable, blob_chunks, read_manifest
+from engine.state.keys import entity_hash_key, image_blob_key, snapshot_events_channel, sync_journal_key
 from engine.state.snapshot import (
     DEFAULT_SCAN_COUNT,
     RawSnapshot,
@@ -138,6 +139,7 @@ class SnapshotHolder(Generic[T]):
         on_swap: Callable[[int, T], None] | None = None,
         on_change: Callable[[int, T, dict[str, set[str]]], None] | None = None,
         images: ImageStore | None = None,
+        image_blobs: bool = False,
     ) -> None:
         """``build`` turns CatalogData into what ``current`` serves (``Catalog.build``).
 
@@ -153,6 +155,9 @@ class SnapshotHolder(Generic[T]):
         value, {entity: keys})`` after each in-place change (metrics, logging, tests).
         ``images``: where built catalogues are written after a full load and mapped from
         instead of loading a version again (``engine.state.image``); None = never.
+        ``image_blobs``: without a usable local image, fetch the one published in Redis
+        (``engine.state.imageblob``) before loading the rows; needs ``images`` (whose
+        directory may be None: the fetched image is then read from memory).
         """
         self._client = client
         self._prefix = prefix
@@ -168,6 +173,9 @@ class SnapshotHolder(Generic[T]):
         self._on_swap = on_swap
         self._on_change = on_change
         self._images = images
+        self._image_blobs = image_blobs
+        self.blob_fetches = 0  # published images looked for (tests, logs)
+        self.blob_failures = 0  # published images found but unusable
         self._lock = threading.RLock()  # a gevent lock once monkey-patched
         self._state: tuple[int, T] | None = None
         self._stamp: SnapshotStamp | None = None
@@ -295,8 +303,11 @@ class SnapshotHolder(Generic[T]):
     def _load_image(self, images: ImageStore) -> bool:
         """Map the current version's image if there is one, then catch up with the journal.
 
-        False (nothing held changed) if there is no usable image, or if the changes made
-        since it was written are no longer all in the journal: the caller loads from Redis.
+        No usable local image: the image published in Redis (``engine.state.imageblob``), if
+        there is one for this code, written into the image directory (then mapped from it)
+        or, without a directory, read from memory. False (nothing held changed) if there is
+        no usable image, or if the changes made since it was written are no longer all in
+        the journal: the caller loads from Redis.
         """
         started = time.monotonic()
         stamp = current_stamp(self._client, self._prefix)
@@ -310,6 +321,8 @@ class SnapshotHolder(Generic[T]):
                 return images.load(stamp)
 
         loaded = self._offload(load)
+        if loaded is None and self._image_blobs:
+            loaded = self._fetch_blob(images, stamp)
         if loaded is None:
             return False
         value, schemas = loaded.value
@@ -328,7 +341,8 @@ class SnapshotHolder(Generic[T]):
             return False
         self.loaded_at = time.monotonic()
         self.full_loads += 1
-        self._recheck = False
+        # Current when the load began: the run loop checks again at once (a fetch takes seconds).
+        self._recheck = True
         if self._stamp == stamp:
             self.last_confirmed = started
         log.info(
@@ -342,6 +356,79 @@ class SnapshotHolder(Generic[T]):
         if self._on_swap is not None:
             self._on_swap(stamp.version, value)
         return True
+
+    def _fetch_blob(self, images: ImageStore, stamp: SnapshotStamp) -> LoadedImage | None:
+        """The current version's image published in Redis, fetched and checked; None if there
+        is none for this code or it is unusable (a chunk missing, a failed check: logged).
+
+        The chunks are read here (cooperative I/O under gevent, one chunk per round trip on
+        the snapshot connection); the checks and the unpickling run in the thread pool.
+        Redis errors propagate (a failed load: the watcher retries).
+        """
+        if images.directory is None:
+            return self._fetch_blob_unlocked(images, stamp)
+        with images.host_lock() as waited:
+            if waited:  # another process of the host fetched meanwhile: its file, if it made one
+                local = self._offload(lambda: self._map_local(images, stamp))
+                if local is not None:
+                    return cast(LoadedImage, local)
+            return self._fetch_blob_unlocked(images, stamp)
+
+    def _map_local(self, images: ImageStore, stamp: SnapshotStamp) -> LoadedImage | None:
+        with gc_paused(freeze=self._freeze_gc):
+            return images.load(stamp)
+
+    def _fetch_blob_unlocked(self, images: ImageStore, stamp: SnapshotStamp) -> LoadedImage | None:
+        started = time.monotonic()
+        self.blob_fetches += 1
+        manifest = read_manifest(self._client, self._prefix, stamp.version, images.fingerprint)
+        if manifest is None or manifest.token != stamp.token or manifest.changes > stamp.changes:
+            log.info("no catalogue image of version %d published for this code: loading rows", stamp.version)
+            return None
+        chunks = blob_chunks(self._client, self._prefix, stamp.version, manifest)
+        origin = f"redis {image_blob_key(self._prefix, stamp.version)} {manifest.fingerprint}"
+        try:
+            if images.directory is not None:
+                path = images.write_chunks(stamp._replace(changes=manifest.changes), chunks)
+                if path is None:  # the directory is not writable: keep it in memory after all
+                    return self._fetch_blob_to_memory(images, stamp, manifest, origin)
+                fetched = time.monotonic()
+                loaded: LoadedImage | None = self._offload(lambda: self._map_local(images, stamp))
+                if loaded is None:  # the file did not check out (it is removed): logged by load
+                    self.blob_failures += 1
+            else:
+                buffer = _joined(chunks, manifest.size)
+                fetched = time.monotonic()
+                loaded = self._offload(lambda: self._blob_from_memory(images, buffer, stamp, origin))
+        except (BlobUnusable, ImageError) as exc:
+            self.blob_failures += 1
+            log.warning(
+                "catalogue image of version %d in Redis unusable (%s): loading rows", stamp.version, exc
+            )
+            return None
+        if loaded is not None:
+            log.info(
+                "image of version %d fetched from Redis: %.1f MB in %d chunks, %.2fs (+%.2fs checks)",
+                stamp.version,
+                manifest.size / 1e6,
+                manifest.chunks,
+                fetched - started,
+                time.monotonic() - fetched,
+            )
+        return loaded
+
+    def _fetch_blob_to_memory(
+        self, images: ImageStore, stamp: SnapshotStamp, manifest: BlobManifest, origin: str
+    ) -> LoadedImage | None:
+        buffer = _joined(blob_chunks(self._client, self._prefix, stamp.version, manifest), manifest.size)
+        loaded: LoadedImage = self._offload(lambda: self._blob_from_memory(images, buffer, stamp, origin))
+        return loaded
+
+    def _blob_from_memory(
+        self, images: ImageStore, buffer: bytearray, stamp: SnapshotStamp, origin: str
+    ) -> LoadedImage:
+        with gc_paused(freeze=self._freeze_gc):
+            return images.load_buffer(buffer, stamp, origin)
 
     def _build_tracked(self, data: CatalogData) -> tuple[T, bool]:
         value = self._build(data)
@@ -621,6 +708,21 @@ def _changes_payload(message: dict[str, Any]) -> dict[str, Any] | None:
     except (TypeError, ValueError):
         return None
     return payload if isinstance(payload, dict) and payload.get("type") == "changes" else None
+
+
+def _joined(chunks: Iterable[bytes], size: int) -> bytearray:
+    """The chunks in one buffer of ``size`` bytes, allocated once (no growth: no peak of twice
+    the image); BlobUnusable if they do not add up to it."""
+    buffer = bytearray(size)
+    offset = 0
+    for chunk in chunks:
+        if offset + len(chunk) > size:
+            raise BlobUnusable("the chunks add up to more than the manifest's size")
+        buffer[offset : offset + len(chunk)] = chunk
+        offset += len(chunk)
+    if offset != size:
+        raise BlobUnusable(f"the chunks add up to {offset} bytes, not {size}")
+    return buffer
 
 
 def _fields(stored: str | None) -> tuple[str, ...] | None:

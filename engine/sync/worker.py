@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import random
 import secrets
@@ -32,6 +33,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -82,9 +84,19 @@ class CatchUp:
 
 class SyncWorker:
     def __init__(
-        self, config: Config, *, metrics: SyncMetrics | None = None, worker_id: str | None = None
+        self,
+        config: Config,
+        *,
+        metrics: SyncMetrics | None = None,
+        worker_id: str | None = None,
+        image_job: Callable[[Config, int], None] | None = None,
     ) -> None:
+        """``image_job(config, version)``: run in a child process (multiprocessing, spawn) after
+        each full snapshot this worker publishes, to build and publish its catalogue image
+        (``engine.imagejob.produce_in_child``); None = no images."""
         self.config = config
+        self._image_job = image_job
+        self._image_child: multiprocessing.process.BaseProcess | None = None
         self.settings = config.sync
         self.prefix = config.redis.key_prefix
         # SIP devices are published as a1-hashes for this realm, never with their password.
@@ -129,6 +141,7 @@ class SyncWorker:
                 thread.join(5)
             with contextlib.suppress(redis.RedisError):
                 self.lease.release()
+            self._stop_image_child()
             self.close()
             self.redis.close()
             log.info("sync worker %s stopped", self.worker_id)
@@ -429,6 +442,7 @@ class SyncWorker:
             raise StateMoved(f"version {version} was superseded right after its publish")
         self.metrics.full_resyncs.labels(reason).inc()
         self._observe(changes, state)
+        self._start_image_child(version)
         log.info(
             "full snapshot %d published (%s): %d entities in %.2fs",
             version,
@@ -437,6 +451,35 @@ class SyncWorker:
             time.monotonic() - started,
         )
         return CatchUp(full=True, reason=reason, version=version)
+
+    def _start_image_child(self, version: int) -> None:
+        """Build and publish ``version``'s catalogue image in a child process (``image_job``).
+
+        One child at a time: a child still building an older version is stopped (its version
+        is no longer current: its image would not be used). A child that fails only logs:
+        engines then load rows, as without images.
+        """
+        if self._image_job is None:
+            return
+        self._stop_image_child()
+        child = multiprocessing.get_context("spawn").Process(
+            target=self._image_job, args=(self.config, version), name=f"callgate-image-{version}", daemon=True
+        )
+        try:
+            child.start()
+        except OSError:
+            log.warning("could not start the image builder of version %d", version, exc_info=True)
+            return
+        self._image_child = child
+        log.info("building the catalogue image of version %d (child process %s)", version, child.pid)
+
+    def _stop_image_child(self) -> None:
+        child, self._image_child = self._image_child, None
+        if child is None:
+            return
+        if child.is_alive():
+            child.terminate()
+        child.join(5)
 
     def _observe(self, changes: list[pg.LoggedChange], state: SyncState) -> None:
         now = datetime.now(UTC)
