@@ -42,6 +42,7 @@ class EngineSettings:
     reply_timeout: float = 2.0  # replies still missing after this are logged; the call is still followed
     hangup_timeout: float = 14400.0  # socket kept this long at most waiting for CHANNEL_HANGUP_COMPLETE
     snapshot_max_age: float = 5.0  # refuse to decide on a snapshot not confirmed for this long
+    snapshot_switch_max_age: float = 600.0  # the same bound while the next version is being loaded
     snapshot_poll_interval: float = 1.0
     # Catalogue images (engine.state.image): a directory where each built snapshot version is
     # written once and mapped by every process of the host that needs it later (a restart
@@ -82,6 +83,11 @@ class EngineSettings:
         if self.shed_loop_lag < 0 or self.shed_backlog < 0 or self.shed_accept_wait < 0:
             raise ConfigError(
                 "engine.shed_loop_lag, engine.shed_backlog and engine.shed_accept_wait must be >= 0 (0 = off)"
+            )
+        if self.snapshot_switch_max_age < self.snapshot_max_age:
+            raise ConfigError(
+                f"engine.snapshot_switch_max_age ({self.snapshot_switch_max_age}) must be >= "
+                f"engine.snapshot_max_age ({self.snapshot_max_age})"
             )
         if self.entity_cache < 1:
             raise ConfigError(f"engine.entity_cache must be >= 1, not {self.entity_cache}")

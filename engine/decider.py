@@ -3,6 +3,10 @@
 A snapshot that Redis has not confirmed as current for longer than
 engine.snapshot_max_age is not trusted (an account may have been blocked or
 emptied meanwhile): such calls are answered ENGINE_DEGRADED (fail closed).
+While the engine loads the next version of a held snapshot (a full switch: a
+bulk import, a flushed Redis; a minute or two at a million rates), the held one
+was current until that version appeared and Redis answered the load: it is
+trusted up to engine.snapshot_switch_max_age instead (:func:`snapshot_distrust`).
 The limits step is the call's only Redis round trip (none when nothing in the
 chain is limited).
 
@@ -56,6 +60,26 @@ class CatalogSource(Protocol):
 
     def confirmed_age(self) -> float: ...
 
+    @property
+    def switching_since(self) -> float | None: ...
+
+
+def snapshot_distrust(source: CatalogSource, max_age: float, switch_max_age: float) -> str | None:
+    """Why the held snapshot must not be decided from (None: it may).
+
+    ``max_age`` bounds the time since Redis last confirmed the held snapshot; while its
+    successor is being loaded, ``switch_max_age`` does (the held version serves until the
+    new one is swapped in whole, as a full switch promises; a failed load ends the grace).
+    """
+    if not source.loaded:
+        return "no snapshot loaded"
+    age = source.confirmed_age()
+    if age <= max_age:
+        return None
+    if source.switching_since is not None and age <= switch_max_age:
+        return None
+    return f"snapshot unconfirmed for {age:.1f}s"
+
 
 def limit_reason(result: LimitResult) -> Reason | None:
     """The reject reason of a refused limits result (None when admitted)."""
@@ -94,6 +118,7 @@ class Decider:
         rules: RulesConfig,
         *,
         max_age: float,
+        switch_max_age: float = 0.0,
         limiter: LimitsBackend | None = None,
         on_limit_result: LimitObserver | None = None,
         on_accept: AcceptObserver | None = None,
@@ -105,6 +130,7 @@ class Decider:
         self._source = source
         self._rules = rules
         self._max_age = max_age
+        self._switch_max_age = max(max_age, switch_max_age)
         self._limiter = limiter
         self._on_limit_result = on_limit_result
         self._on_accept = on_accept
@@ -114,12 +140,10 @@ class Decider:
         self._wallclock = wallclock
 
     def __call__(self, request: CallRequest, *, explain: bool = False) -> Decision:
-        if not self._source.loaded:
-            return Reject(Reason.ENGINE_DEGRADED, detail="no snapshot loaded")
+        distrust = snapshot_distrust(self._source, self._max_age, self._switch_max_age)
+        if distrust is not None:
+            return Reject(Reason.ENGINE_DEGRADED, detail=distrust)
         _version, catalog = self._source.current
-        age = self._source.confirmed_age()
-        if age > self._max_age:
-            return Reject(Reason.ENGINE_DEGRADED, detail=f"snapshot unconfirmed for {age:.1f}s")
         now = self._wallclock()
         ctx = DecisionContext(now=now, rng=self._rng, config=self._rules, explain=explain)
         decision = decide(request, catalog, ctx)

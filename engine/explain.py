@@ -60,6 +60,7 @@ class _SnapshotJustRead:
     """The decider's catalogue source: the snapshot this command has just read."""
 
     loaded = True
+    switching_since: float | None = None
 
     def __init__(self, version: int, catalog: Catalog) -> None:
         self.current = (version, catalog)

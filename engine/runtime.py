@@ -30,7 +30,7 @@ from engine.billing.settler import Settler
 from engine.billing.ticket import ticket_keys
 from engine.call.driver import CallHandler, CallRecord
 from engine.config import Config, rules_config
-from engine.decider import Decider
+from engine.decider import Decider, snapshot_distrust
 from engine.decision import Accept
 from engine.esl.server import LISTEN_BACKLOG, CallServer, listening_socket, parse_networks
 from engine.limits_runtime import (
@@ -156,6 +156,7 @@ class Engine:
             self.snapshots,
             rules,
             max_age=config.engine.snapshot_max_age,
+            switch_max_age=config.engine.snapshot_switch_max_age,
             limiter=self.limiter,
             on_limit_result=limit_result_observer(self.metrics),
             on_accept=self._record_first_uses,
@@ -204,11 +205,10 @@ class Engine:
 
     def _can_decide(self) -> tuple[bool, str]:
         """Snapshot loaded and confirmed recently (no I/O)."""
-        if not self.snapshots.loaded:
-            return False, "no snapshot loaded"
-        age = self.snapshots.confirmed_age()
-        if age > self.config.engine.snapshot_max_age:
-            return False, f"snapshot unconfirmed by Redis for {age:.1f}s"
+        engine = self.config.engine
+        distrust = snapshot_distrust(self.snapshots, engine.snapshot_max_age, engine.snapshot_switch_max_age)
+        if distrust is not None:
+            return False, distrust
         return True, f"snapshot {self.snapshots.current[0]}"
 
     def ready(self) -> tuple[bool, str]:

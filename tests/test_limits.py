@@ -819,6 +819,8 @@ class _Source:
     def confirmed_age(self) -> float:
         return 0.0
 
+    switching_since = None
+
 
 def _limited_world(max_channels: int) -> tuple[World, Catalog]:
     world = World()

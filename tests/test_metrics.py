@@ -229,6 +229,8 @@ class _Source:
     def confirmed_age(self) -> float:
         return self._age
 
+    switching_since = None
+
 
 class _DownLimiter:
     def subjects_for(self, accept, catalog) -> LimitPlan:
@@ -245,6 +247,13 @@ def test_degraded_cause_is_read_from_the_engine_s_own_details() -> None:
     assert degraded_cause(empty(call()).detail) == "no_snapshot"
     stale = Decider(_Source(True, 9.0, catalog), RulesConfig(), max_age=5)
     assert degraded_cause(stale(call()).detail) == "stale_snapshot"
+    switching = _Source(True, 9.0, catalog)
+    switching.switching_since = 1.0  # the next version is being loaded: the held one still decides
+    graced = Decider(switching, RulesConfig(), max_age=5, switch_max_age=600)
+    assert getattr(graced(call()), "reason", None) is not Reason.ENGINE_DEGRADED
+    assert degraded_cause(Decider(switching, RulesConfig(), max_age=5, switch_max_age=8)(call()).detail) == (
+        "stale_snapshot"
+    )
     down = Decider(_Source(True, 0.1, catalog), RulesConfig(), max_age=5, limiter=_DownLimiter())
     assert degraded_cause(down(call()).detail) == "limits_unavailable"
     # Written by engine.call.driver.CallHandler.

@@ -748,6 +748,62 @@ def test_holder_keeps_old_catalog_while_failing(
     wait_until(lambda: holder.current[0] == v1 + 1 and holder.failures == 0)
 
 
+def test_held_snapshot_serves_while_its_successor_loads(client: redis.Redis, key_prefix: str) -> None:
+    """A full switch (here a new version whose build takes long, as a million rates do) keeps
+    the held version deciding under engine.snapshot_switch_max_age instead of the 5 s bound;
+    a failed load ends the grace at once, and the first load of a process has none."""
+    from engine.decider import snapshot_distrust
+
+    entered, release, fail = threading.Event(), threading.Event(), threading.Event()
+
+    def build(data: CatalogData) -> Built:
+        if data.version > v1:
+            entered.set()
+            release.wait(10)
+            if fail.is_set():
+                raise RuntimeError("the new deck does not build")
+        return Built(data)
+
+    holder = SnapshotHolder(client, key_prefix, build, subscribe=False)
+    v1 = publish_snapshot(client, key_prefix, sample_catalog(1))
+    holder.refresh()
+    assert holder.switching_since is None  # the first load is no switch
+    for attempt in ("fails", "succeeds"):
+        entered.clear()
+        release.clear()
+        if attempt == "fails":
+            fail.set()
+        else:
+            fail.clear()
+        publish_snapshot(client, key_prefix, sample_catalog(2 if attempt == "fails" else 3))
+        errors: list[BaseException] = []
+
+        def refresh(errors: list[BaseException] = errors) -> None:
+            try:
+                holder.refresh()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=refresh)
+        thread.start()
+        assert entered.wait(10)
+        assert holder.switching_since is not None and holder.current[0] == v1
+        time.sleep(0.05)
+        assert holder.confirmed_age() > 0.01
+        assert snapshot_distrust(holder, 0.01, 600.0) is None  # the held version still decides
+        unconfirmed = snapshot_distrust(holder, 0.01, 0.02)  # past the switch bound as well
+        assert unconfirmed is not None and unconfirmed.startswith("snapshot unconfirmed for ")
+        release.set()
+        thread.join(10)
+        assert holder.switching_since is None
+        if attempt == "fails":
+            assert len(errors) == 1 and holder.current[0] == v1
+            assert snapshot_distrust(holder, 0.01, 600.0) is not None  # grace over: fail closed
+        else:
+            assert not errors and holder.current[0] > v1
+            assert snapshot_distrust(holder, 5.0, 600.0) is None
+
+
 def test_holder_recovers_within_a_second_of_redis_coming_back(
     private_redis: PrivateRedis, run_holder: Any
 ) -> None:

@@ -29,6 +29,9 @@ Two kinds of update:
 ``last_confirmed`` is the ``time.monotonic()`` at which Redis was last seen pointing at
 exactly the held content (version, token and change count); the engine refuses to decide
 from a snapshot unconfirmed for longer than its configured bound (``confirmed_age``).
+While the successor of a held version is being loaded (``switching_since`` is set), the held
+one is superseded but not lost: the decider allows it a longer bound
+(``engine.decider.snapshot_distrust``).
 """
 
 from __future__ import annotations
@@ -183,6 +186,9 @@ class SnapshotHolder(Generic[T]):
         self._incremental = False  # the held value takes apply_changes
         self._recheck = False
         self.last_confirmed: float | None = None
+        # time.monotonic() at which a full load of another version began while one was held (a
+        # bulk import, a flushed Redis): the held catalogue still serves meanwhile; None otherwise.
+        self.switching_since: float | None = None
         self.loaded_at: float | None = None
         self.changed_at: float | None = None  # time.monotonic() of the last in-place change
         self.failures = 0  # length of the current failure streak of run()
@@ -237,7 +243,12 @@ class SnapshotHolder(Generic[T]):
                     self.last_confirmed = asked_at
                     self._recheck = False
                 return True
-            self._load()
+            if self._state is not None:
+                self.switching_since = asked_at
+            try:
+                self._load()
+            finally:
+                self.switching_since = None
             return True
 
     def _follows(self, stamp: SnapshotStamp) -> bool:

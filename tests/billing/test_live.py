@@ -45,6 +45,8 @@ class _Source:
     def confirmed_age(self) -> float:
         return 0.0
 
+    switching_since = None
+
 
 def test_the_rendered_duration_leaves_room_for_freeswitchs_rounding_second() -> None:
     assert BILLSEC_ROUNDING == 1
