@@ -308,7 +308,7 @@ class Engine:
 
     def _start_gc_policy(self) -> None:
         settings = self.config.engine
-        gcpolicy.apply(settings.gc_young_threshold)
+        gcpolicy.apply(settings.gc_young_threshold, settings.gc_middle_threshold)
         if settings.gc_young_threshold > 0:
             self.tasks.spawn(gcpolicy.run_full_collections, settings.gc_full_interval, self.stopping)
 

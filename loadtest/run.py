@@ -708,19 +708,64 @@ def scenario_targets(
     }
 
 
-def scenario_pauses(ctx: Context, scale: Scale, cps: float, held: int = 10_000) -> dict[str, Any]:
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """``--variant``: ``LABEL:NAME=VALUE,NAME=VALUE`` -> (label, environment); a NAME without
+    the ``CALLGATE_`` prefix gets it (``ENGINE__GC_MIDDLE_THRESHOLD=10``)."""
+    label, _, settings = text.partition(":")
+    if not label or not settings:
+        raise ValueError(f"--variant {text!r}: expected LABEL:NAME=VALUE[,NAME=VALUE...]")
+    env: dict[str, str] = {}
+    for item in settings.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--variant {text!r}: {item!r} is not NAME=VALUE")
+        name = name.strip().upper()
+        env[name if name.startswith("CALLGATE_") else f"CALLGATE_{name}"] = value.strip()
+    return label, env
+
+
+def scenario_pauses(
+    ctx: Context,
+    scale: Scale,
+    cps: float,
+    held: int = 10_000,
+    variants: Sequence[tuple[str, dict[str, str]]] = (),
+) -> dict[str, Any]:
     """Where a p99 below saturation comes from: the engine with loadtest.patched_engine's
     ``hub-lag`` at ``cps`` offered with ``held`` calls up (one process, pinned). The summary
     counts the hub's late wake-ups by size and how many a garbage collection explains; late
     wake-ups with no collection under them, spread over time, are CPU the process did not get
-    (other processes, the driver, Redis), not a periodic pause of its own."""
+    (other processes, the driver, Redis), not a periodic pause of its own.
+
+    ``variants`` (``--variant``, in the order given: repeat them to alternate A/B runs): the
+    same run once per (label, engine environment), e.g. garbage-collector settings; the
+    summary then holds one entry per run, under its label and position."""
+    if not variants:
+        return _pauses_run(ctx, scale, cps, held, "", {})
+    runs: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    for index, (label, env) in enumerate(variants):
+        one = _pauses_run(ctx, scale, cps, held, label, env)
+        one["runs"][0]["variant"] = {"label": label, "env": env}
+        runs.extend(one["runs"])
+        summary[f"{index}:{label}"] = one["summary"]
+    return {"runs": runs, "summary": summary}
+
+
+def _pauses_run(
+    ctx: Context, scale: Scale, cps: float, held: int, label: str, env: dict[str, str]
+) -> dict[str, Any]:
     mix = dict(DEFAULT_MIX)
     hold = held_hold_seconds(cps, held, mix)
     warm = hold + 5.0
     window = 10.0 if ctx.quick else 20.0
     out = ctx.workdir / "hub-lag.json"
+    out.unlink(missing_ok=True)
     spec = ServerSpec(
-        "callgate+hub-lag", "callgate-patched", patches="hub-lag", env={"CALLGATE_LAG_OUT": str(out)}
+        "callgate+hub-lag" + (f" [{label}]" if label else ""),
+        "callgate-patched",
+        patches="hub-lag",
+        env={**env, "CALLGATE_LAG_OUT": str(out)},
     )
     config = LoadConfig(
         target=("127.0.0.1", 0),
@@ -733,11 +778,16 @@ def scenario_pauses(ctx: Context, scale: Scale, cps: float, held: int = 10_000) 
         drain=hold + 10,
         timeout=10.0,
     )
-    run = measure(ctx, spec, scale, config, label=f"pauses: {cps:g} CPS, {held} held")
+    run = measure(ctx, spec, scale, config, label=f"pauses: {cps:g} CPS, {held} held {label}".rstrip())
     lag: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     samples = lag.pop("samples", [])
     start, end = run.get("wall_span", [0.0, 0.0])
     lag["late_wakeups_per_second_of_run"] = round(len(samples) / max(1e-9, end - start), 2)
+    # Cyclic garbage per call: what the collections found over the whole run (warm-up and
+    # drain included) per call offered over it.
+    found = sum(gen.get("unreachable", 0) for gen in lag.get("collections", {}).values())
+    lag["unreachable_per_call"] = round(found / max(1.0, cps * config.duration), 3)
+    lag["variant"] = {"label": label, "env": env}
     return {"runs": [run], "summary": lag}
 
 
@@ -988,6 +1038,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cps", type=float, default=1000.0, help="latency scenario: offered CPS")
     parser.add_argument("--held", type=int, default=10_000, help="latency/targets scenario: calls held up")
     parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:NAME=VALUE,...",
+        help="pauses scenario: one run per variant, the engine with these CALLGATE_ settings "
+        "(repeatable, in order: repeat them to alternate)",
+    )
+    parser.add_argument(
         "--shed-bound",
         type=float,
         default=0.025,
@@ -1003,6 +1061,10 @@ def main(argv: list[str] | None = None) -> int:
         help="dataset of ratio, latency, sweep, cores and phases: default 100k accounts + 1M rates",
     )
     args = parser.parse_args(argv)
+    try:
+        variants = [parse_variant(text) for text in args.variant]
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.patched:
         from loadtest.patched_engine import check
 
@@ -1046,7 +1108,7 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "targets":
                 results[name] = scenario_targets(ctx, scale, held=args.held, shed_bound=args.shed_bound)
             elif name == "pauses":
-                results[name] = scenario_pauses(ctx, scale, args.cps, args.held)
+                results[name] = scenario_pauses(ctx, scale, args.cps, args.held, variants)
             elif name == "latency":
                 results[name] = scenario_latency(ctx, scale, args.cps, args.held)
                 if args.patched:
