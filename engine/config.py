@@ -68,6 +68,10 @@ class EngineSettings:
     # ENGINE_DEGRADED at once for a call whose connection waited longer than this (seconds)
     # between the engine's accept and its channel data; 0 = off.
     shed_accept_wait: float = 0.2
+    # Count in that wait the connection's time in the kernel's accept queue (TCP_INFO, Linux;
+    # engine.esl.server): without it a call queued there while the engine was busy is decided,
+    # late, as if it had just arrived.
+    shed_accept_queue: bool = True
     # While over shed_loop_lag or shed_backlog, stop listening: the kernel refuses new
     # connections (RST) and FreeSWITCH tries its next engine at once (docs/performance.md).
     shed_stop_listening: bool = True

@@ -170,6 +170,7 @@ class Engine:
             max_frame_bytes=config.engine.max_frame_bytes,
             allowed=parse_networks(config.engine.allowed_networks),
             on_refused=self._refused,
+            count_accept_queue=config.engine.shed_accept_queue,
         )
         handler.attach_listener(self.server)  # stops listening while saturated (engine.shedding)
         self._listener = listener
