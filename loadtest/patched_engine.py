@@ -265,8 +265,10 @@ def lag_document(
             }
             for g in (0, 1, 2)
         },
+        # Every middle and full collection (the young ones, hundreds a minute, only summarized
+        # above): end time, generation, wall ms, CPU ms, unreachable objects found.
         "collection_rows": [
-            [round(e, 4), g, round(w * 1000, 3), round(c * 1000, 3), n] for e, g, w, c, n in collections
+            [round(e, 4), g, round(w * 1000, 3), round(c * 1000, 3), n] for e, g, w, c, n in collections if g
         ],
         "census": {"columns": ["wall", "gen0", "gen1", "gen2", "frozen"], "rows": [list(r) for r in census]},
         "worst": [
