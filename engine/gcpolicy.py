@@ -40,7 +40,6 @@ log = logging.getLogger("callgate.gc")
 # A threshold the collector never reaches in practice: no automatic collection of that
 # generation (CPython counts collections of the younger generation against it).
 NEVER = 1_000_000_000
-NO_AUTOMATIC_FULL_COLLECTION = NEVER  # the name engine code and tests used first
 
 
 def thresholds(
