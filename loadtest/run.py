@@ -691,7 +691,7 @@ def scenario_targets(
                 drain=held_hold + 10,
                 timeout=10.0,
             ),
-            label=f"targets: {fraction:.0%} of saturation with {held} held",
+            label=f"targets: {fraction:.0%} of the saturation with {held} held",
         )
     over = LoadConfig(
         target=("127.0.0.1", 0),
