@@ -769,3 +769,15 @@ def test_phase_summary_of_a_hand_made_timing_json() -> None:
         "p99_us": pytest.approx(700),
     }
     assert phase_summary(timing, span=(10.5, 12.0))["parse"]["p50_us"] == pytest.approx(25)
+
+
+def test_pauses_variants_parse_into_engine_settings() -> None:
+    from loadtest.run import parse_variant
+
+    assert parse_variant("mid0:ENGINE__GC_MIDDLE_THRESHOLD=0, callgate_engine__gc_full_interval=15") == (
+        "mid0",
+        {"CALLGATE_ENGINE__GC_MIDDLE_THRESHOLD": "0", "CALLGATE_ENGINE__GC_FULL_INTERVAL": "15"},
+    )
+    for bad in ("no-settings", ":ENGINE__X=1", "label:ENGINE__X", "label:=1"):
+        with pytest.raises(ValueError, match="--variant"):
+            parse_variant(bad)
