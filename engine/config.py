@@ -58,6 +58,9 @@ class EngineSettings:
     # docs/performance.md ("Decision cost"); ~0.5 KB per cached account.
     entity_cache: int = 16384
     gc_young_threshold: int = 5000  # engine.gcpolicy; 0 = CPython's defaults
+    # Middle-generation collections after this many young ones; 0 = never automatically (the
+    # survivors wait for the periodic full collection: engine.gcpolicy). CPython's default: 10.
+    gc_middle_threshold: int = 0
     gc_full_interval: float = 300.0  # seconds between full collections (with gc_young_threshold > 0)
     # Source networks FreeSWITCH connects from (CIDRs); a connection from elsewhere is closed at
     # accept. Empty: any source (then firewall the port: see docs/call-session.md).
@@ -70,6 +73,10 @@ class EngineSettings:
     # ENGINE_DEGRADED at once for a call whose connection waited longer than this (seconds)
     # between the engine's accept and its channel data; 0 = off.
     shed_accept_wait: float = 0.2
+    # Count in that wait the connection's time in the kernel's accept queue (TCP_INFO, Linux;
+    # engine.esl.server): without it a call queued there while the engine was busy is decided,
+    # late, as if it had just arrived.
+    shed_accept_queue: bool = True
     # While over shed_loop_lag or shed_backlog, stop listening: the kernel refuses new
     # connections (RST) and FreeSWITCH tries its next engine at once (docs/performance.md).
     shed_stop_listening: bool = True
@@ -93,6 +100,8 @@ class EngineSettings:
             raise ConfigError(f"engine.entity_cache must be >= 1, not {self.entity_cache}")
         if self.gc_young_threshold < 0:
             raise ConfigError(f"engine.gc_young_threshold must be >= 0, not {self.gc_young_threshold}")
+        if self.gc_middle_threshold < 0:
+            raise ConfigError(f"engine.gc_middle_threshold must be >= 0, not {self.gc_middle_threshold}")
         if self.gc_full_interval <= 0:
             raise ConfigError(f"engine.gc_full_interval must be > 0, not {self.gc_full_interval}")
 

@@ -6,11 +6,24 @@ milliseconds whenever it walks the objects of the calls that are up: ~50 per cal
 10,000 calls up are half a million objects. Measured at 300 CPS with 1,500 calls up: p99
 decision latency 21-141 ms with the defaults, 2.6-9 ms with this policy (docs/performance.md).
 
-The policy: young collections after ``young_threshold`` net allocations instead of 700
-(fewer, still short pauses), no automatic full collection (it is what walks every call up),
-and a full collection every ``full_interval`` seconds from a background greenlet so that
-cyclic garbage cannot accumulate. The snapshot's catalogue is frozen (engine.state.snapshot)
-and never walked.
+The policy:
+
+* young collections after ``young_threshold`` net allocations instead of 700 (fewer, still
+  short pauses: a young collection walks only the objects allocated since the last one);
+* no automatic middle-generation collection (``middle_threshold`` 0, the default): CPython's
+  middle collection walks every object that survived a young collection since the last
+  middle one. With calls held for minutes those are the objects of every call started
+  meanwhile that is still up: ~24 ms of CPU with 10,000 calls held, one every ~750 calls,
+  the engine's largest pause of its own (docs/performance.md, "Round 4"). Survivors of
+  young collections now stay in the middle generation, which nothing walks but the
+  periodic full collection: exactly what ``gc.freeze()`` after each young collection would
+  do, without the freeze's bookkeeping;
+* no automatic full collection (it is what walks every call up), and a full collection
+  every ``full_interval`` seconds from a background greenlet so that cyclic garbage cannot
+  accumulate. The snapshot's catalogue is frozen (engine.state.snapshot) and never walked.
+
+The engine's calls leave no cyclic garbage (tests/test_gcpolicy.py counts it per call), so
+what the full collection finds is the rare cycle of a failure path.
 """
 
 from __future__ import annotations
@@ -18,30 +31,49 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections.abc import Callable
 
 import gevent.event
 
 log = logging.getLogger("callgate.gc")
 
-# CPython runs a full collection after this many middle-generation ones: never, in practice.
-NO_AUTOMATIC_FULL_COLLECTION = 1_000_000_000
+# A threshold the collector never reaches in practice: no automatic collection of that
+# generation (CPython counts collections of the younger generation against it).
+NEVER = 1_000_000_000
 
 
-def apply(young_threshold: int) -> None:
-    """Set the collector's thresholds; ``young_threshold`` 0 leaves CPython's defaults."""
+def thresholds(
+    young_threshold: int, middle_threshold: int, current: tuple[int, int, int]
+) -> tuple[int, int, int]:
+    """The collector's thresholds under the policy, from the ``current`` ones (pure).
+
+    ``young_threshold`` 0 keeps ``current`` whole (CPython's defaults: the policy is off);
+    ``middle_threshold`` 0 means no automatic middle collection, a negative one keeps the
+    current middle threshold (CPython's 10)."""
     if young_threshold <= 0:
-        return
-    _, middle, _ = gc.get_threshold()
-    gc.set_threshold(young_threshold, middle, NO_AUTOMATIC_FULL_COLLECTION)
+        return current
+    middle = current[1] if middle_threshold < 0 else (middle_threshold or NEVER)
+    return (young_threshold, middle, NEVER)
 
 
-def run_full_collections(interval: float, stop: gevent.event.Event) -> None:
+def apply(young_threshold: int, middle_threshold: int = -1) -> None:
+    """Set the collector's thresholds (see :func:`thresholds`)."""
+    gc.set_threshold(*thresholds(young_threshold, middle_threshold, gc.get_threshold()))
+
+
+def full_collection(clock: Callable[[], float] = time.thread_time) -> tuple[int, float]:
+    """One full collection: (unreachable objects found, CPU seconds it took)."""
+    started = clock()
+    found = gc.collect()
+    return found, clock() - started
+
+
+def run_full_collections(
+    interval: float,
+    stop: gevent.event.Event,
+    collect: Callable[[], tuple[int, float]] = full_collection,
+) -> None:
     """A full collection every ``interval`` seconds until ``stop`` is set."""
     while not stop.wait(interval):
-        started = time.perf_counter()
-        found = gc.collect()
-        log.info(
-            "full garbage collection: %d unreachable objects in %.1f ms",
-            found,
-            (time.perf_counter() - started) * 1000,
-        )
+        found, seconds = collect()
+        log.info("full garbage collection: %d unreachable objects in %.1f ms of CPU", found, seconds * 1000)

@@ -178,6 +178,7 @@ class Engine:
             max_frame_bytes=config.engine.max_frame_bytes,
             allowed=parse_networks(config.engine.allowed_networks),
             on_refused=self._refused,
+            count_accept_queue=config.engine.shed_accept_queue,
         )
         handler.attach_listener(self.server)  # stops listening while saturated (engine.shedding)
         self._listener = listener
@@ -315,7 +316,7 @@ class Engine:
 
     def _start_gc_policy(self) -> None:
         settings = self.config.engine
-        gcpolicy.apply(settings.gc_young_threshold)
+        gcpolicy.apply(settings.gc_young_threshold, settings.gc_middle_threshold)
         if settings.gc_young_threshold > 0:
             self.tasks.spawn(gcpolicy.run_full_collections, settings.gc_full_interval, self.stopping)
 

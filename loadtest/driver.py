@@ -880,6 +880,15 @@ def _child(args: argparse.Namespace) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     config = config_from_json(json.loads(args.config_json))
     part, parts = (int(x) for x in args.child.split("/"))
+    # The driver holds its side of every call up (5,000 per process with --held 10000): left
+    # at CPython's defaults, its full collections walk them all and stall the driver for
+    # 55-60 ms of CPU, late in reading the decisions it times (docs/performance.md, round 4).
+    # Young collections only, as the engine (engine.gcpolicy); a run is too short for its
+    # cyclic garbage to matter. LOADTEST_DRIVER_GC=default: CPython's defaults, as before.
+    if os.environ.get("LOADTEST_DRIVER_GC") != "default":
+        from engine import gcpolicy
+
+        gcpolicy.apply(5000, 0)
     with open(args.library) as handle:
         lib = FsLibrary.from_json(json.load(handle))
     records = run_load(config, part=part, parts=parts, start_at=args.start_at, lib=lib)

@@ -38,7 +38,10 @@ a paragraph here, and remove it once the engine adopts it.
     writes them to ``$CALLGATE_LAG_OUT`` at exit, with a histogram of the lateness and how
     many late wake-ups a collection explains. This tells the engine's own pauses (a
     collection, a long callback: the thread was on the CPU the whole wait) from CPU shared
-    with other processes (the thread was waiting for a CPU).
+    with other processes (the thread was waiting for a CPU). Each collection also records
+    how many unreachable objects it freed (the cyclic garbage the calls leave), and every
+    ``CENSUS_INTERVAL`` seconds the patch counts the objects in each generation and the frozen
+    ones (``gc.get_objects``: a few milliseconds with 10,000 calls up, itself a late wake-up).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ ADOPTED = {
 }
 
 TIMING_PHASES = ("channel_data_wait", "parse", "decide_and_limits", "render_and_write")
+CENSUS_INTERVAL = 10.0  # hub-lag: seconds between counts of the objects in each GC generation
 
 
 def timing_document(rows: Sequence[Sequence[float]], acquires: Sequence[Sequence[float]]) -> dict[str, Any]:
@@ -217,20 +221,23 @@ def patch_gc_log() -> None:
 
 
 def lag_document(
-    late: Sequence[tuple[float, float, float]], collections: Sequence[tuple[float, int, float, float]]
+    late: Sequence[tuple[float, float, float]],
+    collections: Sequence[tuple[float, int, float, float, int]],
+    census: Sequence[Sequence[float]] = (),
 ) -> dict[str, Any]:
     """What the ``hub-lag`` patch writes. ``late``: per late wake-up, its wall time, how late it
     was, and the share of that wait the process's own thread spent on the CPU (near 1: the hub
     was busy running the engine's own work; near 0: the process was waiting for a CPU other
     processes held). ``collections``: per cyclic-GC collection, its wall time at the end, its
-    generation, its wall seconds and its CPU seconds. A late wake-up is explained by a
-    collection that ended inside its lateness window."""
+    generation, its wall seconds, its CPU seconds and the unreachable objects it found.
+    ``census``: rows of wall time, objects in generations 0, 1, 2 and frozen. A late wake-up
+    is explained by a collection that ended inside its lateness window."""
     from loadtest.stats import summarize
 
     edges = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
     def explained(woke: float, lag: float) -> bool:
-        return any(woke - lag - 0.001 <= end <= woke for end, _g, _w, _c in collections)
+        return any(woke - lag - 0.001 <= end <= woke for end, *_rest in collections)
 
     buckets: dict[str, Any] = {}
     for edge in edges:
@@ -245,17 +252,25 @@ def lag_document(
         "late_wakeups": buckets,
         "collections": {
             f"gen{g}": {
-                "count": sum(1 for _e, gen, _w, _c in collections if gen == g),
+                "count": sum(1 for _e, gen, *_rest in collections if gen == g),
                 "max_wall_ms": round(
-                    max((w for _e, gen, w, _c in collections if gen == g), default=0.0) * 1000, 3
+                    max((w for _e, gen, w, *_rest in collections if gen == g), default=0.0) * 1000, 3
                 ),
                 "max_cpu_ms": round(
-                    max((c for _e, gen, _w, c in collections if gen == g), default=0.0) * 1000, 3
+                    max((c for _e, gen, _w, c, _n in collections if gen == g), default=0.0) * 1000, 3
                 ),
-                "cpu_ms": summarize(c for _e, gen, _w, c in collections if gen == g),
+                "cpu_ms": summarize(c for _e, gen, _w, c, _n in collections if gen == g),
+                "total_cpu_ms": round(sum(c for _e, gen, _w, c, _n in collections if gen == g) * 1000, 3),
+                "unreachable": sum(n for _e, gen, _w, _c, n in collections if gen == g),
             }
             for g in (0, 1, 2)
         },
+        # Every middle and full collection (the young ones, hundreds a minute, only summarized
+        # above): end time, generation, wall ms, CPU ms, unreachable objects found.
+        "collection_rows": [
+            [round(e, 4), g, round(w * 1000, 3), round(c * 1000, 3), n] for e, g, w, c, n in collections if g
+        ],
+        "census": {"columns": ["wall", "gen0", "gen1", "gen2", "frozen"], "rows": [list(r) for r in census]},
         "worst": [
             [round(w, 4), round(lag * 1000, 3), round(share, 3)]
             for w, lag, share in sorted(late, key=lambda x: -x[1])[:30]
@@ -270,7 +285,7 @@ def patch_hub_lag() -> None:
     import gevent
 
     late: list[tuple[float, float, float]] = []
-    collections: list[tuple[float, int, float, float]] = []
+    collections: list[tuple[float, int, float, float, int]] = []
     started: dict[str, float] = {}
 
     def callback(phase: str, info: dict[str, int]) -> None:
@@ -279,9 +294,18 @@ def patch_hub_lag() -> None:
         elif "t" in started:
             wall = time.perf_counter() - started.pop("t")
             cpu = time.thread_time() - started.pop("cpu")
-            collections.append((time.time(), info["generation"], wall, cpu))
+            collections.append((time.time(), info["generation"], wall, cpu, info.get("collected", 0)))
 
     gc.callbacks.append(callback)
+    census: list[list[float]] = []
+
+    def count_objects() -> None:
+        while True:
+            gevent.sleep(CENSUS_INTERVAL)
+            sizes = [len(gc.get_objects(generation)) for generation in (0, 1, 2)]
+            census.append([round(time.time(), 3), *sizes, gc.get_freeze_count()])
+
+    gevent.spawn(count_objects)
 
     def watch() -> None:
         interval = 0.001
@@ -300,7 +324,7 @@ def patch_hub_lag() -> None:
         path = os.environ.get("CALLGATE_LAG_OUT")
         if path:
             with open(path, "w") as handle:
-                json.dump(lag_document(late, collections), handle)
+                json.dump(lag_document(late, collections, census), handle)
 
     atexit.register(dump)
 

@@ -74,8 +74,9 @@ def log(message: str) -> None:
 
 
 @contextlib.contextmanager
-def redis_for_run(url: str | None) -> Iterator[str]:
-    """The given URL, or a private redis-server (no persistence) for the run's lifetime."""
+def redis_for_run(url: str | None, cpus: str | None = None) -> Iterator[str]:
+    """The given URL, or a private redis-server (no persistence) for the run's lifetime,
+    pinned to ``cpus`` (taskset list) if given: with the driver, off the server's CPU."""
     if url:
         yield url
         return
@@ -85,8 +86,10 @@ def redis_for_run(url: str | None) -> Iterator[str]:
         yield "redis://127.0.0.1:6379/0"
         return
     port = free_port()
+    pin = ["taskset", "-c", cpus] if cpus and shutil.which("taskset") else []
     proc = subprocess.Popen(
         [
+            *pin,
             binary,
             "--port",
             str(port),
@@ -119,7 +122,7 @@ def redis_for_run(url: str | None) -> Iterator[str]:
                 raise
             time.sleep(0.05)
     client.close()
-    log(f"private redis-server on port {port} (pid {proc.pid})")
+    log(f"private redis-server on port {port} (pid {proc.pid})" + (f", pinned to CPU {cpus}" if pin else ""))
     try:
         yield url
     finally:
@@ -604,7 +607,15 @@ def scenario_targets(
     """Issue 18's latency targets for one process (pinned), realistic mix, in one run:
     its saturation (closed loop, hold 0); ``fraction`` of that offered open loop with ``held``
     calls up (target: p99 < 2 ms); ``overload`` times it, hold 0 (target: p99 of the calls not
-    shed < 50 ms, the rest shed fast). Then the same overload point with shedding off."""
+    shed < 50 ms, the rest shed fast). Then the same overload point with shedding off.
+
+    Round 4 added two rows, the earlier ones unchanged. (1) ``fraction`` of the saturation
+    *with ``held`` calls up*: a call costs more CPU with 10,000 calls held than in the closed
+    loop without them, so ``fraction`` of the closed loop's throughput kept the process ~92 %
+    busy. The held run's own capacity (calls decided per second of server CPU) is its
+    saturation throughput with the calls held; the extra row offers ``fraction`` of it.
+    (2) the overload point without counting the kernel's accept-queue wait
+    (``engine.shed_accept_queue = false``, round 3's shedding at the front)."""
     seconds = 8.0 if ctx.quick else 20.0
     # The shedding bounds an operator who wants the 50 ms target sets (docs/performance.md).
     bounds = {
@@ -659,6 +670,29 @@ def scenario_targets(
         ),
         label=f"targets: {fraction:.0%} of saturation, {held} held",
     )
+    # 70 % of the saturation with the calls held: the held run's calls per server CPU second.
+    held_capacity = held_run.get("capacity_cps_per_core") or 0.0
+    held_cps = round(fraction * held_capacity) if held_capacity else 0
+    held_fair_run: dict[str, Any] | None = None
+    if held_cps:
+        held_hold = held_hold_seconds(held_cps, held, mix)
+        held_fair_run = measure(
+            ctx,
+            spec,
+            scale,
+            LoadConfig(
+                target=("127.0.0.1", 0),
+                cps=float(held_cps),
+                duration=held_hold + 5.0 + seconds,
+                warmup=held_hold + 5.0,
+                mix=mix,
+                hold=held_hold,
+                procs=2,
+                drain=held_hold + 10,
+                timeout=10.0,
+            ),
+            label=f"targets: {fraction:.0%} of the saturation with {held} held",
+        )
     over = LoadConfig(
         target=("127.0.0.1", 0),
         cps=float(round(overload * top)),
@@ -669,6 +703,12 @@ def scenario_targets(
         timeout=10.0,
     )
     shed_run = measure(ctx, spec, scale, over, label=f"targets: {overload:.0%} of saturation")
+    no_queue = ServerSpec(
+        "callgate (accept-queue wait not counted)",
+        "callgate",
+        env={**bounds, "CALLGATE_ENGINE__SHED_ACCEPT_QUEUE": "false"},
+    )
+    no_queue_run = measure(ctx, no_queue, scale, over, label=f"targets: {overload:.0%} of saturation")
     # Round 2's shedding for comparison in the same run: after the channel data only (the
     # listener never stops, no bound on the wait since accept), the same lag bound.
     after_data = ServerSpec(
@@ -687,12 +727,25 @@ def scenario_targets(
         return run[key].get("p99_ms", NAN)
 
     return {
-        "runs": [saturation, held_run, shed_run, after_data_run, unshed_run],
+        "runs": [
+            saturation,
+            held_run,
+            *([held_fair_run] if held_fair_run else []),
+            shed_run,
+            no_queue_run,
+            after_data_run,
+            unshed_run,
+        ],
         "summary": {
             "shed_bound_seconds": shed_bound,
             "saturation_cps": top,
             "held_point_cps": cps,
             "held_point_p99_ms": p99(held_run),
+            "held_saturation_cps": held_capacity,
+            "held_fair_point_cps": held_cps,
+            "held_fair_point_p99_ms": p99(held_fair_run) if held_fair_run else NAN,
+            "held_fair_point_server_util": (held_fair_run or {}).get("server_cpu_utilisation"),
+            "no_accept_queue_p99_not_shed_ms": p99(no_queue_run, "latency_not_degraded"),
             "overload_cps": over.cps,
             "overload_p99_not_shed_ms": p99(shed_run, "latency_not_degraded"),
             "overload_p99_shed_ms": p99(shed_run, "latency_shed"),
@@ -708,19 +761,64 @@ def scenario_targets(
     }
 
 
-def scenario_pauses(ctx: Context, scale: Scale, cps: float, held: int = 10_000) -> dict[str, Any]:
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """``--variant``: ``LABEL:NAME=VALUE,NAME=VALUE`` -> (label, environment); a NAME without
+    the ``CALLGATE_`` prefix gets it (``ENGINE__GC_MIDDLE_THRESHOLD=10``)."""
+    label, _, settings = text.partition(":")
+    if not label or not settings:
+        raise ValueError(f"--variant {text!r}: expected LABEL:NAME=VALUE[,NAME=VALUE...]")
+    env: dict[str, str] = {}
+    for item in settings.split(","):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--variant {text!r}: {item!r} is not NAME=VALUE")
+        name = name.strip().upper()
+        env[name if name.startswith("CALLGATE_") else f"CALLGATE_{name}"] = value.strip()
+    return label, env
+
+
+def scenario_pauses(
+    ctx: Context,
+    scale: Scale,
+    cps: float,
+    held: int = 10_000,
+    variants: Sequence[tuple[str, dict[str, str]]] = (),
+) -> dict[str, Any]:
     """Where a p99 below saturation comes from: the engine with loadtest.patched_engine's
     ``hub-lag`` at ``cps`` offered with ``held`` calls up (one process, pinned). The summary
     counts the hub's late wake-ups by size and how many a garbage collection explains; late
     wake-ups with no collection under them, spread over time, are CPU the process did not get
-    (other processes, the driver, Redis), not a periodic pause of its own."""
+    (other processes, the driver, Redis), not a periodic pause of its own.
+
+    ``variants`` (``--variant``, in the order given: repeat them to alternate A/B runs): the
+    same run once per (label, engine environment), e.g. garbage-collector settings; the
+    summary then holds one entry per run, under its label and position."""
+    if not variants:
+        return _pauses_run(ctx, scale, cps, held, "", {})
+    runs: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    for index, (label, env) in enumerate(variants):
+        one = _pauses_run(ctx, scale, cps, held, label, env)
+        one["runs"][0]["variant"] = {"label": label, "env": env}
+        runs.extend(one["runs"])
+        summary[f"{index}:{label}"] = one["summary"]
+    return {"runs": runs, "summary": summary}
+
+
+def _pauses_run(
+    ctx: Context, scale: Scale, cps: float, held: int, label: str, env: dict[str, str]
+) -> dict[str, Any]:
     mix = dict(DEFAULT_MIX)
     hold = held_hold_seconds(cps, held, mix)
     warm = hold + 5.0
     window = 10.0 if ctx.quick else 20.0
     out = ctx.workdir / "hub-lag.json"
+    out.unlink(missing_ok=True)
     spec = ServerSpec(
-        "callgate+hub-lag", "callgate-patched", patches="hub-lag", env={"CALLGATE_LAG_OUT": str(out)}
+        "callgate+hub-lag" + (f" [{label}]" if label else ""),
+        "callgate-patched",
+        patches="hub-lag",
+        env={**env, "CALLGATE_LAG_OUT": str(out)},
     )
     config = LoadConfig(
         target=("127.0.0.1", 0),
@@ -733,11 +831,16 @@ def scenario_pauses(ctx: Context, scale: Scale, cps: float, held: int = 10_000) 
         drain=hold + 10,
         timeout=10.0,
     )
-    run = measure(ctx, spec, scale, config, label=f"pauses: {cps:g} CPS, {held} held")
+    run = measure(ctx, spec, scale, config, label=f"pauses: {cps:g} CPS, {held} held {label}".rstrip())
     lag: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     samples = lag.pop("samples", [])
     start, end = run.get("wall_span", [0.0, 0.0])
     lag["late_wakeups_per_second_of_run"] = round(len(samples) / max(1e-9, end - start), 2)
+    # Cyclic garbage per call: what the collections found over the whole run (warm-up and
+    # drain included) per call offered over it.
+    found = sum(gen.get("unreachable", 0) for gen in lag.get("collections", {}).values())
+    lag["unreachable_per_call"] = round(found / max(1.0, cps * config.duration), 3)
+    lag["variant"] = {"label": label, "env": env}
     return {"runs": [run], "summary": lag}
 
 
@@ -961,6 +1064,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="loadtest-results.json", help="where to write the full results")
     parser.add_argument("--redis", default=None, help="Redis URL to use (default: a private redis-server)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin the server and the driver to CPUs")
+    parser.add_argument(
+        "--float-redis",
+        action="store_true",
+        help="leave the private redis-server unpinned (before round 4 it floated over both CPUs, "
+        "the server's included); by default it is pinned with the driver",
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy the engine during its runs")
     parser.add_argument("--quick", action="store_true", help="shorter windows")
     parser.add_argument(
@@ -988,6 +1097,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cps", type=float, default=1000.0, help="latency scenario: offered CPS")
     parser.add_argument("--held", type=int, default=10_000, help="latency/targets scenario: calls held up")
     parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:NAME=VALUE,...",
+        help="pauses scenario: one run per variant, the engine with these CALLGATE_ settings "
+        "(repeatable, in order: repeat them to alternate)",
+    )
+    parser.add_argument(
         "--shed-bound",
         type=float,
         default=0.025,
@@ -1003,6 +1120,10 @@ def main(argv: list[str] | None = None) -> int:
         help="dataset of ratio, latency, sweep, cores and phases: default 100k accounts + 1M rates",
     )
     args = parser.parse_args(argv)
+    try:
+        variants = [parse_variant(text) for text in args.variant]
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.patched:
         from loadtest.patched_engine import check
 
@@ -1022,7 +1143,11 @@ def main(argv: list[str] | None = None) -> int:
     from loadtest.driver import _library_in_subprocess
 
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="cgrun-") as tmp, redis_for_run(args.redis) as redis_url:
+    redis_cpus = "0" if pin and not args.float_redis else None
+    with (
+        tempfile.TemporaryDirectory(prefix="cgrun-") as tmp,
+        redis_for_run(args.redis, redis_cpus) as redis_url,
+    ):
         library = _library_in_subprocess()
         ctx = Context(
             redis_url,
@@ -1046,7 +1171,7 @@ def main(argv: list[str] | None = None) -> int:
             elif name == "targets":
                 results[name] = scenario_targets(ctx, scale, held=args.held, shed_bound=args.shed_bound)
             elif name == "pauses":
-                results[name] = scenario_pauses(ctx, scale, args.cps, args.held)
+                results[name] = scenario_pauses(ctx, scale, args.cps, args.held, variants)
             elif name == "latency":
                 results[name] = scenario_latency(ctx, scale, args.cps, args.held)
                 if args.patched:
@@ -1067,6 +1192,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": probes.machine_description(),
         "pinned": pin,
         "redis": "private redis-server" if not args.redis else args.redis,
+        "redis_cpus": redis_cpus,
         "elapsed_seconds": time.time() - started,
         "scenarios": results,
     }

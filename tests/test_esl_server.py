@@ -91,3 +91,45 @@ def test_refusals_are_logged_at_most_once_per_interval(caplog: pytest.LogCapture
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 2
     assert "and 2 more refused since the last report" in messages[1]
+
+
+def test_accept_queue_seconds_reads_tcpi_last_ack_recv() -> None:
+    import struct
+
+    from engine.esl.server import accept_queue_seconds
+
+    block = bytes(56) + struct.pack("=I", 250) + bytes(44)
+    assert accept_queue_seconds(block) == pytest.approx(0.25)
+    assert accept_queue_seconds(block[:59]) == 0.0  # too short: unknown, no wait counted
+
+
+@pytest.mark.parametrize("count_accept_queue", [True, False])
+def test_the_wait_in_the_kernels_accept_queue_is_counted(count_accept_queue: bool) -> None:
+    """A connection queued by the kernel before the engine accepts it: with count_accept_queue
+    its queued time is the end of its handshake (TCP_INFO), without it the accept."""
+    import time
+
+    queued: list[float] = []
+    listener = listening_socket("127.0.0.1", 0)
+    server = CallServer(
+        listener,
+        lambda conn, peer, accepted_at: queued.append(accepted_at),
+        count_accept_queue=count_accept_queue,
+    )
+    client = socket.create_connection(listener.getsockname(), timeout=5)  # handshake done: queued
+    connected = time.monotonic()
+    gevent.sleep(0.3)  # nobody accepts meanwhile
+    started = time.monotonic()
+    server.start()
+    try:
+        with gevent.Timeout(5):
+            while not queued:
+                gevent.sleep(0.01)
+    finally:
+        client.close()
+        server.stop()
+    if count_accept_queue:
+        # the handshake's time, to TCP_INFO's millisecond (jiffy) resolution
+        assert connected - 0.1 < queued[0] < started - 0.15
+    else:
+        assert queued[0] >= started

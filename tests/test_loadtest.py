@@ -665,16 +665,23 @@ def test_hub_lag_document_tells_collections_from_other_pauses() -> None:
 
     late = [(100.010, 0.008, 0.9), (200.030, 0.030, 0.1), (300.003, 0.003, 0.5)]
     collections = [
-        (100.005, 2, 0.004, 0.0035),
-        (250.0, 0, 0.001, 0.0005),
+        (100.005, 2, 0.004, 0.0035, 12),
+        (250.0, 0, 0.001, 0.0005, 3),
+        (260.0, 0, 0.002, 0.0015, 0),
     ]  # the first: inside the first pause
-    out = lag_document(late, collections)
+    census = [[110.0, 10, 20, 30, 40]]
+    out = lag_document(late, collections, census)
     assert out["late_wakeups"][">2ms"] == {"count": 3, "explained_by_gc": 1, "median_own_cpu_share": 0.5}
     assert out["late_wakeups"][">25ms"] == {"count": 1, "explained_by_gc": 0, "median_own_cpu_share": 0.1}
     gen2 = out["collections"]["gen2"]
     assert (gen2["count"], gen2["max_wall_ms"], gen2["max_cpu_ms"]) == (1, 4.0, 3.5)
     assert gen2["cpu_ms"]["p50_ms"] == pytest.approx(3.5)
     assert out["worst"][0] == [200.03, 30.0, 0.1]
+    assert gen2["unreachable"] == 12
+    gen0 = out["collections"]["gen0"]
+    assert (gen0["count"], gen0["unreachable"], gen0["total_cpu_ms"]) == (2, 3, 2.0)
+    assert out["collection_rows"] == [[100.005, 2, 4.0, 3.5, 12]]  # the young ones only summarized
+    assert out["census"]["rows"] == [[110.0, 10, 20, 30, 40]]
 
 
 def test_patched_engine_refuses_an_unknown_patch_before_applying_any(monkeypatch) -> None:
@@ -762,3 +769,15 @@ def test_phase_summary_of_a_hand_made_timing_json() -> None:
         "p99_us": pytest.approx(700),
     }
     assert phase_summary(timing, span=(10.5, 12.0))["parse"]["p50_us"] == pytest.approx(25)
+
+
+def test_pauses_variants_parse_into_engine_settings() -> None:
+    from loadtest.run import parse_variant
+
+    assert parse_variant("mid0:ENGINE__GC_MIDDLE_THRESHOLD=0, callgate_engine__gc_full_interval=15") == (
+        "mid0",
+        {"CALLGATE_ENGINE__GC_MIDDLE_THRESHOLD": "0", "CALLGATE_ENGINE__GC_FULL_INTERVAL": "15"},
+    )
+    for bad in ("no-settings", ":ENGINE__X=1", "label:ENGINE__X", "label:=1"):
+        with pytest.raises(ValueError, match="--variant"):
+            parse_variant(bad)

@@ -8,8 +8,14 @@ An optional allow-list of source networks is enforced at accept: a connection fr
 elsewhere is closed at once, before a byte is read or written, and reported to
 ``on_refused`` (anyone who can reach the port could otherwise hold calls' resources).
 
-Each connection is handed over with the monotonic time of its accept, so that the call can
-tell how long it waited for the CPU before its decision step (engine.shedding). While the
+Each connection is handed over with the monotonic time it was queued at, so that the call can
+tell how long it waited for the CPU before its decision step (engine.shedding). That is the
+time of its accept, or (``count_accept_queue``, Linux) of the end of its TCP handshake: a
+connection can wait in the kernel's accept queue (up to ``LISTEN_BACKLOG`` of them) while the
+engine is busy, and that wait was invisible to the shedding bounds. TCP_INFO's
+``tcpi_last_ack_recv`` of a freshly accepted socket is the milliseconds since the peer's last
+ACK, the handshake's (FreeSWITCH sends nothing before the engine's ``connect``); where it
+cannot be read (not TCP, not Linux) the accept time is used, as before. While the
 process is saturated the server can stop listening (:meth:`CallServer.stop_listening`): the
 kernel then answers FreeSWITCH's SYN with a RST, and FreeSWITCH tries its next engine at once.
 """
@@ -20,6 +26,7 @@ import errno
 import ipaddress
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -75,12 +82,46 @@ def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socke
     return sock
 
 
+_TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux only
+# struct tcp_info (linux/tcp.h): eight one-byte fields, then __u32s; tcpi_last_ack_recv is the
+# 15th __u32, at byte 56 (milliseconds since the last ACK received).
+_LAST_ACK_RECV = struct.Struct("=I")
+_LAST_ACK_RECV_OFFSET = 56
+_TCP_INFO_READ = _LAST_ACK_RECV_OFFSET + _LAST_ACK_RECV.size
+
+
+def accept_queue_seconds(tcp_info: bytes) -> float:
+    """Seconds since the peer's last ACK from a TCP_INFO block (0.0 when it is too short): for
+    a socket just accepted whose peer has sent nothing, its wait in the accept queue."""
+    if len(tcp_info) < _TCP_INFO_READ:
+        return 0.0
+    return float(_LAST_ACK_RECV.unpack_from(tcp_info, _LAST_ACK_RECV_OFFSET)[0]) / 1000.0
+
+
+def queued_since(sock: socket.socket, now: float) -> float:
+    """When ``sock``, just accepted at monotonic ``now``, entered the accept queue (``now``
+    when the kernel cannot tell)."""
+    if _TCP_INFO is None:
+        return now
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_READ)
+    except OSError:  # not a TCP socket
+        return now
+    return now - accept_queue_seconds(info)
+
+
 class _TimedStreamServer(StreamServer):  # type: ignore[misc]
-    """gevent's StreamServer, handing the monotonic accept time to the handler as well."""
+    """gevent's StreamServer, handing the monotonic time the connection was queued at (its
+    accept, or with ``count_accept_queue`` the end of its handshake) to the handler as well."""
+
+    count_accept_queue = False
 
     def do_read(self) -> tuple[Any, Any, float] | None:
         accepted = super().do_read()
-        return None if not accepted else (*accepted, time.monotonic())
+        if not accepted:
+            return None
+        now = time.monotonic()
+        return (*accepted, queued_since(accepted[0], now) if self.count_accept_queue else now)
 
 
 class CallServer:
@@ -92,6 +133,7 @@ class CallServer:
         max_frame_bytes: int = 1048576,
         allowed: tuple[IpNetwork, ...] = (),
         on_refused: RefusedHook | None = None,
+        count_accept_queue: bool = False,
     ) -> None:
         self._handler = handler
         self._max_frame_bytes = max_frame_bytes
@@ -100,6 +142,7 @@ class CallServer:
         self._listener = listener
         self._address = listener.getsockname()
         self._server = _TimedStreamServer(listener, self._accept)
+        self._server.count_accept_queue = count_accept_queue
         self.listening = True
         self._stopped = False
         # Connection greenlets alive (each runs _accept to its end): the greenlet gauge's share
