@@ -81,9 +81,18 @@ class NumberPool:
 EMPTY_POOL = NumberPool((), frozenset())
 
 
-# One bucket per (IP version, netmask length): the masked address -> the entries of
-# that network, longest tech prefix first.
-_IpBuckets = tuple[tuple[int, int, dict[int, tuple[IpMapMatch, ...]]], ...]
+@dataclass(frozen=True, slots=True)
+class IpCell:
+    """The usable entries of one network (IP version, netmask length, masked address):
+    (entry id, tech prefix stripped) pairs, longest tech prefix first, then lowest id."""
+
+    matches: tuple[tuple[int, str], ...]
+
+
+# One bucket per (IP version, netmask length): the masked address -> its cell. An IPv4 bucket
+# of PACK_RATES_FROM cells or more is a PackedTable (IPv6 addresses do not fit its int keys).
+_IpBucket = MutableMapping[int, IpCell]
+_IpBuckets = tuple[tuple[int, int, _IpBucket], ...]
 
 
 def parse_ip(text: str) -> IpAddress | None:
@@ -128,6 +137,7 @@ class Catalog:
         "forced_caller_ids",
         "gateways",
         "group_rates",
+        "ip_entries",
         "localizations",
         "longest_blocked_prefix",
         "longest_origination_prefix",
@@ -171,6 +181,10 @@ class Catalog:
         self.longest_blocked_prefix = 0
         self.localizations: dict[int, CompiledLocalization] = {}  # active only, rule sets parsed
         self.problems: tuple[str, ...] = ()  # data the build had to ignore, for the loader's log
+        # Every IP-map entry by id, active or not (packed: 99k entries as objects, with the
+        # reverse links the live changes need, were ~80 MB per process at 1M/1M), indexed by
+        # account and by network cell for the live changes.
+        self.ip_entries: PackedTable[int, IpMapEntry] = _packed_ip_entries(())
         self._ip_buckets: dict[int, _IpBuckets] = {4: (), 6: ()}
         self._changes: _ChangeIndex | None = None  # set by track_changes (live sync)
 
@@ -200,19 +214,23 @@ class Catalog:
         """The entry whose CIDR holds ``address`` and whose tech prefix starts the
         destination: longest tech prefix first, then the narrowest network, then
         the lowest entry id."""
-        best: IpMapMatch | None = None
+        best: tuple[int, str, int, int] | None = None  # entry id, tech prefix, netmask length, mask
         value = int(address)
-        for _, mask, table in self._ip_buckets[address.version]:
-            matches = table.get(value & mask)
-            if matches is None:
+        for prefixlen, mask, table in self._ip_buckets[address.version]:
+            cell = table.get(value & mask)
+            if cell is None:
                 continue
-            for match in matches:  # longest tech prefix first
-                if best is not None and len(match.tech_prefix) <= len(best.tech_prefix):
+            for entry_id, tech_prefix in cell.matches:  # longest tech prefix first
+                if best is not None and len(tech_prefix) <= len(best[1]):
                     break
-                if destination.startswith(match.tech_prefix):
-                    best = match
+                if destination.startswith(tech_prefix):
+                    best = (entry_id, tech_prefix, prefixlen, mask)
                     break
-        return best
+        if best is None:
+            return None
+        entry_id, tech_prefix, prefixlen, mask = best
+        network = _NETWORKS[address.version]((value & mask, prefixlen))
+        return IpMapMatch(self.ip_entries[entry_id], str(network), tech_prefix)
 
     # -- building --------------------------------------------------------------
 
@@ -283,38 +301,41 @@ class Catalog:
         self.longest_termination_prefix = longest
 
     def _index_ip_map(self, entries: Iterable[IpMapEntry], problems: list[str]) -> None:
-        buckets: dict[tuple[int, int], dict[int, list[IpMapMatch]]] = {}
+        self.ip_entries = _packed_ip_entries(entries)
+        cells: dict[tuple[int, int], dict[int, list[tuple[int, str]]]] = {}
         for entry in entries:
-            if not entry.active:
-                continue
-            account = self.accounts.get(entry.account_id)
-            if account is None or not account.usable:
+            if not self._ip_usable(entry):
                 continue  # identification only ever yields a usable account
-            try:
-                network = ipaddress.ip_network(entry.cidr.strip(), strict=False)
-            except ValueError:
+            cell = _ip_cell(entry)
+            if cell is None:
                 problems.append(f"ip map entry {entry.id}: {entry.cidr!r} is not an IP network")
                 continue
-            match = IpMapMatch(entry, str(network), entry.tech_prefix.strip())
-            key = (network.version, network.prefixlen)
-            buckets.setdefault(key, {}).setdefault(int(network.network_address), []).append(match)
+            version, prefixlen, address = cell
+            cells.setdefault((version, prefixlen), {}).setdefault(address, []).append(
+                (entry.id, entry.tech_prefix.strip())
+            )
         for version in (4, 6):
             ordered = sorted(
-                ((prefixlen, table) for (v, prefixlen), table in buckets.items() if v == version),
+                ((prefixlen, table) for (v, prefixlen), table in cells.items() if v == version),
                 key=lambda item: -item[0],
             )
-            width = 32 if version == 4 else 128
             self._ip_buckets[version] = tuple(
                 (
                     prefixlen,
-                    ((1 << width) - 1) ^ ((1 << (width - prefixlen)) - 1),
-                    {
-                        address: tuple(sorted(matches, key=lambda m: (-len(m.tech_prefix), m.entry.id)))
-                        for address, matches in table.items()
-                    },
+                    _ip_mask(version, prefixlen),
+                    _ip_bucket(
+                        version, ((address, _ip_cell_of(matches)) for address, matches in table.items())
+                    ),
                 )
                 for prefixlen, table in ordered
             )
+
+    def _ip_usable(self, entry: IpMapEntry) -> bool:
+        """An entry identification may yield: active, of a usable account."""
+        if not entry.active:
+            return False
+        account = self.accounts.get(entry.account_id)
+        return account is not None and account.usable
 
     # -- live changes (engine.state.watcher) -----------------------------------
 
@@ -488,9 +509,8 @@ def _localizations(rows: Iterable[Localization], problems: list[str]) -> dict[in
 _ENTITY_NAMES: dict[type, str] = {cls: name for name, cls in ENTITY_TYPES.items()}
 _RATE_TYPES = ("origination_rates", "termination_rates")
 # The rows kept for the derived indexes, by snapshot key (accounts, DIDs, rate groups,
-# gateways and trunks are kept by the catalog itself, all of them, by id).
+# gateways, trunks and IP-map entries are kept by the catalog itself, all of them, by id).
 _KEPT = (
-    "ip_map",
     "caller_ids",
     "forced_caller_ids",
     "speed_dials",
@@ -559,29 +579,69 @@ def _ip_cell(entry: IpMapEntry) -> tuple[int, int, int] | None:
     return network.version, network.prefixlen, int(network.network_address)
 
 
+def _cell_text(cell: tuple[int, int, int]) -> str:
+    version, prefixlen, address = cell
+    return f"{version}/{prefixlen}/{address}"
+
+
+def _cell_of_entry(entry: IpMapEntry) -> str:
+    """The IP-map table's "cell" index: the entry's network as text ("" if its CIDR does not parse)."""
+    cell = _ip_cell(entry)
+    return "" if cell is None else _cell_text(cell)
+
+
+def _account_of_entry(entry: IpMapEntry) -> str:
+    return str(entry.account_id)
+
+
+def _packed_ip_entries(entries: Iterable[IpMapEntry]) -> PackedTable[int, IpMapEntry]:
+    return packed_by_id(IpMapEntry, entries, {"account": _account_of_entry, "cell": _cell_of_entry})
+
+
+def _ip_mask(version: int, prefixlen: int) -> int:
+    width = 32 if version == 4 else 128
+    return ((1 << width) - 1) ^ ((1 << (width - prefixlen)) - 1)
+
+
+def _ip_cell_of(matches: list[tuple[int, str]]) -> IpCell:
+    """The cell of (entry id, tech prefix) pairs: longest tech prefix first, then lowest id."""
+    return IpCell(tuple(sorted(matches, key=lambda m: (-len(m[1]), m[0]))))
+
+
+def _ip_bucket(version: int, cells: Iterable[tuple[int, IpCell]]) -> _IpBucket:
+    table = dict(cells)
+    if version == 4 and len(table) >= PACK_RATES_FROM:
+        return PackedTable(IpCell, table.items(), int_keys=True)
+    return table
+
+
+_NETWORKS: dict[int, Callable[[tuple[int, int]], IpNetwork]] = {
+    4: ipaddress.IPv4Network,
+    6: ipaddress.IPv6Network,
+}
+
+
 class _ChangeIndex:
     """The rows behind a catalog's derived indexes, and the reverse links to find them."""
 
     def __init__(self, catalog: Catalog, data: CatalogData) -> None:
         self.catalog = catalog
-        self.rows: dict[str, dict[_RowKey, Any]] = {
+        self.rows: dict[str, MutableMapping[_RowKey, Any]] = {
             name: {_row_key(name, obj): obj for obj in getattr(data, name)} for name in _KEPT
         }
+        # The IP map's rows are the catalog's packed table, indexed by account and by cell (its
+        # overlay indexes follow the live changes: no reverse links to keep here).
+        self.rows["ip_map"] = cast(MutableMapping[_RowKey, Any], catalog.ip_entries)
         self.did_ids_by_number: _Links[str, int] = _Links()
         self.did_ids_by_account: _Links[int, int] = _Links()
         for did in data.dids:
             self._link_did(did)
         self.keys_by_account: dict[str, _Links[int, _RowKey]] = {
-            name: _Links() for name in ("ip_map", "caller_ids", "speed_dials", "blocked_codes")
+            name: _Links() for name in ("caller_ids", "speed_dials", "blocked_codes")
         }
         for name, by_account in self.keys_by_account.items():
             for key, obj in self.rows[name].items():
                 by_account.link(obj.account_id, key)
-        self.ip_cells: _Links[tuple[int, int, int], _RowKey] = _Links()
-        for key, entry in self.rows["ip_map"].items():
-            cell = _ip_cell(entry)
-            if cell is not None:
-                self.ip_cells.link(cell, key)
         self.trunks_by_gateway: _Links[int, int] = _Links()
         for trunk in data.trunks:
             self._link_trunk(trunk, add=True)
@@ -626,8 +686,8 @@ class _ChangeIndex:
             else:
                 c.trunk_gateways[trunk_id] = c._active_gateways(trunk)
         for account_id in dirty.ip_accounts:
-            for row_key in self.keys_by_account["ip_map"].of(account_id):
-                cell = _ip_cell(self.rows["ip_map"][row_key])
+            for entry in c.ip_entries.having("account", str(account_id)):
+                cell = _ip_cell(entry)
                 if cell is not None:
                     dirty.ip_cells.add(cell)
         if dirty.ip_cells:
@@ -673,16 +733,9 @@ class _ChangeIndex:
         _set_or_pop(self.catalog.sip_devices, int(key), change.new)  # devices chooses at lookup time
 
     def _store_ip_map(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
-        old, new = self._swap_row("ip_map", key, change.new)
-        for entry, add in ((old, False), (new, True)):
-            if entry is None:
-                continue
-            cell = _ip_cell(entry)
-            if cell is not None:
-                if add:
-                    self.ip_cells.link(cell, key)
-                else:
-                    self.ip_cells.unlink(cell, key)
+        old, new = self._swap_row("ip_map", key, change.new)  # the table's indexes follow
+        for entry in (old, new):
+            if entry is not None and (cell := _ip_cell(entry)) is not None:
                 dirty.ip_cells.add(cell)
 
     def _store_caller_ids(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
@@ -779,25 +832,22 @@ class _ChangeIndex:
         return pools.get(account_id)
 
     def _rederive_ip_cells(self, cells: set[tuple[int, int, int]]) -> None:
-        c, rows = self.catalog, self.rows["ip_map"]
+        c = self.catalog
         for version in (4, 6):
             mine = [cell for cell in cells if cell[0] == version]
             if not mine:
                 continue
-            width = 32 if version == 4 else 128
-            buckets = {prefixlen: (mask, dict(table)) for prefixlen, mask, table in c._ip_buckets[version]}
+            # changed in place: nothing here yields, so a decision sees the buckets before or after
+            buckets = {prefixlen: (mask, table) for prefixlen, mask, table in c._ip_buckets[version]}
             for _, prefixlen, address in mine:
-                matches = []
-                for key in self.ip_cells.of((version, prefixlen, address)):
-                    entry = rows[key]
-                    account = c.accounts.get(entry.account_id)
-                    if entry.active and account is not None and account.usable:
-                        network = ipaddress.ip_network(entry.cidr.strip(), strict=False)
-                        matches.append(IpMapMatch(entry, str(network), entry.tech_prefix.strip()))
-                mask = ((1 << width) - 1) ^ ((1 << (width - prefixlen)) - 1)
-                _, table = buckets.setdefault(prefixlen, (mask, {}))
+                matches = [
+                    (entry.id, entry.tech_prefix.strip())
+                    for entry in c.ip_entries.having("cell", _cell_text((version, prefixlen, address)))
+                    if c._ip_usable(entry)
+                ]
+                _, table = buckets.setdefault(prefixlen, (_ip_mask(version, prefixlen), {}))
                 if matches:
-                    table[address] = tuple(sorted(matches, key=lambda m: (-len(m.tech_prefix), m.entry.id)))
+                    table[address] = _ip_cell_of(matches)
                 else:
                     table.pop(address, None)
             c._ip_buckets[version] = tuple(
