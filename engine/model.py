@@ -272,6 +272,10 @@ class CatalogData:
     gateways: list[Gateway] = field(default_factory=list)
     trunks: list[Trunk] = field(default_factory=list)
     termination_rates: list[TerminationRate] = field(default_factory=list)
+    # Rows of some entity types as the tuples of their packed records (engine.rules.packed)
+    # instead of entities, for Catalog.build (the type's list above is then empty): a full load
+    # packs them without building a million objects (engine.state.snapshot, RawSnapshot.decode).
+    records: dict[str, list[tuple[Any, ...]]] = field(default_factory=dict)
 
 
 ENTITY_TYPES: dict[str, type] = {

@@ -24,9 +24,11 @@ by entity, each part would need the others' private structures.)
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Generic, TypeVar, cast
 
 from engine.model import (
@@ -49,7 +51,14 @@ from engine.model import (
     entity_key_of,
 )
 from engine.rules.localization import CompiledLocalization, compile_localization
-from engine.rules.packed import PackedTable, RankedView, packed_by_id, packed_rates
+from engine.rules.packed import (
+    PackedTable,
+    RankedView,
+    entity_of,
+    packed_by_id,
+    packed_rates,
+    packed_records_by_id,
+)
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -193,19 +202,36 @@ class Catalog:
         catalog = cls()
         problems: list[str] = []
         catalog.version = data.version
-        catalog.accounts = packed_by_id(Account, data.accounts, {"number": _number_of})
+        records = data.records
+        catalog.accounts = _packed_by_id(
+            Account, data.accounts, records.get("accounts"), {"number": _number_of}
+        )
         catalog.accounts_by_number = RankedView(catalog.accounts, "number", _owner_of_number)
-        catalog.sip_devices = packed_by_id(SipDevice, data.sip_devices, {"username": _username_of})
+        catalog.sip_devices = _packed_by_id(
+            SipDevice, data.sip_devices, records.get("sip_devices"), {"username": _username_of}
+        )
         catalog.devices = RankedView(catalog.sip_devices, "username", _device_of_username)
         catalog.rate_groups = {group.id: group for group in data.rate_groups}
         catalog.trunks = {trunk.id: trunk for trunk in data.trunks}
         catalog.gateways = {gateway.id: gateway for gateway in data.gateways}
         catalog.trunk_gateways = {trunk.id: catalog._active_gateways(trunk) for trunk in data.trunks}
         catalog._index_origination_rates(data.origination_rates, problems)
+        if "origination_rates" in records:
+            catalog._index_origination_records(records["origination_rates"], problems)
         catalog._index_termination_rates(data.termination_rates)
+        if "termination_rates" in records:
+            catalog._index_termination_records(records["termination_rates"])
         catalog._index_ip_map(data.ip_map, problems)
         catalog._index_numbers(data, problems)
         catalog.problems = tuple(problems)
+        # The origination tables share one recent-cache bound, the termination tables another
+        # (engine.rules.packed.recent_limit): the sum over 150 tables sized alone was ~600,000
+        # entities at 1M/1M.
+        for groups in ((catalog.group_rates, catalog.personal_rates), (catalog.termination_rates,)):
+            packed = [t for tables in groups for t in tables.values() if type(t) is PackedTable]
+            total = sum(len(t) for t in packed)
+            for table in packed:
+                table.share_cache(total)
         return catalog
 
     # -- lookups ---------------------------------------------------------------
@@ -300,6 +326,58 @@ class Catalog:
         self.termination_rates = _packed_tables(TerminationRate, by_trunk)
         self.longest_termination_prefix = longest
 
+    # The same two, from record tuples (CatalogData.records): the same choices, read by position.
+
+    def _index_origination_records(self, records: Iterable[tuple[Any, ...]], problems: list[str]) -> None:
+        at = _positions(OriginationRate)
+        active, prefix_at, account_at, group_at, id_at = (
+            at["active"],
+            at["prefix"],
+            at["account_id"],
+            at["rate_group_id"],
+            at["id"],
+        )
+        rank = _record_rank(OriginationRate, -1)
+        longest = 0
+        personal: dict[int, dict[str, tuple[Any, ...]]] = {}
+        group: dict[int, dict[str, tuple[Any, ...]]] = {}
+        for record in records:
+            if not record[active]:
+                continue
+            prefix = record[prefix_at].strip()
+            if record[account_at] is not None:
+                table = personal.setdefault(record[account_at], {})
+            elif record[group_at] is not None:
+                table = group.setdefault(record[group_at], {})
+            else:
+                problems.append(f"origination rate {record[id_at]}: neither rate group nor account")
+                continue
+            current = table.get(prefix)
+            if current is None or rank(record) < rank(current):
+                table[prefix] = record
+            longest = max(longest, len(prefix))
+        self.personal_rates = _packed_record_tables(OriginationRate, personal)
+        self.group_rates = _packed_record_tables(OriginationRate, group)
+        self.longest_origination_prefix = longest
+
+    def _index_termination_records(self, records: Iterable[tuple[Any, ...]]) -> None:
+        at = _positions(TerminationRate)
+        active, prefix_at, trunk_at = at["active"], at["prefix"], at["trunk_id"]
+        rank = _record_rank(TerminationRate, 1)
+        longest = 0
+        by_trunk: dict[int, dict[str, tuple[Any, ...]]] = {}
+        for record in records:
+            if not record[active]:
+                continue
+            prefix = record[prefix_at].strip()
+            table = by_trunk.setdefault(record[trunk_at], {})
+            current = table.get(prefix)
+            if current is None or rank(record) < rank(current):
+                table[prefix] = record
+            longest = max(longest, len(prefix))
+        self.termination_rates = _packed_record_tables(TerminationRate, by_trunk)
+        self.longest_termination_prefix = longest
+
     def _index_ip_map(self, entries: Iterable[IpMapEntry], problems: list[str]) -> None:
         self.ip_entries = _packed_ip_entries(entries)
         cells: dict[tuple[int, int], dict[int, list[tuple[int, str]]]] = {}
@@ -387,6 +465,10 @@ def _termination_rank(rate: TerminationRate) -> tuple[Any, ...]:
     return (rate.cost_per_minute, rate.precedence, rate.id)
 
 
+# The entity types Catalog.build can take as record tuples (CatalogData.records): the large ones,
+# packed straight from the snapshot's rows without an object per row.
+RECORD_TYPES = ("accounts", "sip_devices", "origination_rates", "termination_rates")
+
 # A rate table: a dict while small (a PackedTable object costs more than a few rates), packed
 # from this many rates on.
 PACK_RATES_FROM = 32
@@ -398,6 +480,43 @@ def _packed_tables(cls: type, tables: dict[int, dict[str, Row]]) -> dict[int, Ra
         owner: packed_rates(cls, table) if len(table) >= PACK_RATES_FROM else table
         for owner, table in tables.items()
     }
+
+
+def _packed_record_tables(
+    cls: type, tables: dict[int, dict[str, tuple[Any, ...]]]
+) -> dict[int, RateTable[Any]]:
+    return {
+        owner: PackedTable.from_records(cls, table.items(), int_keys=False)
+        if len(table) >= PACK_RATES_FROM
+        else {prefix: entity_of(cls, record) for prefix, record in table.items()}
+        for owner, table in tables.items()
+    }
+
+
+def _packed_by_id(
+    cls: type,
+    entities: Iterable[Any],
+    records: Iterable[tuple[Any, ...]] | None,
+    indexes: Mapping[str, Callable[[Any], Any]],
+) -> PackedTable[int, Any]:
+    if records is None:
+        return packed_by_id(cls, entities, indexes)
+    return packed_records_by_id(cls, records, indexes)
+
+
+def _positions(cls: type) -> dict[str, int]:
+    return {f.name: at for at, f in enumerate(dataclasses.fields(cls))}
+
+
+def _record_rank(cls: type, cost_sign: int) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+    """``_origination_rank`` (cost_sign -1) or ``_termination_rank`` (1) of a record tuple."""
+    at = _positions(cls)
+    cost, precedence, row_id = at["cost_per_minute"], at["precedence"], at["id"]
+
+    def rank(record: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (cost_sign * Decimal(record[cost]), record[precedence], record[row_id])
+
+    return rank
 
 
 def _number_of(account: Account) -> str:

@@ -72,7 +72,7 @@ import logging
 import operator
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, cast
@@ -80,7 +80,7 @@ from typing import Any, NamedTuple, cast
 import redis
 
 from engine.model import ENTITY_KEY_FIELDS, ENTITY_TYPES, CatalogData, entity_key_getter
-from engine.state.codec import decode_joined, encode_entity, schema
+from engine.state.codec import decode_joined, decode_joined_records, encode_entity, schema
 from engine.state.keys import (
     entity_hash_key,
     meta_key,
@@ -536,24 +536,45 @@ class RawSnapshot:
     def version(self) -> int:
         return self.stamp.version
 
-    def decode(self) -> CatalogData:
+    def decode(self, records: Collection[str] = ()) -> CatalogData:
         """Decode every entity (sorted by key); CatalogData.version is the snapshot version.
 
+        The entity types named in ``records`` are decoded into ``CatalogData.records``
+        instead, as the tuples of their packed records (``codec.decode_joined_records``,
+        one per key, the last read, in key order), for ``Catalog.build``.
         The cyclic GC is paused meanwhile (see :func:`gc_paused`).
         """
         with gc_paused():
-            return self._decode()
+            return self._decode(frozenset(records))
 
-    def _decode(self) -> CatalogData:
+    def _decode(self, records: frozenset[str]) -> CatalogData:
         data = CatalogData(version=self.version)
         for name, cls in ENTITY_TYPES.items():
             stored = self.meta.get(f"schema:{name}")
             fields = tuple(stored.split(",")) if stored else None
+            if name in records:
+                data.records[name] = _records_in_key_order(name, cls, self.values.get(name, []), fields)
+                continue
             items: list[Any] = []
             for page in self.values.get(name, []):
                 items += decode_joined(cls, page.joined, page.rows, fields)
             setattr(data, name, _in_key_order(name, items))
         return data
+
+
+def _records_in_key_order(
+    name: str, cls: type, pages: list[Page], fields: tuple[str, ...] | None
+) -> list[tuple[Any, ...]]:
+    """The record tuples of one entity hash, one per key (the last read), sorted by key."""
+    positions = [schema(cls).index(f) for f in _KEY_FIELDS[name]]
+    if len(positions) != 1:
+        raise ValueError(f"{name}: records need a one-field key")
+    (at,) = positions
+    by_key: dict[Any, tuple[Any, ...]] = {}
+    for page in pages:
+        for record in decode_joined_records(cls, page.joined, page.rows, fields):
+            by_key[record[at]] = record  # HSCAN may return a row twice: the last read stays
+    return [by_key[key] for key in sorted(by_key)]
 
 
 @contextlib.contextmanager

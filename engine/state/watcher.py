@@ -40,7 +40,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 import redis
@@ -138,6 +138,7 @@ class SnapshotHolder(Generic[T]):
         on_swap: Callable[[int, T], None] | None = None,
         on_change: Callable[[int, T, dict[str, set[str]]], None] | None = None,
         images: ImageStore | None = None,
+        records: Collection[str] = (),
     ) -> None:
         """``build`` turns CatalogData into what ``current`` serves (``Catalog.build``).
 
@@ -153,6 +154,8 @@ class SnapshotHolder(Generic[T]):
         value, {entity: keys})`` after each in-place change (metrics, logging, tests).
         ``images``: where built catalogues are written after a full load and mapped from
         instead of loading a version again (``engine.state.image``); None = never.
+        ``records``: entity types ``build`` takes as packed record tuples
+        (``CatalogData.records``, ``RawSnapshot.decode``) rather than as entities.
         """
         self._client = client
         self._prefix = prefix
@@ -168,6 +171,7 @@ class SnapshotHolder(Generic[T]):
         self._on_swap = on_swap
         self._on_change = on_change
         self._images = images
+        self._records = tuple(records)
         self._lock = threading.RLock()  # a gevent lock once monkey-patched
         self._state: tuple[int, T] | None = None
         self._stamp: SnapshotStamp | None = None
@@ -278,10 +282,10 @@ class SnapshotHolder(Generic[T]):
         self, raw: RawSnapshot, schemas: dict[str, tuple[str, ...] | None]
     ) -> tuple[T, bool]:
         if not self._freeze_gc:
-            built = self._build_tracked(raw.decode())
+            built = self._build_tracked(raw.decode(self._records))
         else:
             with gc_paused(freeze=True):
-                built = self._build_tracked(raw.decode())
+                built = self._build_tracked(raw.decode(self._records))
         if self._images is not None and built[1] and self._images.write(raw.stamp, (built[0], schemas)):
             # Written before the catalogue is shared (from then on live changes alter it), then
             # served from the file like every other process of the host: the pages are shared,
