@@ -13,6 +13,7 @@ load-test mix (every call class, random accounts and destinations) must give equ
 from __future__ import annotations
 
 import dataclasses
+import marshal
 import random
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -27,7 +28,7 @@ from engine.model import CallRequest, CatalogData, OriginationRate
 from engine.rules.catalog import RECORD_TYPES, Catalog, longest_prefix
 from engine.rules.config import RulesConfig
 from engine.rules.decide import DecisionContext, decide
-from engine.rules.packed import PackedTable
+from engine.rules.packed import PackedTable, record_codec
 from engine.rules.rating import find_rate
 from engine.state.image import ImageStore, code_fingerprint
 from engine.state.snapshot import Page, SnapshotStamp, _last_of_each_key, fetch_snapshot, publish_snapshot
@@ -224,6 +225,30 @@ def test_built_from_records_equals_built_from_entities(generated, client, key_pr
     for table in (from_records.accounts, *from_records.group_rates.values()):
         assert isinstance(table, PackedTable)
     assert from_records.sip_devices == from_entities.sip_devices == {d.id: d for d in generated.sip_devices}
+
+
+def test_records_read_twice_or_out_of_order_build_the_same(generated) -> None:
+    """HSCAN may return a row twice and returns them in any order: the records path keeps one
+    per key and lists its problems in id order, as the entity path (sorted, deduplicated)."""
+    data = dataclasses.replace(generated)
+    orphan = dataclasses.replace(data.origination_rates[5], id=10**9, rate_group_id=None, account_id=None)
+    data.origination_rates = [*data.origination_rates, orphan, dataclasses.replace(orphan, id=10**9 + 1)]
+    reference = Catalog.build(data)
+    rng = random.Random(4)
+    as_records: dict[str, list[tuple[object, ...]]] = {}
+    for name in RECORD_TYPES:
+        rows = [marshal.loads(record_codec(type(e)).encode(e)) for e in getattr(data, name)]
+        rows += rng.sample(rows, len(rows) // 10)  # read twice
+        rng.shuffle(rows)
+        as_records[name] = rows
+    shuffled = dataclasses.replace(
+        data, accounts=[], sip_devices=[], origination_rates=[], termination_rates=[]
+    )
+    shuffled.records = as_records
+    built = Catalog.build(shuffled)
+    assert len(reference.problems) >= 2
+    for name in Catalog.__slots__:
+        assert getattr(built, name) == getattr(reference, name), name
 
 
 def test_a_row_read_twice_is_kept_once_the_last_read() -> None:

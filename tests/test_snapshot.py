@@ -382,8 +382,11 @@ def test_a_snapshot_decodes_its_large_types_as_records(client: redis.Redis, key_
     raw = fetch_snapshot(client, key_prefix)
     split = raw.decode(["accounts", "termination_rates"])
     assert split.accounts == [] and split.termination_rates == []
-    assert split.records["accounts"] == _records(Account, [SAMPLES["accounts"]])
-    assert split.records["termination_rates"] == _records(TerminationRate, [SAMPLES["termination_rates"]])
+    assert list(split.records["accounts"]) == _records(Account, [SAMPLES["accounts"]])
+    assert list(split.records["termination_rates"]) == _records(
+        TerminationRate, [SAMPLES["termination_rates"]]
+    )
+    assert list(split.records["accounts"]) == _records(Account, [SAMPLES["accounts"]])  # iterable again
     assert raw.decode().records == {}
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import marshal
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -326,7 +327,8 @@ class Catalog:
         self.termination_rates = _packed_tables(TerminationRate, by_trunk)
         self.longest_termination_prefix = longest
 
-    # The same two, from record tuples (CatalogData.records): the same choices, read by position.
+    # The same two, from record tuples (CatalogData.records, in the order read, a row read
+    # twice comes twice): the same choices, read by position, each record packed as it comes.
 
     def _index_origination_records(self, records: Iterable[tuple[Any, ...]], problems: list[str]) -> None:
         at = _positions(OriginationRate)
@@ -338,9 +340,10 @@ class Catalog:
             at["id"],
         )
         rank = _record_rank(OriginationRate, -1)
-        longest = 0
-        personal: dict[int, dict[str, tuple[Any, ...]]] = {}
-        group: dict[int, dict[str, tuple[Any, ...]]] = {}
+        dumps, longest = marshal.dumps, 0
+        personal: dict[int, dict[str, bytes]] = {}
+        group: dict[int, dict[str, bytes]] = {}
+        orphans: dict[int, str] = {}  # the problems, listed in id order as the entity build lists them
         for record in records:
             if not record[active]:
                 continue
@@ -350,12 +353,13 @@ class Catalog:
             elif record[group_at] is not None:
                 table = group.setdefault(record[group_at], {})
             else:
-                problems.append(f"origination rate {record[id_at]}: neither rate group nor account")
+                orphans[record[id_at]] = f"origination rate {record[id_at]}: neither rate group nor account"
                 continue
             current = table.get(prefix)
-            if current is None or rank(record) < rank(current):
-                table[prefix] = record
+            if current is None or rank(record) < rank(marshal.loads(current)):
+                table[prefix] = dumps(record)
             longest = max(longest, len(prefix))
+        problems.extend(orphans[row_id] for row_id in sorted(orphans))
         self.personal_rates = _packed_record_tables(OriginationRate, personal)
         self.group_rates = _packed_record_tables(OriginationRate, group)
         self.longest_origination_prefix = longest
@@ -364,16 +368,16 @@ class Catalog:
         at = _positions(TerminationRate)
         active, prefix_at, trunk_at = at["active"], at["prefix"], at["trunk_id"]
         rank = _record_rank(TerminationRate, 1)
-        longest = 0
-        by_trunk: dict[int, dict[str, tuple[Any, ...]]] = {}
+        dumps, longest = marshal.dumps, 0
+        by_trunk: dict[int, dict[str, bytes]] = {}
         for record in records:
             if not record[active]:
                 continue
             prefix = record[prefix_at].strip()
             table = by_trunk.setdefault(record[trunk_at], {})
             current = table.get(prefix)
-            if current is None or rank(record) < rank(current):
-                table[prefix] = record
+            if current is None or rank(record) < rank(marshal.loads(current)):
+                table[prefix] = dumps(record)
             longest = max(longest, len(prefix))
         self.termination_rates = _packed_record_tables(TerminationRate, by_trunk)
         self.longest_termination_prefix = longest
@@ -482,11 +486,9 @@ def _packed_tables(cls: type, tables: dict[int, dict[str, Row]]) -> dict[int, Ra
     }
 
 
-def _packed_record_tables(
-    cls: type, tables: dict[int, dict[str, tuple[Any, ...]]]
-) -> dict[int, RateTable[Any]]:
+def _packed_record_tables(cls: type, tables: dict[int, dict[str, bytes]]) -> dict[int, RateTable[Any]]:
     return {
-        owner: PackedTable.from_records(cls, table.items(), int_keys=False)
+        owner: PackedTable.from_encoded(cls, table.items(), int_keys=False)
         if len(table) >= PACK_RATES_FROM
         else {prefix: entity_of(cls, record) for prefix, record in table.items()}
         for owner, table in tables.items()

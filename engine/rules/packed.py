@@ -248,27 +248,48 @@ class PackedTable(MutableMapping[K, E], Generic[K, E]):
     def from_records(
         cls,
         entity_cls: type,
-        items: Iterable[tuple[K, tuple[Any, ...]]],
+        records: Iterable[tuple[Any, ...]],
+        key: str,
         int_keys: bool,
         indexes: Mapping[str, Callable[[E], Any]] | None = None,
     ) -> PackedTable[K, E]:
-        """As the constructor, from (key, record tuple) pairs: the entities' fields as
-        :class:`RecordCodec` stores them (``engine.state.codec.decode_joined_records``),
-        packed without building the entities. Each index is named after the field it reads."""
-        table: PackedTable[K, E] = cls.__new__(cls)
-        codec = record_codec(entity_cls)
-        ordered = sorted(items, key=_FIRST)
-        fields = [f.name for f in dataclasses.fields(entity_cls)]
+        """As the constructor, from record tuples: the entities' fields as :class:`RecordCodec`
+        stores them (``engine.state.codec.decode_joined_records``), each packed as it comes
+        (no entity built, no tuple kept). ``key``: the field the table is keyed by (the last
+        record of a key wins, as a dict would keep it); each index is named after its field."""
+        at = field_position(entity_cls, key)
+        positions: list[int] = [field_position(entity_cls, name) for name in indexes or {}]
+        record: tuple[Any, ...]
         dumps = marshal.dumps
+        by_key: dict[Any, tuple[Any, ...]] = {}
+        for record in records:  # encoded at once: (the record, its index values)
+            by_key[record[at]] = (dumps(record), *map(record.__getitem__, positions))
+        keys = sorted(by_key)
+        rows = [by_key[k] for k in keys]
+        del by_key
+        table: PackedTable[K, E] = cls.__new__(cls)
         table._fill(
-            codec,
-            [dumps(record) for _, record in ordered],
-            [key for key, _ in ordered],
+            record_codec(entity_cls),
+            [row[0] for row in rows],
+            keys,
             int_keys,
             {
-                name: (getter, list(map(itemgetter(fields.index(name)), map(_SECOND, ordered))))
-                for name, getter in (indexes or {}).items()
+                name: (getter, [row[n] for row in rows])
+                for n, (name, getter) in enumerate((indexes or {}).items(), 1)
             },
+        )
+        return table
+
+    @classmethod
+    def from_encoded(
+        cls, entity_cls: type, items: Iterable[tuple[K, bytes]], int_keys: bool
+    ) -> PackedTable[K, E]:
+        """As the constructor, from (key, record) pairs already encoded (``marshal``-ed record
+        tuples), each key once; no secondary index."""
+        ordered = sorted(items, key=_FIRST)
+        table: PackedTable[K, E] = cls.__new__(cls)
+        table._fill(
+            record_codec(entity_cls), [chunk for _, chunk in ordered], [k for k, _ in ordered], int_keys, {}
         )
         return table
 
@@ -659,9 +680,7 @@ def packed_records_by_id(
     cls: type, records: Iterable[tuple[Any, ...]], indexes: Mapping[str, Callable[[Any], Any]] | None = None
 ) -> PackedTable[int, Any]:
     """:func:`packed_by_id` from record tuples (:meth:`PackedTable.from_records`)."""
-    at = field_position(cls, "id")
-    by_id = {record[at]: record for record in records}
-    return PackedTable.from_records(cls, by_id.items(), int_keys=True, indexes=indexes)
+    return PackedTable.from_records(cls, records, "id", int_keys=True, indexes=indexes)
 
 
 def field_position(cls: type, name: str) -> int:
@@ -669,6 +688,6 @@ def field_position(cls: type, name: str) -> int:
     return [f.name for f in dataclasses.fields(cls)].index(name)
 
 
-def entity_of(cls: type, record: tuple[Any, ...]) -> Any:
-    """The entity of a record tuple (for the few built singly, e.g. a small rate table)."""
-    return record_codec(cls).decode(marshal.dumps(record))
+def entity_of(cls: type, record: bytes) -> Any:
+    """The entity of an encoded record (for the few built singly, e.g. a small rate table)."""
+    return record_codec(cls).decode(record)

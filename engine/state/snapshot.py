@@ -539,9 +539,9 @@ class RawSnapshot:
     def decode(self, records: Collection[str] = ()) -> CatalogData:
         """Decode every entity (sorted by key); CatalogData.version is the snapshot version.
 
-        The entity types named in ``records`` are decoded into ``CatalogData.records``
-        instead, as the tuples of their packed records (``codec.decode_joined_records``,
-        one per key, the last read, in key order), for ``Catalog.build``.
+        The entity types named in ``records`` go into ``CatalogData.records`` instead, as
+        :class:`RecordRows` (the tuples of their packed records, decoded while
+        ``Catalog.build`` packs them: no list of a million rows is ever held).
         The cyclic GC is paused meanwhile (see :func:`gc_paused`).
         """
         with gc_paused():
@@ -553,7 +553,7 @@ class RawSnapshot:
             stored = self.meta.get(f"schema:{name}")
             fields = tuple(stored.split(",")) if stored else None
             if name in records:
-                data.records[name] = _records_in_key_order(name, cls, self.values.get(name, []), fields)
+                data.records[name] = RecordRows(cls, self.values.get(name, []), fields)
                 continue
             items: list[Any] = []
             for page in self.values.get(name, []):
@@ -562,19 +562,19 @@ class RawSnapshot:
         return data
 
 
-def _records_in_key_order(
-    name: str, cls: type, pages: list[Page], fields: tuple[str, ...] | None
-) -> list[tuple[Any, ...]]:
-    """The record tuples of one entity hash, one per key (the last read), sorted by key."""
-    positions = [schema(cls).index(f) for f in _KEY_FIELDS[name]]
-    if len(positions) != 1:
-        raise ValueError(f"{name}: records need a one-field key")
-    (at,) = positions
-    by_key: dict[Any, tuple[Any, ...]] = {}
-    for page in pages:
-        for record in decode_joined_records(cls, page.joined, page.rows, fields):
-            by_key[record[at]] = record  # HSCAN may return a row twice: the last read stays
-    return [by_key[key] for key in sorted(by_key)]
+class RecordRows:
+    """The rows of one entity hash as record tuples (``codec.decode_joined_records``), decoded
+    a page at a time while iterated, in the order read (a row read twice comes twice: the
+    consumer keeps the last one of each key). Iterable again while the pages are held."""
+
+    __slots__ = ("_cls", "_fields", "_pages")
+
+    def __init__(self, cls: type, pages: list[Page], fields: tuple[str, ...] | None) -> None:
+        self._cls, self._pages, self._fields = cls, pages, fields
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        for page in self._pages:
+            yield from decode_joined_records(self._cls, page.joined, page.rows, self._fields)
 
 
 @contextlib.contextmanager
