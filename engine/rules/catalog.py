@@ -225,14 +225,20 @@ class Catalog:
         catalog._index_ip_map(data.ip_map, problems)
         catalog._index_numbers(data, problems)
         catalog.problems = tuple(problems)
-        # The origination tables share one recent-cache bound, the termination tables another
-        # (engine.rules.packed.recent_limit): the sum over 150 tables sized alone was ~600,000
-        # entities at 1M/1M.
-        for groups in ((catalog.group_rates, catalog.personal_rates), (catalog.termination_rates,)):
-            packed = [t for tables in groups for t in tables.values() if type(t) is PackedTable]
-            total = sum(len(t) for t in packed)
-            for table in packed:
-                table.share_cache(total)
+        # The origination tables share one recent-cache bound (engine.rules.packed.recent_limit):
+        # sized alone, 100 rate groups of 10,000 could hold 500,000 built rates at 1M/1M, for one
+        # lookup per call. The termination tables keep theirs: a call looks up every trunk of its
+        # routing, and their misses cost more decision CPU than their bound costs memory
+        # (docs/performance.md, "Private memory, traffic and the first load").
+        packed = [
+            t
+            for tables in (catalog.group_rates, catalog.personal_rates)
+            for t in tables.values()
+            if isinstance(t, PackedTable)
+        ]
+        total = sum(len(t) for t in packed)
+        for table in packed:
+            table.share_cache(total)
         return catalog
 
     # -- lookups ---------------------------------------------------------------
