@@ -54,7 +54,8 @@ class EngineSettings:
     snapshot_image_fetch: bool = True
     max_frame_bytes: int = 1048576
     # Bound of each packed table's cache of recently built entities, per generation (two
-    # generations: at most twice this many per table). Memory against decision CPU: measured in
+    # generations: at most twice this many per table; the origination rate tables of a catalogue
+    # share it, engine.rules.packed.recent_limit). Memory against decision CPU: measured in
     # docs/performance.md ("Decision cost"); ~0.5 KB per cached account.
     entity_cache: int = 16384
     gc_young_threshold: int = 5000  # engine.gcpolicy; 0 = CPython's defaults

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -272,6 +272,11 @@ class CatalogData:
     gateways: list[Gateway] = field(default_factory=list)
     trunks: list[Trunk] = field(default_factory=list)
     termination_rates: list[TerminationRate] = field(default_factory=list)
+    # Rows of some entity types as the tuples of their packed records (engine.rules.packed)
+    # instead of entities, for Catalog.build (the type's list above is then empty): a full load
+    # packs them without building a million objects (engine.state.snapshot, RawSnapshot.decode).
+    # In the order read; a key read twice comes twice, the last read is the row.
+    records: dict[str, Iterable[tuple[Any, ...]]] = field(default_factory=dict)
 
 
 ENTITY_TYPES: dict[str, type] = {

@@ -44,7 +44,7 @@ from engine.limits_runtime import (
 )
 from engine.logs import setup_logging
 from engine.metrics import EngineMetrics, wsgi_app
-from engine.rules.catalog import Catalog
+from engine.rules.catalog import RECORD_TYPES, Catalog
 from engine.rules.gate import first_uses
 from engine.rules.packed import set_entity_cache
 from engine.rules.text import show
@@ -129,6 +129,7 @@ class Engine:
             Catalog.build,
             images=images,
             image_blobs=config.engine.snapshot_image_fetch,
+            records=RECORD_TYPES,
         )
         # The per-call limits script skips redis-py's pool and wrappers (engine.state.direct).
         self.direct_redis = DirectConnections.like(

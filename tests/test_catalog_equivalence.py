@@ -13,6 +13,7 @@ load-test mix (every call class, random accounts and destinations) must give equ
 from __future__ import annotations
 
 import dataclasses
+import marshal
 import random
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -24,13 +25,13 @@ import engine.model
 import engine.rules
 import engine.rules.catalog as catalog_module
 from engine.model import CallRequest, CatalogData, OriginationRate
-from engine.rules.catalog import Catalog, longest_prefix
+from engine.rules.catalog import RECORD_TYPES, Catalog, longest_prefix
 from engine.rules.config import RulesConfig
 from engine.rules.decide import DecisionContext, decide
-from engine.rules.packed import PackedTable
+from engine.rules.packed import PackedTable, record_codec
 from engine.rules.rating import find_rate
 from engine.state.image import ImageStore, code_fingerprint
-from engine.state.snapshot import Page, SnapshotStamp, _last_of_each_key, publish_snapshot, read_snapshot
+from engine.state.snapshot import Page, SnapshotStamp, _last_of_each_key, fetch_snapshot, publish_snapshot
 from loadtest.dataset import CallMix, Scale, generate
 
 SCALE = Scale(accounts=3_000, rates=20_000, groups=10, trunks=10, termination_rates=4_000, seed=5)
@@ -135,9 +136,13 @@ def client(redis_url: str) -> redis.Redis:
     return redis.Redis.from_url(redis_url)
 
 
-def test_catalog_read_from_redis_decides_as_the_one_built_in_memory(generated, client, key_prefix) -> None:
+@pytest.mark.parametrize("records", [(), RECORD_TYPES], ids=["entities", "records"])
+def test_catalog_read_from_redis_decides_as_the_one_built_in_memory(
+    generated, client, key_prefix, records
+) -> None:
     publish_snapshot(client, key_prefix, generated)
-    data = read_snapshot(client, key_prefix, scan_count=97)  # many small pages
+    data = fetch_snapshot(client, key_prefix, scan_count=97).decode(records)  # many small pages
+    assert set(data.records) == set(records)
     compact = Catalog.build(data)
     compact.track_changes(data)
     reference = plain(generated)
@@ -149,9 +154,12 @@ def test_catalog_read_from_redis_decides_as_the_one_built_in_memory(generated, c
     assert len({getattr(d, "reason", None) for d in expected}) >= 5
 
 
-def test_live_changes_in_place_decide_as_a_fresh_build(generated, client, key_prefix, tmp_path) -> None:
+@pytest.mark.parametrize("records", [(), RECORD_TYPES], ids=["entities", "records"])
+def test_live_changes_in_place_decide_as_a_fresh_build(
+    generated, client, key_prefix, tmp_path, records
+) -> None:
     publish_snapshot(client, key_prefix, generated)
-    data = read_snapshot(client, key_prefix)
+    data = fetch_snapshot(client, key_prefix).decode(records)
     live = Catalog.build(data)
     live.track_changes(data)
     rng = random.Random(3)
@@ -198,6 +206,49 @@ def test_live_changes_in_place_decide_as_a_fresh_build(generated, client, key_pr
     assert decisions(mapped, first) == decisions(plain(generated), first)
     assert mapped.apply_changes(upserts, deletes, before) == []
     assert decisions(mapped, requests) == expected
+
+
+def test_built_from_records_equals_built_from_entities(generated, client, key_prefix) -> None:
+    """The first load packs the large tables from the rows' record tuples, without entities:
+    every index equal to the entity build's, the records decoding to equal entities."""
+    publish_snapshot(client, key_prefix, generated)
+    raw = fetch_snapshot(client, key_prefix, scan_count=333)
+    from_entities = Catalog.build(raw.decode())
+    from_entities.track_changes(raw.decode())
+    data = raw.decode(RECORD_TYPES)
+    assert not data.accounts and not data.sip_devices and not data.origination_rates
+    from_records = Catalog.build(data)
+    from_records.track_changes(data)
+    for name in Catalog.__slots__:
+        if name != "_changes":
+            assert getattr(from_records, name) == getattr(from_entities, name), name
+    for table in (from_records.accounts, *from_records.group_rates.values()):
+        assert isinstance(table, PackedTable)
+    assert from_records.sip_devices == from_entities.sip_devices == {d.id: d for d in generated.sip_devices}
+
+
+def test_records_read_twice_or_out_of_order_build_the_same(generated) -> None:
+    """HSCAN may return a row twice and returns them in any order: the records path keeps one
+    per key and lists its problems in id order, as the entity path (sorted, deduplicated)."""
+    data = dataclasses.replace(generated)
+    orphan = dataclasses.replace(data.origination_rates[5], id=10**9, rate_group_id=None, account_id=None)
+    data.origination_rates = [*data.origination_rates, orphan, dataclasses.replace(orphan, id=10**9 + 1)]
+    reference = Catalog.build(data)
+    rng = random.Random(4)
+    as_records: dict[str, list[tuple[object, ...]]] = {}
+    for name in RECORD_TYPES:
+        rows = [marshal.loads(record_codec(type(e)).encode(e)) for e in getattr(data, name)]
+        rows += rng.sample(rows, len(rows) // 10)  # read twice
+        rng.shuffle(rows)
+        as_records[name] = rows
+    shuffled = dataclasses.replace(
+        data, accounts=[], sip_devices=[], origination_rates=[], termination_rates=[]
+    )
+    shuffled.records = as_records
+    built = Catalog.build(shuffled)
+    assert len(reference.problems) >= 2
+    for name in Catalog.__slots__:
+        assert getattr(built, name) == getattr(reference, name), name
 
 
 def test_a_row_read_twice_is_kept_once_the_last_read() -> None:

@@ -24,9 +24,12 @@ by entity, each part would need the others' private structures.)
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import marshal
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Generic, TypeVar, cast
 
 from engine.model import (
@@ -49,7 +52,14 @@ from engine.model import (
     entity_key_of,
 )
 from engine.rules.localization import CompiledLocalization, compile_localization
-from engine.rules.packed import PackedTable, RankedView, packed_by_id, packed_rates
+from engine.rules.packed import (
+    PackedTable,
+    RankedView,
+    entity_of,
+    packed_by_id,
+    packed_rates,
+    packed_records_by_id,
+)
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -81,9 +91,18 @@ class NumberPool:
 EMPTY_POOL = NumberPool((), frozenset())
 
 
-# One bucket per (IP version, netmask length): the masked address -> the entries of
-# that network, longest tech prefix first.
-_IpBuckets = tuple[tuple[int, int, dict[int, tuple[IpMapMatch, ...]]], ...]
+@dataclass(frozen=True, slots=True)
+class IpCell:
+    """The usable entries of one network (IP version, netmask length, masked address):
+    (entry id, tech prefix stripped) pairs, longest tech prefix first, then lowest id."""
+
+    matches: tuple[tuple[int, str], ...]
+
+
+# One bucket per (IP version, netmask length): the masked address -> its cell. An IPv4 bucket
+# of PACK_RATES_FROM cells or more is a PackedTable (IPv6 addresses do not fit its int keys).
+_IpBucket = MutableMapping[int, IpCell]
+_IpBuckets = tuple[tuple[int, int, _IpBucket], ...]
 
 
 def parse_ip(text: str) -> IpAddress | None:
@@ -128,6 +147,7 @@ class Catalog:
         "forced_caller_ids",
         "gateways",
         "group_rates",
+        "ip_entries",
         "localizations",
         "longest_blocked_prefix",
         "longest_origination_prefix",
@@ -171,6 +191,10 @@ class Catalog:
         self.longest_blocked_prefix = 0
         self.localizations: dict[int, CompiledLocalization] = {}  # active only, rule sets parsed
         self.problems: tuple[str, ...] = ()  # data the build had to ignore, for the loader's log
+        # Every IP-map entry by id, active or not (packed: 99k entries as objects, with the
+        # reverse links the live changes need, were ~80 MB per process at 1M/1M), indexed by
+        # account and by network cell for the live changes.
+        self.ip_entries: PackedTable[int, IpMapEntry] = _packed_ip_entries(())
         self._ip_buckets: dict[int, _IpBuckets] = {4: (), 6: ()}
         self._changes: _ChangeIndex | None = None  # set by track_changes (live sync)
 
@@ -179,19 +203,42 @@ class Catalog:
         catalog = cls()
         problems: list[str] = []
         catalog.version = data.version
-        catalog.accounts = packed_by_id(Account, data.accounts, {"number": _number_of})
+        records = data.records
+        catalog.accounts = _packed_by_id(
+            Account, data.accounts, records.get("accounts"), {"number": _number_of}
+        )
         catalog.accounts_by_number = RankedView(catalog.accounts, "number", _owner_of_number)
-        catalog.sip_devices = packed_by_id(SipDevice, data.sip_devices, {"username": _username_of})
+        catalog.sip_devices = _packed_by_id(
+            SipDevice, data.sip_devices, records.get("sip_devices"), {"username": _username_of}
+        )
         catalog.devices = RankedView(catalog.sip_devices, "username", _device_of_username)
         catalog.rate_groups = {group.id: group for group in data.rate_groups}
         catalog.trunks = {trunk.id: trunk for trunk in data.trunks}
         catalog.gateways = {gateway.id: gateway for gateway in data.gateways}
         catalog.trunk_gateways = {trunk.id: catalog._active_gateways(trunk) for trunk in data.trunks}
         catalog._index_origination_rates(data.origination_rates, problems)
+        if "origination_rates" in records:
+            catalog._index_origination_records(records["origination_rates"], problems)
         catalog._index_termination_rates(data.termination_rates)
+        if "termination_rates" in records:
+            catalog._index_termination_records(records["termination_rates"])
         catalog._index_ip_map(data.ip_map, problems)
         catalog._index_numbers(data, problems)
         catalog.problems = tuple(problems)
+        # The origination tables share one recent-cache bound (engine.rules.packed.recent_limit):
+        # sized alone, 100 rate groups of 10,000 could hold 500,000 built rates at 1M/1M, for one
+        # lookup per call. The termination tables keep theirs: a call looks up every trunk of its
+        # routing, and their misses cost more decision CPU than their bound costs memory
+        # (docs/performance.md, "Private memory, traffic and the first load").
+        packed = [
+            t
+            for tables in (catalog.group_rates, catalog.personal_rates)
+            for t in tables.values()
+            if isinstance(t, PackedTable)
+        ]
+        total = sum(len(t) for t in packed)
+        for table in packed:
+            table.share_cache(total)
         return catalog
 
     # -- lookups ---------------------------------------------------------------
@@ -200,19 +247,23 @@ class Catalog:
         """The entry whose CIDR holds ``address`` and whose tech prefix starts the
         destination: longest tech prefix first, then the narrowest network, then
         the lowest entry id."""
-        best: IpMapMatch | None = None
+        best: tuple[int, str, int, int] | None = None  # entry id, tech prefix, netmask length, mask
         value = int(address)
-        for _, mask, table in self._ip_buckets[address.version]:
-            matches = table.get(value & mask)
-            if matches is None:
+        for prefixlen, mask, table in self._ip_buckets[address.version]:
+            cell = table.get(value & mask)
+            if cell is None:
                 continue
-            for match in matches:  # longest tech prefix first
-                if best is not None and len(match.tech_prefix) <= len(best.tech_prefix):
+            for entry_id, tech_prefix in cell.matches:  # longest tech prefix first
+                if best is not None and len(tech_prefix) <= len(best[1]):
                     break
-                if destination.startswith(match.tech_prefix):
-                    best = match
+                if destination.startswith(tech_prefix):
+                    best = (entry_id, tech_prefix, prefixlen, mask)
                     break
-        return best
+        if best is None:
+            return None
+        entry_id, tech_prefix, prefixlen, mask = best
+        network = _NETWORKS[address.version]((value & mask, prefixlen))
+        return IpMapMatch(self.ip_entries[entry_id], str(network), tech_prefix)
 
     # -- building --------------------------------------------------------------
 
@@ -282,39 +333,97 @@ class Catalog:
         self.termination_rates = _packed_tables(TerminationRate, by_trunk)
         self.longest_termination_prefix = longest
 
-    def _index_ip_map(self, entries: Iterable[IpMapEntry], problems: list[str]) -> None:
-        buckets: dict[tuple[int, int], dict[int, list[IpMapMatch]]] = {}
-        for entry in entries:
-            if not entry.active:
+    # The same two, from record tuples (CatalogData.records, in the order read, a row read
+    # twice comes twice): the same choices, read by position, each record packed as it comes.
+
+    def _index_origination_records(self, records: Iterable[tuple[Any, ...]], problems: list[str]) -> None:
+        at = _positions(OriginationRate)
+        active, prefix_at, account_at, group_at, id_at = (
+            at["active"],
+            at["prefix"],
+            at["account_id"],
+            at["rate_group_id"],
+            at["id"],
+        )
+        rank = _record_rank(OriginationRate, -1)
+        dumps, longest = marshal.dumps, 0
+        personal: dict[int, dict[str, bytes]] = {}
+        group: dict[int, dict[str, bytes]] = {}
+        orphans: dict[int, str] = {}  # the problems, listed in id order as the entity build lists them
+        for record in records:
+            if not record[active]:
                 continue
-            account = self.accounts.get(entry.account_id)
-            if account is None or not account.usable:
+            prefix = record[prefix_at].strip()
+            if record[account_at] is not None:
+                table = personal.setdefault(record[account_at], {})
+            elif record[group_at] is not None:
+                table = group.setdefault(record[group_at], {})
+            else:
+                orphans[record[id_at]] = f"origination rate {record[id_at]}: neither rate group nor account"
+                continue
+            current = table.get(prefix)
+            if current is None or rank(record) < rank(marshal.loads(current)):
+                table[prefix] = dumps(record)
+            longest = max(longest, len(prefix))
+        problems.extend(orphans[row_id] for row_id in sorted(orphans))
+        self.personal_rates = _packed_record_tables(OriginationRate, personal)
+        self.group_rates = _packed_record_tables(OriginationRate, group)
+        self.longest_origination_prefix = longest
+
+    def _index_termination_records(self, records: Iterable[tuple[Any, ...]]) -> None:
+        at = _positions(TerminationRate)
+        active, prefix_at, trunk_at = at["active"], at["prefix"], at["trunk_id"]
+        rank = _record_rank(TerminationRate, 1)
+        dumps, longest = marshal.dumps, 0
+        by_trunk: dict[int, dict[str, bytes]] = {}
+        for record in records:
+            if not record[active]:
+                continue
+            prefix = record[prefix_at].strip()
+            table = by_trunk.setdefault(record[trunk_at], {})
+            current = table.get(prefix)
+            if current is None or rank(record) < rank(marshal.loads(current)):
+                table[prefix] = dumps(record)
+            longest = max(longest, len(prefix))
+        self.termination_rates = _packed_record_tables(TerminationRate, by_trunk)
+        self.longest_termination_prefix = longest
+
+    def _index_ip_map(self, entries: Iterable[IpMapEntry], problems: list[str]) -> None:
+        self.ip_entries = _packed_ip_entries(entries)
+        cells: dict[tuple[int, int], dict[int, list[tuple[int, str]]]] = {}
+        for entry in entries:
+            if not self._ip_usable(entry):
                 continue  # identification only ever yields a usable account
-            try:
-                network = ipaddress.ip_network(entry.cidr.strip(), strict=False)
-            except ValueError:
+            cell = _ip_cell(entry)
+            if cell is None:
                 problems.append(f"ip map entry {entry.id}: {entry.cidr!r} is not an IP network")
                 continue
-            match = IpMapMatch(entry, str(network), entry.tech_prefix.strip())
-            key = (network.version, network.prefixlen)
-            buckets.setdefault(key, {}).setdefault(int(network.network_address), []).append(match)
+            version, prefixlen, address = cell
+            cells.setdefault((version, prefixlen), {}).setdefault(address, []).append(
+                (entry.id, entry.tech_prefix.strip())
+            )
         for version in (4, 6):
             ordered = sorted(
-                ((prefixlen, table) for (v, prefixlen), table in buckets.items() if v == version),
+                ((prefixlen, table) for (v, prefixlen), table in cells.items() if v == version),
                 key=lambda item: -item[0],
             )
-            width = 32 if version == 4 else 128
             self._ip_buckets[version] = tuple(
                 (
                     prefixlen,
-                    ((1 << width) - 1) ^ ((1 << (width - prefixlen)) - 1),
-                    {
-                        address: tuple(sorted(matches, key=lambda m: (-len(m.tech_prefix), m.entry.id)))
-                        for address, matches in table.items()
-                    },
+                    _ip_mask(version, prefixlen),
+                    _ip_bucket(
+                        version, ((address, _ip_cell_of(matches)) for address, matches in table.items())
+                    ),
                 )
                 for prefixlen, table in ordered
             )
+
+    def _ip_usable(self, entry: IpMapEntry) -> bool:
+        """An entry identification may yield: active, of a usable account."""
+        if not entry.active:
+            return False
+        account = self.accounts.get(entry.account_id)
+        return account is not None and account.usable
 
     # -- live changes (engine.state.watcher) -----------------------------------
 
@@ -366,6 +475,10 @@ def _termination_rank(rate: TerminationRate) -> tuple[Any, ...]:
     return (rate.cost_per_minute, rate.precedence, rate.id)
 
 
+# The entity types Catalog.build can take as record tuples (CatalogData.records): the large ones,
+# packed straight from the snapshot's rows without an object per row.
+RECORD_TYPES = ("accounts", "sip_devices", "origination_rates", "termination_rates")
+
 # A rate table: a dict while small (a PackedTable object costs more than a few rates), packed
 # from this many rates on.
 PACK_RATES_FROM = 32
@@ -377,6 +490,41 @@ def _packed_tables(cls: type, tables: dict[int, dict[str, Row]]) -> dict[int, Ra
         owner: packed_rates(cls, table) if len(table) >= PACK_RATES_FROM else table
         for owner, table in tables.items()
     }
+
+
+def _packed_record_tables(cls: type, tables: dict[int, dict[str, bytes]]) -> dict[int, RateTable[Any]]:
+    return {
+        owner: PackedTable.from_encoded(cls, table.items(), int_keys=False)
+        if len(table) >= PACK_RATES_FROM
+        else {prefix: entity_of(cls, record) for prefix, record in table.items()}
+        for owner, table in tables.items()
+    }
+
+
+def _packed_by_id(
+    cls: type,
+    entities: Iterable[Any],
+    records: Iterable[tuple[Any, ...]] | None,
+    indexes: Mapping[str, Callable[[Any], Any]],
+) -> PackedTable[int, Any]:
+    if records is None:
+        return packed_by_id(cls, entities, indexes)
+    return packed_records_by_id(cls, records, indexes)
+
+
+def _positions(cls: type) -> dict[str, int]:
+    return {f.name: at for at, f in enumerate(dataclasses.fields(cls))}
+
+
+def _record_rank(cls: type, cost_sign: int) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+    """``_origination_rank`` (cost_sign -1) or ``_termination_rank`` (1) of a record tuple."""
+    at = _positions(cls)
+    cost, precedence, row_id = at["cost_per_minute"], at["precedence"], at["id"]
+
+    def rank(record: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (cost_sign * Decimal(record[cost]), record[precedence], record[row_id])
+
+    return rank
 
 
 def _number_of(account: Account) -> str:
@@ -488,9 +636,8 @@ def _localizations(rows: Iterable[Localization], problems: list[str]) -> dict[in
 _ENTITY_NAMES: dict[type, str] = {cls: name for name, cls in ENTITY_TYPES.items()}
 _RATE_TYPES = ("origination_rates", "termination_rates")
 # The rows kept for the derived indexes, by snapshot key (accounts, DIDs, rate groups,
-# gateways and trunks are kept by the catalog itself, all of them, by id).
+# gateways, trunks and IP-map entries are kept by the catalog itself, all of them, by id).
 _KEPT = (
-    "ip_map",
     "caller_ids",
     "forced_caller_ids",
     "speed_dials",
@@ -559,29 +706,69 @@ def _ip_cell(entry: IpMapEntry) -> tuple[int, int, int] | None:
     return network.version, network.prefixlen, int(network.network_address)
 
 
+def _cell_text(cell: tuple[int, int, int]) -> str:
+    version, prefixlen, address = cell
+    return f"{version}/{prefixlen}/{address}"
+
+
+def _cell_of_entry(entry: IpMapEntry) -> str:
+    """The IP-map table's "cell" index: the entry's network as text ("" if its CIDR does not parse)."""
+    cell = _ip_cell(entry)
+    return "" if cell is None else _cell_text(cell)
+
+
+def _account_of_entry(entry: IpMapEntry) -> str:
+    return str(entry.account_id)
+
+
+def _packed_ip_entries(entries: Iterable[IpMapEntry]) -> PackedTable[int, IpMapEntry]:
+    return packed_by_id(IpMapEntry, entries, {"account": _account_of_entry, "cell": _cell_of_entry})
+
+
+def _ip_mask(version: int, prefixlen: int) -> int:
+    width = 32 if version == 4 else 128
+    return ((1 << width) - 1) ^ ((1 << (width - prefixlen)) - 1)
+
+
+def _ip_cell_of(matches: list[tuple[int, str]]) -> IpCell:
+    """The cell of (entry id, tech prefix) pairs: longest tech prefix first, then lowest id."""
+    return IpCell(tuple(sorted(matches, key=lambda m: (-len(m[1]), m[0]))))
+
+
+def _ip_bucket(version: int, cells: Iterable[tuple[int, IpCell]]) -> _IpBucket:
+    table = dict(cells)
+    if version == 4 and len(table) >= PACK_RATES_FROM:
+        return PackedTable(IpCell, table.items(), int_keys=True)
+    return table
+
+
+_NETWORKS: dict[int, Callable[[tuple[int, int]], IpNetwork]] = {
+    4: ipaddress.IPv4Network,
+    6: ipaddress.IPv6Network,
+}
+
+
 class _ChangeIndex:
     """The rows behind a catalog's derived indexes, and the reverse links to find them."""
 
     def __init__(self, catalog: Catalog, data: CatalogData) -> None:
         self.catalog = catalog
-        self.rows: dict[str, dict[_RowKey, Any]] = {
+        self.rows: dict[str, MutableMapping[_RowKey, Any]] = {
             name: {_row_key(name, obj): obj for obj in getattr(data, name)} for name in _KEPT
         }
+        # The IP map's rows are the catalog's packed table, indexed by account and by cell (its
+        # overlay indexes follow the live changes: no reverse links to keep here).
+        self.rows["ip_map"] = cast(MutableMapping[_RowKey, Any], catalog.ip_entries)
         self.did_ids_by_number: _Links[str, int] = _Links()
         self.did_ids_by_account: _Links[int, int] = _Links()
         for did in data.dids:
             self._link_did(did)
         self.keys_by_account: dict[str, _Links[int, _RowKey]] = {
-            name: _Links() for name in ("ip_map", "caller_ids", "speed_dials", "blocked_codes")
+            name: _Links() for name in ("caller_ids", "speed_dials", "blocked_codes")
         }
         for name, by_account in self.keys_by_account.items():
             for key, obj in self.rows[name].items():
                 by_account.link(obj.account_id, key)
-        self.ip_cells: _Links[tuple[int, int, int], _RowKey] = _Links()
-        for key, entry in self.rows["ip_map"].items():
-            cell = _ip_cell(entry)
-            if cell is not None:
-                self.ip_cells.link(cell, key)
         self.trunks_by_gateway: _Links[int, int] = _Links()
         for trunk in data.trunks:
             self._link_trunk(trunk, add=True)
@@ -626,8 +813,8 @@ class _ChangeIndex:
             else:
                 c.trunk_gateways[trunk_id] = c._active_gateways(trunk)
         for account_id in dirty.ip_accounts:
-            for row_key in self.keys_by_account["ip_map"].of(account_id):
-                cell = _ip_cell(self.rows["ip_map"][row_key])
+            for entry in c.ip_entries.having("account", str(account_id)):
+                cell = _ip_cell(entry)
                 if cell is not None:
                     dirty.ip_cells.add(cell)
         if dirty.ip_cells:
@@ -673,16 +860,9 @@ class _ChangeIndex:
         _set_or_pop(self.catalog.sip_devices, int(key), change.new)  # devices chooses at lookup time
 
     def _store_ip_map(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
-        old, new = self._swap_row("ip_map", key, change.new)
-        for entry, add in ((old, False), (new, True)):
-            if entry is None:
-                continue
-            cell = _ip_cell(entry)
-            if cell is not None:
-                if add:
-                    self.ip_cells.link(cell, key)
-                else:
-                    self.ip_cells.unlink(cell, key)
+        old, new = self._swap_row("ip_map", key, change.new)  # the table's indexes follow
+        for entry in (old, new):
+            if entry is not None and (cell := _ip_cell(entry)) is not None:
                 dirty.ip_cells.add(cell)
 
     def _store_caller_ids(self, key: _RowKey, change: _Change, dirty: _Dirty) -> None:
@@ -779,25 +959,22 @@ class _ChangeIndex:
         return pools.get(account_id)
 
     def _rederive_ip_cells(self, cells: set[tuple[int, int, int]]) -> None:
-        c, rows = self.catalog, self.rows["ip_map"]
+        c = self.catalog
         for version in (4, 6):
             mine = [cell for cell in cells if cell[0] == version]
             if not mine:
                 continue
-            width = 32 if version == 4 else 128
-            buckets = {prefixlen: (mask, dict(table)) for prefixlen, mask, table in c._ip_buckets[version]}
+            # changed in place: nothing here yields, so a decision sees the buckets before or after
+            buckets = {prefixlen: (mask, table) for prefixlen, mask, table in c._ip_buckets[version]}
             for _, prefixlen, address in mine:
-                matches = []
-                for key in self.ip_cells.of((version, prefixlen, address)):
-                    entry = rows[key]
-                    account = c.accounts.get(entry.account_id)
-                    if entry.active and account is not None and account.usable:
-                        network = ipaddress.ip_network(entry.cidr.strip(), strict=False)
-                        matches.append(IpMapMatch(entry, str(network), entry.tech_prefix.strip()))
-                mask = ((1 << width) - 1) ^ ((1 << (width - prefixlen)) - 1)
-                _, table = buckets.setdefault(prefixlen, (mask, {}))
+                matches = [
+                    (entry.id, entry.tech_prefix.strip())
+                    for entry in c.ip_entries.having("cell", _cell_text((version, prefixlen, address)))
+                    if c._ip_usable(entry)
+                ]
+                _, table = buckets.setdefault(prefixlen, (_ip_mask(version, prefixlen), {}))
                 if matches:
-                    table[address] = tuple(sorted(matches, key=lambda m: (-len(m.tech_prefix), m.entry.id)))
+                    table[address] = _ip_cell_of(matches)
                 else:
                     table.pop(address, None)
             c._ip_buckets[version] = tuple(

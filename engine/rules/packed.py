@@ -212,6 +212,7 @@ class PackedTable(MutableMapping[K, E], Generic[K, E]):
 
     __slots__ = (
         "_cache",
+        "_cache_total",
         "_codec",
         "_indexes",
         "_keys",
@@ -230,22 +231,89 @@ class PackedTable(MutableMapping[K, E], Generic[K, E]):
     ) -> None:
         """``items``: (key, entity) pairs, each key once (the caller settles duplicates);
         ``indexes``: name -> the field getter of each secondary index."""
-        self._codec: RecordCodec = record_codec(cls)
+        codec = record_codec(cls)
         ordered = sorted(items, key=_FIRST)
-        chunks = list(map(self._codec.encode, map(_SECOND, ordered)))
+        self._fill(
+            codec,
+            list(map(codec.encode, map(_SECOND, ordered))),
+            [key for key, _ in ordered],
+            int_keys,
+            {
+                name: (getter, [getter(entity) for _, entity in ordered])
+                for name, getter in (indexes or {}).items()
+            },
+        )
+
+    @classmethod
+    def from_records(
+        cls,
+        entity_cls: type,
+        records: Iterable[tuple[Any, ...]],
+        key: str,
+        int_keys: bool,
+        indexes: Mapping[str, Callable[[E], Any]] | None = None,
+    ) -> PackedTable[K, E]:
+        """As the constructor, from record tuples: the entities' fields as :class:`RecordCodec`
+        stores them (``engine.state.codec.decode_joined_records``), each packed as it comes
+        (no entity built, no tuple kept). ``key``: the field the table is keyed by (the last
+        record of a key wins, as a dict would keep it); each index is named after its field."""
+        at = field_position(entity_cls, key)
+        positions: list[int] = [field_position(entity_cls, name) for name in indexes or {}]
+        record: tuple[Any, ...]
+        dumps = marshal.dumps
+        by_key: dict[Any, tuple[Any, ...]] = {}
+        for record in records:  # encoded at once: (the record, its index values)
+            by_key[record[at]] = (dumps(record), *map(record.__getitem__, positions))
+        keys = sorted(by_key)
+        rows = [by_key[k] for k in keys]
+        del by_key
+        table: PackedTable[K, E] = cls.__new__(cls)
+        table._fill(
+            record_codec(entity_cls),
+            [row[0] for row in rows],
+            keys,
+            int_keys,
+            {
+                name: (getter, [row[n] for row in rows])
+                for n, (name, getter) in enumerate((indexes or {}).items(), 1)
+            },
+        )
+        return table
+
+    @classmethod
+    def from_encoded(
+        cls, entity_cls: type, items: Iterable[tuple[K, bytes]], int_keys: bool
+    ) -> PackedTable[K, E]:
+        """As the constructor, from (key, record) pairs already encoded (``marshal``-ed record
+        tuples), each key once; no secondary index."""
+        ordered = sorted(items, key=_FIRST)
+        table: PackedTable[K, E] = cls.__new__(cls)
+        table._fill(
+            record_codec(entity_cls), [chunk for _, chunk in ordered], [k for k, _ in ordered], int_keys, {}
+        )
+        return table
+
+    def _fill(
+        self,
+        codec: RecordCodec,
+        chunks: list[bytes],
+        keys: list[Any],
+        int_keys: bool,
+        indexes: Mapping[str, tuple[Callable[[Any], Any], list[Any]]],
+    ) -> None:
+        """Set every slot from the records (encoded, in key order) and each index's values."""
+        self._codec: RecordCodec = codec
         offsets = array("q", accumulate(map(len, chunks), initial=0))
         self._records: Any = b"".join(chunks)  # bytes, or a view of a mapped image file
-        del chunks
+        chunks.clear()
         self._offsets: Sequence[int] = offsets
         self._indexes: dict[str, _Index] = {
-            name: _Index(getter, (getter(entity) for _, entity in ordered))
-            for name, getter in (indexes or {}).items()
+            name: _Index(getter, values) for name, (getter, values) in indexes.items()
         }
-        keys = [key for key, _ in ordered]
-        del ordered
         self._keys: Any = array("q", keys) if int_keys else keys
         self._overlay: dict[K, Any] = {}
         self._size = len(keys)
+        self._cache_total = 0  # see share_cache
         self._cache = _Recent(self._size)
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -261,6 +329,7 @@ class PackedTable(MutableMapping[K, E], Generic[K, E]):
             self._indexes,
             self._overlay,
             self._size,
+            self._cache_total,
         )
 
     # -- base records ------------------------------------------------------------------
@@ -286,7 +355,13 @@ class PackedTable(MutableMapping[K, E], Generic[K, E]):
 
     def reset_cache(self) -> None:
         """Drop the recently built entities and size the cache anew (:func:`set_entity_cache`)."""
-        self._cache = _Recent(self._size)
+        self._cache = _Recent(self._size, self._cache_total)
+
+    def share_cache(self, total: int) -> None:
+        """Make this table one of a group of ``total`` records whose recent caches share one
+        bound (:func:`recent_limit`), e.g. the rate tables of a catalogue; drops the cache."""
+        self._cache_total = total
+        self.reset_cache()
 
     def cached(self) -> int:
         """How many built entities the recent cache holds now (diagnostics, benchmarks)."""
@@ -464,6 +539,7 @@ def _rebuild_table(
     indexes: dict[str, _Index],
     overlay: dict[Any, Any],
     size: int,
+    cache_total: int,
 ) -> PackedTable[Any, Any]:
     table: PackedTable[Any, Any] = PackedTable.__new__(PackedTable)
     table._codec = record_codec(cls)
@@ -471,7 +547,8 @@ def _rebuild_table(
     table._offsets = _int_view(offsets)
     table._keys = keys if isinstance(keys, list) else _int_view(keys)
     table._indexes, table._overlay, table._size = indexes, overlay, size
-    table._cache = _Recent(size)
+    table._cache_total = cache_total
+    table._cache = _Recent(size, cache_total)
     return table
 
 
@@ -481,17 +558,26 @@ def _rebuild_table(
 ENTITY_CACHE_DEFAULT = 16_384
 _entity_cache_max = ENTITY_CACHE_DEFAULT
 _ENTITY_CACHE_FLOOR = 1024  # small tables: at least this many (a handful of KB, no misses)
+_SHARED_FLOOR = 256  # a table of a group sharing one bound (recent_limit): at least this many
 
 
-def recent_limit(size: int, maximum: int) -> int:
+def recent_limit(size: int, maximum: int, total: int = 0) -> int:
     """Entities per generation of the recent cache of a table of ``size`` records.
 
-    A quarter of the table (two generations then hold up to half of it: the callers of an
-    hour are a fraction of the accounts), at least 1,024 so that a small table is never
-    rebuilt, and at most ``maximum``, the memory bound: a full cache of a table holds at
-    most ``2 * limit`` entities (~0.5 KB each for an account, docs/performance.md).
-    ``maximum`` below the floor wins (0 is not allowed: see ``engine.config``)."""
-    return min(maximum, max(_ENTITY_CACHE_FLOOR, size // 4))
+    Alone (``total`` 0): a quarter of the table (two generations then hold up to half of
+    it: the callers of an hour are a fraction of the accounts), at least 1,024 so that a
+    small table is never rebuilt, and at most ``maximum``, the memory bound: a full cache
+    of a table holds at most ``2 * limit`` entities (~0.3 KB each, docs/performance.md).
+    ``maximum`` below the floor wins (0 is not allowed: see ``engine.config``).
+
+    One of a group of tables of ``total`` records together (the rate tables of a catalogue:
+    at 1M rates, 100 rate groups of 10,000 each held up to 5,000 cached rates *each*): the
+    group shares ``maximum``, each table its part by size, at least ``_SHARED_FLOOR`` (the
+    popular prefixes of a small table), never more than alone."""
+    alone = min(maximum, max(_ENTITY_CACHE_FLOOR, size // 4))
+    if total <= 0:
+        return alone
+    return min(alone, max(_SHARED_FLOOR, maximum * size // total))
 
 
 def set_entity_cache(maximum: int) -> None:
@@ -520,8 +606,8 @@ class _Recent:
 
     __slots__ = ("limit", "old", "young")
 
-    def __init__(self, size: int) -> None:
-        self.limit = recent_limit(size, _entity_cache_max)
+    def __init__(self, size: int, total: int = 0) -> None:
+        self.limit = recent_limit(size, _entity_cache_max, total)
         self.young: dict[Any, Any] = {}
         self.old: dict[Any, Any] = {}
 
@@ -588,3 +674,20 @@ def packed_by_id(
 def packed_rates(cls: type, table: Mapping[str, Any]) -> PackedTable[str, Any]:
     """A prefix -> rate table (its prefixes already unique, the winner of each chosen)."""
     return PackedTable(cls, table.items(), int_keys=False)
+
+
+def packed_records_by_id(
+    cls: type, records: Iterable[tuple[Any, ...]], indexes: Mapping[str, Callable[[Any], Any]] | None = None
+) -> PackedTable[int, Any]:
+    """:func:`packed_by_id` from record tuples (:meth:`PackedTable.from_records`)."""
+    return PackedTable.from_records(cls, records, "id", int_keys=True, indexes=indexes)
+
+
+def field_position(cls: type, name: str) -> int:
+    """Where field ``name`` of ``cls`` is in its record tuple."""
+    return [f.name for f in dataclasses.fields(cls)].index(name)
+
+
+def entity_of(cls: type, record: bytes) -> Any:
+    """The entity of an encoded record (for the few built singly, e.g. a small rate table)."""
+    return record_codec(cls).decode(record)

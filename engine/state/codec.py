@@ -28,6 +28,7 @@ import dataclasses
 import enum
 import functools
 import json
+import marshal
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -36,11 +37,13 @@ from decimal import Decimal
 from typing import Any
 
 from engine.model import ENTITY_TYPES
+from engine.rules.packed import record_codec
 
 __all__ = [
     "CodecError",
     "decode_entity",
     "decode_joined",
+    "decode_joined_records",
     "decode_many",
     "encode_entity",
     "schema",
@@ -117,6 +120,34 @@ def decode_joined(
     except _DECODE_ERRORS:
         pass
     return [decode_entity(cls, row, stored_fields) for row in _split_rows(joined)]
+
+
+def decode_joined_records(
+    cls: type, joined: bytes, count: int, stored_fields: tuple[str, ...] | None = None
+) -> list[tuple[Any, ...]]:
+    """As :func:`decode_joined`, but each row as its packed record's tuple, not an entity.
+
+    The tuple is what ``engine.rules.packed.RecordCodec`` makes of the entity the row
+    decodes to (its fields in dataclass order; Decimals and datetimes as their canonical
+    text, enums as their value, lists as tuples, absent fields as their default), without
+    building the entity: a full load packs a million rows straight from the JSON
+    (docs/performance.md, "Memory and cold start"). A bad row raises the same
+    ``CodecError`` as :func:`decode_joined`.
+    """
+    to_record = _record_builder(cls, stored_fields)
+    try:
+        rows = json.loads(b"[" + joined + b"]")
+        if len(rows) == count:
+            return [to_record(row) for row in rows]
+    except _DECODE_ERRORS:
+        pass
+    entities = [decode_entity(cls, row, stored_fields) for row in _split_rows(joined)]
+    return [_record_of(entity) for entity in entities]  # all decoded after all (count was off)
+
+
+def _record_of(entity: Any) -> tuple[Any, ...]:
+    values: tuple[Any, ...] = marshal.loads(record_codec(type(entity)).encode(entity))
+    return values
 
 
 def _split_rows(joined: bytes) -> list[bytes]:
@@ -351,6 +382,84 @@ def _build_decoder(cls: type, stored: tuple[str, ...]) -> RowBuilder:
     exec("".join(lines), env)  # generated once per class and stored schema
     build: Callable[[list[Any]], Any] = env["build"]
     return build
+
+
+_DECIMAL_TEXTS = _SharedValues(lambda value: str(Decimal(value)))  # as the record stores a Decimal
+_DATETIME_TEXTS = _SharedValues(lambda text: datetime.fromisoformat(text).isoformat())
+
+
+@functools.cache
+def _record_builder(
+    cls: type, stored_fields: tuple[str, ...] | None
+) -> Callable[[list[Any]], tuple[Any, ...]]:
+    """Generate ``record(values: list) -> tuple`` (see :func:`decode_joined_records`), once per
+    class and stored schema, with the conversions the entity path makes (``_build_decoder``)
+    followed by those of the record codec (``engine.rules.packed.RecordCodec``)."""
+    stored = _schema(cls) if stored_fields is None else tuple(stored_fields)
+    hints = _hints(cls)
+    position = {name: index for index, name in enumerate(stored)}
+    env: dict[str, Any] = {
+        "_tuple": tuple,
+        "_decimal_texts": _DECIMAL_TEXTS,
+        "_datetime_texts": _DATETIME_TEXTS,
+        "_Mismatch": functools.partial(_mismatch, cls, len(stored)),
+    }
+    parts = []
+    for index, f in enumerate(dataclasses.fields(cls)):
+        inner, optional = _unwrap_optional(hints[f.name])
+        if f.name not in position:  # not written by an older writer: the default, as a record holds it
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                raise CodecError(f"stored schema of {cls.__name__} lacks required field {f.name!r}")
+            env[f"_default_{index}"] = _record_value(inner, default)
+            parts.append(f"_default_{index}")
+            continue
+        item = f"v[{position[f.name]}]"
+        if inner is Decimal:
+            value = f"_decimal_texts[{item}]"
+        elif inner is datetime:
+            value = f"_datetime_texts[{item}]"
+        elif isinstance(inner, type) and issubclass(inner, enum.Enum):
+            env[f"_values_{index}"] = {member.value: member.value for member in inner}
+            value = f"_values_{index}[{item}]"
+        elif (item_type := _tuple_item_type(inner)) is not None:
+            value = (
+                f"_tuple([_decimal_texts[x] for x in {item}])" if item_type is Decimal else f"_tuple({item})"
+            )
+        elif inner is str:  # shared as the entity path shares them (a million "default"s otherwise)
+            env["_strings"] = _STRINGS
+            value = f"_strings[{item}]"
+        elif inner is int and f.name in _SHARED_INT_FIELDS:
+            env["_ints"] = _INTS
+            value = f"_ints[{item}]"
+        else:
+            value = item
+        parts.append(_or_none(value, item, optional) if value != item else item)
+    source = (
+        f"def record(v):\n    if len(v) != {len(stored)}:\n        raise _Mismatch(len(v))\n"
+        f"    return ({', '.join(parts)},)\n"
+    )
+    exec(source, env)  # generated once per class and stored schema
+    record: Callable[[list[Any]], tuple[Any, ...]] = env["record"]
+    return record
+
+
+def _record_value(hint: Any, value: Any) -> Any:
+    """A default value as a record holds it."""
+    if value is None:
+        return None
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple | list):
+        return tuple(str(x) if isinstance(x, Decimal) else x for x in value)
+    return value
 
 
 def _mismatch(cls: type, expected: int, got: int) -> ValueError:

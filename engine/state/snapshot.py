@@ -74,7 +74,7 @@ import logging
 import operator
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, cast
@@ -82,7 +82,7 @@ from typing import Any, NamedTuple, cast
 import redis
 
 from engine.model import ENTITY_KEY_FIELDS, ENTITY_TYPES, CatalogData, entity_key_getter
-from engine.state.codec import decode_joined, encode_entity, schema
+from engine.state.codec import decode_joined, decode_joined_records, encode_entity, schema
 from engine.state.keys import (
     entity_hash_key,
     image_blob_key,
@@ -539,24 +539,45 @@ class RawSnapshot:
     def version(self) -> int:
         return self.stamp.version
 
-    def decode(self) -> CatalogData:
+    def decode(self, records: Collection[str] = ()) -> CatalogData:
         """Decode every entity (sorted by key); CatalogData.version is the snapshot version.
 
+        The entity types named in ``records`` go into ``CatalogData.records`` instead, as
+        :class:`RecordRows` (the tuples of their packed records, decoded while
+        ``Catalog.build`` packs them: no list of a million rows is ever held).
         The cyclic GC is paused meanwhile (see :func:`gc_paused`).
         """
         with gc_paused():
-            return self._decode()
+            return self._decode(frozenset(records))
 
-    def _decode(self) -> CatalogData:
+    def _decode(self, records: frozenset[str]) -> CatalogData:
         data = CatalogData(version=self.version)
         for name, cls in ENTITY_TYPES.items():
             stored = self.meta.get(f"schema:{name}")
             fields = tuple(stored.split(",")) if stored else None
+            if name in records:
+                data.records[name] = RecordRows(cls, self.values.get(name, []), fields)
+                continue
             items: list[Any] = []
             for page in self.values.get(name, []):
                 items += decode_joined(cls, page.joined, page.rows, fields)
             setattr(data, name, _in_key_order(name, items))
         return data
+
+
+class RecordRows:
+    """The rows of one entity hash as record tuples (``codec.decode_joined_records``), decoded
+    a page at a time while iterated, in the order read (a row read twice comes twice: the
+    consumer keeps the last one of each key). Iterable again while the pages are held."""
+
+    __slots__ = ("_cls", "_fields", "_pages")
+
+    def __init__(self, cls: type, pages: list[Page], fields: tuple[str, ...] | None) -> None:
+        self._cls, self._pages, self._fields = cls, pages, fields
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        for page in self._pages:
+            yield from decode_joined_records(self._cls, page.joined, page.rows, self._fields)
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 import redis
@@ -143,6 +143,7 @@ class SnapshotHolder(Generic[T]):
         on_change: Callable[[int, T, dict[str, set[str]]], None] | None = None,
         images: ImageStore | None = None,
         image_blobs: bool = False,
+        records: Collection[str] = (),
     ) -> None:
         """``build`` turns CatalogData into what ``current`` serves (``Catalog.build``).
 
@@ -161,6 +162,8 @@ class SnapshotHolder(Generic[T]):
         ``image_blobs``: without a usable local image, fetch the one published in Redis
         (``engine.state.imageblob``) before loading the rows; needs ``images`` (whose
         directory may be None: the fetched image is then read from memory).
+        ``records``: entity types ``build`` takes as packed record tuples
+        (``CatalogData.records``, ``RawSnapshot.decode``) rather than as entities.
         """
         self._client = client
         self._prefix = prefix
@@ -179,6 +182,7 @@ class SnapshotHolder(Generic[T]):
         self._image_blobs = image_blobs
         self.blob_fetches = 0  # published images looked for (tests, logs)
         self.blob_failures = 0  # published images found but unusable
+        self._records = tuple(records)
         self._lock = threading.RLock()  # a gevent lock once monkey-patched
         self._state: tuple[int, T] | None = None
         self._stamp: SnapshotStamp | None = None
@@ -297,10 +301,10 @@ class SnapshotHolder(Generic[T]):
         self, raw: RawSnapshot, schemas: dict[str, tuple[str, ...] | None]
     ) -> tuple[T, bool]:
         if not self._freeze_gc:
-            built = self._build_tracked(raw.decode())
+            built = self._build_tracked(raw.decode(self._records))
         else:
             with gc_paused(freeze=True):
-                built = self._build_tracked(raw.decode())
+                built = self._build_tracked(raw.decode(self._records))
         if self._images is not None and built[1] and self._images.write(raw.stamp, (built[0], schemas)):
             # Written before the catalogue is shared (from then on live changes alter it), then
             # served from the file like every other process of the host: the pages are shared,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import random
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -13,13 +14,14 @@ from engine.model import (
     ENTITY_TYPES,
     Account,
     AccountKind,
+    CatalogData,
     CliPool,
     OriginationRate,
     RoutingType,
     SipDevice,
     TerminationRate,
 )
-from engine.rules.catalog import longest_prefix
+from engine.rules.catalog import Catalog, longest_prefix
 from engine.rules.packed import (
     PackedTable,
     RankedView,
@@ -147,6 +149,40 @@ def test_recent_cache_bound_is_a_quarter_of_the_table_between_the_floor_and_the_
     assert recent_limit(1_000_000, 65536) == 65536
     assert recent_limit(10**9, 65536) == 65536
     assert recent_limit(100_000, 100) == 100  # a setting below the floor wins
+
+
+def test_tables_of_a_group_share_the_bound_by_size() -> None:
+    # 100 rate tables of 10,000 (1M rates): each its part of 16,384, at least 256
+    assert recent_limit(10_000, 16_384, 1_000_000) == 256
+    assert recent_limit(2_000, 16_384, 100_000) == 327  # 50 trunks of 2,000
+    assert recent_limit(500_000, 16_384, 1_000_000) == 8_192  # a large table: its share
+    assert recent_limit(100, 16_384, 1_000_000) == 256  # never below the floor ...
+    assert recent_limit(1_000_000, 16_384, 1_000_000) == 16_384  # ... nor above the table alone
+    assert recent_limit(100_000, 100, 200_000) == 100  # nor above the setting
+
+
+def test_a_catalogue_shares_one_bound_among_its_origination_tables() -> None:
+    rates = [OriginationRate(n, str(n), Decimal(1), rate_group_id=n % 4) for n in range(4000)]
+    terminations = [TerminationRate(n, n % 2, str(n), Decimal(1)) for n in range(600)]
+    previous = entity_cache()
+    set_entity_cache(1000)
+    try:
+        catalog = Catalog.build(CatalogData(origination_rates=rates, termination_rates=terminations))
+        image = pickle.loads(pickle.dumps(catalog, protocol=5))
+        for built in (catalog, image):
+            for tables, total in ((built.group_rates, 4000), (built.termination_rates, 0)):
+                for table in tables.values():
+                    assert isinstance(table, PackedTable)
+                    for key in table:
+                        assert table[key] is not None
+                    limit = recent_limit(len(table), 1000, total)
+                    assert min(len(table), limit) <= table.cached() <= min(len(table), 2 * limit)
+            # 4 tables of 1,000 share 1,000: 256 each (the floor), two generations at most;
+            # termination tables are sized alone: all of their 300
+            assert 4 * 256 < sum(t.cached() for t in built.group_rates.values()) <= 4 * 2 * 256
+            assert sum(t.cached() for t in built.termination_rates.values()) == 600
+    finally:
+        set_entity_cache(previous)
 
 
 def test_a_table_caches_at_most_two_generations_of_its_bound() -> None:
