@@ -71,8 +71,8 @@ from engine.state.limits.plan import (
 __all__ = ["Limiter"]
 
 _KIND_CODES = {1: LimitKind.CHANNELS, 2: LimitKind.CPS}
-#: Entries per counter group in a Limiter's cache of subject keys (a few MB at most).
-_KEY_CACHE_SIZE = 10_000
+#: Entries per counter group in a Limiter's cache of subject keys (~1.5 MB per group when full).
+_KEY_CACHE_SIZE = 4096
 _KEY_GROUP = {
     LevelKind.ACCOUNT: "acct",
     LevelKind.RESELLER: "acct",  # one counter per account id, whatever its role in the call
