@@ -168,6 +168,9 @@ _REPLY_LINGER = _reply(b"+OK will linger")
 _REPLY_NOLINGER = _reply(b"+OK will not linger")
 _REPLY_BYE = _reply(b"+OK bye")
 _REPLY_UNKNOWN = _reply(b"-ERR command not found")
+# `api sched_del <uuid>` (the engine cancels the dialplan's frozen-engine guard): FreeSWITCH
+# answers with an api/response counting the tasks deleted (the guard: one).
+_API_SCHED_DEL = b"Content-Type: api/response\nContent-Length: 15\n\n+OK Deleted: 1\n"
 
 
 # --------------------------------------------------------------------------- the library
@@ -491,6 +494,8 @@ class _Call:
                 replies.append(_reply(b"+OK event listener enabled plain"))
             elif block.startswith((b"resume", b"filter", b"divert_events")):
                 replies.append(_REPLY_OK)
+            elif block.startswith(b"api sched_del "):
+                replies.append(_API_SCHED_DEL)
             else:
                 replies.append(_REPLY_UNKNOWN)
         out = b"".join(replies)

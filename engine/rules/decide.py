@@ -114,7 +114,8 @@ def decide(request: CallRequest, catalog: Catalog, ctx: DecisionContext) -> Deci
         ratings[0] = Rating(level, first.rate, first.group)
         if trail is not None:
             trail.append(Step("rating", _did_price(call, seconds)))
-    binding = min(ratings, key=lambda rating: rating.level.max_duration)  # first (lowest level) on a tie
+    # first (lowest level) on a tie; one level (no reseller): itself
+    binding = ratings[0] if len(ratings) == 1 else min(ratings, key=_max_duration)
     max_duration = binding.level.max_duration
     if trail is not None:
         who = level_name(catalog.accounts[binding.level.account_id], ratings.index(binding))
@@ -143,11 +144,11 @@ def decide(request: CallRequest, catalog: Catalog, ctx: DecisionContext) -> Deci
         direction=call.direction,
         account_id=call.account.id,
         account_number=call.account.number,
-        chain=tuple(account.id for account in call.chain),
+        chain=tuple([account.id for account in call.chain]),
         destination=call.destination,
         caller_id_number=call.caller_id_number,
         caller_id_name=call.caller_id_name,
-        levels=tuple(rating.level for rating in ratings),
+        levels=tuple([rating.level for rating in ratings]),
         max_duration=max_duration,
         routes=routes,
         did_id=call.did.id if call.did is not None else None,
@@ -263,6 +264,10 @@ def _routed_destination_problem(call: CallState, config: RulesConfig) -> str | N
     if not is_diallable(destination):
         return f"destination {show(destination)} is not a diallable number (+, digits, * and # only)"
     return None
+
+
+def _max_duration(rating: Rating) -> int:
+    return rating.level.max_duration
 
 
 def _caller_codecs(identity: Identity, account: Account) -> str:

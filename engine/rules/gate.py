@@ -52,22 +52,28 @@ def check_chain(
     seen: set[int] = set()
     level: Account | None = account
     while level is not None:
-        name = level_name(level, len(chain))
+        # (the level's name is formatted only for a refusal: level_name(level, position))
         if not level.usable:
+            name = level_name(level, len(chain))
             return Refusal(Reason.ACCOUNT_INACTIVE, f"{name} is {'deleted' if level.deleted else 'inactive'}")
         expiry = effective_expiry(level)
         if expiry is not None and expiry < now:
+            name = level_name(level, len(chain))
             return Refusal(Reason.ACCOUNT_EXPIRED, f"{name} expired {expiry.isoformat()}")
+        position = len(chain)
         chain.append(level)
         seen.add(level.id)
         parent_id = level.reseller_id
         if parent_id is None:
             break
         if parent_id in seen:
+            name = level_name(level, position)
             return Refusal(Reason.ACCOUNT_INACTIVE, f"reseller chain of {name} loops at {parent_id}")
-        level = catalog.accounts.get(parent_id)
-        if level is None:
+        parent = catalog.accounts.get(parent_id)
+        if parent is None:
+            name = level_name(level, position)
             return Refusal(Reason.ACCOUNT_INACTIVE, f"reseller {parent_id} of {name} not found")
+        level = parent
     return tuple(chain)
 
 

@@ -142,25 +142,31 @@ def plan_routes(
     rate group owns the trunks). ``caller_codecs`` applies when a trunk sets none.
     When ``notes`` is a list, every trunk left out is explained there; when ``rewrites``
     is, every per-route rewrite of the number or caller ID (before -> after, by which rule)."""
-    lossless = rating.group.lossless
+    group = rating.group
+    lossless = group.lossless
     ceiling = rating.level.cost_per_minute
+    routing_type = group.routing_type
+    # Read once: this loop runs for every candidate trunk of every routed call.
+    trunks = catalog.trunks
+    accounts = catalog.accounts
+    trunk_gateways = catalog.trunk_gateways
+    termination_rates = catalog.termination_rates
+    longest = catalog.longest_termination_prefix
+    caller_number = caller_id.number
     found: list[tuple[OrderKey, Route]] = []
     for trunk_id in candidate_trunk_ids(rating):
-        trunk = catalog.trunks.get(trunk_id)
-        if trunk is None or not _usable(trunk, catalog):
+        trunk = trunks.get(trunk_id)
+        provider = accounts.get(trunk.provider_id) if trunk is not None else None
+        if trunk is None or not (trunk.active and provider is not None and provider.usable):
             if notes is not None:
                 notes.append(_why_unusable(trunk, trunk_id, catalog))
             continue
-        gateways = catalog.trunk_gateways[trunk.id]
+        gateways = trunk_gateways[trunk.id]
         if not gateways:
             if notes is not None:
                 notes.append(f"trunk {trunk.name} skipped: no active gateway")
             continue
-        rate = longest_prefix(
-            catalog.termination_rates.get(trunk.id, _NO_RATES),
-            destination,
-            catalog.longest_termination_prefix,
-        )
+        rate = longest_prefix(termination_rates.get(trunk.id, _NO_RATES), destination, longest)
         if rate is None:
             if notes is not None:
                 notes.append(f"trunk {trunk.name} skipped: no termination rate for {destination}")
@@ -172,14 +178,18 @@ def plan_routes(
                     f"the rate {plain_decimal(ceiling)}/min (loss-less group {rating.group.name})"
                 )
             continue
-        number, cli = carrier_number(destination, caller_id.number, trunk, rate, catalog, rewrites)
+        if rewrites is None and trunk.localization_id is None and provider.localization_id is None:
+            # carrier_number without a localization to apply: the rate's strip/prepend only
+            number, cli = strip_prepend(destination, rate.strip, rate.prepend), caller_number
+        else:
+            number, cli = carrier_number(destination, caller_number, trunk, rate, catalog, rewrites)
         if not number:
             if notes is not None:
                 notes.append(f"trunk {trunk.name} skipped: its number rules leave no number")
             continue
         leg_timeout = trunk.leg_timeout if trunk.leg_timeout > 0 else config.default_leg_timeout
         codecs = trunk.codecs if trunk.codecs.strip() else caller_codecs
-        leg_caller_id = CallerId(cli, caller_id.name) if cli != caller_id.number else None
+        leg_caller_id = CallerId(cli, caller_id.name) if cli != caller_number else None
         route = Route(
             trunk_id=trunk.id,
             trunk_name=trunk.name,
@@ -191,9 +201,14 @@ def plan_routes(
             caller_id_name=caller_id.name,
             targets=gateway_legs(gateways, number, leg_timeout, codecs, leg_caller_id),
         )
-        found.append((_order_key(rating.group.routing_type, rate, trunk), route))
-    found.sort(key=lambda item: item[0])
-    return tuple(route for _, route in found)
+        found.append((_order_key(routing_type, rate, trunk), route))
+    if len(found) > 1:
+        found.sort(key=_first)
+    return tuple([route for _, route in found])
+
+
+def _first(item: tuple[OrderKey, Route]) -> OrderKey:
+    return item[0]
 
 
 def describe_routes(routes: Iterable[Route], catalog: Catalog) -> list[str]:
@@ -213,11 +228,6 @@ def _order_key(routing_type: RoutingType, rate: TerminationRate, trunk: Trunk) -
     if routing_type is RoutingType.COST:
         return (rate.cost_per_minute, rate.precedence, trunk.precedence, trunk.id)
     return (-len(rate.prefix), rate.cost_per_minute, rate.precedence, trunk.precedence, trunk.id)
-
-
-def _usable(trunk: Trunk, catalog: Catalog) -> bool:
-    provider = catalog.accounts.get(trunk.provider_id)
-    return trunk.active and provider is not None and provider.usable
 
 
 def _why_unusable(trunk: Trunk | None, trunk_id: int, catalog: Catalog) -> str:

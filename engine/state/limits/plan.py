@@ -109,7 +109,7 @@ class LimitPlan:
 
     @property
     def trunk_ids(self) -> tuple[int, ...]:
-        return tuple(t.id for t in self.trunks)
+        return tuple([t.id for t in self.trunks])
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +145,7 @@ class LimitResult:
 
     @property
     def detail(self) -> str:
-        skipped = ", ".join(f"trunk {s.trunk_id} ({s.kind})" for s in self.skipped)
+        skipped = ", ".join([f"trunk {s.trunk_id} ({s.kind})" for s in self.skipped]) if self.skipped else ""
         if self.funds_level is not None:
             return f"chain level {self.funds_level} cannot pay one minute from its available funds"
         if self.admitted:
@@ -195,24 +195,41 @@ def plan_for(accept: Accept, catalog: LimitsCatalog) -> LimitPlan:
 
     An account's own calls and its customers' calls share one counter: an account id is
     one subject whether it is the calling account or a reseller up the chain.
+    (Built for every accepted call: the loops are written out, without helpers.)
     """
     levels: list[Subject] = []
-    seen: set[int] = set()
-    for position, account_id in enumerate(accept.chain):
+    accounts = catalog.accounts
+    kind = LevelKind.ACCOUNT  # the chain's first id; the others are resellers
+    seen: list[int] = []  # a chain is a few ids long
+    for account_id in accept.chain:
         if account_id in seen:  # a malformed chain: count each account once
             continue
-        seen.add(account_id)
-        kind = LevelKind.ACCOUNT if position == 0 else LevelKind.RESELLER
-        levels.append(_subject(kind, account_id, catalog.accounts.get(account_id)))
-    if accept.did_id is not None:
-        levels.append(_subject(LevelKind.DID, accept.did_id, catalog.dids_by_id.get(accept.did_id)))
+        seen.append(account_id)
+        entity = accounts.get(account_id)
+        # not in the catalogue (a race with a delete): nothing to count
+        levels.append(
+            Subject(kind, account_id)
+            if entity is None
+            else Subject(kind, account_id, entity.max_channels, entity.cps)
+        )
+        kind = LevelKind.RESELLER
+    did_id = accept.did_id
+    if did_id is not None:
+        levels.append(_subject(LevelKind.DID, did_id, catalog.dids_by_id.get(did_id)))
     trunks: list[Subject] = []
-    seen_trunks: set[int] = set()
+    all_trunks = catalog.trunks
+    seen_trunks: list[int] = []
     for route in accept.routes:
-        if route.trunk_id in seen_trunks:
+        trunk_id = route.trunk_id
+        if trunk_id in seen_trunks:
             continue
-        seen_trunks.add(route.trunk_id)
-        trunks.append(_subject(LevelKind.TRUNK, route.trunk_id, catalog.trunks.get(route.trunk_id)))
+        seen_trunks.append(trunk_id)
+        trunk = all_trunks.get(trunk_id)
+        trunks.append(
+            Subject(LevelKind.TRUNK, trunk_id)
+            if trunk is None
+            else Subject(LevelKind.TRUNK, trunk_id, trunk.max_channels, trunk.cps)
+        )
     return LimitPlan(tuple(levels), tuple(trunks))
 
 

@@ -71,6 +71,8 @@ from engine.state.limits.plan import (
 __all__ = ["Limiter"]
 
 _KIND_CODES = {1: LimitKind.CHANNELS, 2: LimitKind.CPS}
+#: Entries per counter group in a Limiter's cache of subject keys (~1.5 MB per group when full).
+_KEY_CACHE_SIZE = 4096
 _KEY_GROUP = {
     LevelKind.ACCOUNT: "acct",
     LevelKind.RESELLER: "acct",  # one counter per account id, whatever its role in the call
@@ -445,13 +447,20 @@ class Limiter:
         self.direct = direct
         # Times each round trip by operation (the engine passes its metrics' redis_call).
         self.timer = timer or (lambda _operation: contextlib.nullcontext())
-        self.prefix = prefix
+        self._prefix = prefix  # read-only: the key cache below is built from it
         self.clock = clock
         self.margin_seconds = margin_seconds
         self.slack_seconds = slack_seconds
         self.registry_key = key_names.limits_registry_key(prefix)
+        self._account_keys: dict[int, tuple[str, str]] = {}
+        self._did_keys: dict[int, tuple[str, str]] = {}
+        self._trunk_keys: dict[int, tuple[str, str]] = {}
 
     # -- keys ------------------------------------------------------------------
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
 
     def channels_key(self, subject: Subject) -> str:
         return key_names.limits_channels_key(self.prefix, _KEY_GROUP[subject.level], subject.id)
@@ -484,21 +493,48 @@ class Limiter:
     ) -> LimitResult:
         """Check and take every limit of ``plan`` for ``call_uuid`` in one round trip, and the
         call's funds reservation with them when ``funds`` is given (engine.state.funds)."""
-        levels = [s for s in plan.levels if s.limited]
-        trunks: list[tuple[Subject, bool]] = []
+        command = self.acquire_command(call_uuid, plan, hold_seconds, funds)
+        if command is None:
+            return LimitResult(admitted=True, trunk_ids=plan.trunk_ids)
+        keys, args, levels, trunks = command
+        with self.timer("limits"):
+            reply = _ACQUIRE_SCRIPT(self.client, keys, args, self.direct)
+        return self._result(reply, plan, levels, trunks)
+
+    def acquire_command(
+        self, call_uuid: str, plan: LimitPlan, hold_seconds: int, funds: FundsRequest | None = None
+    ) -> tuple[list[str], list[Any], list[Subject], list[Subject]] | None:
+        """The acquire script's KEYS and ARGV for the call (layout: ``_ACQUIRE``), with the
+        limited levels and trunks they name; None when nothing is counted.
+
+        Built once per call, so written for the interpreter: the subjects' key pairs come
+        from a cache (:meth:`_subject_keys`), ``limited`` is tested inline."""
+        keys: list[str] = []
+        level_args: list[Any] = []
+        levels: list[Subject] = []
+        subject_keys = self._subject_keys
+        for s in plan.levels:
+            max_channels, cps = s.max_channels, s.cps
+            if max_channels > 0 or cps > 0:
+                levels.append(s)
+                keys += subject_keys(s)
+                level_args += (max_channels, cps)
+        trunks: list[Subject] = []
         fallback = False
-        for trunk in plan.trunks:
-            if trunk.limited:
-                trunks.append((trunk, not fallback))
+        for t in plan.trunks:
+            max_channels, cps = t.max_channels, t.cps
+            if max_channels > 0 or cps > 0:
+                trunks.append(t)
+                keys += subject_keys(t)
+                level_args += (max_channels, cps, "0" if fallback else "1", t.id)
             else:
                 fallback = True
-        if not levels and not trunks and funds is None:
-            return LimitResult(admitted=True, trunk_ids=plan.trunk_ids)
-        hold_ms = self.hold_ms(hold_seconds)
-        keys = [self.registry_key, self.call_key(call_uuid)]
+        if not keys and funds is None:
+            return None
+        keys[:0] = (self.registry_key, key_names.limits_call_key(self.prefix, call_uuid))
         args: list[Any] = [
-            self._now_arg(),
-            hold_ms,
+            "" if self.clock is None else str(round(self.clock() * 1000)),
+            self.hold_ms(hold_seconds),
             call_uuid,
             len(levels),
             len(trunks),
@@ -506,24 +542,45 @@ class Limiter:
             self.slack_seconds * 1000,
             "1" if fallback else "0",
         ]
-        for s in levels:
-            keys += (self.channels_key(s), self.cps_key(s))
-            args += (s.max_channels, s.cps)
-        for t, candidate in trunks:
-            keys += (self.channels_key(t), self.cps_key(t))
-            args += (t.max_channels, t.cps, "1" if candidate else "0", t.id)
+        args += level_args
         if funds is not None:
             keys += funds.keys(self.prefix)
             args += (len(funds.levels), funds.cap_seconds, funds.margin_ms, funds.keep_ms, *funds.args())
-        with self.timer("limits"):
-            reply = _ACQUIRE_SCRIPT(self.client, keys, args, self.direct)
-        return self._result(reply, plan, levels, [t for t, _ in trunks])
+        return keys, args, levels, trunks
+
+    def _subject_keys(self, subject: Subject) -> tuple[str, str]:
+        """(channel zset, cps zset) of ``subject``, cached per counter group and id: a call
+        names ~7 subjects, the same trunks call after call. The cache is dropped whole when
+        it reaches :data:`_KEY_CACHE_SIZE` (accounts are many; trunks come back at once)."""
+        level = subject.level
+        # Per-group dicts chosen by identity: an enum member's hash is a Python-level call.
+        if level is LevelKind.TRUNK:
+            cache = self._trunk_keys
+        elif level is LevelKind.DID:
+            cache = self._did_keys
+        else:
+            cache = self._account_keys
+        pair = cache.get(subject.id)
+        if pair is None:
+            if len(cache) >= _KEY_CACHE_SIZE:
+                cache.clear()
+            pair = cache[subject.id] = (self.channels_key(subject), self.cps_key(subject))
+        return pair
 
     @staticmethod
     def _result(
         reply: list[Any], plan: LimitPlan, levels: list[Subject], trunks: list[Subject]
     ) -> LimitResult:
         status = int(reply[0])
+        if status == 1 and len(reply) == 3:  # admitted, no trunk skipped: the usual answer
+            chosen = int(reply[1])
+            granted = int(reply[2])
+            return LimitResult(
+                admitted=True,
+                trunk_ids=plan.trunk_ids,
+                counted_trunk_id=trunks[chosen - 1].id if chosen else None,
+                granted_seconds=granted if granted >= 0 else None,
+            )
         if status == 4:
             return LimitResult(admitted=False, funds_level=int(reply[1]) - 1)
         if status == 0:
