@@ -322,9 +322,7 @@ def _slow_producer(url: str, prefix: str) -> None:
         time.sleep(600)
         raise AssertionError("killed before")
 
-    publish_current(
-        client, prefix, build, ImageStore(None, prefix, FINGERPRINT), by="doomed", marker_ttl=0.6
-    )
+    publish_current(client, prefix, build, ImageStore(None, prefix, FINGERPRINT), by="doomed", marker_ttl=0.6)
 
 
 def test_a_producer_killed_mid_build_is_not_waited_for(
