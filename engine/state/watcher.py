@@ -15,7 +15,9 @@ thread pool so the hub keeps serving calls meanwhile.
 Two kinds of update:
 
 * a new snapshot version (``snapshot`` event, or a stamp with another version/token):
-  full load, swapped in whole (a rate-deck import becomes visible all at once);
+  full load, swapped in whole (a rate-deck import becomes visible all at once): mapped from a
+  local image, else fetched from the image published in Redis, after waiting for it while its
+  producer marks it as being built (``image_wait``), else decoded and built from rows;
 * single-entity changes to the held version (``changes`` events of the live sync, each
   numbered by the version's change count): if the built object supports it
   (``track_changes(data)`` after the build, ``apply_changes(upserts, deletes, before)``:
