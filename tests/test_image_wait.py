@@ -208,6 +208,21 @@ def test_an_old_version_without_a_mark_is_not_waited_for(
     assert sleeps == [] and engine_holder.blob_waits == {}
 
 
+def test_without_a_producer_a_fresh_version_is_not_waited_for(
+    client: redis.Redis, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The held version has no image of this code (no producer): no grace, rows at once."""
+    monkeypatch.setattr(watcher, "_MARKER_GRACE", 600.0)
+    publish_snapshot(client, key_prefix, data(balance=1))
+    engine_holder = waiting_holder(client, key_prefix)
+    assert engine_holder.refresh() and not mapped(engine_holder.current[1])
+    publish_snapshot(client, key_prefix, data(balance=2))
+    sleeps: list[float] = []
+    monkeypatch.setattr(watcher.time, "sleep", sleeps.append)
+    assert engine_holder.refresh() and balance(engine_holder) == Decimal(2)
+    assert sleeps == [] and engine_holder.blob_waits == {}
+
+
 def test_a_stale_mark_builds_from_rows(client: redis.Redis, key_prefix: str) -> None:
     engine_holder = switched_holder(client, key_prefix)
     mark(client, key_prefix, ttl=0.3)  # never renewed

@@ -173,6 +173,7 @@ class ImagePoll(NamedTuple):
     current: int | None  # the version the pointer names now
     published_ms: int | None  # when the version became current (its meta's published_at_ms)
     now_ms: int  # Redis' clock
+    previous_imaged: bool = False  # the ``previous`` version asked about has an image of this code
 
     @property
     def building(self) -> bool:
@@ -403,9 +404,13 @@ def _manifest(raw: Any, version: int, fingerprint: str) -> BlobManifest | None:
         return None
 
 
-def poll_image(client: redis.Redis, prefix: str, version: int, fingerprint: str) -> ImagePoll:
+def poll_image(
+    client: redis.Redis, prefix: str, version: int, fingerprint: str, previous: int | None = None
+) -> ImagePoll:
     """``version``'s manifest and marker for ``fingerprint``, the current version, when ``version``
-    was published and Redis' clock: one pipelined round trip. Redis errors propagate."""
+    was published, Redis' clock, and whether version ``previous`` (when given) has an image of
+    ``fingerprint`` (then a producer of this code exists): one pipelined round trip. Redis errors
+    propagate."""
     key = image_blob_key(prefix, version)
     with client.pipeline(transaction=False) as pipe:
         pipe.hget(key, fingerprint)
@@ -413,7 +418,8 @@ def poll_image(client: redis.Redis, prefix: str, version: int, fingerprint: str)
         pipe.get(pointer_key(prefix))
         pipe.hget(meta_key(prefix, version), "published_at_ms")
         pipe.time()
-        raw_manifest, raw_marker, current, published, (seconds, micros) = pipe.execute()
+        pipe.hexists(image_blob_key(prefix, previous if previous is not None else version), fingerprint)
+        raw_manifest, raw_marker, current, published, (seconds, micros), imaged = pipe.execute()
     manifest = _manifest(raw_manifest, version, fingerprint) if raw_manifest is not None else None
     marker = None
     if raw_marker is not None:
@@ -428,6 +434,7 @@ def poll_image(client: redis.Redis, prefix: str, version: int, fingerprint: str)
         int(current) if current is not None else None,
         int(published) if published is not None else None,
         int(seconds) * 1000 + int(micros) // 1000,
+        previous is not None and bool(imaged),
     )
 
 

@@ -86,10 +86,11 @@ _RATE_ENTITIES = ("origination_rates", "termination_rates")  # their changes nee
 # Failures that say Redis itself did not answer (refused, reset, timed out), as opposed
 # to a load or build that failed while Redis answered.
 _UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-# A version published this recently with no "being built" mark: its producer (the sync worker's
-# leader marks it right after the publish) may be milliseconds away from marking it. Waited for
-# at most this long; a version without a producer (sync.publish_images = false, sync --once)
-# is then built from rows this much later.
+# A version published this recently with no "being built" mark, while the held version has an
+# image of this code (so a producer exists): its producer (the sync worker's leader marks it right
+# after the publish) may be milliseconds away from marking it. Waited for at most this long. No
+# grace where the held version has no image (no producer: sync.publish_images = false, only
+# sync --once) or nothing is held (a first start: a version seconds old is rare there).
 _MARKER_GRACE = 3.0
 _MAX_WAITS = 4  # versions waited for in one load (each superseding the last): then rows
 _OFFLOAD_DECODE = 200  # changes of more entities are decoded in the thread pool (the hub keeps serving)
@@ -422,10 +423,11 @@ class SnapshotHolder(Generic[T]):
         """
         begun = time.monotonic()
         deadline = begun + self._image_wait
+        held = self._held_version()
         outcome, seen, slept = "none", False, False
         try:
             while True:
-                poll = poll_image(self._client, self._prefix, stamp.version, images.fingerprint)
+                poll = poll_image(self._client, self._prefix, stamp.version, images.fingerprint, held)
                 if poll.current is not None and poll.current != stamp.version:
                     outcome = "superseded"
                     return outcome
@@ -451,10 +453,15 @@ class SnapshotHolder(Generic[T]):
                     )
                     outcome = "abandoned"
                     return "none"
-                elif poll.published_ms is None or poll.now_ms - poll.published_ms >= _MARKER_GRACE * 1000:
+                elif (
+                    not poll.previous_imaged
+                    or poll.published_ms is None
+                    or poll.now_ms - poll.published_ms >= _MARKER_GRACE * 1000
+                ):
                     outcome = "unmarked"  # no producer for this version and code
                     return "none"
-                # else: published moments ago; its producer's mark may be a few milliseconds away
+                # else: published moments ago, and the held version had an image of this code (a
+                # producer exists): its mark may be a few milliseconds away
                 if time.monotonic() + self._image_poll > deadline:
                     log.warning(
                         "catalogue image of version %d still being built after %.0fs: building from rows",
