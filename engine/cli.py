@@ -169,12 +169,12 @@ def _sync(args: argparse.Namespace, config: Config) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    image_job = None
+    image_job, fingerprint = None, None
     if config.sync.publish_images:
-        from engine.imagejob import produce_in_child
+        from engine.imagejob import image_fingerprint, produce_in_child
 
-        image_job = produce_in_child
-    SyncWorker(config, image_job=image_job).run(stop)
+        image_job, fingerprint = produce_in_child, image_fingerprint()
+    SyncWorker(config, image_job=image_job, image_fingerprint=fingerprint).run(stop)
     return 0
 
 

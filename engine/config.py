@@ -52,6 +52,12 @@ class EngineSettings:
     # worker published in Redis (engine.state.imageblob) before decoding the rows: a new host
     # or a new version starts in seconds instead of minutes at a million rows.
     snapshot_image_fetch: bool = True
+    # With snapshot_image_fetch: how long (seconds) to wait at most for the image of a version its
+    # producer marks as being built (the sync worker's leader, right after a full snapshot) rather
+    # than decode and build it here too (~100 s of CPU per process at 1M/1M, holding the GIL
+    # against calls). Sized to the producer's build at 1M/1M (~90-100 s); 0 = never wait. At most
+    # half of snapshot_switch_max_age (the rest is for a build after a wait in vain).
+    snapshot_image_wait: float = 150.0
     max_frame_bytes: int = 1048576
     # Bound of each packed table's cache of recently built entities, per generation (two
     # generations: at most twice this many per table; the origination rate tables of a catalogue
@@ -96,6 +102,11 @@ class EngineSettings:
             raise ConfigError(
                 f"engine.snapshot_switch_max_age ({self.snapshot_switch_max_age}) must be >= "
                 f"engine.snapshot_max_age ({self.snapshot_max_age})"
+            )
+        if not 0 <= self.snapshot_image_wait <= self.snapshot_switch_max_age / 2:
+            raise ConfigError(
+                f"engine.snapshot_image_wait ({self.snapshot_image_wait}) must be >= 0 and at most half "
+                f"of engine.snapshot_switch_max_age ({self.snapshot_switch_max_age})"
             )
         if self.entity_cache < 1:
             raise ConfigError(f"engine.entity_cache must be >= 1, not {self.entity_cache}")

@@ -12,6 +12,8 @@ Process wiring only (the commands layer): it joins the state layer's producer wi
 from __future__ import annotations
 
 import logging
+import os
+import socket
 
 import engine.model
 import engine.rules
@@ -51,6 +53,7 @@ def publish_image(config: Config, *, version: int | None = None, force: bool = F
             chunk_bytes=config.sync.image_chunk_bytes,
             force=force,
             version=version,
+            by=f"{socket.gethostname()}:{os.getpid()}",
         )
     finally:
         client.close()

@@ -130,6 +130,7 @@ class Engine:
             images=images,
             image_blobs=config.engine.snapshot_image_fetch,
             records=RECORD_TYPES,
+            image_wait=config.engine.snapshot_image_wait,
         )
         # The per-call limits script skips redis-py's pool and wrappers (engine.state.direct).
         self.direct_redis = DirectConnections.like(

@@ -721,3 +721,65 @@ def test_each_full_snapshot_gets_its_catalogue_image_published(
     assert isinstance(catalog.accounts._records, memoryview)  # from the image, not decoded rows
     assert catalog.accounts_by_number["1000000001"].balance == Decimal(41)  # the journal on top
     assert holder.stamp == current_stamp(client, prefix) and holder.stamp.changes == 1
+
+
+def test_engines_switching_to_a_new_version_wait_for_its_image(
+    config: Config, client: redis.Redis, db: psycopg.Connection
+) -> None:
+    """The leader marks a new version's image as being built before its child starts: an engine
+    switching to it waits (engine.snapshot_image_wait) and fetches the image instead of building
+    from rows; a live change made during the wait comes from the journal on top, exactly."""
+    from engine.imagejob import image_fingerprint, produce_in_child
+    from engine.state.imageblob import poll_image, read_manifest
+
+    prefix = config.redis.key_prefix
+    fingerprint = image_fingerprint()
+    worker = SyncWorker(
+        config, worker_id="test-image-wait", image_job=produce_in_child, image_fingerprint=fingerprint
+    )
+    worker.connect()
+    images = ImageStore(None, prefix, fingerprint)
+    holder = SnapshotHolder(
+        client,
+        prefix,
+        Catalog.build,
+        subscribe=False,
+        images=images,
+        image_blobs=True,
+        image_wait=120.0,
+        image_poll=0.05,
+    )
+    try:
+        first = worker.catch_up()
+        wait_until(
+            lambda: read_manifest(client, prefix, first.version, fingerprint) is not None,
+            timeout=60,
+            what="the image of the first version",
+        )
+        assert holder.refresh() and isinstance(holder.current[1].accounts._records, memoryview)
+        db.execute("UPDATE accounts SET balance = 40 WHERE number = '1000000001'")
+        second = worker.full_resync()
+        assert poll_image(client, prefix, second.version, fingerprint).building  # marked at once
+        errors: list[BaseException] = []
+
+        def switch() -> None:
+            try:
+                holder.refresh()
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        engine_thread = threading.Thread(target=switch)
+        engine_thread.start()
+        db.execute("UPDATE accounts SET balance = 41 WHERE number = '1000000001'")
+        assert worker.catch_up().applied == 1  # live, while the engine waits (or just fetched)
+        engine_thread.join(120)
+        assert not engine_thread.is_alive() and not errors
+    finally:
+        worker._stop_image_child()
+        worker.close()
+    holder.refresh()  # the run loop's recheck after a fetch: the rest of the journal
+    catalog = holder.current[1]
+    assert holder.current[0] == second.version and isinstance(catalog.accounts._records, memoryview)
+    assert holder.blob_waits.get("ready") == 1 and holder.blob_failures == 0
+    assert catalog.accounts_by_number["1000000001"].balance == Decimal(41)
+    assert holder.stamp == current_stamp(client, prefix) and holder.stamp.changes == 1

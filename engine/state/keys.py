@@ -16,7 +16,8 @@ P snapshot:{v}:meta       hash      engine.state.snapshot: marks version v compl
 P snapshot:{v}:writer     string    engine.state.snapshot: publisher's lease on version v
 P snapshot:{v}:image      hash      engine.state.imageblob: version v's catalogue images,
                                     per code fingerprint fp: field fp (manifest, JSON)
-                                    and fields fp:{nonce}:{n} (chunk n of the image)
+                                    and fields fp:{nonce}:{n} (chunk n of the image),
+                                    building:{fp} (the producer's "being built" mark)
 P sync:state              hash      engine.sync.state: what the snapshot reflects
 P sync:leader             string    engine.sync.state: the leader lease
 P sync:journal            stream    engine.sync.state: change events, for gap filling

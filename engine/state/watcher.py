@@ -15,7 +15,9 @@ thread pool so the hub keeps serving calls meanwhile.
 Two kinds of update:
 
 * a new snapshot version (``snapshot`` event, or a stamp with another version/token):
-  full load, swapped in whole (a rate-deck import becomes visible all at once);
+  full load, swapped in whole (a rate-deck import becomes visible all at once): mapped from a
+  local image, else fetched from the image published in Redis, after waiting for it while its
+  producer marks it as being built (``image_wait``), else decoded and built from rows;
 * single-entity changes to the held version (``changes`` events of the live sync, each
   numbered by the version's change count): if the built object supports it
   (``track_changes(data)`` after the build, ``apply_changes(upserts, deletes, before)``:
@@ -44,6 +46,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable
+from functools import partial
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 import redis
@@ -51,7 +54,13 @@ import redis
 from engine.model import ENTITY_TYPES, CatalogData
 from engine.state.codec import decode_entity, decode_many
 from engine.state.image import ImageError, ImageStore, LoadedImage
-from engine.state.imageblob import BlobManifest, BlobUnusable, blob_chunks, read_manifest
+from engine.state.imageblob import (
+    BlobManifest,
+    BlobUnusable,
+    blob_chunks,
+    poll_image,
+    read_manifest,
+)
 from engine.state.keys import entity_hash_key, image_blob_key, snapshot_events_channel, sync_journal_key
 from engine.state.snapshot import (
     DEFAULT_SCAN_COUNT,
@@ -77,6 +86,13 @@ _RATE_ENTITIES = ("origination_rates", "termination_rates")  # their changes nee
 # Failures that say Redis itself did not answer (refused, reset, timed out), as opposed
 # to a load or build that failed while Redis answered.
 _UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# A version published this recently with no "being built" mark, while the held version has an
+# image of this code (so a producer exists): its producer (the sync worker's leader marks it right
+# after the publish) may be milliseconds away from marking it. Waited for at most this long. No
+# grace where the held version has no image (no producer: sync.publish_images = false, only
+# sync --once) or nothing is held (a first start: a version seconds old is rare there).
+_MARKER_GRACE = 3.0
+_MAX_WAITS = 4  # versions waited for in one load (each superseding the last): then rows
 _OFFLOAD_DECODE = 200  # changes of more entities are decoded in the thread pool (the hub keeps serving)
 
 
@@ -144,6 +160,8 @@ class SnapshotHolder(Generic[T]):
         images: ImageStore | None = None,
         image_blobs: bool = False,
         records: Collection[str] = (),
+        image_wait: float = 0.0,
+        image_poll: float = 1.0,
     ) -> None:
         """``build`` turns CatalogData into what ``current`` serves (``Catalog.build``).
 
@@ -164,6 +182,10 @@ class SnapshotHolder(Generic[T]):
         directory may be None: the fetched image is then read from memory).
         ``records``: entity types ``build`` takes as packed record tuples
         (``CatalogData.records``, ``RawSnapshot.decode``) rather than as entities.
+        ``image_wait``: with ``image_blobs``, how long to wait at most for the image of a version
+        that its producer marks as being built (``engine.imageblob.mark_building``) rather than
+        build the catalogue from rows here too; polled every ``image_poll`` seconds (one round
+        trip). 0 = never wait.
         """
         self._client = client
         self._prefix = prefix
@@ -180,6 +202,11 @@ class SnapshotHolder(Generic[T]):
         self._on_change = on_change
         self._images = images
         self._image_blobs = image_blobs
+        self._image_wait = image_wait if image_blobs and images is not None else 0.0
+        self._image_poll = image_poll
+        self._stop_event: StopEvent | None = None  # run()'s: a wait for an image ends with it
+        self.blob_waits: dict[str, int] = {}  # outcome of each wait for an image -> count (tests, logs)
+        self.blob_waited = 0.0  # seconds spent waiting for images, in all
         self.blob_fetches = 0  # published images looked for (tests, logs)
         self.blob_failures = 0  # published images found but unusable
         self._records = tuple(records)
@@ -325,17 +352,29 @@ class SnapshotHolder(Generic[T]):
         the journal: the caller loads from Redis.
         """
         started = time.monotonic()
-        stamp = current_stamp(self._client, self._prefix)
-        if stamp is None:
+        first = current_stamp(self._client, self._prefix)
+        if first is None:
             return False
-
-        def load() -> Any:
-            if not self._freeze_gc:
-                return images.load(stamp)
-            with gc_paused(freeze=True):
-                return images.load(stamp)
-
-        loaded = self._offload(load)
+        stamp: SnapshotStamp = first
+        loaded = self._offload(partial(self._map_local, images, stamp))
+        waits = 0
+        while loaded is None and self._image_wait > 0 and waits < _MAX_WAITS:
+            waits += 1
+            outcome = self._await_image(images, stamp)
+            if outcome == "stopping":
+                raise SnapshotUnavailable("stopping while waiting for a catalogue image")
+            if outcome == "none":
+                break
+            # Waited: the count of changes (or the version: "superseded") moved on meanwhile.
+            started = time.monotonic()
+            fresh = current_stamp(self._client, self._prefix)
+            if fresh is None:
+                return False
+            stamp = fresh
+            # Another process of the host may have fetched it meanwhile: its file, if it made one.
+            loaded = self._offload(partial(self._map_local, images, stamp))
+            if outcome == "ready":
+                break
         if loaded is None and self._image_blobs:
             loaded = self._fetch_blob(images, stamp)
         if loaded is None:
@@ -371,6 +410,82 @@ class SnapshotHolder(Generic[T]):
         if self._on_swap is not None:
             self._on_swap(stamp.version, value)
         return True
+
+    def _await_image(self, images: ImageStore, stamp: SnapshotStamp) -> str:
+        """Wait while a live producer builds ``stamp``'s image for this code (its marker).
+
+        Polls the version's image hash every ``image_poll`` seconds (one round trip on the
+        snapshot connection; cooperative under gevent) for at most ``image_wait`` seconds.
+        Returns "ready" (the manifest is there: fetch it), "superseded" (a newer version is
+        current: look at that one), "none" (no wait, or no more: no marker, a stale one, a
+        marker removed without an image, the time is up; the caller builds from rows) or
+        "stopping" (run()'s stop event). Redis errors propagate (a failed load).
+        """
+        begun = time.monotonic()
+        deadline = begun + self._image_wait
+        held = self._held_version()
+        outcome, seen, slept = "none", False, False
+        try:
+            while True:
+                poll = poll_image(self._client, self._prefix, stamp.version, images.fingerprint, held)
+                if poll.current is not None and poll.current != stamp.version:
+                    outcome = "superseded"
+                    return outcome
+                if poll.manifest is not None:
+                    outcome = "ready"
+                    return outcome
+                if poll.building:
+                    seen = True
+                elif poll.marker is not None:
+                    log.warning(
+                        "the producer of version %d's catalogue image (%s) died or hangs: its mark "
+                        "expired %.1fs ago; building from rows",
+                        stamp.version,
+                        poll.marker.by,
+                        (poll.now_ms - poll.marker.until_ms) / 1000,
+                    )
+                    outcome = "stale"
+                    return "none"
+                elif seen:
+                    log.info(
+                        "catalogue image of version %d not published after all: building from rows",
+                        stamp.version,
+                    )
+                    outcome = "abandoned"
+                    return "none"
+                elif (
+                    not poll.previous_imaged
+                    or poll.published_ms is None
+                    or poll.now_ms - poll.published_ms >= _MARKER_GRACE * 1000
+                ):
+                    outcome = "unmarked"  # no producer for this version and code
+                    return "none"
+                # else: published moments ago, and the held version had an image of this code (a
+                # producer exists): its mark may be a few milliseconds away
+                if time.monotonic() + self._image_poll > deadline:
+                    log.warning(
+                        "catalogue image of version %d still being built after %.0fs: building from rows",
+                        stamp.version,
+                        time.monotonic() - begun,
+                    )
+                    outcome = "timeout"
+                    return "none"
+                slept = True
+                if self._stop_event is not None:
+                    self._stop_event.wait(self._image_poll)
+                    if self._stop_event.is_set():
+                        outcome = "stopping"
+                        return outcome
+                else:
+                    time.sleep(self._image_poll)  # gevent's once monkey-patched
+        finally:
+            waited = time.monotonic() - begun
+            if outcome != "unmarked" and (slept or outcome != "ready"):  # a wait, or news
+                self.blob_waits[outcome] = self.blob_waits.get(outcome, 0) + 1
+                self.blob_waited += waited
+                log.info(
+                    "waited %.1fs for the catalogue image of version %d: %s", waited, stamp.version, outcome
+                )
 
     def _fetch_blob(self, images: ImageStore, stamp: SnapshotStamp) -> LoadedImage | None:
         """The current version's image published in Redis, fetched and checked; None if there
@@ -587,6 +702,7 @@ class SnapshotHolder(Generic[T]):
         """
         pubsub: Any = None
         next_check = 0.0
+        self._stop_event = stop_event
         try:
             while not stop_event.is_set():
                 try:

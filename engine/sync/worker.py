@@ -47,6 +47,7 @@ from engine.db import ownership
 from engine.db.loader import load_catalog, load_entities
 from engine.model import ENTITY_TYPES, CatalogData
 from engine.state.codec import decode_many, encode_entity, schema
+from engine.state.imageblob import clear_building, mark_building
 from engine.state.keys import entity_hash_key, meta_key
 from engine.state.redisconn import redis_client
 from engine.state.snapshot import SchemaMismatch, current_version, entity_key
@@ -90,12 +91,17 @@ class SyncWorker:
         metrics: SyncMetrics | None = None,
         worker_id: str | None = None,
         image_job: Callable[[Config, int], None] | None = None,
+        image_fingerprint: str | None = None,
     ) -> None:
         """``image_job(config, version)``: run in a child process (multiprocessing, spawn) after
         each full snapshot this worker publishes, to build and publish its catalogue image
-        (``engine.imagejob.produce_in_child``); None = no images."""
+        (``engine.imagejob.produce_in_child``); None = no images. ``image_fingerprint``: the
+        code fingerprint of the images it builds (``engine.imagejob.image_fingerprint``): the
+        version's image is marked as being built before the child starts, so that the engines
+        switching to it wait for the image instead of building the catalogue themselves."""
         self.config = config
         self._image_job = image_job
+        self._image_fingerprint = image_fingerprint
         self._image_child: multiprocessing.process.BaseProcess | None = None
         self.settings = config.sync
         self.prefix = config.redis.key_prefix
@@ -442,7 +448,7 @@ class SyncWorker:
             raise StateMoved(f"version {version} was superseded right after its publish")
         self.metrics.full_resyncs.labels(reason).inc()
         self._observe(changes, state)
-        self._start_image_child(version)
+        self._start_image_child(version, state.token)
         log.info(
             "full snapshot %d published (%s): %d entities in %.2fs",
             version,
@@ -452,16 +458,25 @@ class SyncWorker:
         )
         return CatchUp(full=True, reason=reason, version=version)
 
-    def _start_image_child(self, version: int) -> None:
+    def _start_image_child(self, version: int, token: str | None = None) -> None:
         """Build and publish ``version``'s catalogue image in a child process (``image_job``).
 
         One child at a time: a child still building an older version is stopped (its version
         is no longer current: its image would not be used). A child that fails only logs:
-        engines then load rows, as without images.
+        engines then load rows, as without images. The version's image is marked as being built
+        first (the child takes a second or two to start; then it renews and removes the mark):
+        the engines that see the new version wait for its image (``engine.snapshot_image_wait``).
         """
         if self._image_job is None:
             return
         self._stop_image_child()
+        if self._image_fingerprint is not None:
+            try:
+                mark_building(
+                    self.redis, self.prefix, version, token, self._image_fingerprint, by=self.worker_id
+                )
+            except redis.RedisError:  # the engines then build from rows: slower, not wrong
+                log.warning("could not mark the image of version %d as being built", version, exc_info=True)
         child = multiprocessing.get_context("spawn").Process(
             target=self._image_job, args=(self.config, version), name=f"callgate-image-{version}", daemon=True
         )
@@ -469,6 +484,9 @@ class SyncWorker:
             child.start()
         except OSError:
             log.warning("could not start the image builder of version %d", version, exc_info=True)
+            if self._image_fingerprint is not None:
+                with contextlib.suppress(redis.RedisError):
+                    clear_building(self.redis, self.prefix, version, self._image_fingerprint)
             return
         self._image_child = child
         log.info("building the catalogue image of version %d (child process %s)", version, child.pid)
