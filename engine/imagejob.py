@@ -18,7 +18,7 @@ import socket
 import engine.model
 import engine.rules
 from engine.config import Config
-from engine.rules.catalog import Catalog
+from engine.rules.catalog import RECORD_TYPES, Catalog
 from engine.state.image import ImageStore, code_fingerprint
 from engine.state.imageblob import PublishResult, publish_current
 from engine.state.redisconn import redis_client
@@ -54,6 +54,7 @@ def publish_image(config: Config, *, version: int | None = None, force: bool = F
             force=force,
             version=version,
             by=f"{socket.gethostname()}:{os.getpid()}",
+            records=RECORD_TYPES,  # as the engines build it (engine.runtime): no model objects
         )
     finally:
         client.close()

@@ -56,7 +56,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, NamedTuple, cast
 
 import redis
@@ -194,14 +194,19 @@ class PublishResult(NamedTuple):
 
 
 def build_image(
-    client: redis.Redis, prefix: str, build: Callable[[CatalogData], Any], images: ImageStore
+    client: redis.Redis,
+    prefix: str,
+    build: Callable[[CatalogData], Any],
+    images: ImageStore,
+    records: Collection[str] = (),
 ) -> EncodedImage:
     """Read the current version from Redis and build its catalogue exactly as an engine does
-    (``SnapshotHolder``: decode, ``build``, ``track_changes``), then encode its image."""
+    (``SnapshotHolder``: decode, with ``records`` as packed record rows, ``build``,
+    ``track_changes``), then encode its image."""
     raw = fetch_snapshot(client, prefix)
     schemas = {name: _fields(raw.meta.get(f"schema:{name}")) for name in ENTITY_TYPES}
     with gc_paused():
-        data = raw.decode()
+        data = raw.decode(records)
         raw.values.clear()
         value = build(data)
         track = getattr(value, "track_changes", None)
@@ -269,6 +274,7 @@ def publish_current(
     version: int | None = None,
     by: str = "",
     marker_ttl: float = MARKER_TTL_SECONDS,
+    records: Collection[str] = (),
 ) -> PublishResult | None:
     """Build the current version's image and publish it (the producer's whole job).
 
@@ -292,7 +298,7 @@ def publish_current(
         mark_building(client, prefix, stamp.version, stamp.token, fingerprint, ttl=marker_ttl, by=by)
         with _Renewer(client, prefix, stamp, fingerprint, by, marker_ttl):
             started = time.monotonic()
-            image = build_image(client, prefix, build, images)
+            image = build_image(client, prefix, build, images, records)
             built = time.monotonic()
             if version is not None and image.stamp.version != version:
                 return None
