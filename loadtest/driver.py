@@ -50,11 +50,14 @@ import uuid as uuidlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loadtest import child_env
 from loadtest.dataset import ACCEPT_ONLY, DEFAULT_MIX, CallMix, CallPlan, Scale
 from loadtest.stats import summarize
+
+if TYPE_CHECKING:  # the package imports the emulator (gevent): loaded only when a call filters
+    from loadtest.fsemu.filters import EventFilters
 
 __all__ = [
     "CallRecord",
@@ -158,6 +161,22 @@ def _header(block: bytes, name: bytes) -> bytes | None:
     return block[start:end] if end >= 0 else block[start:]
 
 
+def _event_headers(frame: bytes) -> Callable[[str], str | None]:
+    """``header(name)`` of a recorded text/event-plain frame (values percent-decoded)."""
+    from urllib.parse import unquote
+
+    from loadtest.fsemu.filters import header_lookup
+
+    body = frame[frame.find(b"\n\n") + 2 :]
+    block = body.split(b"\n\n", 1)[0].decode("utf-8", "replace")
+    headers = []
+    for line in block.split("\n"):
+        name, sep, value = line.partition(": ")
+        if sep:
+            headers.append((name, unquote(value)))
+    return header_lookup(headers)
+
+
 def _reply(text: bytes) -> bytes:
     return b"Content-Type: command/reply\nReply-Text: " + text + b"\n\n"
 
@@ -194,7 +213,9 @@ class FsLibrary:
     reject: Part  # EXECUTE(respond), HANGUP ... HANGUP_COMPLETE, linger notice
     reject_nolinger: Part
     disconnect: bytes  # the notice FreeSWITCH writes before it closes
-    _bursts: dict[tuple[str, frozenset[str]], bytes] = field(default_factory=dict, repr=False)
+    _bursts: dict[tuple[str, frozenset[str], tuple[tuple[str, str], ...]], bytes] = field(
+        default_factory=dict, repr=False
+    )
 
     def connect_reply(self, plan: CallPlan, call_uuid: str) -> bytes:
         from loadtest.fsemu.wire import fs_urlencode
@@ -207,16 +228,22 @@ class FsLibrary:
             out = out.replace(SENTINEL_USER.encode(), fs_urlencode(plan.sip_auth_username).encode())
         return out
 
-    def burst(self, part: str, subscribed: frozenset[str]) -> bytes:
-        """The frames of ``part`` a connection subscribed to ``subscribed`` receives."""
-        key = (part, subscribed)
+    def burst(self, part: str, subscribed: frozenset[str], filters: EventFilters | None = None) -> bytes:
+        """The frames of ``part`` a connection subscribed to ``subscribed`` receives, less the
+        events its ``filter`` commands drop (loadtest.fsemu.filters; notices always pass)."""
+        entries = tuple(filters.entries) if filters else ()
+        key = (part, subscribed, entries)
         out = self._bursts.get(key)
         if out is None:
             frames: Part = getattr(self, part)
             out = b"".join(
                 frame
                 for name, frame in frames
-                if not name.startswith("CHANNEL_") or name.partition(":")[0] in subscribed
+                if not name.startswith("CHANNEL_")
+                or (
+                    name.partition(":")[0] in subscribed
+                    and (filters is None or filters.passes(_event_headers(frame)))
+                )
             )
             self._bursts[key] = out
         return out
@@ -396,6 +423,7 @@ class _Call:
         "bridged",
         "decided",
         "exited",
+        "filters",
         "lib",
         "linger",
         "outcome",
@@ -420,9 +448,10 @@ class _Call:
         self.outcome = ""
         self.reason = ""
         self.subscribed = _NOTHING
+        self.filters: EventFilters | None = None  # created by the first `filter` command
 
     def _events(self, part: str) -> bytes:
-        return self.lib.burst(part, self.subscribed)
+        return self.lib.burst(part, self.subscribed, self.filters)
 
     def feed(self, blocks: list[bytes]) -> bytes:
         replies: list[bytes] = []
@@ -489,7 +518,14 @@ class _Call:
                     names = names[1:]
                 self.subscribed = self.subscribed | set(names)
                 replies.append(_reply(b"+OK event listener enabled plain"))
-            elif block.startswith((b"resume", b"filter", b"divert_events")):
+            elif block[:7].lower() == b"filter ":
+                if self.filters is None:
+                    from loadtest.fsemu.filters import EventFilters
+
+                    self.filters = EventFilters()
+                line = block.split(b"\n", 1)[0].decode("utf-8", "replace")
+                replies.append(_reply(self.filters.command(line).encode()))
+            elif block.startswith((b"resume", b"divert_events")):
                 replies.append(_REPLY_OK)
             else:
                 replies.append(_REPLY_UNKNOWN)

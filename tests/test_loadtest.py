@@ -191,7 +191,7 @@ def _emulated_call(port: int, **extra) -> object:
 
 
 # as the engine: the frozen-engine guard's cancel (api sched_del) first, then the decision's commands
-ENGINE_OPENING = ["connect", "api", "myevents", "nixevent", "linger"]
+ENGINE_OPENING = ["connect", "api", "myevents", "nixevent", "filter", "filter", "linger"]
 
 
 def test_floor_server_answers_the_emulator() -> None:
@@ -200,7 +200,7 @@ def test_floor_server_answers_the_emulator() -> None:
     with floor_server() as port:
         result = _emulated_call(port)
     assert result.error is None, result.error
-    assert [c.split(" ")[0] for c in result.commands[:5]] == ENGINE_OPENING
+    assert [c.split(" ")[0] for c in result.commands[:7]] == ENGINE_OPENING
     assert result.variables == dict(VARIABLES)
     assert set(result.events) <= set(FOLLOWED_EVENTS)  # the engine's subscription
     assert result.bridged_target == DIAL_STRING.split("|")[0].split("]", 1)[1]
@@ -224,7 +224,7 @@ def test_greenswitch_baseline_answers_the_emulator() -> None:
     with greenswitch_server() as port:
         result = _emulated_call(port, hold_seconds=0.05)
     assert result.error is None, result.error
-    assert [c.split(" ")[0] for c in result.commands[:5]] == ENGINE_OPENING
+    assert [c.split(" ")[0] for c in result.commands[:7]] == ENGINE_OPENING
     assert result.variables == dict(VARIABLES)
     assert result.bridged_target is not None and result.sip_response == (200, "OK")
     assert "CHANNEL_HANGUP_COMPLETE" in result.events
