@@ -177,6 +177,10 @@ def _event_headers(frame: bytes) -> Callable[[str], str | None]:
     return header_lookup(headers)
 
 
+def _api_response(body: bytes) -> bytes:
+    return b"Content-Type: api/response\nContent-Length: %d\n\n%s" % (len(body), body)
+
+
 def _reply(text: bytes) -> bytes:
     return b"Content-Type: command/reply\nReply-Text: " + text + b"\n\n"
 
@@ -492,6 +496,17 @@ class _Call:
                     self.decided = self.over = True
                     self.outcome = self.reason or "hangup"
                     events.append(self._events("reject" if self.linger else "reject_nolinger"))
+            elif block.startswith(b"api "):
+                # FreeSWITCH runs `api` in the listener thread and answers in an api/response,
+                # in order with the replies. The dialplan's frozen-engine guard (one scheduled
+                # hangup) is what the engine's `api sched_del <uuid>` cancels: the real switch
+                # answered "+OK Deleted: 1" (tests/fixtures/esl_filter/).
+                words = block.split(b"\n", 1)[0].split()
+                if words[1:2] == [b"sched_del"] and len(words) == 3:
+                    replies.append(_api_response(b"+OK Deleted: 1\n"))
+                else:
+                    name = words[1] if len(words) > 1 else b""
+                    replies.append(_api_response(b"-ERR " + name + b" Command not found!\n"))
             elif block.startswith(b"myevents"):
                 self.subscribed = self.subscribed | _Call.MYEVENTS
                 replies.append(_REPLY_EVENTS)

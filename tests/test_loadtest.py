@@ -762,3 +762,18 @@ def test_phase_summary_of_a_hand_made_timing_json() -> None:
         "p99_us": pytest.approx(700),
     }
     assert phase_summary(timing, span=(10.5, 12.0))["parse"]["p50_us"] == pytest.approx(25)
+
+
+def test_driver_answers_the_guard_cancel_as_the_real_switch(library: driver.FsLibrary) -> None:
+    """`api sched_del <uuid>` gets an api/response in order with the replies (not a command
+    reply "-ERR command not found", which made the engine warn and log on every call)."""
+    from pathlib import Path
+
+    call = driver._Call(library, b"c" * 36)
+    out = call.feed(driver.CommandSplitter().feed(f"api sched_del {'c' * 36}\n\nmyevents\n\n".encode()))
+    frames = driver.split_frames(out)[0]
+    real = (Path(__file__).parent / "fixtures" / "esl_filter" / "filtered-bridged.raw").read_bytes()
+    assert frames[0] in real and frames[0].startswith(b"Content-Type: api/response\n")
+    assert frames[1] == b"Content-Type: command/reply\nReply-Text: +OK Events Enabled\n\n"
+    other = driver.split_frames(call.feed(driver.CommandSplitter().feed(b"api status\n\n")))[0]
+    assert other == [b"Content-Type: api/response\nContent-Length: 31\n\n-ERR status Command not found!\n"]
