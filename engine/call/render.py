@@ -163,14 +163,18 @@ def reject_variables(reject: Reject) -> list[tuple[str, str]]:
 EVENT_FILTERS = (("Event-Name", "CHANNEL_HANGUP_COMPLETE"), ("Application", "bridge"))
 
 
-def _preamble() -> list[bytes]:
-    # myevents: CHANNEL_HANGUP_COMPLETE reaches us; linger: it is delivered before FreeSWITCH closes.
-    return [
-        command("myevents"),
-        command("nixevent " + " ".join(UNREAD_EVENTS)),
-        *(command(f"filter {name} {value}") for name, value in EVENT_FILTERS),
-        command("linger"),
-    ]
+# myevents: CHANNEL_HANGUP_COMPLETE reaches us; linger: it is delivered before FreeSWITCH closes.
+# The same bytes for every call: built once.
+_PREAMBLE: tuple[bytes, ...] = (
+    command("myevents"),
+    command("nixevent " + " ".join(UNREAD_EVENTS)),
+    *(command(f"filter {name} {value}") for name, value in EVENT_FILTERS),
+    command("linger"),
+)
+
+
+def _preamble() -> tuple[bytes, ...]:
+    return _PREAMBLE
 
 
 # A channel UUID as FreeSWITCH writes it: a scheduler group name that is one command word.

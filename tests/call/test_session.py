@@ -462,3 +462,26 @@ def test_a_failed_bridge_is_billed_on_the_hangup_that_follows() -> None:
     acknowledged(session)
     end = hangup_complete("USER_BUSY")
     assert bills(session.frame(end)) == [Bill(end)]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        wire.command_reply("+OK"),
+        wire.command_reply("+OK will linger"),
+        wire.command_reply("-ERR command not found"),
+        wire.command_reply(""),
+        b"Content-Type: command/reply\nReply-Text: %2BOK\nEvent-Name: X\n\n",
+        b"Content-Type: command/reply\nReply-Text: +OK\nEvent-Name: X\n\n",
+        b"Content-Type: command/reply\n\n",
+    ],
+)
+@pytest.mark.parametrize("pending", [0, 1, 2, 7])
+def test_the_quick_reply_path_does_what_the_full_one_does(raw: bytes, pending: int) -> None:
+    """frame() takes a shortcut for a plain +OK reply; it must match _reply() exactly."""
+    quick, full = committed(), committed()
+    for session in (quick, full):
+        session.replies_pending = pending
+        session._batch_replies = max(0, pending - 1)
+    assert quick.frame(frame(raw)) == full._reply(frame(raw))
+    assert (quick.replies_pending, quick._batch_replies) == (full.replies_pending, full._batch_replies)
