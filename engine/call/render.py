@@ -158,7 +158,7 @@ def reject_variables(reject: Reject) -> list[tuple[str, str]]:
 #: FreeSWITCH sends only those matching one of them (mod_event_socket.c, ``event_handler``:
 #: OR over the filters, values compared case-insensitively). The session reads the bridge's
 #: CHANNEL_EXECUTE_COMPLETE and CHANNEL_HANGUP_COMPLETE; the EXECUTE_COMPLETE of ``multiset``,
-#: ``respond``, ``hangup`` and of ``socket`` itself (6-9 KiB each) are no longer written.
+#: ``respond`` and of ``socket`` itself (6-9 KiB each) are no longer written.
 #: Verified on FreeSWITCH 1.10.12 (tests/fixtures/esl_filter/, docs/real-switch-lab.md).
 EVENT_FILTERS = (("Event-Name", "CHANNEL_HANGUP_COMPLETE"), ("Application", "bridge"))
 
