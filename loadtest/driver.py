@@ -177,6 +177,27 @@ def _event_headers(frame: bytes) -> Callable[[str], str | None]:
     return header_lookup(headers)
 
 
+# (filters so far, a `filter` line) -> (the filters after it, the reply): every call of a
+# run sends the same filter lines, so the model parses each sequence once. Filters are never
+# modified in place (a new object per step), so sharing them between calls is safe.
+_FILTER_STEPS: dict[tuple[EventFilters | None, bytes], tuple[EventFilters, bytes]] = {}
+
+
+def _filtered(filters: EventFilters | None, line: bytes) -> tuple[EventFilters, bytes]:
+    step = _FILTER_STEPS.get((filters, line))
+    if step is None:
+        from loadtest.fsemu.filters import EventFilters
+
+        after = EventFilters()
+        if filters is not None:
+            after.entries = list(filters.entries)
+        reply = _reply(after.command(line.decode("utf-8", "replace")).encode())
+        step = (after, reply)
+        if len(_FILTER_STEPS) < 256:
+            _FILTER_STEPS[(filters, line)] = step
+    return step
+
+
 def _api_response(body: bytes) -> bytes:
     return b"Content-Type: api/response\nContent-Length: %d\n\n%s" % (len(body), body)
 
@@ -217,7 +238,7 @@ class FsLibrary:
     reject: Part  # EXECUTE(respond), HANGUP ... HANGUP_COMPLETE, linger notice
     reject_nolinger: Part
     disconnect: bytes  # the notice FreeSWITCH writes before it closes
-    _bursts: dict[tuple[str, frozenset[str], tuple[tuple[str, str], ...]], bytes] = field(
+    _bursts: dict[tuple[str, frozenset[str], EventFilters | None], bytes] = field(
         default_factory=dict, repr=False
     )
 
@@ -235,8 +256,7 @@ class FsLibrary:
     def burst(self, part: str, subscribed: frozenset[str], filters: EventFilters | None = None) -> bytes:
         """The frames of ``part`` a connection subscribed to ``subscribed`` receives, less the
         events its ``filter`` commands drop (loadtest.fsemu.filters; notices always pass)."""
-        entries = tuple(filters.entries) if filters else ()
-        key = (part, subscribed, entries)
+        key = (part, subscribed, filters)  # filters: shared, never modified (_filtered)
         out = self._bursts.get(key)
         if out is None:
             frames: Part = getattr(self, part)
@@ -534,12 +554,8 @@ class _Call:
                 self.subscribed = self.subscribed | set(names)
                 replies.append(_reply(b"+OK event listener enabled plain"))
             elif block[:7].lower() == b"filter ":
-                if self.filters is None:
-                    from loadtest.fsemu.filters import EventFilters
-
-                    self.filters = EventFilters()
-                line = block.split(b"\n", 1)[0].decode("utf-8", "replace")
-                replies.append(_reply(self.filters.command(line).encode()))
+                self.filters, reply = _filtered(self.filters, block.split(b"\n", 1)[0])
+                replies.append(reply)
             elif block.startswith((b"resume", b"divert_events")):
                 replies.append(_REPLY_OK)
             else:
