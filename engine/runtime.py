@@ -149,7 +149,12 @@ class Engine:
         # Call ends only queue their release; one greenlet releases them in pipelined batches.
         self.releases = ReleaseBatcher(self.limiter)
         # Accounting (docs/accounting.md): funds reserved with the limits, settled at hangup in batches.
-        self.funds = Funds(self.redis, config.redis.key_prefix, margin_seconds=config.limits.margin_seconds)
+        self.funds = Funds(
+            self.redis,
+            config.redis.key_prefix,
+            margin_seconds=config.limits.margin_seconds,
+            direct=self.direct_redis,  # the settler's batches, on the engine's hub
+        )
         self.settler = Settler(
             self.funds, registry=None if self.metrics.multiprocess else self.metrics.registry
         )

@@ -50,11 +50,14 @@ import uuid as uuidlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loadtest import child_env
 from loadtest.dataset import ACCEPT_ONLY, DEFAULT_MIX, CallMix, CallPlan, Scale
 from loadtest.stats import summarize
+
+if TYPE_CHECKING:  # the package imports the emulator (gevent): loaded only when a call filters
+    from loadtest.fsemu.filters import EventFilters
 
 __all__ = [
     "CallRecord",
@@ -158,6 +161,47 @@ def _header(block: bytes, name: bytes) -> bytes | None:
     return block[start:end] if end >= 0 else block[start:]
 
 
+def _event_headers(frame: bytes) -> Callable[[str], str | None]:
+    """``header(name)`` of a recorded text/event-plain frame (values percent-decoded)."""
+    from urllib.parse import unquote
+
+    from loadtest.fsemu.filters import header_lookup
+
+    body = frame[frame.find(b"\n\n") + 2 :]
+    block = body.split(b"\n\n", 1)[0].decode("utf-8", "replace")
+    headers = []
+    for line in block.split("\n"):
+        name, sep, value = line.partition(": ")
+        if sep:
+            headers.append((name, unquote(value)))
+    return header_lookup(headers)
+
+
+# (filters so far, a `filter` line) -> (the filters after it, the reply): every call of a
+# run sends the same filter lines, so the model parses each sequence once. Filters are never
+# modified in place (a new object per step), so sharing them between calls is safe.
+_FILTER_STEPS: dict[tuple[EventFilters | None, bytes], tuple[EventFilters, bytes]] = {}
+
+
+def _filtered(filters: EventFilters | None, line: bytes) -> tuple[EventFilters, bytes]:
+    step = _FILTER_STEPS.get((filters, line))
+    if step is None:
+        from loadtest.fsemu.filters import EventFilters
+
+        after = EventFilters()
+        if filters is not None:
+            after.entries = list(filters.entries)
+        reply = _reply(after.command(line.decode("utf-8", "replace")).encode())
+        step = (after, reply)
+        if len(_FILTER_STEPS) < 256:
+            _FILTER_STEPS[(filters, line)] = step
+    return step
+
+
+def _api_response(body: bytes) -> bytes:
+    return b"Content-Type: api/response\nContent-Length: %d\n\n%s" % (len(body), body)
+
+
 def _reply(text: bytes) -> bytes:
     return b"Content-Type: command/reply\nReply-Text: " + text + b"\n\n"
 
@@ -168,9 +212,6 @@ _REPLY_LINGER = _reply(b"+OK will linger")
 _REPLY_NOLINGER = _reply(b"+OK will not linger")
 _REPLY_BYE = _reply(b"+OK bye")
 _REPLY_UNKNOWN = _reply(b"-ERR command not found")
-# `api sched_del <uuid>` (the engine cancels the dialplan's frozen-engine guard): FreeSWITCH
-# answers with an api/response counting the tasks deleted (the guard: one).
-_API_SCHED_DEL = b"Content-Type: api/response\nContent-Length: 15\n\n+OK Deleted: 1\n"
 
 
 # --------------------------------------------------------------------------- the library
@@ -197,7 +238,9 @@ class FsLibrary:
     reject: Part  # EXECUTE(respond), HANGUP ... HANGUP_COMPLETE, linger notice
     reject_nolinger: Part
     disconnect: bytes  # the notice FreeSWITCH writes before it closes
-    _bursts: dict[tuple[str, frozenset[str]], bytes] = field(default_factory=dict, repr=False)
+    _bursts: dict[tuple[str, frozenset[str], EventFilters | None], bytes] = field(
+        default_factory=dict, repr=False
+    )
 
     def connect_reply(self, plan: CallPlan, call_uuid: str) -> bytes:
         from loadtest.fsemu.wire import fs_urlencode
@@ -210,16 +253,21 @@ class FsLibrary:
             out = out.replace(SENTINEL_USER.encode(), fs_urlencode(plan.sip_auth_username).encode())
         return out
 
-    def burst(self, part: str, subscribed: frozenset[str]) -> bytes:
-        """The frames of ``part`` a connection subscribed to ``subscribed`` receives."""
-        key = (part, subscribed)
+    def burst(self, part: str, subscribed: frozenset[str], filters: EventFilters | None = None) -> bytes:
+        """The frames of ``part`` a connection subscribed to ``subscribed`` receives, less the
+        events its ``filter`` commands drop (loadtest.fsemu.filters; notices always pass)."""
+        key = (part, subscribed, filters)  # filters: shared, never modified (_filtered)
         out = self._bursts.get(key)
         if out is None:
             frames: Part = getattr(self, part)
             out = b"".join(
                 frame
                 for name, frame in frames
-                if not name.startswith("CHANNEL_") or name.partition(":")[0] in subscribed
+                if not name.startswith("CHANNEL_")
+                or (
+                    name.partition(":")[0] in subscribed
+                    and (filters is None or filters.passes(_event_headers(frame)))
+                )
             )
             self._bursts[key] = out
         return out
@@ -399,6 +447,7 @@ class _Call:
         "bridged",
         "decided",
         "exited",
+        "filters",
         "lib",
         "linger",
         "outcome",
@@ -423,9 +472,10 @@ class _Call:
         self.outcome = ""
         self.reason = ""
         self.subscribed = _NOTHING
+        self.filters: EventFilters | None = None  # created by the first `filter` command
 
     def _events(self, part: str) -> bytes:
-        return self.lib.burst(part, self.subscribed)
+        return self.lib.burst(part, self.subscribed, self.filters)
 
     def feed(self, blocks: list[bytes]) -> bytes:
         replies: list[bytes] = []
@@ -466,6 +516,17 @@ class _Call:
                     self.decided = self.over = True
                     self.outcome = self.reason or "hangup"
                     events.append(self._events("reject" if self.linger else "reject_nolinger"))
+            elif block.startswith(b"api "):
+                # FreeSWITCH runs `api` in the listener thread and answers in an api/response,
+                # in order with the replies. The dialplan's frozen-engine guard (one scheduled
+                # hangup) is what the engine's `api sched_del <uuid>` cancels: the real switch
+                # answered "+OK Deleted: 1" (tests/fixtures/esl_filter/).
+                words = block.split(b"\n", 1)[0].split()
+                if words[1:2] == [b"sched_del"] and len(words) == 3:
+                    replies.append(_api_response(b"+OK Deleted: 1\n"))
+                else:
+                    name = words[1] if len(words) > 1 else b""
+                    replies.append(_api_response(b"-ERR " + name + b" Command not found!\n"))
             elif block.startswith(b"myevents"):
                 self.subscribed = self.subscribed | _Call.MYEVENTS
                 replies.append(_REPLY_EVENTS)
@@ -492,10 +553,11 @@ class _Call:
                     names = names[1:]
                 self.subscribed = self.subscribed | set(names)
                 replies.append(_reply(b"+OK event listener enabled plain"))
-            elif block.startswith((b"resume", b"filter", b"divert_events")):
+            elif block[:7].lower() == b"filter ":
+                self.filters, reply = _filtered(self.filters, block.split(b"\n", 1)[0])
+                replies.append(reply)
+            elif block.startswith((b"resume", b"divert_events")):
                 replies.append(_REPLY_OK)
-            elif block.startswith(b"api sched_del "):
-                replies.append(_API_SCHED_DEL)
             else:
                 replies.append(_REPLY_UNKNOWN)
         out = b"".join(replies)

@@ -4,9 +4,9 @@ Per call it does exactly the protocol work callgate cannot avoid, and no more: a
 the connection (gevent ``StreamServer``, TCP_NODELAY, the same backlog as the engine),
 send ``connect``, wait for the end of the CHANNEL_DATA block (without parsing it), write
 one fixed pipelined decision (the frozen-engine guard's ``api sched_del``, ``myevents``,
-``nixevent``, ``linger``, one ``multiset`` of ten variables including a signed billing ticket,
-``bridge`` over ten targets: the commands, shape and size of callgate's answer for an
-ordinary accepted call, rendered by ``engine.call.render``), then cut
+``nixevent``, the two ``filter`` commands, ``linger``, one ``multiset`` of ten variables
+including a signed billing ticket, ``bridge`` over ten targets: the commands, shape and size
+of callgate's answer for an ordinary accepted call, rendered by ``engine.call.render``), then cut
 FreeSWITCH's output into frames by ``Content-Length`` until CHANNEL_HANGUP_COMPLETE (or a
 non-linger disconnect notice) and close. No Redis, no rules, no decoding of values.
 

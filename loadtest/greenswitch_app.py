@@ -3,14 +3,14 @@
 A minimal application on greenswitch's ``OutboundESLServer`` (v0.0.19), used the way its
 README shows: the server sends ``connect`` and hands the session to the application, which
 cancels the frozen-engine guard (``api sched_del <uuid>``, as the engine does first), sends
-``myevents``, ``nixevent`` and ``linger``, sets the floor's variables with one
+``myevents``, ``nixevent``, the two ``filter`` commands and ``linger``, sets the floor's variables with one
 ``call_command('multiset', ...)`` (the engine's commands, engine.esl.commands) and bridges
 to the floor's ten targets, then waits for
 CHANNEL_HANGUP_COMPLETE; greenswitch then sends ``exit`` and closes.
 
 What greenswitch does per call, by design (see the reference notes, section 2.1): three
-greenlets per call, one command at a time (each ``send`` waits for its ``+OK``: five round
-trips instead of one pipelined write), every event read line by line and fully
+greenlets per call, one command at a time (each ``send`` waits for its ``+OK``: one round trip per
+command instead of one pipelined write), every event read line by line and fully
 URL-decoded, and an accept loop that polls a non-blocking ``accept()`` and sleeps 100 ms
 whenever nothing is pending (listen backlog 100). ``max_connections`` is raised from
 greenswitch's default of 100 so that held calls are served rather than sent away with
@@ -28,7 +28,7 @@ import sys
 import gevent
 import gevent.event
 
-from engine.call.render import UNREAD_EVENTS
+from engine.call.render import EVENT_FILTERS, UNREAD_EVENTS
 from engine.esl.commands import multiset_argument
 from loadtest.floor import DIAL_STRING, GUARD_UUID, VARIABLES
 
@@ -57,6 +57,8 @@ class Authorize:
             session.send("api sched_del " + (session.uuid or GUARD_UUID))
             session.myevents()
             session.send("nixevent " + " ".join(UNREAD_EVENTS))
+            for name, value in EVENT_FILTERS:
+                session.send(f"filter {name} {value}")
             session.linger()
             session.call_command("multiset", multiset_argument(VARIABLES))
             session.call_command("bridge", DIAL_STRING)

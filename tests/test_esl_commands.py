@@ -78,9 +78,9 @@ def test_nixevent_drops_exactly_what_myevents_adds_and_callgate_never_reads() ->
 def test_accept_and_reject_batches_in_order() -> None:
     accept = bridge_batch(VARIABLES, "sofia/gateway/a/44123|sofia/gateway/b/44123")
     lines = [c.line.split(" ")[0] for c in commands_of(accept.payload)]
-    assert lines == ["myevents", "nixevent", "linger", "sendmsg", "sendmsg"]
-    assert accept.replies_expected == 5
+    assert lines == ["myevents", "nixevent", "filter", "filter", "linger", "sendmsg", "sendmsg"]
+    assert accept.replies_expected == 7
     reject = respond_batch([("callgate_reason", "CPS_LIMIT")], 503, "Service Unavailable")
-    sent = [app_and_arg(c) for c in commands_of(reject.payload)[3:]]
+    sent = [app_and_arg(c) for c in commands_of(reject.payload)[5:]]
     assert sent == [("set", "callgate_reason=CPS_LIMIT"), ("respond", "503 Service Unavailable")]
-    assert reject.replies_expected == 5
+    assert reject.replies_expected == 7

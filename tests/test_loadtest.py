@@ -191,7 +191,7 @@ def _emulated_call(port: int, **extra) -> object:
 
 
 # as the engine: the frozen-engine guard's cancel (api sched_del) first, then the decision's commands
-ENGINE_OPENING = ["connect", "api", "myevents", "nixevent", "linger"]
+ENGINE_OPENING = ["connect", "api", "myevents", "nixevent", "filter", "filter", "linger"]
 
 
 def test_floor_server_answers_the_emulator() -> None:
@@ -200,7 +200,7 @@ def test_floor_server_answers_the_emulator() -> None:
     with floor_server() as port:
         result = _emulated_call(port)
     assert result.error is None, result.error
-    assert [c.split(" ")[0] for c in result.commands[:5]] == ENGINE_OPENING
+    assert [c.split(" ")[0] for c in result.commands[:7]] == ENGINE_OPENING
     assert result.variables == dict(VARIABLES)
     assert set(result.events) <= set(FOLLOWED_EVENTS)  # the engine's subscription
     assert result.bridged_target == DIAL_STRING.split("|")[0].split("]", 1)[1]
@@ -224,7 +224,7 @@ def test_greenswitch_baseline_answers_the_emulator() -> None:
     with greenswitch_server() as port:
         result = _emulated_call(port, hold_seconds=0.05)
     assert result.error is None, result.error
-    assert [c.split(" ")[0] for c in result.commands[:5]] == ENGINE_OPENING
+    assert [c.split(" ")[0] for c in result.commands[:7]] == ENGINE_OPENING
     assert result.variables == dict(VARIABLES)
     assert result.bridged_target is not None and result.sip_response == (200, "OK")
     assert "CHANNEL_HANGUP_COMPLETE" in result.events
@@ -781,3 +781,18 @@ def test_pauses_variants_parse_into_engine_settings() -> None:
     for bad in ("no-settings", ":ENGINE__X=1", "label:ENGINE__X", "label:=1"):
         with pytest.raises(ValueError, match="--variant"):
             parse_variant(bad)
+
+
+def test_driver_answers_the_guard_cancel_as_the_real_switch(library: driver.FsLibrary) -> None:
+    """`api sched_del <uuid>` gets an api/response in order with the replies (not a command
+    reply "-ERR command not found", which made the engine warn and log on every call)."""
+    from pathlib import Path
+
+    call = driver._Call(library, b"c" * 36)
+    out = call.feed(driver.CommandSplitter().feed(f"api sched_del {'c' * 36}\n\nmyevents\n\n".encode()))
+    frames = driver.split_frames(out)[0]
+    real = (Path(__file__).parent / "fixtures" / "esl_filter" / "filtered-bridged.raw").read_bytes()
+    assert frames[0] in real and frames[0].startswith(b"Content-Type: api/response\n")
+    assert frames[1] == b"Content-Type: command/reply\nReply-Text: +OK Events Enabled\n\n"
+    other = driver.split_frames(call.feed(driver.CommandSplitter().feed(b"api status\n\n")))[0]
+    assert other == [b"Content-Type: api/response\nContent-Length: 31\n\n-ERR status Command not found!\n"]

@@ -6,9 +6,10 @@ the way CGRateS' agent renders what its session decided.
 
 The write is shaped to keep FreeSWITCH's output small, because reading it is most of an
 engine's work per call: ``nixevent`` drops the channel events callgate never reads (each
-carries every channel variable, ~4 KiB) and the variables travel in one ``multiset`` (one
-reply and one CHANNEL_EXECUTE_COMPLETE instead of one per ``set``). Both ``linger`` and
-``nixevent`` need the socket's ``full`` flag (dialplan/callgate.xml).
+carries every channel variable, ~4 KiB), two ``filter`` commands drop the EXECUTE_COMPLETE of
+every application but ``bridge`` (EVENT_FILTERS), and the variables travel in one ``multiset``
+(one reply instead of one per ``set``). ``linger`` and ``nixevent`` need the socket's ``full``
+flag (dialplan/callgate.xml); ``filter`` does not.
 
 Values are never empty: an empty value in ``set``/``multiset`` UNSETS the variable on
 FreeSWITCH, so a variable without a value is left out (docs/call-session.md lists them).
@@ -153,9 +154,27 @@ def reject_variables(reject: Reject) -> list[tuple[str, str]]:
     return [(REASON_VARIABLE, reject.reason.value)]
 
 
-def _preamble() -> list[bytes]:
-    # myevents: CHANNEL_HANGUP_COMPLETE reaches us; linger: it is delivered before FreeSWITCH closes.
-    return [command("myevents"), command("nixevent " + " ".join(UNREAD_EVENTS)), command("linger")]
+#: ``filter <header> <value>`` commands after ``nixevent``: of the events still subscribed,
+#: FreeSWITCH sends only those matching one of them (mod_event_socket.c, ``event_handler``:
+#: OR over the filters, values compared case-insensitively). The session reads the bridge's
+#: CHANNEL_EXECUTE_COMPLETE and CHANNEL_HANGUP_COMPLETE; the EXECUTE_COMPLETE of ``multiset``,
+#: ``respond`` and of ``socket`` itself (6-9 KiB each) are no longer written.
+#: Verified on FreeSWITCH 1.10.12 (tests/fixtures/esl_filter/, docs/real-switch-lab.md).
+EVENT_FILTERS = (("Event-Name", "CHANNEL_HANGUP_COMPLETE"), ("Application", "bridge"))
+
+
+# myevents: CHANNEL_HANGUP_COMPLETE reaches us; linger: it is delivered before FreeSWITCH closes.
+# The same bytes for every call: built once.
+_PREAMBLE: tuple[bytes, ...] = (
+    command("myevents"),
+    command("nixevent " + " ".join(UNREAD_EVENTS)),
+    *(command(f"filter {name} {value}") for name, value in EVENT_FILTERS),
+    command("linger"),
+)
+
+
+def _preamble() -> tuple[bytes, ...]:
+    return _PREAMBLE
 
 
 # A channel UUID as FreeSWITCH writes it: a scheduler group name that is one command word.

@@ -133,6 +133,7 @@ _RELEASE = Release()
 _BILL_REJECT = Bill(None)
 _BILL_LATE_REJECT = Bill(None, may_hold_funds=True)
 _DISARM_REPLIES = Disarm(Deadline.REPLIES)
+_DISARMED: list[Action] = [_DISARM_REPLIES]  # shared, like _NOTHING
 # "Nothing to do", shared: the driver never modifies the lists it is given.
 _NOTHING: list[Action] = []
 
@@ -176,7 +177,19 @@ class CallSession:
         phase = self.phase
         if phase is _COMMITTED or phase is _ANSWERING:  # the frequent case first
             kind = frame.content_type
-            if kind == "command/reply" or kind == "api/response":  # api: the guard's sched_del
+            if kind == "command/reply":  # eight of them per call: the usual +OK in a few steps
+                headers = frame.headers
+                text = headers.get("Reply-Text", "")
+                if text.startswith("+OK") and "Event-Name" not in headers:  # reply_ok(), undecoded
+                    pending = self.replies_pending
+                    if not pending:
+                        return _NOTHING
+                    self.replies_pending = pending - 1
+                    if self._batch_replies:
+                        self._batch_replies -= 1
+                    return _NOTHING if pending > 1 else _DISARMED
+                return self._reply(frame)
+            if kind == "api/response":  # the guard's sched_del
                 return self._reply(frame)
             if kind == "text/event-plain":
                 return self._event(frame)
@@ -279,7 +292,7 @@ class CallSession:
             if self._batch_replies:
                 self._batch_replies -= 1
             if not self.replies_pending:
-                actions.append(Disarm(Deadline.REPLIES))
+                actions.append(_DISARM_REPLIES)
         if frame.content_type == "api/response":
             if not frame.body.startswith(b"+OK"):  # `+OK Deleted: <n>`; 0 when the dialplan has no guard
                 text = frame.body.decode("utf-8", "replace").strip()

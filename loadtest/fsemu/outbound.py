@@ -37,6 +37,7 @@ from gevent import socket as gsocket
 from gevent.pool import Pool
 
 from . import templates, wire
+from .filters import EventFilters, UnsupportedFilter, header_lookup
 
 __all__ = [
     "CAUSE_TO_SIP",
@@ -805,7 +806,7 @@ class EslConnection:
         self.event_names: set[str] = set()
         self.custom_subclasses: set[str] = set()
         self.myevents_uuid: str | None = None
-        self.filters: list[tuple[str, str]] = []
+        self.filters = EventFilters()  # mod_event_socket's `filter` (loadtest.fsemu.filters)
         self._out: list[bytes] = []
         self._event_names_out: list[str | None] = []
         self._wake = gevent.event.Event()
@@ -884,23 +885,14 @@ class EslConnection:
         return not (self.myevents_uuid is not None and uuid != self.myevents_uuid)
 
     def deliver(self, event_name: str, headers: list[tuple[str, str]], body: str | None = None) -> None:
-        if self.filters and not self._passes_filters(headers):
+        # event_handler applies the filters to the events subscribed to, before myevents' UUID check.
+        if self.filters and not self.filters.passes(header_lookup(headers)):
             return
         if self.event_format == "json":
             frame = wire.event_json_frame(headers, body)
         else:
             frame = wire.event_plain_frame(headers, body)
         self._queue_frame(frame, event_name)
-
-    def _passes_filters(self, headers: list[tuple[str, str]]) -> bool:
-        values: dict[str, str] = {}
-        for k, v in headers:
-            values.setdefault(k.lower(), v)
-        for h, v in self.filters:
-            have = values.get(h.lower())
-            if have is not None and have.lower() == v.lower():
-                return True
-        return False
 
     # commands -------------------------------------------------------------------------------
     def handle_common(self, cmd: wire.Command) -> str | None:
@@ -909,7 +901,10 @@ class EslConnection:
         name = cmd.line.strip()
         low = name.lower()
         if low.startswith("filter "):
-            return self._cmd_filter(name[7:].strip())
+            try:
+                return self.filters.command(cmd.line)
+            except UnsupportedFilter as exc:
+                return f"-ERR emulator: {exc}"
         if low.startswith("sendmsg"):
             return self.cmd_sendmsg(cmd)
         if self.outbound and not self.full:
@@ -958,26 +953,6 @@ class EslConnection:
 
     def cmd_nolinger(self) -> str:
         return "-ERR not controlling a session"
-
-    def _cmd_filter(self, rest: str) -> str:
-        header, _, value = rest.partition(" ")
-        if header.lower() == "delete" and value:
-            h, _, v = value.partition(" ")
-            if h.lower() == "all":
-                self.filters.clear()
-            else:
-                self.filters = [
-                    (fh, fv)
-                    for fh, fv in self.filters
-                    if not (fh.lower() == h.lower() and (not v or fv == v))
-                ]
-            return f"+OK filter deleted. [{h}][{v}]"
-        if value:
-            if header.lower() == "add":
-                header, _, value = value.partition(" ")
-            self.filters.append((header, value))
-            return f"+OK filter added. [{header}]=[{value}]"
-        return "-ERR invalid syntax"
 
     def _cmd_event(self, rest: str) -> str:
         words = rest.split()

@@ -10,6 +10,7 @@ from engine.call.render import (
     accept_batch,
     channel_variables,
     dial_string,
+    reject_batch,
     reject_variables,
     routes_failed_batch,
 )
@@ -126,10 +127,24 @@ def test_on_net_legs() -> None:
 def test_accept_batch_subscribes_only_to_what_the_session_reads() -> None:
     commands = CommandParser().feed(accept_batch(accept()).payload)
     lines = [command.line for command in commands]
-    assert lines[:3] == ["myevents", lines[1], "linger"]
+    assert lines[:5] == [
+        "myevents",
+        lines[1],
+        "filter Event-Name CHANNEL_HANGUP_COMPLETE",
+        "filter Application bridge",
+        "linger",
+    ]
     nixed = set(lines[1].split()[1:])
     assert set(MYEVENTS_TYPES) - nixed == {"CHANNEL_EXECUTE_COMPLETE", "CHANNEL_HANGUP_COMPLETE"}
-    assert [command.header("execute-app-name") for command in commands[3:]] == ["multiset", "bridge"]
+    assert [command.header("execute-app-name") for command in commands[5:]] == ["multiset", "bridge"]
+
+
+def test_reject_batch_asks_for_the_same_events() -> None:
+    accept_lines = [c.line for c in CommandParser().feed(accept_batch(accept()).payload)][:5]
+    reject = Reject(Reason.AUTHENTICATION_FAIL)
+    commands = CommandParser().feed(reject_batch(reject, 403, "Forbidden", guard_uuid="abc-1").payload)
+    assert [c.line for c in commands][:6] == ["api sched_del abc-1", *accept_lines]
+    assert [c.header("execute-app-name") for c in commands[6:]] == ["set", "respond"]
 
 
 def test_routes_failed_batch_records_the_reason_then_hangs_up() -> None:

@@ -200,7 +200,7 @@ def test_accept_writes_one_batch_and_arms_both_deadlines() -> None:
     actions = session.decided(ACCEPT, holds_slots=True)
     assert actions == [Send(ACCEPT_BATCH.payload), Arm(Deadline.REPLIES, 3.0), Arm(Deadline.HANGUP, 100.0)]
     assert session.phase is Phase.COMMITTED and session.holds_slots
-    assert session.replies_pending == 6  # sched_del, myevents, nixevent, linger, multiset, bridge
+    assert session.replies_pending == 8  # sched_del, myevents, nixevent, 2 x filter, linger, multiset, bridge
 
 
 def test_reject_writes_respond_and_releases_at_once_what_a_late_decision_took() -> None:
@@ -228,7 +228,7 @@ def test_configured_sip_response_is_used() -> None:
 def test_replies_are_counted_and_the_last_disarms_the_reply_deadline() -> None:
     session = committed()
     assert session.frame(api_response("+OK Deleted: 1\n")) == []  # the guard's sched_del, first
-    for _ in range(4):
+    for _ in range(6):
         assert session.frame(reply()) == []
     assert session.frame(reply()) == [Disarm(Deadline.REPLIES)]
     assert session.replies_pending == 0
@@ -252,7 +252,7 @@ def test_the_guard_reply_counts_as_a_reply(body: str) -> None:
     """0 deleted: a dialplan without a guard, or one that already fired; neither is an error."""
     session = committed()
     assert session.frame(api_response(body)) == []
-    assert session.replies_pending == 5
+    assert session.replies_pending == 7
 
 
 def test_a_refused_guard_cancel_is_warned_about() -> None:
@@ -261,7 +261,7 @@ def test_a_refused_guard_cancel_is_warned_about() -> None:
     assert warning == Warn(
         "refused_command", "FreeSWITCH refused the guard's sched_del: -ERR sched_del Command not found!"
     )
-    assert session.replies_pending == 5
+    assert session.replies_pending == 7
 
 
 def test_a_refused_command_is_warned_about() -> None:
@@ -275,7 +275,7 @@ def test_late_replies_warn_and_keep_the_call_counted() -> None:
     session = committed()
     [warning] = session.expired(Deadline.REPLIES)
     assert isinstance(warning, Warn) and warning.kind == "late_replies"
-    assert "6 command replies still due" in warning.message
+    assert "8 command replies still due" in warning.message
     assert session.phase is Phase.COMMITTED and not session.done
     acknowledged(session)
     end = hangup_complete()
@@ -332,7 +332,7 @@ def test_failed_bridge_records_routes_failed_then_hangs_up_with_its_cause() -> N
 
 def test_failed_bridge_before_the_replies_are_in_adds_to_the_pending_count() -> None:
     session = committed()
-    acknowledged(session, 4)
+    acknowledged(session, 6)
     actions = session.frame(bridge_complete("ringing"))
     assert Arm(Deadline.REPLIES, 3.0) not in actions  # still armed for the batch
     assert session.replies_pending == 4
@@ -462,3 +462,26 @@ def test_a_failed_bridge_is_billed_on_the_hangup_that_follows() -> None:
     acknowledged(session)
     end = hangup_complete("USER_BUSY")
     assert bills(session.frame(end)) == [Bill(end)]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        wire.command_reply("+OK"),
+        wire.command_reply("+OK will linger"),
+        wire.command_reply("-ERR command not found"),
+        wire.command_reply(""),
+        b"Content-Type: command/reply\nReply-Text: %2BOK\nEvent-Name: X\n\n",
+        b"Content-Type: command/reply\nReply-Text: +OK\nEvent-Name: X\n\n",
+        b"Content-Type: command/reply\n\n",
+    ],
+)
+@pytest.mark.parametrize("pending", [0, 1, 2, 7])
+def test_the_quick_reply_path_does_what_the_full_one_does(raw: bytes, pending: int) -> None:
+    """frame() takes a shortcut for a plain +OK reply; it must match _reply() exactly."""
+    quick, full = committed(), committed()
+    for session in (quick, full):
+        session.replies_pending = pending
+        session._batch_replies = max(0, pending - 1)
+    assert quick.frame(frame(raw)) == full._reply(frame(raw))
+    assert (quick.replies_pending, quick._batch_replies) == (full.replies_pending, full._batch_replies)
