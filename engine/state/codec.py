@@ -112,14 +112,23 @@ def decode_joined(
     bytes object per row; see ``engine.state.snapshot``). A bad row is pinpointed by
     reading the rows one by one.
     """
-    build = _row_builder(cls, stored_fields)
+    built = _all_rows(joined, count, _row_builder(cls, stored_fields))
+    if built is not None:
+        return built
+    return [decode_entity(cls, row, stored_fields) for row in _split_rows(joined)]
+
+
+def _all_rows(joined: bytes, count: int, build: Callable[[Any], Any]) -> list[Any] | None:
+    """``build`` of each of the ``count`` rows of ``joined``, parsed in one ``json.loads``; None
+    when parsing or a build fails, or the count differs: the caller then reads the rows one
+    by one, which pinpoints the bad row in its error."""
     try:
         rows = json.loads(b"[" + joined + b"]")
         if len(rows) == count:
             return [build(row) for row in rows]
     except _DECODE_ERRORS:
         pass
-    return [decode_entity(cls, row, stored_fields) for row in _split_rows(joined)]
+    return None
 
 
 def decode_joined_records(
@@ -134,13 +143,9 @@ def decode_joined_records(
     (docs/performance.md, "Memory and cold start"). A bad row raises the same
     ``CodecError`` as :func:`decode_joined`.
     """
-    to_record = _record_builder(cls, stored_fields)
-    try:
-        rows = json.loads(b"[" + joined + b"]")
-        if len(rows) == count:
-            return [to_record(row) for row in rows]
-    except _DECODE_ERRORS:
-        pass
+    records = _all_rows(joined, count, _record_builder(cls, stored_fields))
+    if records is not None:
+        return records
     entities = [decode_entity(cls, row, stored_fields) for row in _split_rows(joined)]
     return [_record_of(entity) for entity in entities]  # all decoded after all (count was off)
 
