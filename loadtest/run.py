@@ -651,46 +651,35 @@ def scenario_targets(
     top = saturation["achieved_cps"]
     mix = dict(DEFAULT_MIX)
     cps = round(fraction * top)
-    hold = held_hold_seconds(cps, held, mix)
-    warm = hold + 5.0
-    held_run = measure(
-        ctx,
-        spec,
-        scale,
-        LoadConfig(
+
+    def held_load(rate: int) -> LoadConfig:
+        """``rate`` CPS offered once ``held`` calls are up (warmed for as long as they are held)."""
+        hold = held_hold_seconds(rate, held, mix)
+        return LoadConfig(
             target=("127.0.0.1", 0),
-            cps=float(cps),
-            duration=warm + seconds,
-            warmup=warm,
+            cps=float(rate),
+            duration=hold + 5.0 + seconds,
+            warmup=hold + 5.0,
             mix=mix,
             hold=hold,
             procs=2,
             drain=hold + 10,
             timeout=10.0,
-        ),
-        label=f"targets: {fraction:.0%} of saturation, {held} held",
+        )
+
+    held_run = measure(
+        ctx, spec, scale, held_load(cps), label=f"targets: {fraction:.0%} of saturation, {held} held"
     )
     # 70 % of the saturation with the calls held: the held run's calls per server CPU second.
     held_capacity = held_run.get("capacity_cps_per_core") or 0.0
     held_cps = round(fraction * held_capacity) if held_capacity else 0
     held_fair_run: dict[str, Any] | None = None
     if held_cps:
-        held_hold = held_hold_seconds(held_cps, held, mix)
         held_fair_run = measure(
             ctx,
             spec,
             scale,
-            LoadConfig(
-                target=("127.0.0.1", 0),
-                cps=float(held_cps),
-                duration=held_hold + 5.0 + seconds,
-                warmup=held_hold + 5.0,
-                mix=mix,
-                hold=held_hold,
-                procs=2,
-                drain=held_hold + 10,
-                timeout=10.0,
-            ),
+            held_load(held_cps),
             label=f"targets: {fraction:.0%} of the saturation with {held} held",
         )
     over = LoadConfig(

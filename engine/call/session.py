@@ -181,13 +181,7 @@ class CallSession:
                 headers = frame.headers
                 text = headers.get("Reply-Text", "")
                 if text.startswith("+OK") and "Event-Name" not in headers:  # reply_ok(), undecoded
-                    pending = self.replies_pending
-                    if not pending:
-                        return _NOTHING
-                    self.replies_pending = pending - 1
-                    if self._batch_replies:
-                        self._batch_replies -= 1
-                    return _NOTHING if pending > 1 else _DISARMED
+                    return _DISARMED if self._count_reply() else _NOTHING
                 return self._reply(frame)
             if kind == "api/response":  # the guard's sched_del
                 return self._reply(frame)
@@ -285,14 +279,20 @@ class CallSession:
             return self._finish(Outcome.ENDED, "FreeSWITCH disconnected", call_over=True)
         return _NOTHING
 
+    def _count_reply(self) -> bool:
+        """Count one reply of the batch; True when it was the last one awaited."""
+        pending = self.replies_pending
+        if not pending:
+            return False
+        self.replies_pending = pending - 1
+        if self._batch_replies:
+            self._batch_replies -= 1
+        return pending == 1
+
     def _reply(self, frame: Frame) -> list[Action]:
         actions: list[Action] = []
-        if self.replies_pending:
-            self.replies_pending -= 1
-            if self._batch_replies:
-                self._batch_replies -= 1
-            if not self.replies_pending:
-                actions.append(_DISARM_REPLIES)
+        if self._count_reply():
+            actions.append(_DISARM_REPLIES)
         if frame.content_type == "api/response":
             if not frame.body.startswith(b"+OK"):  # `+OK Deleted: <n>`; 0 when the dialplan has no guard
                 text = frame.body.decode("utf-8", "replace").strip()
