@@ -29,7 +29,7 @@ from engine.billing.ticket import (
 from engine.call import render
 from engine.decision import Accept, Direction, GatewayLeg, LegCallerId, RatedLevel, Route
 from engine.esl.commands import Batch, assignments
-from engine.esl.protocol import sendmsg_execute
+from engine.esl.protocol import MAX_HEADER_ARG_BYTES, _check_token, _fits_in_header, _sendmsg, sendmsg_execute
 from engine.rules.text import safe_text
 
 # --------------------------------------------------------------------------- the code before
@@ -54,9 +54,19 @@ def old_encode_ticket(ticket: BillingTicket) -> str:
         ticket.translated,
         old_micros(ticket.decided_at),
         pricing.max_duration,
-        [[lv.account_id, lv.account_number, lv.rate_id, lv.prefix, *old_tariff(lv.tariff)] for lv in pricing.levels],
         [
-            [r.trunk_id, r.trunk_name, r.provider_id, r.termination_prefix, *old_tariff(r.tariff), list(r.gateways)]
+            [lv.account_id, lv.account_number, lv.rate_id, lv.prefix, *old_tariff(lv.tariff)]
+            for lv in pricing.levels
+        ],
+        [
+            [
+                r.trunk_id,
+                r.trunk_name,
+                r.provider_id,
+                r.termination_prefix,
+                *old_tariff(r.tariff),
+                list(r.gateways),
+            ]
             for r in pricing.routes
         ],
     ]
@@ -77,7 +87,9 @@ def old_ticket_value(accept: Accept, key: bytes | None = None, uuid: str = "") -
     return text if key is None else text + "." + old_ticket_signature(text, uuid, key)
 
 
-def old_channel_variables(accept: Accept, ticket_key: bytes | None = None, uuid: str = "") -> list[tuple[str, str]]:
+def old_channel_variables(
+    accept: Accept, ticket_key: bytes | None = None, uuid: str = ""
+) -> list[tuple[str, str]]:
     pairs: list[tuple[str, str | None]] = [
         (render.REASON_VARIABLE, render.ACCEPTED),
         ("callgate_account", accept.account_number),
@@ -127,8 +139,38 @@ def old_accept_batch(
 # --------------------------------------------------------------------------- random accepts
 
 # Plain text, the characters that matter to FreeSWITCH, JSON and multiset, controls, non-ASCII.
-PIECES = ["", "a", "1000475", "carrier 7", "$", "${x}", "|", "~", ",", "=", "\n", "\x00", "\x7f", '"', "\\", "é", "Zoë",
-          "\u2028", "\U0001f600", "\ud800", "^^", " ", "'", "[", "]", "{", "}", "/", "\t", "\ufeff"]  # fmt: skip
+PIECES = [
+    "",
+    "a",
+    "1000475",
+    "carrier 7",
+    "$",
+    "${x}",
+    "|",
+    "~",
+    ",",
+    "=",
+    "\n",
+    "\x00",
+    "\x7f",
+    '"',
+    "\\",
+    "é",
+    "Zoë",
+    "\u2028",
+    "\U0001f600",
+    "\ud800",
+    "^^",
+    " ",
+    "'",
+    "[",
+    "]",
+    "{",
+    "}",
+    "/",
+    "\t",
+    "\ufeff",
+]
 
 
 def text(rng: random.Random, plain: float = 0.6) -> str:
@@ -138,8 +180,16 @@ def text(rng: random.Random, plain: float = 0.6) -> str:
 
 
 def amount(rng: random.Random) -> Decimal:
-    return rng.choice([Decimal("0"), Decimal("0.0132"), Decimal("1E-7"), Decimal("0.33385"), Decimal("12.50"),
-                       Decimal(rng.randint(0, 10**6)) / Decimal(10 ** rng.randint(0, 9))])  # fmt: skip
+    return rng.choice(
+        [
+            Decimal("0"),
+            Decimal("0.0132"),
+            Decimal("1E-7"),
+            Decimal("0.33385"),
+            Decimal("12.50"),
+            Decimal(rng.randint(0, 10**6)) / Decimal(10 ** rng.randint(0, 9)),
+        ]
+    )
 
 
 def tariff(rng: random.Random) -> Tariff:
@@ -149,8 +199,17 @@ def tariff(rng: random.Random) -> Tariff:
 def random_accept(rng: random.Random) -> Accept:
     direction = rng.choice(list(Direction))
     levels = tuple(
-        RatedLevel(rng.randint(1, 10**6), text(rng), rng.randint(1, 10**6), text(rng), amount(rng), amount(rng),
-                   rng.randint(0, 60), rng.randint(1, 60), rng.randint(0, 10**5))  # fmt: skip
+        RatedLevel(
+            rng.randint(1, 10**6),
+            text(rng),
+            rng.randint(1, 10**6),
+            text(rng),
+            amount(rng),
+            amount(rng),
+            rng.randint(0, 60),
+            rng.randint(1, 60),
+            rng.randint(0, 10**5),
+        )
         for _ in range(rng.choice([0, 1, 1, 2, 3]))
     )
     routes = []
@@ -166,8 +225,19 @@ def random_accept(rng: random.Random) -> Accept:
             )
             for _ in range(rng.randint(1, 3))
         )
-        routes.append(Route(rng.randint(1, 999), text(rng), rng.randint(1, 99), text(rng), amount(rng), number,
-                            text(rng), text(rng), legs))  # fmt: skip
+        routes.append(
+            Route(
+                rng.randint(1, 999),
+                text(rng),
+                rng.randint(1, 99),
+                text(rng),
+                amount(rng),
+                number,
+                text(rng),
+                text(rng),
+                legs,
+            )
+        )
     account_id = rng.randint(1, 10**6)
     accept = Accept(
         direction=direction,
@@ -186,10 +256,18 @@ def random_accept(rng: random.Random) -> Accept:
     if rng.random() < 0.15:
         return accept  # decided without accounting: no ticket
     pricing = CallPricing(
-        tuple(LevelPrice(lv.account_id, lv.account_number, lv.rate_id, lv.prefix, tariff(rng)) for lv in levels),
         tuple(
-            RoutePrice(r.trunk_id, r.trunk_name, r.provider_id, r.termination_prefix, tariff(rng),
-                       tuple(leg.gateway for leg in r.targets))  # fmt: skip
+            LevelPrice(lv.account_id, lv.account_number, lv.rate_id, lv.prefix, tariff(rng)) for lv in levels
+        ),
+        tuple(
+            RoutePrice(
+                r.trunk_id,
+                r.trunk_name,
+                r.provider_id,
+                r.termination_prefix,
+                tariff(rng),
+                tuple(leg.gateway for leg in r.targets),
+            )
             for r in routes
         ),
         rng.randint(0, 86_400),
@@ -213,10 +291,10 @@ def random_uuid(rng: random.Random) -> str:
 # --------------------------------------------------------------------------- the comparisons
 
 
-def outcome(build: Any) -> Any:
-    """What ``build()`` returns, or the error it raises (a NUL in a dial string is refused)."""
+def outcome(build: Any, *args: Any, **kwargs: Any) -> Any:
+    """What ``build(...)`` returns, or the error it raises (a NUL in a dial string is refused)."""
     try:
-        return build()
+        return build(*args, **kwargs)
     except ValueError as exc:
         return type(exc), str(exc)
 
@@ -229,8 +307,8 @@ def test_the_variables_and_the_batch_are_the_bytes_the_code_before_wrote() -> No
         guard = rng.choice([None, uuid, "not a uuid"])
         before = old_channel_variables(accept, key, uuid)
         assert render.channel_variables(accept, key, uuid) == before
-        assert outcome(lambda: render.accept_batch(accept, key, uuid, guard_uuid=guard)) == outcome(
-            lambda: old_accept_batch(accept, key, uuid, guard_uuid=guard)
+        assert outcome(render.accept_batch, accept, key, uuid, guard_uuid=guard) == outcome(
+            old_accept_batch, accept, key, uuid, guard_uuid=guard
         )
         code, reason = rng.choice([(403, "Forbidden"), (503, "Service Unavailable")])
         assert render.respond_batch(before, code, reason, guard_uuid=guard) == old_respond_batch(
@@ -263,3 +341,39 @@ def test_the_keyed_signature_is_hmac_sha256_for_any_key_and_text() -> None:
         key = rng.choice(keys)
         message, uuid = text(rng, 0.0).replace("\ud800", "") * rng.randint(1, 50), random_uuid(rng)
         assert ticket_signature(message, uuid, key) == old_ticket_signature(message, uuid, key)
+
+
+def old_sendmsg_execute(
+    app: str, arg: str = "", *, uuid: str | None = None, event_lock: bool = False
+) -> bytes:
+    _check_token("app name", app)
+    if "\x00" in arg:
+        raise ValueError("app argument contains NUL")
+    fields = [("call-command", "execute"), ("execute-app-name", app)]
+    encoded = arg.encode()
+    in_header = _fits_in_header(arg, encoded)
+    if arg and in_header:
+        fields.append(("execute-app-arg", arg))
+    if event_lock:
+        fields.append(("event-lock", "true"))
+    if arg and not in_header:
+        fields += [("Content-Type", "text/plain"), ("Content-Length", str(len(encoded)))]
+        return _sendmsg(uuid, fields, encoded)
+    return _sendmsg(uuid, fields)
+
+
+def test_sendmsg_execute_writes_the_bytes_it_wrote_before_its_short_path() -> None:
+    rng = random.Random(18_53)
+    long = "x" * (MAX_HEADER_ARG_BYTES - 2)
+    for _ in range(6_000):
+        app = rng.choice(
+            ["bridge", "multiset", "respond", "set", "hangup", "bad app", "", "a:b", text(rng, 0.0)]
+        )
+        arg = rng.choice(
+            ["", "1", "sofia/gateway/a/1", " lead", "\tx", long, long + "é", long + "ab", text(rng, 0.2)]
+        )
+        uuid = rng.choice([None, None, "abc-1", "bad uuid"])
+        lock = rng.random() < 0.2
+        assert outcome(sendmsg_execute, app, arg, uuid=uuid, event_lock=lock) == outcome(
+            old_sendmsg_execute, app, arg, uuid=uuid, event_lock=lock
+        )
