@@ -114,11 +114,20 @@ def safe_message(record: logging.LogRecord) -> str:
 
 
 def mask_secrets(text: str) -> str:
-    if not text.isascii() or any(piece in text.lower() for piece in _SECRET_PIECES):
+    # Each scan is skipped only when it cannot match (the _SECRET_PIECES rule above): in ASCII
+    # text, URL_PASSWORD_PATTERN needs "://", AUTH_PATTERN and ESL_AUTH_PATTERN need "auth" in
+    # some case. A mask only replaces a value by MASK, so it never makes "://" or "auth" appear
+    # for a later scan. Every written line (a decision line per call) paid the three scans.
+    plain = text.isascii()
+    lower = text.lower() if plain else ""
+    if not plain or any(piece in lower for piece in _SECRET_PIECES):
         text = SECRET_PATTERN.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
-    text = URL_PASSWORD_PATTERN.sub(lambda m: f"{m.group(1)}{MASK}@", text)
-    text = AUTH_PATTERN.sub(lambda m: f"{m.group(1)}{MASK}", text)
-    return ESL_AUTH_PATTERN.sub(lambda m: f"{m.group(1)}{MASK}", text)
+    if not plain or "://" in text:
+        text = URL_PASSWORD_PATTERN.sub(lambda m: f"{m.group(1)}{MASK}@", text)
+    if not plain or "auth" in lower:
+        text = AUTH_PATTERN.sub(lambda m: f"{m.group(1)}{MASK}", text)
+        text = ESL_AUTH_PATTERN.sub(lambda m: f"{m.group(1)}{MASK}", text)
+    return text
 
 
 def _field_value(name: str, value: Any) -> Any:
