@@ -88,19 +88,28 @@ def dial_target(leg: Leg) -> str:
     return f"[leg_timeout={leg.timeout}]sofia/{leg.profile}/{leg.uri}"
 
 
+# The head of a gateway leg by what it is written from (timeout, codecs, caller ID): the same
+# few trunk settings call after call. Bounded; dropped whole when full.
+_HEADS: dict[tuple[object, ...], str] = {}
+_MAX_HEADS = 4096
+
+
 def dial_string(accept: Accept) -> str:
     """Sequential failover across every leg (``|``), for ``bridge`` (and `callgate explain`).
 
-    The gateways of one route share everything but the gateway's name: their common head is
-    written once (the hot path renders every leg of every call)."""
+    The hot path renders every leg of every call: a leg's head (``[...]sofia/gateway/``)
+    comes from _HEADS, so each leg costs a lookup and a concatenation."""
     parts: list[str] = []
-    head = ""
-    shared: tuple[object, ...] = ()  # what the current head was written from
+    heads = _HEADS
     for route in accept.routes:
         for leg in route.targets:
-            if leg[1:] != shared or not head:
-                head, shared = _gateway_head(leg), leg[1:]
-            parts.append(f"{head}{leg.gateway}/{leg.number}")
+            shape = leg[2:]
+            head = heads.get(shape)
+            if head is None:
+                if len(heads) >= _MAX_HEADS:
+                    heads.clear()
+                head = heads[shape] = _gateway_head(leg)
+            parts.append(head + leg.gateway + "/" + leg.number)
     if not parts:
         parts = [dial_target(leg) for leg in accept.bridge_targets]
     return "|".join(parts)

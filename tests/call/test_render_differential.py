@@ -14,6 +14,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import pytest
+
 from engine.billing.live import PricedAccept
 from engine.billing.rating import CallPricing, LevelPrice, RoutePrice, Tariff
 from engine.billing.ticket import (
@@ -377,3 +379,30 @@ def test_sendmsg_execute_writes_the_bytes_it_wrote_before_its_short_path() -> No
         assert outcome(sendmsg_execute, app, arg, uuid=uuid, event_lock=lock) == outcome(
             old_sendmsg_execute, app, arg, uuid=uuid, event_lock=lock
         )
+
+
+def old_dial_string(accept: Accept) -> str:
+    parts: list[str] = []
+    head = ""
+    shared: tuple[object, ...] = ()
+    for route in accept.routes:
+        for leg in route.targets:
+            if leg[1:] != shared or not head:
+                head, shared = render._gateway_head(leg), leg[1:]
+            parts.append(f"{head}{leg.gateway}/{leg.number}")
+    if not parts:
+        parts = [render.dial_target(leg) for leg in accept.bridge_targets]
+    return "|".join(parts)
+
+
+def test_the_dial_string_is_the_one_written_before_with_its_heads_kept_or_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = random.Random(18_54)
+    for limit in (4096, 3):  # kept, then dropped every few legs
+        monkeypatch.setattr(render, "_MAX_HEADS", limit)
+        render._HEADS.clear()
+        for _ in range(2_000):
+            accept = random_accept(rng)
+            assert render.dial_string(accept) == old_dial_string(accept)
+            assert len(render._HEADS) <= limit
