@@ -181,7 +181,13 @@ class MaskingFormatter(logging.Formatter):
     """Plain text: one line per record (caller text escaped and cut), tracebacks indented below it."""
 
     def format(self, record: logging.LogRecord) -> str:
-        safe = copy.copy(record)
+        if type(record) is logging.LogRecord:
+            # What copy.copy does for a plain LogRecord (a new object, the same __dict__),
+            # without its reduce protocol: ~5 times cheaper, and every decision line pays it.
+            safe = logging.LogRecord.__new__(logging.LogRecord)
+            safe.__dict__.update(record.__dict__)
+        else:  # a record factory's own class may copy itself its own way
+            safe = copy.copy(record)
         safe.msg, safe.args = safe_message(record), None
         return mask_secrets(super().format(safe))
 
