@@ -103,7 +103,13 @@ def safe_message(record: logging.LogRecord) -> str:
         if isinstance(args, Mapping):
             clipped = {key: _clip_argument(value) for key, value in args.items()}
         else:
-            clipped = tuple(_clip_argument(value) for value in args)
+            # A short text (the usual argument) is its own clip: no call for it.
+            clipped = tuple(
+                [
+                    value if type(value) is str and len(value) <= MAX_VALUE_CHARS else _clip_argument(value)
+                    for value in args
+                ]
+            )
         try:
             message = str(record.msg) % clipped
         except (TypeError, ValueError, KeyError):
