@@ -85,8 +85,8 @@ def cdr_json(cdr: Mapping[str, Any]) -> str:
     """A CDR as the settle script queues it: ``json.dumps(dict(cdr), separators=(",", ":"),
     default=str)``, character for character (tests/billing/test_hangup_side.py), without
     building a ``JSONEncoder`` and its C encoder for every call (json.dumps does, when given
-    any option). The C encoder is built once, without
-    the circular-reference check (a CDR is a flat record of scalars and lists of scalars)."""
+    any option). The C encoder is built once, without the circular-reference check (a CDR
+    is a flat record of scalars and lists of scalars)."""
     record = cdr if type(cdr) is dict else dict(cdr)
     if _CDR_CHUNKS is None:  # pragma: no cover - CPython always has the C encoder
         return json.dumps(record, separators=(",", ":"), default=str)
