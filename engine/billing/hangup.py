@@ -96,7 +96,9 @@ def _int(text: str | None) -> int | None:
     if text.isdigit() and text.isascii():  # the usual header: plain digits, nothing to strip
         return int(text)
     text = text.strip()
-    if not text or not text.lstrip("-").isdigit():
+    digits = text[1:] if text.startswith("-") else text
+    # ASCII digits only: str.isdigit also accepts "²" or "٣", which int() refuses or reads
+    if not digits.isdigit() or not digits.isascii():
         return None
     return int(text)
 

@@ -46,7 +46,10 @@ def _old_int(text: str | None) -> int | None:
     if text is None:
         return None
     text = text.strip()
-    if not text or not text.lstrip("-").isdigit():
+    # main 046e51c used `text.lstrip("-").isdigit()`, which let "--5" and "²" through to int()
+    # (a ValueError: the call was logged as not billable); fixed after this round, here too.
+    digits = text[1:] if text.startswith("-") else text
+    if not digits.isdigit() or not digits.isascii():
         return None
     return int(text)
 
@@ -467,3 +470,15 @@ def test_cdr_json_as_json_dumps() -> None:
             continue  # a header the parse cannot take (as before: see test_parse_hangup_as_before)
         item = made[1][0]
         assert cdr_json(item.cdr) == json.dumps(dict(item.cdr), separators=(",", ":"), default=str)
+
+
+@pytest.mark.parametrize("odd", ["\u00b2", "--5", "\u0663", "-\u00b2", "- 5", "+7", "4.5"])
+def test_a_numeric_header_that_is_not_ascii_digits_never_raises(odd: str) -> None:
+    """parse_hangup's contract: bad input never raises. str.isdigit() accepts "²" and "٣", and
+    "--5" passed a lstrip("-"): int() then raised, and the call was logged as not billable."""
+    headers = dict(_CAPTURE_BODIES[0])
+    headers["variable_billsec"] = odd
+    headers["variable_duration"] = odd
+    headers["variable_answer_epoch"] = odd
+    headers.pop("variable_answer_uepoch", None)
+    parse_hangup(headers)  # no exception; the odd values read as absent
