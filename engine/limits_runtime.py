@@ -22,7 +22,7 @@ from engine.state.limits import FailOpenLimiter, Limiter, LimitResult, LimitsBac
 log = logging.getLogger("callgate.limits")
 
 RESYNC_INTERVAL = 1.0
-RELEASE_WINDOW = 0.002  # seconds a release batch gathers after its first call end
+RELEASE_WINDOW = 0.01  # seconds a release batch gathers after its first call end (see the class)
 RELEASE_BATCH_MAX = 256  # a batch this large is sent without waiting for the window
 RELEASE_RETRY_DELAY = 1.0  # seconds before the releases of a failed batch are sent again
 RELEASE_RETRY_FOR = 300.0  # seconds a release keeps being retried before it is left to the deadline

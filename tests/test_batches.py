@@ -95,3 +95,62 @@ def test_at_stop_a_batch_that_still_fails_is_abandoned_once() -> None:
     batches.run(stop)
     assert abandoned == [[0, 1, 2]] and sink.attempts == 1
     assert batches.pending == 0 and batches.failures == 1
+
+
+def test_with_gather_items_arriving_after_the_first_share_its_batch() -> None:
+    """The settler's gather: the batch waits after its first item, so items put meanwhile
+    (one every few ms, as hangups below saturation) go in one send, not one each."""
+    import threading
+    import time
+
+    sink, abandoned = Sink(), []
+    batches = make(sink, abandoned, gather=0.3, idle_wait=5.0)
+    stop = FakeStop()
+    runner = threading.Thread(target=batches.run, args=(stop,))
+    runner.start()
+    for item in range(3):
+        batches.put(item)
+        time.sleep(0.02)
+    deadline = time.monotonic() + 5
+    while not sink.batches and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set_now = True
+    runner.join(timeout=10)
+    assert sink.batches[0] == [0, 1, 2]
+    assert not abandoned
+
+
+def test_without_gather_the_first_item_leaves_at_once() -> None:
+    import threading
+    import time
+
+    sink, abandoned = Sink(), []
+    batches = make(sink, abandoned, idle_wait=5.0)
+    stop = FakeStop()
+    runner = threading.Thread(target=batches.run, args=(stop,))
+    runner.start()
+    batches.put(0)
+    deadline = time.monotonic() + 5
+    while not sink.batches and time.monotonic() < deadline:
+        time.sleep(0.005)
+    batches.put(1)
+    time.sleep(0.05)
+    stop.set_now = True
+    runner.join(timeout=10)
+    assert sink.batches[0] == [0]
+    assert [item for batch in sink.batches for item in batch] == [0, 1]
+
+
+def test_a_stopping_queue_does_not_gather() -> None:
+    """At shutdown what is queued leaves at once, whatever the gather."""
+    import time
+
+    sink, abandoned = Sink(), []
+    batches = make(sink, abandoned, gather=30.0)
+    batches.put(1)
+    stop = FakeStop()
+    stop.set_now = True
+    started = time.monotonic()
+    batches.run(stop)
+    assert sink.batches == [[1]]
+    assert time.monotonic() - started < 10  # not the 30 s gather

@@ -24,6 +24,11 @@ from engine.state.batches import BatchQueue, StopEvent
 log = logging.getLogger("callgate.billing.settler")
 
 _IDLE_WAIT = 0.2
+# A settlement waits up to this long for others to share its round trip. Below saturation
+# hangups arrive one per round trip otherwise (measured: 0.9 settle batches per call at 70 % of
+# saturation, each with its SCRIPT LOAD), and a balance settled 10 ms later changes nothing:
+# the call's reservation holds its funds until then.
+_GATHER = 0.01
 
 
 class Settler:
@@ -47,6 +52,7 @@ class Settler:
             batch_size=batch_size,
             retry_max=retry_max,
             idle_wait=_IDLE_WAIT,
+            gather=_GATHER,
             logger=log,
         )
         self.settled = 0  # settled now (first time)
