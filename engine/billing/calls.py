@@ -2,7 +2,7 @@
 
 At the decision (after the rules accepted the call)::
 
-    pricing = pricing_for(accept, catalog)            # frozen prices, kept with the call
+    pricing = pricing_for(accept)                     # frozen prices, kept with the call
     levels = funds_levels(pricing, catalog)           # -> Funds.reserve (or the limits script)
 
 At CHANNEL_HANGUP_COMPLETE::

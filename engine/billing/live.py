@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
@@ -39,6 +40,7 @@ SipResponse = Callable[[Reason], tuple[int, str]]
 
 
 _ACCEPT_FIELDS = tuple(field.name for field in dataclasses.fields(Accept))
+_accept_values = operator.attrgetter(*_ACCEPT_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,7 +64,7 @@ def reservation_for(
 ) -> tuple[CallPricing, FundsRequest | None]:
     """The call's prices, and its reservation (None when no chain level pays anything): up to
     the rules' duration plus the billing second FreeSWITCH may add."""
-    pricing = pricing_for(accept, catalog)
+    pricing = pricing_for(accept)
     levels = funds_levels(pricing, catalog)
     cap = accept.max_duration + BILLSEC_ROUNDING
     return pricing, (funds.request(levels, cap) if levels else None)
@@ -75,21 +77,18 @@ def granted_duration(granted: int | None, max_duration: int) -> int:
     return max(1, min(max_duration, granted - BILLSEC_ROUNDING))
 
 
-def priced(
-    accept: Accept, pricing: CallPricing, granted: int | None, catalog: Catalog, now: datetime
-) -> PricedAccept:
+def priced(accept: Accept, pricing: CallPricing, granted: int | None, now: datetime) -> PricedAccept:
     """``accept`` (after the limits: possibly fewer routes) with the duration its reservation
     covers and the prices of the routes it will dial. ``pricing.max_duration`` keeps the
     billed seconds reserved (the CDR's ``max_duration``)."""
     duration = granted_duration(granted, accept.max_duration)
     routes = pricing.routes
     if len(accept.routes) != len(routes):  # the limits dropped full trunks: price what is dialled
-        routes = tuple(route_price(route, catalog) for route in accept.routes)
+        routes = tuple([route_price(route) for route in accept.routes])
     reserved = duration if granted is None else granted
-    pricing = dataclasses.replace(pricing, routes=routes, max_duration=reserved)
-    values = {name: getattr(accept, name) for name in _ACCEPT_FIELDS}
+    values = dict(zip(_ACCEPT_FIELDS, _accept_values(accept), strict=True))
     values["max_duration"] = duration
-    return PricedAccept(**values, pricing=pricing, decided_at=now)
+    return PricedAccept(**values, pricing=CallPricing(pricing.levels, routes, reserved), decided_at=now)
 
 
 def _chain(catalog: Catalog, account_id: int) -> tuple[int, ...]:
@@ -155,7 +154,7 @@ class LiveBilling:
         if isinstance(decision, PricedAccept) and decision.pricing is not None:
             pricing, decided_at = decision.pricing, decision.decided_at
         else:  # decided without accounting (no limiter): priced now
-            pricing, decided_at = pricing_for(decision, catalog), None
+            pricing, decided_at = pricing_for(decision), None
         item, rated, end = call_settlement(hangup, decision, pricing, catalog, decided_at=decided_at)
         if over_max_debit(rated):
             # A billsec no call reaches (FreeSWITCH's word, forged or broken): Redis would refuse
