@@ -80,6 +80,13 @@ def call_settlement(
         decided_at=decided_at,
         pricing=pricing,
     )
+    return held_settlement(headers, ticket, catalog)
+
+
+def held_settlement(
+    headers: Mapping[str, str], ticket: BillingTicket, catalog: Catalog
+) -> tuple[Settlement, RatedCall, CallEnd]:
+    """:func:`call_settlement` of a call whose ticket the engine kept (engine.billing.held)."""
     return ticket_settlement(headers, ticket, lambda account_id: _recorded(catalog, account_id)[1])
 
 

@@ -23,8 +23,16 @@ import operator
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
-from engine.billing.calls import MAX_DEBIT, call_settlement, funds_levels, over_max_debit, reject_settlement
+from engine.billing.calls import (
+    MAX_DEBIT,
+    call_settlement,
+    funds_levels,
+    held_settlement,
+    over_max_debit,
+    reject_settlement,
+)
 from engine.billing.funds import Funds, Settlement
+from engine.billing.held import HeldCall
 from engine.billing.pricing import pricing_for, route_price
 from engine.billing.rating import CallPricing
 from engine.billing.settler import Settler
@@ -123,7 +131,7 @@ class LiveBilling:
     def bill(
         self,
         request: CallRequest | None,
-        decision: Decision | None,
+        decision: Decision | HeldCall | None,
         hangup: Mapping[str, str] | None,
         *,
         may_hold_funds: bool = False,
@@ -141,21 +149,26 @@ class LiveBilling:
     def settlement(
         self,
         request: CallRequest,
-        decision: Decision,
+        decision: Decision | HeldCall,
         hangup: Mapping[str, str] | None,
         *,
         may_hold_funds: bool = False,
     ) -> Settlement | None:
+        """``decision``: the call's decision, or what the call session kept of an accepted one
+        (engine.billing.held)."""
         if isinstance(decision, Reject):
             return self._rejected(request, decision, may_hold_funds=may_hold_funds)
         if hangup is None:
             return None  # an accepted call is billed on its hangup only
         catalog = self._catalog()
-        if isinstance(decision, PricedAccept) and decision.pricing is not None:
-            pricing, decided_at = decision.pricing, decision.decided_at
-        else:  # decided without accounting (no limiter): priced now
-            pricing, decided_at = pricing_for(decision), None
-        item, rated, end = call_settlement(hangup, decision, pricing, catalog, decided_at=decided_at)
+        if isinstance(decision, HeldCall):  # what the call session keeps of a priced accept
+            item, rated, end = held_settlement(hangup, decision.ticket(), catalog)
+        else:
+            if isinstance(decision, PricedAccept) and decision.pricing is not None:
+                pricing, decided_at = decision.pricing, decision.decided_at
+            else:  # decided without accounting (no limiter): priced now
+                pricing, decided_at = pricing_for(decision), None
+            item, rated, end = call_settlement(hangup, decision, pricing, catalog, decided_at=decided_at)
         if over_max_debit(rated):
             # A billsec no call reaches (FreeSWITCH's word, forged or broken): Redis would refuse
             # the settle and the settler would retry it, and the calls batched with it, forever.

@@ -100,7 +100,8 @@ def old_pricing_for(accept: Accept, catalog: Catalog) -> CallPricing:
 
 
 def _money(rng: random.Random) -> Decimal:
-    return rng.choice([Decimal(0), Decimal("0.0100"), Decimal("0.002"), Decimal(rng.randrange(0, 10**6)) / 10**7])
+    some = Decimal(rng.randrange(0, 10**6)) / 10**7
+    return rng.choice([Decimal(0), Decimal("0.0100"), Decimal("0.002"), some])
 
 
 def varied(data: CatalogData, seed: int) -> CatalogData:
