@@ -86,7 +86,7 @@ def call_settlement(
 def held_settlement(
     headers: Mapping[str, str], ticket: BillingTicket, catalog: Catalog
 ) -> tuple[Settlement, RatedCall, CallEnd]:
-    """:func:`call_settlement` of a call whose ticket the engine kept (engine.billing.held)."""
+    """:func:`call_settlement` of a call whose ticket the engine kept (engine.call.session)."""
     return ticket_settlement(headers, ticket, lambda account_id: _recorded(catalog, account_id)[1])
 
 

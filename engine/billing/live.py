@@ -32,10 +32,10 @@ from engine.billing.calls import (
     reject_settlement,
 )
 from engine.billing.funds import Funds, Settlement
-from engine.billing.held import HeldCall
 from engine.billing.pricing import pricing_for, route_price
 from engine.billing.rating import CallPricing
 from engine.billing.settler import Settler
+from engine.billing.ticket import BillingTicket
 from engine.decision import Accept, Decision, Reason, Reject
 from engine.model import CallRequest
 from engine.rules.catalog import Catalog
@@ -131,7 +131,7 @@ class LiveBilling:
     def bill(
         self,
         request: CallRequest | None,
-        decision: Decision | HeldCall | None,
+        decision: Decision | BillingTicket | None,
         hangup: Mapping[str, str] | None,
         *,
         may_hold_funds: bool = False,
@@ -149,20 +149,20 @@ class LiveBilling:
     def settlement(
         self,
         request: CallRequest,
-        decision: Decision | HeldCall,
+        decision: Decision | BillingTicket,
         hangup: Mapping[str, str] | None,
         *,
         may_hold_funds: bool = False,
     ) -> Settlement | None:
-        """``decision``: the call's decision, or what the call session kept of an accepted one
-        (engine.billing.held)."""
+        """``decision``: the call's decision, or what the call session keeps of a priced accept
+        once its answer is written: its ticket (engine.call.session)."""
         if isinstance(decision, Reject):
             return self._rejected(request, decision, may_hold_funds=may_hold_funds)
         if hangup is None:
             return None  # an accepted call is billed on its hangup only
         catalog = self._catalog()
-        if isinstance(decision, HeldCall):  # what the call session keeps of a priced accept
-            item, rated, end = held_settlement(hangup, decision.ticket(), catalog)
+        if isinstance(decision, BillingTicket):  # what the call session keeps of a priced accept
+            item, rated, end = held_settlement(hangup, decision, catalog)
         else:
             if isinstance(decision, PricedAccept) and decision.pricing is not None:
                 pricing, decided_at = decision.pricing, decision.decided_at
