@@ -103,3 +103,29 @@ def test_numbers_keep_their_format_and_clean_text_is_unchanged(output):
     logging.getLogger("callgate.test").info("n=%d f=%.2f s=%s", 7, 1.234, "plain text")
     assert _message(kind, _lines(stream)[0]).endswith("n=7 f=1.23 s=plain text")
     assert escape_control("clean") == "clean"
+
+
+class _Record(logging.LogRecord):
+    """A record factory's own class: copied with copy.copy, as before."""
+
+
+@pytest.mark.parametrize("record_class", [logging.LogRecord, _Record])
+def test_the_plain_formatter_writes_what_a_copy_copy_of_the_record_gave_and_leaves_it_alone(
+    record_class: type[logging.LogRecord],
+) -> None:
+    import copy
+
+    from engine.logs import PLAIN_FORMAT, MaskingFormatter, mask_secrets, safe_message
+
+    def before(record: logging.LogRecord) -> str:  # MaskingFormatter.format before round 5
+        safe = copy.copy(record)
+        safe.msg, safe.args = safe_message(record), None
+        return mask_secrets(logging.Formatter.format(formatter, safe))
+
+    formatter = MaskingFormatter(PLAIN_FORMAT)
+    args = ("8d3c-1", "accept", "-", "1000\nforged", "4420", 1.23456)
+    record = record_class("callgate.decision", logging.INFO, __file__, 1, DECISION, args, None)
+    record.uuid = "8d3c-1"  # an extra= field
+    saved = dict(vars(record))
+    assert formatter.format(record) == before(record)
+    assert vars(record) == saved  # the caller's record is not the one rewritten

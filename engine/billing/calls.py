@@ -70,7 +70,10 @@ def call_settlement(
     ``catalog`` is the snapshot at hangup: only its ``calls_debited`` is read (to initialise
     Redis's spent counter after a Redis restart); the prices are the ones frozen in ``pricing``.
     """
-    ticket = BillingTicket(
+    return _settlement(
+        headers,
+        pricing,
+        lambda account_id: _recorded(catalog, account_id)[1],
         account_id=accept.account_id,
         account_number=accept.account_number,
         chain=tuple(accept.chain),
@@ -78,9 +81,7 @@ def call_settlement(
         caller_id_name=accept.caller_id_name,
         translated=accept.destination,
         decided_at=decided_at,
-        pricing=pricing,
     )
-    return held_settlement(headers, ticket, catalog)
 
 
 def held_settlement(
@@ -98,22 +99,50 @@ def ticket_settlement(
     CDR post, with the ticket the engine wrote on the channel (engine.billing.ticket). Same
     facts in, same amounts and the same CDR out, so whichever settles first, the other is a
     no-op. ``recorded``: the snapshot's ``calls_debited`` of an account (0 when unknown)."""
-    end = parse_hangup(headers)
-    pricing = ticket.pricing
-    rated = rate_call(pricing, end.billsec, end.carried_leg)
-    record = answered_cdr(
-        end,
-        pricing,
-        rated,
+    return _settlement(
+        headers,
+        ticket.pricing,
+        recorded,
         account_id=ticket.account_id,
         account_number=ticket.account_number,
         chain=ticket.chain,
         direction=ticket.direction,
         caller_id_name=ticket.caller_id_name,
         translated=ticket.translated,
-        fallback_start=ticket.decided_at,
+        decided_at=ticket.decided_at,
     )
-    debits = tuple((d.account_id, recorded(d.account_id), d.amount) for d in rated.debits)
+
+
+def _settlement(
+    headers: Mapping[str, str],
+    pricing: CallPricing,
+    recorded: Callable[[int], Decimal],
+    *,
+    account_id: int,
+    account_number: str,
+    chain: tuple[int, ...],
+    direction: str,
+    caller_id_name: str,
+    translated: str,
+    decided_at: datetime | None,
+) -> tuple[Settlement, RatedCall, CallEnd]:
+    """:func:`ticket_settlement` from a ticket's fields: the engine's own hangups pass the
+    decision's fields directly, without a BillingTicket built per call only to be read back."""
+    end = parse_hangup(headers)
+    rated = rate_call(pricing, end.billsec, end.carried_leg)
+    record = answered_cdr(
+        end,
+        pricing,
+        rated,
+        account_id=account_id,
+        account_number=account_number,
+        chain=chain,
+        direction=direction,
+        caller_id_name=caller_id_name,
+        translated=translated,
+        fallback_start=decided_at,
+    )
+    debits = tuple([(d.account_id, recorded(d.account_id), d.amount) for d in rated.debits])
     return Settlement(end.uuid, debits, record), rated, end
 
 

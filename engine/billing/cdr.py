@@ -61,7 +61,10 @@ class BadCdr(ValueError):
 
 
 def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.astimezone(UTC).isoformat()
+    if moment is None:
+        return None
+    # astimezone(UTC) returns a UTC moment itself: skipped for the usual (parse_hangup's) ones
+    return moment.isoformat() if moment.tzinfo is UTC else moment.astimezone(UTC).isoformat()
 
 
 def answered_cdr(

@@ -93,22 +93,33 @@ class CallEnd:
 def _int(text: str | None) -> int | None:
     if text is None:
         return None
+    if text.isdigit() and text.isascii():  # the usual header: plain digits, nothing to strip
+        return int(text)
     text = text.strip()
     if not text or not text.lstrip("-").isdigit():
         return None
     return int(text)
 
 
+#: The two headers of each moment (microseconds first, then seconds): built once, not per call.
+_MOMENT_HEADERS = {
+    name: (f"variable_{name}_uepoch", f"variable_{name}_epoch") for name in ("start", "answer", "end")
+}
+
+
 def _moment(headers: Mapping[str, str], name: str, anomalies: list[str]) -> datetime | None:
     """``variable_<name>_uepoch`` (else ``_epoch``) as a UTC datetime; None for 0 or absent."""
-    micro = _int(headers.get(f"variable_{name}_uepoch"))
+    micro_name, seconds_name = _MOMENT_HEADERS[name]
+    micro_text = headers.get(micro_name)
+    micro = _int(micro_text)
     if micro is None:
-        seconds = _int(headers.get(f"variable_{name}_epoch"))
+        seconds_text = headers.get(seconds_name)
+        seconds = _int(seconds_text)
         micro = None if seconds is None else seconds * 1_000_000
-    if micro is None:
-        if headers.get(f"variable_{name}_uepoch") or headers.get(f"variable_{name}_epoch"):
-            anomalies.append(f"{name} time unreadable")
-        return None
+        if micro is None:
+            if micro_text or seconds_text:
+                anomalies.append(f"{name} time unreadable")
+            return None
     if micro <= 0:
         return None
     try:
@@ -143,8 +154,8 @@ def _billsec(
 ) -> int:
     raw = headers.get("variable_billsec")
     value = _int(raw)
-    answer_s, end_s = _epoch_seconds(answered_at), _epoch_seconds(ended_at)
     if value is None:
+        answer_s, end_s = _epoch_seconds(answered_at), _epoch_seconds(ended_at)
         if raw is None:
             anomalies.append("billsec missing")
         else:

@@ -31,14 +31,18 @@ _ZERO = Decimal(0)
 _SIXTY = Decimal(60)
 
 
+_MICROS_DECIMAL = Decimal(MICROS)
+_ZERO_MONEY = _ZERO.quantize(MONEY_PLACES)  # Decimal("0.000000"): what a free call costs
+
+
 def round_money(amount: Decimal) -> Decimal:
     """The one rounding step: half-up to 6 decimal places (0.0000005 -> 0.000001)."""
-    return amount.quantize(MONEY_PLACES, rounding=ROUND_HALF_UP, context=_EXACT)
+    return amount.quantize(MONEY_PLACES, ROUND_HALF_UP, _EXACT)
 
 
 def to_micros(amount: Decimal) -> int:
     """A rounded amount as integer micro-units (what Redis holds)."""
-    return int(_EXACT.multiply(round_money(amount), Decimal(MICROS)))
+    return int(_EXACT.multiply(amount.quantize(MONEY_PLACES, ROUND_HALF_UP, _EXACT), _MICROS_DECIMAL))
 
 
 def from_micros(micros: int) -> Decimal:
@@ -85,14 +89,14 @@ def charged_seconds(tariff: Tariff, billsec: int) -> int:
 def call_cost(tariff: Tariff, billsec: int) -> Decimal:
     """ASTPP's calc_cost, exact, rounded once (see the module docstring)."""
     if billsec < 1:
-        return _ZERO.quantize(MONEY_PLACES)
+        return _ZERO_MONEY
     exact = _EXACT.add(
         tariff.connect_cost,
         _EXACT.divide(
             _EXACT.multiply(tariff.cost_per_minute, Decimal(charged_seconds(tariff, billsec))), _SIXTY
         ),
     )
-    return round_money(exact)
+    return exact.quantize(MONEY_PLACES, ROUND_HALF_UP, _EXACT)
 
 
 # --------------------------------------------------------------------------- a call's prices
@@ -159,7 +163,7 @@ class RatedCall:
 
     @property
     def customer_debit(self) -> Decimal:
-        return self.debits[0].amount if self.debits else _ZERO.quantize(MONEY_PLACES)
+        return self.debits[0].amount if self.debits else _ZERO_MONEY
 
     @property
     def margin(self) -> Decimal:
@@ -177,15 +181,18 @@ def rate_call(pricing: CallPricing, billsec: int, carried_leg: int | None) -> Ra
     """
     billsec = max(0, billsec)
     debits = tuple(
-        Debit(level.account_id, index, call_cost(level.tariff, billsec))
-        for index, level in enumerate(pricing.levels)
+        [
+            Debit(level.account_id, index, call_cost(level.tariff, billsec))
+            for index, level in enumerate(pricing.levels)
+        ]
     )
-    notes: list[str] = []
     found = pricing.target(carried_leg) if carried_leg is not None else None
-    if found is None and billsec > 0 and pricing.routes:
-        first = pricing.routes[0]
-        found = (first, first.gateways[0] if first.gateways else "")
-        notes.append(f"carrying leg {carried_leg} not in the dial plan: first route assumed")
-    route, gateway = found if found is not None else (None, "")
-    carrier = call_cost(route.tariff, billsec) if route is not None else _ZERO.quantize(MONEY_PLACES)
-    return RatedCall(billsec, debits, carrier, route, gateway, tuple(notes))
+    if found is None:
+        if billsec > 0 and pricing.routes:
+            first = pricing.routes[0]
+            gateway = first.gateways[0] if first.gateways else ""
+            note = f"carrying leg {carried_leg} not in the dial plan: first route assumed"
+            return RatedCall(billsec, debits, call_cost(first.tariff, billsec), first, gateway, (note,))
+        return RatedCall(billsec, debits, _ZERO_MONEY, None, "", ())
+    route, gateway = found
+    return RatedCall(billsec, debits, call_cost(route.tariff, billsec), route, gateway, ())

@@ -88,19 +88,28 @@ def dial_target(leg: Leg) -> str:
     return f"[leg_timeout={leg.timeout}]sofia/{leg.profile}/{leg.uri}"
 
 
+# The head of a gateway leg by what it is written from (timeout, codecs, caller ID): the same
+# few trunk settings call after call. Bounded; dropped whole when full.
+_HEADS: dict[tuple[object, ...], str] = {}
+_MAX_HEADS = 4096
+
+
 def dial_string(accept: Accept) -> str:
     """Sequential failover across every leg (``|``), for ``bridge`` (and `callgate explain`).
 
-    The gateways of one route share everything but the gateway's name: their common head is
-    written once (the hot path renders every leg of every call)."""
+    The hot path renders every leg of every call: a leg's head (``[...]sofia/gateway/``)
+    comes from _HEADS, so each leg costs a lookup and a concatenation."""
     parts: list[str] = []
-    head = ""
-    shared: tuple[object, ...] = ()  # what the current head was written from
+    heads = _HEADS
     for route in accept.routes:
         for leg in route.targets:
-            if leg[1:] != shared or not head:
-                head, shared = _gateway_head(leg), leg[1:]
-            parts.append(f"{head}{leg.gateway}/{leg.number}")
+            shape = leg[2:]
+            head = heads.get(shape)
+            if head is None:
+                if len(heads) >= _MAX_HEADS:
+                    heads.clear()
+                head = heads[shape] = _gateway_head(leg)
+            parts.append(head + leg.gateway + "/" + leg.number)
     if not parts:
         parts = [dial_target(leg) for leg in accept.bridge_targets]
     return "|".join(parts)
@@ -119,35 +128,52 @@ def _rate_value(accept: Accept) -> str | None:
 def channel_variables(
     accept: Accept, ticket_key: bytes | None = None, uuid: str = ""
 ) -> list[tuple[str, str]]:
-    """The variables an accepted call carries, in order, none of them empty."""
-    pairs: list[tuple[str, str | None]] = [
-        (REASON_VARIABLE, ACCEPTED),
-        ("callgate_account", accept.account_number),
-        ("callgate_reseller_chain", ",".join(level.account_number for level in accept.levels[1:])),
-        ("callgate_rate", _rate_value(accept)),
-        ("callgate_max_duration", str(accept.max_duration)),
-        ("callgate_routes", ",".join(route.trunk_name for route in accept.routes)),
-    ]
+    """The variables an accepted call carries, in order, none of them empty.
+
+    Text that comes from data (account numbers, prefixes, trunk and caller names) goes through
+    ``safe_text`` and is left out when nothing remains; what the engine writes itself (the
+    constants, numbers, the direction, the base64url ticket) is safe and never empty as it is."""
+    variables = [(REASON_VARIABLE, ACCEPTED)]
+    _put(variables, "callgate_account", accept.account_number)
+    levels = accept.levels
+    if len(levels) > 1:
+        _put(variables, "callgate_reseller_chain", ",".join(level.account_number for level in levels[1:]))
+    if levels:
+        _put(variables, "callgate_rate", _rate_value(accept))
+    variables.append(("callgate_max_duration", str(accept.max_duration)))
+    _put(variables, "callgate_routes", ",".join(route.trunk_name for route in accept.routes))
     if accept.caller_id_changed:
         number = safe_text(accept.caller_id_number)
         # An empty name would unset the variable and show the caller's original name:
         # present the number instead, as a From without display name does.
-        pairs.append(("effective_caller_id_number", number))
-        pairs.append(("effective_caller_id_name", safe_text(accept.caller_id_name) or number))
-    pairs.append(("callgate_direction", accept.direction.value))
+        name = safe_text(accept.caller_id_name) or number
+        if number:
+            variables.append(("effective_caller_id_number", number))
+        if name:
+            variables.append(("effective_caller_id_name", name))
+    variables.append(("callgate_direction", accept.direction.value))
     if accept.did_id is not None:
-        pairs.append(("callgate_did", str(accept.did_id)))
+        variables.append(("callgate_did", str(accept.did_id)))
     # What FreeSWITCH's own CDR is billed on when the engine never sees the hangup
     # (engine.billing.ticket; docs/accounting.md, "FreeSWITCH's CDR as the backstop").
     # Signed for this call's uuid when [billing] ticket_keys is set.
-    pairs.append((TICKET_VARIABLE, ticket_value(accept, ticket_key, uuid)))
-    pairs.append(("continue_on_fail", "true"))
-    pairs.append(("hangup_after_bridge", "true"))
+    ticket = ticket_value(accept, ticket_key, uuid)
+    if ticket:
+        variables.append((TICKET_VARIABLE, ticket))
+    variables.append(("continue_on_fail", "true"))
+    variables.append(("hangup_after_bridge", "true"))
     # FreeSWITCH matches cause names exactly (case aside): the common spelling "alloted_timeout"
     # is no cause at all, so the CDR would not say why the call ended.
-    pairs.append(("execute_on_answer", f"sched_hangup +{accept.max_duration} ALLOTTED_TIMEOUT"))
-    clean = [(name, safe_text(value)) for name, value in pairs if value]
-    return [(name, value) for name, value in clean if value]
+    variables.append(("execute_on_answer", f"sched_hangup +{accept.max_duration} ALLOTTED_TIMEOUT"))
+    return variables
+
+
+def _put(variables: list[tuple[str, str]], name: str, value: str | None) -> None:
+    """``(name, safe_text(value))`` appended unless nothing is left of the value."""
+    if value:
+        value = safe_text(value)
+        if value:
+            variables.append((name, value))
 
 
 def reject_variables(reject: Reject) -> list[tuple[str, str]]:
@@ -173,8 +199,7 @@ _PREAMBLE: tuple[bytes, ...] = (
 )
 
 
-def _preamble() -> tuple[bytes, ...]:
-    return _PREAMBLE
+_PREAMBLE_BYTES = b"".join(_PREAMBLE)
 
 
 # A channel UUID as FreeSWITCH writes it: a scheduler group name that is one command word.
@@ -201,16 +226,22 @@ def _batch(commands: list[bytes]) -> Batch:
     return Batch(b"".join(commands), len(commands))
 
 
+def _decision_batch(variables: list[tuple[str, str]], message: bytes, guard_uuid: str | None) -> Batch:
+    """The guard's cancel, the preamble (joined once), the variables, then ``message``: one
+    reply expected per command."""
+    sets = assignments(variables)
+    commands = [*guard_cancel(guard_uuid), _PREAMBLE_BYTES, *sets, message]
+    return Batch(b"".join(commands), len(commands) - 1 + len(_PREAMBLE))
+
+
 def bridge_batch(variables: list[tuple[str, str]], dial: str, *, guard_uuid: str | None = None) -> Batch:
-    commands = [*_preamble(), *assignments(variables), sendmsg_execute("bridge", dial)]
-    return _batch([*guard_cancel(guard_uuid), *commands])
+    return _decision_batch(variables, sendmsg_execute("bridge", dial), guard_uuid)
 
 
 def respond_batch(
     variables: list[tuple[str, str]], code: int, text: str, *, guard_uuid: str | None = None
 ) -> Batch:
-    commands = [*_preamble(), *assignments(variables), sendmsg_execute("respond", f"{code} {text}")]
-    return _batch([*guard_cancel(guard_uuid), *commands])
+    return _decision_batch(variables, sendmsg_execute("respond", f"{code} {text}"), guard_uuid)
 
 
 def accept_batch(
