@@ -193,7 +193,7 @@ class Decider:
             self._on_limit_result(result)
         decision = apply_limits(accept, result)
         if pricing is not None and isinstance(decision, Accept):
-            return priced(decision, pricing, result.granted_seconds, catalog, now)
+            return priced(decision, pricing, result.granted_seconds, now)
         return decision
 
     @staticmethod

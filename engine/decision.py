@@ -71,6 +71,9 @@ class RatedLevel:
     init_inc: int
     inc: int
     max_duration: int  # seconds this level can afford (capped)
+    # The rate's free seconds, carried for billing (engine.billing.pricing prices the level
+    # from this record alone: the catalogue is not read again).
+    included_seconds: int = 0
 
 
 # Legs are NamedTuples, not frozen dataclasses: a call builds one per gateway of every
@@ -125,6 +128,12 @@ class Route:
     caller_id_number: str
     caller_id_name: str
     targets: tuple[GatewayLeg, ...]  # one leg per gateway: primary first, then failovers
+    # The termination rate's other terms, as the rules read them, carried for billing
+    # (engine.billing.pricing prices the route from this record alone).
+    connect_cost: Decimal = Decimal(0)
+    included_seconds: int = 0
+    init_inc: int = 1
+    inc: int = 1
 
 
 @dataclass(frozen=True, slots=True)

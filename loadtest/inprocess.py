@@ -96,6 +96,58 @@ class InProcessEngine:
             worker.join()
         return model.outcome
 
+    def hold(self, plan: Any) -> tuple[Any, Any, Any, Any]:
+        """Place a call and leave it up once bridged (a rejected call ends as usual): the
+        engine then holds it as it holds a call in conversation. End it with :meth:`hang_up`."""
+        import gevent
+        from gevent import socket as gsocket
+
+        from engine.esl.connection import EslConnection
+
+        engine_side, switch_side = gsocket.socketpair()
+        conn = EslConnection(engine_side)
+        uuid = os.urandom(16).hex()
+        uuid = f"{uuid[:8]}-{uuid[8:12]}-4{uuid[13:16]}-8{uuid[17:20]}-{uuid[20:32]}"
+        worker = gevent.spawn(self._serve, conn)
+        model = _Call(self.lib, uuid.encode())
+        splitter = CommandSplitter()
+        line = (switch_side, worker, model, splitter)
+        connected = False
+        while not model.bridged:
+            data = switch_side.recv(65536)
+            if not data:
+                break
+            blocks = splitter.feed(data)
+            if not blocks:
+                continue
+            if not connected:
+                connected = True
+                out = self.lib.connect_reply(plan, uuid) + model.feed(blocks[1:])
+            else:
+                out = model.feed(blocks)
+            if out:
+                switch_side.sendall(out)
+        gevent.sleep(0)  # the engine reads the last replies
+        return line
+
+    def hang_up(self, line: tuple[Any, Any, Any, Any]) -> str:
+        """End a call left up by :meth:`hold` (its CHANNEL_HANGUP_COMPLETE); the outcome."""
+        switch_side, worker, model, splitter = line
+        try:
+            if model.bridged and not model.over:
+                switch_side.sendall(model.hangup())
+                while True:
+                    data = switch_side.recv(65536)
+                    if not data:
+                        break
+                    out = model.feed(splitter.feed(data))
+                    if out:
+                        switch_side.sendall(out)
+        finally:
+            switch_side.close()
+            worker.join()
+        return str(model.outcome)
+
     def _serve(self, conn: Any) -> None:
         try:
             self.handler(conn, ("127.0.0.1", 0))

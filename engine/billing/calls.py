@@ -2,7 +2,7 @@
 
 At the decision (after the rules accepted the call)::
 
-    pricing = pricing_for(accept, catalog)            # frozen prices, kept with the call
+    pricing = pricing_for(accept)                     # frozen prices, kept with the call
     levels = funds_levels(pricing, catalog)           # -> Funds.reserve (or the limits script)
 
 At CHANNEL_HANGUP_COMPLETE::
@@ -82,6 +82,13 @@ def call_settlement(
         translated=accept.destination,
         decided_at=decided_at,
     )
+
+
+def held_settlement(
+    headers: Mapping[str, str], ticket: BillingTicket, catalog: Catalog
+) -> tuple[Settlement, RatedCall, CallEnd]:
+    """:func:`call_settlement` of a call whose ticket the engine kept (engine.call.session)."""
+    return ticket_settlement(headers, ticket, lambda account_id: _recorded(catalog, account_id)[1])
 
 
 def ticket_settlement(

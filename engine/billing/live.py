@@ -19,14 +19,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
-from engine.billing.calls import MAX_DEBIT, call_settlement, funds_levels, over_max_debit, reject_settlement
+from engine.billing.calls import (
+    MAX_DEBIT,
+    call_settlement,
+    funds_levels,
+    held_settlement,
+    over_max_debit,
+    reject_settlement,
+)
 from engine.billing.funds import Funds, Settlement
 from engine.billing.pricing import pricing_for, route_price
 from engine.billing.rating import CallPricing
 from engine.billing.settler import Settler
+from engine.billing.ticket import BillingTicket
 from engine.decision import Accept, Decision, Reason, Reject
 from engine.model import CallRequest
 from engine.rules.catalog import Catalog
@@ -39,6 +48,7 @@ SipResponse = Callable[[Reason], tuple[int, str]]
 
 
 _ACCEPT_FIELDS = tuple(field.name for field in dataclasses.fields(Accept))
+_accept_values = operator.attrgetter(*_ACCEPT_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -62,7 +72,7 @@ def reservation_for(
 ) -> tuple[CallPricing, FundsRequest | None]:
     """The call's prices, and its reservation (None when no chain level pays anything): up to
     the rules' duration plus the billing second FreeSWITCH may add."""
-    pricing = pricing_for(accept, catalog)
+    pricing = pricing_for(accept)
     levels = funds_levels(pricing, catalog)
     cap = accept.max_duration + BILLSEC_ROUNDING
     return pricing, (funds.request(levels, cap) if levels else None)
@@ -75,21 +85,18 @@ def granted_duration(granted: int | None, max_duration: int) -> int:
     return max(1, min(max_duration, granted - BILLSEC_ROUNDING))
 
 
-def priced(
-    accept: Accept, pricing: CallPricing, granted: int | None, catalog: Catalog, now: datetime
-) -> PricedAccept:
+def priced(accept: Accept, pricing: CallPricing, granted: int | None, now: datetime) -> PricedAccept:
     """``accept`` (after the limits: possibly fewer routes) with the duration its reservation
     covers and the prices of the routes it will dial. ``pricing.max_duration`` keeps the
     billed seconds reserved (the CDR's ``max_duration``)."""
     duration = granted_duration(granted, accept.max_duration)
     routes = pricing.routes
     if len(accept.routes) != len(routes):  # the limits dropped full trunks: price what is dialled
-        routes = tuple(route_price(route, catalog) for route in accept.routes)
+        routes = tuple([route_price(route) for route in accept.routes])
     reserved = duration if granted is None else granted
-    pricing = dataclasses.replace(pricing, routes=routes, max_duration=reserved)
-    values = {name: getattr(accept, name) for name in _ACCEPT_FIELDS}
+    values = dict(zip(_ACCEPT_FIELDS, _accept_values(accept), strict=True))
     values["max_duration"] = duration
-    return PricedAccept(**values, pricing=pricing, decided_at=now)
+    return PricedAccept(**values, pricing=CallPricing(pricing.levels, routes, reserved), decided_at=now)
 
 
 def _chain(catalog: Catalog, account_id: int) -> tuple[int, ...]:
@@ -124,7 +131,7 @@ class LiveBilling:
     def bill(
         self,
         request: CallRequest | None,
-        decision: Decision | None,
+        decision: Decision | BillingTicket | None,
         hangup: Mapping[str, str] | None,
         *,
         may_hold_funds: bool = False,
@@ -142,21 +149,26 @@ class LiveBilling:
     def settlement(
         self,
         request: CallRequest,
-        decision: Decision,
+        decision: Decision | BillingTicket,
         hangup: Mapping[str, str] | None,
         *,
         may_hold_funds: bool = False,
     ) -> Settlement | None:
+        """``decision``: the call's decision, or what the call session keeps of a priced accept
+        once its answer is written: its ticket (engine.call.session)."""
         if isinstance(decision, Reject):
             return self._rejected(request, decision, may_hold_funds=may_hold_funds)
         if hangup is None:
             return None  # an accepted call is billed on its hangup only
         catalog = self._catalog()
-        if isinstance(decision, PricedAccept) and decision.pricing is not None:
-            pricing, decided_at = decision.pricing, decision.decided_at
-        else:  # decided without accounting (no limiter): priced now
-            pricing, decided_at = pricing_for(decision, catalog), None
-        item, rated, end = call_settlement(hangup, decision, pricing, catalog, decided_at=decided_at)
+        if isinstance(decision, BillingTicket):  # what the call session keeps of a priced accept
+            item, rated, end = held_settlement(hangup, decision, catalog)
+        else:
+            if isinstance(decision, PricedAccept) and decision.pricing is not None:
+                pricing, decided_at = decision.pricing, decision.decided_at
+            else:  # decided without accounting (no limiter): priced now
+                pricing, decided_at = pricing_for(decision), None
+            item, rated, end = call_settlement(hangup, decision, pricing, catalog, decided_at=decided_at)
         if over_max_debit(rated):
             # A billsec no call reaches (FreeSWITCH's word, forged or broken): Redis would refuse
             # the settle and the settler would retry it, and the calls batched with it, forever.

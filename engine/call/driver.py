@@ -17,7 +17,7 @@ from typing import Protocol
 import gevent
 
 from engine.billing.hangup import HANGUP_HEADERS
-from engine.billing.ticket import ticket_keys
+from engine.billing.ticket import BillingTicket, ticket_keys
 from engine.call.channel import call_request
 from engine.call.session import (
     Action,
@@ -66,7 +66,7 @@ class CallRecord:
 
     peer: tuple[object, ...]
     request: CallRequest | None = None
-    decision: Decision | None = None
+    decision: Decision | BillingTicket | None = None  # a priced accept: its ticket (billing's record)
     hangup_cause: str = ""
     hangup: Mapping[str, str] | None = None  # the CHANNEL_HANGUP_COMPLETE headers billing reads
 

@@ -11,8 +11,10 @@ reject), :class:`Finish` (close the socket; nothing more will come).
 
 Billing (issue 13): each decided call is billed exactly once per session: a rejected call
 as soon as its answer is written (one CDR row per attempt), an accepted call on its
-CHANNEL_HANGUP_COMPLETE (rated, debited, its funds reservation released). An accepted
-call whose hangup is never seen (deadline, reset, garbage, disconnect without the event)
+CHANNEL_HANGUP_COMPLETE (rated, debited, its funds reservation released). Once an accept's
+batch is built the session keeps only what billing needs of it, its BillingTicket (~17
+objects the collector tracks instead of the whole decision's ~44, for as long as the call is
+up). An accepted call whose hangup is never seen (deadline, reset, garbage, disconnect without the event)
 is not billed here: its reservation holds its funds until the reservation's deadline in
 Redis (docs/accounting.md, "Failure modes").
 
@@ -39,6 +41,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.billing.ticket import BillingTicket, ticket_of
 from engine.call.channel import call_request
 from engine.call.render import accept_batch, reject_batch, routes_failed_batch
 from engine.decision import Accept, Decision, Reason
@@ -157,7 +160,8 @@ class CallSession:
         self._sip_response = sip_response
         self.phase = Phase.CONNECTING
         self.request: CallRequest | None = None
-        self.decision: Decision | None = None
+        # The decision; a priced accept is kept as its BillingTicket once its batch is built.
+        self.decision: Decision | BillingTicket | None = None
         self.hangup_cause = ""
         self.holds_slots = False  # limits may hold slots for this call
         self.replies_pending = 0
@@ -202,6 +206,8 @@ class CallSession:
         uuid = self.request.uuid if self.request is not None else None
         if isinstance(decision, Accept):
             batch = accept_batch(decision, settings.ticket_key, uuid or "", guard_uuid=uuid)
+            # From here on the call needs only its bill: keep that, not the decision's routes.
+            self.decision = ticket_of(decision) or decision
             self.phase = Phase.COMMITTED
             self.holds_slots = True
             release: list[Action] = []

@@ -145,6 +145,7 @@ def rate_level(
         init_inc=_increment(rate.init_inc, group.init_inc),
         inc=_increment(rate.inc, group.inc),
         max_duration=affordable_seconds(available, connect, cost, config),
+        included_seconds=rate.included_seconds,
     )
     return Rating(level, rate, group)
 

@@ -200,6 +200,10 @@ def plan_routes(
             caller_id_number=cli,
             caller_id_name=caller_id.name,
             targets=gateway_legs(gateways, number, leg_timeout, codecs, leg_caller_id),
+            connect_cost=rate.connect_cost,
+            included_seconds=rate.included_seconds,
+            init_inc=rate.init_inc,
+            inc=rate.inc,
         )
         found.append((_order_key(routing_type, rate, trunk), route))
     if len(found) > 1:

@@ -41,7 +41,7 @@ def test_failover_call_through_a_reseller_is_billed_exactly(
     make_account(db, "2001", "50", kind="reseller", id=reseller.id)
     make_account(db, "1001", "10", reseller_id=reseller.id, id=customer.id)
     funds = Funds(client, key_prefix)
-    pricing = pricing_for(decision, catalog)
+    pricing = pricing_for(decision)
     reservation = funds.reserve("18cc36d6-9646-4b92-83d9-bfbb47c955b6", funds_levels(pricing, catalog), 3600)
     assert reservation.granted and reservation.seconds == 3600  # both can pay an hour
 

@@ -61,8 +61,8 @@ def test_a_priced_accept_is_an_accept_with_its_frozen_prices() -> None:
     catalog = world.catalog()
     accept = run(catalog)
     assert isinstance(accept, Accept)
-    pricing = pricing_for(accept, catalog)
-    decided = priced(accept, pricing, 91, catalog, NOW)
+    pricing = pricing_for(accept)
+    decided = priced(accept, pricing, 91, NOW)
     assert isinstance(decided, PricedAccept) and isinstance(decided, Accept)
     assert decided.max_duration == 90 and decided.pricing is not None
     assert decided.pricing.max_duration == 91 and decided.decided_at == NOW
@@ -126,7 +126,7 @@ def test_a_rejected_attempt_is_recorded_and_a_late_one_releases_its_reservation(
     assert isinstance(accept, Accept)
     from engine.billing.calls import funds_levels
 
-    assert funds.reserve("r-1", funds_levels(pricing_for(accept, catalog), catalog), 60).granted
+    assert funds.reserve("r-1", funds_levels(pricing_for(accept), catalog), 60).granted
     assert funds.account(world.customer.id).reserved > 0
     late = billing.settlement(request, reject, None, may_hold_funds=True)
     assert late is not None and {a for a, _r, d in late.debits if d == 0} == {world.customer.id, reseller.id}

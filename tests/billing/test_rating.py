@@ -210,8 +210,7 @@ def test_reseller_chain_and_failover_rated_by_hand() -> None:
     b.update(world.term_a, connect_cost=D("0.002"), init_inc=1, inc=1)
     decision = run(world.catalog())
     assert isinstance(decision, Accept), decision
-    catalog = world.catalog()
-    pricing = pricing_for(decision, catalog)
+    pricing = pricing_for(decision)
     assert [level.account_id for level in pricing.levels] == [world.customer.id, reseller.id]
     assert pricing.routes[0].gateways == ("gw-a", "gw-a2")
 

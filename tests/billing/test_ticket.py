@@ -43,7 +43,7 @@ def priced_accept(world: World | None = None) -> PricedAccept:
     catalog = world.catalog()
     accept = run(catalog)
     assert isinstance(accept, Accept)
-    return priced(accept, pricing_for(accept, catalog), 91, catalog, NOW)
+    return priced(accept, pricing_for(accept), 91, NOW)
 
 
 def hostile_ticket() -> BillingTicket:
