@@ -59,8 +59,8 @@ class InProcessEngine:
         self.handler = self.engine.server._handler
         self.lib = lib
 
-    def call(self, plan: Any) -> str:
-        """One call through the engine's handler; returns the outcome the switch saw."""
+    def _dial(self) -> tuple[Any, Any, Any, Any, str]:
+        """A connection to the engine's handler (a socket pair) and the switch model's side."""
         import gevent
         from gevent import socket as gsocket
 
@@ -71,8 +71,18 @@ class InProcessEngine:
         uuid = os.urandom(16).hex()
         uuid = f"{uuid[:8]}-{uuid[8:12]}-4{uuid[13:16]}-8{uuid[17:20]}-{uuid[20:32]}"
         worker = gevent.spawn(self._serve, conn)
-        model = _Call(self.lib, uuid.encode())
-        splitter = CommandSplitter()
+        return switch_side, worker, _Call(self.lib, uuid.encode()), CommandSplitter(), uuid
+
+    def _answer(self, plan: Any, uuid: str, model: Any, blocks: list[bytes], first: bool) -> bytes:
+        """What the switch model writes back for the engine's ``blocks``; ``first``: the
+        ``connect`` leads them, answered with the channel data."""
+        if first:
+            return self.lib.connect_reply(plan, uuid) + model.feed(blocks[1:])
+        return model.feed(blocks)
+
+    def call(self, plan: Any) -> str:
+        """One call through the engine's handler; returns the outcome the switch saw."""
+        switch_side, worker, model, splitter, uuid = self._dial()
         connected = False
         try:
             while True:
@@ -82,11 +92,8 @@ class InProcessEngine:
                 blocks = splitter.feed(data)
                 if not blocks:
                     continue
-                if not connected:
-                    connected = True
-                    out = self.lib.connect_reply(plan, uuid) + model.feed(blocks[1:])
-                else:
-                    out = model.feed(blocks)
+                out = self._answer(plan, uuid, model, blocks, not connected)
+                connected = True
                 if out:
                     switch_side.sendall(out)
                 if model.bridged and not model.over:
@@ -100,18 +107,8 @@ class InProcessEngine:
         """Place a call and leave it up once bridged (a rejected call ends as usual): the
         engine then holds it as it holds a call in conversation. End it with :meth:`hang_up`."""
         import gevent
-        from gevent import socket as gsocket
 
-        from engine.esl.connection import EslConnection
-
-        engine_side, switch_side = gsocket.socketpair()
-        conn = EslConnection(engine_side)
-        uuid = os.urandom(16).hex()
-        uuid = f"{uuid[:8]}-{uuid[8:12]}-4{uuid[13:16]}-8{uuid[17:20]}-{uuid[20:32]}"
-        worker = gevent.spawn(self._serve, conn)
-        model = _Call(self.lib, uuid.encode())
-        splitter = CommandSplitter()
-        line = (switch_side, worker, model, splitter)
+        switch_side, worker, model, splitter, uuid = self._dial()
         connected = False
         while not model.bridged:
             data = switch_side.recv(65536)
@@ -120,15 +117,12 @@ class InProcessEngine:
             blocks = splitter.feed(data)
             if not blocks:
                 continue
-            if not connected:
-                connected = True
-                out = self.lib.connect_reply(plan, uuid) + model.feed(blocks[1:])
-            else:
-                out = model.feed(blocks)
+            out = self._answer(plan, uuid, model, blocks, not connected)
+            connected = True
             if out:
                 switch_side.sendall(out)
         gevent.sleep(0)  # the engine reads the last replies
-        return line
+        return switch_side, worker, model, splitter
 
     def hang_up(self, line: tuple[Any, Any, Any, Any]) -> str:
         """End a call left up by :meth:`hold` (its CHANNEL_HANGUP_COMPLETE); the outcome."""
