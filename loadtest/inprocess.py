@@ -80,24 +80,30 @@ class InProcessEngine:
             return self.lib.connect_reply(plan, uuid) + model.feed(blocks[1:])
         return model.feed(blocks)
 
+    def _converse(self, plan: Any, line: tuple[Any, Any, Any, Any], uuid: str, *, hang_up: bool) -> None:
+        """Answer the engine until the connection closes, hanging up once bridged when
+        ``hang_up``, else until the call is bridged (a rejected call ends either way)."""
+        switch_side, _, model, splitter = line
+        connected = False
+        while hang_up or not model.bridged:
+            data = switch_side.recv(65536)
+            if not data:
+                break
+            blocks = splitter.feed(data)
+            if not blocks:
+                continue
+            out = self._answer(plan, uuid, model, blocks, not connected)
+            connected = True
+            if out:
+                switch_side.sendall(out)
+            if hang_up and model.bridged and not model.over:
+                switch_side.sendall(model.hangup())
+
     def call(self, plan: Any) -> str:
         """One call through the engine's handler; returns the outcome the switch saw."""
         switch_side, worker, model, splitter, uuid = self._dial()
-        connected = False
         try:
-            while True:
-                data = switch_side.recv(65536)
-                if not data:
-                    break
-                blocks = splitter.feed(data)
-                if not blocks:
-                    continue
-                out = self._answer(plan, uuid, model, blocks, not connected)
-                connected = True
-                if out:
-                    switch_side.sendall(out)
-                if model.bridged and not model.over:
-                    switch_side.sendall(model.hangup())
+            self._converse(plan, (switch_side, worker, model, splitter), uuid, hang_up=True)
         finally:
             switch_side.close()
             worker.join()
@@ -109,20 +115,10 @@ class InProcessEngine:
         import gevent
 
         switch_side, worker, model, splitter, uuid = self._dial()
-        connected = False
-        while not model.bridged:
-            data = switch_side.recv(65536)
-            if not data:
-                break
-            blocks = splitter.feed(data)
-            if not blocks:
-                continue
-            out = self._answer(plan, uuid, model, blocks, not connected)
-            connected = True
-            if out:
-                switch_side.sendall(out)
+        line = (switch_side, worker, model, splitter)
+        self._converse(plan, line, uuid, hang_up=False)
         gevent.sleep(0)  # the engine reads the last replies
-        return switch_side, worker, model, splitter
+        return line
 
     def hang_up(self, line: tuple[Any, Any, Any, Any]) -> str:
         """End a call left up by :meth:`hold` (its CHANNEL_HANGUP_COMPLETE); the outcome."""
