@@ -31,18 +31,16 @@ INPUTS = "/tmp/hangup_inputs.pkl"
 def capture(argv: list[str]) -> None:
     import engine.billing.calls as calls
     import engine.billing.funds as funds
-    from engine.billing.ticket import BillingTicket
     from loadtest.inprocess import main
 
     tickets: list[Any] = []
     items: list[Any] = []
-    body = calls._settlement  # type: ignore[attr-defined]
+    body = calls.ticket_settlement
     settle_many = funds.Funds.settle_many
 
-    # call_settlement and ticket_settlement (the CDR post) both end in _settlement
-    def recording_settlement(headers: Any, pricing: Any, recorded: Any, **fields: Any) -> Any:
-        out = body(headers, pricing, recorded, **fields)
-        ticket = BillingTicket(pricing=pricing, **fields)
+    # the engine's hangups (held_settlement, call_settlement) and the CDR post all end here
+    def recording_settlement(headers: Any, ticket: Any, recorded: Any) -> Any:
+        out = body(headers, ticket, recorded)
         tickets.append((dict(headers), ticket, {d.account_id: recorded(d.account_id) for d in out[1].debits}))
         return out
 
@@ -50,7 +48,7 @@ def capture(argv: list[str]) -> None:
         items.extend(batch)
         return settle_many(self, batch)
 
-    calls._settlement = recording_settlement  # type: ignore[attr-defined]
+    calls.ticket_settlement = recording_settlement
     funds.Funds.settle_many = recording_settle_many  # type: ignore[method-assign]
     try:
         main(argv)

@@ -69,11 +69,10 @@ def call_settlement(
 
     ``catalog`` is the snapshot at hangup: only its ``calls_debited`` is read (to initialise
     Redis's spent counter after a Redis restart); the prices are the ones frozen in ``pricing``.
+    The engine's priced calls keep their ticket and go through :func:`held_settlement`; this is
+    for a call decided without accounting, priced at its hangup.
     """
-    return _settlement(
-        headers,
-        pricing,
-        lambda account_id: _recorded(catalog, account_id)[1],
+    ticket = BillingTicket(
         account_id=accept.account_id,
         account_number=accept.account_number,
         chain=tuple(accept.chain),
@@ -81,13 +80,15 @@ def call_settlement(
         caller_id_name=accept.caller_id_name,
         translated=accept.destination,
         decided_at=decided_at,
+        pricing=pricing,
     )
+    return held_settlement(headers, ticket, catalog)
 
 
 def held_settlement(
     headers: Mapping[str, str], ticket: BillingTicket, catalog: Catalog
 ) -> tuple[Settlement, RatedCall, CallEnd]:
-    """:func:`call_settlement` of a call whose ticket the engine kept (engine.call.session)."""
+    """:func:`ticket_settlement` of a call whose ticket the engine kept (engine.call.session)."""
     return ticket_settlement(headers, ticket, lambda account_id: _recorded(catalog, account_id)[1])
 
 
@@ -95,52 +96,24 @@ def ticket_settlement(
     headers: Mapping[str, str], ticket: BillingTicket, recorded: Callable[[int], Decimal]
 ) -> tuple[Settlement, RatedCall, CallEnd]:
     """The one way an accepted call is rated and settled, whoever saw its end: the engine from
-    CHANNEL_HANGUP_COMPLETE (:func:`call_settlement`), or ``callgate fsxml`` from FreeSWITCH's
+    CHANNEL_HANGUP_COMPLETE (:func:`held_settlement`), or ``callgate fsxml`` from FreeSWITCH's
     CDR post, with the ticket the engine wrote on the channel (engine.billing.ticket). Same
     facts in, same amounts and the same CDR out, so whichever settles first, the other is a
     no-op. ``recorded``: the snapshot's ``calls_debited`` of an account (0 when unknown)."""
-    return _settlement(
-        headers,
-        ticket.pricing,
-        recorded,
+    end = parse_hangup(headers)
+    pricing = ticket.pricing
+    rated = rate_call(pricing, end.billsec, end.carried_leg)
+    record = answered_cdr(
+        end,
+        pricing,
+        rated,
         account_id=ticket.account_id,
         account_number=ticket.account_number,
         chain=ticket.chain,
         direction=ticket.direction,
         caller_id_name=ticket.caller_id_name,
         translated=ticket.translated,
-        decided_at=ticket.decided_at,
-    )
-
-
-def _settlement(
-    headers: Mapping[str, str],
-    pricing: CallPricing,
-    recorded: Callable[[int], Decimal],
-    *,
-    account_id: int,
-    account_number: str,
-    chain: tuple[int, ...],
-    direction: str,
-    caller_id_name: str,
-    translated: str,
-    decided_at: datetime | None,
-) -> tuple[Settlement, RatedCall, CallEnd]:
-    """:func:`ticket_settlement` from a ticket's fields: the engine's own hangups pass the
-    decision's fields directly, without a BillingTicket built per call only to be read back."""
-    end = parse_hangup(headers)
-    rated = rate_call(pricing, end.billsec, end.carried_leg)
-    record = answered_cdr(
-        end,
-        pricing,
-        rated,
-        account_id=account_id,
-        account_number=account_number,
-        chain=chain,
-        direction=direction,
-        caller_id_name=caller_id_name,
-        translated=translated,
-        fallback_start=decided_at,
+        fallback_start=ticket.decided_at,
     )
     debits = tuple([(d.account_id, recorded(d.account_id), d.amount) for d in rated.debits])
     return Settlement(end.uuid, debits, record), rated, end
