@@ -69,6 +69,9 @@ class EngineSettings:
     # survivors wait for the periodic full collection: engine.gcpolicy). CPython's default: 10.
     gc_middle_threshold: int = 0
     gc_full_interval: float = 300.0  # seconds between full collections (with gc_young_threshold > 0)
+    # Seconds between young collections run on a clock (with gc_young_threshold > 0), so that
+    # one never walks more than this long's allocations (engine.gcpolicy); 0 = only the threshold.
+    gc_young_interval: float = 0.02
     # Source networks FreeSWITCH connects from (CIDRs); a connection from elsewhere is closed at
     # accept. Empty: any source (then firewall the port: see docs/call-session.md).
     allowed_networks: tuple[str, ...] = ()
@@ -114,6 +117,8 @@ class EngineSettings:
             raise ConfigError(f"engine.gc_young_threshold must be >= 0, not {self.gc_young_threshold}")
         if self.gc_middle_threshold < 0:
             raise ConfigError(f"engine.gc_middle_threshold must be >= 0, not {self.gc_middle_threshold}")
+        if self.gc_young_interval < 0:
+            raise ConfigError(f"engine.gc_young_interval must be >= 0, not {self.gc_young_interval}")
         if self.gc_full_interval <= 0:
             raise ConfigError(f"engine.gc_full_interval must be > 0, not {self.gc_full_interval}")
 

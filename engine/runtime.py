@@ -326,6 +326,8 @@ class Engine:
         gcpolicy.apply(settings.gc_young_threshold, settings.gc_middle_threshold)
         if settings.gc_young_threshold > 0:
             self.tasks.spawn(gcpolicy.run_full_collections, settings.gc_full_interval, self.stopping)
+            if settings.gc_young_interval > 0:
+                self.tasks.spawn(gcpolicy.run_young_collections, settings.gc_young_interval, self.stopping)
 
     def stop(self) -> None:
         self.stopping.set()
