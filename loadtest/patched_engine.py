@@ -42,6 +42,14 @@ a paragraph here, and remove it once the engine adopts it.
     how many unreachable objects it freed (the cyclic garbage the calls leave), and every
     ``CENSUS_INTERVAL`` seconds the patch counts the objects in each generation and the frozen
     ones (``gc.get_objects``: a few milliseconds with 10,000 calls up, itself a late wake-up).
+``slow-runs``
+    no behaviour change but a greenlet switch tracer (a few microseconds per switch): every
+    time a greenlet (the hub included) uses more than ``SLOW_RUN`` seconds of CPU before
+    it switches away, records the wall time, how long it ran (wall and the thread's CPU), what
+    it is (its run function), the garbage collections that ran inside it, and the innermost
+    frames of the stack where it switched away; writes the summary by kind and the longest
+    runs to ``$CALLGATE_SLOW_OUT`` at exit. A late wake-up (``hub-lag``) says the hub was held;
+    this says by what.
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-PATCHES = ("timing", "yappi", "gc-log", "hub-lag")
+PATCHES = ("timing", "yappi", "gc-log", "hub-lag", "slow-runs")
 
 # Patches that were adopted into the engine, and where they live: asking for one is an error.
 ADOPTED = {
@@ -67,6 +75,7 @@ ADOPTED = {
 }
 
 TIMING_PHASES = ("channel_data_wait", "parse", "decide_and_limits", "render_and_write")
+SLOW_RUN = 0.002  # slow-runs: a greenlet holding the CPU longer than this is recorded
 CENSUS_INTERVAL = 10.0  # hub-lag: seconds between counts of the objects in each GC generation
 
 
@@ -265,10 +274,13 @@ def lag_document(
             }
             for g in (0, 1, 2)
         },
-        # Every middle and full collection (the young ones, hundreds a minute, only summarized
-        # above): end time, generation, wall ms, CPU ms, unreachable objects found.
+        # Every middle and full collection, and the young ones over 2 ms of CPU (the others,
+        # hundreds a minute, only summarized above): end time, generation, wall ms, CPU ms,
+        # unreachable objects found.
         "collection_rows": [
-            [round(e, 4), g, round(w * 1000, 3), round(c * 1000, 3), n] for e, g, w, c, n in collections if g
+            [round(e, 4), g, round(w * 1000, 3), round(c * 1000, 3), n]
+            for e, g, w, c, n in collections
+            if g or c > 0.002
         ],
         "census": {"columns": ["wall", "gen0", "gen1", "gen2", "frozen"], "rows": [list(r) for r in census]},
         "worst": [
@@ -329,7 +341,92 @@ def patch_hub_lag() -> None:
     atexit.register(dump)
 
 
+def _greenlet_kind(glet: Any) -> str:
+    """What a greenlet is, for the ``slow-runs`` table: the hub, or its run function's name."""
+    run = getattr(glet, "_run", None) or getattr(glet, "run", None)
+    if type(glet).__name__ == "Hub":
+        return "Hub"
+    target = getattr(run, "__func__", run)
+    name = getattr(target, "__qualname__", None) or type(glet).__name__
+    return f"{getattr(target, '__module__', '?')}.{name}"
+
+
+def slow_runs_document(runs: Sequence[tuple[float, float, float, str, int, str]]) -> dict[str, Any]:
+    """What the ``slow-runs`` patch writes: per kind of greenlet, how many runs used more CPU
+    than ``SLOW_RUN``, their total and largest CPU milliseconds, and how many had a collection
+    in them; then the 60 largest runs with the stack where each switched away."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for _wall, _ms, _cpu, kind, gcs, _stack in runs:
+        row = kinds.setdefault(kind, {"count": 0, "total_cpu_ms": 0.0, "max_cpu_ms": 0.0, "with_gc": 0})
+        row["count"] += 1
+        row["total_cpu_ms"] = round(row["total_cpu_ms"] + _cpu, 3)
+        row["max_cpu_ms"] = max(row["max_cpu_ms"], round(_cpu, 3))
+        row["with_gc"] += bool(gcs)
+    longest = sorted(runs, key=lambda r: -r[2])[:60]
+    return {
+        "threshold_ms": SLOW_RUN * 1000,
+        "by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1]["total_cpu_ms"])),
+        "longest": [
+            {
+                "wall": round(w, 4),
+                "ms": round(ms, 3),
+                "cpu_ms": round(cpu, 3),
+                "kind": kind,
+                "gcs": gcs,
+                "stack": stack,
+            }
+            for w, ms, cpu, kind, gcs, stack in longest
+        ],
+    }
+
+
+def patch_slow_runs() -> None:
+    import gc
+
+    import greenlet
+
+    runs: list[tuple[float, float, float, str, int, str]] = []
+    state = {"since": time.perf_counter(), "cpu": time.thread_time(), "gcs": 0}
+
+    def on_gc(phase: str, _info: dict[str, int]) -> None:
+        if phase == "stop":
+            state["gcs"] += 1
+
+    def stack() -> str:
+        frame = sys._getframe(1).f_back  # skip stack() and trace()
+        names = []
+        while frame is not None and len(names) < 10:
+            code = frame.f_code
+            names.append(f"{os.path.basename(code.co_filename)}:{frame.f_lineno}:{code.co_name}")
+            frame = frame.f_back
+        return " < ".join(names)
+
+    def trace(event: str, args: Any) -> None:
+        if event not in ("switch", "throw"):
+            return
+        # CPU time, not wall: the hub's wall time includes its wait in epoll (idle, not a pause).
+        cpu = time.thread_time() - state["cpu"]
+        if cpu > SLOW_RUN:
+            ran = time.perf_counter() - state["since"]
+            runs.append(
+                (time.time(), ran * 1000, cpu * 1000, _greenlet_kind(args[0]), int(state["gcs"]), stack())
+            )
+        state["since"], state["cpu"], state["gcs"] = time.perf_counter(), time.thread_time(), 0
+
+    gc.callbacks.append(on_gc)
+    greenlet.settrace(trace)
+
+    def dump() -> None:
+        path = os.environ.get("CALLGATE_SLOW_OUT")
+        if path:
+            with open(path, "w") as handle:
+                json.dump(slow_runs_document(runs), handle)
+
+    atexit.register(dump)
+
+
 _APPLY = {
+    "slow-runs": patch_slow_runs,
     "hub-lag": patch_hub_lag,
     "timing": patch_timing,
     "yappi": patch_yappi,

@@ -802,12 +802,14 @@ def _pauses_run(
     warm = hold + 5.0
     window = 10.0 if ctx.quick else 20.0
     out = ctx.workdir / "hub-lag.json"
+    slow_out = ctx.workdir / "slow-runs.json"
     out.unlink(missing_ok=True)
+    slow_out.unlink(missing_ok=True)
     spec = ServerSpec(
         "callgate+hub-lag" + (f" [{label}]" if label else ""),
         "callgate-patched",
-        patches="hub-lag",
-        env={**env, "CALLGATE_LAG_OUT": str(out)},
+        patches="hub-lag,slow-runs",
+        env={**env, "CALLGATE_LAG_OUT": str(out), "CALLGATE_SLOW_OUT": str(slow_out)},
     )
     config = LoadConfig(
         target=("127.0.0.1", 0),
@@ -830,6 +832,7 @@ def _pauses_run(
     found = sum(gen.get("unreachable", 0) for gen in lag.get("collections", {}).values())
     lag["unreachable_per_call"] = round(found / max(1.0, cps * config.duration), 3)
     lag["variant"] = {"label": label, "env": env}
+    lag["slow_runs"] = json.loads(slow_out.read_text()) if slow_out.exists() else {}
     return {"runs": [run], "summary": lag}
 
 
