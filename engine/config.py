@@ -90,6 +90,9 @@ class EngineSettings:
     # While over shed_loop_lag or shed_backlog, stop listening: the kernel refuses new
     # connections (RST) and FreeSWITCH tries its next engine at once (docs/performance.md).
     shed_stop_listening: bool = True
+    # The shortest such pause (seconds): the listener resumes once the lag and the backlog are
+    # down to half their bounds and the pause has lasted this long (no flapping every tick).
+    shed_min_pause: float = 0.05
 
     def __post_init__(self) -> None:
         for cidr in self.allowed_networks:
@@ -97,6 +100,8 @@ class EngineSettings:
                 ipaddress.ip_network(cidr.strip(), strict=False)
             except ValueError as exc:
                 raise ConfigError(f"engine.allowed_networks: {cidr!r} is not an IP network") from exc
+        if self.shed_min_pause < 0:
+            raise ConfigError(f"engine.shed_min_pause must be >= 0, not {self.shed_min_pause}")
         if self.shed_loop_lag < 0 or self.shed_backlog < 0 or self.shed_accept_wait < 0:
             raise ConfigError(
                 "engine.shed_loop_lag, engine.shed_backlog and engine.shed_accept_wait must be >= 0 (0 = off)"

@@ -25,7 +25,8 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -205,6 +206,29 @@ class MaskingFormatter(logging.Formatter):
 
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
+
+
+class Every:
+    """A log line that may repeat fast (a refused scan, a listener flapping under overload)
+    written at most once per ``interval`` seconds, with how many were held back since: the
+    counts live in the metrics, the log keeps a readable trace."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._next = float("-inf")
+        self._held = 0
+
+    def due(self) -> int | None:
+        """None while the line is not due (counted as held back); otherwise how many were
+        held back since the last line, and the next one is due ``interval`` from now."""
+        now = self._clock()
+        if now < self._next:
+            self._held += 1
+            return None
+        held, self._held = self._held, 0
+        self._next = now + self._interval
+        return held
 
 
 def level_number(name: str) -> int:

@@ -42,7 +42,7 @@ from engine.limits_runtime import (
     run_resync,
     switch_addresses,
 )
-from engine.logs import setup_logging
+from engine.logs import Every, setup_logging
 from engine.metrics import EngineMetrics, wsgi_app
 from engine.rules.catalog import RECORD_TYPES, Catalog
 from engine.rules.gate import first_uses
@@ -69,21 +69,15 @@ class RefusalLog:
     (a scan or a misconfigured switch must not flood the log)."""
 
     def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._interval = interval
-        self._clock = clock
-        self._next = 0.0
-        self._suppressed = 0
+        self._every = Every(interval, clock)
 
     def note(self, source: str) -> bool:
         """Count one refusal; True when it was logged."""
-        now = self._clock()
-        if now < self._next:
-            self._suppressed += 1
+        held = self._every.due()
+        if held is None:
             return False
-        more = f" (and {self._suppressed} more refused since the last report)" if self._suppressed else ""
+        more = f" (and {held} more refused since the last report)" if held else ""
         log.warning("refused a connection from %s: not in engine.allowed_networks%s", show(source, 64), more)
-        self._suppressed = 0
-        self._next = now + self._interval
         return True
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from engine.config import LoggingSettings
-from engine.logs import MAX_MESSAGE_CHARS, MAX_VALUE_CHARS, escape_control, setup_logging
+from engine.logs import MAX_MESSAGE_CHARS, MAX_VALUE_CHARS, Every, escape_control, setup_logging
 
 # The decision line as engine/authorize.py writes it.
 DECISION = "uuid=%s result=%s reason=%s account=%s destination=%s latency_ms=%.3f"
@@ -129,3 +129,17 @@ def test_the_plain_formatter_writes_what_a_copy_copy_of_the_record_gave_and_leav
     saved = dict(vars(record))
     assert formatter.format(record) == before(record)
     assert vars(record) == saved  # the caller's record is not the one rewritten
+
+
+def test_every_writes_at_most_one_line_per_interval_and_counts_the_rest() -> None:
+    now = [100.0]
+    every = Every(10.0, clock=lambda: now[0])
+    assert every.due() == 0  # the first line is written at once
+    assert every.due() is None
+    assert every.due() is None
+    now[0] += 9.999
+    assert every.due() is None
+    now[0] += 0.001
+    assert every.due() == 3  # held back since the last line
+    now[0] += 60
+    assert every.due() == 0

@@ -7,6 +7,7 @@ import time
 import gevent
 import pytest
 
+from engine.config import ConfigError, load_config
 from engine.shedding import PAUSE, RESUME, SHED_BACKLOG, SHED_LAG, SHED_WAIT, ListenGate, LoadShedder
 
 
@@ -184,3 +185,21 @@ def test_a_call_shed_for_its_wait_stops_the_listener_until_the_signals_recover()
     clock.now += 0.04
     assert g.update(0.0, 0) == RESUME
     assert gate(clock, lag=0, backlog=0).overflowing() is None  # listener stops turned off
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["SHED_LOOP_LAG", "SHED_BACKLOG", "SHED_ACCEPT_WAIT", "SHED_MIN_PAUSE"],
+)
+def test_negative_shedding_settings_are_refused_at_start(variable: str) -> None:
+    with pytest.raises(ConfigError, match=variable.lower()):
+        load_config(environ={f"CALLGATE_ENGINE__{variable}": "-1"})
+
+
+def test_a_gate_without_minimum_pause_resumes_at_the_first_tick_that_recovered() -> None:
+    clock = Clock()
+    gate = ListenGate(max_lag=0.0, max_backlog=16, min_pause=0.0, clock=clock)
+    assert gate.update(0.0, 17) == PAUSE
+    assert gate.update(0.0, 9) is None  # over half the bound: still paused
+    clock.now += 0.005
+    assert gate.update(0.0, 8) == RESUME

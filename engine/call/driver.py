@@ -39,6 +39,7 @@ from engine.config import Config
 from engine.decision import Accept, Decision, Reason, Reject
 from engine.esl.connection import EslConnection, PeerGone
 from engine.esl.protocol import HeaderPicker, ProtocolError
+from engine.logs import Every
 from engine.metrics import EngineMetrics
 from engine.model import CallRequest
 from engine.rules.config import RulesConfig
@@ -98,6 +99,9 @@ class _Expired(Exception):
         self.deadline = deadline
 
 
+LISTENER_LOG_INTERVAL = 10.0  # seconds: at most one "stopped listening" and one "recovered" line
+
+
 class CallHandler:
     def __init__(
         self,
@@ -136,8 +140,14 @@ class CallHandler:
         self._gate = ListenGate(
             max_lag=engine.shed_loop_lag if engine.shed_stop_listening else 0.0,
             max_backlog=engine.shed_backlog if engine.shed_stop_listening else 0,
+            min_pause=engine.shed_min_pause,
         )
         self._listener: Listener | None = None
+        # Under overload with tight bounds the listener may stop and resume many times a
+        # second: the metrics count every change, the log writes one line of each kind per
+        # LISTENER_LOG_INTERVAL with how many it held back.
+        self._stop_lines = Every(LISTENER_LOG_INTERVAL)
+        self._resume_lines = Every(LISTENER_LOG_INTERVAL)
 
     def attach_listener(self, listener: Listener) -> None:
         """The server whose listening the handler stops while the process is saturated."""
@@ -187,15 +197,18 @@ class CallHandler:
                 self._gate.resume_failed_pause()
                 return
             self._metrics.listener_stopped()
-            log.warning(
-                "saturated: stopped listening (%sevent loop %.0f ms behind, %d calls waiting for "
-                "their decision; %d queued connections taken first); new connections are refused "
-                "until it recovers",
-                why,
-                lag * 1000,
-                backlog,
-                taken,
-            )
+            held = self._stop_lines.due()
+            if held is not None:
+                log.warning(
+                    "saturated: stopped listening (%sevent loop %.0f ms behind, %d calls waiting "
+                    "for their decision; %d queued connections taken first); new connections are "
+                    "refused until it recovers%s",
+                    why,
+                    lag * 1000,
+                    backlog,
+                    taken,
+                    f" ({held} more stops since the last line)" if held else "",
+                )
         elif change == RESUME:
             try:
                 listener.listen_again()
@@ -205,12 +218,15 @@ class CallHandler:
                 return
             paused = self._gate.last_pause
             self._metrics.listener_resumed(paused)
-            log.warning(
-                "recovered: listening again after %.3f s (event loop %.0f ms behind, %d calls waiting)",
-                paused,
-                lag * 1000,
-                backlog,
-            )
+            held = self._resume_lines.due()
+            if held is not None:
+                log.warning(
+                    "recovered: listening again after %.3f s (event loop %.0f ms behind, %d calls waiting)%s",
+                    paused,
+                    lag * 1000,
+                    backlog,
+                    f" ({held} more since the last line)" if held else "",
+                )
 
     # What _Call needs of the handler --------------------------------------------------------
 

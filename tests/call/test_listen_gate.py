@@ -9,6 +9,7 @@ answered the SYN with a RST (a dropped SYN would be a timeout instead, see the l
 
 from __future__ import annotations
 
+import logging
 import socket as stdsocket
 import time
 
@@ -101,6 +102,31 @@ def test_a_saturated_engine_refuses_connections_and_listens_again_when_it_recove
         assert engine.gauge("callgate_listener_stopped_seconds_total") >= 0.5
         with gsocket.create_connection(engine.address, timeout=5) as again:
             assert b"DESTINATION_BLOCKED" in play_call(again)
+    finally:
+        engine.close()
+
+
+def test_a_flapping_listener_is_counted_every_time_and_logged_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With tight bounds and no minimum pause (the 50 ms recipe of docs/performance.md) the
+    listener may stop and resume many times a second: each change is in the metrics, the log
+    has one line of each kind per interval."""
+    engine = Engine(shed_loop_lag="0.1", shed_accept_wait="0", shed_min_pause="0")
+    assert engine.handler._gate.min_pause == 0
+    try:
+        with caplog.at_level(logging.WARNING, logger="callgate.call"):
+            for _ in range(3):
+                call = gsocket.create_connection(engine.address, timeout=5)
+                assert recv_until(call, b"connect\n\n") == b"connect\n\n"  # calls up: the monitor runs
+                time.sleep(0.25)  # the hub is stuck: over the lag bound
+                engine.wait_listening(False)
+                engine.wait_listening(True)
+                call.close()
+        assert engine.gauge("callgate_listener_stops_total") == 3
+        lines = [record.getMessage() for record in caplog.records]
+        assert sum("saturated: stopped listening" in line for line in lines) == 1, lines
+        assert sum("recovered: listening again" in line for line in lines) == 1, lines
     finally:
         engine.close()
 
