@@ -952,10 +952,16 @@ def _child(args: argparse.Namespace) -> int:
     # 55-60 ms of CPU, late in reading the decisions it times (docs/performance.md, round 4).
     # Young collections only, as the engine (engine.gcpolicy); a run is too short for its
     # cyclic garbage to matter. LOADTEST_DRIVER_GC=default: CPython's defaults, as before.
+    # Like the engine, it also runs a young collection every 20 ms: calls ending as fast as
+    # they start keep CPython's net allocation count under the threshold while the young
+    # generation grows to ~100,000 objects, then walked in one 40-50 ms pause (round 6).
     if os.environ.get("LOADTEST_DRIVER_GC") != "default":
+        import gevent.event
+
         from engine import gcpolicy
 
         gcpolicy.apply(5000, 0)
+        gevent.spawn(gcpolicy.run_young_collections, 0.02, gevent.event.Event())
     with open(args.library) as handle:
         lib = FsLibrary.from_json(json.load(handle))
     records = run_load(config, part=part, parts=parts, start_at=args.start_at, lib=lib)
