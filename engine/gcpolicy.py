@@ -25,10 +25,9 @@ The policy:
   young generation's list keeps every object allocated since (92,000-104,000 measured with
   10,000 calls held at 357 CPS), and the young collection that finally runs walks them all
   (p99 18-24 ms, max 42-50 ms of CPU; on the clock: under 0.6 ms, docs/performance.md
-  "Round 6"). Collecting on a clock
-  bounds the young generation by the allocation *rate*: ~90 surviving objects per call, a
-  few hundred per collection at hundreds of calls per second, a fraction of a millisecond;
-  the threshold stays as the backstop of a burst;
+  "Round 6"). Collecting on a clock bounds the young generation by the allocation *rate*:
+  ~90 surviving objects per call, a few hundred per collection at hundreds of calls per
+  second, a fraction of a millisecond; the threshold stays as the backstop of a burst;
 * no automatic full collection (it is what walks every call up), and a full collection
   every ``full_interval`` seconds from a background greenlet so that cyclic garbage cannot
   accumulate. The snapshot's catalogue is frozen (engine.state.snapshot) and never walked.

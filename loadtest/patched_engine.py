@@ -394,7 +394,7 @@ def patch_slow_runs() -> None:
 
     def stack() -> str:
         frame = sys._getframe(1).f_back  # skip stack() and trace()
-        names = []
+        names: list[str] = []
         while frame is not None and len(names) < 10:
             code = frame.f_code
             names.append(f"{os.path.basename(code.co_filename)}:{frame.f_lineno}:{code.co_name}")
