@@ -596,6 +596,52 @@ def scenario_latency(
     return {"runs": runs, "summary": {"hold_seconds": hold}}
 
 
+def _no_shedding() -> ServerSpec:
+    return ServerSpec(
+        "callgate (no shedding)",
+        "callgate",
+        env={
+            "CALLGATE_ENGINE__SHED_LOOP_LAG": "0",
+            "CALLGATE_ENGINE__SHED_BACKLOG": "0",
+            "CALLGATE_ENGINE__SHED_ACCEPT_WAIT": "0",
+        },
+    )
+
+
+def _saturation(ctx: Context, scale: Scale, seconds: float, label: str) -> dict[str, Any]:
+    """One process's capacity to decide: a closed loop (32 calls in flight, hold 0, realistic
+    mix) against the engine without shedding (a closed loop against a shedding engine would
+    measure how fast the driver can be refused)."""
+    return measure(
+        ctx,
+        _no_shedding(),
+        scale,
+        LoadConfig(
+            target=("127.0.0.1", 0),
+            concurrency=32,
+            duration=seconds + 3,
+            warmup=3.0,
+            mix=dict(DEFAULT_MIX),
+            procs=1,
+        ),
+        label=label,
+    )
+
+
+def _open_loop(cps: float, seconds: float) -> LoadConfig:
+    """``cps`` offered (rounded to a whole rate) for ``seconds`` after a 3 s warm-up, hold 0,
+    realistic mix, two driver processes: the overload rows."""
+    return LoadConfig(
+        target=("127.0.0.1", 0),
+        cps=float(round(cps)),
+        duration=seconds + 3,
+        warmup=3.0,
+        mix=dict(DEFAULT_MIX),
+        procs=2,
+        timeout=10.0,
+    )
+
+
 @dataclass(frozen=True)
 class ShedBounds:
     """The shedding settings of an operator who wants the 50 ms target (docs/performance.md,
@@ -646,31 +692,8 @@ def scenario_targets(
     seconds = 8.0 if ctx.quick else 20.0
     bounds = shed.env()
     spec = ServerSpec("callgate", "callgate", env=bounds)
-    no_shed = ServerSpec(
-        "callgate (no shedding)",
-        "callgate",
-        env={
-            "CALLGATE_ENGINE__SHED_LOOP_LAG": "0",
-            "CALLGATE_ENGINE__SHED_BACKLOG": "0",
-            "CALLGATE_ENGINE__SHED_ACCEPT_WAIT": "0",
-        },
-    )
-    # Saturation is the capacity to decide: without shedding (a closed loop against a shedding
-    # engine would measure how fast the driver can be refused).
-    saturation = measure(
-        ctx,
-        no_shed,
-        scale,
-        LoadConfig(
-            target=("127.0.0.1", 0),
-            concurrency=32,
-            duration=seconds + 3,
-            warmup=3.0,
-            mix=dict(DEFAULT_MIX),
-            procs=1,
-        ),
-        label="targets: saturation",
-    )
+    no_shed = _no_shedding()
+    saturation = _saturation(ctx, scale, seconds, "targets: saturation")
     top = saturation["achieved_cps"]
     mix = dict(DEFAULT_MIX)
     cps = round(fraction * top)
@@ -705,15 +728,7 @@ def scenario_targets(
             held_load(held_cps),
             label=f"targets: {fraction:.0%} of the saturation with {held} held",
         )
-    over = LoadConfig(
-        target=("127.0.0.1", 0),
-        cps=float(round(overload * top)),
-        duration=seconds + 3,
-        warmup=3.0,
-        mix=mix,
-        procs=2,
-        timeout=10.0,
-    )
+    over = _open_loop(overload * top, seconds)
     shed_run = measure(ctx, spec, scale, over, label=f"targets: {overload:.0%} of saturation")
     no_queue = ServerSpec(
         "callgate (accept-queue wait not counted)",
@@ -786,38 +801,8 @@ def scenario_overload(
     ``shed`` bounds plus the variant's settings. To compare shedding settings
     (``ENGINE__SHED_BACKLOG=16``) on the same offered load."""
     seconds = 8.0 if ctx.quick else 20.0
-    no_shed = ServerSpec(
-        "callgate (no shedding)",
-        "callgate",
-        env={
-            "CALLGATE_ENGINE__SHED_LOOP_LAG": "0",
-            "CALLGATE_ENGINE__SHED_BACKLOG": "0",
-            "CALLGATE_ENGINE__SHED_ACCEPT_WAIT": "0",
-        },
-    )
-    saturation = measure(
-        ctx,
-        no_shed,
-        scale,
-        LoadConfig(
-            target=("127.0.0.1", 0),
-            concurrency=32,
-            duration=seconds + 3,
-            warmup=3.0,
-            mix=dict(DEFAULT_MIX),
-            procs=1,
-        ),
-        label="overload: saturation",
-    )
-    over = LoadConfig(
-        target=("127.0.0.1", 0),
-        cps=float(round(overload * saturation["achieved_cps"])),
-        duration=seconds + 3,
-        warmup=3.0,
-        mix=dict(DEFAULT_MIX),
-        procs=2,
-        timeout=10.0,
-    )
+    saturation = _saturation(ctx, scale, seconds, "overload: saturation")
+    over = _open_loop(overload * saturation["achieved_cps"], seconds)
     bounds = shed.env()
     runs = [saturation]
     summary: dict[str, Any] = {

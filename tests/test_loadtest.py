@@ -680,8 +680,56 @@ def test_hub_lag_document_tells_collections_from_other_pauses() -> None:
     assert gen2["unreachable"] == 12
     gen0 = out["collections"]["gen0"]
     assert (gen0["count"], gen0["unreachable"], gen0["total_cpu_ms"]) == (2, 3, 2.0)
-    assert out["collection_rows"] == [[100.005, 2, 4.0, 3.5, 12]]  # the young ones only summarized
+    assert out["collection_rows"] == [[100.005, 2, 4.0, 3.5, 12]]  # short young ones only summarized
     assert out["census"]["rows"] == [[110.0, 10, 20, 30, 40]]
+    long_young = lag_document(late, [*collections, (270.0, 0, 0.03, 0.025, 0)], census)
+    assert long_young["collection_rows"][-1] == [270.0, 0, 30.0, 25.0, 0]  # over 2 ms: listed
+
+
+def test_slow_runs_document_ranks_greenlets_by_the_cpu_they_held() -> None:
+    from loadtest.patched_engine import slow_runs_document
+
+    runs = [
+        (1.0, 40.0, 0.5, "Hub", 0, "hub.py:166:sleep"),  # long wall, little CPU: the hub idled
+        (2.0, 9.0, 8.5, "gevent.baseserver._handle_and_close_when_done", 1, "hub.py:647:run"),
+        (3.0, 3.0, 2.9, "gevent.baseserver._handle_and_close_when_done", 0, "hub.py:647:run"),
+        (4.0, 5.0, 4.0, "engine.billing.settler.Settler.run", 0, "batches.py:80:get"),
+    ]
+    out = slow_runs_document(runs)
+    calls = out["by_kind"]["gevent.baseserver._handle_and_close_when_done"]
+    assert calls == {"count": 2, "total_cpu_ms": 11.4, "max_cpu_ms": 8.5, "with_gc": 1}
+    assert next(iter(out["by_kind"])) == "gevent.baseserver._handle_and_close_when_done"
+    assert [row["cpu_ms"] for row in out["longest"]] == [8.5, 4.0, 2.9, 0.5]
+    assert out["longest"][0]["gcs"] == 1 and out["threshold_ms"] == 2.0
+
+
+def test_slow_runs_names_the_greenlet_by_its_run_function() -> None:
+    from loadtest.patched_engine import _greenlet_kind
+
+    def work() -> None:
+        pass
+
+    assert _greenlet_kind(gevent.get_hub()) == "Hub"
+    assert _greenlet_kind(gevent.Greenlet(work)).endswith(
+        "test_slow_runs_names_the_greenlet_by_its_run_function.<locals>.work"
+    )
+
+
+def test_shed_bounds_are_the_recipe_for_the_overload_target() -> None:
+    from loadtest.run import ShedBounds
+
+    assert ShedBounds().env() == {
+        "CALLGATE_ENGINE__SHED_LOOP_LAG": "0.025",
+        "CALLGATE_ENGINE__SHED_ACCEPT_WAIT": "0.025",
+        "CALLGATE_ENGINE__SHED_BACKLOG": "16",
+        "CALLGATE_ENGINE__SHED_MIN_PAUSE": "0.0",
+    }
+    earlier = ShedBounds(backlog=1000, min_pause=0.05)  # round 5 and before
+    assert earlier.summary() == {
+        "shed_bound_seconds": 0.025,
+        "shed_backlog": 1000,
+        "shed_min_pause_seconds": 0.05,
+    }
 
 
 def test_patched_engine_refuses_an_unknown_patch_before_applying_any(monkeypatch) -> None:
@@ -689,7 +737,9 @@ def test_patched_engine_refuses_an_unknown_patch_before_applying_any(monkeypatch
 
     applied = []
     monkeypatch.setitem(patched_engine._APPLY, "timing", lambda: applied.append("timing"))
-    with pytest.raises(SystemExit, match=r"unknown patch 'no-such'; patches: timing, yappi, gc-log"):
+    with pytest.raises(
+        SystemExit, match=r"unknown patch 'no-such'; patches: timing, yappi, gc-log, hub-lag, slow-runs"
+    ):
         patched_engine.apply(["timing", "no-such"])
     assert applied == []
     patched_engine.apply(["timing"])
