@@ -48,7 +48,7 @@ import tempfile
 import time
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -768,6 +768,7 @@ def report(
         "authorized_cps": sum(r.outcome != "ENGINE_DEGRADED" for r in decided) / window,
         "errors": sum(errors.values()),
         "error_kinds": dict(errors.most_common()),
+        "error_examples": _error_examples(r.error for r in measured if r.error),
         "latency": summarize(r.latency for r in decided),
         "latency_accepted": summarize(accepted),
         "latency_rejected": summarize(rejected),
@@ -795,6 +796,17 @@ def report(
 
 def _error_kind(error: str) -> str:
     return error.split(":", 1)[0] if error.startswith(("connect", "socket", "reset")) else error
+
+
+def _error_examples(errors: Iterable[str], most: int = 3) -> dict[str, list[str]]:
+    """Per kind of error, its first ``most`` distinct messages (the kinds alone do not say
+    whether a failed connect was a reset or a timeout)."""
+    examples: dict[str, list[str]] = {}
+    for error in errors:
+        seen = examples.setdefault(_error_kind(error), [])
+        if error not in seen and len(seen) < most:
+            seen.append(error)
+    return examples
 
 
 def _cost(probes: dict[str, Any], decided: int) -> dict[str, Any]:

@@ -846,3 +846,15 @@ def test_driver_answers_the_guard_cancel_as_the_real_switch(library: driver.FsLi
     assert frames[1] == b"Content-Type: command/reply\nReply-Text: +OK Events Enabled\n\n"
     other = driver.split_frames(call.feed(driver.CommandSplitter().feed(b"api status\n\n")))[0]
     assert other == [b"Content-Type: api/response\nContent-Length: 31\n\n-ERR status Command not found!\n"]
+
+
+def test_driver_keeps_a_few_messages_of_each_kind_of_error() -> None:
+    errors = ["connect: Connection reset by peer"] * 5 + [
+        "reset: Broken pipe",
+        "reset: Connection reset by peer",
+    ]
+    errors += [f"timeout: no decision {n}" for n in range(5)]
+    examples = driver._error_examples(errors)
+    assert examples["connect"] == ["connect: Connection reset by peer"]
+    assert examples["reset"] == ["reset: Broken pipe", "reset: Connection reset by peer"]
+    assert len(examples["timeout: no decision 0"]) == 1  # unknown kinds are their own message
