@@ -49,7 +49,10 @@ a paragraph here, and remove it once the engine adopts it.
     it is (its run function), the garbage collections that ran inside it, and the innermost
     frames of the stack where it switched away; writes the summary by kind and the longest
     runs to ``$CALLGATE_SLOW_OUT`` at exit. A late wake-up (``hub-lag``) says the hub was held;
-    this says by what.
+    this says by what. It also counts every switch into each kind of greenlet
+    (``switches_into``) and, for the calls' greenlets, where in the engine's code each one
+    waited (``call_waits``, the innermost frame under ``engine/``): divided by the calls of the
+    run, how many times a call waits, and for what.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,6 +80,7 @@ ADOPTED = {
 
 TIMING_PHASES = ("channel_data_wait", "parse", "decide_and_limits", "render_and_write")
 SLOW_RUN = 0.002  # slow-runs: a greenlet holding the CPU longer than this is recorded
+CALL_GREENLET = "_handle_and_close_when_done"  # slow-runs: a call's greenlet (gevent's server)
 CENSUS_INTERVAL = 10.0  # hub-lag: seconds between counts of the objects in each GC generation
 
 
@@ -401,9 +406,28 @@ def patch_slow_runs() -> None:
             frame = frame.f_back
         return " < ".join(names)
 
+    into: Counter[str] = Counter()
+    waits: Counter[str] = Counter()
+
+    def engine_frame() -> str:
+        """Where in the engine's own code the switching greenlet waits (its innermost frame
+        under engine/), or "-"."""
+        marker = f"{os.sep}engine{os.sep}"
+        frame = sys._getframe(2)
+        while frame is not None:
+            name = frame.f_code.co_filename
+            if marker in name:
+                return f"{name.rsplit(marker, 1)[1]}:{frame.f_lineno}:{frame.f_code.co_name}"
+            frame = frame.f_back
+        return "-"
+
     def trace(event: str, args: Any) -> None:
         if event not in ("switch", "throw"):
             return
+        origin, target = args
+        into[_greenlet_kind(target)] += 1
+        if _greenlet_kind(origin).endswith(CALL_GREENLET):
+            waits[engine_frame()] += 1
         # CPU time, not wall: the hub's wall time includes its wait in epoll (idle, not a pause).
         cpu = time.thread_time() - state["cpu"]
         if cpu > SLOW_RUN:
@@ -420,7 +444,10 @@ def patch_slow_runs() -> None:
         path = os.environ.get("CALLGATE_SLOW_OUT")
         if path:
             with open(path, "w") as handle:
-                json.dump(slow_runs_document(runs), handle)
+                document = slow_runs_document(runs)
+                document["switches_into"] = dict(into.most_common())
+                document["call_waits"] = dict(waits.most_common(30))
+                json.dump(document, handle)
 
     atexit.register(dump)
 

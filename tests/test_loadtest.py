@@ -645,7 +645,7 @@ def test_profile_summary_of_collapsed_stacks() -> None:
 def test_patched_engine_offers_only_the_instrumentation() -> None:
     from loadtest import patched_engine
 
-    assert patched_engine.PATCHES == ("timing", "yappi", "gc-log", "hub-lag")
+    assert patched_engine.PATCHES == ("timing", "yappi", "gc-log", "hub-lag", "slow-runs")
     assert set(patched_engine.PATCHES) == set(patched_engine._APPLY)
     assert not set(patched_engine.PATCHES) & set(patched_engine.ADOPTED)
     for name in (*patched_engine.PATCHES, *patched_engine.ADOPTED):
