@@ -397,8 +397,10 @@ def patch_slow_runs() -> None:
         if phase == "stop":
             state["gcs"] += 1
 
-    def stack() -> str:
-        frame = sys._getframe(1).f_back  # skip stack() and trace()
+    # The trace function runs once the switch is made, on the target's stack: the origin's
+    # own stack is its suspended frame (gr_frame).
+    def stack(origin: Any) -> str:
+        frame = getattr(origin, "gr_frame", None)
         names: list[str] = []
         while frame is not None and len(names) < 10:
             code = frame.f_code
@@ -409,11 +411,11 @@ def patch_slow_runs() -> None:
     into: Counter[str] = Counter()
     waits: Counter[str] = Counter()
 
-    def engine_frame() -> str:
+    def engine_frame(origin: Any) -> str:
         """Where in the engine's own code the switching greenlet waits (its innermost frame
         under engine/), or "-"."""
         marker = f"{os.sep}engine{os.sep}"
-        frame = sys._getframe(2)
+        frame = getattr(origin, "gr_frame", None)
         while frame is not None:
             name = frame.f_code.co_filename
             if marker in name:
@@ -427,14 +429,13 @@ def patch_slow_runs() -> None:
         origin, target = args
         into[_greenlet_kind(target)] += 1
         if _greenlet_kind(origin).endswith(CALL_GREENLET):
-            waits[engine_frame()] += 1
+            waits[engine_frame(origin)] += 1
         # CPU time, not wall: the hub's wall time includes its wait in epoll (idle, not a pause).
         cpu = time.thread_time() - state["cpu"]
         if cpu > SLOW_RUN:
             ran = time.perf_counter() - state["since"]
-            runs.append(
-                (time.time(), ran * 1000, cpu * 1000, _greenlet_kind(args[0]), int(state["gcs"]), stack())
-            )
+            kind = _greenlet_kind(origin)
+            runs.append((time.time(), ran * 1000, cpu * 1000, kind, int(state["gcs"]), stack(origin)))
         state["since"], state["cpu"], state["gcs"] = time.perf_counter(), time.thread_time(), 0
 
     gc.callbacks.append(on_gc)
