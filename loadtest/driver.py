@@ -42,6 +42,8 @@ import dataclasses
 import json
 import math
 import os
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -50,7 +52,7 @@ import uuid as uuidlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from loadtest import child_env
 from loadtest.dataset import ACCEPT_ONLY, DEFAULT_MIX, CallMix, CallPlan, Scale
@@ -75,6 +77,11 @@ SENTINEL_IP = "zqzipzqz"
 _UUID_B = SENTINEL_UUID.encode()
 
 READ_SIZE = 65536
+# Kernel receive timestamps (struct timespec, CLOCK_REALTIME) on the driver's reads: the value
+# of Linux's asm-generic SO_TIMESTAMPNS (x86-64, arm64), which Python's socket module does not
+# name. Where it is refused, the engine's share of a call's latency is not measured.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_STAMP_SPACE = socket.CMSG_SPACE(16)
 
 
 # --------------------------------------------------------------------------- framing
@@ -422,9 +429,42 @@ class CallRecord:
     outcome: str
     error: str | None
     done: float  # seconds after the run's start when the call ended
+    engine_latency: float | None = None  # Placed.engine_latency
 
     def row(self) -> list[Any]:
-        return [self.kind, self.due, self.lag, self.latency, self.outcome, self.error, self.done]
+        return [
+            self.kind,
+            self.due,
+            self.lag,
+            self.latency,
+            self.outcome,
+            self.error,
+            self.done,
+            self.engine_latency,
+        ]
+
+
+class Placed(NamedTuple):
+    """What :func:`place` observed of one call."""
+
+    latency: float | None  # as CallRecord.latency, on the driver's clock when it read the frame
+    outcome: str
+    error: str | None
+    # The engine's share of the latency, read from the wire: from before connect() to the
+    # kernel's arrival time of `connect`, plus from the channel data's send to the kernel's
+    # arrival time of the decision. The switch's own time (answering `connect`) and the
+    # driver's lateness in reading are left out; None where the kernel gave no timestamps.
+    engine_latency: float | None = None
+
+
+def _recv_stamped(sock: Any) -> tuple[bytes, float | None]:
+    """One read, with the kernel's arrival time of its bytes (CLOCK_REALTIME) when it gave one."""
+    data, ancillary, _flags, _address = sock.recvmsg(READ_SIZE, _STAMP_SPACE)
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= 16:
+            seconds, nanoseconds = struct.unpack("qq", payload[:16])
+            return data, seconds + nanoseconds / 1e9
+    return data, None
 
 
 _NOTHING: frozenset[str] = frozenset()
@@ -583,8 +623,8 @@ def place(
     *,
     timeout: float = 10.0,
     clock: Callable[[], float] = time.perf_counter,
-) -> tuple[float | None, str, str | None]:
-    """Play FreeSWITCH for one call: (decision latency, outcome, error)."""
+) -> Placed:
+    """Play FreeSWITCH for one call: its decision latency, outcome and error."""
     import gevent
     from gevent import socket as gsocket
 
@@ -592,40 +632,49 @@ def place(
     call = _Call(lib, call_uuid.encode())
     splitter = CommandSplitter()
     latency: float | None = None
+    engine: float | None = None
     sock = gsocket.socket(gsocket.AF_INET, gsocket.SOCK_STREAM)
     try:
         sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
+        stamped = _stamp_arrivals(sock)
         with gevent.Timeout(timeout + plan.hold, False):
-            began = clock()
+            began, began_wall = clock(), time.time()
             try:
                 sock.connect(address)
             except ConnectionRefusedError:
-                return clock() - began, REFUSED, None
+                return Placed(clock() - began, REFUSED, None)
             except OSError as exc:
-                return None, "", f"connect: {exc.strerror or exc}"
+                return Placed(None, "", f"connect: {exc.strerror or exc}")
             t0 = clock()
             connected = False
+            switch_sent: float | None = None  # wall time the channel data was sent
+            engine_before: float | None = None  # the engine's time until `connect` arrived
             while True:
+                arrived: float | None = None
                 try:
-                    data = sock.recv(READ_SIZE)
+                    if stamped and latency is None:
+                        data, arrived = _recv_stamped(sock)
+                    else:
+                        data = sock.recv(READ_SIZE)
                 except OSError as exc:
-                    return latency, call.outcome, None if call.over else f"reset: {exc.strerror or exc}"
+                    error = None if call.over else f"reset: {exc.strerror or exc}"
+                    return Placed(latency, call.outcome, error, engine)
                 if not data:
                     if call.over or call.exited:
-                        return latency, call.outcome, None
-                    return (
-                        latency,
-                        call.outcome,
-                        "closed before the decision" if latency is None else "closed early",
-                    )
+                        return Placed(latency, call.outcome, None, engine)
+                    why = "closed before the decision" if latency is None else "closed early"
+                    return Placed(latency, call.outcome, why, engine)
                 blocks = splitter.feed(data)
                 if not blocks:
                     continue
                 if not connected:
                     if not blocks[0].startswith(b"connect"):
-                        return None, "", f"first command is not connect: {blocks[0][:40]!r}"
+                        return Placed(None, "", f"first command is not connect: {blocks[0][:40]!r}")
                     connected = True
+                    if arrived is not None:
+                        engine_before = arrived - began_wall
                     out = lib.connect_reply(plan, call_uuid)
+                    switch_sent = time.time()
                     blocks = blocks[1:]
                     if blocks:
                         out += call.feed(blocks)
@@ -633,23 +682,31 @@ def place(
                     out = call.feed(blocks)
                 if latency is None and call.decided:
                     latency = clock() - t0
+                    if engine_before is not None and switch_sent is not None and arrived is not None:
+                        engine = engine_before + (arrived - switch_sent)
                 if out:
                     sock.sendall(out)
                 if call.exited:
-                    return latency, call.outcome, None
+                    return Placed(latency, call.outcome, None, engine)
                 if call.bridged and not call.over:
                     if plan.hold > 0:
                         gevent.sleep(plan.hold)
                     sock.sendall(call.hangup())
-        return (
-            latency,
-            call.outcome,
-            "timeout: no decision" if latency is None else "timeout: socket not closed",
-        )
+        why = "timeout: no decision" if latency is None else "timeout: socket not closed"
+        return Placed(latency, call.outcome, why, engine)
     except OSError as exc:
-        return latency, call.outcome, f"socket: {exc.strerror or exc}"
+        return Placed(latency, call.outcome, f"socket: {exc.strerror or exc}", engine)
     finally:
         sock.close()
+
+
+def _stamp_arrivals(sock: Any) -> bool:
+    """Ask the kernel for each read's arrival time; False where it refuses (not Linux)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    except OSError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- a run
@@ -702,7 +759,8 @@ def run_load(
             plan.kind, due, began - start - due, None, "", "unfinished at the end of the run", 0.0
         )
         records.append(record)
-        record.latency, record.outcome, record.error = place(config.target, plan, lib, timeout=config.timeout)
+        placed = place(config.target, plan, lib, timeout=config.timeout)
+        record.latency, record.outcome, record.error, record.engine_latency = placed
         record.done = time.perf_counter() - start
 
     delay = start - time.perf_counter()
@@ -776,6 +834,14 @@ def report(
         # and the ones it shed, apart.
         "latency_not_degraded": summarize(r.latency for r in decided if r.outcome != "ENGINE_DEGRADED"),
         "latency_degraded": summarize(r.latency for r in decided if r.outcome == "ENGINE_DEGRADED"),
+        # The engine's share of those latencies, from the kernel's arrival times (Placed):
+        # without the switch model's time to answer `connect` and the driver's lateness.
+        "latency_engine": summarize(r.engine_latency for r in decided if r.engine_latency is not None),
+        "latency_engine_not_degraded": summarize(
+            r.engine_latency
+            for r in decided
+            if r.engine_latency is not None and r.outcome != "ENGINE_DEGRADED"
+        ),
         # Connections the engine refused (it had stopped listening): how fast, and how many.
         "refused": len(refused),
         "latency_refused": summarize(r.latency for r in refused),

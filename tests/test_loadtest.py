@@ -349,15 +349,15 @@ def test_command_splitter_and_frame_splitter_across_reads() -> None:
 def test_lean_driver_and_emulator_reach_the_same_decisions(library: driver.FsLibrary) -> None:
     with floor_server() as port:
         plan = CallPlan("accept", "441234567890", sip_auth_username="u1000120", hold=0.05)
-        latency, outcome, error = driver.place(("127.0.0.1", port), plan, library, timeout=5)
+        latency, outcome, error, _engine = driver.place(("127.0.0.1", port), plan, library, timeout=5)
         assert error is None and outcome == "accept" and latency is not None
         emulated = _emulated_call(port)
         assert emulated.bridged_target and emulated.error is None
     with floor_server("reject") as port:
-        latency, outcome, error = driver.place(("127.0.0.1", port), plan, library, timeout=5)
+        latency, outcome, error, _engine = driver.place(("127.0.0.1", port), plan, library, timeout=5)
         assert (outcome, error) == ("AUTHENTICATION_FAIL", None)
     with greenswitch_server() as port:
-        latency, outcome, error = driver.place(("127.0.0.1", port), plan, library, timeout=5)
+        latency, outcome, error, _engine = driver.place(("127.0.0.1", port), plan, library, timeout=5)
         assert (outcome, error) == ("accept", None)
 
 
@@ -366,11 +366,40 @@ def test_driver_counts_a_refused_connection_as_shed_with_its_time_to_refusal(
 ) -> None:
     """A saturated engine stops listening: the refusal is an answer (FreeSWITCH tries its next
     engine), not an error; its latency is connect() -> ECONNREFUSED."""
-    latency, outcome, error = driver.place(
+    latency, outcome, error, engine = driver.place(
         ("127.0.0.1", _free_port()), CallPlan("accept", "44"), library, timeout=1
     )
     assert outcome == driver.REFUSED and error is None
-    assert latency is not None and latency >= 0
+    assert latency is not None and latency >= 0 and engine is None
+
+
+def test_driver_reads_the_engines_share_of_the_latency_from_the_wire(
+    library: driver.FsLibrary, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The switch model's own time to answer `connect` is in the latency, not in the engine's
+    share (the kernel's arrival times of `connect` and of the decision)."""
+    answer = library.connect_reply
+
+    def slow_switch(plan: CallPlan, call_uuid: str) -> bytes:
+        gevent.sleep(0.2)
+        return answer(plan, call_uuid)
+
+    monkeypatch.setattr(library, "connect_reply", slow_switch)
+    plan = CallPlan("accept", "441234567890", sip_auth_username="u1000120")
+    # Linux turns receive timestamps on for the whole stack lazily (a deferred static key):
+    # the first packets after the first socket asks may carry none. A socket that asked keeps
+    # them on, as the driver's many calls do during a run.
+    with socket.socket() as keeper:
+        keeper.setsockopt(socket.SOL_SOCKET, driver.SO_TIMESTAMPNS, 1)
+        time.sleep(0.05)
+        with floor_server() as port:
+            placed = driver.place(("127.0.0.1", port), plan, library, timeout=5)
+    assert placed.outcome == "accept" and placed.error is None
+    assert placed.latency is not None and placed.engine_latency is not None
+    assert placed.latency >= 0.2 and placed.engine_latency > 0
+    # The 0.2 s is the switch's: left out of the engine's share however slow the machine is
+    # (less the few ms connect() may take to return here, which only the latency skips).
+    assert placed.latency - placed.engine_latency >= 0.15
 
 
 def test_report_separates_refused_from_decided_and_counts_both_as_shed() -> None:
