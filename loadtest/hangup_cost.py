@@ -11,7 +11,7 @@ Step 2 runs one part N times over them; under callgrind, N runs minus 0 runs, ov
     PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
         python -m loadtest.hangup_cost bench parse 2000 [--billsec]       # and ... parse 0
 
-Parts: parse (parse_hangup), rate (rate_call), cdr (answered_cdr), ticket
+Parts: parse (parse_hangup), rate (rate_call), cdr (ticket_cdr: answered_cdr), ticket
 (ticket_settlement: the three), settle_call (the settle script's KEYS/ARGV, CDR JSON
 included), settle_pack (that and its packing for the wire), release_pack (a limits
 release's command, packed). ``--billsec`` replaces the load driver's 0-second calls by
@@ -61,7 +61,7 @@ def capture(argv: list[str]) -> None:
 def bench(part: str, n: int, billsec: bool) -> None:
     import redis
 
-    from engine.billing import calls, cdr, hangup, rating
+    from engine.billing import calls, hangup, rating
     from engine.billing.funds import Funds
     from engine.state.direct import DirectConnections
     from engine.state.limits.redis import _RELEASE_SCRIPT, Limiter
@@ -94,18 +94,7 @@ def bench(part: str, n: int, billsec: bool) -> None:
         elif part == "rate":
             rating.rate_call(ticket.pricing, end.billsec, end.carried_leg)
         elif part == "cdr":
-            cdr.answered_cdr(
-                end,
-                ticket.pricing,
-                rated,
-                account_id=ticket.account_id,
-                account_number=ticket.account_number,
-                chain=ticket.chain,
-                direction=ticket.direction,
-                caller_id_name=ticket.caller_id_name,
-                translated=ticket.translated,
-                fallback_start=ticket.decided_at,
-            )
+            calls.ticket_cdr(end, ticket, rated)
         elif part == "ticket":
             calls.ticket_settlement(headers, ticket, recorded)
         elif part == "settle_call":

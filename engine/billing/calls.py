@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from engine.billing.cdr import answered_cdr, rejected_cdr
 from engine.billing.funds import FundsLevel, Settlement
@@ -101,11 +102,17 @@ def ticket_settlement(
     facts in, same amounts and the same CDR out, so whichever settles first, the other is a
     no-op. ``recorded``: the snapshot's ``calls_debited`` of an account (0 when unknown)."""
     end = parse_hangup(headers)
-    pricing = ticket.pricing
-    rated = rate_call(pricing, end.billsec, end.carried_leg)
-    record = answered_cdr(
+    rated = rate_call(ticket.pricing, end.billsec, end.carried_leg)
+    record = ticket_cdr(end, ticket, rated)
+    debits = tuple([(d.account_id, recorded(d.account_id), d.amount) for d in rated.debits])
+    return Settlement(end.uuid, debits, record), rated, end
+
+
+def ticket_cdr(end: CallEnd, ticket: BillingTicket, rated: RatedCall) -> dict[str, Any]:
+    """The CDR of an answered call from its end and the ticket its decision wrote."""
+    return answered_cdr(
         end,
-        pricing,
+        ticket.pricing,
         rated,
         account_id=ticket.account_id,
         account_number=ticket.account_number,
@@ -115,8 +122,6 @@ def ticket_settlement(
         translated=ticket.translated,
         fallback_start=ticket.decided_at,
     )
-    debits = tuple([(d.account_id, recorded(d.account_id), d.amount) for d in rated.debits])
-    return Settlement(end.uuid, debits, record), rated, end
 
 
 def reject_settlement(
