@@ -15,10 +15,12 @@ from typing import Any, TypeVar
 import gevent
 import gevent.subprocess
 import psycopg
+import redis
 
 from engine.config import Config, load_config
 from engine.db.fixtures import load_document
 from engine.db.migrate import migrate
+from engine.state.keys import limits_registry_key
 from engine.sync import publish_once
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +94,21 @@ def prepare_database(database_url: str, document: Mapping[str, Any]) -> None:
 def publish(env: Mapping[str, str]) -> int:
     version, _counts = publish_once(config_for(env))
     return version
+
+
+def counted_calls(env: Mapping[str, str]) -> int:
+    """How many calls the engines sharing `env`'s Redis and key prefix count as up."""
+    client = redis.Redis.from_url(env["CALLGATE_REDIS_URL"])
+    try:
+        return int(client.zcard(limits_registry_key(env["CALLGATE_REDIS__KEY_PREFIX"])))
+    finally:
+        client.close()
+
+
+def wait_all_released(env: Mapping[str, str], timeout: float = 15.0) -> None:
+    """Wait until every call is released: an engine releases a call's slots after its hangup, in
+    its next release batch, so the emulator's call can end before the account may call again."""
+    wait_until(lambda: counted_calls(env) == 0, timeout, what="every call released")
 
 
 def run_cli(args: list[str], env: Mapping[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -27,6 +27,7 @@ from engine.model import Account, AccountKind, Did, Trunk
 from engine.rules.catalog import Catalog
 from engine.rules.config import RulesConfig
 from engine.state.direct import DirectConnections
+from engine.state.keys import limits_call_key, limits_channels_key, limits_cps_key, limits_registry_key
 from engine.state.limits import (
     FailOpenLimiter,
     LevelKind,
@@ -210,10 +211,10 @@ def test_two_processes_admit_exactly_the_limit(redis_url: str, key_prefix: str, 
     assert len(refused) == 150
     assert set(refused) == {(False, "account", kind, 1)}
     if kind == "channels":
-        assert client.zcard(f"{key_prefix}limits:ch:acct:1") == 50
+        assert client.zcard(limits_channels_key(key_prefix, "acct", 1)) == 50
     else:
-        assert client.zcard(f"{key_prefix}limits:cps:acct:1") == 50
-    assert client.zcard(f"{key_prefix}limits:calls") == 50
+        assert client.zcard(limits_cps_key(key_prefix, "acct", 1)) == 50
+    assert client.zcard(limits_registry_key(key_prefix)) == 50
 
 
 # --------------------------------------------------------------------------- levels
@@ -229,7 +230,7 @@ def test_reseller_limit_binds_below_its_customers(client, key_prefix: str) -> No
     refused = outcomes[3]
     assert (refused.level, refused.subject_id, refused.kind) == (LevelKind.RESELLER, 9, LimitKind.CHANNELS)
     assert limit_reason(refused) is Reason.CONCURRENT_LIMIT
-    assert client.zcard(f"{key_prefix}limits:ch:acct:9") == 3
+    assert client.zcard(limits_channels_key(key_prefix, "acct", 9)) == 3
     # The reseller's own calls count against the same counter as its customers'.
     own = limiter.acquire("own", limiter.subjects_for(accept((9,)), cat), 60)
     assert not own.admitted and own.level is LevelKind.ACCOUNT and own.subject_id == 9
@@ -251,7 +252,7 @@ def test_a_full_later_level_takes_nothing(client, key_prefix: str) -> None:
         k: client.zrange(k, 0, -1, withscores=True) for k in keys_of(client, key_prefix) if "call:" not in k
     }
     assert after == before  # no counter moved, CPS logs included
-    assert not client.exists(f"{key_prefix}limits:call:second")
+    assert not client.exists(limits_call_key(key_prefix, "second"))
 
 
 def test_cps_refusal_names_the_level_and_kind(client, key_prefix: str) -> None:
@@ -297,7 +298,7 @@ def test_full_trunks_are_skipped_and_the_call_counted_on_the_first_with_room(cli
     assert isinstance(reject, Reject) and reject.reason is Reason.TERMINATION_RATE_NOT_FOUND
     assert "trunk 12 (cps)" in reject.detail
     # Nothing was taken for the refused call: the account still holds three calls.
-    assert members(client, f"{key_prefix}limits:ch:acct:1") == {"c1", "c2", "c3"}
+    assert members(client, limits_channels_key(key_prefix, "acct", 1)) == {"c1", "c2", "c3"}
 
 
 def test_an_unlimited_trunk_always_has_room_and_is_not_counted(client, key_prefix: str) -> None:
@@ -306,8 +307,9 @@ def test_an_unlimited_trunk_always_has_room_and_is_not_counted(client, key_prefi
     assert limiter.acquire("c1", plan, 60).counted_trunk_id == 10
     second = limiter.acquire("c2", plan, 60)
     assert second.admitted and second.counted_trunk_id is None and second.trunk_ids == (11, 12)
-    assert not client.exists(f"{key_prefix}limits:ch:trunk:12")  # after the unlimited one: never counted
-    client.zadd(f"{key_prefix}limits:ch:trunk:12", {"elsewhere": 10**15})
+    # trunk 12 comes after the unlimited trunk 11: never counted
+    assert not client.exists(limits_channels_key(key_prefix, "trunk", 12))
+    client.zadd(limits_channels_key(key_prefix, "trunk", 12), {"elsewhere": 10**15})
     third = limiter.acquire("c3", plan, 60)
     assert third.trunk_ids == (11,)  # a full trunk after it is still dropped from the failover list
 
@@ -324,22 +326,22 @@ def test_release_exactly_once(client, key_prefix: str) -> None:
     assert limiter.release("a") is True
     assert limiter.release("a") is False
     assert limiter.release("never-seen") is False
-    for key in ("ch:acct:1", "ch:acct:2", "ch:trunk:10"):
-        assert members(client, f"{key_prefix}limits:{key}") == {"b"}
+    for group, subject in (("acct", 1), ("acct", 2), ("trunk", 10)):
+        assert members(client, limits_channels_key(key_prefix, group, subject)) == {"b"}
     assert limiter.counted_calls().keys() == {"b"}
-    assert not client.exists(f"{key_prefix}limits:call:a")
+    assert not client.exists(limits_call_key(key_prefix, "a"))
     assert limiter.acquire("c", plan, 60).admitted  # the freed slot is usable once
 
 
 def test_acquire_is_idempotent_per_call(client, key_prefix: str) -> None:
     limiter = Limiter(client, key_prefix)
     plan = LimitPlan((acct(1, 1),), (tr(10, 1), tr(11, 1)))
-    client.zadd(f"{key_prefix}limits:ch:trunk:10", {"other": 10**15})
+    client.zadd(limits_channels_key(key_prefix, "trunk", 10), {"other": 10**15})
     first = limiter.acquire("a", plan, 60)
     again = limiter.acquire("a", plan, 60)  # e.g. a client retry after a timeout
     assert first.counted_trunk_id == 11
     assert again.admitted and again.duplicate and again.counted_trunk_id == 11 and again.trunk_ids[0] == 11
-    assert client.zcard(f"{key_prefix}limits:ch:acct:1") == 1
+    assert client.zcard(limits_channels_key(key_prefix, "acct", 1)) == 1
 
 
 def test_a_lost_release_stops_counting_at_the_deadline(client, key_prefix: str) -> None:
@@ -351,7 +353,7 @@ def test_a_lost_release_stops_counting_at_the_deadline(client, key_prefix: str) 
     assert not limiter.acquire("next", plan, 60).admitted
     clock.t += 0.001  # hold 60 s + margin 30 s
     assert limiter.acquire("next", plan, 60).admitted
-    assert members(client, f"{key_prefix}limits:ch:acct:1") == {"next"}
+    assert members(client, limits_channels_key(key_prefix, "acct", 1)) == {"next"}
     assert limiter.counted_calls().keys() == {"next"}
 
 
@@ -369,18 +371,13 @@ def test_every_key_has_a_ttl(client, key_prefix: str) -> None:
     plan = LimitPlan((acct(1, 5, 5), Subject(LevelKind.DID, 3, 5, 5)), (tr(10, 5, 5),))
     assert limiter.acquire("a", plan, 120).admitted
     ttls = keys_of(client, key_prefix)
+    subjects = (("acct", 1), ("did", 3), ("trunk", 10))
+    cps_keys = {limits_cps_key(key_prefix, group, subject) for group, subject in subjects}
     assert set(ttls) == {
-        f"{key_prefix}limits:{k}"
-        for k in (
-            "calls",
-            "call:a",
-            "ch:acct:1",
-            "cps:acct:1",
-            "ch:did:3",
-            "cps:did:3",
-            "ch:trunk:10",
-            "cps:trunk:10",
-        )
+        limits_registry_key(key_prefix),
+        limits_call_key(key_prefix, "a"),
+        *(limits_channels_key(key_prefix, group, subject) for group, subject in subjects),
+        *cps_keys,
     }
     for key, ttl in ttls.items():
         if ":cps:" in key:
@@ -388,9 +385,7 @@ def test_every_key_has_a_ttl(client, key_prefix: str) -> None:
         else:
             assert 200_000 < ttl <= 210_000, key  # hold 120 + margin 30 + slack 60
     limiter.release("a")
-    assert set(keys_of(client, key_prefix)) == {
-        f"{key_prefix}limits:cps:{k}" for k in ("acct:1", "did:3", "trunk:10")
-    }  # only the CPS logs stay, and they expire within a minute
+    assert set(keys_of(client, key_prefix)) == cps_keys  # only the CPS logs stay; they expire within a minute
 
 
 # --------------------------------------------------------------------------- CPS edges
@@ -573,10 +568,10 @@ def test_release_many_releases_the_counted_calls_in_one_batch(client, key_prefix
     timed.clear()
     assert limiter.release_many(["a", "never-seen", "b", "a"]) == 2  # a repeat in the batch counts once
     assert timed == ["release"]
-    for key in ("ch:acct:1", "ch:trunk:10"):
-        assert members(client, f"{key_prefix}limits:{key}") == {"c"}
+    for group, subject in (("acct", 1), ("trunk", 10)):
+        assert members(client, limits_channels_key(key_prefix, group, subject)) == {"c"}
     assert limiter.counted_calls().keys() == {"c"}
-    assert not client.exists(f"{key_prefix}limits:call:a", f"{key_prefix}limits:call:b")
+    assert not client.exists(limits_call_key(key_prefix, "a"), limits_call_key(key_prefix, "b"))
     assert limiter.release_many(["a", "b"]) == 0  # repeats are no-ops
     assert limiter.release_many([]) == 0
     assert limiter.counted_calls().keys() == {"c"}
@@ -942,14 +937,14 @@ def test_explain_says_concurrent_limit_at_2_of_2_and_takes_nothing(client, key_p
     engine = Decider(_Source(cat), RulesConfig(), max_age=5, limiter=limiter)
     assert isinstance(engine(dataclasses.replace(call(), uuid="up-1")), Accept)
     assert isinstance(engine(dataclasses.replace(call(), uuid="up-2")), Accept)  # 2/2 channels
-    key = f"{key_prefix}limits:ch:acct:{world.customer.id}"
+    key = limits_channels_key(key_prefix, "acct", world.customer.id)
     held = members(client, key)
-    registry = members(client, f"{key_prefix}limits:calls")
+    registry = members(client, limits_registry_key(key_prefix))
     explained = explain_request(Config(), call(), cat, limiter)
     assert isinstance(explained, Reject) and explained.reason is Reason.CONCURRENT_LIMIT
     assert explained.steps[-1].rule == "limits"
     assert members(client, key) == held == {"up-1", "up-2"}  # nothing taken
-    assert members(client, f"{key_prefix}limits:calls") == registry
+    assert members(client, limits_registry_key(key_prefix)) == registry
     limiter.release("up-1")
     assert isinstance(explain_request(Config(), call(), cat, limiter), Accept)
     assert members(client, key) == {"up-2"}

@@ -15,6 +15,7 @@ from loadtest.fsemu import CallSpec, InboundServer, Switch, place_call, run_call
 from tests.private_redis import PrivateRedis
 from tests.support import (
     EngineProcess,
+    counted_calls,
     engine_environment,
     free_port,
     prepare_database,
@@ -107,14 +108,6 @@ def environment(module_pg_url: str, redis_url: str, module_key_prefix: str) -> d
     prepare_database(module_pg_url, CATALOGUE)
     publish(env)
     return env
-
-
-def counted_calls(env: dict[str, str]) -> int:
-    client = redis.Redis.from_url(env["CALLGATE_REDIS_URL"])
-    try:
-        return client.zcard(env["CALLGATE_REDIS__KEY_PREFIX"] + "limits:calls")
-    finally:
-        client.close()
 
 
 def test_two_engines_sharing_a_limit_admit_exactly_the_limit(environment, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from engine.reconcile import (
     parse_show_channels,
     reconcile,
 )
+from engine.state.keys import limits_call_key, limits_channels_key
 from engine.state.limits import LevelKind, Limiter, LimitPlan, Subject
 from loadtest.fsemu.inbound import InboundServer
 from loadtest.fsemu.outbound import SHOW_CHANNELS_COLUMNS, Switch
@@ -218,10 +219,10 @@ def test_orphans_of_a_killed_engine_are_released_and_live_calls_kept(
     assert report.ran and not report.errors
     assert sorted(report.released) == ["call-2", "call-3", "call-5"]
     assert (report.counted, report.orphans, report.kept, report.live_channels) == (6, 3, 0, 5)
-    assert held(client, f"{key_prefix}limits:ch:acct:1") == {"call-0", "call-1", "call-4"}
-    assert held(client, f"{key_prefix}limits:ch:trunk:10") == {"call-0", "call-1", "call-4"}
+    assert held(client, limits_channels_key(key_prefix, "acct", 1)) == {"call-0", "call-1", "call-4"}
+    assert held(client, limits_channels_key(key_prefix, "trunk", 10)) == {"call-0", "call-1", "call-4"}
     assert set(limiter.counted_calls()) == {"call-0", "call-1", "call-4"}
-    assert not client.exists(f"{key_prefix}limits:call:call-2")
+    assert not client.exists(limits_call_key(key_prefix, "call-2"))
     # A second run finds nothing more; the engine's own late release is a harmless no-op.
     again = reconcile(limiter, [s.at() for s in switches], grace_seconds=5)
     assert again.ran and again.released == ()

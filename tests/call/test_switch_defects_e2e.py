@@ -15,7 +15,7 @@ import gevent
 import pytest
 
 from loadtest.fsemu import CallSpec, place_call
-from tests.support import EngineProcess, engine_environment, prepare_database, publish
+from tests.support import EngineProcess, engine_environment, prepare_database, publish, wait_all_released
 
 CATALOGUE = {
     "gateways": [{"name": "gw-1"}],
@@ -81,6 +81,13 @@ def engine(environment: dict[str, str], tmp_path_factory: pytest.TempPathFactory
     process.stop()
 
 
+@pytest.fixture(autouse=True)
+def no_call_up(environment: dict[str, str]) -> None:
+    """Each test starts with account `two`'s 2 channels free: the calls of the test before may
+    have ended at the emulator before the engine's release batch freed their slots."""
+    wait_all_released(environment)
+
+
 def spec(**fields) -> CallSpec:
     fields.setdefault("destination", "442071234567")
     fields.setdefault("sip_auth_username", "two")
@@ -111,7 +118,7 @@ def test_a_slow_switch_cannot_bridge_calls_past_the_limits(engine: EngineProcess
     assert all(r.engine_closed and not r.uncontrolled for r in bridged)
     assert "command replies still due after engine.reply_timeout" in engine.log()
     # Their hangups released the slots (in the next release batch): the account can call again.
-    gevent.sleep(0.3)
+    wait_all_released(engine.env)
     again = place_call("127.0.0.1", engine.port, spec(hold_seconds=0.1), timeout=10)
     assert again.channel_variables.get("callgate_reason") == "ACCEPTED", again.channel_variables
 

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from engine.state.direct import DirectConnections
+from engine.state.keys import limits_registry_key
 from loadtest.fsemu import InboundServer, Switch, place_call
 from tests.ha.sentinel import redis_server
 from tests.private_redis import PrivateRedis, free_port, private_redis_fixture, quick_client  # noqa: F401
@@ -101,7 +102,7 @@ def test_a_crashed_redis_with_aof_comes_back_with_its_counters(
     )
     prepare_database(module_pg_url, CATALOGUE)
     publish(env)
-    registry = f"{module_key_prefix}limits:calls"
+    registry = limits_registry_key(module_key_prefix)
     switch = Switch()
     engine = EngineProcess(env).start(tmp_path / "serve.log")
     try:

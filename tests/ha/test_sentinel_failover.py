@@ -28,6 +28,7 @@ from engine.state.keys import (
     funds_amounts_key,
     funds_reservations_key,
     limits_channels_key,
+    limits_registry_key,
 )
 from loadtest.fsemu import InboundServer, Switch, place_call
 from tests.ha.sentinel import SentinelCluster
@@ -77,7 +78,7 @@ def test_the_engine_follows_a_failover_and_bridges_nothing_unchecked(
     env = sentinel_environment(module_pg_url, module_key_prefix, cluster)
     prepare_database(module_pg_url, CATALOGUE)
     publish(env)  # through the sentinels, to the primary
-    registry = f"{module_key_prefix}limits:calls"
+    registry = limits_registry_key(module_key_prefix)
     switch = Switch()
     engine = EngineProcess(env).start(tmp_path / "serve.log")
     placed: list[Placed] = []
@@ -163,7 +164,7 @@ def test_releases_lost_in_a_failover_are_repaired_by_one_reconciliation(
     env = sentinel_environment(module_pg_url, module_key_prefix, cluster)
     prepare_database(module_pg_url, CATALOGUE)
     publish(env)
-    registry = f"{module_key_prefix}limits:calls"
+    registry = limits_registry_key(module_key_prefix)
     primary, replica = cluster.client(cluster.primary_port), cluster.client(cluster.replica_port)
     switch = Switch()
     engine = EngineProcess(env).start(tmp_path / "serve.log")
@@ -229,7 +230,7 @@ def test_acquires_lost_in_a_failover_are_recounted_by_one_reconciliation(
     env = sentinel_environment(module_pg_url, module_key_prefix, cluster)
     prepare_database(module_pg_url, CATALOGUE)
     publish(env)
-    registry = f"{module_key_prefix}limits:calls"
+    registry = limits_registry_key(module_key_prefix)
     primary, replica = cluster.client(cluster.primary_port), cluster.client(cluster.replica_port)
     with psycopg.connect(module_pg_url) as conn:
         (account,) = conn.execute("SELECT id FROM accounts WHERE number = '1000000002'").fetchone()
