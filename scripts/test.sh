@@ -17,7 +17,8 @@ bash scripts/tools.sh
 bash scripts/ha-tools.sh
 bash scripts/browser.sh
 .venv/bin/ruff check .
-.venv/bin/mypy  # pyproject.toml [tool.mypy]: strict for esl, call, rules, decider, state
+.venv/bin/ruff format --check .
+.venv/bin/mypy  # pyproject.toml [tool.mypy]: engine and loadtest; strict for esl, call, rules, decider, state
 .venv/bin/python -m pytest "$@"
 # The whole suite again on the pure-Python ESL parser, the fallback a machine without a C
 # compiler runs (engine/esl/_speedups.c is optional; docs/performance.md). The first pass ran
