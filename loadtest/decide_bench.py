@@ -30,6 +30,7 @@ from typing import Any
 import engine.rules.catalog as catalog_module
 from engine import gcpolicy
 from engine.config import EngineSettings
+from engine.decision import Decision
 from engine.model import CallRequest, CatalogData
 from engine.rules.catalog import Catalog
 from engine.rules.config import RulesConfig
@@ -98,7 +99,7 @@ def cache_bytes(catalog: Catalog, requests: list[CallRequest]) -> tuple[int, flo
     return held, grown / max(1, held)
 
 
-def timed(catalog: Catalog, requests: list[CallRequest]) -> tuple[float, list[object]]:
+def timed(catalog: Catalog, requests: list[CallRequest]) -> tuple[float, list[Decision]]:
     """(CPU microseconds per decision, the decisions)."""
     ctx = DecisionContext(now=NOW, rng=random.Random(1), config=RulesConfig())
     started = time.process_time()

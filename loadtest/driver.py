@@ -584,8 +584,8 @@ class _Call:
                 events.append(self.lib.disconnect)
                 break
             elif block.startswith(b"nixevent"):
-                names = block.split(b"\n", 1)[0].split()[1:]
-                self.subscribed = self.subscribed - {n.decode() for n in names}
+                nixed = block.split(b"\n", 1)[0].split()[1:]
+                self.subscribed = self.subscribed - {n.decode() for n in nixed}
                 replies.append(_reply(b"+OK events nixed"))
             elif block.startswith(b"event"):
                 names = [n.decode() for n in block.split(b"\n", 1)[0].split()[1:]]
@@ -796,6 +796,14 @@ def run_load(
 # --------------------------------------------------------------------------- reporting
 
 
+OutcomeFilter = Callable[[str | None], bool]
+
+
+def _latencies(records: Iterable[CallRecord], keep: OutcomeFilter | None = None) -> list[float]:
+    """The latencies read of the records whose outcome `keep` accepts (of all by default)."""
+    return [r.latency for r in records if r.latency is not None and (keep is None or keep(r.outcome))]
+
+
 def report(
     records: list[CallRecord], config: LoadConfig, probes: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -810,8 +818,8 @@ def report(
     by_class: dict[str, Counter[str]] = {}
     for r in measured:
         by_class.setdefault(r.kind, Counter())[r.outcome or "(none)"] += 1
-    accepted = [r.latency for r in decided if r.outcome == "accept"]
-    rejected = [r.latency for r in decided if r.outcome != "accept"]
+    accepted = _latencies(decided, lambda outcome: outcome == "accept")
+    rejected = _latencies(decided, lambda outcome: outcome != "accept")
     lags = sorted(r.lag for r in measured)
     out: dict[str, Any] = {
         "config": config.to_json(),
@@ -827,13 +835,13 @@ def report(
         "errors": sum(errors.values()),
         "error_kinds": dict(errors.most_common()),
         "error_examples": _error_examples(r.error for r in measured if r.error),
-        "latency": summarize(r.latency for r in decided),
+        "latency": summarize(_latencies(decided)),
         "latency_accepted": summarize(accepted),
         "latency_rejected": summarize(rejected),
         # Beyond saturation the engine sheds (ENGINE_DEGRADED at once): the calls it decided
         # and the ones it shed, apart.
-        "latency_not_degraded": summarize(r.latency for r in decided if r.outcome != "ENGINE_DEGRADED"),
-        "latency_degraded": summarize(r.latency for r in decided if r.outcome == "ENGINE_DEGRADED"),
+        "latency_not_degraded": summarize(_latencies(decided, lambda outcome: outcome != "ENGINE_DEGRADED")),
+        "latency_degraded": summarize(_latencies(decided, lambda outcome: outcome == "ENGINE_DEGRADED")),
         # The engine's share of those latencies, from the kernel's arrival times (Placed):
         # without the switch model's time to answer `connect` and the driver's lateness.
         "latency_engine": summarize(r.engine_latency for r in decided if r.engine_latency is not None),
@@ -844,10 +852,10 @@ def report(
         ),
         # Connections the engine refused (it had stopped listening): how fast, and how many.
         "refused": len(refused),
-        "latency_refused": summarize(r.latency for r in refused),
+        "latency_refused": summarize(_latencies(refused)),
         # Shed either way (ENGINE_DEGRADED or refused): the "rest shed fast" of issue 18.
         "shed": len(shed),
-        "latency_shed": summarize(r.latency for r in shed),
+        "latency_shed": summarize(_latencies(shed)),
         "outcomes": dict(outcomes.most_common()),
         "outcomes_by_class": {k: dict(v.most_common()) for k, v in sorted(by_class.items())},
         "driver_lag_p99_ms": (lags[min(len(lags) - 1, math.ceil(0.99 * len(lags)) - 1)] * 1000)

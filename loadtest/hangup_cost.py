@@ -23,7 +23,11 @@ from __future__ import annotations
 import pickle
 import random
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.billing.calls import Settlement
 
 INPUTS = "/tmp/hangup_inputs.pkl"
 
@@ -44,12 +48,12 @@ def capture(argv: list[str]) -> None:
         tickets.append((dict(headers), ticket, {d.account_id: recorded(d.account_id) for d in out[1].debits}))
         return out
 
-    def recording_settle_many(self: Any, batch: Any) -> Any:
+    def recording_settle_many(self: funds.Funds, batch: Sequence[Settlement]) -> list[bool]:
         items.extend(batch)
         return settle_many(self, batch)
 
     calls.ticket_settlement = recording_settlement
-    funds.Funds.settle_many = recording_settle_many  # type: ignore[method-assign]
+    funds.Funds.settle_many = recording_settle_many  # type: ignore[method-assign,assignment]
     try:
         main(argv)
     finally:

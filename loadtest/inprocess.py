@@ -55,7 +55,7 @@ class InProcessEngine:
         self.engine.load_initial_snapshot()
         # The snapshot watcher does not run here (its Redis waits would block the hub): the
         # loaded snapshot stays "confirmed" so that calls are decided, not refused as stale.
-        self.engine.snapshots.confirmed_age = lambda: 0.0
+        self.engine.snapshots.confirmed_age = lambda now=None: 0.0  # type: ignore[method-assign]
         self.handler = self.engine.server._handler
         self.lib = lib
 
@@ -140,7 +140,7 @@ class InProcessEngine:
 
     def _serve(self, conn: Any) -> None:
         try:
-            self.handler(conn, ("127.0.0.1", 0))
+            self.handler(conn, ("127.0.0.1", 0), time.monotonic())  # accepted now, as the server does
         finally:
             conn.close()
 

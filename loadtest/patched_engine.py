@@ -107,6 +107,7 @@ def timing_document(rows: Sequence[Sequence[float]], acquires: Sequence[Sequence
 def patch_timing() -> None:
     from engine.call import driver as authorize
     from engine.call import session as call_session
+    from engine.call.channel import call_request  # what the session module calls
     from engine.esl import connection
 
     rows: list[tuple[float, float, float, float, float]] = []
@@ -114,7 +115,8 @@ def patch_timing() -> None:
     wall = time.time
     original_send = connection.EslConnection.send
     original_read = connection.EslConnection.read_frame
-    original_request = call_session.call_request
+    original_request = call_request
+    current_conn: connection.EslConnection | None = None  # whose channel data was read last
     original_decide = authorize.CallHandler._decide_within_deadline
 
     def send(self, data: bytes) -> None:
@@ -127,26 +129,27 @@ def patch_timing() -> None:
             t0, t_reply, t_parsed, t_decided, t_sent = stamps
             rows.append((wall(), t_reply - t0, t_parsed - t_reply, t_decided - t_parsed, t_sent - t_decided))
 
-    def read_frame(self, timeout: float):
+    def read_frame(self, timeout: float | None):
+        nonlocal current_conn
         frame = original_read(self, timeout)
         stamps = self.__dict__.get("_t")
         if stamps is not None and len(stamps) == 1:
             stamps.append(clock())  # channel data read
-            authorize._current_conn = self
+            current_conn = self
         return frame
 
-    def call_request(headers):
+    def timed_call_request(headers):
         request = original_request(headers)
-        conn = getattr(authorize, "_current_conn", None)
+        conn = current_conn
         if conn is not None and len(conn.__dict__.get("_t", ())) == 2:
-            conn._t.append(clock())
+            conn.__dict__["_t"].append(clock())
         return request
 
     def decide(self, request):
-        conn = getattr(authorize, "_current_conn", None)
+        conn = current_conn
         outcome = original_decide(self, request)
         if conn is not None and len(conn.__dict__.get("_t", ())) == 3:
-            conn._t.append(clock())
+            conn.__dict__["_t"].append(clock())
         return outcome
 
     from engine.state import limits
@@ -161,11 +164,12 @@ def patch_timing() -> None:
         finally:
             acquires.append((wall(), clock() - started))
 
-    limits.Limiter.acquire = acquire
-    connection.EslConnection.send = send
-    connection.EslConnection.read_frame = read_frame
-    call_session.call_request = call_request
-    authorize.CallHandler._decide_within_deadline = decide
+    # A patch replaces the engine's methods in place: mypy's method-assign says just that.
+    limits.Limiter.acquire = acquire  # type: ignore[method-assign]
+    connection.EslConnection.send = send  # type: ignore[method-assign]
+    connection.EslConnection.read_frame = read_frame  # type: ignore[method-assign]
+    call_session.call_request = timed_call_request  # type: ignore[attr-defined]
+    authorize.CallHandler._decide_within_deadline = decide  # type: ignore[method-assign]
 
     def dump() -> None:
         path = os.environ.get("CALLGATE_TIMING_OUT")

@@ -19,7 +19,7 @@ except ImportError:
 PARSERS = pytest.mark.parametrize(
     "parser_class",
     [pytest.param(PyEslParser, id="python")]
-    + ([pytest.param(CompiledParser, id="compiled")] if CompiledParser else []),
+    + ([pytest.param(CompiledParser, id="compiled")] if CompiledParser is not None else []),
 )
 
 pytestmark = pytest.mark.benchmark(group="esl")
@@ -121,7 +121,7 @@ except ImportError:
 PICKERS = pytest.mark.parametrize(
     "picker_class",
     [pytest.param(PyHeaderPicker, id="python")]
-    + ([pytest.param(CompiledPicker, id="compiled")] if CompiledPicker else []),
+    + ([pytest.param(CompiledPicker, id="compiled")] if CompiledPicker is not None else []),
 )
 
 

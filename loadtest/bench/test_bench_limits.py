@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 
+from engine.decision import Accept
 from engine.model import CallRequest
 from engine.rules import decide
 from engine.state.limits import Limiter
@@ -23,6 +24,7 @@ def plan_cycle(small_catalog, ctx):
             small_catalog,
             ctx,
         )
+        assert isinstance(decision, Accept), decision  # the dataset's plans are all accepted
         limit_plans.append((Limiter.subjects_for(decision, small_catalog), decision.max_duration))
     return itertools.cycle(limit_plans)
 

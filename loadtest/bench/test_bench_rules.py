@@ -11,7 +11,7 @@ from engine.decision import Accept
 from engine.model import CallRequest
 from engine.rules import decide
 from engine.rules.identify import identify
-from engine.rules.rating import find_rate, rate_level
+from engine.rules.rating import Rating, find_rate, rate_level
 from engine.rules.routing import CallerId, plan_routes
 from loadtest.bench.conftest import HUGE_ACCOUNTS, LARGE, SMALL, plans
 
@@ -88,7 +88,9 @@ def test_plan_routes_five_trunks(benchmark, large_catalog, ctx):
     cases = []
     for p in plans(LARGE, n=500):
         account = large_catalog.accounts[large_catalog.devices[p.sip_auth_username].account_id]
-        cases.append((p.destination, rate_level(account, p.destination, large_catalog, ctx.config)))
+        rating = rate_level(account, p.destination, large_catalog, ctx.config)
+        assert isinstance(rating, Rating), rating  # the dataset's plans are all rated
+        cases.append((p.destination, rating))
     cycle = itertools.cycle(cases)
     caller = CallerId("1000", "")
 
@@ -113,4 +115,5 @@ def test_render_bridge_batch(benchmark, large_catalog, ctx):
     decision = decide(next(_requests(LARGE)), large_catalog, ctx)
     assert isinstance(decision, Accept)
     batch = benchmark(lambda: accept_batch(decision))
-    assert batch.replies_expected == 5  # myevents, nixevent, linger, multiset, bridge
+    # myevents, nixevent, the two filters (hangup, bridge result), linger, multiset, bridge
+    assert batch.replies_expected == 7

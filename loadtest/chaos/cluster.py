@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import shutil
@@ -21,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -62,6 +64,12 @@ def quick_client(port: int, timeout: float = 1.0) -> redis.Redis:
     )  # fmt: skip
 
 
+def zset_members(client: redis.Redis, key: str) -> set[str]:
+    """The members of a sorted set, read by a client that returns bytes (no decode_responses)."""
+    members = cast(list[bytes], client.zrange(key, 0, -1))
+    return {member.decode() for member in members}
+
+
 def answers(port: int) -> bool:
     try:
         return bool(quick_client(port, 0.5).ping())
@@ -73,7 +81,7 @@ def sentinels_see_everyone(sentinel_ports: list[int], service: str = SERVICE) ->
     """Every sentinel knows the two others and a replica: a failover can be voted and done."""
     for port in sentinel_ports:
         try:
-            state = quick_client(port).sentinel_master(service)
+            state = cast(dict[str, Any], quick_client(port).sentinel_master(service))
         except redis.RedisError:
             return False
         if int(state.get("num-other-sentinels", 0)) < 2 or int(state.get("num-slaves", 0)) < 1:
@@ -220,7 +228,7 @@ class RedisHa:
                     [tool("redis-server"), str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
                 )
             )
-            wait_for(lambda p=port: answers(p), 15, f"sentinel {port} answering")
+            wait_for(functools.partial(answers, port), 15, f"sentinel {port} answering")
         wait_for(self._sentinels_see_everyone, 90, "the sentinels discovering each other", 0.2)
         return self
 
@@ -238,7 +246,8 @@ class RedisHa:
         """The node a majority of the sentinels... (the first that answers) names primary."""
         for port in self.sentinel_ports:
             try:
-                address = quick_client(port, 0.5).sentinel_get_master_addr_by_name(SERVICE)
+                client = quick_client(port, 0.5)
+                address = cast("tuple[str, int] | None", client.sentinel_get_master_addr_by_name(SERVICE))
             except redis.RedisError:
                 continue
             if address:

@@ -21,6 +21,7 @@ import redis
 
 from engine.state.keys import limits_registry_key
 from loadtest.chaos.catalogue import DESTINATION
+from loadtest.chaos.cluster import zset_members
 from loadtest.fsemu import CallSpec, InboundServer, Switch, place_call
 
 # Refusals that are the engine's fault (not a rule's answer): these are "wrongly refused".
@@ -172,7 +173,7 @@ class RegistrySampler:
     def sample(self) -> None:
         for client in self.clients:
             with contextlib.suppress(redis.RedisError, OSError):
-                self.seen.update(m.decode() for m in client.zrange(self.key, 0, -1))
+                self.seen.update(zset_members(client, self.key))
 
     def stop(self) -> None:
         self._stop.set()

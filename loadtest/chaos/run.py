@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from loadtest.chaos.cluster import (
     RedisHa,
     callgate_environment,
     wait_for,
+    zset_members,
 )
 from loadtest.chaos.load import (
     LONG_CALLER,
@@ -197,12 +199,12 @@ class Chaos:
         return node.client(5)
 
     def counted(self) -> set[str]:
-        return {m.decode() for m in self.primary_client().zrange(limits_registry_key(PREFIX), 0, -1)}
+        return zset_members(self.primary_client(), limits_registry_key(PREFIX))
 
     def reserved(self) -> set[str]:
         client = self.primary_client()
         pattern = funds_reservations_key(PREFIX, 0)[:-1] + "*"
-        return {m.decode() for key in client.scan_iter(match=pattern) for m in client.zrange(key, 0, -1)}
+        return {member for key in client.scan_iter(match=pattern) for member in zset_members(client, key)}
 
     def cdr_backlog(self) -> int | None:
         """Entries of the CDR stream not yet written (undelivered + pending); None if unknown."""
@@ -323,7 +325,8 @@ class Chaos:
         reached PostgreSQL. Less is allowed: a settle lost in a failover (docs/high-availability.md)."""
         client = self.primary_client()
         with psycopg.connect(self.pg.url, connect_timeout=5) as conn:
-            recorded = dict(conn.execute("SELECT id, calls_debited FROM accounts").fetchall())
+            rows = conn.execute("SELECT id, calls_debited FROM accounts").fetchall()
+        recorded: dict[int, Decimal] = dict(rows)
         over = []
         for account_id, debited in recorded.items():
             spent = client.hget(funds_account_key(PREFIX, account_id), "spent")
@@ -384,10 +387,12 @@ class Chaos:
                 with conn.transaction():
                     if i % 2 == 0:
                         number = PREPAID[(i // 2) % len(PREPAID)]
-                        account, balance, currency = conn.execute(
+                        refilled = conn.execute(
                             "UPDATE accounts SET balance = balance + 0.50 WHERE number = %s"
                             " RETURNING id, balance, currency", [number],
                         ).fetchone()  # fmt: skip
+                        assert refilled is not None, f"prepaid account {number} is not in the catalogue"
+                        account, balance, currency = refilled
                         conn.execute(
                             "INSERT INTO balance_changes (account_id, kind, amount, balance_after,"
                             " currency, description, actor)"
@@ -616,10 +621,12 @@ def duplicate_hangup(chaos: Chaos, result: FaultResult) -> None:
     uuids = [g.value.uuid for g in calls if g.value.outcome == "BRIDGED"]
     wait_for(lambda: chaos.cdr_backlog() == 0, 60, "the CDRs written", 0.2)
     with psycopg.connect(chaos.pg.url, connect_timeout=5) as conn:
-        rows, debits = conn.execute(
+        counts = conn.execute(
             "SELECT (SELECT count(*) FROM cdrs WHERE uuid = ANY(%s)),"
             " (SELECT count(*) FROM call_debits WHERE uuid = ANY(%s))", [uuids, uuids],
         ).fetchone()  # fmt: skip
+        assert counts is not None  # an aggregate SELECT returns one row
+        rows, debits = counts
     result.notes.append(f"{len(uuids)} calls with a duplicated hangup: {rows} CDRs, {debits} debits")
     if rows != len(uuids) or debits != len(uuids):
         result.notes.append("DEFECT: a duplicated hangup was billed twice or not at all")

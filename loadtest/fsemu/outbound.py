@@ -688,7 +688,9 @@ def split_dial_string(dial: str) -> list[list[str]]:
         s = s[end + 1 :] if end >= 0 else s
 
     def split_top(text: str, sep: str) -> list[str]:
-        parts, depth, cur = [], 0, []
+        parts: list[str] = []
+        depth = 0
+        cur: list[str] = []
         for ch in text:
             if ch in "[{<":
                 depth += 1
@@ -1049,7 +1051,7 @@ class Channel(EslConnection):
     outbound = True
 
     def __init__(self, switch: Switch, host: str, port: int, spec: CallSpec, timeout: float) -> None:
-        super().__init__(switch, None)  # type: ignore[arg-type]
+        super().__init__(switch, None)  # its socket comes with connect()
         self.spec = spec
         self.host = host
         self.port = port
