@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -98,11 +99,14 @@ def publish(env: Mapping[str, str]) -> int:
 
 def counted_calls(env: Mapping[str, str]) -> int:
     """How many calls the engines sharing `env`'s Redis and key prefix count as up."""
-    client = redis.Redis.from_url(env["CALLGATE_REDIS_URL"])
-    try:
+    with contextlib.closing(redis.Redis.from_url(env["CALLGATE_REDIS_URL"])) as client:
         return int(client.zcard(limits_registry_key(env["CALLGATE_REDIS__KEY_PREFIX"])))
-    finally:
-        client.close()
+
+
+def is_counted(env: Mapping[str, str], call_uuid: str) -> bool:
+    """Whether an engine sharing `env`'s Redis and key prefix admitted this call and counts it."""
+    with contextlib.closing(redis.Redis.from_url(env["CALLGATE_REDIS_URL"])) as client:
+        return client.zscore(limits_registry_key(env["CALLGATE_REDIS__KEY_PREFIX"]), call_uuid) is not None
 
 
 def wait_all_released(env: Mapping[str, str], timeout: float = 15.0) -> None:

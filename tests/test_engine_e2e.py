@@ -9,12 +9,21 @@ from __future__ import annotations
 import socket
 import time
 from pathlib import Path
+from uuid import uuid4
 
 import gevent
 import pytest
 
 from loadtest.fsemu import CallSpec, place_call
-from tests.support import EngineProcess, engine_environment, prepare_database, publish, run_cli
+from tests.support import (
+    EngineProcess,
+    engine_environment,
+    is_counted,
+    prepare_database,
+    publish,
+    run_cli,
+    wait_until,
+)
 
 TRUSTED_PROXY = "192.0.2.7"
 
@@ -430,10 +439,17 @@ def test_over_capacity_a_call_is_answered_degraded_at_once(environment, tmp_path
         tmp_path / "serve.log"
     )
     try:
+        held_uuid = str(uuid4())
         held = gevent.spawn(
-            call, process, destination="442071234567", sip_auth_username="alice", hold_seconds=2.0
+            call,
+            process,
+            uuid=held_uuid,
+            destination="442071234567",
+            sip_auth_username="alice",
+            hold_seconds=2.0,
         )
-        gevent.sleep(0.5)  # the first call is up and holds the only slot
+        # the first call is admitted and holds the only connection
+        wait_until(lambda: is_counted(environment, held_uuid), what="the first call admitted")
         refused = call(process, destination="442071234567", sip_auth_username="alice")
         assert held.get(timeout=10).executed[-1][0] == "bridge"
     finally:

@@ -18,6 +18,7 @@ from tests.support import (
     counted_calls,
     engine_environment,
     free_port,
+    is_counted,
     prepare_database,
     publish,
     run_cli,
@@ -236,8 +237,9 @@ def test_redis_restart_degrades_then_counts_correctly(environment, private_redis
     publish(env)
     engine = EngineProcess(env).start(tmp_path / "serve.log")
     try:
-        held = gevent.spawn(place_call, "127.0.0.1", engine.port, spec("two", 4.0), timeout=10)
-        gevent.sleep(0.5)
+        held_spec = spec("two", 4.0)
+        held = gevent.spawn(place_call, "127.0.0.1", engine.port, held_spec, timeout=10)
+        wait_until(lambda: is_counted(env, held_spec.uuid), what="the held call admitted")
         stop_redis()
         during = place_call("127.0.0.1", engine.port, spec("two", 0.1))
         assert during.variables == {"callgate_reason": "ENGINE_DEGRADED"}
