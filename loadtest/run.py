@@ -630,6 +630,24 @@ def _saturation(ctx: Context, scale: Scale, seconds: float, label: str) -> dict[
     )
 
 
+def _held_load(cps: int, held: int, seconds: float) -> LoadConfig:
+    """``cps`` offered open loop once ``held`` calls are up (warmed for as long as they are
+    held), realistic mix, two driver processes: the held rows."""
+    mix = dict(DEFAULT_MIX)
+    hold = held_hold_seconds(cps, held, mix)
+    return LoadConfig(
+        target=("127.0.0.1", 0),
+        cps=float(cps),
+        duration=hold + 5.0 + seconds,
+        warmup=hold + 5.0,
+        mix=mix,
+        hold=hold,
+        procs=2,
+        drain=hold + 10,
+        timeout=10.0,
+    )
+
+
 def _open_loop(cps: float, seconds: float) -> LoadConfig:
     """``cps`` offered (rounded to a whole rate) for ``seconds`` after a 3 s warm-up, hold 0,
     realistic mix, two driver processes: the overload rows."""
@@ -697,26 +715,13 @@ def scenario_targets(
     no_shed = _no_shedding()
     saturation = _saturation(ctx, scale, seconds, "targets: saturation")
     top = saturation["achieved_cps"]
-    mix = dict(DEFAULT_MIX)
     cps = round(fraction * top)
-
-    def held_load(rate: int) -> LoadConfig:
-        """``rate`` CPS offered once ``held`` calls are up (warmed for as long as they are held)."""
-        hold = held_hold_seconds(rate, held, mix)
-        return LoadConfig(
-            target=("127.0.0.1", 0),
-            cps=float(rate),
-            duration=hold + 5.0 + seconds,
-            warmup=hold + 5.0,
-            mix=mix,
-            hold=hold,
-            procs=2,
-            drain=hold + 10,
-            timeout=10.0,
-        )
-
     held_run = measure(
-        ctx, spec, scale, held_load(cps), label=f"targets: {fraction:.0%} of saturation, {held} held"
+        ctx,
+        spec,
+        scale,
+        _held_load(cps, held, seconds),
+        label=f"targets: {fraction:.0%} of saturation, {held} held",
     )
     # 70 % of the saturation with the calls held: the held run's calls per server CPU second.
     held_capacity = held_run.get("capacity_cps_per_core") or 0.0
@@ -727,7 +732,7 @@ def scenario_targets(
             ctx,
             spec,
             scale,
-            held_load(held_cps),
+            _held_load(held_cps, held, seconds),
             label=f"targets: {fraction:.0%} of the saturation with {held} held",
         )
     over = _open_loop(overload * top, seconds)
@@ -832,6 +837,46 @@ def scenario_overload(
             "refused": run["refused"],
             "shed": run["shed"],
             "server_cpu_utilisation": run.get("server_cpu_utilisation"),
+        }
+    return {"runs": runs, "summary": summary}
+
+
+def scenario_held(
+    ctx: Context,
+    scale: Scale,
+    variants: Sequence[tuple[str, dict[str, str]]] = (),
+    held: int = 10_000,
+    fraction: float = 0.7,
+    shed: ShedBounds = ShedBounds(),
+) -> dict[str, Any]:
+    """The ``targets`` scenario's held row alone, once per ``--variant`` (in the order given:
+    repeat them to alternate A/B runs): the saturation measured first (closed loop, shedding
+    off), then ``fraction`` of it offered with ``held`` calls up to the engine with the ``shed``
+    bounds plus the variant's settings. To compare engine settings on the same offered load."""
+    seconds = 8.0 if ctx.quick else 20.0
+    saturation = _saturation(ctx, scale, seconds, "held: saturation")
+    cps = round(fraction * saturation["achieved_cps"])
+    load = _held_load(cps, held, seconds)
+    bounds = shed.env()
+    runs = [saturation]
+    summary: dict[str, Any] = {"saturation_cps": saturation["achieved_cps"], "offered_cps": cps, "held": held}
+    for index, (label, env) in enumerate(variants or [("bounds", {})]):
+        spec = ServerSpec(f"callgate [{label}]", "callgate", env={**bounds, **env})
+        run = measure(
+            ctx, spec, scale, load, label=f"held: {fraction:.0%} of saturation, {held} held [{label}]"
+        )
+        run["variant"] = {"label": label, "env": env}
+        runs.append(run)
+        latency = run["latency"]
+        summary[f"{index}:{label}"] = {
+            "p50_ms": latency.get("p50_ms", NAN),
+            "p90_ms": latency.get("p90_ms", NAN),
+            "p99_ms": latency.get("p99_ms", NAN),
+            "engine_p99_ms": run["latency_engine"].get("p99_ms", NAN),
+            "authorized_cps": run["authorized_cps"],
+            "shed": run["shed"],
+            "server_cpu_utilisation": run.get("server_cpu_utilisation"),
+            "server_cpu_per_call_us": run.get("server_cpu_per_call_us"),
         }
     return {"runs": runs, "summary": summary}
 
@@ -1131,6 +1176,7 @@ def main(argv: list[str] | None = None) -> int:
             "targets",
             "pauses",
             "overload",
+            "held",
             "latency",
             "sweep",
             "scale",
@@ -1180,8 +1226,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="LABEL:NAME=VALUE,...",
-        help="pauses and overload scenarios: one run per variant, the engine with these CALLGATE_ settings "
-        "(repeatable, in order: repeat them to alternate)",
+        help="pauses, overload and held scenarios: one run per variant, the engine with these "
+        "CALLGATE_ settings (repeatable, in order: repeat them to alternate)",
     )
     parser.add_argument(
         "--shed-bound",
@@ -1266,6 +1312,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[name] = scenario_pauses(ctx, scale, args.cps, args.held, variants)
             elif name == "overload":
                 results[name] = scenario_overload(ctx, scale, variants, shed=shed)
+            elif name == "held":
+                results[name] = scenario_held(ctx, scale, variants, held=args.held, shed=shed)
             elif name == "latency":
                 results[name] = scenario_latency(ctx, scale, args.cps, args.held)
                 if args.patched:
