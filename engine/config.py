@@ -72,10 +72,6 @@ class EngineSettings:
     # Seconds between young collections run on a clock (with gc_young_threshold > 0), so that
     # one never walks more than this long's allocations (engine.gcpolicy); 0 = only the threshold.
     gc_young_interval: float = 0.02
-    # Seconds a hungup call's settlement (parsing the hangup, rating, the CDR, the settle's
-    # arguments) may wait for the hub to have no call to serve (engine.priority); 0 = computed
-    # at once, in the call's greenlet.
-    hangup_idle_wait: float = 0.05
     # Source networks FreeSWITCH connects from (CIDRs); a connection from elsewhere is closed at
     # accept. Empty: any source (then firewall the port: see docs/call-session.md).
     allowed_networks: tuple[str, ...] = ()
@@ -128,8 +124,6 @@ class EngineSettings:
             raise ConfigError(f"engine.gc_middle_threshold must be >= 0, not {self.gc_middle_threshold}")
         if self.gc_young_interval < 0:
             raise ConfigError(f"engine.gc_young_interval must be >= 0, not {self.gc_young_interval}")
-        if not 0 <= self.hangup_idle_wait <= 1:
-            raise ConfigError(f"engine.hangup_idle_wait must be within [0, 1] s, not {self.hangup_idle_wait}")
         if self.gc_full_interval <= 0:
             raise ConfigError(f"engine.gc_full_interval must be > 0, not {self.gc_full_interval}")
 

@@ -44,7 +44,6 @@ from engine.limits_runtime import (
 )
 from engine.logs import Every, setup_logging
 from engine.metrics import EngineMetrics, wsgi_app
-from engine.priority import wait_for_idle
 from engine.rules.catalog import RECORD_TYPES, Catalog
 from engine.rules.gate import first_uses
 from engine.rules.packed import set_entity_cache
@@ -150,17 +149,10 @@ class Engine:
             margin_seconds=config.limits.margin_seconds,
             direct=self.direct_redis,  # the settler's batches, on the engine's hub
         )
-        # The hangup side's work waits for an idle hub, a bounded time (engine.priority).
-        idle_wait = config.engine.hangup_idle_wait
         self.settler = Settler(
-            self.funds,
-            registry=None if self.metrics.multiprocess else self.metrics.registry,
-            wait_for_idle=wait_for_idle if idle_wait > 0 else None,
-            idle_wait=idle_wait,
+            self.funds, registry=None if self.metrics.multiprocess else self.metrics.registry
         )
-        self.billing = LiveBilling(
-            self.settler, lambda: self.snapshots.current[1], rules.sip_response, defer=idle_wait > 0
-        )
+        self.billing = LiveBilling(self.settler, lambda: self.snapshots.current[1], rules.sip_response)
         decider = Decider(
             self.snapshots,
             rules,

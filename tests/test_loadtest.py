@@ -661,6 +661,20 @@ def test_held_calls_hold_time() -> None:
     assert held_hold_seconds(1000, 10_000, {"accept": 0.5, "no_funds": 0.5}) == pytest.approx(20.0)
 
 
+def test_the_held_rows_load_measures_once_the_calls_are_up() -> None:
+    """targets' and held's row: measured after as long as a call is held, plus 5 s."""
+    from loadtest.dataset import ACCEPTED_CLASSES, DEFAULT_MIX
+    from loadtest.run import _held_load, held_hold_seconds
+
+    load = _held_load(800, 10_000, 8.0)
+    hold = held_hold_seconds(800, 10_000, DEFAULT_MIX)
+    assert load.cps == 800.0 and load.hold == pytest.approx(hold) and load.procs == 2
+    assert load.warmup == pytest.approx(hold + 5.0) and load.duration == pytest.approx(hold + 13.0)
+    accepted = sum(share for kind, share in DEFAULT_MIX.items() if kind in ACCEPTED_CLASSES)
+    accepted_share = accepted / sum(DEFAULT_MIX.values())
+    assert load.cps * load.hold * accepted_share == pytest.approx(10_000)  # 10,000 calls up once warm
+
+
 def test_profile_summary_of_collapsed_stacks() -> None:
     text = "a (x.py:1);b (y.py:2) 3\na (x.py:1);c (z.py:3) 1\n"
     summary = summarize_collapsed(text)

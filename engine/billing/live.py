@@ -113,12 +113,7 @@ class LiveBilling:
     """The engine's hangup side: turns each decided call into one settlement for the Settler.
 
     ``bill`` never raises and never blocks (the call's greenlet runs it): a failure is logged
-    with the call's uuid, and the call is then left unbilled like a hangup never seen.
-
-    With ``defer``, an answered call's settlement is computed by the settler's loop instead
-    (``PendingSettlement``), when the hub has no call to serve (engine.priority): that work
-    decides nothing, and the decisions queued behind it wait less. A rejected call's stays
-    here: it is cheap, and its CDR's time is the wall clock's at the hangup."""
+    with the call's uuid, and the call is then left unbilled like a hangup never seen."""
 
     def __init__(
         self,
@@ -127,13 +122,11 @@ class LiveBilling:
         sip_response: SipResponse,
         *,
         wallclock: Callable[[], datetime] = lambda: datetime.now(UTC),
-        defer: bool = False,
     ) -> None:
         self.settler = settler
         self._catalog = catalog
         self._sip_response = sip_response
         self._wallclock = wallclock
-        self._defer = defer
 
     def bill(
         self,
@@ -145,27 +138,13 @@ class LiveBilling:
     ) -> None:
         if request is None or decision is None:
             return
-        if self._defer and hangup is not None and not isinstance(decision, Reject):
-            self.settler.put(PendingSettlement(self, request, decision, hangup))
-            return
-        item = self.logged_settlement(request, decision, hangup, may_hold_funds=may_hold_funds)
-        if item is not None:
-            self.settler.put(item)
-
-    def logged_settlement(
-        self,
-        request: CallRequest,
-        decision: Decision | BillingTicket,
-        hangup: Mapping[str, str] | None,
-        *,
-        may_hold_funds: bool = False,
-    ) -> Settlement | None:
-        """``settlement``, or None with the reason logged: never raises."""
         try:
-            return self.settlement(request, decision, hangup, may_hold_funds=may_hold_funds)
+            item = self.settlement(request, decision, hangup, may_hold_funds=may_hold_funds)
         except Exception:
             log.exception("uuid=%s could not be billed (left unbilled)", show(request.uuid, 64))
-            return None
+            return
+        if item is not None:
+            self.settler.put(item)
 
     def settlement(
         self,
@@ -236,42 +215,6 @@ class LiveBilling:
                 item, debits=tuple((a, recorded[a], recorded[a] * 0) for a in chain if a in recorded)
             )
         return item
-
-
-class PendingSettlement:
-    """An answered call's hangup, billed later by the settler's loop (engine.billing.settler)."""
-
-    __slots__ = ("_billing", "_decision", "_hangup", "_request", "_result")
-
-    def __init__(
-        self,
-        billing: LiveBilling,
-        request: CallRequest,
-        decision: Accept | BillingTicket,
-        hangup: Mapping[str, str],
-    ) -> None:
-        self._billing = billing
-        self._request = request
-        self._decision = decision
-        self._hangup = hangup
-        self._result: Settlement | _NotYet | None = _NOT_YET
-
-    @property
-    def uuid(self) -> str:
-        return self._request.uuid
-
-    def resolve(self) -> Settlement | None:
-        """Computed once: a batch retried after a Redis error, or a CDR logged, reads it again."""
-        if isinstance(self._result, _NotYet):
-            self._result = self._billing.logged_settlement(self._request, self._decision, self._hangup)
-        return self._result
-
-
-class _NotYet:
-    """A PendingSettlement not computed yet (its result may be None: not billable)."""
-
-
-_NOT_YET = _NotYet()
 
 
 def affordable_seconds(available: int, level: Sequence[int], cap: int) -> int:

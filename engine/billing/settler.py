@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from engine.billing.funds import Funds, FundsUnavailable, Settlement
 from engine.state.batches import BatchQueue, StopEvent
@@ -33,23 +31,6 @@ _IDLE_WAIT = 0.2
 _GATHER = 0.01
 
 
-# With deferred settlements, how many are computed and sent per moment the hub is idle: ~16
-# hangups are ~1-2 ms of CPU, which a decision arriving meanwhile waits for.
-_CHUNK = 16
-
-
-class Deferred(Protocol):
-    """A call's settlement still to compute: the settler's loop computes it, in its batch."""
-
-    @property
-    def uuid(self) -> str: ...
-
-    def resolve(self) -> Settlement | None:
-        """The settlement, computed on the first call only; None when the call cannot be
-        billed (the reason logged). Never raises."""
-        ...
-
-
 class Settler:
     def __init__(
         self,
@@ -59,17 +40,10 @@ class Settler:
         batch_size: int = 500,
         retry_max: float = 5.0,
         registry: Any = None,
-        wait_for_idle: Callable[[float], object] | None = None,
-        idle_wait: float = 0.0,
     ) -> None:
-        """With ``wait_for_idle`` (engine.priority's), a batch is computed and sent
-        ``_CHUNK`` settlements at a time, each chunk once the hub is idle, all of them within
-        ``idle_wait`` seconds of the batch's start: a busy hub delays a batch that long at most."""
         self._funds = funds
-        self._wait_for_idle = wait_for_idle
-        self._idle_wait = idle_wait
         # The loop (batches, retries, the last attempt at stop) is the event publisher's too.
-        self._batches: BatchQueue[Settlement | Deferred] = BatchQueue(
+        self._batches: BatchQueue[Settlement] = BatchQueue(
             "settlements",
             send=self._settle,
             retryable=(FundsUnavailable,),
@@ -88,17 +62,16 @@ class Settler:
 
     # --- the call sessions' side: never blocks, never raises -----------------------------------
 
-    def put(self, item: Settlement | Deferred) -> bool:
+    def put(self, item: Settlement) -> bool:
         if self._batches.put(item):
             return True
         self.dropped += 1
         if self._counters is not None:
             self._counters.dropped.inc()
-        ready = _resolved(item)
         log.error(
             "settlement dropped (queue full, Redis unreachable?): uuid=%s cdr=%s",
             json.dumps(item.uuid),
-            json.dumps(dict(ready.cdr), default=str) if ready is not None else "(not billable)",
+            json.dumps(dict(item.cdr), default=str),
         )
         return False
 
@@ -117,21 +90,8 @@ class Settler:
         """Settle until ``stop`` is set, then what is still queued (one attempt). Never raises."""
         self._batches.run(stop)
 
-    def _settle(self, batch: list[Settlement | Deferred]) -> None:
-        """Sends ``batch``, consuming it: after a Redis error the retry sends what is left."""
-        wait = self._wait_for_idle
-        size = _CHUNK if wait is not None else len(batch)
-        deadline = time.monotonic() + self._idle_wait
-        while batch:
-            if wait is not None:
-                wait(max(0.0, deadline - time.monotonic()))
-            ready = [item for item in map(_resolved, batch[:size]) if item is not None]
-            if ready:
-                self._send(ready)
-            del batch[:size]
-
-    def _send(self, ready: list[Settlement]) -> None:
-        results = self._funds.settle_many(ready)
+    def _settle(self, batch: list[Settlement]) -> None:
+        results = self._funds.settle_many(batch)
         fresh = sum(results)
         self.settled += fresh
         self.repeated += len(results) - fresh
@@ -139,22 +99,15 @@ class Settler:
             self._counters.settled.inc(fresh)
             self._counters.repeated.inc(len(results) - fresh)
 
-    def _not_sent(self, batch: list[Settlement | Deferred]) -> None:
+    def _not_sent(self, batch: list[Settlement]) -> None:
         """Redis unreachable at shutdown: each CDR logged whole, so it can be replayed."""
         for item in batch:
-            ready = _resolved(item)
-            if ready is None:
-                continue  # not billable: logged as such
             log.error(
                 "settlement not sent at shutdown: uuid=%s cdr=%s",
-                json.dumps(ready.uuid),
-                json.dumps(dict(ready.cdr), default=str),
+                json.dumps(item.uuid),
+                json.dumps(dict(item.cdr), default=str),
             )
-            self.dropped += 1
-
-
-def _resolved(item: Settlement | Deferred) -> Settlement | None:
-    return item if isinstance(item, Settlement) else item.resolve()
+        self.dropped += len(batch)
 
 
 class _Counters:

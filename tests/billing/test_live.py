@@ -11,14 +11,7 @@ from typing import ClassVar
 import redis
 
 from engine.billing.funds import Funds
-from engine.billing.live import (
-    BILLSEC_ROUNDING,
-    LiveBilling,
-    PendingSettlement,
-    PricedAccept,
-    granted_duration,
-    priced,
-)
+from engine.billing.live import BILLSEC_ROUNDING, LiveBilling, PricedAccept, granted_duration, priced
 from engine.billing.pricing import pricing_for
 from engine.decider import Decider
 from engine.decision import DEFAULT_SIP_RESPONSES, Accept, Reason, Reject
@@ -192,53 +185,3 @@ def test_parse_hangup_reads_no_header_outside_hangup_headers() -> None:
             if frame.event_name == "CHANNEL_HANGUP_COMPLETE":
                 parse_hangup(Recording(frame.event()))
     assert Recording.read and Recording.read <= set(HANGUP_HEADERS), Recording.read - set(HANGUP_HEADERS)
-
-
-class _Queue:
-    """The settler's side of LiveBilling.bill: what was put."""
-
-    def __init__(self) -> None:
-        self.items: list[object] = []
-
-    def put(self, item: object) -> bool:
-        self.items.append(item)
-        return True
-
-
-def test_a_deferred_hangup_settles_exactly_as_one_billed_at_once(caplog) -> None:
-    """With `defer` the settler computes an answered call's settlement (engine.priority); a
-    reject is still settled at once; a failure is logged when the settlement is computed."""
-    world = World()
-    catalog = world.catalog()
-    accept = run(catalog)
-    assert isinstance(accept, Accept)
-    hangup = dict(hangup_complete("answered_gateway_failover_wire.txt"))
-    request = CallRequest(uuid=hangup["Unique-ID"], destination="442071234567")
-    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
-    reject = Reject(Reason.NO_SUFFICIENT_FUND, world.customer.id, "no money")
-    responses = DEFAULT_SIP_RESPONSES.__getitem__
-    billed: dict[bool, _Queue] = {}
-    for defer in (True, False):
-        billed[defer] = _Queue()
-        billing = LiveBilling(billed[defer], lambda: catalog, responses, wallclock=lambda: at, defer=defer)  # type: ignore[arg-type]
-        billing.bill(request, accept, hangup)
-        billing.bill(request, reject, None)
-    pending, rejected = billed[True].items
-    assert isinstance(pending, PendingSettlement) and pending.uuid == request.uuid
-    assert rejected == billed[False].items[1]  # a reject is not deferred
-    assert pending.resolve() == billed[False].items[0]  # the same debits and CDR, field for field
-    assert pending.resolve() is pending.resolve()  # computed once (a retried batch reads it again)
-
-    def no_snapshot() -> Catalog:
-        raise RuntimeError("no snapshot")
-
-    broken = _Queue()
-    LiveBilling(broken, no_snapshot, responses, defer=True).bill(request, accept, hangup)  # type: ignore[arg-type]
-    (failing,) = broken.items
-    assert isinstance(failing, PendingSettlement)
-    caplog.clear()
-    assert failing.resolve() is None  # never raises: the settler's batch goes on
-    assert failing.resolve() is None
-    assert [r.message for r in caplog.records].count(
-        f"uuid={request.uuid!r} could not be billed (left unbilled)"
-    ) == 1  # logged once

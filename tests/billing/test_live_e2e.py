@@ -126,13 +126,7 @@ def environment(module_pg_url: str, redis_url: str, module_key_prefix: str) -> d
 @pytest.fixture(scope="module")
 def engines(environment: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     logs = tmp_path_factory.mktemp("engines")
-    # The first computes each hangup's settlement when its loop is idle (the default), the
-    # second at once, in the call's greenlet (engine.hangup_idle_wait = 0): both bill alike.
-    settings = [{}, {"CALLGATE_ENGINE__HANGUP_IDLE_WAIT": "0"}]
-    started = [
-        EngineProcess({**environment, **extra}).start(logs / f"serve{i}.log", wait=60)
-        for i, extra in enumerate(settings)
-    ]
+    started = [EngineProcess(environment).start(logs / f"serve{i}.log", wait=60) for i in range(2)]
     yield started
     for process in started:
         process.stop()
