@@ -20,6 +20,9 @@ bash scripts/browser.sh
 .venv/bin/ruff format --check .
 .venv/bin/mypy  # pyproject.toml [tool.mypy]: engine and loadtest; strict for esl, call, rules, decider, state
 .venv/bin/python -m pytest "$@"
+# The micro-benchmarks, each once as a plain test (--benchmark-disable: nothing timed), so that
+# what they check still holds; timing them is opt-in (docs/testing.md).
+.venv/bin/python -m pytest loadtest/bench --benchmark-disable -q
 # The whole suite again on the pure-Python ESL parser, the fallback a machine without a C
 # compiler runs (engine/esl/_speedups.c is optional; docs/performance.md). The first pass ran
 # the compiled one (tests/test_speedups_build.py fails if the set-up command did not build it).

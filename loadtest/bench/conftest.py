@@ -1,7 +1,8 @@
 """Fixtures of the micro-benchmarks: catalogs at scale, FreeSWITCH frames, a private Redis prefix.
 
 Run with ``.venv/bin/pytest loadtest/bench --benchmark-only`` (the default ``pytest`` run
-only collects ``tests/``). Building the 1M-rate catalog takes a few seconds, once per session.
+only collects ``tests/``; ``scripts/test.sh`` runs them once, untimed, with
+``--benchmark-disable``). Building the 1M-rate catalog takes a few seconds, once per session.
 """
 
 from __future__ import annotations
