@@ -799,9 +799,22 @@ def run_load(
 OutcomeFilter = Callable[[str | None], bool]
 
 
-def _latencies(records: Iterable[CallRecord], keep: OutcomeFilter | None = None) -> list[float]:
-    """The latencies read of the records whose outcome `keep` accepts (of all by default)."""
-    return [r.latency for r in records if r.latency is not None and (keep is None or keep(r.outcome))]
+def _latencies(
+    records: Iterable[CallRecord], keep: OutcomeFilter | None = None, *, engine: bool = False
+) -> list[float]:
+    """The latencies read (``engine``: the engine's shares) of the records whose outcome
+    ``keep`` accepts (of all by default)."""
+    values = ((r.engine_latency if engine else r.latency, r.outcome) for r in records)
+    return [value for value, outcome in values if value is not None and (keep is None or keep(outcome))]
+
+
+def _degraded(outcome: str | None) -> bool:
+    """Answered ENGINE_DEGRADED: a decision (503, fail closed), not an authorization."""
+    return outcome == "ENGINE_DEGRADED"
+
+
+def _authorized(outcome: str | None) -> bool:
+    return not _degraded(outcome)
 
 
 def report(
@@ -812,7 +825,7 @@ def report(
     measured = [r for r in records if config.warmup <= r.due < config.duration]
     refused = [r for r in measured if r.outcome == REFUSED]
     decided = [r for r in measured if r.latency is not None and r.outcome != REFUSED]
-    shed = [r for r in decided if r.outcome == "ENGINE_DEGRADED"] + refused
+    shed = [r for r in decided if _degraded(r.outcome)] + refused
     errors = Counter(_error_kind(r.error) for r in measured if r.error)
     outcomes = Counter(r.outcome or "(none)" for r in measured)
     by_class: dict[str, Counter[str]] = {}
@@ -830,8 +843,8 @@ def report(
         "achieved_cps": len(decided) / window,
         # ENGINE_DEGRADED is a decision (503, fail closed) but not an authorization: an engine
         # that falls behind answers it when its deadline passes or Redis cannot be asked.
-        "degraded": sum(r.outcome == "ENGINE_DEGRADED" for r in decided),
-        "authorized_cps": sum(r.outcome != "ENGINE_DEGRADED" for r in decided) / window,
+        "degraded": sum(_degraded(r.outcome) for r in decided),
+        "authorized_cps": sum(_authorized(r.outcome) for r in decided) / window,
         "errors": sum(errors.values()),
         "error_kinds": dict(errors.most_common()),
         "error_examples": _error_examples(r.error for r in measured if r.error),
@@ -840,16 +853,12 @@ def report(
         "latency_rejected": summarize(rejected),
         # Beyond saturation the engine sheds (ENGINE_DEGRADED at once): the calls it decided
         # and the ones it shed, apart.
-        "latency_not_degraded": summarize(_latencies(decided, lambda outcome: outcome != "ENGINE_DEGRADED")),
-        "latency_degraded": summarize(_latencies(decided, lambda outcome: outcome == "ENGINE_DEGRADED")),
+        "latency_not_degraded": summarize(_latencies(decided, _authorized)),
+        "latency_degraded": summarize(_latencies(decided, _degraded)),
         # The engine's share of those latencies, from the kernel's arrival times (Placed):
         # without the switch model's time to answer `connect` and the driver's lateness.
-        "latency_engine": summarize(r.engine_latency for r in decided if r.engine_latency is not None),
-        "latency_engine_not_degraded": summarize(
-            r.engine_latency
-            for r in decided
-            if r.engine_latency is not None and r.outcome != "ENGINE_DEGRADED"
-        ),
+        "latency_engine": summarize(_latencies(decided, engine=True)),
+        "latency_engine_not_degraded": summarize(_latencies(decided, _authorized, engine=True)),
         # Connections the engine refused (it had stopped listening): how fast, and how many.
         "refused": len(refused),
         "latency_refused": summarize(_latencies(refused)),

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from engine.billing.calls import Settlement
+    from engine.billing.funds import Settlement
 
 INPUTS = "/tmp/hangup_inputs.pkl"
 

@@ -432,13 +432,13 @@ def patch_slow_runs() -> None:
             return
         origin, target = args
         into[_greenlet_kind(target)] += 1
-        if _greenlet_kind(origin).endswith(CALL_GREENLET):
+        kind = _greenlet_kind(origin)
+        if kind.endswith(CALL_GREENLET):
             waits[engine_frame(origin)] += 1
         # CPU time, not wall: the hub's wall time includes its wait in epoll (idle, not a pause).
         cpu = time.thread_time() - state["cpu"]
         if cpu > SLOW_RUN:
             ran = time.perf_counter() - state["since"]
-            kind = _greenlet_kind(origin)
             runs.append((time.time(), ran * 1000, cpu * 1000, kind, int(state["gcs"]), stack(origin)))
         state["since"], state["cpu"], state["gcs"] = time.perf_counter(), time.thread_time(), 0
 

@@ -800,6 +800,24 @@ def scenario_targets(
     }
 
 
+def _variant_runs(
+    ctx: Context,
+    scale: Scale,
+    load: LoadConfig,
+    shed: ShedBounds,
+    variants: Sequence[tuple[str, dict[str, str]]],
+    what: str,
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``load`` once per ``--variant`` (in the order given), against the engine with the
+    ``shed`` bounds plus the variant's settings: (summary key ``index:label``, the run)."""
+    bounds = shed.env()
+    for index, (label, env) in enumerate(variants or [("bounds", {})]):
+        spec = ServerSpec(f"callgate [{label}]", "callgate", env={**bounds, **env})
+        run = measure(ctx, spec, scale, load, label=f"{what} [{label}]")
+        run["variant"] = {"label": label, "env": env}
+        yield f"{index}:{label}", run
+
+
 def scenario_overload(
     ctx: Context,
     scale: Scale,
@@ -815,19 +833,16 @@ def scenario_overload(
     seconds = 8.0 if ctx.quick else 20.0
     saturation = _saturation(ctx, scale, seconds, "overload: saturation")
     over = _open_loop(overload * saturation["achieved_cps"], seconds)
-    bounds = shed.env()
     runs = [saturation]
     summary: dict[str, Any] = {
         "saturation_cps": saturation["achieved_cps"],
         "overload_cps": over.cps,
         **shed.summary(),
     }
-    for index, (label, env) in enumerate(variants or [("bounds", {})]):
-        spec = ServerSpec(f"callgate [{label}]", "callgate", env={**bounds, **env})
-        run = measure(ctx, spec, scale, over, label=f"overload: {overload:.0%} of saturation [{label}]")
-        run["variant"] = {"label": label, "env": env}
+    what = f"overload: {overload:.0%} of saturation"
+    for key, run in _variant_runs(ctx, scale, over, shed, variants, what):
         runs.append(run)
-        summary[f"{index}:{label}"] = {
+        summary[key] = {
             "p50_not_shed_ms": run["latency_not_degraded"].get("p50_ms", NAN),
             "p99_not_shed_ms": run["latency_not_degraded"].get("p99_ms", NAN),
             "engine_p99_not_shed_ms": run["latency_engine_not_degraded"].get("p99_ms", NAN),
@@ -857,18 +872,13 @@ def scenario_held(
     saturation = _saturation(ctx, scale, seconds, "held: saturation")
     cps = round(fraction * saturation["achieved_cps"])
     load = _held_load(cps, held, seconds)
-    bounds = shed.env()
     runs = [saturation]
     summary: dict[str, Any] = {"saturation_cps": saturation["achieved_cps"], "offered_cps": cps, "held": held}
-    for index, (label, env) in enumerate(variants or [("bounds", {})]):
-        spec = ServerSpec(f"callgate [{label}]", "callgate", env={**bounds, **env})
-        run = measure(
-            ctx, spec, scale, load, label=f"held: {fraction:.0%} of saturation, {held} held [{label}]"
-        )
-        run["variant"] = {"label": label, "env": env}
+    what = f"held: {fraction:.0%} of saturation, {held} held"
+    for key, run in _variant_runs(ctx, scale, load, shed, variants, what):
         runs.append(run)
         latency = run["latency"]
-        summary[f"{index}:{label}"] = {
+        summary[key] = {
             "p50_ms": latency.get("p50_ms", NAN),
             "p90_ms": latency.get("p90_ms", NAN),
             "p99_ms": latency.get("p99_ms", NAN),
