@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import gevent
 
@@ -97,6 +97,22 @@ class _Expired(Exception):
     def __init__(self, deadline: Deadline) -> None:
         super().__init__()
         self.deadline = deadline
+
+
+class _DecisionLate(BaseException):
+    """Raised into a call's greenlet when its decision passed ``engine.decision_deadline``.
+
+    A BaseException, as gevent.Timeout is: no ``except Exception`` on the way (the limits
+    client, the rules) may swallow it; the Redis connection it interrupts is dropped."""
+
+
+def _throw_later(seconds: float, exc: BaseException) -> Any:
+    """A started one-shot timer that raises ``exc`` into the current greenlet after ``seconds``;
+    the caller closes it. What ``gevent.Timeout.start_new`` does, without building its Python
+    object: 0.37 against 1.9 us per timer (timeit), and a call starts about four."""
+    timer = gevent.get_hub().loop.timer(seconds)
+    timer.start(gevent.getcurrent().throw, exc, update=True)  # update: the loop's clock is now
+    return timer
 
 
 LISTENER_LOG_INTERVAL = 10.0  # seconds: at most one "stopped listening" and one "recovered" line
@@ -246,16 +262,18 @@ class CallHandler:
         return self._decide_within_deadline(request)
 
     def _decide_within_deadline(self, request: CallRequest) -> tuple[Decision, bool]:
+        timer = _throw_later(self._config.engine.decision_deadline, _DecisionLate())
         try:
-            with gevent.Timeout(self._config.engine.decision_deadline):
-                decision = self._decide(request)
+            decision = self._decide(request)
             return decision, isinstance(decision, Accept)
-        except gevent.Timeout:
+        except _DecisionLate:
             # The limits script may have run before the deadline: release whatever it took.
             return Reject(Reason.ENGINE_DEGRADED, detail="decision deadline exceeded"), True
         except Exception:
             log.exception("uuid=%s decision failed; answering ENGINE_DEGRADED", request.uuid)
             return Reject(Reason.ENGINE_DEGRADED, detail="internal error"), True
+        finally:
+            timer.close()
 
     def observe(self, request: CallRequest, decision: Decision, seconds: float) -> None:
         if isinstance(decision, Accept):
@@ -312,7 +330,7 @@ class _Call:
         self._peer = peer
         self._session = CallSession(handler._settings, handler._sip_response)
         self._deadlines: dict[Deadline, float] = {}  # armed deadline -> monotonic time
-        self._timer: gevent.Timeout | None = None
+        self._timer: Any = None  # the gevent loop timer of the earliest deadline (_throw_later)
         self._timer_for: Deadline | None = None
 
     def run(self) -> None:
@@ -406,7 +424,7 @@ class _Call:
         if self._timer is not None:
             self._timer.close()
         self._timer_for = deadline
-        self._timer = gevent.Timeout.start_new(seconds, _Expired(deadline))
+        self._timer = _throw_later(seconds, _Expired(deadline))
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
