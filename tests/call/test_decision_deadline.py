@@ -11,7 +11,7 @@ import gevent
 from gevent import socket as gsocket
 from prometheus_client import CollectorRegistry
 
-from engine.call.driver import CallHandler, CallRecord
+from engine.call.driver import CallHandler, CallRecord, DecideFn
 from engine.config import load_config
 from engine.decision import Decision, Reason, Reject
 from engine.esl.connection import EslConnection
@@ -21,14 +21,14 @@ from engine.rules.config import RulesConfig
 from tests.call.test_shedding_driver import connect_reply, recv_until
 
 
-def handler(decide: object, ended: list[CallRecord], deadline: str) -> CallHandler:
+def handler(decide: DecideFn, ended: list[CallRecord], deadline: str) -> CallHandler:
     config = load_config(environ={"CALLGATE_ENGINE__DECISION_DEADLINE": deadline})
     return CallHandler(
         config,
         decide,
         EngineMetrics(CollectorRegistry()),
         RulesConfig(),
-        on_end=ended.append,  # type: ignore[arg-type]
+        on_end=ended.append,
     )
 
 
