@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import gevent
 import pytest
 
-from loadtest.fsemu import CallSpec, place_call
+from loadtest.fsemu import CallResult, CallSpec, place_call
 from tests.support import (
     EngineProcess,
     engine_environment,
@@ -170,13 +172,13 @@ def environment(module_pg_url: str, redis_url: str, module_key_prefix: str) -> d
 
 
 @pytest.fixture(scope="module")
-def engine(environment: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
+def engine(environment: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineProcess]:
     process = EngineProcess(environment).start(tmp_path_factory.mktemp("engine") / "serve.log")
     yield process
     process.stop()
 
 
-def call(engine: EngineProcess, **spec) -> object:
+def call(engine: EngineProcess, **spec: Any) -> CallResult:
     spec.setdefault("hold_seconds", 0.1)
     result = place_call("127.0.0.1", engine.port, CallSpec(**spec), timeout=10)
     assert result.error is None, (result.error, engine.log()[-3000:])
@@ -184,7 +186,7 @@ def call(engine: EngineProcess, **spec) -> object:
 
 
 def assert_bridged(
-    result, *, account: str, dial_string: str, rate: str, max_duration: int, routes: str
+    result: CallResult, *, account: str, dial_string: str, rate: str, max_duration: int, routes: str
 ) -> None:
     expected = {
         "callgate_account": account,
@@ -337,7 +339,9 @@ def test_header_identity_is_trusted_only_from_a_configured_proxy(engine: EngineP
         "unroutable-characters",
     ],
 )
-def test_rejected_call_gets_its_reason_and_exact_sip_response(engine, spec, reason, response) -> None:
+def test_rejected_call_gets_its_reason_and_exact_sip_response(
+    engine: EngineProcess, spec: dict[str, str], reason: str, response: tuple[int, str]
+) -> None:
     result = call(engine, **spec)
     assert result.variables == {"callgate_reason": reason}
     assert result.executed == [
@@ -348,7 +352,9 @@ def test_rejected_call_gets_its_reason_and_exact_sip_response(engine, spec, reas
     assert result.engine_closed
 
 
-def test_no_snapshot_means_engine_degraded_never_a_bridge(environment, tmp_path: Path) -> None:
+def test_no_snapshot_means_engine_degraded_never_a_bridge(
+    environment: dict[str, str], tmp_path: Path
+) -> None:
     empty = {
         **environment,
         "CALLGATE_REDIS__KEY_PREFIX": environment["CALLGATE_REDIS__KEY_PREFIX"] + "empty:",
@@ -386,7 +392,7 @@ def test_peer_that_never_answers_connect_is_dropped_after_the_deadline(engine: E
     assert "no channel data within 0.5s" in engine.log()
 
 
-def test_unknown_config_key_is_a_clear_error(environment, tmp_path: Path) -> None:
+def test_unknown_config_key_is_a_clear_error(environment: dict[str, str], tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[engine]\nlisten_prot = 8084\n")
     result = run_cli(["--config", str(bad), "serve"], environment)
@@ -394,7 +400,7 @@ def test_unknown_config_key_is_a_clear_error(environment, tmp_path: Path) -> Non
     assert "unknown key(s) in [engine]: listen_prot" in result.stderr
 
 
-def test_malformed_fixture_names_the_bad_entry(environment, tmp_path: Path) -> None:
+def test_malformed_fixture_names_the_bad_entry(environment: dict[str, str], tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "customers:\n  - number: '1000000099'\n    email: x@example.com\n    password: Abcdefg123\n"
@@ -405,7 +411,7 @@ def test_malformed_fixture_names_the_bad_entry(environment, tmp_path: Path) -> N
     assert "customers[0].ip_map[0].cidr" in result.stderr
 
 
-def test_explain_shows_the_steps_and_the_engine_s_answer(environment) -> None:
+def test_explain_shows_the_steps_and_the_engine_s_answer(environment: dict[str, str]) -> None:
     result = run_cli(["explain", "--sip-user", "broke", "--dest", "441234567890"], environment)
     assert result.returncode == 3, result.stderr
     assert "NO_SUFFICIENT_FUND" in result.stdout
@@ -434,7 +440,9 @@ def test_when_every_route_fails_the_engine_hangs_the_parked_call_up(engine: Engi
     assert result.engine_closed
 
 
-def test_over_capacity_a_call_is_answered_degraded_at_once(environment, tmp_path: Path) -> None:
+def test_over_capacity_a_call_is_answered_degraded_at_once(
+    environment: dict[str, str], tmp_path: Path
+) -> None:
     process = EngineProcess({**environment, "CALLGATE_ENGINE__MAX_CONNECTIONS": "1"}).start(
         tmp_path / "serve.log"
     )

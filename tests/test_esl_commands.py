@@ -7,23 +7,24 @@ import pytest
 from engine.call.render import FOLLOWED_EVENTS, UNREAD_EVENTS, bridge_batch, respond_batch
 from engine.esl.commands import MULTISET_DELIMITERS, MULTISET_MAX_VARIABLES, MYEVENTS_TYPES, assignments
 from loadtest.fsemu.outbound import MYEVENTS
-from loadtest.fsemu.wire import CommandParser
+from loadtest.fsemu.wire import Command, CommandParser
 
 
-def commands_of(payload: bytes) -> list:
+def commands_of(payload: bytes) -> list[Command]:
     return CommandParser().feed(payload)
 
 
-def app_and_arg(command) -> tuple[str, str]:
-    arg = command.header("execute-app-arg")
-    return command.header("execute-app-name"), command.body_text() if arg is None else arg
+def app_and_arg(command: Command) -> tuple[str, str]:
+    app, arg = command.header("execute-app-name"), command.header("execute-app-arg")
+    assert app is not None, command
+    return app, command.body_text() if arg is None else arg
 
 
 def multiset_pairs(arg: str) -> list[tuple[str, str]]:
     """mod_dptools' reading: ``^^<c>`` names the separator, each part is ``name=value``."""
     assert arg.startswith("^^")
     separator, rest = arg[2], arg[3:]
-    return [tuple(part.split("=", 1)) for part in rest.split(separator)]
+    return [(name, value) for name, value in (part.split("=", 1) for part in rest.split(separator))]
 
 
 VARIABLES = [

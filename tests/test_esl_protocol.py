@@ -6,6 +6,7 @@ No sockets: everything is bytes in, frames out.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import re
 from collections.abc import Iterable
@@ -1028,14 +1029,18 @@ Outcome = tuple[str, list[tuple[list[tuple[str, str]], bytes, str]], int]
 try:  # the compiled twin, when built, is compared even when the Python parser is forced
     from engine.esl import _speedups
 
-    COMPILED: type[EslParser] | None = _speedups.EslParser
+    COMPILED: type[_speedups.EslParser] | None = _speedups.EslParser
 except ImportError:
     COMPILED = None
 # Every implementation the differential tests compare with the reference and with each other.
-IMPLEMENTATIONS: list[type[EslParser]] = [PyEslParser] + ([COMPILED] if COMPILED else [])
+IMPLEMENTATIONS: list[type[PyEslParser] | type[_speedups.EslParser]] = [PyEslParser] + (
+    [COMPILED] if COMPILED else []
+)
 
 
-def outcomes(parser: EslParser | ReferenceParser, chunks: Iterable[bytes]) -> list[Outcome]:
+def outcomes(
+    parser: PyEslParser | _speedups.EslParser | ReferenceParser, chunks: Iterable[bytes]
+) -> list[Outcome]:
     """Per feed: the frames (header items in order, body, content type) or the error, and `buffered`."""
     out: list[Outcome] = []
     for chunk in chunks:
@@ -1236,7 +1241,7 @@ def reference_event(body: bytes) -> dict[str, str]:
 # --------------------------------------------------------------------------- compiled vs Python
 
 needs_compiled = pytest.mark.skipif(COMPILED is None, reason="engine.esl._speedups is not built")
-FORCED_PYTHON = protocol.os.environ.get(protocol.NO_SPEEDUPS_ENV, "") not in ("", "0")
+FORCED_PYTHON = os.environ.get(protocol.NO_SPEEDUPS_ENV, "") not in ("", "0")
 
 
 def same_outcomes(data: bytes, chunks_at: Iterable[int], **limits: int) -> None:

@@ -27,7 +27,7 @@ def test_peer_allowed_matches_ipv4_ipv6_and_mapped_addresses() -> None:
 
 def test_a_refused_peer_is_closed_before_any_byte_and_reported() -> None:
     handled: list[object] = []
-    refused: list[object] = []
+    refused: list[tuple[object, ...]] = []
     listener = listening_socket("127.0.0.1", 0)
     server = CallServer(
         listener,

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import gevent
@@ -135,6 +136,12 @@ class EngineConn:
         self.frames.append(frame)
         return frame
 
+    def next_frame(self, timeout: float = 3.0) -> Frame:
+        """The next frame, which must come (not EOF)."""
+        frame = self.read_frame(timeout)
+        assert frame is not None, "EOF where a frame was expected"
+        return frame
+
     def connect(self) -> bytes:
         self.send(b"connect\n\n")
         return self.read_block()
@@ -222,9 +229,9 @@ def run_scripted(
     return result, conns[0]
 
 
-def capture_like_spec(**kw: object) -> CallSpec:
+def capture_like_spec(**kw: Any) -> CallSpec:
     """A call like the captured ones (SIPp user "sipp" from 127.0.0.1:5070)."""
-    return CallSpec(destination="4412345678", caller_id_number="sipp", **kw)  # type: ignore[arg-type]
+    return CallSpec(destination="4412345678", caller_id_number="sipp", **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -475,9 +482,9 @@ def test_event_sequence_matches_the_capture(capture: str) -> None:
     def script(conn: EngineConn) -> None:
         conn.connect()
         conn.send(b"myevents\n\n")
-        assert conn.read_frame().get("Reply-Text") == "+OK Events Enabled"
+        assert conn.next_frame().get("Reply-Text") == "+OK Events Enabled"
         conn.send(b"linger\n\n")
-        assert conn.read_frame().get("Reply-Text") == "+OK will linger"
+        assert conn.next_frame().get("Reply-Text") == "+OK will linger"
         conn.send(commands)
         conn.read_until_event("CHANNEL_HANGUP_COMPLETE")
         notice = conn.read_frame()
@@ -505,7 +512,7 @@ def test_linger_notice_bytes_match_the_capture() -> None:
         conn.connect()
         conn.send(b"myevents\n\nlinger\n\n" + hangup("CALL_REJECTED"))
         conn.read_until_event("CHANNEL_HANGUP_COMPLETE")
-        notices.append(conn.read_frame().raw_headers)
+        notices.append(conn.next_frame().raw_headers)
 
     result, _ = run_scripted(script, capture_like_spec())
     captured = (CAPTURES / "bridged_call_wire.txt").read_bytes().split(b"----- << -----\n")[-1][:-1]
@@ -590,7 +597,7 @@ def test_bridge_with_every_target_failing_hangs_up_with_the_last_cause() -> None
         conn.send(b"myevents\n\n" + execute("bridge", "sofia/gateway/gw1/44|sofia/gateway/gw2/44"))
         conn.read_to_eof()
 
-    answers = {"sofia/gateway/gw1/44": False, "sofia/gateway/gw2/44": "USER_BUSY"}
+    answers: dict[str, bool | str] = {"sofia/gateway/gw1/44": False, "sofia/gateway/gw2/44": "USER_BUSY"}
     result, conn = run_scripted(script, CallSpec(destination="44", answering_targets=answers.__getitem__))
     assert result.bridged_target is None and len(result.attempted_targets) == 2
     assert result.hangup_cause == "USER_BUSY"
@@ -677,7 +684,7 @@ def test_linger_with_seconds_closes_after_them() -> None:
         conn.connect()
         conn.send(b"myevents\n\nlinger 1\n\n" + hangup("NORMAL_CLEARING"))
         conn.read_until_event("CHANNEL_HANGUP_COMPLETE")
-        linger = conn.read_frame()
+        linger = conn.next_frame()
         assert linger.get("Linger-Time") == "1"
         t0 = time.monotonic()
         rest = conn.read_to_eof(timeout=15)
@@ -696,7 +703,7 @@ def test_bare_linger_keeps_the_socket_until_the_engine_closes() -> None:
         conn.connect()
         conn.send(b"myevents\n\nlinger\n\n" + hangup("NORMAL_CLEARING"))
         conn.read_until_event("CHANNEL_HANGUP_COMPLETE")
-        assert conn.read_frame().get("Linger-Time") == "-1"
+        assert conn.next_frame().get("Linger-Time") == "-1"
         with pytest.raises(TimeoutError):
             conn.read_frame(timeout=0.3)
         assert not conn.eof
@@ -802,8 +809,8 @@ def test_inbound_auth_and_show_channels() -> None:
         bad = EngineConn(gsocket.create_connection((host, port)))
         assert bad.read_block() == b"Content-Type: auth/request\n\n"
         bad.send(b"auth ClueCon\n\n")
-        assert bad.read_frame().get("Reply-Text") == "-ERR invalid"
-        assert bad.read_frame().get("Content-Type") == "text/disconnect-notice"
+        assert bad.next_frame().get("Reply-Text") == "-ERR invalid"
+        assert bad.next_frame().get("Content-Type") == "text/disconnect-notice"
         assert bad.read_frame() is None and bad.eof
         bad.sock.close()
 
@@ -818,9 +825,9 @@ def test_inbound_auth_and_show_channels() -> None:
             cli = EngineConn(gsocket.create_connection((host, port)))
             assert cli.read_block() == b"Content-Type: auth/request\n\n"
             cli.send(b"auth s3cret\n\n")
-            assert cli.read_frame().get("Reply-Text") == "+OK accepted"
+            assert cli.next_frame().get("Reply-Text") == "+OK accepted"
             cli.send(b"event plain CHANNEL_HANGUP_COMPLETE\n\n")
-            assert cli.read_frame().get("Reply-Text") == "+OK event listener enabled plain"
+            assert cli.next_frame().get("Reply-Text") == "+OK event listener enabled plain"
             wait_until(
                 lambda: spec.uuid in switch.channels and switch.channels[spec.uuid].bridged,
                 timeout=10,
@@ -828,7 +835,7 @@ def test_inbound_auth_and_show_channels() -> None:
             )
 
             cli.send(b"api show channels\n\n")
-            resp = cli.read_frame()
+            resp = cli.next_frame()
             assert resp.ctype == "api/response"
             text = resp.body.decode()
             lines = text.split("\n")
@@ -840,19 +847,19 @@ def test_inbound_auth_and_show_channels() -> None:
             assert text.endswith(f"\n\n{len(rows)} total.\n")
 
             cli.send(b"api show channels as json\n\n")
-            data = json.loads(cli.read_frame().body)
+            data = json.loads(cli.next_frame().body)
             assert spec.uuid in [r["uuid"] for r in data["rows"]]
 
-            hup = cli.read_frame(timeout=3)
+            hup = cli.next_frame(timeout=3)
             assert hup.event_name == "CHANNEL_HANGUP_COMPLETE"
             assert dict(hup.event())["Unique-ID"] == spec.uuid
             result = call.get(timeout=5)
         assert result.bridged_target == "sofia/gateway/gw1/4412345678" and result.error is None
         cli.send(b"api show channels\n\n")
-        assert cli.read_frame().body == b"\n0 total.\n"
+        assert cli.next_frame().body == b"\n0 total.\n"
         cli.send(b"exit\n\n")
-        assert cli.read_frame().get("Reply-Text") == "+OK bye"
-        assert cli.read_frame().get("Content-Type") == "text/disconnect-notice"
+        assert cli.next_frame().get("Reply-Text") == "+OK bye"
+        assert cli.next_frame().get("Content-Type") == "text/disconnect-notice"
         assert cli.read_frame() is None
         cli.sock.close()
 
@@ -875,7 +882,7 @@ def test_uuid_kill_from_the_inbound_socket() -> None:
         while not (spec.uuid in switch.channels and switch.channels[spec.uuid].answered):
             gevent.sleep(0.02)
         cli.send(f"api uuid_kill {spec.uuid} MANAGER_REQUEST\n\n".encode())
-        assert cli.read_frame().body == b"+OK\n"
+        assert cli.next_frame().body == b"+OK\n"
         result = call.get(timeout=3)
         cli.sock.close()
     assert result.hangup_cause == "MANAGER_REQUEST"

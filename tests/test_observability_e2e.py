@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gevent
 import gevent.pool
@@ -32,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.state.snapshot import delete_prefix
 from loadtest import dataset
-from loadtest.fsemu import CallSpec, place_call, run_calls
+from loadtest.fsemu import CallResult, CallSpec, place_call, run_calls
 from tests.support import (
     EngineProcess,
     config_for,
@@ -271,7 +272,7 @@ def start_engine(
     return Engine(process, metrics_port)
 
 
-def call(engine: Engine, **spec) -> object:
+def call(engine: Engine, **spec: Any) -> CallResult:
     spec.setdefault("hold_seconds", 0.05)
     result = place_call("127.0.0.1", engine.port, CallSpec(**spec), timeout=10)
     assert result.error is None, (result.error, engine.process.log()[-3000:])
@@ -367,6 +368,7 @@ def test_an_accepted_call_moves_the_decision_metrics_and_logs_one_line(engine: E
     [line] = engine.decision_lines(result.uuid)
     assert line["result"] == "accept" and line["account"] == "1000000001" and line["reason"] == ""
     assert isinstance(line["latency_ms"], float) and 0 < line["latency_ms"] < 500
+    assert engine.process.process is not None
     assert line["level"] == "INFO" and line["pid"] == engine.process.process.pid
 
 
@@ -448,7 +450,7 @@ def test_no_secret_reaches_the_log(engine: Engine) -> None:
 # --------------------------------------------------------------------------- degraded, snapshot
 
 
-def test_a_degraded_decision_is_counted_with_its_cause(environment, tmp_path: Path) -> None:
+def test_a_degraded_decision_is_counted_with_its_cause(environment: dict[str, str], tmp_path: Path) -> None:
     empty = {
         **environment,
         "CALLGATE_REDIS__KEY_PREFIX": environment["CALLGATE_REDIS__KEY_PREFIX"] + "empty:",
@@ -473,7 +475,7 @@ def test_a_degraded_decision_is_counted_with_its_cause(environment, tmp_path: Pa
 
 
 def test_a_published_snapshot_moves_the_snapshot_metrics(
-    environment, module_pg_url: str, tmp_path: Path
+    environment: dict[str, str], module_pg_url: str, tmp_path: Path
 ) -> None:
     engine = start_engine(environment, tmp_path / "serve.log")
     try:
@@ -507,7 +509,7 @@ def sync_samples(worker) -> Scrape:
 
 
 def test_a_live_sync_change_moves_the_sync_and_engine_metrics(
-    environment, module_pg_url: str, tmp_path: Path
+    environment: dict[str, str], module_pg_url: str, tmp_path: Path
 ) -> None:
     from engine.sync.worker import SyncWorker
 
@@ -559,7 +561,7 @@ def test_a_live_sync_change_moves_the_sync_and_engine_metrics(
 # --------------------------------------------------------------------------- several processes
 
 
-def test_processes_sharing_a_port_serve_the_same_totals(environment, tmp_path: Path) -> None:
+def test_processes_sharing_a_port_serve_the_same_totals(environment: dict[str, str], tmp_path: Path) -> None:
     port, metrics_port = free_port(), free_port()
     shared = {
         "CALLGATE_ENGINE__REUSE_PORT": "true",
@@ -597,6 +599,7 @@ def test_processes_sharing_a_port_serve_the_same_totals(environment, tmp_path: P
         assert len(pids) == 2, "every scrape reached the same process"
 
         victim = engines[0].process.process
+        assert victim is not None
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
         s = scrape(metrics_port)

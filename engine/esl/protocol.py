@@ -197,7 +197,7 @@ class PyHeaderPicker:
         self._keys = tuple((name, name.encode()) for name in self.names)
         self._prefixes = tuple(f"{name}: ".encode() for name in self.names)
 
-    def pick(self, body: bytes) -> dict[str, str]:
+    def pick(self, body: bytes | bytearray | memoryview) -> dict[str, str]:
         body = bytes(body)
         if len(self._keys) <= _FIND_AT_MOST:
             return self._find_each(body)
@@ -375,7 +375,7 @@ class PyEslParser:
         """Bytes received but not yet returned in a frame (0 at a frame boundary)."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         if self._error is not None:
             raise ProtocolError(f"parser unusable after an earlier error: {self._error}")
         frames: list[Frame] = []

@@ -14,6 +14,7 @@ import pytest
 from engine.call.render import accept_batch, reject_batch, routes_failed_batch
 from engine.call.session import (
     CONNECT,
+    Action,
     Arm,
     Bill,
     CallSession,
@@ -373,7 +374,7 @@ def test_a_reset_connection_keeps_an_accepted_call_counted() -> None:
 def test_clean_eof_after_the_bridge_was_acknowledged_keeps_it_counted() -> None:
     session = acknowledged(committed())
     [finish] = session.peer_gone("closed", clean=True)
-    assert finish.kept
+    assert isinstance(finish, Finish) and finish.kept
 
 
 def test_clean_eof_before_the_bridge_was_acknowledged_releases_it() -> None:
@@ -415,7 +416,7 @@ def test_nothing_happens_after_the_end() -> None:
 # ------------------------------------------------------------------ billing (issue 13)
 
 
-def bills(actions: list[object]) -> list[Bill]:
+def bills(actions: list[Action]) -> list[Bill]:
     return [action for action in actions if isinstance(action, Bill)]
 
 
