@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -72,6 +72,16 @@ def conn(demo_url: str) -> Iterator[psycopg.Connection[Any]]:
 def catalog(demo_url: str) -> CatalogData:
     with psycopg.connect(demo_url) as connection:
         return load_catalog(connection)
+
+
+Row = TypeVar("Row")
+
+
+def one(cursor: psycopg.Cursor[Row]) -> Row:
+    """The row a query must return (no row fails the test)."""
+    row = cursor.fetchone()
+    assert row is not None, "the query returned no row"
+    return row
 
 
 def dump(conn: psycopg.Connection[Any]) -> dict[str, list[tuple[Any, ...]]]:
@@ -528,10 +538,10 @@ def base_rows(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Connection[Any]
     with conn.transaction(force_rollback=True):
         conn.execute(BASE_ROWS.split("INSERT INTO sip_devices")[0])
         ids = {
-            "cust": conn.execute(f"SELECT {CUST}").fetchone()[0],
-            "grp": conn.execute(f"SELECT {GRP}").fetchone()[0],
-            "trunk": conn.execute(f"SELECT {TRUNK}").fetchone()[0],
-            "gw2": conn.execute(f"SELECT {GW2}").fetchone()[0],
+            "cust": one(conn.execute(f"SELECT {CUST}"))[0],
+            "grp": one(conn.execute(f"SELECT {GRP}"))[0],
+            "trunk": one(conn.execute(f"SELECT {TRUNK}"))[0],
+            "gw2": one(conn.execute(f"SELECT {GW2}"))[0],
         }
         rest = "INSERT INTO sip_devices" + BASE_ROWS.split("INSERT INTO sip_devices")[1]
         for statement in filter(str.strip, rest.split(";")):
@@ -573,7 +583,7 @@ def test_constraints_allow_what_should_be_allowed(base_rows: psycopg.Connection[
 
 def test_deletes_cascade_or_unassign(base_rows: psycopg.Connection[Any]) -> None:
     c = base_rows
-    cust = c.execute(f"SELECT {CUST}").fetchone()[0]
+    cust = one(c.execute(f"SELECT {CUST}"))[0]
     c.execute("DELETE FROM accounts WHERE id = %s", [cust])
     for table in (
         "sip_devices",
@@ -596,7 +606,7 @@ def test_change_version_trigger(base_rows: psycopg.Connection[Any]) -> None:
     c = base_rows
 
     def version(table: str, where: str) -> int:
-        return c.execute(f"SELECT change_version FROM {table} WHERE {where}").fetchone()[0]
+        return one(c.execute(f"SELECT change_version FROM {table} WHERE {where}"))[0]
 
     start = version("accounts", f"id = {CUST}")
     assert start > 0
@@ -609,7 +619,7 @@ def test_change_version_trigger(base_rows: psycopg.Connection[Any]) -> None:
     assert version("accounts", f"id = {CUST}") > bumped
     c.execute("UPDATE gateways SET active = false WHERE name = 't-gw'")  # one sequence for all tables
     assert version("gateways", "name = 't-gw'") > version("accounts", f"id = {CUST}")
-    last = c.execute("SELECT last_value FROM callgate_change_seq").fetchone()[0]
+    last = one(c.execute("SELECT last_value FROM callgate_change_seq"))[0]
     assert version("gateways", "name = 't-gw'") == last
     for table in ENGINE_TABLES:
         cols = {
@@ -695,7 +705,7 @@ def test_yaml_keeps_digits_and_decimals_as_written(fresh_pg_url: str, tmp_path: 
         ]
 
 
-SMALL = {
+SMALL: dict[str, Any] = {  # a fixture document, as read from YAML or JSON
     "localizations": [{"name": "l", "number_originate": "00/"}],
     "gateways": [{"name": "gw1"}, {"name": "gw2"}],
     "providers": [
@@ -960,7 +970,7 @@ def test_reload_semantics_and_secrets(fresh_pg_url: str) -> None:
     doc["customers"][0].update({"password": "Secret-123", "pin": "4711"})
     with psycopg.connect(fresh_pg_url) as c:
         load_document(c, doc)
-        pw, pin = c.execute("SELECT password_hash, pin_hash FROM accounts WHERE number = '901'").fetchone()
+        pw, pin = one(c.execute("SELECT password_hash, pin_hash FROM accounts WHERE number = '901'"))
         assert pw.startswith("scrypt$") and "Secret-123" not in pw and verify_secret("Secret-123", pw)
         assert verify_secret("4711", pin) and not verify_secret("4712", pin)
         assert c.execute("SELECT password FROM sip_devices WHERE username = 'alice'").fetchone() == ("pw",)
@@ -975,14 +985,14 @@ def test_reload_semantics_and_secrets(fresh_pg_url: str) -> None:
         )
 
         # one changed value updates exactly one row and bumps its version
-        version = c.execute("SELECT change_version FROM accounts WHERE number = '901'").fetchone()[0]
+        version = one(c.execute("SELECT change_version FROM accounts WHERE number = '901'"))[0]
         doc["customers"][0]["password"] = "Other-456"
         doc["customers"][0]["max_channels"] = 3
         report = load_document(c, doc)
         assert report.changed == 1 and report.updated["accounts"] == 1
-        new_pw, channels, new_version = c.execute(
-            "SELECT password_hash, max_channels, change_version FROM accounts WHERE number = '901'"
-        ).fetchone()
+        new_pw, channels, new_version = one(
+            c.execute("SELECT password_hash, max_channels, change_version FROM accounts WHERE number = '901'")
+        )
         assert verify_secret("Other-456", new_pw) and channels == 3 and new_version > version
 
         # a daily schedule has no invoice day
@@ -1105,7 +1115,7 @@ def test_catalog_maps_the_demo(catalog: CatalogData, conn: psycopg.Connection[An
     # sizes and version
     assert len(catalog.origination_rates) > 300 and len(catalog.accounts) == 7
     assert catalog.version == max(
-        conn.execute(f"SELECT coalesce(max(change_version), 0) FROM {t}").fetchone()[0] for t in ENGINE_TABLES
+        one(conn.execute(f"SELECT coalesce(max(change_version), 0) FROM {t}"))[0] for t in ENGINE_TABLES
     )
 
 

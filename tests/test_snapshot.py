@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -239,6 +239,13 @@ def client(redis_url: str) -> Iterator[redis.Redis]:
 
 def keys_of_version(client: redis.Redis, prefix: str, version: int) -> list[bytes]:
     return list(client.scan_iter(match=f"{prefix}snapshot:{version}:*", count=1000))
+
+
+def listed_versions(client: redis.Redis, prefix: str) -> list[int]:
+    """The versions listed in the snapshot version index."""
+    # without scores and on a client that does not decode, the members are bytes
+    members = cast(list[bytes], client.zrange(f"{prefix}snapshot:versions", 0, -1))
+    return [int(v) for v in members]
 
 
 def next_message(pubsub: Any, timeout: float = 5.0) -> dict[str, Any] | None:
@@ -507,7 +514,7 @@ def test_orphaned_partial_version_is_cleaned_up(
     client.delete(f"{key_prefix}snapshot:{orphan}:writer")  # ... now it has
     v4 = publish_snapshot(client, key_prefix, sample_catalog(4))
     assert keys_of_version(client, key_prefix, orphan) == []
-    remaining = {int(v) for v in client.zrange(f"{key_prefix}snapshot:versions", 0, -1)}
+    remaining = set(listed_versions(client, key_prefix))
     assert remaining == {v1, v3, v4}  # v1 is still within the grace period
 
 
@@ -518,7 +525,7 @@ def test_failed_publish_removes_its_own_version(client: redis.Redis, key_prefix:
     with pytest.raises(CodecError):
         publish_snapshot(client, key_prefix, bad)
     assert keys_of_version(client, key_prefix, v1 + 1) == []
-    assert {int(v) for v in client.zrange(f"{key_prefix}snapshot:versions", 0, -1)} == {v1}
+    assert set(listed_versions(client, key_prefix)) == {v1}
 
 
 @pytest.mark.parametrize("keep_previous", [0, 1, 2])
@@ -532,7 +539,7 @@ def test_old_versions_deleted_except_previous(
     kept = versions[len(versions) - 1 - keep_previous :]
     for v in versions:
         assert bool(keys_of_version(client, key_prefix, v)) == (v in kept), v
-    assert sorted(int(v) for v in client.zrange(f"{key_prefix}snapshot:versions", 0, -1)) == kept
+    assert sorted(listed_versions(client, key_prefix)) == kept
 
 
 def test_grace_period_keeps_recently_superseded_versions(client: redis.Redis, key_prefix: str) -> None:
@@ -680,7 +687,8 @@ def test_apply_changes(client: redis.Redis, key_prefix: str) -> None:
     assert apply_changes(client, key_prefix, version, [SAMPLES["gateways"]], []) == 2
     assert read_snapshot(client, key_prefix).gateways == [Gateway(id=1, name="gw"), SAMPLES["gateways"]]
     assert apply_changes(client, key_prefix, version, [], []) == 2  # nothing to do: no new change
-    assert apply_changes(client, key_prefix, version, [], [("gateways", 9)]) == 3  # keys given as ints
+    # keys given as ints are accepted too (deliberately not the annotated str)
+    assert apply_changes(client, key_prefix, version, [], [("gateways", 9)]) == 3  # type: ignore[list-item]
     assert read_snapshot(client, key_prefix).gateways == [Gateway(id=1, name="gw")]
 
 
@@ -790,7 +798,7 @@ def test_holder_recovers_lost_subscription(
     run_holder(holder, interval=3600)
     wait_until(lambda: holder.loaded)
 
-    def subscriber_ids() -> list[int]:
+    def subscriber_ids() -> list[str]:
         return [c["id"] for c in client.client_list(_type="pubsub") if c.get("name") == name]
 
     wait_until(lambda: bool(subscriber_ids()))
@@ -903,6 +911,7 @@ def test_holder_recovers_within_a_second_of_redis_coming_back(
     private_redis.start()
     back = time.monotonic()
     wait_until(lambda: holder.last_confirmed is not None and holder.last_confirmed > back, timeout=20)
+    assert holder.last_confirmed is not None
     recovered_after = holder.last_confirmed - back
     print(f"snapshot confirmed again {recovered_after:.3f} s after Redis answered")  # shown with -s
     assert recovered_after < 3.0  # about one probe interval (0.25 s); generous for a loaded machine
@@ -958,6 +967,7 @@ def test_200k_rates(client: redis.Redis, key_prefix: str) -> None:
     back = raw.decode()
     decoded = time.perf_counter()
     size = client.memory_usage(f"{key_prefix}snapshot:{version}:termination_rates")
+    assert size is not None  # the hash exists
     print(
         f"\n{n} rates: publish {published - started:.2f}s, fetch {fetched - published:.2f}s, "
         f"decode {decoded - fetched:.2f}s, Redis hash {size / 1e6:.1f} MB"

@@ -7,8 +7,9 @@ import itertools
 import random
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from engine.decision import Decision
 from engine.model import (
     Account,
     AccountKind,
@@ -31,8 +32,11 @@ from engine.model import (
 )
 from engine.rules import Catalog, DecisionContext, RulesConfig, decide
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
-Entity = TypeVar("Entity")
+Entity = TypeVar("Entity", bound="DataclassInstance")  # every catalog entity is a dataclass
 
 
 def money(value: str | int | Decimal) -> Decimal:
@@ -126,7 +130,7 @@ class CatalogBuilder:
         self,
         owner: RateGroup | Account,
         prefix: str,
-        cost: str | int,
+        cost: str | int | Decimal,
         *,
         forced: tuple[Trunk, ...] = (),
         **extra: Any,
@@ -171,7 +175,9 @@ class CatalogBuilder:
             ),
         )
 
-    def termination(self, trunk: Trunk, prefix: str, cost: str | int, **extra: Any) -> TerminationRate:
+    def termination(
+        self, trunk: Trunk, prefix: str, cost: str | int | Decimal, **extra: Any
+    ) -> TerminationRate:
         return self._add(
             "termination_rates", TerminationRate(self._next(), trunk.id, prefix, money(cost), **extra)
         )
@@ -217,7 +223,9 @@ class CatalogBuilder:
         return self._add("localizations", Localization(self._next(), name, **rule_sets))
 
     def data(self) -> CatalogData:
-        return CatalogData(version=1, **{kind: list(rows.values()) for kind, rows in self._rows.items()})
+        # one list per entity field of CatalogData, each of its own entity type
+        lists: dict[str, Any] = {kind: list(rows.values()) for kind, rows in self._rows.items()}
+        return CatalogData(version=1, **lists)
 
     def build(self) -> Catalog:
         return Catalog.build(self.data())
@@ -271,5 +279,5 @@ def context(*, explain: bool = False, now: datetime = NOW, **config: Any) -> Dec
     return DecisionContext(now=now, rng=random.Random(7), config=RulesConfig(**config), explain=explain)
 
 
-def run(catalog: Catalog, request: CallRequest | None = None, **ctx: Any):
+def run(catalog: Catalog, request: CallRequest | None = None, **ctx: Any) -> Decision:
     return decide(request or call(), catalog, context(**ctx))

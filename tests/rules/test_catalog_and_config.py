@@ -19,7 +19,9 @@ def test_bad_cidr_is_reported_not_fatal() -> None:
     world.b.ip("203.0.113.0/24", world.customer)
     catalog = world.catalog()
     assert len(catalog.problems) == 1 and "300.1.2.3/24" in catalog.problems[0]
-    assert catalog.ip_map_match(parse_ip("203.0.113.1"), "44") is not None
+    address = parse_ip("203.0.113.1")
+    assert address is not None
+    assert catalog.ip_map_match(address, "44") is not None
 
 
 def test_inactive_rates_are_not_indexed() -> None:
@@ -66,7 +68,8 @@ def test_large_rate_table_builds_and_looks_up() -> None:
         world.b.rate(world.retail, f"44{n:05d}", Decimal("0.01"))
     catalog = world.catalog()
     assert len(catalog.group_rates[world.retail.id]) == 20001
-    assert longest_prefix(catalog.group_rates[world.retail.id], "4400042999", 7).prefix == "4400042"
+    found = longest_prefix(catalog.group_rates[world.retail.id], "4400042999", 7)
+    assert found is not None and found.prefix == "4400042"
 
 
 def test_config_defaults() -> None:
@@ -99,6 +102,7 @@ def test_config_rejects_bad_values(kwargs: dict) -> None:
 
 
 def test_trusted_proxies_are_compiled() -> None:
-    config = RulesConfig(trusted_proxies=["10.0.0.1", " 2001:db8::/32 "])
+    # a list (as a config file gives it) is accepted and stored as a tuple
+    config = RulesConfig(trusted_proxies=["10.0.0.1", " 2001:db8::/32 "])  # type: ignore[arg-type]
     assert config.trusted_proxies == ("10.0.0.1", " 2001:db8::/32 ")
     assert [str(n) for n in config.trusted_networks] == ["10.0.0.1/32", "2001:db8::/32"]

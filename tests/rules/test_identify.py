@@ -64,18 +64,23 @@ def test_ip_map_misses(cidr: str, source: str) -> None:
     assert isinstance(decision, Reject) and decision.reason is Reason.AUTHENTICATION_FAIL
 
 
-@pytest.fixture
-def prefixed() -> World:
+class Prefixed(World):
     """Three accounts on overlapping networks with tech prefixes '', '99' and '9912'."""
-    world = World()
-    b = world.b
-    world.plain = world.customer
-    world.short = b.account("2002", rate_group=world.retail)
-    world.long = b.account("3003", rate_group=world.retail)
-    b.ip("203.0.113.0/24", world.plain)
-    b.ip("203.0.113.0/24", world.short, "99")
-    b.ip("203.0.0.0/16", world.long, "9912")  # wider network, longer prefix
-    return world
+
+    def __init__(self) -> None:
+        super().__init__()
+        b = self.b
+        self.plain = self.customer
+        self.short = b.account("2002", rate_group=self.retail)
+        self.long = b.account("3003", rate_group=self.retail)
+        b.ip("203.0.113.0/24", self.plain)
+        b.ip("203.0.113.0/24", self.short, "99")
+        b.ip("203.0.0.0/16", self.long, "9912")  # wider network, longer prefix
+
+
+@pytest.fixture
+def prefixed() -> Prefixed:
+    return Prefixed()
 
 
 @pytest.mark.parametrize(
@@ -88,7 +93,7 @@ def prefixed() -> World:
     ],
 )
 def test_longest_tech_prefix_wins_and_is_stripped(
-    prefixed: World, dialled: str, owner: str, destination: str
+    prefixed: Prefixed, dialled: str, owner: str, destination: str
 ) -> None:
     decision = run(prefixed.catalog(), ip_call(dialled, "203.0.113.50"))
     assert isinstance(decision, Accept), decision
@@ -97,7 +102,7 @@ def test_longest_tech_prefix_wins_and_is_stripped(
     assert decision.routes[0].number == destination
 
 
-def test_outside_the_narrow_network_only_the_wide_entry_applies(prefixed: World) -> None:
+def test_outside_the_narrow_network_only_the_wide_entry_applies(prefixed: Prefixed) -> None:
     decision = run(prefixed.catalog(), ip_call("99442071234567", "203.0.1.1"))
     assert isinstance(decision, Reject) and decision.reason is Reason.AUTHENTICATION_FAIL
     decision = run(prefixed.catalog(), ip_call("9912442071234567", "203.0.1.1"))

@@ -11,7 +11,7 @@ import pytest
 
 from engine.call.render import channel_variables
 from engine.decision import Accept, Direction, Reason, Reject, Step
-from engine.model import CliPool
+from engine.model import CallRequest, CliPool
 from engine.rules import Catalog, CompiledRules, DecisionContext, decide
 from tests.call.rendering import targets
 from tests.rules.builders import NOW, World, call, run
@@ -22,13 +22,13 @@ DIDS = ("442000000001", "442000000002")
 CALLER_IDS = ("442011111111",)
 
 
-def accepted(world: World, request=None, **ctx: Any) -> Accept:
+def accepted(world: World, request: CallRequest | None = None, **ctx: Any) -> Accept:
     decision = run(world.catalog(), request, **ctx)
     assert isinstance(decision, Accept), decision
     return decision
 
 
-def rejected(world: World, request=None, **ctx: Any) -> Reject:
+def rejected(world: World, request: CallRequest | None = None, **ctx: Any) -> Reject:
     decision = run(world.catalog(), request, **ctx)
     assert isinstance(decision, Reject), decision
     return decision
@@ -115,12 +115,17 @@ def test_speed_dial_to_an_on_net_user_is_a_local_call() -> None:
 # -- 4.2 localization ---------------------------------------------------------------
 
 
-def localized_world(**rule_sets: str) -> World:
-    world = World()
-    uk = world.b.localization("UK", **rule_sets)
-    world.b.update(world.customer, localization_id=uk.id)
-    world.uk = uk
-    return world
+class LocalizedWorld(World):
+    """The customer with localization 'UK' of the given rule sets."""
+
+    def __init__(self, **rule_sets: str) -> None:
+        super().__init__()
+        self.uk = self.b.localization("UK", **rule_sets)
+        self.b.update(self.customer, localization_id=self.uk.id)
+
+
+def localized_world(**rule_sets: str) -> LocalizedWorld:
+    return LocalizedWorld(**rule_sets)
 
 
 def test_destination_is_localized_before_rating_and_routing() -> None:
@@ -275,25 +280,32 @@ MISCONFIGURED = Reason.CLI_POOL_MISCONFIGURED
 NOT_ALLOWED = Reason.CLI_NOT_ALLOWED
 
 
-def pool_world(option: CliPool, *, dids: bool = True, caller_ids: bool = True, non_cli: bool = True) -> World:
+class PoolWorld(World):
     """Customer 1001 (Retail: 44 @0.10) with DIDs 442000000001/2, whitelisted caller ID
     442011111111, and a NON-CLI group (44 @0.20); plus noise that must never count:
     an inactive DID and caller ID of its own, and another account's DID."""
-    world = World()
-    b = world.b
-    if dids:
-        for number in DIDS:
-            b.did(number, world.customer)
-    b.did("442000000009", world.customer, active=False)
-    if caller_ids:
-        for number in CALLER_IDS:
-            b.caller_id(number, world.customer)
-    b.caller_id("442011111119", world.customer, active=False)
-    b.did("442000000077", b.account("2002"))
-    world.non_cli = b.group("NON-CLI", trunks=(world.carrier_a,))
-    world.non_cli_rate = b.rate(world.non_cli, "44", "0.20")
-    b.update(world.customer, cli_pool=option, non_cli_rate_group_id=world.non_cli.id if non_cli else None)
-    return world
+
+    def __init__(self, option: CliPool, *, dids: bool, caller_ids: bool, non_cli: bool) -> None:
+        super().__init__()
+        b = self.b
+        if dids:
+            for number in DIDS:
+                b.did(number, self.customer)
+        b.did("442000000009", self.customer, active=False)
+        if caller_ids:
+            for number in CALLER_IDS:
+                b.caller_id(number, self.customer)
+        b.caller_id("442011111119", self.customer, active=False)
+        b.did("442000000077", b.account("2002"))
+        self.non_cli = b.group("NON-CLI", trunks=(self.carrier_a,))
+        self.non_cli_rate = b.rate(self.non_cli, "44", "0.20")
+        b.update(self.customer, cli_pool=option, non_cli_rate_group_id=self.non_cli.id if non_cli else None)
+
+
+def pool_world(
+    option: CliPool, *, dids: bool = True, caller_ids: bool = True, non_cli: bool = True
+) -> PoolWorld:
+    return PoolWorld(option, dids=dids, caller_ids=caller_ids, non_cli=non_cli)
 
 
 def check_pool(option: CliPool, cli: str, setup: dict, expected: str | Reason, group: str | None) -> None:
@@ -491,11 +503,9 @@ def test_cli_pool_explanations() -> None:
         )
         in decision.steps
     )
-    decision = rejected(
-        pool_world(CliPool.REJECT_UNLESS_IN_DIDS), call(caller_id_number="1001"), explain=True
-    )
-    assert decision.steps[-1].rule == "cli_pool"
-    assert decision.detail == (
+    refusal = rejected(pool_world(CliPool.REJECT_UNLESS_IN_DIDS), call(caller_id_number="1001"), explain=True)
+    assert refusal.steps[-1].rule == "cli_pool"
+    assert refusal.detail == (
         "CLI pool 6 (reject unless in DIDs): caller ID '1001' is not in the DIDs of account 1001"
     )
 

@@ -7,27 +7,32 @@ from typing import Any
 
 from engine.call.render import channel_variables, dial_string, dial_target
 from engine.decision import Accept, GatewayLeg, LegCallerId, Reason, Reject, Step
-from engine.model import DidDestinationType
+from engine.model import CallRequest, DidDestinationType
 from tests.call.rendering import targets
 from tests.rules.builders import World, call, run
 
 
-def accepted(world: World, request=None, **ctx: Any) -> Accept:
+def accepted(world: World, request: CallRequest | None = None, **ctx: Any) -> Accept:
     decision = run(world.catalog(), request, **ctx)
     assert isinstance(decision, Accept), decision
     return decision
 
 
-def two_carriers() -> World:
+class TwoCarriers(World):
     """carrier-a (provider prov-1, 44 @0.05) and carrier-b (provider prov-2, 44 @0.06)."""
-    world = World()
-    b = world.b
-    world.provider_2 = b.provider("prov-2")
-    world.gw_b = b.gateway("gw-b")
-    world.carrier_b = b.trunk("carrier-b", world.gw_b, world.provider_2)
-    world.term_b = b.termination(world.carrier_b, "44", "0.06")
-    b.link(world.retail, world.carrier_b)
-    return world
+
+    def __init__(self) -> None:
+        super().__init__()
+        b = self.b
+        self.provider_2 = b.provider("prov-2")
+        self.gw_b = b.gateway("gw-b")
+        self.carrier_b = b.trunk("carrier-b", self.gw_b, self.provider_2)
+        self.term_b = b.termination(self.carrier_b, "44", "0.06")
+        b.link(self.retail, self.carrier_b)
+
+
+def two_carriers() -> TwoCarriers:
+    return TwoCarriers()
 
 
 def test_trunk_then_provider_then_strip_prepend() -> None:

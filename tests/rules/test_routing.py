@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -16,35 +17,40 @@ from tests.rules.builders import World, call, run
 D = Decimal
 
 
-def accepted(world: World, **kwargs) -> Accept:
+def accepted(world: World, **kwargs: Any) -> Accept:
     decision = run(world.catalog(), **kwargs)
     assert isinstance(decision, Accept), decision
     return decision
 
 
-@pytest.fixture
-def three() -> World:
+class ThreeCarriers(World):
     """carrier-a 44 @0.05, carrier-b 4420 @0.08, carrier-c 44 @0.03; all linked to Retail (rate 44 @0.10)."""
-    world = World()
-    b = world.b
-    world.gw_b, world.gw_c = b.gateway("gw-b"), b.gateway("gw-c")
-    world.carrier_b = b.trunk("carrier-b", world.gw_b, world.provider)
-    world.carrier_c = b.trunk("carrier-c", world.gw_c, world.provider)
-    b.termination(world.carrier_b, "4420", "0.08")
-    b.termination(world.carrier_c, "44", "0.03")
-    world.retail = b.link(world.retail, world.carrier_b, world.carrier_c)
-    return world
+
+    def __init__(self) -> None:
+        super().__init__()
+        b = self.b
+        self.gw_b, self.gw_c = b.gateway("gw-b"), b.gateway("gw-c")
+        self.carrier_b = b.trunk("carrier-b", self.gw_b, self.provider)
+        self.carrier_c = b.trunk("carrier-c", self.gw_c, self.provider)
+        b.termination(self.carrier_b, "4420", "0.08")
+        b.termination(self.carrier_c, "44", "0.03")
+        self.retail = b.link(self.retail, self.carrier_b, self.carrier_c)
+
+
+@pytest.fixture
+def three() -> ThreeCarriers:
+    return ThreeCarriers()
 
 
 def names(decision: Accept) -> list[str]:
     return [route.trunk_name for route in decision.routes]
 
 
-def test_lcr_orders_by_prefix_length_then_cost(three: World) -> None:
+def test_lcr_orders_by_prefix_length_then_cost(three: ThreeCarriers) -> None:
     assert names(accepted(three)) == ["carrier-b", "carrier-c", "carrier-a"]
 
 
-def test_cost_orders_by_cost_only(three: World) -> None:
+def test_cost_orders_by_cost_only(three: ThreeCarriers) -> None:
     three.b.update(three.retail, routing_type=RoutingType.COST)
     assert names(accepted(three)) == ["carrier-c", "carrier-a", "carrier-b"]
 
@@ -63,7 +69,7 @@ def test_equal_cost_goes_by_rate_precedence_then_trunk_precedence(routing_type: 
     assert names(accepted(world)) == ["t3", "t2", "t1"]
 
 
-def test_one_route_per_trunk_with_its_longest_prefix(three: World) -> None:
+def test_one_route_per_trunk_with_its_longest_prefix(three: ThreeCarriers) -> None:
     three.b.termination(three.carrier_a, "442071", "0.07")
     three.b.link(three.retail, three.carrier_a, three.carrier_a)  # carrier-a linked thrice
     decision = accepted(three)
@@ -72,12 +78,12 @@ def test_one_route_per_trunk_with_its_longest_prefix(three: World) -> None:
     assert decision.routes[0].cost_per_minute == D("0.07")
 
 
-def test_forced_trunks_replace_the_group_links(three: World) -> None:
+def test_forced_trunks_replace_the_group_links(three: ThreeCarriers) -> None:
     three.b.update(three.rate_44, forced_trunk_ids=(three.carrier_a.id, three.carrier_b.id))
     assert names(accepted(three)) == ["carrier-b", "carrier-a"]
 
 
-def test_loss_less_drops_only_dearer_routes(three: World) -> None:
+def test_loss_less_drops_only_dearer_routes(three: ThreeCarriers) -> None:
     three.b.update(three.retail, markup_percent=D(0))
     three.b.update(three.rate_44, cost_per_minute=D("0.05"))  # carrier-b (0.08) costs more; a (0.05) equals
     three.b.update(three.customer, balance=D(100))
@@ -86,19 +92,19 @@ def test_loss_less_drops_only_dearer_routes(three: World) -> None:
     assert any("carrier-b dropped" in step.outcome for step in decision.steps)
 
 
-def test_loss_less_compares_with_the_marked_up_rate(three: World) -> None:
+def test_loss_less_compares_with_the_marked_up_rate(three: ThreeCarriers) -> None:
     three.b.update(three.rate_44, cost_per_minute=D("0.05"))
     three.b.update(three.retail, markup_percent=D(60))  # 0.08 per minute
     assert "carrier-b" in names(accepted(three))
 
 
-def test_loss_less_off_keeps_dear_routes(three: World) -> None:
+def test_loss_less_off_keeps_dear_routes(three: ThreeCarriers) -> None:
     three.b.update(three.rate_44, cost_per_minute=D("0.01"))
     three.b.update(three.retail, lossless=False)
     assert names(accepted(three)) == ["carrier-b", "carrier-c", "carrier-a"]
 
 
-def test_unusable_trunks_are_skipped_not_fatal(three: World) -> None:
+def test_unusable_trunks_are_skipped_not_fatal(three: ThreeCarriers) -> None:
     three.b.update(three.carrier_b, active=False)
     three.b.update(three.gw_c, active=False)
     decision = accepted(three, explain=True)
@@ -130,7 +136,7 @@ def test_inactive_primary_leaves_the_failovers() -> None:
     assert targets(accepted(world).routes[0].targets) == ("[leg_timeout=60]sofia/gateway/gw-b/442071234567",)
 
 
-def test_exact_dial_string_bytes(three: World) -> None:
+def test_exact_dial_string_bytes(three: ThreeCarriers) -> None:
     b = three.b
     gw_d = b.gateway("gw-d")
     b.update(three.carrier_b, failover_gateway_ids=(gw_d.id,), leg_timeout=30, codecs="PCMU, PCMA")
@@ -197,7 +203,7 @@ def test_strip_prepend(strip: str, prepend: str, expected: str) -> None:
     assert strip_prepend("442071234567", strip, prepend) == expected
 
 
-def test_route_carries_number_caller_id_and_provider(three: World) -> None:
+def test_route_carries_number_caller_id_and_provider(three: ThreeCarriers) -> None:
     three.b.update(three.term_a, strip="44", prepend="+44")
     route = next(r for r in accepted(three).routes if r.trunk_name == "carrier-a")
     assert route.number == "+442071234567"
