@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import gevent
 import pytest
@@ -38,7 +39,7 @@ from engine.state.codec import encode_entity
 from engine.state.snapshot import read_snapshot
 from loadtest import dataset, driver, lab, stats
 from loadtest.dataset import CallMix, CallPlan, Scale, generate
-from loadtest.fsemu import CallSpec, InboundServer, Switch, place_call
+from loadtest.fsemu import CallResult, CallSpec, InboundServer, Switch, place_call
 from loadtest.profile import summarize_collapsed
 from tests.support import wait_until
 
@@ -185,7 +186,7 @@ def greenswitch_server() -> Iterator[int]:
         listener.join(timeout=2)
 
 
-def _emulated_call(port: int, **extra) -> object:
+def _emulated_call(port: int, **extra: Any) -> CallResult:
     spec = CallSpec(destination="441234567890", sip_auth_username="u1000120", **extra)
     return place_call("127.0.0.1", port, spec, timeout=5)
 
@@ -614,6 +615,7 @@ def test_pure_client_parses_encoded_events_and_bodies() -> None:
         b"Content-Length: 11\n\n+OK abc-def"
     )
     event = lab.PyEslConnection._event({"Content-Type": "text/event-plain"}, raw)
+    assert event is not None
     assert event.getHeader("Job-Command-Arg") == "{x=y}"
     assert event.getBody() == "+OK abc-def"
     assert event.getType() == "BACKGROUND_JOB"

@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
 import redis
+from psycopg.abc import Params, QueryNoTemplate
 
 import engine.model
 import engine.rules
@@ -38,6 +39,9 @@ from engine.sync.persist import EventPersister
 from engine.sync.state import StateMoved, apply_batch, read_state
 from engine.sync.worker import SyncWorker
 from tests.support import config_for, engine_environment, prepare_database, run_cli, wait_until
+
+# What XRANGE / XREVRANGE return to a client without decode_responses (no deleted entries here).
+StreamEntries = list[tuple[bytes, dict[bytes, bytes]]]
 
 CATALOGUE: dict[str, Any] = {
     "gateways": [{"name": "gw-1"}, {"name": "gw-2"}],
@@ -158,6 +162,13 @@ def by_key(items: list[Any], **match: Any) -> Any:
     return found[0]
 
 
+def scalar(conn: psycopg.Connection, query: QueryNoTemplate, params: Params | None = None) -> Any:
+    """The first column of the query's row, which must exist."""
+    row = conn.execute(query, params).fetchone()
+    assert row is not None, query
+    return row[0]
+
+
 def account_id(db: psycopg.Connection, number: str) -> int:
     row = db.execute("SELECT id FROM accounts WHERE number = %s AND NOT deleted", [number]).fetchone()
     assert row is not None
@@ -189,17 +200,15 @@ def test_triggers_log_entities_with_their_snapshot_keys(db: psycopg.Connection) 
     db.execute("UPDATE blocked_codes SET prefix = '448' WHERE account_id = %s", [alice])
     db.execute("DELETE FROM rate_group_trunks")
     rows = db.execute("SELECT entity, key FROM callgate_changes ORDER BY version").fetchall()
-    group = db.execute("SELECT id FROM rate_groups WHERE name = 'retail'").fetchone()[0]
+    group = scalar(db, "SELECT id FROM rate_groups WHERE name = 'retail'")
     assert sorted(rows) == sorted(
         [("blocked_codes", f"{alice}:448"), ("blocked_codes", f"{alice}:449"), ("rate_groups", str(group))]
     )
     # the new row keeps its version, the old key gets a fresh one; one transaction id per statement's txn
-    versions = dict(
+    versions: dict[str, int] = dict(
         db.execute("SELECT key, version FROM callgate_changes WHERE entity = 'blocked_codes'").fetchall()
     )
-    current = db.execute(
-        "SELECT change_version FROM blocked_codes WHERE account_id = %s", [alice]
-    ).fetchone()[0]
+    current = scalar(db, "SELECT change_version FROM blocked_codes WHERE account_id = %s", [alice])
     assert versions[f"{alice}:448"] == current and versions[f"{alice}:449"] > current
 
 
@@ -209,9 +218,9 @@ def test_notifications_carry_entity_key_version_and_txid(config: Config, db: psy
         alice = account_id(db, "1000000001")
         with db.transaction():
             db.execute("UPDATE accounts SET balance = 11 WHERE id = %s", [alice])
-            txid = db.execute("SELECT pg_current_xact_id()::text").fetchone()[0]
-        version = db.execute("SELECT change_version FROM accounts WHERE id = %s", [alice]).fetchone()[0]
-        group = db.execute("SELECT id FROM rate_groups WHERE name = 'retail'").fetchone()[0]
+            txid = scalar(db, "SELECT pg_current_xact_id()::text")
+        version = scalar(db, "SELECT change_version FROM accounts WHERE id = %s", [alice])
+        group = scalar(db, "SELECT id FROM rate_groups WHERE name = 'retail'")
         db.execute(
             "INSERT INTO origination_rates (rate_group_id, prefix, cost_per_minute)"
             " SELECT %s, (500000 + n)::text, 0.01 FROM generate_series(1, 150) n",
@@ -238,7 +247,7 @@ def test_single_changes_are_applied_in_place_of_the_current_version(
     assert by_key(snapshot(client, config).accounts, id=alice).balance == Decimal("42.5")
     state = read_state(client, config.redis.key_prefix)
     assert state is not None and state.changes == 1 and state.version == version
-    entries = client.xrange(sync_journal_key(config.redis.key_prefix))
+    entries = cast(StreamEntries, client.xrange(sync_journal_key(config.redis.key_prefix)))
     payload = json.loads(entries[-1][1][b"payload"])
     assert payload["upserts"] == {"accounts": [str(alice)]} and payload["changes"] == 1
     assert worker.catch_up().applied == 0  # nothing new
@@ -254,10 +263,8 @@ def test_a_late_commit_with_a_lower_version_is_not_missed(
         slow.execute("UPDATE accounts SET balance = 1.11 WHERE id = %s", [alice])  # lower version, open
         db.execute("UPDATE accounts SET balance = 2.22 WHERE id = %s", [bob])  # higher version, committed
         assert worker.catch_up().applied == 1
-        slow_version = slow.execute("SELECT change_version FROM accounts WHERE id = %s", [alice]).fetchone()[
-            0
-        ]
-        bob_version = db.execute("SELECT change_version FROM accounts WHERE id = %s", [bob]).fetchone()[0]
+        slow_version = scalar(slow, "SELECT change_version FROM accounts WHERE id = %s", [alice])
+        bob_version = scalar(db, "SELECT change_version FROM accounts WHERE id = %s", [bob])
         assert slow_version < bob_version
         slow.commit()
     assert worker.catch_up().applied == 1
@@ -306,7 +313,7 @@ def test_a_bulk_change_publishes_a_whole_new_version(
     worker: SyncWorker, client: redis.Redis, config: Config, db: psycopg.Connection
 ) -> None:
     before = snapshot(client, config).version
-    group = db.execute("SELECT id FROM rate_groups WHERE name = 'retail'").fetchone()[0]
+    group = scalar(db, "SELECT id FROM rate_groups WHERE name = 'retail'")
     db.execute(
         "INSERT INTO origination_rates (rate_group_id, prefix, cost_per_minute)"
         " SELECT %s, (700000 + n)::text, 0.01 FROM generate_series(1, 60) n",
@@ -330,7 +337,7 @@ def test_truncate_or_a_huge_statement_publishes_a_whole_new_version(
     assert snapshot(client, config).speed_dials == []
     # more than 10000 rows in one statement: logged as one '*' row, not one row each
     db.execute("DELETE FROM callgate_changes")
-    group = db.execute("SELECT id FROM rate_groups WHERE name = 'retail'").fetchone()[0]
+    group = scalar(db, "SELECT id FROM rate_groups WHERE name = 'retail'")
     db.execute(
         "INSERT INTO origination_rates (rate_group_id, prefix, cost_per_minute)"
         " SELECT %s, (800000 + n)::text, 0.01 FROM generate_series(1, 10001) n",
@@ -366,7 +373,7 @@ def test_lost_state_or_another_database_means_a_full_publish(
 def test_a_pruned_log_behind_the_state_means_a_full_publish(
     worker: SyncWorker, client: redis.Redis, config: Config, db: psycopg.Connection
 ) -> None:
-    old_state = client.hgetall(sync_state_key(config.redis.key_prefix))
+    old_state = cast(dict[bytes, bytes], client.hgetall(sync_state_key(config.redis.key_prefix)))
     db.execute("UPDATE accounts SET balance = 3 WHERE number = '1000000002'")
     assert worker.catch_up().applied == 1
     # a prune (by this deployment or another one) went past what the old state needs
@@ -375,7 +382,7 @@ def test_a_pruned_log_behind_the_state_means_a_full_publish(
         [old_state[b"pg_snapshot"].decode()],
     )
     client.hset(
-        sync_state_key(config.redis.key_prefix), mapping=old_state
+        sync_state_key(config.redis.key_prefix), mapping={field: value for field, value in old_state.items()}
     )  # Redis restored from an old backup
     client.hset(f"{config.redis.key_prefix}snapshot:{int(old_state[b'version'])}:meta", "changes", 0)
     assert worker.catch_up().reason == "log_pruned"
@@ -393,13 +400,14 @@ def test_prune_deletes_applied_changes_only(
     assert state is not None
     # (other sessions of the cluster may hold the state's xmin back: only rows below it may go)
     below = "SELECT count(*) FROM callgate_changes WHERE txid < pg_snapshot_xmin(%s::pg_snapshot)"
-    assert db.execute(below, [state.pg_snapshot]).fetchone()[0] == 0
-    pending = db.execute("SELECT count(*) FROM callgate_changes WHERE entity = 'accounts'").fetchone()[0]
+    assert scalar(db, below, [state.pg_snapshot]) == 0
+    pending = scalar(db, "SELECT count(*) FROM callgate_changes WHERE entity = 'accounts'")
     assert pending >= 1
-    through = db.execute(
+    through = scalar(
+        db,
         "SELECT pruned_through < pg_snapshot_xmin(%s::pg_snapshot) FROM callgate_sync_state",
         [state.pg_snapshot],
-    ).fetchone()[0]
+    )
     assert through
     assert worker.catch_up().applied == 1
 
@@ -492,7 +500,7 @@ def test_holder_applies_changes_in_place_and_fills_gaps_from_the_journal(
     assert holder.refresh() is True  # two changes, no events seen: both read back from the journal
     assert holder.current[1] is catalog and holder.full_loads == 1 and holder.changes_applied == 2
     assert catalog.accounts_by_number["1000000001"].balance == Decimal(20)
-    group = db.execute("SELECT id FROM rate_groups WHERE name = 'retail'").fetchone()[0]
+    group = scalar(db, "SELECT id FROM rate_groups WHERE name = 'retail'")
     assert set(catalog.group_rates[group]) == {"44"}
     db.execute("UPDATE accounts SET balance = 21 WHERE number = '1000000001'")
     worker.catch_up()
@@ -647,7 +655,7 @@ def test_big_batches_and_before_images_of_rates(
 ) -> None:
     worker = new_worker(bulk_threshold=5000)
     worker.catch_up()
-    group = db.execute("SELECT id FROM rate_groups WHERE name = 'retail'").fetchone()[0]
+    group = scalar(db, "SELECT id FROM rate_groups WHERE name = 'retail'")
     db.execute(
         "INSERT INTO origination_rates (rate_group_id, prefix, cost_per_minute)"
         " SELECT %s, (900000 + n)::text, 0.01 FROM generate_series(1, 3000) n",
@@ -656,13 +664,13 @@ def test_big_batches_and_before_images_of_rates(
     result = worker.catch_up()
     assert not result.full and result.applied == 3000  # in place, in one script run
     journal = sync_journal_key(config.redis.key_prefix)
-    payload = json.loads(client.xrevrange(journal, count=1)[0][1][b"payload"])
+    payload = json.loads(cast(StreamEntries, client.xrevrange(journal, count=1))[0][1][b"payload"])
     assert len(payload["upserts"]["origination_rates"]) == 3000
     assert set(payload["before"]["origination_rates"].values()) == {None}  # none existed
     rate = by_key(snapshot(client, config).origination_rates, prefix="900001")
     db.execute("UPDATE origination_rates SET cost_per_minute = 0.5 WHERE id = %s", [rate.id])
     worker.catch_up()
-    payload = json.loads(client.xrevrange(journal, count=1)[0][1][b"payload"])
+    payload = json.loads(cast(StreamEntries, client.xrevrange(journal, count=1))[0][1][b"payload"])
     assert payload["before"] == {"origination_rates": {str(rate.id): encode_entity(rate).decode()}}
     assert by_key(snapshot(client, config).origination_rates, id=rate.id).cost_per_minute == Decimal("0.5")
 
@@ -720,6 +728,7 @@ def test_each_full_snapshot_gets_its_catalogue_image_published(
     catalog = holder.current[1]
     assert isinstance(catalog.accounts._records, memoryview)  # from the image, not decoded rows
     assert catalog.accounts_by_number["1000000001"].balance == Decimal(41)  # the journal on top
+    assert holder.stamp is not None
     assert holder.stamp == current_stamp(client, prefix) and holder.stamp.changes == 1
 
 
@@ -782,4 +791,5 @@ def test_engines_switching_to_a_new_version_wait_for_its_image(
     assert holder.current[0] == second.version and isinstance(catalog.accounts._records, memoryview)
     assert holder.blob_waits.get("ready") == 1 and holder.blob_failures == 0
     assert catalog.accounts_by_number["1000000001"].balance == Decimal(41)
+    assert holder.stamp is not None
     assert holder.stamp == current_stamp(client, prefix) and holder.stamp.changes == 1

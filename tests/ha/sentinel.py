@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 from pathlib import Path
+from typing import cast
 
 import pytest
 import redis
@@ -107,7 +108,10 @@ class SentinelCluster:
         """The port the sentinels name as primary (None if none answers)."""
         for port in self.sentinel_ports:
             try:
-                address = quick_client(port).sentinel_get_master_addr_by_name(SERVICE)
+                # A plain client's reply: (host, port) or None (the bool is the Sentinel pool's).
+                address = cast(
+                    "tuple[bytes, int] | None", quick_client(port).sentinel_get_master_addr_by_name(SERVICE)
+                )
             except redis.RedisError:
                 continue
             if address:

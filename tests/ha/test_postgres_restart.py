@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def private_pg(tmp_path: Path):
+def private_pg(tmp_path: Path) -> Iterator[PrivatePostgres]:
     server = PrivatePostgres().init()
     server.start()
     yield server
@@ -63,7 +64,9 @@ def test_a_postgres_restart_loses_no_cdr_and_no_change(
     )
     client = redis.Redis.from_url(redis_url)
     with psycopg.connect(private_pg.url) as conn:
-        (account,) = conn.execute("SELECT id FROM accounts WHERE number = '1000000050'").fetchone()
+        row = conn.execute("SELECT id FROM accounts WHERE number = '1000000050'").fetchone()
+        assert row is not None
+        (account,) = row
     log = (tmp_path / "sync.log").open("wb")
     worker = subprocess.Popen([*CALLGATE, "sync"], env=env, cwd=ROOT, stdout=log, stderr=log)
     try:
@@ -82,12 +85,16 @@ def test_a_postgres_restart_loses_no_cdr_and_no_change(
             # The ledger for this account (the fixture loader writes opening balances without an
             # 'initial' balance change, so the view's full equation is checked as a difference):
             # 50 debits of 0.10, each once, moved balance and calls_debited by exactly 5.00.
-            balance, debited = conn.execute(
+            ledger = conn.execute(
                 "SELECT balance, calls_debited FROM accounts WHERE id = %s", (account,)
             ).fetchone()
-            (debits,) = conn.execute(
+            assert ledger is not None
+            balance, debited = ledger
+            summed = conn.execute(
                 "SELECT sum(amount) FROM call_debits WHERE account_id = %s", (account,)
             ).fetchone()
+            assert summed is not None
+            (debits,) = summed
             assert (balance, debited, debits) == (Decimal("995"), Decimal("5"), Decimal("5"))
             assert conn.execute("SELECT count(DISTINCT uuid) FROM cdrs").fetchone() == (50,)
             conn.execute("UPDATE accounts SET max_channels = 7 WHERE number = '1000000050'")

@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import gevent
 import gevent.event
@@ -30,7 +32,8 @@ from engine.state.keys import (
     limits_channels_key,
     limits_registry_key,
 )
-from loadtest.fsemu import InboundServer, Switch, place_call
+from loadtest.chaos.cluster import zset_members
+from loadtest.fsemu import CallResult, InboundServer, Switch, place_call
 from tests.ha.sentinel import SentinelCluster
 from tests.support import EngineProcess, engine_environment, prepare_database, publish, run_cli, wait_until
 from tests.test_limits_e2e import CATALOGUE, spec
@@ -45,17 +48,23 @@ class Placed:
     uuid: str
 
 
-def outcome(result) -> str:
+def outcome(result: CallResult) -> str:
     if result.error is not None:
         return f"error: {result.error}"
     return "BRIDGED" if result.bridged_target else result.variables.get("callgate_reason", "?")
 
 
 @pytest.fixture
-def cluster(tmp_path: Path):
+def cluster(tmp_path: Path) -> Iterator[SentinelCluster]:
     started = SentinelCluster(tmp_path).start()
     yield started
     started.stop()
+
+
+def hash_int(client: redis.Redis, key: str, field: str) -> int:
+    value = client.hget(key, field)
+    assert value is not None, (key, field)
+    return int(value)
 
 
 def sentinel_environment(
@@ -99,7 +108,7 @@ def test_the_engine_follows_a_failover_and_bridges_nothing_unchecked(
             port = cluster.primary()
             if port is not None and port in cluster.processes and cluster.processes[port].poll() is None:
                 with contextlib.suppress(redis.RedisError):  # the primary may die mid-read
-                    seen.update(m.decode() for m in cluster.client(port).zrange(registry, 0, -1))
+                    seen.update(zset_members(cluster.client(port), registry))
             gevent.sleep(0.1)
 
     with InboundServer(switch, host="127.0.0.1") as inbound:
@@ -126,7 +135,7 @@ def test_the_engine_follows_a_failover_and_bridges_nothing_unchecked(
         wait_until(lambda: len(switch.live_uuids()) == 3, timeout=15, interval=0.05, what="3 calls up")
         result = run_cli(["reconcile", "--switch", f"127.0.0.1:{inbound.address[1]}", "--grace", "0"], env)
         assert result.returncode == 0, result.stderr
-        counted = {m.decode() for m in new_primary.zrange(registry, 0, -1)}
+        counted = zset_members(new_primary, registry)
         assert counted == set(switch.live_uuids())
         gevent.joinall(held, timeout=30, raise_error=True)
     engine.stop()
@@ -191,7 +200,7 @@ def test_releases_lost_in_a_failover_are_repaired_by_one_reconciliation(
             wait_until(lambda: cluster.primary() == cluster.replica_port, timeout=30, interval=0.1,
                        what="the sentinels promoting the replica")  # fmt: skip
             live = set(switch.live_uuids())
-            counted = {m.decode() for m in replica.zrange(registry, 0, -1)}
+            counted = zset_members(replica, registry)
             assert len(counted) == 5 and live < counted, "the failover lost the three releases"
             # The engine follows the failover (a sentinel may still name the old primary for a moment).
             promoted = time.monotonic()
@@ -207,7 +216,7 @@ def test_releases_lost_in_a_failover_are_repaired_by_one_reconciliation(
             assert result.returncode == 0, result.stderr
             assert "released 3" in result.stdout, result.stdout
             live = set(switch.live_uuids())
-            assert {m.decode() for m in replica.zrange(registry, 0, -1)} == live
+            assert zset_members(replica, registry) == live
             for call in calls[:3]:
                 call.get(timeout=5)
             for call in calls[3:]:
@@ -233,7 +242,9 @@ def test_acquires_lost_in_a_failover_are_recounted_by_one_reconciliation(
     registry = limits_registry_key(module_key_prefix)
     primary, replica = cluster.client(cluster.primary_port), cluster.client(cluster.replica_port)
     with psycopg.connect(module_pg_url) as conn:
-        (account,) = conn.execute("SELECT id FROM accounts WHERE number = '1000000002'").fetchone()
+        row = conn.execute("SELECT id FROM accounts WHERE number = '1000000002'").fetchone()
+        assert row is not None
+        (account,) = row
     counter = limits_channels_key(module_key_prefix, "acct", account)
     reservations = funds_reservations_key(module_key_prefix, account)
     switch = Switch()
@@ -262,12 +273,12 @@ def test_acquires_lost_in_a_failover_are_recounted_by_one_reconciliation(
 
             result = run_cli(reconcile, env)
             assert result.returncode == 0 and "recounted 2 " in result.stdout, result.stdout + result.stderr
-            assert {m.decode() for m in replica.zrange(registry, 0, -1)} == live
-            assert {m.decode() for m in replica.zrange(counter, 0, -1)} == live
-            assert {m.decode() for m in replica.zrange(reservations, 0, -1)} == live
-            amounts = replica.hgetall(funds_amounts_key(module_key_prefix, account))
+            assert zset_members(replica, registry) == live
+            assert zset_members(replica, counter) == live
+            assert zset_members(replica, reservations) == live
+            amounts = cast(dict[bytes, bytes], replica.hgetall(funds_amounts_key(module_key_prefix, account)))
             assert {k.decode() for k in amounts} == live and all(int(v) > 0 for v in amounts.values())
-            reserved = int(replica.hget(funds_account_key(module_key_prefix, account), "reserved"))
+            reserved = hash_int(replica, funds_account_key(module_key_prefix, account), "reserved")
             assert reserved == sum(int(v) for v in amounts.values())
             again = run_cli(reconcile, env)
             assert again.returncode == 0 and "recounted 0 " in again.stdout, again.stdout + again.stderr
@@ -291,7 +302,9 @@ def test_acquires_lost_in_a_failover_are_recounted_by_one_reconciliation(
 
             # Billed on the new primary, and what the recount took released at hangup.
             def settled() -> bool:
-                entries = replica.xrange(cdr_stream(module_key_prefix))
+                entries = cast(
+                    list[tuple[bytes, dict[bytes, bytes]]], replica.xrange(cdr_stream(module_key_prefix))
+                )
                 return live <= {fields[b"uuid"].decode() for _id, fields in entries}
 
             wait_until(settled, timeout=30, interval=0.1, what="both calls settled on the new primary")
@@ -301,7 +314,7 @@ def test_acquires_lost_in_a_failover_are_recounted_by_one_reconciliation(
                 timeout=10, interval=0.1, what="the re-counted slots released at hangup",
             )  # fmt: skip
             assert replica.zcard(reservations) == 0
-            assert int(replica.hget(funds_account_key(module_key_prefix, account), "reserved")) == 0
+            assert hash_int(replica, funds_account_key(module_key_prefix, account), "reserved") == 0
             assert switch.live_uuids() == []
     finally:
         engine.stop()
