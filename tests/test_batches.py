@@ -54,7 +54,8 @@ def test_a_full_queue_refuses_without_blocking() -> None:
 
 
 def test_batches_are_cut_at_batch_size_and_all_sent_before_stopping() -> None:
-    sink, abandoned = Sink(), []
+    sink = Sink()
+    abandoned: list[list[int]] = []
     batches = make(sink, abandoned)
     for item in range(10):
         batches.put(item)
@@ -66,7 +67,8 @@ def test_batches_are_cut_at_batch_size_and_all_sent_before_stopping() -> None:
 
 
 def test_a_failed_batch_is_retried_whole_with_doubling_delays_capped() -> None:
-    sink, abandoned = Sink(failures=5), []
+    sink = Sink(failures=5)
+    abandoned: list[list[int]] = []
     batches = make(sink, abandoned)
     for item in range(3):
         batches.put(item)
@@ -86,7 +88,8 @@ def test_a_failed_batch_is_retried_whole_with_doubling_delays_capped() -> None:
 
 
 def test_at_stop_a_batch_that_still_fails_is_abandoned_once() -> None:
-    sink, abandoned = Sink(forever=True), []
+    sink = Sink(forever=True)
+    abandoned: list[list[int]] = []
     batches = make(sink, abandoned)
     for item in range(3):
         batches.put(item)
@@ -103,7 +106,8 @@ def test_with_gather_items_arriving_after_the_first_share_its_batch() -> None:
     import threading
     import time
 
-    sink, abandoned = Sink(), []
+    sink = Sink()
+    abandoned: list[list[int]] = []
     batches = make(sink, abandoned, gather=0.3, idle_wait=5.0)
     stop = FakeStop()
     runner = threading.Thread(target=batches.run, args=(stop,))
@@ -124,7 +128,8 @@ def test_without_gather_the_first_item_leaves_at_once() -> None:
     import threading
     import time
 
-    sink, abandoned = Sink(), []
+    sink = Sink()
+    abandoned: list[list[int]] = []
     batches = make(sink, abandoned, idle_wait=5.0)
     stop = FakeStop()
     runner = threading.Thread(target=batches.run, args=(stop,))
@@ -145,7 +150,8 @@ def test_a_stopping_queue_does_not_gather() -> None:
     """At shutdown what is queued leaves at once, whatever the gather."""
     import time
 
-    sink, abandoned = Sink(), []
+    sink = Sink()
+    abandoned: list[list[int]] = []
     batches = make(sink, abandoned, gather=30.0)
     batches.put(1)
     stop = FakeStop()

@@ -138,7 +138,9 @@ def test_a_damaged_image_loads_the_rows(client: redis.Redis, key_prefix: str, da
     manifest = read_manifest(client, key_prefix, version, FINGERPRINT)
     assert manifest is not None
     key, field = image_blob_key(key_prefix, version), manifest.chunk_field(manifest.chunks // 2)
-    chunk = bytearray(client.hget(key, field) or b"")
+    stored = client.hget(key, field)
+    assert isinstance(stored, bytes)
+    chunk = bytearray(stored)
     if damage == "chunk missing":
         client.hdel(key, field)
     elif damage == "chunk short":
@@ -164,7 +166,9 @@ def test_a_damaged_image_is_not_left_in_the_image_directory(
     manifest = read_manifest(client, key_prefix, version, FINGERPRINT)
     assert manifest is not None
     key, field = image_blob_key(key_prefix, version), manifest.chunk_field(1)
-    chunk = bytearray(client.hget(key, field) or b"")
+    stored = client.hget(key, field)
+    assert isinstance(stored, bytes)
+    chunk = bytearray(stored)
     chunk[7] ^= 0x01
     client.hset(key, field, bytes(chunk))
     engine_holder = holder(client, key_prefix, tmp_path)
@@ -176,7 +180,7 @@ def test_a_damaged_image_is_not_left_in_the_image_directory(
 
 def during_fetch(monkeypatch: pytest.MonkeyPatch, action: Callable[[], None]) -> None:
     """Run ``action`` once, after the first chunk of a fetch was read."""
-    original = watcher.blob_chunks
+    original = blob_chunks  # what the watcher calls (patched below in its namespace)
 
     def chunks(*args: Any) -> Iterator[bytes]:
         for index, chunk in enumerate(original(*args)):

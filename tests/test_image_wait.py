@@ -202,7 +202,7 @@ def test_an_old_version_without_a_mark_is_not_waited_for(
     publish_snapshot(client, key_prefix, data())
     monkeypatch.setattr(watcher, "_MARKER_GRACE", 0.0)
     sleeps: list[float] = []
-    monkeypatch.setattr(watcher.time, "sleep", sleeps.append)
+    monkeypatch.setattr(time, "sleep", sleeps.append)  # the time module the watcher sleeps with
     engine_holder = waiting_holder(client, key_prefix)
     assert engine_holder.refresh() and not mapped(engine_holder.current[1])
     assert sleeps == [] and engine_holder.blob_waits == {}
@@ -218,7 +218,7 @@ def test_without_a_producer_a_fresh_version_is_not_waited_for(
     assert engine_holder.refresh() and not mapped(engine_holder.current[1])
     publish_snapshot(client, key_prefix, data(balance=2))
     sleeps: list[float] = []
-    monkeypatch.setattr(watcher.time, "sleep", sleeps.append)
+    monkeypatch.setattr(time, "sleep", sleeps.append)  # the time module the watcher sleeps with
     assert engine_holder.refresh() and balance(engine_holder) == Decimal(2)
     assert sleeps == [] and engine_holder.blob_waits == {}
 

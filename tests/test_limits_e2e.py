@@ -177,6 +177,7 @@ def test_a_killed_engine_leaves_no_counted_call_once_the_reconciler_has_run(
         )
         wait_until(lambda: counted_calls(environment) >= 2, timeout=20, interval=0.05, what="2 counted calls")
         assert counted_calls(environment) == 2
+        assert engine.process is not None  # started
         engine.process.kill()  # no hangup will ever be released by it
         engine.process.wait()
         calls.get(timeout=10)  # the calls end on the switch meanwhile

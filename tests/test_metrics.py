@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.config import ConfigError, LoggingSettings, load_config
 from engine.decider import Decider
-from engine.decision import Reason
+from engine.decision import Accept, Decision, Reason, Reject
 from engine.logs import JsonFormatter, level_number, mask_secrets, setup_logging
 from engine.metrics import (
     DEGRADED_CAUSES,
@@ -39,7 +39,17 @@ from engine.metrics import (
     wsgi_app,
 )
 from engine.rules.config import RulesConfig
-from engine.state.limits import LevelKind, LimitPlan, LimitsUnavailable, Subject
+from engine.state.funds import FundsRequest
+from engine.state.limits import (
+    LevelKind,
+    LevelUsage,
+    LimitPlan,
+    LimitResult,
+    LimitsBackend,
+    LimitsCatalog,
+    LimitsUnavailable,
+    Subject,
+)
 from tests.rules.builders import World, call
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,33 +239,60 @@ class _Source:
     def confirmed_age(self) -> float:
         return self._age
 
-    switching_since = None
+    switching_since: float | None = None
 
 
-class _DownLimiter:
-    def subjects_for(self, accept, catalog) -> LimitPlan:
+class _DownLimiter(LimitsBackend):
+    """Limits whose Redis refuses connections: planning (no Redis) works, everything else raises."""
+
+    def subjects_for(self, accept: Accept, catalog: LimitsCatalog) -> LimitPlan:
         return LimitPlan(levels=(Subject(LevelKind.ACCOUNT, accept.account_id, max_channels=1),))
 
-    def acquire(self, uuid, plan, hold):
+    def acquire(
+        self, call_uuid: str, plan: LimitPlan, hold_seconds: int, funds: FundsRequest | None = None
+    ) -> LimitResult:
         raise LimitsUnavailable("ConnectionError: refused")
+
+    def peek(self, plan: LimitPlan) -> LimitResult:
+        raise LimitsUnavailable("ConnectionError: refused")
+
+    def usage(self, plan: LimitPlan) -> list[LevelUsage]:
+        raise LimitsUnavailable("ConnectionError: refused")
+
+    def release(self, call_uuid: str) -> bool:
+        raise LimitsUnavailable("ConnectionError: refused")
+
+    def release_many(self, call_uuids: Sequence[str]) -> int:
+        raise LimitsUnavailable("ConnectionError: refused")
+
+    def counted_calls(self) -> dict[str, float]:
+        raise LimitsUnavailable("ConnectionError: refused")
+
+    def release_orphans(self, call_uuids: Iterable[str], grace_seconds: float) -> list[str]:
+        raise LimitsUnavailable("ConnectionError: refused")
+
+
+def _detail(decision: Decision) -> str:
+    """The detail of a reject (failing when the call was accepted)."""
+    assert isinstance(decision, Reject), decision
+    return decision.detail
 
 
 def test_degraded_cause_is_read_from_the_engine_s_own_details() -> None:
     """The details written by the decider and the call handler map to their causes."""
     catalog = World().catalog()
     empty = Decider(_Source(False, float("inf")), RulesConfig(), max_age=5)
-    assert degraded_cause(empty(call()).detail) == "no_snapshot"
+    assert degraded_cause(_detail(empty(call()))) == "no_snapshot"
     stale = Decider(_Source(True, 9.0, catalog), RulesConfig(), max_age=5)
-    assert degraded_cause(stale(call()).detail) == "stale_snapshot"
+    assert degraded_cause(_detail(stale(call()))) == "stale_snapshot"
     switching = _Source(True, 9.0, catalog)
     switching.switching_since = 1.0  # the next version is being loaded: the held one still decides
     graced = Decider(switching, RulesConfig(), max_age=5, switch_max_age=600)
     assert getattr(graced(call()), "reason", None) is not Reason.ENGINE_DEGRADED
-    assert degraded_cause(Decider(switching, RulesConfig(), max_age=5, switch_max_age=8)(call()).detail) == (
-        "stale_snapshot"
-    )
+    ungraced = Decider(switching, RulesConfig(), max_age=5, switch_max_age=8)
+    assert degraded_cause(_detail(ungraced(call()))) == "stale_snapshot"
     down = Decider(_Source(True, 0.1, catalog), RulesConfig(), max_age=5, limiter=_DownLimiter())
-    assert degraded_cause(down(call()).detail) == "limits_unavailable"
+    assert degraded_cause(_detail(down(call()))) == "limits_unavailable"
     # Written by engine.call.driver.CallHandler.
     assert degraded_cause("decision deadline exceeded") == "deadline"
     assert degraded_cause("over engine.max_connections") == "overload"
@@ -345,14 +382,16 @@ def test_snapshot_updates_follow_the_holder_s_running_counts() -> None:
 
 def test_endpoint_paths_and_status_codes() -> None:
     metrics = EngineMetrics()
-    state = {"ready": (False, "no snapshot loaded"), "scrapes": 0}
+    readiness = (False, "no snapshot loaded")
+    scrapes = 0
 
     def before_scrape() -> None:
-        state["scrapes"] += 1
-        if state["scrapes"] == 2:
+        nonlocal scrapes
+        scrapes += 1
+        if scrapes == 2:
             raise RuntimeError("a refresh failed")
 
-    app = wsgi_app(metrics.registry, lambda: state["ready"], before_scrape)
+    app = wsgi_app(metrics.registry, lambda: readiness, before_scrape)
     status, headers, body = call_app(app, "/metrics")
     assert status == "200 OK" and headers["Content-Type"].startswith("text/plain; version=0.0.4")
     assert any(f.name == "callgate_decisions" for f in text_string_to_metric_families(body.decode()))
@@ -363,7 +402,7 @@ def test_endpoint_paths_and_status_codes() -> None:
     assert call_app(app, "/healthz")[:1] == ("200 OK",)
     status, _, body = call_app(app, "/readyz")
     assert status.startswith("503") and b"no snapshot loaded" in body
-    state["ready"] = (True, "ready: snapshot 3, Redis reachable")
+    readiness = (True, "ready: snapshot 3, Redis reachable")
     assert call_app(app, "/readyz")[0] == "200 OK"
 
     def broken() -> tuple[bool, str]:

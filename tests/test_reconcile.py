@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import cast
 
 import gevent
 import pytest
@@ -128,7 +129,7 @@ PLAN = LimitPlan((Subject(LevelKind.ACCOUNT, 1, 100),), (Subject(LevelKind.TRUNK
 
 
 def held(client: redis.Redis, key: str) -> set[str]:
-    return {m.decode() for m in client.zrange(key, 0, -1)}
+    return {m.decode() for m in cast(list[bytes], client.zrange(key, 0, -1))}
 
 
 # --------------------------------------------------------------------------- parsing

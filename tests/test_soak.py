@@ -145,8 +145,8 @@ def test_assess_judges_at_constant_calls_up():
     assert verdict["series"]["open_fds"]["plain_slope_per_hour"] < -100  # what the old judge saw
 
 
-def test_the_degraded_share_of_the_windows():
-    samples = [
+def test_the_degraded_share_of_the_windows() -> None:
+    samples: list[dict[str, float | None]] = [
         {"decisions_per_second": 80.0, "degraded_per_second": 8.0},
         {"decisions_per_second": 80.0, "degraded_per_second": 0.0},
         {"decisions_per_second": None, "degraded_per_second": None},  # the first sample

@@ -114,6 +114,7 @@ def _gen(name: str, rng: random.Random, i: int) -> Any:
 
 def _unique(name: str, rows: dict[str, Any]) -> bool:
     """The database's one-rate-per-slot rule (the only uniqueness the incremental index relies on)."""
+    slots: list[tuple[object, ...]]
     if name == "origination_rates":
         slots = [(r.rate_group_id, r.account_id, r.prefix) for r in rows.values()]
     elif name == "termination_rates":

@@ -261,11 +261,13 @@ def test_a_change_made_while_postgres_is_cut_off_is_applied_after_reconnecting(
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
         try:
-            cut = admin.execute(
+            row = admin.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                 " WHERE datname = %s AND application_name = 'callgate-sync'",
                 [name],
-            ).fetchone()[0]
+            ).fetchone()
+            assert row is not None
+            cut = row[0]
             assert cut == 2  # the LISTEN connection and the catch-up connection
             set_balance(db, "1000000003", "30.00")  # committed while the worker cannot connect
             sync_worker.wait_for("reconnecting")
@@ -308,7 +310,9 @@ def test_a_100k_rate_import_becomes_visible_all_at_once(
     sampler.start()
     pairs: list[tuple[str, str]] = []
     try:
-        group = db.execute("SELECT id FROM rate_groups WHERE name = 'deck'").fetchone()[0]
+        row = db.execute("SELECT id FROM rate_groups WHERE name = 'deck'").fetchone()
+        assert row is not None
+        group = row[0]
         deck = io.StringIO("".join(f"{group}\t{20_00000 + n}\t0.0200\n" for n in range(100_000)))
         started = time.monotonic()
         copy_sql = "COPY origination_rates (rate_group_id, prefix, cost_per_minute) FROM STDIN"
@@ -357,11 +361,13 @@ def test_a_soft_deleted_customer_is_refused_account_inactive(
 
     def soft_delete(number: str) -> None:
         with db.transaction():
-            account = db.execute(
+            row = db.execute(
                 "UPDATE accounts SET deleted = true, deleted_at = now() WHERE number = %s AND NOT deleted"
                 " RETURNING id",
                 [number],
-            ).fetchone()[0]
+            ).fetchone()
+            assert row is not None, number
+            account = row[0]
             db.execute("DELETE FROM sip_devices WHERE account_id = %s", [account])
             db.execute("UPDATE dids SET account_id = NULL WHERE account_id = %s", [account])
 
@@ -427,6 +433,7 @@ def test_worker_metrics_are_served(
         body = wait_until(lambda: _get(f"http://127.0.0.1:{port}/metrics"), timeout=10)
     finally:
         worker.stop()
+    assert body is not None  # wait_until returns the first page it got
     for name in (
         "callgate_sync_lag_seconds_bucket",
         "callgate_sync_changes_applied_total",
@@ -451,7 +458,9 @@ def test_first_use_reaches_postgres_through_the_event_stream(
     """The engine never writes PostgreSQL: the first accepted call is an event the worker persists."""
 
     def recorded() -> Any:
-        return db.execute("SELECT first_used FROM accounts WHERE number = '1000000006'").fetchone()[0]
+        row = db.execute("SELECT first_used FROM accounts WHERE number = '1000000006'").fetchone()
+        assert row is not None
+        return row[0]
 
     assert recorded() is None
     set_balance(db, "1000000006", "20.00")

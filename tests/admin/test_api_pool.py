@@ -114,9 +114,14 @@ def test_forged_tokens_cost_at_most_one_small_query_per_refresh_interval(app, ap
     from engine.admin.api.auth import REFRESH_INTERVAL
 
     gate = app.extensions["callgate.gate"]
-    refreshes = []
+    refreshes: list[float] = []
     real = gate._refresh
-    monkeypatch.setattr(gate, "_refresh", lambda: (refreshes.append(time.monotonic()), real()))
+
+    def recorded_refresh() -> None:  # the real refresh, its start time recorded
+        refreshes.append(time.monotonic())
+        real()
+
+    monkeypatch.setattr(gate, "_refresh", recorded_refresh)
     stop = time.monotonic() + 1.5
     answers: list[int] = []
 

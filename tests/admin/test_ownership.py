@@ -7,7 +7,7 @@ from __future__ import annotations
 import ipaddress
 import random
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -16,7 +16,8 @@ import redis
 from engine.config import load_config
 from engine.db import ownership
 from engine.model import Account, AccountKind, CallerId, CatalogData, Did, ForcedCallerId, IpMapEntry
-from engine.state.snapshot import current_version, entity_hash_key
+from engine.state.keys import entity_hash_key
+from engine.state.snapshot import current_version
 from engine.sync import publish_once
 from tests.admin.conftest import customer_body
 
@@ -339,14 +340,16 @@ def test_a_conflict_written_around_the_service_is_left_out_of_the_snapshot(
 ):
     """A fixture load or SQL by hand bypasses the service: the sync drops the newer claim."""
     with psycopg.connect(db_url) as conn:
-        hijack = conn.execute(
+        hijacked = conn.execute(
             "INSERT INTO ip_map (account_id, cidr, tech_prefix) SELECT id, '198.51.100.8/32', '99'"
             " FROM accounts WHERE number = '8600000002' RETURNING id"
-        ).fetchone()[0]
-        spoof = conn.execute(
+        ).fetchone()
+        spoofed = conn.execute(
             "INSERT INTO caller_ids (account_id, number) SELECT id, '442071110001'"
             " FROM accounts WHERE number = '8600000004' RETURNING id"
-        ).fetchone()[0]
+        ).fetchone()
+    assert hijacked is not None and spoofed is not None  # both accounts exist
+    (hijack,), (spoof,) = hijacked, spoofed
     config = load_config(
         environ={**env, "CALLGATE_REDIS_URL": redis_url, "CALLGATE_REDIS__KEY_PREFIX": module_key_prefix}
     )
@@ -356,10 +359,12 @@ def test_a_conflict_written_around_the_service_is_left_out_of_the_snapshot(
     try:
         version = current_version(client, module_key_prefix)
         assert version is not None
-        ip_keys = {k.decode() for k in client.hkeys(entity_hash_key(module_key_prefix, version, "ip_map"))}
-        caller_keys = {
-            k.decode() for k in client.hkeys(entity_hash_key(module_key_prefix, version, "caller_ids"))
-        }
+
+        def ids_in(name: str) -> set[str]:
+            fields = client.hkeys(entity_hash_key(module_key_prefix, version, name))
+            return {k.decode() for k in cast(list[bytes], fields)}  # the client does not decode replies
+
+        ip_keys, caller_keys = ids_in("ip_map"), ids_in("caller_ids")
     finally:
         client.close()
     assert str(hijack) not in ip_keys and ip_keys  # the rest of the IP map is there

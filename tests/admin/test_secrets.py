@@ -13,12 +13,13 @@ by the call that generates them (by design); they are not among the known secret
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -319,12 +320,18 @@ def _exercise_cli(cli: Any, tmp_path: Path, outputs: list[tuple[str, str]]) -> s
     return ran
 
 
+def _subcommands(parser: argparse.ArgumentParser, dest: str) -> dict[str, argparse.ArgumentParser]:
+    """The sub-parsers of ``parser``'s sub-command argument ``dest``, by name."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction) and a.dest == dest)
+    return action.choices
+
+
 def _redis_text(redis_url: str, prefix: str) -> str:
     client = redis.Redis.from_url(redis_url)
     parts: list[str] = []
     try:
         for key in client.scan_iter(match=f"{prefix}*", count=1000):
-            kind = client.type(key).decode()
+            kind = cast(bytes, client.type(key)).decode()  # the client does not decode replies
             if kind == "hash":
                 value: Any = client.hgetall(key)
             elif kind == "string":
@@ -400,11 +407,8 @@ def test_no_secret_in_responses_cli_logs_audit_or_redis(
     }
     assert routes - seen == set()
     parser = admin_cli.build_admin_parser()
-    groups = next(a for a in parser._actions if a.dest == "group").choices
     commands = {
-        (g, a)
-        for g, sub in groups.items()
-        for a in next(x for x in sub._actions if x.dest == "action").choices
+        (g, a) for g, sub in _subcommands(parser, "group").items() for a in _subcommands(sub, "action")
     }
     assert commands - ran == set()
 

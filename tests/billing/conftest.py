@@ -49,9 +49,11 @@ def make_account(
     values = [number, kind, reseller_id, Decimal(balance), *columns.values()]
     placeholders = ", ".join(["%s"] * len(values))
     overriding = "OVERRIDING SYSTEM VALUE" if "id" in columns else ""
-    (account_id,) = db.execute(
+    row = db.execute(
         f"INSERT INTO accounts ({', '.join(names)}) {overriding} VALUES ({placeholders}) RETURNING id", values
     ).fetchone()
+    assert row is not None
+    (account_id,) = row
     if Decimal(balance) != 0:
         db.execute(
             "INSERT INTO balance_changes (account_id, at, kind, amount, balance_after, currency, actor)"

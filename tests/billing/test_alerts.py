@@ -50,10 +50,12 @@ def smtp() -> Iterator[tuple[Inbox, SmtpSettings]]:
 def refill(db: psycopg.Connection, account_id: int, amount: str) -> None:
     """A refill as the admin service writes it: the ledger row and the balance, in one transaction."""
     with db.transaction():
-        (balance,) = db.execute(
+        row = db.execute(
             "UPDATE accounts SET balance = balance + %s WHERE id = %s RETURNING balance",
             [D(amount), account_id],
         ).fetchone()
+        assert row is not None, account_id
+        (balance,) = row
         db.execute(
             "INSERT INTO balance_changes (account_id, kind, amount, balance_after, currency, actor)"
             " VALUES (%s, 'refill', %s, %s, 'USD', 'test')",

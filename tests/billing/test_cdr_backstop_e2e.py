@@ -136,7 +136,7 @@ def assert_billed_by_hand(db: psycopg.Connection, uuid: str, billsec: int) -> tu
     assert rows == [
         ("carrier-b", "gw-b", billsec, customer_debit, carrier_cost, reseller_debit - carrier_cost)
     ]
-    debits = dict(
+    debits: dict[str, Decimal] = dict(
         db.execute(
             "SELECT a.number, d.amount FROM call_debits d JOIN accounts a ON a.id = d.account_id"
             " WHERE d.uuid = %s",

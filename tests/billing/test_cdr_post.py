@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -133,6 +133,13 @@ def a_leg(
     return document, event
 
 
+def signed_ticket(decided: PricedAccept, key: bytes, uuid: str) -> str:
+    """The decided call's ticket signed with ``key`` for the call ``uuid`` (a priced accept has one)."""
+    text = ticket_value(decided, key, uuid)
+    assert text is not None
+    return text
+
+
 def engine_settles(
     decided: PricedAccept, world: World, funds: Funds, event: dict[str, str]
 ) -> tuple[bool, Any]:
@@ -147,7 +154,8 @@ def engine_settles(
 
 
 def stream(client: redis.Redis, key_prefix: str) -> list[dict[str, Any]]:
-    return [json.loads(fields[b"cdr"]) for _, fields in client.xrange(cdr_stream(key_prefix))]
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(cdr_stream(key_prefix)))
+    return [json.loads(fields[b"cdr"]) for _, fields in entries]
 
 
 def test_the_post_first_bills_and_the_engines_later_hangup_is_a_no_op_with_the_same_amounts(
@@ -600,16 +608,15 @@ def test_with_ticket_keys_only_a_ticket_signed_for_the_cdrs_own_call_bills(
     new, old = TICKET_KEY.encode(), OLD_TICKET_KEY.encode()
     signing = Service(funds, world.catalog(), ticket_keys=(new, old))  # rotating: both accepted
     try:
-        signed = ticket_value(decided, new, "signed")
-        by_old_key = ticket_value(decided, old, "old-key")
+        signed = signed_ticket(decided, new, "signed")
+        by_old_key = signed_ticket(decided, old, "old-key")
+        by_other_key = signed_ticket(decided, b"x" * 40, "other-key")
         good = [a_leg(decided, "signed", **{TICKET_VARIABLE: signed})[0]]
         good.append(a_leg(decided, "old-key", **{TICKET_VARIABLE: by_old_key})[0])
         forged = [
             a_leg(decided, "copied", **{TICKET_VARIABLE: signed})[0],  # another call's genuine ticket
             a_leg(decided, "unsigned")[0],  # what anyone can write
-            a_leg(decided, "other-key", **{TICKET_VARIABLE: ticket_value(decided, b"x" * 40, "other-key")})[
-                0
-            ],
+            a_leg(decided, "other-key", **{TICKET_VARIABLE: by_other_key})[0],
         ]
         with caplog.at_level(logging.DEBUG):
             assert [post_cdr(d, signing.settings()).statuses for d in good] == [[200], [200]]
@@ -623,7 +630,7 @@ def test_with_ticket_keys_only_a_ticket_signed_for_the_cdrs_own_call_bills(
         # Without keys the endpoint does not check: a signed ticket bills like an unsigned one.
         unchecked = Service(funds, world.catalog())
         try:
-            late = a_leg(decided, "unchecked", **{TICKET_VARIABLE: ticket_value(decided, new, "x")})[0]
+            late = a_leg(decided, "unchecked", **{TICKET_VARIABLE: signed_ticket(decided, new, "x")})[0]
             assert post_cdr(late, unchecked.settings()).statuses == [200]
             assert unchecked.receiver.counts == {"billed": 1}
         finally:

@@ -49,7 +49,7 @@ def test_a_batch_writes_cdrs_debits_and_balances_in_one_go(
     settle_all(funds, items)
     w = writer(db_url, client, key_prefix)
     assert drain(w) == 50
-    balances = dict(db.execute("SELECT id, balance FROM accounts").fetchall())
+    balances: dict[int, Decimal] = dict(db.execute("SELECT id, balance FROM accounts").fetchall())
     assert balances == {reseller: D("97.000000"), customer: D("5.000000")}
     assert db.execute("SELECT count(*) FROM call_debits").fetchone() == (100,)
     assert ledger_mismatches(db) == []
@@ -244,8 +244,9 @@ def test_kill_9_mid_burst_then_restart_loses_and_doubles_nothing(
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            (count,) = db.execute("SELECT count(*) FROM cdrs").fetchone()
-            if count >= 400:
+            row = db.execute("SELECT count(*) FROM cdrs").fetchone()
+            assert row is not None
+            if row[0] >= 400:
                 break
             time.sleep(0.005)
         os.kill(first.pid, signal.SIGKILL)  # mid-burst: some batches committed, one maybe half-done
@@ -253,7 +254,9 @@ def test_kill_9_mid_burst_then_restart_loses_and_doubles_nothing(
     finally:
         if first.poll() is None:
             first.kill()
-    (written_before,) = db.execute("SELECT count(*) FROM cdrs").fetchone()
+    row = db.execute("SELECT count(*) FROM cdrs").fetchone()
+    assert row is not None
+    (written_before,) = row
     assert 0 < written_before < total, "the kill must land in the middle of the burst"
     assert ledger_mismatches(db) == []
     second = _start_writer(db_url, redis_url, key_prefix, "writer-b")
@@ -269,7 +272,7 @@ def test_kill_9_mid_burst_then_restart_loses_and_doubles_nothing(
     assert db.execute("SELECT count(*), count(DISTINCT uuid) FROM cdrs").fetchone() == (total, total)
     assert db.execute("SELECT count(*) FROM call_debits").fetchone() == (2 * total,)
     assert ledger_mismatches(db) == []
-    balances = dict(db.execute("SELECT id, balance FROM accounts").fetchall())
+    balances: dict[int, Decimal] = dict(db.execute("SELECT id, balance FROM accounts").fetchall())
     assert balances[reseller] == D("1000") - D("0.03") * total
     assert sum(balances[c] for c in customers) == D("1500") - D("0.07") * total
     assert client.xpending(cdr_stream(key_prefix), GROUP)["pending"] == 0
@@ -327,6 +330,6 @@ def test_each_month_gets_its_own_partition_old_or_future(
     ]:
         funds.settle(settlement(uuid, [(customer, "1")], started=when))
     drain(writer(db_url, client, key_prefix))
-    rows = dict(db.execute("SELECT uuid, tableoid::regclass::text FROM cdrs").fetchall())
+    rows: dict[str, str] = dict(db.execute("SELECT uuid, tableoid::regclass::text FROM cdrs").fetchall())
     assert rows == {"jan": "cdrs_y2027m01", "old": "cdrs_y1999m12"}
     assert ledger_mismatches(db) == []

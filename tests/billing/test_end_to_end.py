@@ -72,7 +72,7 @@ def test_failover_call_through_a_reseller_is_billed_exactly(
         "NORMAL_CLEARING",
         [customer.id, reseller.id],
     )
-    balances = dict(db.execute("SELECT number, balance FROM accounts").fetchall())
+    balances: dict[str, Decimal] = dict(db.execute("SELECT number, balance FROM accounts").fetchall())
     assert balances == {"1001": D("9.995"), "2001": D("49.987")}
     assert ledger_mismatches(db) == []
 

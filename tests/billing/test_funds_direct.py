@@ -58,9 +58,9 @@ def settlements() -> list[Settlement]:
     return [*items, items[0], Settlement("call-d", ((2, D("0"), D("0")),), {"n": 1})]
 
 
-def state(client: redis.Redis, prefix: str) -> dict[str, Any]:
+def state(client: redis.Redis, prefix: str) -> dict[bytes | tuple[bytes, str], Any]:
     """Every key under ``prefix`` with its content (stream entries without their ids)."""
-    out: dict[str, Any] = {}
+    out: dict[bytes | tuple[bytes, str], Any] = {}
     for key in sorted(client.scan_iter(match=prefix + "*")):
         kind = client.type(key)
         if kind == b"hash":
@@ -68,7 +68,9 @@ def state(client: redis.Redis, prefix: str) -> dict[str, Any]:
         elif kind == b"zset":
             out[key] = client.zrange(key, 0, -1, withscores=True)
         elif kind == b"stream":
-            out[key] = [fields for _, fields in client.xrange(key)]
+            entries = client.xrange(key)
+            assert entries is not None
+            out[key] = [fields for _, fields in entries]
         elif kind == b"string":
             out[key] = client.get(key)
         else:

@@ -12,7 +12,7 @@ from engine.billing.funds import Funds, FundsLevel, Settlement
 from engine.billing.rating import Tariff, call_cost
 from engine.decider import limit_reason
 from engine.decision import Reason
-from engine.state.limits import FailOpenLimiter, LevelKind, LimitPlan, LimitsUnavailable, Subject
+from engine.state.limits import FailOpenLimiter, LevelKind, LimitPlan, LimitResult, LimitsUnavailable, Subject
 from engine.state.limits.redis import Limiter
 
 D = Decimal
@@ -27,10 +27,16 @@ def plan(max_channels: int = 0) -> LimitPlan:
     return LimitPlan((Subject(LevelKind.ACCOUNT, 1, max_channels=max_channels),))
 
 
+def granted_seconds(result: LimitResult) -> int:
+    """The seconds a call admitted with a funds request was granted (it always has some)."""
+    assert result.granted_seconds is not None, result
+    return result.granted_seconds
+
+
 def test_fifty_concurrent_calls_in_one_round_trip_each_never_exceed_the_funds(
     redis_url: str, key_prefix: str
 ) -> None:
-    granted: list[int] = []
+    results: list[LimitResult] = []
     lock = threading.Lock()
     start = threading.Barrier(50)
 
@@ -41,14 +47,15 @@ def test_fifty_concurrent_calls_in_one_round_trip_each_never_exceed_the_funds(
         start.wait()
         result = limiter.acquire(f"c{n}", plan(), 600, funds.request([level()], cap_seconds=60))
         with lock:
-            granted.append(result.granted_seconds if result.admitted else -1)
+            results.append(result)
 
     threads = [threading.Thread(target=call, args=(n,)) for n in range(50)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    admitted = [g for g in granted if g >= 0]
+    assert len(results) == 50  # every call got an answer (a thread that raised would not)
+    admitted = [granted_seconds(r) for r in results if r.admitted]
     assert sorted(admitted) == [60, 60, 60]
     assert sum(call_cost(PER_MINUTE, g) for g in admitted) <= D("3.00")
 

@@ -205,7 +205,7 @@ def test_answered_call_through_a_reseller_failing_over_to_the_second_trunk_is_bi
         reseller_debit - carrier_cost,
     )
     assert row[6] in (None, "")
-    debits = dict(
+    debits: dict[str, Decimal] = dict(
         db.execute(
             "SELECT a.number, d.amount FROM call_debits d JOIN accounts a ON a.id = d.account_id"
             " WHERE d.uuid = %s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import cast
 
 import redis
 
@@ -35,7 +36,7 @@ PLAN = LimitPlan((Subject(LevelKind.ACCOUNT, 1, max_channels=10),))
 
 
 def held(client: redis.Redis, key: str) -> set[str]:
-    return {member.decode() for member in client.zrange(key, 0, -1)}
+    return {member.decode() for member in cast(list[bytes], client.zrange(key, 0, -1))}
 
 
 def test_reservations_of_calls_no_switch_knows_are_released_live_ones_kept(
@@ -180,11 +181,12 @@ def test_live_calls_whose_acquire_was_lost_are_counted_and_reserved_again(
     again = reconcile(
         limiter, [SwitchAddress("switch")], grace_seconds=5, lister=lambda _s: live, recounter=recounter
     )
+    kept_amount = client.hget(funds_amounts_key(key_prefix, ACCOUNT), "kept")
+    assert kept_amount is not None
     assert (
         again.ran
         and again.recounted == ()
-        and funds.account(ACCOUNT).reserved
-        == 2 * from_micros(int(client.hget(funds_amounts_key(key_prefix, ACCOUNT), "kept")))
+        and funds.account(ACCOUNT).reserved == 2 * from_micros(int(kept_amount))
     )
     refused = limiter.acquire("third", LOST_PLAN, 60, funds.request(funds_levels(), cap_seconds=60))
     assert not refused.admitted and (refused.level, refused.subject_id) == (LevelKind.ACCOUNT, ACCOUNT)

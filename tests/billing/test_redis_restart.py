@@ -88,9 +88,9 @@ def drain(client: redis.Redis, db_url: str) -> None:
 
 
 def snapshot_level(db: psycopg.Connection, account_id: int) -> FundsLevel:
-    balance, recorded = db.execute(
-        "SELECT balance, calls_debited FROM accounts WHERE id = %s", [account_id]
-    ).fetchone()
+    row = db.execute("SELECT balance, calls_debited FROM accounts WHERE id = %s", [account_id]).fetchone()
+    assert row is not None
+    balance, recorded = row
     return FundsLevel(account_id, balance, recorded, PER_MINUTE)
 
 
@@ -129,7 +129,9 @@ def test_redis_restarted_with_calls_up(
     expected_calls = 10 + 3 + (5 if private_redis.persistent else 0)
     assert db.execute("SELECT count(*) FROM cdrs").fetchone() == (expected_calls,)
     assert ledger_mismatches(db) == []
-    balance = db.execute("SELECT balance FROM accounts").fetchone()[0]
+    row = db.execute("SELECT balance FROM accounts").fetchone()
+    assert row is not None
+    balance = row[0]
     assert balance == D("100") - 10 - 6 - (5 if private_redis.persistent else 0)
     # Redis and PostgreSQL agree again on what is unrecorded (nothing) once the writer caught up.
     assert funds.available(snapshot_level(db, account)) == balance

@@ -106,7 +106,7 @@ def test_the_posts_settlement_is_the_engines_to_the_last_field() -> None:
     assert engine_rated.debits  # the last one, at least, was rated per level
 
 
-def _forged(items: list) -> str:
+def _forged(items: object) -> str:
     raw = json.dumps(items, separators=(",", ":")).encode()
     return "1." + base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
@@ -161,14 +161,17 @@ def test_a_signed_ticket_verifies_only_for_its_call_under_a_configured_key() -> 
     signed = ticket_value(decided, KEY, "call-1")
     assert signed is not None and set(signed) <= ALPHABET
     unsigned = ticket_value(decided)
+    assert unsigned is not None
     assert signed.startswith(unsigned + ".") and len(signed) == len(unsigned) + 44
     assert verify_ticket(signed, "call-1", (KEY,)) == unsigned
     assert decode_ticket(signed) == decode_ticket(unsigned)  # the signature is not part of the ticket
     assert verify_ticket(signed, "call-1", (b"n" * 32, KEY)) == unsigned  # any listed key (rotation)
+    signed_before = ticket_value(decided, OLD_KEY, "call-1")
+    assert signed_before is not None
     refused = [
         (signed, "call-2"),  # a genuine ticket copied onto another call's CDR
         (unsigned, "call-1"),  # the signature stripped
-        (ticket_value(decided, OLD_KEY, "call-1"), "call-1"),  # a key no longer listed
+        (signed_before, "call-1"),  # a key no longer listed
         (unsigned + "." + signed.rpartition(".")[2][:-2] + "AA", "call-1"),  # altered signature
     ]
     body = json.loads(base64.urlsafe_b64decode(unsigned[2:] + "=" * (-len(unsigned[2:]) % 4)))

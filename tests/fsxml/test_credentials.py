@@ -94,7 +94,7 @@ def test_the_postgres_reader_reads_passwords_and_fails_cleanly_when_postgresql_i
         conn.execute(
             "INSERT INTO gateways (name, username, password) VALUES ('gw-a', 'u', 'Pw-A'), ('gw-b', '', '')"
         )
-        ids = dict(conn.execute("SELECT name, id FROM gateways").fetchall())
+        ids: dict[str, int] = dict(conn.execute("SELECT name, id FROM gateways").fetchall())
     assert postgres_reader(fresh_pg_url, 5)() == {ids["gw-a"]: "Pw-A"}
     held = GatewayPasswords(postgres_reader(fresh_pg_url, 5), offload=lambda fn: fn())
     assert held.refresh() and held.password_of(ids["gw-a"]) == "Pw-A"
