@@ -18,7 +18,7 @@ bash scripts/ha-tools.sh
 bash scripts/browser.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy  # pyproject.toml [tool.mypy]: engine and loadtest; strict for esl, call, rules, decider, state
+.venv/bin/mypy  # pyproject.toml [tool.mypy]: engine, loadtest and tests; strict for esl, call, rules, decider, state
 .venv/bin/python -m pytest "$@"
 # The micro-benchmarks, each once as a plain test (--benchmark-disable: nothing timed), so that
 # what they check still holds; timing them is opt-in (docs/testing.md).
