@@ -22,7 +22,7 @@ from typing import Any
 
 from engine.billing.cdr import answered_cdr, rejected_cdr
 from engine.billing.funds import FundsLevel, Settlement
-from engine.billing.hangup import CallEnd, parse_hangup
+from engine.billing.hangup import CDR_INT_MAX, CallEnd, parse_hangup
 from engine.billing.rating import CallPricing, RatedCall, rate_call
 from engine.billing.ticket import BillingTicket
 from engine.decision import Accept
@@ -36,9 +36,16 @@ _ZERO = Decimal(0)
 MAX_DEBIT = Decimal(10**9)
 
 
-def over_max_debit(rated: RatedCall) -> bool:
-    """A debit or carrier cost over :data:`MAX_DEBIT`: refused and logged, never settled."""
-    return any(abs(d.amount) > MAX_DEBIT for d in rated.debits) or rated.carrier_cost > MAX_DEBIT
+def absurd(rated: RatedCall) -> str | None:
+    """Why no switch can have reported this call, or None: a debit or carrier cost over
+    :data:`MAX_DEBIT`, or a billsec over :data:`CDR_INT_MAX` (68 years, more than the CDR's
+    ``integer`` column holds: its CDR would stop the CDR writer). Refused and logged, never
+    settled."""
+    if any(abs(d.amount) > MAX_DEBIT for d in rated.debits) or rated.carrier_cost > MAX_DEBIT:
+        return f"debit over {MAX_DEBIT}"
+    if rated.billsec > CDR_INT_MAX:
+        return f"billsec over {CDR_INT_MAX}"
+    return None
 
 
 def _recorded(catalog: Catalog, account_id: int) -> tuple[Decimal, Decimal]:

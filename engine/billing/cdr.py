@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from engine.billing.hangup import CallEnd
+from engine.billing.hangup import CDR_INT_MAX, CallEnd
 from engine.billing.rating import CallPricing, RatedCall, round_money
 
 CDR_FORMAT = 1
@@ -167,6 +167,18 @@ def rejected_cdr(
 # --------------------------------------------------------------------------- for the writer
 
 
+# The ranges of the columns a record is written to (engine/db/migrations/0005_accounting.sql).
+# A value beyond them is refused here, as malformed: PostgreSQL would fail the whole batch's
+# COPY, and the batch, retried, would block every CDR behind it.
+_BIGINT_MAX = 2**63 - 1
+_SMALLINT_MAX = 2**15 - 1
+_MONEY_LIMIT = Decimal(10) ** 14  # numeric(20,6): 14 digits before the point
+
+
+def _out_of_range(name: str, value: Any) -> BadCdr:
+    return BadCdr(f"{name} out of range: {str(value)[:40]}")
+
+
 def _money(value: Any, name: str) -> Decimal:
     try:
         amount = Decimal(str(value if value is not None else "0"))
@@ -174,7 +186,10 @@ def _money(value: Any, name: str) -> Decimal:
         raise BadCdr(f"{name} is not a number: {value!r}") from exc
     if not amount.is_finite():
         raise BadCdr(f"{name} is not finite: {value!r}")
-    return round_money(amount)
+    amount = round_money(amount)
+    if abs(amount) >= _MONEY_LIMIT:
+        raise _out_of_range(name, value)
+    return amount
 
 
 def _optional_money(value: Any, name: str) -> Decimal | None:
@@ -195,22 +210,35 @@ def _moment(value: Any, name: str, *, required: bool = False) -> datetime | None
     return moment
 
 
-def _int(value: Any, name: str) -> int | None:
+def _int(value: Any, name: str, limit: int = _BIGINT_MAX) -> int | None:
     if value is None or value == "":
         return None
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise BadCdr(f"{name} is not an integer: {value!r}")
+        raise BadCdr(f"{name} is not an integer: {str(value)[:40]!r}")
     try:
-        return int(value)
-    except ValueError as exc:
-        raise BadCdr(f"{name} is not an integer: {value!r}") from exc
+        number = int(value)
+    except ValueError as exc:  # includes a string of more digits than int() converts
+        raise BadCdr(f"{name} is not an integer: {str(value)[:40]!r}") from exc
+    if abs(number) > limit:
+        raise _out_of_range(name, value)
+    return number
 
 
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-_INTS = ("account_id", "trunk_id", "provider_id", "billsec", "duration", "max_duration", "q850", "sip_code")
+# Each integer column and its largest value: bigint ids, integer seconds and codes.
+_INTS = {
+    "account_id": _BIGINT_MAX,
+    "trunk_id": _BIGINT_MAX,
+    "provider_id": _BIGINT_MAX,
+    "billsec": CDR_INT_MAX,
+    "duration": CDR_INT_MAX,
+    "max_duration": CDR_INT_MAX,
+    "q850": CDR_INT_MAX,
+    "sip_code": CDR_INT_MAX,
+}
 _MONEY = ("customer_debit", "carrier_cost", "margin")
 _OPTIONAL_MONEY = ("rate_cost_per_minute", "carrier_cost_per_minute")
 
@@ -234,8 +262,8 @@ def cdr_rows(record: Mapping[str, Any]) -> CdrRows:
     values["started_at"] = started
     values["answered_at"] = _moment(record.get("answered_at"), "answered_at")
     values["ended_at"] = _moment(record.get("ended_at"), "ended_at")
-    for name in _INTS:
-        values[name] = _int(record.get(name), name)
+    for name, limit in _INTS.items():
+        values[name] = _int(record.get(name), name, limit)
     values["billsec"] = max(0, values["billsec"] or 0)
     for name in _MONEY:
         values[name] = _money(record.get(name), name)
@@ -255,7 +283,8 @@ def cdr_rows(record: Mapping[str, Any]) -> CdrRows:
     for item in raw_debits:
         if not isinstance(item, list) or len(item) != 3:
             raise BadCdr(f"bad debit: {item!r}")
-        account_id, level, amount = _int(item[0], "debit account"), _int(item[1], "debit level"), item[2]
+        account_id, amount = _int(item[0], "debit account"), item[2]
+        level = _int(item[1], "debit level", _SMALLINT_MAX)
         if account_id is None or level is None or level < 0 or level in seen:
             raise BadCdr(f"bad debit: {item!r}")
         seen.add(level)

@@ -22,6 +22,12 @@ Bad input never raises: every oddity has a defined outcome, listed in ``CallEnd.
 * ``billsec`` missing or not an integer: recomputed from ``end_epoch - answer_epoch`` when
   both are valid, else 0 (not billed);
 * ``billsec`` negative: 0;
+* ``billmsec``, ``duration``, ``q850`` or ``sip_term_status`` beyond :data:`CDR_INT_MAX` (a
+  broken or forged header: a CDR could not store it): dropped (None). A ``billsec`` beyond it is
+  kept: the call is then not billed at all (engine.billing.calls.absurd), as no call lasts 68
+  years;
+* an integer of more than 18 digits reads as 10^18 (with its sign): out of every range above,
+  without converting thousands of digits (which ``int()`` refuses beyond 4,300);
 * answer after end, or end before start: the times are kept as reported, ``billsec`` is 0
   unless FreeSWITCH's own ``billsec`` is a valid non-negative integer (then it is billed:
   it is the switch's figure, the same one its own CDR holds);
@@ -35,6 +41,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 _ARRAY = "ARRAY::"
+
+#: The largest integer a CDR stores (the PostgreSQL ``integer`` columns of ``cdrs``: billsec,
+#: duration, q850, sip_code; engine.billing.cdr refuses a record beyond it).
+CDR_INT_MAX = 2**31 - 1
 
 #: Every header :func:`parse_hangup` reads (a CHANNEL_HANGUP_COMPLETE carries ~280): the engine
 #: picks only these out of the event (engine.esl.protocol.HeaderPicker) instead of splitting
@@ -90,16 +100,25 @@ class CallEnd:
         return self.answered_at is not None or self.billsec > 0
 
 
+# More digits than this are out of every range a CDR stores; int() of thousands of digits is
+# slow, and refused beyond 4,300 (a ValueError, which bad input must never raise here).
+_MAX_DIGITS = 18
+_SATURATED = 10**_MAX_DIGITS
+
+
 def _int(text: str | None) -> int | None:
     if text is None:
         return None
-    if text.isdigit() and text.isascii():  # the usual header: plain digits, nothing to strip
+    if text.isdigit() and text.isascii() and len(text) <= _MAX_DIGITS:  # the usual header
         return int(text)
     text = text.strip()
-    digits = text[1:] if text.startswith("-") else text
+    negative = text.startswith("-")
+    digits = text[1:] if negative else text
     # ASCII digits only: str.isdigit also accepts "²" or "٣", which int() refuses or reads
     if not digits.isdigit() or not digits.isascii():
         return None
+    if len(digits.lstrip("0")) > _MAX_DIGITS:
+        return -_SATURATED if negative else _SATURATED  # out of range, whatever its size
     return int(text)
 
 
@@ -174,6 +193,17 @@ def _billsec(
     return value
 
 
+def _stored_int(headers: Mapping[str, str], key: str, anomalies: list[str]) -> int | None:
+    """The integer header ``key``; None when absent, unreadable, or (noted) beyond what a CDR's
+    integer column holds."""
+    raw = headers.get(key)
+    value = _int(raw)
+    if value is not None and abs(value) > CDR_INT_MAX:
+        anomalies.append(f"{key.removeprefix('variable_')} out of range: {str(raw)[:40]!r}: dropped")
+        return None
+    return value
+
+
 def parse_hangup(headers: Mapping[str, str]) -> CallEnd:
     """The billing facts of a decoded CHANNEL_HANGUP_COMPLETE (see the module docstring)."""
     anomalies: list[str] = []
@@ -185,8 +215,8 @@ def parse_hangup(headers: Mapping[str, str]) -> CallEnd:
     if started is not None and ended is not None and started > ended:
         anomalies.append("start time after end time")
     billsec = _billsec(headers, answered, ended, anomalies)
-    billmsec = _int(headers.get("variable_billmsec"))
-    duration = _int(headers.get("variable_duration"))
+    billmsec = _stored_int(headers, "variable_billmsec", anomalies)
+    duration = _stored_int(headers, "variable_duration", anomalies)
     if duration is not None and duration < 0:
         anomalies.append(f"duration negative ({duration})")
         duration = 0
@@ -202,9 +232,9 @@ def parse_hangup(headers: Mapping[str, str]) -> CallEnd:
     return CallEnd(
         uuid=headers.get("Unique-ID") or headers.get("variable_uuid") or "",
         hangup_cause=cause,
-        q850=_int(headers.get("variable_hangup_cause_q850")),
+        q850=_stored_int(headers, "variable_hangup_cause_q850", anomalies),
         disposition=headers.get("variable_sip_hangup_disposition", ""),
-        sip_term_status=_int(headers.get("variable_sip_term_status")),
+        sip_term_status=_stored_int(headers, "variable_sip_term_status", anomalies),
         started_at=started,
         answered_at=answered,
         ended_at=ended,

@@ -24,11 +24,10 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from engine.billing.calls import (
-    MAX_DEBIT,
+    absurd,
     call_settlement,
     funds_levels,
     held_settlement,
-    over_max_debit,
     reject_settlement,
 )
 from engine.billing.funds import Funds, Settlement
@@ -169,14 +168,16 @@ class LiveBilling:
             else:  # decided without accounting (no limiter): priced now
                 pricing, decided_at = pricing_for(decision), None
             item, rated, end = call_settlement(hangup, decision, pricing, catalog, decided_at=decided_at)
-        if over_max_debit(rated):
+        why = absurd(rated)
+        if why is not None:
             # A billsec no call reaches (FreeSWITCH's word, forged or broken): Redis would refuse
-            # the settle and the settler would retry it, and the calls batched with it, forever.
-            # Not settled: the reservation expires like a hangup never seen; the CDR is logged.
+            # the settle, or the CDR writer its CDR, each retrying (with the calls batched with
+            # it) forever. Not settled: the reservation expires like a hangup never seen; the CDR
+            # is logged.
             log.error(
-                "uuid=%s not billed: debit over %s (billsec %d); cdr=%s",
+                "uuid=%s not billed: %s (billsec %d); cdr=%s",
                 show(request.uuid, 64),
-                MAX_DEBIT,
+                why,
                 rated.billsec,
                 json.dumps(dict(item.cdr), default=str),
             )

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
-from engine.billing.calls import MAX_DEBIT, over_max_debit, ticket_settlement
+from engine.billing.calls import absurd, ticket_settlement
 from engine.billing.funds import FundsUnavailable, Settlement
 from engine.billing.ticket import TICKET_VARIABLE, BadSignature, BadTicket, decode_ticket, verify_ticket
 from engine.fsxml.jsoncdr import CONTENT_TYPES, CdrPost, MalformedCdr, media_type, read_post
@@ -190,13 +190,12 @@ class CdrReceiver:
             return _ZERO if value is None else value
 
         item, rated, end = ticket_settlement(post.headers(), ticket, recorded)
-        if over_max_debit(rated):
-            # Only a forged post gets here (a billsec of centuries): Redis's 64-bit counters
-            # would refuse it and FreeSWITCH would be told to retry forever.
-            self._warn(
-                "absurd", "cdr post uuid=%s refused (400): debit over %s", show(post.uuid, 64), MAX_DEBIT
-            )
-            return _outcome(400, "absurd debit\n", "malformed")
+        why = absurd(rated)
+        if why is not None:
+            # Only a forged post gets here (a billsec of centuries): Redis's 64-bit counters, or
+            # the CDR writer, would refuse it and FreeSWITCH would be told to retry forever.
+            self._warn("absurd", "cdr post uuid=%s refused (400): %s", show(post.uuid, 64), why)
+            return _outcome(400, f"absurd call: {why}\n", "malformed")
         try:
             fresh = self._funds.settle(item)
         except FundsUnavailable as exc:

@@ -76,11 +76,33 @@ def _old_epoch_seconds(moment: datetime | None) -> int | None:
     return None if moment is None else int(moment.timestamp())
 
 
+# Not in the replaced code: the range rule added on 2026-12-07 (engine.billing.hangup's
+# docstring): an integer of more than 18 digits reads as 10^18, and the fields other than billsec
+# that a CDR's `integer` columns cannot hold are dropped.
+_OLD_INT_MAX = 2**31 - 1
+
+
+def _old_saturated_int(text: str | None) -> int | None:
+    value = _old_int(text)
+    if value is not None and abs(value) >= 10**18:
+        return 10**18 if value > 0 else -(10**18)
+    return value
+
+
+def _old_stored_int(headers: Mapping[str, str], key: str, anomalies: list[str]) -> int | None:
+    raw = headers.get(key)
+    value = _old_saturated_int(raw)
+    if value is not None and abs(value) > _OLD_INT_MAX:
+        anomalies.append(f"{key.removeprefix('variable_')} out of range: {str(raw)[:40]!r}: dropped")
+        return None
+    return value
+
+
 def _old_billsec(
     headers: Mapping[str, str], answered_at: datetime | None, ended_at: datetime | None, anomalies: list[str]
 ) -> int:
     raw = headers.get("variable_billsec")
-    value = _old_int(raw)
+    value = _old_saturated_int(raw)
     answer_s, end_s = _old_epoch_seconds(answered_at), _old_epoch_seconds(ended_at)
     if value is None:
         if raw is None:
@@ -109,8 +131,8 @@ def old_parse_hangup(headers: Mapping[str, str]) -> CallEnd:
     if started is not None and ended is not None and started > ended:
         anomalies.append("start time after end time")
     billsec = _old_billsec(headers, answered, ended, anomalies)
-    billmsec = _old_int(headers.get("variable_billmsec"))
-    duration = _old_int(headers.get("variable_duration"))
+    billmsec = _old_stored_int(headers, "variable_billmsec", anomalies)
+    duration = _old_stored_int(headers, "variable_duration", anomalies)
     if duration is not None and duration < 0:
         anomalies.append(f"duration negative ({duration})")
         duration = 0
@@ -126,9 +148,9 @@ def old_parse_hangup(headers: Mapping[str, str]) -> CallEnd:
     return CallEnd(
         uuid=headers.get("Unique-ID") or headers.get("variable_uuid") or "",
         hangup_cause=cause,
-        q850=_old_int(headers.get("variable_hangup_cause_q850")),
+        q850=_old_stored_int(headers, "variable_hangup_cause_q850", anomalies),
         disposition=headers.get("variable_sip_hangup_disposition", ""),
-        sip_term_status=_old_int(headers.get("variable_sip_term_status")),
+        sip_term_status=_old_stored_int(headers, "variable_sip_term_status", anomalies),
         started_at=started,
         answered_at=answered,
         ended_at=ended,

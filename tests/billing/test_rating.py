@@ -117,6 +117,21 @@ def test_negative_billsec_is_billed_as_zero() -> None:
     assert any("negative" in a for a in end.anomalies)
 
 
+def test_integers_a_cdr_cannot_hold_are_dropped_and_thousands_of_digits_do_not_raise() -> None:
+    many = "9" * 5000  # int() refuses more than 4,300 digits: bad input must still never raise
+    end = parse_hangup(
+        _headers(billmsec=many, duration="2147483648", hangup_cause_q850="-2147483649", sip_term_status="486")
+    )
+    assert (end.billmsec, end.duration, end.q850, end.sip_term_status) == (None, None, None, 486)
+    assert "duration out of range: '2147483648': dropped" in end.anomalies
+    assert len(end.anomalies) == 3
+    # A billsec is kept whatever its size (saturated at 10^18): the call is then refused whole
+    # (engine.billing.calls.absurd), never billed on a guess.
+    assert parse_hangup(_headers(billsec=many)).billsec == 10**18
+    assert parse_hangup(_headers(billsec="-" + many)).billsec == 0
+    assert parse_hangup(_headers(billsec="0" * 40 + "60")).billsec == 60
+
+
 def test_answer_after_end_keeps_freeswitch_billsec_and_is_noted() -> None:
     end = parse_hangup(_headers(answer_epoch="2000", billsec="60"))
     assert end.billsec == 60
