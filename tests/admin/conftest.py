@@ -3,6 +3,7 @@ token, the Flask test client of the API, the CLI run in-process, and the service
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -232,18 +233,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def api_server(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """`callgate api` (gevent) on a free port: (its base URL, its log file)."""
+@contextlib.contextmanager
+def serve_api(env: dict[str, str], log: Path, **environment: str) -> Iterator[int]:
+    """`callgate api` (gevent) on a free port, with `environment` added to `env`; yields the port.
+    Its output goes to `log`; it is stopped with SIGINT (killed after 10 s) on the way out."""
     port = _free_port()
-    log = tmp_path / "api.log"
     code = "import sys; from engine.admin.cli import main; sys.exit(main(sys.argv[1:]))"
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("CALLGATE_")} | env
+    variables = {k: v for k, v in os.environ.items() if not k.startswith("CALLGATE_")} | env | environment
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-c", code, "api", "--port", str(port)],
             cwd=ROOT,
-            env=environment,
+            env=variables,
             stdout=out,
             stderr=out,
         )
@@ -252,9 +253,9 @@ def api_server(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[str, Path]
         assert process.poll() is None, log.read_text()
         return "listening on" in log.read_text()
 
-    wait_until(listening, timeout=20, interval=0.05, what="callgate api listening")
     try:
-        yield f"http://127.0.0.1:{port}/api/v1", log
+        wait_until(listening, timeout=20, interval=0.05, what="callgate api listening")
+        yield port
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -262,3 +263,11 @@ def api_server(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[str, Path]
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture
+def api_server(env: dict[str, str], tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """`callgate api` (gevent) on a free port: (its base URL, its log file)."""
+    log = tmp_path / "api.log"
+    with serve_api(env, log) as port:
+        yield f"http://127.0.0.1:{port}/api/v1", log

@@ -18,12 +18,8 @@ import contextlib
 import io
 import json
 import logging
-import os
 import secrets
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -41,9 +37,9 @@ from engine.admin.api import create_app, shutdown
 from engine.admin.service import Actor, AdminService
 from engine.admin.settings import AdminSettings
 from engine.config import load_config
-from tests.admin.conftest import ROOT, Api, customer_body, prepare
+from tests.admin.conftest import ROOT, Api, customer_body, prepare, serve_api
 from tests.conftest import PG_ADMIN_URL
-from tests.support import free_port, wait_until
+from tests.support import wait_until
 
 TRUNCATED = "…[truncated]"
 
@@ -91,37 +87,6 @@ def assert_unavailable(response: Any) -> None:
 def pool_waiting(app: OpenAPI) -> int:
     stats: dict[str, int] = app.extensions["callgate.db"].pool.get_stats()
     return stats.get("requests_waiting", 0)
-
-
-@contextlib.contextmanager
-def serve_api(env: dict[str, str], log: Path, **environment: str) -> Iterator[int]:
-    """`callgate api` (gevent) on a free port with `environment` added; yields the port."""
-    port = free_port()
-    code = "import sys; from engine.admin.cli import main; sys.exit(main(sys.argv[1:]))"
-    variables = {k: v for k, v in os.environ.items() if not k.startswith("CALLGATE_")} | env | environment
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-c", code, "api", "--port", str(port)],
-            cwd=ROOT,
-            env=variables,
-            stdout=out,
-            stderr=out,
-        )
-
-    def listening() -> bool:
-        assert process.poll() is None, log.read_text()
-        return "listening on" in log.read_text()
-
-    try:
-        wait_until(listening, timeout=20, interval=0.05, what="callgate api listening")
-        yield port
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def status_line(sock: socket.socket) -> str:
