@@ -414,8 +414,10 @@ def test_a_flush_recreates_the_events_consumer_group(
 def test_redis_restored_from_an_older_backup_is_caught_up_from_its_state(
     private_redis: PrivateRedis, database_url: str, db: psycopg.Connection, tmp_path: Path
 ) -> None:
-    """The restored data and state match (one atomic script wrote both): the worker catches up
-    from that state, without a whole snapshot, and an engine that held newer data follows."""
+    """The restored data and state match (one atomic script wrote both): a worker started after the
+    restore (which cannot know what was lost) catches up from that state, without a whole
+    snapshot, and an engine that held newer data follows. (The worker that wrote the lost changes
+    publishes anew instead: the next test.)"""
     config = make_config(database_url, private_redis.url, "cg:")
     client = quick_client(private_redis.port, timeout=5)
     worker = SyncWorker(config, worker_id="restore")
@@ -440,7 +442,11 @@ def test_redis_restored_from_an_older_backup_is_caught_up_from_its_state(
         restored = read_state(client, "cg:")
         assert restored is not None and restored.changes == 1
         set_balance(db, BOB, "44.00")  # and one committed after the restore
-        wait_until(lambda: answers(worker.redis), what="the worker's client reconnecting")
+        worker.close()
+        worker.redis.close()
+        worker = SyncWorker(config, worker_id="started-after-the-restore")
+        worker.connect()
+        wait_until(lambda: answers(worker.redis), what="the worker's client connecting")
         result = worker.catch_up()
         assert not result.full and result.version == restored.version, result
         assert result.applied == 2  # alice and bob: what the backup missed, from the log
@@ -454,16 +460,12 @@ def test_redis_restored_from_an_older_backup_is_caught_up_from_its_state(
         client.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation, written in docs/sync.md (Redis restored from an older backup; the remedy"
-    " is `callgate sync --once`): an engine whose held change count the restored state reaches again"
-    " before the engine looks sees the same (version, token, changes) stamp and keeps its old catalogue;"
-    " remove this marker when the stamp names what the engine holds",
-)
 def test_an_engine_follows_a_restored_redis_even_when_the_change_count_catches_up_with_its_own(
     database_url: str, redis_url: str, key_prefix: str, client: redis.Redis, db: psycopg.Connection
 ) -> None:
+    """The worker that wrote the changes a restore lost publishes a new version (went_back): had it
+    caught up from the restored count, two catch-ups would bring the count back to the engine's
+    own (3), with other data, and the engine would keep the changes only it had."""
     config = make_config(database_url, redis_url, key_prefix)
     worker = SyncWorker(config, worker_id="restore-race")
     worker.connect()
@@ -483,9 +485,10 @@ def test_an_engine_follows_a_restored_redis_even_when_the_change_count_catches_u
         for key, value in backup.items():
             client.restore(key, 0, cast(bytes, value), replace=True)
         set_balance(db, ALICE, "4.00")
-        worker.catch_up()  # changes 2
+        first = worker.catch_up()  # from changes 1, below what this worker wrote: a new version
+        assert first.full and first.reason == "went_back"
         set_balance(db, BOB, "7.00")
-        worker.catch_up()  # changes 3: the engine's count, other data
+        worker.catch_up()
         assert_redis_equals_postgres(client, config)
         holder.refresh()
         accounts = holder.current[1].accounts_by_number

@@ -125,6 +125,9 @@ class SyncWorker:
         self._suspects_lock = threading.Lock()
         self._standing_by = False
         self._connected = False  # PostgreSQL connected and no failure since: the lease is held only then
+        # (version, token, change count) of the last sync state this worker wrote: a Redis state
+        # of that version with fewer changes lost writes (restored from an older backup).
+        self._written: tuple[int, str, int] | None = None
 
     # --- the process -----------------------------------------------------------------------
 
@@ -397,6 +400,7 @@ class SyncWorker:
             change_at_ms=0 if newest is None else int(newest.at.timestamp() * 1000),
             journal_maxlen=self.settings.journal_maxlen,
         )
+        self._written = (new_state.version, new_state.token, new_state.changes)
         self._forget_suspects(suspects)
         self._observe(changes, new_state)
         for name, names_keys in keys.items():
@@ -428,6 +432,18 @@ class SyncWorker:
             return None, "other_database"
         if state.sip_realm != self.sip_realm:
             return None, "sip_realm"  # every device's a1-hash changes: a whole new snapshot
+        written = self._written
+        if written is not None and written[:2] == (state.version, state.token) and state.changes < written[2]:
+            # Redis lost writes this worker made (restored from an older backup). Catching up from
+            # it would count changes again from a lower number: an engine holding the lost ones
+            # could meet its own count again and keep them. A new version makes every engine load.
+            log.warning(
+                "sync state of version %d went back from %d to %d changes (Redis restored?): publishing anew",
+                state.version,
+                written[2],
+                state.changes,
+            )
+            return state, "went_back"  # (a log pruned past it says log_pruned instead)
         return state, ""
 
     def full_resync(self, reason: str = "requested") -> CatchUp:
@@ -446,6 +462,7 @@ class SyncWorker:
         )
         if state is None:
             raise StateMoved(f"version {version} was superseded right after its publish")
+        self._written = (state.version, state.token, state.changes)
         self.metrics.full_resyncs.labels(reason).inc()
         self._observe(changes, state)
         self._start_image_child(version, state.token)
