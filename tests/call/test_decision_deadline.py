@@ -7,6 +7,8 @@ connect reply (as tests/call/test_shedding_driver.py).
 
 from __future__ import annotations
 
+import time
+
 import gevent
 from gevent import socket as gsocket
 from prometheus_client import CollectorRegistry
@@ -60,10 +62,10 @@ def test_a_late_decision_is_answered_engine_degraded_and_releases_its_slots() ->
         return Reject(Reason.DESTINATION_BLOCKED, detail="too late")
 
     ended: list[CallRecord] = []
-    started = gevent.get_hub().loop.now()
+    started = time.monotonic()  # (not the loop's clock: it is only updated as the loop runs)
     answer, worker = converse(handler(slow_decide, ended, deadline="0.2"))
     assert b"ENGINE_DEGRADED" in answer and b"DESTINATION_BLOCKED" not in answer, answer
-    assert gevent.get_hub().loop.now() - started < 4
+    assert time.monotonic() - started < 4  # the decision would have taken 5 s
     assert swallowed == []
     assert worker.successful()
     # Whatever the limits script took before the deadline is released with the call.
