@@ -152,6 +152,14 @@ def redis_url() -> str:
 
 
 @pytest.fixture
+def client(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the tests' Redis (bytes replies); closed after the test."""
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture
 def key_prefix(redis_url: str) -> Iterator[str]:
     """A Redis key prefix private to one test; its keys are deleted afterwards."""
     prefix = f"cgtest:{RUN_ID}:{secrets.token_hex(3)}:"

@@ -88,13 +88,6 @@ def db(database_url: str) -> Iterator[psycopg.Connection]:
         yield conn
 
 
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
 @contextlib.contextmanager
 def running(worker: SyncWorker) -> Iterator[None]:
     """`worker.run` in a thread (its lease keeper, event persister and sync loop), stopped after."""

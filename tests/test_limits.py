@@ -121,13 +121,6 @@ def tr(id: int, max_channels: int = 0, cps: int = 0) -> Subject:
     return Subject(LevelKind.TRUNK, id, max_channels, cps)
 
 
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
 def keys_of(client: redis.Redis, prefix: str) -> dict[str, int]:
     """Every key under ``prefix`` -> its PTTL."""
     return {k.decode(): client.pttl(k) for k in client.scan_iter(match=f"{prefix}*", count=1000)}

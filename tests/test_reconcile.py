@@ -103,13 +103,6 @@ def switches() -> Iterator[list[EmulatedSwitch]]:
         s.close()
 
 
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
 def closed_port() -> SwitchAddress:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -230,13 +230,6 @@ def as_version(data: CatalogData, version: int) -> CatalogData:
     return dataclasses.replace(data, version=version)
 
 
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
 def keys_of_version(client: redis.Redis, prefix: str, version: int) -> list[bytes]:
     return list(client.scan_iter(match=f"{prefix}snapshot:{version}:*", count=1000))
 

@@ -115,13 +115,6 @@ def config(env: dict[str, str]) -> Config:
 
 
 @pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
-@pytest.fixture
 def db(config: Config) -> Iterator[psycopg.Connection]:
     with psycopg.connect(config.database.url, autocommit=True) as conn:
         yield conn

@@ -10,7 +10,6 @@ from typing import Any
 
 import psycopg
 import pytest
-import redis
 
 from engine.billing.funds import Funds, Settlement
 from engine.db.migrate import migrate
@@ -26,13 +25,6 @@ def db_url(fresh_pg_url: str) -> str:
 def db(db_url: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(db_url, autocommit=True) as conn:
         yield conn
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
 
 
 def make_account(

@@ -57,13 +57,6 @@ def config(fresh_pg_url: str, redis_url: str, key_prefix: str) -> Config:
     )
 
 
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
 def with_realm(config: Config, realm: str) -> Config:
     return dataclasses.replace(config, fsxml=dataclasses.replace(config.fsxml, domain=realm))
 
