@@ -16,8 +16,9 @@ The proposals measured here earlier were adopted and now live in the engine:
 * ``nixevent``: ``engine/call/render.py`` sends ``nixevent`` for the events the engine never reads.
 * ``batch-release``: ``engine.limits_runtime.ReleaseBatcher`` releases slots in pipelined batches.
 
-What remains are the instrumentation patches below, plus whatever proposal is being
-measured: add it as a ``patch_<name>`` function, an entry in ``PATCHES`` and ``_APPLY`` and
+What remains are the instrumentation patches below, the baseline of a lever the engine
+adopted (``alone``: the engine without it, for ``--scenario ab``), plus whatever proposal is
+being measured: add it as a ``patch_<name>`` function, an entry in ``PATCHES`` and ``_APPLY`` and
 a paragraph here, and remove it once the engine adopts it.
 
 ``timing``
@@ -53,6 +54,17 @@ a paragraph here, and remove it once the engine adopts it.
     (``switches_into``) and, for the calls' greenlets, where in the engine's code each one
     waited (``call_waits``, the innermost frame under ``engine/``): divided by the calls of the
     run, how many times a call waits, and for what.
+``acquire-census``
+    no behaviour change: for every per-call acquire (``DirectConnections.execute_gathered``),
+    notes the event loop's iteration and how many other round trips were in flight. Writes to
+    ``$CALLGATE_CENSUS_OUT`` at exit how many round trips began in the same loop iteration (the
+    size of the batches a write gathered at the end of each iteration would send) and how many
+    were waiting when one began. Measures what coalescing the acquires could save before it is
+    built.
+``alone``
+    the engine as before gathering: each call's acquire makes a round trip of its own
+    (``DirectConnections.execute`` in place of ``execute_gathered``). The baseline that
+    measures gathering in the same run.
 """
 
 from __future__ import annotations
@@ -67,7 +79,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-PATCHES = ("timing", "yappi", "gc-log", "hub-lag", "slow-runs")
+PATCHES = ("timing", "yappi", "gc-log", "hub-lag", "slow-runs", "acquire-census", "alone")
 
 # Patches that were adopted into the engine, and where they live: asking for one is an error.
 ADOPTED = {
@@ -457,7 +469,64 @@ def patch_slow_runs() -> None:
     atexit.register(dump)
 
 
+def census_document(iterations: Sequence[int], in_flight: Sequence[int]) -> dict[str, Any]:
+    """What the ``acquire-census`` patch writes. ``iterations``: the loop iteration each round
+    trip began in; ``in_flight``: how many others were waiting for their reply at that moment."""
+    sizes = Counter(Counter(iterations).values())
+    trips = len(iterations)
+    return {
+        "round_trips": trips,
+        "loop_iterations": sum(sizes.values()),
+        "per_iteration": {str(size): count for size, count in sorted(sizes.items())},
+        "mean_per_iteration": trips / max(1, sum(sizes.values())),
+        "share_alone_in_iteration": sizes.get(1, 0) / max(1, trips),
+        "in_flight_when_sent": {str(n): c for n, c in sorted(Counter(in_flight).items())},
+    }
+
+
+def patch_acquire_census() -> None:
+    import gevent
+
+    from engine.state.direct import DirectConnections
+
+    loop = gevent.get_hub().loop
+    iterations: list[int] = []
+    in_flight: list[int] = []
+    waiting = [0]
+    execute = DirectConnections.execute_gathered
+
+    def counted(self: DirectConnections, args: Sequence[Any], *, retry_once: bool = False) -> Any:
+        iterations.append(loop.iteration)
+        in_flight.append(waiting[0])
+        waiting[0] += 1
+        try:
+            return execute(self, args, retry_once=retry_once)
+        finally:
+            waiting[0] -= 1
+
+    DirectConnections.execute_gathered = counted  # type: ignore[method-assign]
+
+    def dump() -> None:
+        path = os.environ.get("CALLGATE_CENSUS_OUT")
+        if path:  # one file per server process: "{pid}" in the path is replaced by its pid
+            with open(path.format(pid=os.getpid()), "w") as handle:
+                json.dump(census_document(iterations, in_flight), handle)
+
+    atexit.register(dump)
+
+
+def patch_alone() -> None:
+    from engine.state.direct import DirectConnections
+
+    def alone(self: DirectConnections, args: Sequence[Any], *, retry_once: bool = False) -> Any:
+        return self.execute(args, retry_once=retry_once)
+
+    DirectConnections.execute_gathered = alone  # type: ignore[method-assign]
+
+
 _APPLY = {
+    "acquire-census": patch_acquire_census,
+    "alone": patch_alone,
     "slow-runs": patch_slow_runs,
     "hub-lag": patch_hub_lag,
     "timing": patch_timing,

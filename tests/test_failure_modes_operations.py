@@ -321,7 +321,9 @@ def test_an_exhausted_connection_pool_is_unavailable_not_ambiguous(redis_url: st
     )
     try:
         first = gevent.spawn(decider, dataclasses.replace(rules_call(), uuid="first"))
-        gevent.sleep(0)  # the first call holds the only connection (connecting)
+        # Past the loop's turn (a command of the same turn would share the first's pipeline):
+        # the first call holds the only connection (connecting).
+        gevent.sleep(0.05)
         decision = decider(dataclasses.replace(rules_call(), uuid="second"))
         assert isinstance(decision, Reject) and decision.reason is Reason.ENGINE_DEGRADED, decision
         assert "no free Redis connection" in decision.detail

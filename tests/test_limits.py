@@ -592,6 +592,36 @@ def test_limit_scripts_survive_a_script_flush(private_redis: PrivateRedis, via: 
     assert limiter.counted_calls().keys() == {"e"}
 
 
+def test_the_calls_of_one_loop_turn_share_a_round_trip_and_admit_exactly_the_limit(
+    client, key_prefix: str
+) -> None:
+    """The engine's acquires from one turn of the event loop leave as one pipeline
+    (engine.state.direct): each script still runs atomically, in order, and each call gets its
+    own answer."""
+    sends: list[int] = []
+
+    class Counting(redis.Connection):
+        def send_packed_command(self, command: object, check_health: bool = True) -> None:
+            sends.append(1)
+            super().send_packed_command(command, check_health)
+
+    kwargs = client.connection_pool.connection_kwargs
+    direct = DirectConnections(Counting, kwargs, size=4, checkout_timeout=1.0)
+    limiter = Limiter(client, key_prefix, direct=direct)
+    assert limiter.acquire("warm-up", LimitPlan((acct(2, 1),)), 60).admitted  # connected, script loaded
+    sends.clear()
+    plan = LimitPlan((acct(1, 3),), (tr(10, 2), tr(11, 5)))
+    calls = [gevent.spawn(limiter.acquire, f"turn-{n}", plan, 60) for n in range(8)]
+    gevent.joinall(calls, timeout=10, raise_error=True)
+    results = [call.value for call in calls]
+    assert [r.admitted for r in results] == [True] * 3 + [False] * 5  # in the order they asked
+    assert [r.counted_trunk_id for r in results[:3]] == [10, 10, 11]
+    assert all(r.level is LevelKind.ACCOUNT and r.kind is LimitKind.CHANNELS for r in results[3:])
+    assert len(sends) == 1  # one round trip carried them all
+    assert limiter.counted_calls().keys() == {"warm-up", "turn-0", "turn-1", "turn-2"}
+    direct.close()
+
+
 @VIA
 def test_unreachable_redis_raises_limits_unavailable_on_both_paths(via: str) -> None:
     client = quick_client(free_port())

@@ -690,7 +690,15 @@ def test_profile_summary_of_collapsed_stacks() -> None:
 def test_patched_engine_offers_only_the_instrumentation() -> None:
     from loadtest import patched_engine
 
-    assert patched_engine.PATCHES == ("timing", "yappi", "gc-log", "hub-lag", "slow-runs")
+    assert patched_engine.PATCHES == (
+        "timing",
+        "yappi",
+        "gc-log",
+        "hub-lag",
+        "slow-runs",
+        "acquire-census",
+        "alone",  # the baseline of an adopted lever (gathering), for the ab scenario
+    )
     assert set(patched_engine.PATCHES) == set(patched_engine._APPLY)
     assert not set(patched_engine.PATCHES) & set(patched_engine.ADOPTED)
     for name in (*patched_engine.PATCHES, *patched_engine.ADOPTED):
@@ -703,6 +711,17 @@ def test_patched_engine_refuses_an_adopted_patch(name: str) -> None:
 
     with pytest.raises(SystemExit, match=rf"patch '{name}' was adopted: it is part of the engine now"):
         patched_engine.apply([name])
+
+
+def test_acquire_census_counts_round_trips_per_loop_turn() -> None:
+    from loadtest.patched_engine import census_document
+
+    document = census_document([7, 7, 7, 8, 9, 9], [0, 1, 2, 0, 1, 0])
+    assert document["round_trips"] == 6 and document["loop_iterations"] == 3
+    assert document["per_iteration"] == {"1": 1, "2": 1, "3": 1}
+    assert document["mean_per_iteration"] == 2.0
+    assert document["share_alone_in_iteration"] == 1 / 6
+    assert document["in_flight_when_sent"] == {"0": 3, "1": 2, "2": 1}
 
 
 def test_hub_lag_document_tells_collections_from_other_pauses() -> None:

@@ -372,11 +372,13 @@ class _Script:
         direct: DirectConnections | None = None,
     ) -> Any:
         """Run the script through ``direct`` when given (the engine's hot path: the scripts
-        are idempotent per call uuid, so a stale connection is retried once), else ``client``."""
+        are idempotent per call uuid, so a stale connection is retried once, and the calls of
+        one turn of the event loop share a round trip), else ``client``."""
         try:
             try:
                 if direct is not None:
-                    return direct.execute(("EVALSHA", self.sha, len(keys), *keys, *args), retry_once=True)
+                    command = ("EVALSHA", self.sha, len(keys), *keys, *args)
+                    return direct.execute_gathered(command, retry_once=True)
                 return client.evalsha(self.sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
                 if direct is not None:
