@@ -249,18 +249,76 @@ def build_app(
     return FsxmlApp(settings, answers, source, lambda: passwords.loaded, cdr, metrics)
 
 
-def snapshot_realm_mismatch(client: Any, prefix: str, version: int, domain: str) -> str | None:
-    """The realm the sync made snapshot ``version``'s a1-hashes for, if it is not ``domain``.
-
-    None when they agree, or when the sync state does not describe that version (it is
-    written right after the switch; the next full load looks again).
-    """
+def snapshot_realm(client: Any, prefix: str, version: int) -> str | None:
+    """The realm the sync made snapshot ``version``'s a1-hashes for ("" = none); None while the
+    sync state does not describe that version (the sync writes it right after the switch)."""
     from engine.sync.state import read_state
 
     state = read_state(client, prefix)
-    if state is None or state.version != version or state.sip_realm == domain:
+    if state is None or state.version != version:
         return None
     return state.sip_realm
+
+
+def snapshot_realm_mismatch(client: Any, prefix: str, version: int, domain: str) -> str | None:
+    """The realm the sync made snapshot ``version``'s a1-hashes for, if it is known and is not
+    ``domain``; else None."""
+    realm = snapshot_realm(client, prefix, version)
+    return None if realm is None or realm == domain else realm
+
+
+class RealmCheck:
+    """After each full load: an ERROR when the snapshot's a1-hashes were made for a realm other
+    than ``domain`` (every digest check then fails, freeswitch.md).
+
+    The sync makes a snapshot current first and records its state (the realm) just after, so a
+    load can come first: until the state describes the loaded version, the check looks again
+    every ``every`` seconds, up to ``tries`` times, and stops once a newer version is loaded
+    (whose own load checks). ``read_realm(version)``: :func:`snapshot_realm` on the service's
+    Redis; ``later(delay, fn)``: run ``fn`` after ``delay`` seconds (``gevent.spawn_later``).
+    """
+
+    def __init__(
+        self,
+        read_realm: Callable[[int], str | None],
+        domain: str,
+        later: Callable[[float, Callable[[], None]], object],
+        *,
+        tries: int = 60,
+        every: float = 0.5,
+    ) -> None:
+        self._read_realm = read_realm
+        self._domain = domain
+        self._later = later
+        self._tries = tries
+        self._every = every
+        self._latest = -1
+
+    def __call__(self, version: int) -> None:
+        self._latest = version
+        self._check(version, self._tries)
+
+    def _check(self, version: int, tries_left: int) -> None:
+        if version != self._latest:
+            return  # a newer version was loaded: its load checks
+        import redis
+
+        try:
+            realm = self._read_realm(version)
+        except redis.RedisError:
+            realm = None  # as if not recorded yet: look again
+        if realm is None:
+            if tries_left > 1:
+                self._later(self._every, lambda: self._check(version, tries_left - 1))
+            return
+        if realm != self._domain:
+            log.error(
+                "fsxml: snapshot %d holds a1-hashes for realm %r but fsxml.domain is %r: every digest"
+                " check fails; give callgate sync and callgate fsxml the same [fsxml] domain",
+                version,
+                realm,
+                self._domain,
+            )
 
 
 def wsgi_server(address: tuple[str, int], app: Any, error_log: Any = None) -> Any:
@@ -292,7 +350,6 @@ def serve(config: Any, host: str | None = None, port: int | None = None) -> int:
 
     import gevent
     import gevent.event
-    import redis
 
     from engine.logs import setup_logging
     from engine.state.redisconn import redis_client
@@ -304,20 +361,15 @@ def serve(config: Any, host: str | None = None, port: int | None = None) -> int:
     # Carrier passwords come from PostgreSQL, read again when the holder sees a gateway change.
     passwords = GatewayPasswords(postgres_reader(config.database.url, config.database.connect_timeout))
 
+    realm_check = RealmCheck(
+        lambda version: snapshot_realm(client, config.redis.key_prefix, version),
+        settings.domain,
+        gevent.spawn_later,
+    )
+
     def on_swap(version: int, directory: Directory) -> None:
         passwords.on_swap(version, directory)
-        try:
-            realm = snapshot_realm_mismatch(client, config.redis.key_prefix, version, settings.domain)
-        except redis.RedisError:
-            return  # the next full load looks again
-        if realm is not None:
-            log.error(
-                "fsxml: snapshot %d holds a1-hashes for realm %r but fsxml.domain is %r: every digest"
-                " check fails; give callgate sync and callgate fsxml the same [fsxml] domain",
-                version,
-                realm,
-                settings.domain,
-            )
+        realm_check(version)
 
     holder: SnapshotHolder[Directory] = SnapshotHolder(
         client, config.redis.key_prefix, Directory.build, on_swap=on_swap, on_change=passwords.on_change

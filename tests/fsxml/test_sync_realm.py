@@ -17,7 +17,7 @@ import redis
 
 from engine.config import Config
 from engine.db.loader import load_catalog
-from engine.fsxml.server import snapshot_realm_mismatch
+from engine.fsxml.server import RealmCheck, snapshot_realm, snapshot_realm_mismatch
 from engine.model import CatalogData
 from engine.state.snapshot import read_snapshot
 from engine.sync import publish_once
@@ -152,3 +152,69 @@ def test_the_service_tells_when_the_snapshots_realm_is_not_its_domain(
     assert snapshot_realm_mismatch(client, prefix, version + 1, REALM) is None  # state of another version
     version = publish_once(config)[0]
     assert snapshot_realm_mismatch(client, prefix, version, REALM) is None
+    assert snapshot_realm(client, prefix, version) == REALM
+    assert snapshot_realm(client, prefix, version + 1) is None  # not recorded (yet)
+
+
+class _Later:
+    """``gevent.spawn_later`` for RealmCheck, run by hand: the delays asked and the calls due."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+        self.due: list[Any] = []
+
+    def __call__(self, delay: float, fn: Any) -> None:
+        self.delays.append(delay)
+        self.due.append(fn)
+
+    def run(self) -> None:
+        due, self.due = self.due, []
+        for fn in due:
+            fn()
+
+
+def realm_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    return [message for message in messages if "a1-hashes" in message]
+
+
+def test_a_load_before_the_sync_recorded_its_realm_is_checked_again(caplog: pytest.LogCaptureFixture) -> None:
+    """The sync makes a version current, then records its state: a load in between still gets
+    its ERROR, once the state describes the version."""
+    recorded: dict[int, str] = {}
+    later = _Later()
+    check = RealmCheck(recorded.get, REALM, later, tries=5, every=0.5)
+    check(7)
+    assert realm_errors(caplog) == [] and later.delays == [0.5]
+    later.run()  # still not recorded: looks again
+    recorded[7] = "other.example.org"
+    later.run()
+    [error] = realm_errors(caplog)
+    assert "snapshot 7" in error and "'other.example.org'" in error and repr(REALM) in error
+    assert later.due == []  # done
+    recorded[8] = REALM
+    check(8)  # the same realm: nothing to say
+    assert len(realm_errors(caplog)) == 1 and later.due == []
+
+
+def test_the_realm_check_gives_up_and_yields_to_a_newer_version(caplog: pytest.LogCaptureFixture) -> None:
+    later = _Later()
+    check = RealmCheck(lambda _version: None, REALM, later, tries=3)
+    check(7)
+    later.run()
+    later.run()
+    assert later.due == [] and len(later.delays) == 2  # three looks in all, then it stops
+    recorded = {8: "other.example.org", 9: "other.example.org"}
+
+    def failing_then_recorded(version: int) -> str | None:
+        if version == 8 and not later.delays[2:]:
+            raise redis.ConnectionError("Redis down")  # as not recorded yet: looks again
+        return recorded.get(version)
+
+    check = RealmCheck(failing_then_recorded, REALM, later, tries=3)
+    check(8)
+    assert len(later.due) == 1
+    check(9)  # a newer version loaded before version 8's next look
+    later.run()
+    assert [e for e in realm_errors(caplog) if "snapshot 8" in e] == []
+    assert len([e for e in realm_errors(caplog) if "snapshot 9" in e]) == 1
