@@ -56,11 +56,11 @@ a paragraph here, and remove it once the engine adopts it.
     run, how many times a call waits, and for what.
 ``acquire-census``
     no behaviour change: for every per-call acquire (``DirectConnections.execute_gathered``),
-    notes the event loop's iteration and how many other round trips were in flight. Writes to
-    ``$CALLGATE_CENSUS_OUT`` at exit how many round trips began in the same loop iteration (the
-    size of the batches a write gathered at the end of each iteration would send) and how many
-    were waiting when one began. Measures what coalescing the acquires could save before it is
-    built.
+    notes the event loop's iteration and how many other acquires were waiting for their reply.
+    Writes to ``$CALLGATE_CENSUS_OUT`` at exit (``{pid}`` in the path: one file per server
+    process) how many acquires began in the same loop iteration, i.e. the size of the pipelines
+    gathering sends (round 9 measured it before gathering was built, with ``alone``'s behaviour),
+    and how many were waiting when one began.
 ``alone``
     the engine as before gathering: each call's acquire makes a round trip of its own
     (``DirectConnections.execute`` in place of ``execute_gathered``). The baseline that
