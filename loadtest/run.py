@@ -510,9 +510,7 @@ def scenario_ratio(ctx: Context, scale: Scale) -> dict[str, Any]:
         servers = [s for s in servers if s.kind != "greenswitch"]
     if ctx.patched:
         servers.append(ServerSpec("callgate+P", "callgate-patched", patches=ctx.patched))
-    saturation = LoadConfig(
-        target=("127.0.0.1", 0), concurrency=32, duration=seconds, warmup=warm, mix=dict(ACCEPT_ONLY), procs=1
-    )
+    saturation = _accept_only_saturation(ctx)
     runs = [measure(ctx, spec, scale, saturation, label="saturation") for spec in servers]
     fixed = LoadConfig(
         target=("127.0.0.1", 0), cps=150.0, duration=seconds, warmup=warm, mix=dict(ACCEPT_ONLY), procs=1
@@ -531,6 +529,15 @@ def scenario_ratio(ctx: Context, scale: Scale) -> dict[str, Any]:
     return {"runs": runs + equal, "summary": summary}
 
 
+def _accept_only_saturation(ctx: Context) -> LoadConfig:
+    """The ratio's saturation load: a closed loop of 32 accepted calls, hold 0, one driver."""
+    seconds = 8.0 if ctx.quick else 20.0
+    warm = 3.0 if ctx.quick else 5.0
+    return LoadConfig(
+        target=("127.0.0.1", 0), concurrency=32, duration=seconds, warmup=warm, mix=dict(ACCEPT_ONLY), procs=1
+    )
+
+
 def scenario_ab(ctx: Context, scale: Scale, pairs: int = 5) -> dict[str, Any]:
     """Saturation of callgate and of callgate+P (``--patched``), alternated ``pairs`` times.
 
@@ -539,11 +546,7 @@ def scenario_ab(ctx: Context, scale: Scale, pairs: int = 5) -> dict[str, Any]:
     lever against that drift (issue 18 asks for ratios measured in one run)."""
     if not ctx.patched:
         raise SystemExit("the ab scenario compares callgate with callgate+P: give --patched")
-    seconds = 8.0 if ctx.quick else 20.0
-    warm = 3.0 if ctx.quick else 5.0
-    saturation = LoadConfig(
-        target=("127.0.0.1", 0), concurrency=32, duration=seconds, warmup=warm, mix=dict(ACCEPT_ONLY), procs=1
-    )
+    saturation = _accept_only_saturation(ctx)
     specs = (
         ServerSpec("callgate", "callgate"),
         ServerSpec("callgate+P", "callgate-patched", patches=ctx.patched),

@@ -161,3 +161,12 @@ class EngineProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class SlowToConnect(redis.Connection):
+    """A real Redis connection that takes 0.5 s (cooperatively) to connect: it holds a
+    connection busy, or a pipeline's sender in flight, while a test does something else."""
+
+    def connect(self) -> None:
+        gevent.sleep(0.5)
+        super().connect()

@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from engine.state.direct import DirectConnections
+from tests.support import SlowToConnect
 
 
 def connections(url: str, size: int = 2, **overrides) -> DirectConnections:
@@ -209,21 +210,13 @@ def test_a_failed_round_trip_raises_in_every_caller_of_the_turn(unused_port: int
     assert len({id(reply) for reply in replies}) == 3  # each raised an exception of its own
 
 
-class _SlowToConnect(redis.Connection):
-    def connect(self) -> None:
-        import gevent
-
-        gevent.sleep(0.5)
-        super().connect()
-
-
 def test_when_the_sender_is_interrupted_the_others_learn_their_command_may_have_run(
     redis_url: str,
 ) -> None:
     import gevent
 
     pool = redis.ConnectionPool.from_url(redis_url)
-    direct = DirectConnections(_SlowToConnect, pool.connection_kwargs, size=1, checkout_timeout=1)
+    direct = DirectConnections(SlowToConnect, pool.connection_kwargs, size=1, checkout_timeout=1)
 
     def sender() -> object:
         with gevent.Timeout(0.05, False):  # the call's deadline, while the pipeline connects

@@ -48,6 +48,7 @@ from tests.rules.builders import World
 from tests.rules.builders import call as rules_call
 from tests.support import (
     EngineProcess,
+    SlowToConnect,
     engine_environment,
     free_port,
     is_counted,
@@ -280,15 +281,6 @@ def test_beyond_the_retry_bound_the_oldest_releases_are_left_to_their_deadline(
         loop.join(timeout=5)
 
 
-class _SlowToConnect(redis.Connection):
-    """A real connection that takes a while (cooperatively) to connect: it keeps the only
-    connection of the pool busy while another call asks for one."""
-
-    def connect(self) -> None:
-        gevent.sleep(0.5)
-        super().connect()
-
-
 @dataclasses.dataclass
 class _Confirmed:
     """A catalogue source confirmed just now (what the snapshot holder gives the decider)."""
@@ -308,7 +300,7 @@ def test_an_exhausted_connection_pool_is_unavailable_not_ambiguous(redis_url: st
     world.b.update(world.customer, max_channels=2)
     client = redis.Redis.from_url(redis_url)
     direct = DirectConnections(
-        _SlowToConnect, client.connection_pool.connection_kwargs, size=1, checkout_timeout=0.1
+        SlowToConnect, client.connection_pool.connection_kwargs, size=1, checkout_timeout=0.1
     )
     limiter = Limiter(client, key_prefix, direct=direct)
     released: list[str] = []

@@ -260,13 +260,6 @@ def snapshot_realm(client: Any, prefix: str, version: int) -> str | None:
     return state.sip_realm
 
 
-def snapshot_realm_mismatch(client: Any, prefix: str, version: int, domain: str) -> str | None:
-    """The realm the sync made snapshot ``version``'s a1-hashes for, if it is known and is not
-    ``domain``; else None."""
-    realm = snapshot_realm(client, prefix, version)
-    return None if realm is None or realm == domain else realm
-
-
 class RealmCheck:
     """After each full load: an ERROR when the snapshot's a1-hashes were made for a realm other
     than ``domain`` (every digest check then fails, freeswitch.md).
