@@ -65,6 +65,23 @@ a paragraph here, and remove it once the engine adopts it.
     the engine as before gathering: each call's acquire makes a round trip of its own
     (``DirectConnections.execute`` in place of ``execute_gathered``). The baseline that
     measures gathering in the same run.
+``ceiling``
+    not the engine: its limit. After one real accepted call, every call gets that call's
+    decision, each piece of the engine's *pure* work replaced by a copy with the call's uuid
+    put in: the rules and the limits plan (the acquire's keys and arguments are the first
+    call's), the rendered batch (same bytes, same length; its ticket signed for the first
+    call), the ticket the session keeps, the rating at hangup and the CDR (the first call's
+    settlement, its JSON serialized once). What is left is real: the conversation
+    (``CallSession`` and the driver), the framer and the header pickers, the limits round trip
+    (gathered, its reply read and ignored), the release and settle batches through Redis, the
+    metrics. So callgate+ceiling is what a compiled decision path that did the rules,
+    pricing, render and rating in no time at all would reach: the most a port of that work
+    can give (issue 18, round 10).
+``ceiling-no-redis``
+    ``ceiling`` without Redis: the copied calls make no limits round trip and queue no
+    release and no settlement. What is left is the conversation with FreeSWITCH alone (the
+    session, the driver, the framer, the pickers, the metrics): how far the engine's own
+    handling of a call is from the floor's, before its state costs anything.
 """
 
 from __future__ import annotations
@@ -79,7 +96,17 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-PATCHES = ("timing", "yappi", "gc-log", "hub-lag", "slow-runs", "acquire-census", "alone")
+PATCHES = (
+    "timing",
+    "yappi",
+    "gc-log",
+    "hub-lag",
+    "slow-runs",
+    "acquire-census",
+    "alone",
+    "ceiling",
+    "ceiling-no-redis",
+)
 
 # Patches that were adopted into the engine, and where they live: asking for one is an error.
 ADOPTED = {
@@ -524,9 +551,151 @@ def patch_alone() -> None:
     DirectConnections.execute_gathered = alone  # type: ignore[method-assign]
 
 
+CEILING: Any = None  # the applied ceiling's _Template (tests read its counts)
+
+
+class _Template:
+    """ceiling: the first accepted call's pure results, with the places its uuid appears."""
+
+    def __init__(self) -> None:
+        self.uuid = ""  # the template call's uuid; "" until one accepted call was captured
+        self.limiter: Any = None
+        self.decision: Any = None
+        self.commands: dict[str, tuple[list[str], list[Any]]] = {}  # uuid -> acquire keys, args
+        self.keys: list[str] = []
+        self.args: list[Any] = []
+        self.uuid_keys: list[int] = []  # indexes of the keys and arguments naming the uuid
+        self.uuid_args: list[int] = []
+        self.batch: bytes = b""
+        self.replies = 0
+        self.ticket: Any = None
+        self.settlement: Any = None
+        self.cdr = ""
+        self.copied = 0  # calls answered with the copy
+        self.acquires = 0  # limits round trips the copies made
+
+    @property
+    def ready(self) -> bool:
+        return self.settlement is not None
+
+
+def patch_ceiling_no_redis() -> None:
+    patch_ceiling(with_redis=False)
+
+
+def _swap(owner: Any, name: str, replacement: Any) -> Any:
+    """Put ``replacement`` in ``owner.name`` (a class's method, a module's function); the old one."""
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
+    return original
+
+
+def patch_ceiling(with_redis: bool = True) -> None:
+    import dataclasses
+
+    from engine.billing import funds as funds_module
+    from engine.billing.settler import Settler
+    from engine.call import session as session_module
+    from engine.call.driver import CallHandler
+    from engine.decision import Accept
+    from engine.esl.commands import Batch
+    from engine.runtime import Engine
+    from engine.state.limits import redis as limits_redis
+
+    global CEILING
+    template = CEILING = _Template()
+    real: dict[str, Any] = {}  # the replaced functions, filled below
+
+    def copied(decision: Any) -> bool:
+        """Whether the call session's ``decision`` is the copy's (its ticket, else itself)."""
+        return template.ready and decision is (template.ticket or template.decision)
+
+    def acquire_command(self: Any, call_uuid: str, plan: Any, hold: int, funds: Any = None) -> Any:
+        command = real["acquire_command"](self, call_uuid, plan, hold, funds)
+        template.limiter = self
+        if not template.uuid and command is not None and len(template.commands) < 64:
+            template.commands[call_uuid] = (command[0], command[1])
+        return command
+
+    def capture(request: Any, decision: Any) -> None:
+        """The first accepted call whose acquire was seen becomes the template."""
+        if template.uuid or not isinstance(decision, Accept) or request.uuid not in template.commands:
+            return
+        keys, args = template.commands[request.uuid]
+        template.uuid, template.decision, template.keys, template.args = request.uuid, decision, keys, args
+        template.uuid_keys = [n for n, key in enumerate(keys) if request.uuid in key]
+        template.uuid_args = [n for n, a in enumerate(args) if isinstance(a, str) and request.uuid in a]
+
+    def decide(self: CallHandler, request: Any, queued: float = 0.0) -> tuple[Any, bool]:
+        if not template.ready:
+            decision, holds = real["decide"](self, request, queued)
+            capture(request, decision)
+            return decision, holds
+        template.copied += 1
+        uuid = request.uuid
+        keys, args = list(template.keys), list(template.args)
+        for n in template.uuid_keys:
+            keys[n] = keys[n].replace(template.uuid, uuid)
+        for n in template.uuid_args:
+            args[n] = args[n].replace(template.uuid, uuid)
+        if with_redis:
+            template.acquires += 1
+            limiter = template.limiter
+            limits_redis._ACQUIRE_SCRIPT(limiter.client, keys, args, limiter.direct)  # reply ignored
+        return template.decision, True
+
+    def accept_batch(decision: Any, key: Any, uuid: str, *, guard_uuid: Any = None) -> Any:
+        if template.ready and decision is template.decision:
+            return Batch(template.batch.replace(template.uuid.encode(), uuid.encode()), template.replies)
+        batch = real["accept_batch"](decision, key, uuid, guard_uuid=guard_uuid)
+        if decision is template.decision and not template.batch:
+            template.batch, template.replies = batch.payload, batch.replies_expected
+        return batch
+
+    def ticket_of(decision: Any) -> Any:
+        if template.ready and decision is template.decision:
+            return template.ticket
+        ticket = real["ticket_of"](decision)
+        if decision is template.decision and template.ticket is None:
+            template.ticket = ticket
+        return ticket
+
+    def put(self: Settler, item: Any) -> bool:
+        if not template.ready and template.uuid and item.uuid == template.uuid:
+            template.cdr = real["cdr_json"](item.cdr)
+            template.settlement = item
+        return bool(real["put"](self, item))
+
+    def cdr_json(cdr: Any) -> str:
+        return cdr if isinstance(cdr, str) else str(real["cdr_json"](cdr))
+
+    def bill_call(self: Any, record: Any, may_hold_funds: bool) -> None:
+        if not copied(record.decision):
+            real["bill_call"](self, record, may_hold_funds)
+        elif with_redis:
+            uuid = record.request.uuid
+            cdr = template.cdr.replace(template.uuid, uuid)
+            self.settler.put(dataclasses.replace(template.settlement, uuid=uuid, cdr=cdr))
+
+    def release_call(self: Any, record: Any) -> None:
+        if with_redis or not copied(record.decision):
+            real["release_call"](self, record)
+
+    real["acquire_command"] = _swap(limits_redis.Limiter, "acquire_command", acquire_command)
+    real["decide"] = _swap(CallHandler, "decide", decide)
+    real["accept_batch"] = _swap(session_module, "accept_batch", accept_batch)
+    real["ticket_of"] = _swap(session_module, "ticket_of", ticket_of)
+    real["put"] = _swap(Settler, "put", put)
+    real["cdr_json"] = _swap(funds_module, "cdr_json", cdr_json)
+    real["bill_call"] = _swap(Engine, "_bill_call", bill_call)
+    real["release_call"] = _swap(Engine, "_release_call", release_call)
+
+
 _APPLY = {
     "acquire-census": patch_acquire_census,
     "alone": patch_alone,
+    "ceiling": patch_ceiling,
+    "ceiling-no-redis": patch_ceiling_no_redis,
     "slow-runs": patch_slow_runs,
     "hub-lag": patch_hub_lag,
     "timing": patch_timing,

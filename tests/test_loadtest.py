@@ -698,6 +698,8 @@ def test_patched_engine_offers_only_the_instrumentation() -> None:
         "slow-runs",
         "acquire-census",
         "alone",  # the baseline of an adopted lever (gathering), for the ab scenario
+        "ceiling",  # issue 18, round 10: the most a compiled decision path could give
+        "ceiling-no-redis",
     )
     assert set(patched_engine.PATCHES) == set(patched_engine._APPLY)
     assert not set(patched_engine.PATCHES) & set(patched_engine.ADOPTED)
@@ -794,6 +796,65 @@ def test_shed_bounds_are_the_recipe_for_the_overload_target() -> None:
         "shed_backlog": 1000,
         "shed_min_pause_seconds": 0.05,
     }
+
+
+_CEILING_RUN = """
+import json, sys
+from collections import Counter
+from loadtest import patched_engine
+patched_engine.apply([sys.argv[3]])
+from engine.state.direct import DirectConnections
+gathered = DirectConnections.execute_gathered
+replies = []
+def counted(self, args, **kwargs):  # every acquire Redis answered, whoever sent it
+    reply = gathered(self, args, **kwargs)
+    replies.append(reply)
+    return reply
+DirectConnections.execute_gathered = counted
+import redis
+from loadtest.dataset import ACCEPT_ONLY, CallMix, ensure_published
+from loadtest.driver import record_library
+from loadtest.inprocess import SMALL, InProcessEngine, _calls
+client = redis.Redis.from_url(sys.argv[1])
+ensure_published(client, sys.argv[2], SMALL, log=lambda _m: None)
+engine = InProcessEngine(sys.argv[1], sys.argv[2], record_library())
+outcomes = Counter(_calls(engine, CallMix(SMALL, dict(ACCEPT_ONLY), seed=3).take(40), 4))
+engine.finish_hangups()
+template = patched_engine.CEILING
+print(json.dumps({"outcomes": outcomes, "settled": engine.engine.settler.settled,
+                  "copied": template.copied, "acquires": template.acquires,
+                  "answered": sum(isinstance(r, list) for r in replies)}))
+engine.close()
+"""
+
+
+@pytest.mark.parametrize("patch", ["ceiling", "ceiling-no-redis"])
+def test_the_ceiling_answers_every_call_with_a_copy_and_keeps_its_redis_work(
+    redis_url: str, key_prefix: str, patch: str
+) -> None:
+    """After the first accepted call, the copies are accepted without the rules; ``ceiling``
+    still makes each copy's limits round trip and settles each one in Redis (a settle counts
+    only when Redis's script settled a call it had not seen), ``ceiling-no-redis`` neither.
+    In a subprocess: the patches change the engine's classes for good."""
+    run = subprocess.run(
+        [sys.executable, "-c", _CEILING_RUN, redis_url, key_prefix, patch],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["outcomes"] == {"accept": 40}
+    assert 30 <= result["copied"] <= 39  # the first calls, up to the first hangup, are real
+    real = 40 - result["copied"]
+    if patch == "ceiling":
+        assert result["acquires"] == result["copied"]
+        assert result["answered"] == 40  # the acquire script ran for every call
+        assert result["settled"] == 40
+    else:
+        assert result["acquires"] == 0
+        assert result["answered"] == result["settled"] == real
 
 
 def test_patched_engine_refuses_an_unknown_patch_before_applying_any(monkeypatch) -> None:
