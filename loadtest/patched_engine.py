@@ -17,9 +17,11 @@ The proposals measured here earlier were adopted and now live in the engine:
 * ``batch-release``: ``engine.limits_runtime.ReleaseBatcher`` releases slots in pipelined batches.
 
 What remains are the instrumentation patches below, the baseline of a lever the engine
-adopted (``alone``: the engine without it, for ``--scenario ab``), plus whatever proposal is
-being measured: add it as a ``patch_<name>`` function, an entry in ``PATCHES`` and ``_APPLY`` and
-a paragraph here, and remove it once the engine adopts it.
+adopted (``alone``: the engine without it, for ``--scenario ab``), the limits of a port not
+made (``ceiling``, ``ceiling-no-redis``: what the engine would reach with parts of its work
+free), plus whatever proposal is being measured: add it as a ``patch_<name>`` function, an
+entry in ``PATCHES`` and ``_APPLY`` and a paragraph here, and remove it once the engine adopts
+it.
 
 ``timing``
     no behaviour change: records per-call phase durations (channel data read, parse,
